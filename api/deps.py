@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from core.dispatch import JobPublisher
+from core.settings import Settings
+from db.session import get_sessionmaker
+
+
+def get_app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_publisher(request: Request) -> JobPublisher:
+    publisher: JobPublisher = request.app.state.publisher
+    return publisher
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+PublisherDep = Annotated[JobPublisher, Depends(get_publisher)]
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    """A session per request; the route commits, anything unfinished rolls back."""
+    session = get_sessionmaker(settings.database_url)()
+    try:
+        yield session
+    finally:
+        session.rollback()
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]

@@ -1,0 +1,100 @@
+"""The one mapping from errors to HTTP responses with `{"error": {type, message, param}}`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import (
+    IdempotencyConflictError,
+    InvalidRequestError,
+    InvalidStateError,
+    MalformedBodyError,
+    ModelyardError,
+    NotFoundError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+)
+
+logger = logging.getLogger(__name__)
+
+STATUS_FOR_ERROR: dict[type[ModelyardError], int] = {
+    InvalidRequestError: 422,
+    MalformedBodyError: 400,
+    PayloadTooLargeError: 413,
+    NotFoundError: 404,
+    IdempotencyConflictError: 409,
+    InvalidStateError: 409,
+    ServiceUnavailableError: 503,
+}
+
+TYPE_FOR_HTTP_STATUS: dict[int, str] = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: PayloadTooLargeError.type,
+    415: "unsupported_media_type",
+}
+
+
+def error_body(type_: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"type": type_, "message": message, "param": param}}
+
+
+def status_for(exc: ModelyardError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_FOR_ERROR:
+            return STATUS_FOR_ERROR[cls]
+    return 500
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+async def _modelyard_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ModelyardError)
+    return JSONResponse(error_body(exc.type, exc.message, exc.param), status_code=status_for(exc))
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        return JSONResponse(
+            error_body(MalformedBodyError.type, "request body is not valid JSON"), status_code=400
+        )
+    message = "; ".join(
+        f"{_param(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg', '')}" for e in errors[:5]
+    )
+    return JSONResponse(
+        error_body(InvalidRequestError.type, message, _param(tuple(first.get("loc", ())))),
+        status_code=422,
+    )
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    type_ = TYPE_FOR_HTTP_STATUS.get(exc.status_code, "http_error")
+    return JSONResponse(
+        error_body(type_, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+    )
+
+
+async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error", exc_info=exc)
+    return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ModelyardError, _modelyard_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unhandled)

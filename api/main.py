@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from api.errors import install_error_handlers
+from api.limits import BodySizeLimit
+from api.routes import health, jobs
+from core.dispatch import JobPublisher
+from core.settings import Settings, get_settings
+from db.session import migrate
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.auto_migrate:
+            await run_in_threadpool(migrate, settings.database_url)
+        app.state.publisher = JobPublisher(settings)
+        logger.info("api ready")
+        yield
+        app.state.publisher.close()
+
+    app = FastAPI(title="Modelyard", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    return app

@@ -1,0 +1,179 @@
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response, status
+from sqlalchemy.exc import IntegrityError
+
+from api.deps import PublisherDep, SessionDep, SettingsDep
+from api.schemas import EventList, EventOut, JobList, JobOut, OutputList, OutputOut
+from core.enums import JobKind, JobStatus
+from core.errors import IdempotencyConflictError, InvalidRequestError
+from core.specs import JobRequest
+from db import events as events_repo
+from db import jobs as jobs_repo
+from db import outputs as outputs_repo
+from db.models import Job
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+IdempotencyKey = Annotated[
+    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
+]
+
+
+def _request_hash(req: JobRequest) -> str:
+    canonical = json.dumps(req.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _encode_cursor(created_at: datetime, job_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{job_id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        ts, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        parsed = datetime.fromisoformat(ts)
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidRequestError("cursor is not one this API returned", param="cursor") from exc
+    if parsed.tzinfo is None:
+        raise InvalidRequestError("cursor is not one this API returned", param="cursor")
+    return parsed, job_id
+
+
+def _parse_metadata_filters(values: list[str]) -> dict[str, str]:
+    filters: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition(":")
+        if not sep or not key:
+            raise InvalidRequestError("metadata filters look like key:value", param="metadata")
+        filters[key] = value
+    return filters
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+def create_job(
+    req: JobRequest,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    publisher: PublisherDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JobOut:
+    digest = _request_hash(req)
+    if idempotency_key is not None:
+        existing = jobs_repo.find_by_idempotency_key(session, idempotency_key)
+        if existing is not None:
+            return _replay(existing, digest, response)
+    job = jobs_repo.create_job(
+        session,
+        kind=JobKind(req.kind),
+        spec=req.spec.model_dump(mode="json"),
+        priority=req.priority,
+        max_attempts=req.max_attempts or settings.max_attempts,
+        metadata=dict(req.metadata),
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+    )
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        assert idempotency_key is not None
+        existing = jobs_repo.find_by_idempotency_key(session, idempotency_key)
+        if existing is None:
+            raise
+        return _replay(existing, digest, response)
+    try:
+        publisher.publish(job.id, JobKind(job.kind), job.priority)
+    except Exception as exc:
+        # The job is committed; the reconciler publishes it once the broker is back.
+        logger.warning("job %s accepted but not published yet: %s", job.id, type(exc).__name__)
+    logger.info("job %s queued (%s)", job.id, job.kind)
+    return JobOut.of(job)
+
+
+def _replay(existing: Job, digest: str, response: Response) -> JobOut:
+    if existing.request_hash != digest:
+        raise IdempotencyConflictError(
+            "Idempotency-Key was already used with a different request body",
+            param="Idempotency-Key",
+        )
+    response.status_code = status.HTTP_200_OK
+    response.headers["Idempotent-Replayed"] = "true"
+    return JobOut.of(existing)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    session: SessionDep,
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    kind: JobKind | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    metadata: Annotated[list[str], Query(description="key:value, repeatable")] = [],  # noqa: B006
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: str | None = None,
+) -> JobList:
+    for name, value in (("created_after", created_after), ("created_before", created_before)):
+        if value is not None and value.tzinfo is None:
+            raise InvalidRequestError(f"{name} needs a time zone (e.g. Z)", param=name)
+    filt = jobs_repo.JobFilter(
+        status=status_,
+        kind=kind,
+        created_after=created_after,
+        created_before=created_before,
+        metadata=_parse_metadata_filters(metadata),
+    )
+    before = _decode_cursor(cursor) if cursor else None
+    rows = list(jobs_repo.list_jobs(session, filt, limit=limit + 1, before=before))
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = _encode_cursor(rows[-1].created_at, rows[-1].id) if has_more else None
+    return JobList(data=[JobOut.of(j) for j in rows], has_more=has_more, next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, session: SessionDep) -> JobOut:
+    return JobOut.of(jobs_repo.require_job(session, job_id))
+
+
+@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+def cancel_job(job_id: str, session: SessionDep) -> JobOut:
+    job = jobs_repo.request_cancel(session, job_id)
+    session.commit()
+    logger.info("job %s cancel requested (now %s)", job_id, job.status)
+    return JobOut.of(job)
+
+
+@router.get("/{job_id}/events", response_model=EventList)
+def list_job_events(
+    job_id: str,
+    session: SessionDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> EventList:
+    jobs_repo.require_job(session, job_id)
+    rows = list(events_repo.list_events(session, job_id, after_id=after, limit=limit + 1))
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    return EventList(
+        data=[EventOut.of(e) for e in rows],
+        has_more=has_more,
+        last_id=rows[-1].id if rows else None,
+    )
+
+
+@router.get("/{job_id}/outputs", response_model=OutputList)
+def list_job_outputs(job_id: str, session: SessionDep) -> OutputList:
+    job = jobs_repo.require_job(session, job_id)
+    rows = outputs_repo.list_outputs(session, job_id)
+    return OutputList(job_id=job_id, status=job.status, data=[OutputOut.of(o) for o in rows])

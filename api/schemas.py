@@ -1,0 +1,119 @@
+"""Response shapes of the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from db.models import Job, JobEvent, Output
+
+
+class JobError(BaseModel):
+    type: str
+    message: str | None
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    status: str
+    priority: int
+    spec: dict[str, Any]
+    metadata: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    progress: float
+    cancel_requested: bool
+    error: JobError | None
+    created_at: datetime
+    queued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        return cls(
+            id=job.id,
+            kind=job.kind,
+            status=job.status,
+            priority=job.priority,
+            spec=job.spec,
+            metadata=job.metadata_,
+            attempts=job.attempts,
+            max_attempts=job.max_attempts,
+            progress=job.progress,
+            cancel_requested=job.cancel_requested,
+            error=JobError(type=job.error_type, message=job.error_message)
+            if job.error_type
+            else None,
+            created_at=job.created_at,
+            queued_at=job.queued_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
+
+
+class JobList(BaseModel):
+    data: list[JobOut]
+    has_more: bool
+    next_cursor: str | None
+
+
+class EventOut(BaseModel):
+    id: int
+    job_id: str
+    type: str
+    message: str
+    data: dict[str, Any]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, event: JobEvent) -> EventOut:
+        return cls(
+            id=event.id,
+            job_id=event.job_id,
+            type=event.type,
+            message=event.message,
+            data=event.data,
+            created_at=event.created_at,
+        )
+
+
+class EventList(BaseModel):
+    data: list[EventOut]
+    has_more: bool
+    last_id: int | None
+
+
+class OutputOut(BaseModel):
+    prompt_index: int
+    sequence_index: int
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+    @classmethod
+    def of(cls, out: Output) -> OutputOut:
+        return cls(
+            prompt_index=out.prompt_index,
+            sequence_index=out.sequence_index,
+            text=out.text,
+            finish_reason=out.finish_reason,
+            prompt_tokens=out.prompt_tokens,
+            completion_tokens=out.completion_tokens,
+        )
+
+
+class OutputList(BaseModel):
+    job_id: str
+    status: str
+    data: list[OutputOut]
+
+
+class Health(BaseModel):
+    status: str
+    database: str | None = None
+    broker: str | None = None

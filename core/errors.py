@@ -1,0 +1,82 @@
+"""One error hierarchy. api/errors.py maps it to HTTP; workers map it to job failures."""
+
+from __future__ import annotations
+
+from core.enums import FailureType
+
+
+class ModelyardError(Exception):
+    """Base of every error Modelyard raises on purpose."""
+
+    type: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(ModelyardError):
+    """Raised when a request is well-formed JSON but fails validation."""
+
+    type = "invalid_request"
+
+
+class MalformedBodyError(ModelyardError):
+    """Raised when a request body is not parseable JSON."""
+
+    type = "invalid_json"
+
+
+class PayloadTooLargeError(ModelyardError):
+    """Raised when a request body exceeds the configured size limit."""
+
+    type = "payload_too_large"
+
+
+class NotFoundError(ModelyardError):
+    """Raised when a resource id does not exist (or is not visible to the caller)."""
+
+    type = "not_found"
+
+
+class IdempotencyConflictError(ModelyardError):
+    """Raised when an Idempotency-Key is reused with a different request body."""
+
+    type = "idempotency_conflict"
+
+
+class InvalidStateError(ModelyardError):
+    """Raised when an action is not allowed in the job's current status."""
+
+    type = "invalid_state"
+
+
+class ServiceUnavailableError(ModelyardError):
+    """Raised when the database or broker cannot be reached."""
+
+    type = "service_unavailable"
+
+
+class JobError(ModelyardError):
+    """Base of errors a runner raises to end a job attempt."""
+
+    failure: FailureType = FailureType.RUNTIME_ERROR
+
+
+class PermanentJobError(JobError):
+    """Raised when retrying cannot help; the job fails once with a typed reason."""
+
+    def __init__(self, message: str, failure: FailureType) -> None:
+        super().__init__(message)
+        self.failure = failure
+
+
+class TransientJobError(JobError):
+    """Raised for a named temporary condition; the job is queued again with backoff."""
+
+    failure = FailureType.TRANSIENT_ERROR
+
+
+class JobStopped(JobError):
+    """Raised inside a runner when the job was cancelled or its lease was lost."""

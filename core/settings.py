@@ -1,0 +1,79 @@
+"""The one settings tree. Nothing else reads os.environ for configuration."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Modelyard configuration, read from `MODELYARD_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELYARD_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path(".modelyard"),
+        description="Directory for the SQLite database, models and artifacts.",
+    )
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy URL; empty means a SQLite file under the data dir.",
+    )
+    broker_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Redis URL used by Celery as broker and for delivery markers.",
+    )
+    lease_ttl_s: float = Field(
+        default=60.0, gt=0, description="How long a worker's claim on a job lasts unrenewed."
+    )
+    heartbeat_interval_s: float = Field(
+        default=5.0, gt=0, description="How often a running job renews its lease and reads cancel."
+    )
+    reconcile_period_s: float = Field(
+        default=30.0, gt=0, description="How often beat runs the reconciler."
+    )
+    republish_grace_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="Age a queued job must reach before the reconciler republishes it.",
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, le=100, description="Default attempts before a job fails."
+    )
+    retry_backoff_s: float = Field(
+        default=5.0, ge=0, description="First retry delay after a transient error; doubles."
+    )
+    retry_backoff_max_s: float = Field(default=300.0, ge=0, description="Cap on retry delay.")
+    device: str = Field(
+        default="auto", description="`auto` (CUDA when available, else CPU), `cpu` or `cuda[:N]`."
+    )
+    max_body_bytes: int = Field(
+        default=1_048_576, gt=0, description="Largest request body the API accepts."
+    )
+    auto_migrate: bool = Field(
+        default=True, description="Run `alembic upgrade head` when the API starts."
+    )
+    api_host: str = Field(default="127.0.0.1", description="Address `modelyard api` binds.")
+    api_port: int = Field(default=8000, ge=1, le=65535, description="Port `modelyard api` binds.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log level of every Modelyard process."
+    )
+
+    @model_validator(mode="after")
+    def _default_database(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'modelyard.db').resolve()}"
+        return self
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,26 @@
+"""The job state machine: the only definition of allowed transitions."""
+
+from __future__ import annotations
+
+from core.enums import JobStatus
+
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED}
+    ),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+TERMINAL: frozenset[JobStatus] = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
+
+
+def can_transition(current: JobStatus, target: JobStatus) -> bool:
+    return target in TRANSITIONS[current]
+
+
+def sources_of(target: JobStatus) -> frozenset[JobStatus]:
+    """Every status from which `target` may be reached."""
+    return frozenset(s for s, nxt in TRANSITIONS.items() if target in nxt)

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.enums import EventType
+from db.models import JobEvent
+
+
+def append_event(
+    session: Session,
+    job_id: str,
+    type_: EventType,
+    message: str = "",
+    data: dict[str, Any] | None = None,
+) -> JobEvent:
+    event = JobEvent(job_id=job_id, type=type_.value, message=message, data=data or {})
+    session.add(event)
+    session.flush()
+    return event
+
+
+def list_events(
+    session: Session, job_id: str, *, after_id: int = 0, limit: int = 100
+) -> Sequence[JobEvent]:
+    stmt = (
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.id > after_id)
+        .order_by(JobEvent.id)
+        .limit(limit)
+    )
+    return session.scalars(stmt).all()

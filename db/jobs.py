@@ -1,0 +1,314 @@
+"""Job repository. Every status change goes through `transition`, a conditional UPDATE."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from core.enums import EventType, JobKind, JobStatus
+from core.errors import InvalidStateError, NotFoundError
+from core.states import can_transition
+from db.base import utcnow
+from db.events import append_event
+from db.models import Job
+
+
+def create_job(
+    session: Session,
+    *,
+    kind: JobKind,
+    spec: dict[str, Any],
+    priority: int,
+    max_attempts: int,
+    metadata: dict[str, Any],
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+) -> Job:
+    now = utcnow()
+    job = Job(
+        kind=kind.value,
+        status=JobStatus.QUEUED.value,
+        spec=spec,
+        priority=priority,
+        max_attempts=max_attempts,
+        metadata_=metadata,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        attempts=0,
+        progress=0.0,
+        cancel_requested=False,
+        created_at=now,
+        updated_at=now,
+        queued_at=now,
+        available_at=now,
+    )
+    session.add(job)
+    session.flush()
+    append_event(session, job.id, EventType.STATUS, "job queued", {"status": JobStatus.QUEUED})
+    return job
+
+
+def get_job(session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def require_job(session: Session, job_id: str) -> Job:
+    job = get_job(session, job_id)
+    if job is None:
+        raise NotFoundError(f"no job {job_id!r}", param="job_id")
+    return job
+
+
+def find_by_idempotency_key(session: Session, key: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.idempotency_key == key)).first()
+
+
+@dataclass(frozen=True, slots=True)
+class JobFilter:
+    status: JobStatus | None = None
+    kind: JobKind | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def list_jobs(
+    session: Session,
+    filt: JobFilter,
+    *,
+    limit: int,
+    before: tuple[datetime, str] | None = None,
+) -> Sequence[Job]:
+    """Newest first, keyset-paginated on (created_at, id)."""
+    conds: list[ColumnElement[bool]] = []
+    if filt.status is not None:
+        conds.append(Job.status == filt.status.value)
+    if filt.kind is not None:
+        conds.append(Job.kind == filt.kind.value)
+    if filt.created_after is not None:
+        conds.append(Job.created_at >= filt.created_after)
+    if filt.created_before is not None:
+        conds.append(Job.created_at < filt.created_before)
+    for key, value in filt.metadata.items():
+        conds.append(Job.metadata_[key].as_string() == value)
+    if before is not None:
+        ts, job_id = before
+        conds.append(or_(Job.created_at < ts, and_(Job.created_at == ts, Job.id < job_id)))
+    stmt = select(Job).where(*conds).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    return session.scalars(stmt).all()
+
+
+def transition(
+    session: Session,
+    job_id: str,
+    source: JobStatus,
+    target: JobStatus,
+    *,
+    where: Sequence[ColumnElement[bool]] = (),
+    values: dict[str, Any] | None = None,
+    message: str = "",
+    data: dict[str, Any] | None = None,
+) -> bool:
+    """Compare-and-set `source -> target`; True when this caller won.
+
+    The state machine in core.states decides what is allowed; `where` adds the
+    caller's own conditions (lease owner, lease expiry, cancel flag).
+    """
+    if not can_transition(source, target):
+        raise InvalidStateError(f"transition {source} -> {target} is not allowed")
+    now = utcnow()
+    stmt = (
+        update(Job)
+        .where(Job.id == job_id, Job.status == source.value, *where)
+        .values(status=target.value, updated_at=now, **(values or {}))
+        .execution_options(synchronize_session=False)
+    )
+    result = session.execute(stmt)
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    append_event(
+        session,
+        job_id,
+        EventType.STATUS,
+        message or f"{source} -> {target}",
+        {"from": source.value, "status": target.value, **(data or {})},
+    )
+    return True
+
+
+def claim_job(session: Session, job_id: str, worker: str, lease_ttl: timedelta) -> bool:
+    """queued -> running for `worker`, unless cancelled or not yet due."""
+    now = utcnow()
+    return transition(
+        session,
+        job_id,
+        JobStatus.QUEUED,
+        JobStatus.RUNNING,
+        where=[Job.cancel_requested.is_(False), Job.available_at <= now],
+        values={
+            "lease_owner": worker,
+            "lease_expires_at": now + lease_ttl,
+            "attempts": Job.attempts + 1,
+            "started_at": now,
+            "progress": 0.0,
+        },
+        message=f"claimed by {worker}",
+        data={"worker": worker},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseState:
+    held: bool
+    cancel_requested: bool
+
+
+def renew_lease(
+    session: Session, job_id: str, worker: str, lease_ttl: timedelta, progress: float | None
+) -> LeaseState:
+    values: dict[str, Any] = {"lease_expires_at": utcnow() + lease_ttl, "updated_at": utcnow()}
+    if progress is not None:
+        values["progress"] = progress
+    stmt = (
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status == JobStatus.RUNNING.value,
+            Job.lease_owner == worker,
+        )
+        .values(**values)
+        .returning(Job.cancel_requested)
+        .execution_options(synchronize_session=False)
+    )
+    row = session.execute(stmt).first()
+    if row is None:
+        return LeaseState(held=False, cancel_requested=False)
+    return LeaseState(held=True, cancel_requested=bool(row[0]))
+
+
+def finish_job(
+    session: Session,
+    job_id: str,
+    worker: str,
+    target: JobStatus,
+    *,
+    error_type: str | None = None,
+    error_message: str | None = None,
+) -> bool:
+    """running -> succeeded|failed|cancelled, only while `worker` holds the lease."""
+    values: dict[str, Any] = {
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "finished_at": utcnow(),
+        "error_type": error_type,
+        "error_message": error_message,
+    }
+    if target is JobStatus.SUCCEEDED:
+        values["progress"] = 1.0
+    return transition(
+        session,
+        job_id,
+        JobStatus.RUNNING,
+        target,
+        where=[Job.lease_owner == worker],
+        values=values,
+        message=error_message or "",
+        data={"error_type": error_type} if error_type else None,
+    )
+
+
+def requeue_job(
+    session: Session,
+    job_id: str,
+    *,
+    available_at: datetime,
+    reason: str,
+    error_type: str,
+    where: Sequence[ColumnElement[bool]],
+) -> bool:
+    """running -> queued (retry or worker lost); the caller says whose lease it is."""
+    now = utcnow()
+    return transition(
+        session,
+        job_id,
+        JobStatus.RUNNING,
+        JobStatus.QUEUED,
+        where=where,
+        values={
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "queued_at": now,
+            "available_at": available_at,
+            "error_type": error_type,
+            "error_message": reason,
+        },
+        message=reason,
+        data={"error_type": error_type},
+    )
+
+
+def request_cancel(session: Session, job_id: str) -> Job:
+    """Cancel a queued job now; flag a running one for its worker to stop."""
+    for _ in range(5):
+        job = require_job(session, job_id)
+        status = JobStatus(job.status)
+        if status is JobStatus.CANCELLED:
+            return job
+        if status is JobStatus.QUEUED:
+            if transition(
+                session,
+                job_id,
+                JobStatus.QUEUED,
+                JobStatus.CANCELLED,
+                values={"finished_at": utcnow(), "cancel_requested": True},
+                message="cancelled while queued",
+            ):
+                return require_job(session, job_id)
+            continue
+        if status is JobStatus.RUNNING:
+            if job.cancel_requested:
+                return job
+            stmt = (
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+                .values(cancel_requested=True, updated_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            if session.execute(stmt).rowcount == 1:  # type: ignore[attr-defined]
+                append_event(session, job_id, EventType.LOG, "cancel requested")
+                return require_job(session, job_id)
+            continue
+        raise InvalidStateError(f"job {job_id} already {status.value}", param="job_id")
+    raise InvalidStateError(f"job {job_id} kept changing state; try again", param="job_id")
+
+
+def expired_leases(session: Session, now: datetime, limit: int = 500) -> Sequence[Job]:
+    stmt = (
+        select(Job)
+        .where(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
+        .order_by(Job.lease_expires_at)
+        .limit(limit)
+    )
+    return session.scalars(stmt).all()
+
+
+def due_queued(
+    session: Session, now: datetime, grace: timedelta, limit: int = 1000
+) -> Sequence[Job]:
+    """Queued jobs that are due and old enough that their message should have arrived."""
+    stmt = (
+        select(Job)
+        .where(
+            Job.status == JobStatus.QUEUED.value,
+            Job.available_at <= now,
+            Job.queued_at <= now - grace,
+        )
+        .order_by(Job.priority.desc(), Job.queued_at)
+        .limit(limit)
+    )
+    return session.scalars(stmt).all()

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.models import Output
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedText:
+    prompt_index: int
+    sequence_index: int
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def add_outputs(session: Session, job_id: str, outputs: Iterable[GeneratedText]) -> None:
+    session.add_all(
+        Output(
+            job_id=job_id,
+            prompt_index=o.prompt_index,
+            sequence_index=o.sequence_index,
+            text=o.text,
+            finish_reason=o.finish_reason,
+            prompt_tokens=o.prompt_tokens,
+            completion_tokens=o.completion_tokens,
+        )
+        for o in outputs
+    )
+    session.flush()
+
+
+def list_outputs(session: Session, job_id: str) -> Sequence[Output]:
+    stmt = (
+        select(Output)
+        .where(Output.job_id == job_id)
+        .order_by(Output.prompt_index, Output.sequence_index)
+    )
+    return session.scalars(stmt).all()
+
+
+def count_outputs(session: Session, job_id: str) -> int:
+    return session.scalar(select(func.count()).where(Output.job_id == job_id)) or 0

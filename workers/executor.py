@@ -1,0 +1,178 @@
+"""Claims a job, runs it with a heartbeat, and records the outcome with a CAS on the lease."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+
+from core.dispatch import JobPublisher
+from core.enums import EventType, FailureType, JobKind, JobStatus
+from core.errors import JobStopped, PermanentJobError, TransientJobError
+from core.settings import Settings
+from core.specs import parse_spec
+from db.base import utcnow
+from db.events import append_event
+from db.jobs import claim_job, finish_job, get_job, requeue_job
+from db.models import Job
+from db.outputs import GeneratedText, add_outputs
+from db.session import session_scope
+from workers.context import RunContext
+from workers.heartbeat import Heartbeat
+
+logger = logging.getLogger(__name__)
+
+
+class LeaseLost(Exception):
+    """The final compare-and-set found another owner: nothing of ours is kept."""
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    kind: JobKind
+    spec: dict[str, Any]
+    ctx: RunContext
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def retry_delay(settings: Settings, attempts: int) -> float:
+    return float(
+        min(settings.retry_backoff_s * 2 ** max(attempts - 1, 0), settings.retry_backoff_max_s)
+    )
+
+
+class JobExecutor:
+    def __init__(self, settings: Settings, publisher: JobPublisher, device: str) -> None:
+        self._settings = settings
+        self._publisher = publisher
+        self._device = device
+        self.worker = worker_identity()
+
+    def execute(self, job_id: str) -> None:
+        self._publisher.take_marker(job_id)
+        claimed = self._claim(job_id)
+        if claimed is None:
+            return
+        run_ctx = claimed.ctx
+        heartbeat = Heartbeat(self._settings, run_ctx, self.worker)
+        heartbeat.start()
+        try:
+            outputs = self._run(claimed.kind, claimed.spec, run_ctx)
+        except JobStopped:
+            heartbeat.stop()
+            self._stopped(run_ctx)
+            return
+        except PermanentJobError as exc:
+            heartbeat.stop()
+            self._fail(job_id, exc.failure, exc.message)
+            return
+        except (TransientJobError, OperationalError) as exc:
+            heartbeat.stop()
+            self._retry(job_id, run_ctx.attempt, str(exc))
+            return
+        except Exception as exc:
+            heartbeat.stop()
+            logger.exception("job %s failed", job_id)
+            self._fail(job_id, FailureType.RUNTIME_ERROR, f"{type(exc).__name__}: {exc}")
+            return
+        heartbeat.stop()
+        self._succeed(job_id, outputs)
+
+    def _claim(self, job_id: str) -> ClaimedJob | None:
+        ttl = timedelta(seconds=self._settings.lease_ttl_s)
+        with session_scope(self._settings.database_url) as session:
+            if claim_job(session, job_id, self.worker, ttl):
+                job = get_job(session, job_id)
+                assert job is not None
+                logger.info("job %s claimed by %s (attempt %d)", job_id, self.worker, job.attempts)
+                return ClaimedJob(
+                    kind=JobKind(job.kind),
+                    spec=dict(job.spec),
+                    ctx=RunContext(job_id=job_id, attempt=job.attempts, device=self._device),
+                )
+            job = get_job(session, job_id)
+            if job is None:
+                logger.warning("message for unknown job %s dropped", job_id)
+                return None
+            append_event(
+                session,
+                job_id,
+                EventType.LOG,
+                f"delivery dropped by {self.worker}: job is {job.status}",
+                {"worker": self.worker, "reason": "not_claimable", "status": job.status},
+            )
+            logger.info("job %s not claimable (%s); message dropped", job_id, job.status)
+            return None
+
+    def _run(self, kind: JobKind, spec: dict[str, Any], ctx: RunContext) -> list[GeneratedText]:
+        if kind is JobKind.GENERATE:
+            from workers.generation.runner import GenerationRunner
+
+            return GenerationRunner(self._settings).run(parse_spec(kind, spec), ctx)
+        raise PermanentJobError(f"no runner for kind {kind}", FailureType.INVALID_SPEC)
+
+    def _succeed(self, job_id: str, outputs: list[GeneratedText]) -> None:
+        try:
+            with session_scope(self._settings.database_url) as session:
+                add_outputs(session, job_id, outputs)
+                if not finish_job(session, job_id, self.worker, JobStatus.SUCCEEDED):
+                    raise LeaseLost(job_id)
+        except LeaseLost:
+            logger.warning("job %s: lease lost before commit; outputs discarded", job_id)
+            return
+        logger.info("job %s succeeded with %d outputs", job_id, len(outputs))
+
+    def _fail(self, job_id: str, failure: FailureType, message: str) -> None:
+        with session_scope(self._settings.database_url) as session:
+            won = finish_job(
+                session,
+                job_id,
+                self.worker,
+                JobStatus.FAILED,
+                error_type=failure.value,
+                error_message=message,
+            )
+        logger.info("job %s failed (%s); recorded=%s", job_id, failure.value, won)
+
+    def _stopped(self, ctx: RunContext) -> None:
+        if ctx.lease_lost or not ctx.cancelled:
+            logger.warning("job %s: stopped after losing its lease; nothing recorded", ctx.job_id)
+            return
+        with session_scope(self._settings.database_url) as session:
+            finish_job(session, ctx.job_id, self.worker, JobStatus.CANCELLED, error_message=None)
+        logger.info("job %s cancelled while running", ctx.job_id)
+
+    def _retry(self, job_id: str, attempts: int, message: str) -> None:
+        with session_scope(self._settings.database_url) as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                return
+            if attempts >= job.max_attempts:
+                won = finish_job(
+                    session,
+                    job_id,
+                    self.worker,
+                    JobStatus.FAILED,
+                    error_type=FailureType.TRANSIENT_ERROR.value,
+                    error_message=f"{message} (after {attempts} attempts)",
+                )
+                logger.info("job %s out of attempts; failed=%s", job_id, won)
+                return
+            delay = retry_delay(self._settings, attempts)
+            requeue_job(
+                session,
+                job_id,
+                available_at=utcnow() + timedelta(seconds=delay),
+                reason=f"transient error, retry in {delay:.0f}s: {message}",
+                error_type=FailureType.TRANSIENT_ERROR.value,
+                where=[Job.lease_owner == self.worker],
+            )
+        logger.info("job %s will retry in %.1fs", job_id, delay)
