@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from core.settings import Settings
+from tests.support.services import redis_db_index
+
+MAX_BODY = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    with redis_db_index() as broker_url:
+        yield Settings(
+            data_dir=Path(tmp_path_factory.mktemp("data")),
+            database_url=database_url,
+            broker_url=broker_url,
+            max_body_bytes=MAX_BODY,
+        )
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as c:
+        yield c

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.services import postgres_database
+
+BACKENDS = ["sqlite", "postgresql"]
+TINY_MODEL = "tiny-gpt2"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.support.tiny_model import build_tiny_gpt2
+
+    return build_tiny_gpt2(tmp_path_factory.mktemp("models") / TINY_MODEL)
+
+
+def install_tiny_model(tiny_model_dir: Path, data_dir: Path) -> None:
+    """Copy the tiny model where `model: tiny-gpt2` resolves for a stack using `data_dir`."""
+    shutil.copytree(tiny_model_dir, data_dir / "models" / TINY_MODEL, dirs_exist_ok=True)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh empty database per test module and backend."""
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("sqlite") / "modelyard.db"
+        yield f"sqlite:///{path}"
+    else:
+        with postgres_database() as url:
+            yield url

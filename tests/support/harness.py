@@ -1,0 +1,188 @@
+"""Real Modelyard processes for end-to-end tests: API, workers and beat."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support.services import free_port
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Proc:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.log = log
+        self._fh = log.open("ab")
+        self.popen = subprocess.Popen(argv, env=env, stdout=self._fh, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill9(self) -> None:
+        os.kill(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(10)
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+        self._fh.close()
+
+    def tail(self, n: int = 40) -> str:
+        lines = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+
+class Stack:
+    """API + workers + beat over the given database and broker, logs under `workdir`."""
+
+    def __init__(
+        self, workdir: Path, database_url: str, broker_url: str, **settings: str
+    ) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            **os.environ,
+            "MODELYARD_DATA_DIR": str(workdir / "data"),
+            "MODELYARD_DATABASE_URL": database_url,
+            "MODELYARD_BROKER_URL": broker_url,
+            "MODELYARD_LEASE_TTL_S": "3",
+            "MODELYARD_HEARTBEAT_INTERVAL_S": "0.5",
+            "MODELYARD_RECONCILE_PERIOD_S": "1",
+            "MODELYARD_REPUBLISH_GRACE_S": "1",
+            "MODELYARD_RETRY_BACKOFF_S": "0.5",
+            "MODELYARD_LOG_LEVEL": "INFO",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1",
+            **{f"MODELYARD_{k.upper()}": v for k, v in settings.items()},
+        }
+        self.api: Proc | None = None
+        self.beat: Proc | None = None
+        self.workers: list[Proc] = []
+        self.base_url = ""
+        self._count = 0
+
+    def _spawn(self, name: str, *args: str) -> Proc:
+        self._count += 1
+        log = self.workdir / f"{self._count:02d}-{name}.log"
+        return Proc(name, [sys.executable, "-m", "modelyard", *args], self.env, log)
+
+    def start_api(self) -> None:
+        port = free_port()
+        self.api = self._spawn("api", "api", "--port", str(port))
+        self.base_url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            assert self.api is not None
+            if not self.api.alive():
+                raise AssertionError("api exited:\n" + self.api.tail())
+            try:
+                return httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, 60, "api /readyz")
+
+    def start_worker(self, wait_ready: bool = True) -> Proc:
+        proc = self._spawn("worker", "worker")
+        self.workers.append(proc)
+        if wait_ready:
+            wait_for(lambda: self._logged(proc, " ready."), 60, "worker ready")
+        return proc
+
+    def start_beat(self) -> None:
+        self.beat = self._spawn("beat", "beat")
+
+    @staticmethod
+    def _logged(proc: Proc, text: str) -> bool:
+        if not proc.alive():
+            raise AssertionError(f"{proc.name} exited:\n" + proc.tail())
+        return text in proc.log.read_text(errors="replace")
+
+    def stop_workers(self) -> None:
+        for proc in self.workers:
+            proc.stop()
+        self.workers.clear()
+
+    def stop(self) -> None:
+        self.stop_workers()
+        for proc in (self.beat, self.api):
+            if proc is not None:
+                proc.stop()
+
+    def logs(self) -> str:
+        return "\n\n".join(
+            f"== {p.name} ({p.log.name})\n{p.tail(60)}"
+            for p in [*self.workers, *(x for x in (self.api, self.beat) if x)]
+        )
+
+    # HTTP helpers
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=30)
+
+    def submit(self, spec: dict[str, Any], **body: Any) -> dict[str, Any]:
+        with self.client() as c:
+            r = c.post("/v1/jobs", json={"kind": "generate", "spec": spec, **body})
+        assert r.status_code == 202, r.text
+        job: dict[str, Any] = r.json()
+        return job
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        with self.client() as c:
+            r = c.get(f"/v1/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        job: dict[str, Any] = r.json()
+        return job
+
+    def outputs(self, job_id: str) -> list[dict[str, Any]]:
+        with self.client() as c:
+            data: list[dict[str, Any]] = c.get(f"/v1/jobs/{job_id}/outputs").json()["data"]
+        return data
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        with self.client() as c:
+            data: list[dict[str, Any]] = c.get(
+                f"/v1/jobs/{job_id}/events", params={"limit": 500}
+            ).json()["data"]
+        return data
+
+    def wait_status(self, job_id: str, statuses: tuple[str, ...], timeout: float = 90) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            job = self.job(job_id)
+            return job if job["status"] in statuses else None
+
+        try:
+            result: dict[str, Any] = wait_for(check, timeout, f"job {job_id} in {statuses}", 0.2)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.logs()}") from None
+        return result
