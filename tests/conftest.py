@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -7,6 +8,10 @@ from pathlib import Path
 import pytest
 
 from tests.support.services import postgres_database
+
+# No model or dataset is ever downloaded in tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 BACKENDS = ["sqlite", "postgresql"]
 TINY_MODEL = "tiny-gpt2"

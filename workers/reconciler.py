@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from core.dispatch import JobPublisher
-from core.enums import FailureType, JobKind, JobStatus
+from core.enums import EventType, FailureType, JobKind, JobStatus
 from core.settings import Settings
 from db.base import utcnow
+from db.events import append_event
 from db.jobs import due_queued, expired_leases, requeue_job, transition
 from db.models import Job
 from db.session import session_scope
@@ -87,10 +88,18 @@ def reconcile(settings: Settings, publisher: JobPublisher) -> ReconcileReport:
             for j in due_queued(session, utcnow(), timedelta(seconds=settings.republish_grace_s))
         ]
     missing = set(publisher.missing_markers([job_id for job_id, _, _ in due]))
+    republished: list[str] = []
     for job_id, kind, priority in due:
         if job_id in missing:
             publisher.publish(job_id, kind, priority)
-            report.republished += 1
+            republished.append(job_id)
+    if republished:
+        with session_scope(settings.database_url) as session:
+            for job_id in republished:
+                append_event(
+                    session, job_id, EventType.LOG, "message lost by the broker; republished"
+                )
+    report.republished = len(republished)
     if report.requeued or report.failed or report.cancelled or report.republished:
         logger.info(
             "reconciled: requeued=%d failed=%d cancelled=%d republished=%d",

@@ -1,0 +1,95 @@
+"""Compare-and-set behaviour of the job repository on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+
+from core.enums import JobKind, JobStatus
+from core.errors import InvalidStateError
+from db.jobs import claim_job, create_job, finish_job, get_job, renew_lease, transition
+from db.session import migrate, session_scope
+
+TTL = timedelta(seconds=30)
+
+
+@pytest.fixture(scope="module")
+def url(database_url: str) -> str:
+    migrate(database_url)
+    return database_url
+
+
+def new_job(url: str) -> str:
+    with session_scope(url) as s:
+        job = create_job(
+            s,
+            kind=JobKind.GENERATE,
+            spec={"model": "m", "prompts": ["p"]},
+            priority=0,
+            max_attempts=3,
+            metadata={},
+        )
+        return job.id
+
+
+def test_concurrent_claims_have_exactly_one_winner(url: str) -> None:
+    for _ in range(10):
+        job_id = new_job(url)
+        barrier = threading.Barrier(4)
+        wins: list[str] = []
+
+        def claim(worker: str, job_id: str = job_id, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            with session_scope(url) as s:
+                if claim_job(s, job_id, worker, TTL):
+                    wins.append(worker)
+
+        threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(wins) == 1
+        with session_scope(url) as s:
+            job = get_job(s, job_id)
+            assert job is not None
+            assert job.attempts == 1
+            assert job.lease_owner == wins[0]
+
+
+def test_only_the_lease_owner_can_finish_or_renew(url: str) -> None:
+    job_id = new_job(url)
+    with session_scope(url) as s:
+        assert claim_job(s, job_id, "owner", TTL)
+    with session_scope(url) as s:
+        assert not finish_job(s, job_id, "intruder", JobStatus.SUCCEEDED)
+        assert not renew_lease(s, job_id, "intruder", TTL, 0.5).held
+        state = renew_lease(s, job_id, "owner", TTL, 0.5)
+        assert state.held
+        assert not state.cancel_requested
+    with session_scope(url) as s:
+        assert finish_job(s, job_id, "owner", JobStatus.SUCCEEDED)
+        job = get_job(s, job_id)
+        assert job is not None
+        assert job.status == "succeeded"
+        assert job.lease_owner is None
+        assert job.progress == 1.0
+    with session_scope(url) as s:
+        assert not claim_job(s, job_id, "late", TTL)
+
+
+def test_transition_refuses_what_the_state_machine_refuses(url: str) -> None:
+    job_id = new_job(url)
+    with session_scope(url) as s, pytest.raises(InvalidStateError):
+        transition(s, job_id, JobStatus.QUEUED, JobStatus.SUCCEEDED)
+
+
+def test_transition_from_wrong_status_changes_nothing(url: str) -> None:
+    job_id = new_job(url)
+    with session_scope(url) as s:
+        assert not transition(s, job_id, JobStatus.RUNNING, JobStatus.SUCCEEDED)
+        job = get_job(s, job_id)
+        assert job is not None
+        assert job.status == "queued"

@@ -1,0 +1,129 @@
+"""The reconciler against a real database and Redis, without a worker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import update
+
+from core.dispatch import JobPublisher, marker_key
+from core.enums import JobKind
+from core.settings import Settings
+from db.base import utcnow
+from db.events import list_events
+from db.jobs import claim_job, create_job, get_job, request_cancel
+from db.models import Job
+from db.session import migrate, session_scope
+from tests.support.services import redis_db_index
+from workers.reconciler import reconcile
+
+
+@pytest.fixture(scope="module")
+def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    migrate(database_url)
+    with redis_db_index() as broker:
+        yield Settings(
+            data_dir=Path(tmp_path_factory.mktemp("data")),
+            database_url=database_url,
+            broker_url=broker,
+            republish_grace_s=0,
+        )
+
+
+@pytest.fixture
+def publisher(settings: Settings) -> Iterator[JobPublisher]:
+    pub = JobPublisher(settings)
+    redis.Redis.from_url(settings.broker_url).flushdb()
+    yield pub
+    pub.close()
+
+
+def make_job(settings: Settings, max_attempts: int = 3) -> str:
+    with session_scope(settings.database_url) as s:
+        return create_job(
+            s,
+            kind=JobKind.GENERATE,
+            spec={"model": "m", "prompts": ["p"]},
+            priority=0,
+            max_attempts=max_attempts,
+            metadata={},
+        ).id
+
+
+def expire_lease(settings: Settings, job_id: str) -> None:
+    with session_scope(settings.database_url) as s:
+        assert claim_job(s, job_id, "dead-worker", timedelta(seconds=30))
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+def status_of(settings: Settings, job_id: str) -> Job:
+    with session_scope(settings.database_url) as s:
+        job = get_job(s, job_id)
+        assert job is not None
+        return job
+
+
+def test_republishes_only_jobs_whose_marker_is_gone(settings: Settings, publisher: JobPublisher) -> None:
+    published, lost = make_job(settings), make_job(settings)
+    publisher.publish(published, JobKind.GENERATE, 0)
+    report = reconcile(settings, publisher)
+    assert report.republished == 1
+    broker = redis.Redis.from_url(settings.broker_url)
+    assert broker.exists(marker_key(lost))
+    # a second pass finds every marker in place: nothing piles up
+    assert reconcile(settings, publisher).republished == 0
+    assert broker.llen("generate:9") == 2
+
+
+def test_expired_lease_goes_back_to_queued_and_is_published(
+    settings: Settings, publisher: JobPublisher
+) -> None:
+    job_id = make_job(settings)
+    expire_lease(settings, job_id)
+    report = reconcile(settings, publisher)
+    assert report.requeued == 1
+    job = status_of(settings, job_id)
+    assert job.status == "queued"
+    assert job.attempts == 1
+    assert job.lease_owner is None
+    assert job.error_type == "worker_lost"
+    assert redis.Redis.from_url(settings.broker_url).exists(marker_key(job_id))
+
+
+def test_expired_lease_after_max_attempts_fails(settings: Settings, publisher: JobPublisher) -> None:
+    job_id = make_job(settings, max_attempts=1)
+    expire_lease(settings, job_id)
+    assert reconcile(settings, publisher).failed == 1
+    job = status_of(settings, job_id)
+    assert job.status == "failed"
+    assert job.error_type == "worker_lost"
+
+
+def test_expired_lease_with_cancel_requested_is_cancelled(
+    settings: Settings, publisher: JobPublisher
+) -> None:
+    job_id = make_job(settings)
+    expire_lease(settings, job_id)
+    with session_scope(settings.database_url) as s:
+        request_cancel(s, job_id)
+    assert reconcile(settings, publisher).cancelled == 1
+    assert status_of(settings, job_id).status == "cancelled"
+    with session_scope(settings.database_url) as s:
+        assert any("cancel" in e.message for e in list_events(s, job_id))
+
+
+def test_live_lease_is_left_alone(settings: Settings, publisher: JobPublisher) -> None:
+    job_id = make_job(settings)
+    with session_scope(settings.database_url) as s:
+        assert claim_job(s, job_id, "live-worker", timedelta(seconds=60))
+    report = reconcile(settings, publisher)
+    assert (report.requeued, report.failed, report.cancelled) == (0, 0, 0)
+    assert status_of(settings, job_id).lease_owner == "live-worker"
