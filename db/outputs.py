@@ -19,13 +19,18 @@ class GeneratedText:
     completion_tokens: int
 
 
+def storable_text(text: str) -> str:
+    """PostgreSQL text cannot hold NUL; a model can emit one. Store U+FFFD instead."""
+    return text.replace("\x00", "\ufffd")
+
+
 def add_outputs(session: Session, job_id: str, outputs: Iterable[GeneratedText]) -> None:
     session.add_all(
         Output(
             job_id=job_id,
             prompt_index=o.prompt_index,
             sequence_index=o.sequence_index,
-            text=o.text,
+            text=storable_text(o.text),
             finish_reason=o.finish_reason,
             prompt_tokens=o.prompt_tokens,
             completion_tokens=o.completion_tokens,

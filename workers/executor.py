@@ -84,7 +84,14 @@ class JobExecutor:
             self._fail(job_id, FailureType.RUNTIME_ERROR, f"{type(exc).__name__}: {exc}")
             return
         heartbeat.stop()
-        self._succeed(job_id, outputs)
+        try:
+            self._succeed(job_id, outputs)
+        except OperationalError:
+            # Database unreachable: the lease expires and the reconciler retries the job.
+            logger.exception("job %s: could not record its result", job_id)
+        except Exception as exc:
+            logger.exception("job %s: storing its result failed", job_id)
+            self._fail(job_id, FailureType.RUNTIME_ERROR, f"storing the result failed: {exc}")
 
     def _claim(self, job_id: str) -> ClaimedJob | None:
         ttl = timedelta(seconds=self._settings.lease_ttl_s)

@@ -46,6 +46,7 @@ class Proc:
     def kill9(self) -> None:
         os.kill(self.popen.pid, signal.SIGKILL)
         self.popen.wait(10)
+        self._fh.close()
 
     def stop(self, timeout: float = 15) -> None:
         if self.alive():
