@@ -30,7 +30,9 @@ def install_tiny_model(tiny_model_dir: Path, data_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """A fresh empty database per test module and backend."""
     if request.param == "sqlite":
         path = tmp_path_factory.mktemp("sqlite") / "modelyard.db"

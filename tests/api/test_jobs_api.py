@@ -157,9 +157,16 @@ def test_list_filters_and_cursor_pagination(client: TestClient) -> None:
     b1 = client.get("/v1/jobs", params={"metadata": "batch:b1"}).json()["data"]
     assert sorted(j["id"] for j in b1) == sorted(ids[1::2])
     assert client.get("/v1/jobs", params={"status": "running"}).json()["data"] == []
-    assert len(client.get("/v1/jobs", params={"status": "queued", "kind": "generate"}).json()["data"]) == 5
-    assert_error(client.get("/v1/jobs", params={"cursor": "bogus!"}), 422, "invalid_request", "cursor")
-    assert_error(client.get("/v1/jobs", params={"status": "exploded"}), 422, "invalid_request", "status")
+    assert (
+        len(client.get("/v1/jobs", params={"status": "queued", "kind": "generate"}).json()["data"])
+        == 5
+    )
+    assert_error(
+        client.get("/v1/jobs", params={"cursor": "bogus!"}), 422, "invalid_request", "cursor"
+    )
+    assert_error(
+        client.get("/v1/jobs", params={"status": "exploded"}), 422, "invalid_request", "status"
+    )
     assert_error(client.get("/v1/jobs", params={"metadata": "nocolon"}), 422, "invalid_request")
 
 

@@ -40,7 +40,12 @@ def test_concurrent_claims_have_exactly_one_winner(url: str) -> None:
         barrier = threading.Barrier(4)
         wins: list[str] = []
 
-        def claim(worker: str, job_id: str = job_id, barrier: threading.Barrier = barrier) -> None:
+        def claim(
+            worker: str,
+            job_id: str = job_id,
+            barrier: threading.Barrier = barrier,
+            wins: list[str] = wins,
+        ) -> None:
             barrier.wait()
             with session_scope(url) as s:
                 if claim_job(s, job_id, worker, TTL):

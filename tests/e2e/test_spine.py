@@ -152,7 +152,13 @@ def test_killed_worker_job_completes_on_another_without_duplicates(one_worker: S
     outputs = stack.outputs(job["id"])
     assert len(outputs) == 4
     assert len({(o["prompt_index"], o["sequence_index"]) for o in outputs}) == 4
-    assert status_events(stack, job["id"]) == ["queued", "running", "queued", "running", "succeeded"]
+    assert status_events(stack, job["id"]) == [
+        "queued",
+        "running",
+        "queued",
+        "running",
+        "succeeded",
+    ]
     assert any("expired" in e["message"] for e in stack.events(job["id"]))
 
 

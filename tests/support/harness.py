@@ -66,9 +66,7 @@ class Proc:
 class Stack:
     """API + workers + beat over the given database and broker, logs under `workdir`."""
 
-    def __init__(
-        self, workdir: Path, database_url: str, broker_url: str, **settings: str
-    ) -> None:
+    def __init__(self, workdir: Path, database_url: str, broker_url: str, **settings: str) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.env = {
@@ -177,7 +175,9 @@ class Stack:
             ).json()["data"]
         return data
 
-    def wait_status(self, job_id: str, statuses: tuple[str, ...], timeout: float = 90) -> dict[str, Any]:
+    def wait_status(
+        self, job_id: str, statuses: tuple[str, ...], timeout: float = 90
+    ) -> dict[str, Any]:
         def check() -> dict[str, Any] | None:
             job = self.job(job_id)
             return job if job["status"] in statuses else None

@@ -7,7 +7,7 @@ from core.states import TERMINAL, TRANSITIONS, can_transition, sources_of
 
 
 def test_terminal_statuses_have_no_way_out() -> None:
-    assert TERMINAL == {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
+    assert {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED} == TERMINAL
     for status in TERMINAL:
         assert all(not can_transition(status, t) for t in JobStatus)
 

@@ -71,7 +71,9 @@ def status_of(settings: Settings, job_id: str) -> Job:
         return job
 
 
-def test_republishes_only_jobs_whose_marker_is_gone(settings: Settings, publisher: JobPublisher) -> None:
+def test_republishes_only_jobs_whose_marker_is_gone(
+    settings: Settings, publisher: JobPublisher
+) -> None:
     published, lost = make_job(settings), make_job(settings)
     publisher.publish(published, JobKind.GENERATE, 0)
     report = reconcile(settings, publisher)
@@ -98,7 +100,9 @@ def test_expired_lease_goes_back_to_queued_and_is_published(
     assert redis.Redis.from_url(settings.broker_url).exists(marker_key(job_id))
 
 
-def test_expired_lease_after_max_attempts_fails(settings: Settings, publisher: JobPublisher) -> None:
+def test_expired_lease_after_max_attempts_fails(
+    settings: Settings, publisher: JobPublisher
+) -> None:
     job_id = make_job(settings, max_attempts=1)
     expire_lease(settings, job_id)
     assert reconcile(settings, publisher).failed == 1
