@@ -1,0 +1,163 @@
+"""The executor's outcomes with a stubbed runner, on a real database and Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.dispatch import JobPublisher
+from core.enums import FailureType, JobKind
+from core.errors import PermanentJobError, TransientJobError
+from core.settings import Settings
+from db.base import utcnow
+from db.events import list_events
+from db.jobs import create_job, get_job
+from db.models import Job
+from db.outputs import GeneratedText, count_outputs
+from db.session import migrate, session_scope
+from tests.support.services import redis_db_index
+from workers.context import RunContext
+from workers.executor import JobExecutor
+
+
+@pytest.fixture(scope="module")
+def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    migrate(database_url)
+    with redis_db_index() as broker:
+        yield Settings(
+            data_dir=Path(tmp_path_factory.mktemp("data")),
+            database_url=database_url,
+            broker_url=broker,
+            heartbeat_interval_s=0.05,
+            retry_backoff_s=60,
+        )
+
+
+@pytest.fixture
+def executor(settings: Settings) -> Iterator[JobExecutor]:
+    publisher = JobPublisher(settings)
+    yield JobExecutor(settings, publisher, "cpu")
+    publisher.close()
+
+
+def make_job(settings: Settings, max_attempts: int = 3) -> str:
+    with session_scope(settings.database_url) as s:
+        return create_job(
+            s,
+            kind=JobKind.GENERATE,
+            spec={"model": "m", "prompts": ["p"]},
+            priority=0,
+            max_attempts=max_attempts,
+            metadata={},
+        ).id
+
+
+def load(settings: Settings, job_id: str) -> Job:
+    with session_scope(settings.database_url) as s:
+        job = get_job(s, job_id)
+        assert job is not None
+        return job
+
+
+def stub_runner(monkeypatch: pytest.MonkeyPatch, executor: JobExecutor, behaviour: Any) -> None:
+    def run(kind: JobKind, spec: dict[str, Any], ctx: RunContext) -> list[GeneratedText]:
+        result: list[GeneratedText] = behaviour(ctx)
+        return result
+
+    monkeypatch.setattr(executor, "_run", run)
+
+
+def test_success_writes_outputs_and_finishes(
+    settings: Settings, executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub_runner(monkeypatch, executor, lambda ctx: [GeneratedText(0, 0, "hi", "stop", 1, 1)])
+    job_id = make_job(settings)
+    executor.execute(job_id)
+    job = load(settings, job_id)
+    assert (job.status, job.attempts, job.lease_owner) == ("succeeded", 1, None)
+    with session_scope(settings.database_url) as s:
+        assert count_outputs(s, job_id) == 1
+    executor.execute(job_id)  # a late duplicate delivery changes nothing
+    with session_scope(settings.database_url) as s:
+        assert count_outputs(s, job_id) == 1
+        assert "delivery dropped" in list_events(s, job_id)[-1].message
+
+
+def test_transient_error_requeues_with_backoff_then_fails_at_max(
+    settings: Settings, executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def flaky(ctx: RunContext) -> list[GeneratedText]:
+        raise TransientJobError("device busy")
+
+    stub_runner(monkeypatch, executor, flaky)
+    job_id = make_job(settings, max_attempts=2)
+    executor.execute(job_id)
+    job = load(settings, job_id)
+    assert (job.status, job.attempts, job.error_type) == ("queued", 1, "transient_error")
+    assert job.available_at > utcnow()
+    executor.execute(job_id)  # not due yet: dropped, nothing runs
+    assert load(settings, job_id).attempts == 1
+    with session_scope(settings.database_url) as s:
+        s.query(Job).filter(Job.id == job_id).update({"available_at": utcnow()})
+    executor.execute(job_id)
+    job = load(settings, job_id)
+    assert (job.status, job.attempts, job.error_type) == ("failed", 2, "transient_error")
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (PermanentJobError("oom", FailureType.OUT_OF_MEMORY), "out_of_memory"),
+        (RuntimeError("boom"), "runtime_error"),
+    ],
+)
+def test_other_errors_fail_once_with_a_type(
+    settings: Settings,
+    executor: JobExecutor,
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
+    expected: str,
+) -> None:
+    def broken(ctx: RunContext) -> list[GeneratedText]:
+        raise error
+
+    stub_runner(monkeypatch, executor, broken)
+    job_id = make_job(settings)
+    executor.execute(job_id)
+    job = load(settings, job_id)
+    assert (job.status, job.attempts, job.error_type) == ("failed", 1, expected)
+
+
+def test_failure_to_store_results_fails_the_job(
+    settings: Settings, executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dup = GeneratedText(0, 0, "same position twice", "stop", 1, 1)
+    stub_runner(monkeypatch, executor, lambda ctx: [dup, dup])
+    job_id = make_job(settings)
+    executor.execute(job_id)
+    job = load(settings, job_id)
+    assert (job.status, job.error_type) == ("failed", "runtime_error")
+    with session_scope(settings.database_url) as s:
+        assert count_outputs(s, job_id) == 0
+
+
+def test_cancel_seen_by_heartbeat_cancels(
+    settings: Settings, executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from db.jobs import request_cancel
+
+    def wait_for_cancel(ctx: RunContext) -> list[GeneratedText]:
+        with session_scope(settings.database_url) as s:
+            request_cancel(s, ctx.job_id)
+        assert ctx.stop_event.wait(5)
+        ctx.check_stop()
+        return []
+
+    stub_runner(monkeypatch, executor, wait_for_cancel)
+    job_id = make_job(settings)
+    executor.execute(job_id)
+    job = load(settings, job_id)
+    assert (job.status, job.attempts) == ("cancelled", 1)
