@@ -181,7 +181,8 @@ def demo(
     with console.status("Preparing SmolLM2-135M-Instruct (first run converts the GGUF)..."):
         prepare_demo_model(settings)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    stack = Stack(settings, env={"MODELYARD_LOG_LEVEL": "WARNING"})
+    log_dir = settings.data_dir.resolve() / "logs"
+    stack = Stack(settings, log_dir=log_dir)
     try:
         broker = stack.start_redis(free_port())
         stack.env["MODELYARD_BROKER_URL"] = broker
@@ -219,7 +220,7 @@ def demo(
                 )
     finally:
         stack.stop()
-    console.print(f"demo finished in {time.monotonic() - started:.1f}s")
+    console.print(f"demo finished in {time.monotonic() - started:.1f}s (logs in {log_dir})")
 
 
 def main() -> None:

@@ -56,14 +56,24 @@ def redis_server_binary() -> str:
 class Stack:
     """Child processes started together and stopped together (last started first)."""
 
-    def __init__(self, settings: Settings, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, env: dict[str, str] | None = None, log_dir: Path | None = None
+    ) -> None:
         self.settings = settings
         self.env = {**os.environ, **(env or {})}
+        self.log_dir = log_dir
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         logger.info("starting %s", name)
-        proc = subprocess.Popen(argv, env=self.env, start_new_session=True)
+        if self.log_dir is None:
+            proc = subprocess.Popen(argv, env=self.env, start_new_session=True)
+        else:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            with (self.log_dir / f"{name}.log").open("ab") as log:
+                proc = subprocess.Popen(
+                    argv, env=self.env, start_new_session=True, stdout=log, stderr=log
+                )
         self.procs.append((name, proc))
         return proc
 
@@ -134,9 +144,3 @@ def _http_ok(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def data_path(settings: Settings, *parts: str) -> Path:
-    path = settings.data_dir.resolve().joinpath(*parts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
