@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.enums import JobKind
 from core.errors import (
     IdempotencyConflictError,
     InvalidRequestError,
@@ -22,6 +23,8 @@ from core.errors import (
 )
 
 logger = logging.getLogger(__name__)
+
+_KIND_TAGS = frozenset(k.value for k in JobKind)
 
 STATUS_FOR_ERROR: dict[type[ModelyardError], int] = {
     InvalidRequestError: 422,
@@ -54,6 +57,8 @@ def status_for(exc: ModelyardError) -> int:
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
+    if len(loc) > 1 and loc[0] == "body" and loc[1] in _KIND_TAGS:
+        loc = loc[:1] + loc[2:]  # the discriminated union's tag is not a field
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or None
 
@@ -71,6 +76,9 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(
             error_body(MalformedBodyError.type, "request body is not valid JSON"), status_code=400
         )
+    if first.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        first = {**first, "loc": (*tuple(first.get("loc", ())), "kind")}
+        errors = [first]
     message = "; ".join(
         f"{_param(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg', '')}" for e in errors[:5]
     )

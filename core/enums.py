@@ -5,6 +5,7 @@ from enum import StrEnum
 
 class JobKind(StrEnum):
     GENERATE = "generate"
+    NOOP = "noop"
 
 
 class JobStatus(StrEnum):
@@ -38,5 +39,5 @@ class FinishReason(StrEnum):
     LENGTH = "length"
 
 
-QUEUE_FOR_KIND: dict[JobKind, str] = {JobKind.GENERATE: "generate"}
+QUEUE_FOR_KIND: dict[JobKind, str] = {JobKind.GENERATE: "generate", JobKind.NOOP: "generate"}
 MAINTENANCE_QUEUE = "maintenance"

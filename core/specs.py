@@ -75,23 +75,44 @@ class GenerateSpec(BaseModel):
         return self.temperature > 0
 
 
-class GenerateJobRequest(BaseModel):
-    """Body of `POST /v1/jobs` for a generation job."""
+class NoopSpec(BaseModel):
+    """A job that only waits: probes the pipeline end to end and measures its overhead."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal[JobKind.GENERATE]
-    spec: GenerateSpec
+    duration_s: float = Field(default=0.0, ge=0.0, le=3600.0)
+
+
+class _JobRequestBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     priority: int = Field(default=0, ge=0, le=9, description="0 (lowest) to 9 (highest).")
     max_attempts: int | None = Field(default=None, ge=1, le=100)
     metadata: dict[MetadataKey, MetadataValue] = Field(default_factory=dict, max_length=32)
 
 
-JobRequest = GenerateJobRequest
+class GenerateJobRequest(_JobRequestBase):
+    """Body of `POST /v1/jobs` for a generation job."""
+
+    kind: Literal[JobKind.GENERATE]
+    spec: GenerateSpec
 
 
-def parse_spec(kind: JobKind, spec: dict[str, Any]) -> GenerateSpec:
+class NoopJobRequest(_JobRequestBase):
+    """Body of `POST /v1/jobs` for a no-op job."""
+
+    kind: Literal[JobKind.NOOP]
+    spec: NoopSpec = Field(default_factory=NoopSpec)
+
+
+JobRequest = Annotated[GenerateJobRequest | NoopJobRequest, Field(discriminator="kind")]
+
+SPEC_FOR_KIND: dict[JobKind, type[BaseModel]] = {
+    JobKind.GENERATE: GenerateSpec,
+    JobKind.NOOP: NoopSpec,
+}
+
+
+def parse_spec(kind: JobKind, spec: dict[str, Any]) -> BaseModel:
     """Rebuild a stored spec for a worker."""
-    if kind is JobKind.GENERATE:
-        return GenerateSpec.model_validate(spec)
-    raise ValueError(f"no spec for kind {kind}")
+    return SPEC_FOR_KIND[kind].model_validate(spec)

@@ -15,15 +15,15 @@ from core.dispatch import JobPublisher
 from core.enums import EventType, FailureType, JobKind, JobStatus
 from core.errors import JobStopped, PermanentJobError, TransientJobError
 from core.settings import Settings
-from core.specs import parse_spec
 from db.base import utcnow
 from db.events import append_event
 from db.jobs import claim_job, finish_job, get_job, requeue_job
 from db.models import Job
-from db.outputs import GeneratedText, add_outputs
+from db.outputs import add_outputs
 from db.session import session_scope
 from workers.context import RunContext
 from workers.heartbeat import Heartbeat
+from workers.runners import RunResult, runner_for
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class JobExecutor:
         heartbeat = Heartbeat(self._settings, run_ctx, self.worker)
         heartbeat.start()
         try:
-            outputs = self._run(claimed.kind, claimed.spec, run_ctx)
+            result = self._run(claimed.kind, claimed.spec, run_ctx)
         except JobStopped:
             heartbeat.stop()
             self._stopped(run_ctx)
@@ -85,7 +85,7 @@ class JobExecutor:
             return
         heartbeat.stop()
         try:
-            self._succeed(job_id, outputs)
+            self._succeed(job_id, result)
         except OperationalError:
             # Database unreachable: the lease expires and the reconciler retries the job.
             logger.exception("job %s: could not record its result", job_id)
@@ -119,23 +119,19 @@ class JobExecutor:
             logger.info("job %s not claimable (%s); message dropped", job_id, job.status)
             return None
 
-    def _run(self, kind: JobKind, spec: dict[str, Any], ctx: RunContext) -> list[GeneratedText]:
-        if kind is JobKind.GENERATE:
-            from workers.generation.runner import GenerationRunner
+    def _run(self, kind: JobKind, spec: dict[str, Any], ctx: RunContext) -> RunResult:
+        return runner_for(kind, self._settings).run(spec, ctx)
 
-            return GenerationRunner(self._settings).run(parse_spec(kind, spec), ctx)
-        raise PermanentJobError(f"no runner for kind {kind}", FailureType.INVALID_SPEC)
-
-    def _succeed(self, job_id: str, outputs: list[GeneratedText]) -> None:
+    def _succeed(self, job_id: str, result: RunResult) -> None:
         try:
             with session_scope(self._settings.database_url) as session:
-                add_outputs(session, job_id, outputs)
+                add_outputs(session, job_id, result.outputs)
                 if not finish_job(session, job_id, self.worker, JobStatus.SUCCEEDED):
                     raise LeaseLost(job_id)
         except LeaseLost:
             logger.warning("job %s: lease lost before commit; outputs discarded", job_id)
             return
-        logger.info("job %s succeeded with %d outputs", job_id, len(outputs))
+        logger.info("job %s succeeded with %d outputs", job_id, len(result.outputs))
 
     def _fail(self, job_id: str, failure: FailureType, message: str) -> None:
         with session_scope(self._settings.database_url) as session:

@@ -181,3 +181,12 @@ def test_flushall_while_queued_loses_no_job(one_worker: Stack, broker: RedisServ
         assert len(stack.outputs(job["id"])) == 1
         republished = [e for e in stack.events(job["id"]) if "republished" in e["message"]]
         assert len(republished) == 1
+
+
+def test_noop_job_runs_through_the_same_pipeline(one_worker: Stack) -> None:
+    with one_worker.client() as c:
+        resp = c.post("/v1/jobs", json={"kind": "noop", "spec": {"duration_s": 0.2}})
+    assert resp.status_code == 202, resp.text
+    done = one_worker.wait_status(resp.json()["id"], ("succeeded", "failed"))
+    assert (done["status"], done["attempts"], done["progress"]) == ("succeeded", 1, 1.0)
+    assert status_events(one_worker, done["id"]) == ["queued", "running", "succeeded"]

@@ -53,3 +53,12 @@ def test_request_refuses_unknown_kind_and_bad_priority() -> None:
         GenerateJobRequest.model_validate({"kind": "generate", "spec": GOOD, "priority": 10})
     req = GenerateJobRequest.model_validate({"kind": "generate", "spec": GOOD, "priority": 9})
     assert req.priority == 9
+
+
+def test_noop_request_defaults_and_bounds() -> None:
+    from core.specs import NoopJobRequest, NoopSpec
+
+    req = NoopJobRequest.model_validate({"kind": "noop"})
+    assert req.spec.duration_s == 0
+    with pytest.raises(ValidationError):
+        NoopSpec.model_validate({"duration_s": -1})

@@ -21,6 +21,7 @@ from db.session import migrate, session_scope
 from tests.support.services import redis_db_index
 from workers.context import RunContext
 from workers.executor import JobExecutor
+from workers.runners import RunResult
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +64,8 @@ def load(settings: Settings, job_id: str) -> Job:
 
 
 def stub_runner(monkeypatch: pytest.MonkeyPatch, executor: JobExecutor, behaviour: Any) -> None:
-    def run(kind: JobKind, spec: dict[str, Any], ctx: RunContext) -> list[GeneratedText]:
-        result: list[GeneratedText] = behaviour(ctx)
-        return result
+    def run(kind: JobKind, spec: dict[str, Any], ctx: RunContext) -> RunResult:
+        return RunResult(outputs=behaviour(ctx))
 
     monkeypatch.setattr(executor, "_run", run)
 

@@ -10,7 +10,6 @@ import pytest
 from core.enums import FailureType
 from core.errors import JobStopped, PermanentJobError
 from core.settings import Settings
-from core.specs import GenerateSpec
 from tests.conftest import TINY_MODEL
 from workers.context import RunContext
 from workers.generation.runner import GenerationRunner, cut_at_stop
@@ -26,7 +25,7 @@ def runner(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ge
 def run(runner: GenerationRunner, **spec: object) -> list[tuple[int, int, str, str, int]]:
     merged: dict[str, object] = {"model": TINY_MODEL, "prompts": ["The blue mug"], **spec}
     ctx = RunContext(job_id="job_test", attempt=1, device="cpu")
-    outs = runner.run(GenerateSpec.model_validate(merged), ctx)
+    outs = runner.run(merged, ctx).outputs
     assert ctx.progress == 1.0
     return [
         (o.prompt_index, o.sequence_index, o.text, o.finish_reason, o.completion_tokens)
@@ -72,22 +71,19 @@ def test_stop_event_ends_the_run(runner: GenerationRunner) -> None:
     ctx = RunContext(job_id="job_test", attempt=1, device="cpu")
     ctx.cancelled = True
     ctx.stop_event.set()
-    spec = GenerateSpec(model=TINY_MODEL, prompts=["x"], max_new_tokens=500)
     with pytest.raises(JobStopped, match="cancelled"):
-        runner.run(spec, ctx)
+        runner.run({"model": TINY_MODEL, "prompts": ["x"], "max_new_tokens": 500}, ctx)
 
 
 def test_unknown_model_is_a_permanent_failure(runner: GenerationRunner) -> None:
-    spec = GenerateSpec(model="no-such-model-here", prompts=["x"])
     ctx = RunContext(job_id="job_test", attempt=1, device="cpu")
     with pytest.raises(PermanentJobError) as info:
-        runner.run(spec, ctx)
+        runner.run({"model": "no-such-model-here", "prompts": ["x"]}, ctx)
     assert info.value.failure is FailureType.MODEL_NOT_FOUND
 
 
 def test_chat_on_a_model_without_template_is_refused(runner: GenerationRunner) -> None:
-    spec = GenerateSpec(model=TINY_MODEL, prompts=["x"], chat=True)
     ctx = RunContext(job_id="job_test", attempt=1, device="cpu")
     with pytest.raises(PermanentJobError) as info:
-        runner.run(spec, ctx)
+        runner.run({"model": TINY_MODEL, "prompts": ["x"], "chat": True}, ctx)
     assert info.value.failure is FailureType.INVALID_SPEC

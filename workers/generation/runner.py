@@ -20,6 +20,7 @@ from core.specs import GenerateSpec
 from db.outputs import GeneratedText
 from workers.context import RunContext
 from workers.generation.models import LoadedModel, load_causal_lm, resolve_model_ref
+from workers.runners import RunResult
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class GenerationRunner:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
 
-    def run(self, spec: GenerateSpec, ctx: RunContext) -> list[GeneratedText]:
+    def run(self, raw_spec: dict[str, Any], ctx: RunContext) -> RunResult:
+        spec = GenerateSpec.model_validate(raw_spec)
         ref = resolve_model_ref(spec.model, self._settings.models_dir)
         loaded = load_causal_lm(ref, ctx.device)
         results: list[GeneratedText] = []
@@ -59,7 +61,7 @@ class GenerationRunner:
             except torch.OutOfMemoryError as exc:
                 raise PermanentJobError(str(exc), FailureType.OUT_OF_MEMORY) from exc
             ctx.report_progress((index + 1) / len(spec.prompts))
-        return results
+        return RunResult(outputs=results)
 
     def _encode(self, loaded: LoadedModel, spec: GenerateSpec, prompt: str) -> Any:
         tok = loaded.tokenizer

@@ -1,0 +1,34 @@
+"""What runners return, and which runner serves which job kind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from core.enums import FailureType, JobKind
+from core.errors import PermanentJobError
+from core.settings import Settings
+from db.outputs import GeneratedText
+from workers.context import RunContext
+
+
+@dataclass
+class RunResult:
+    outputs: list[GeneratedText] = field(default_factory=list)
+
+
+class Runner(Protocol):
+    def run(self, spec: dict[str, Any], ctx: RunContext) -> RunResult: ...
+
+
+def runner_for(kind: JobKind, settings: Settings) -> Runner:
+    """Runners are imported on first use, in the process that runs the job."""
+    if kind is JobKind.GENERATE:
+        from workers.generation.runner import GenerationRunner
+
+        return GenerationRunner(settings)
+    if kind is JobKind.NOOP:
+        from workers.noop import NoopRunner
+
+        return NoopRunner()
+    raise PermanentJobError(f"no runner for kind {kind}", FailureType.INVALID_SPEC)
