@@ -5,7 +5,40 @@ from enum import StrEnum
 
 class JobKind(StrEnum):
     GENERATE = "generate"
+    FINETUNE = "finetune"
+    PREDICT = "predict"
     NOOP = "noop"
+
+
+class FineTuneTask(StrEnum):
+    CAUSAL_LM = "causal_lm"
+    SEQUENCE_CLASSIFICATION = "sequence_classification"
+    TOKEN_CLASSIFICATION = "token_classification"
+
+
+class FineTuneMethod(StrEnum):
+    FULL = "full"
+    LORA = "lora"
+    ADALORA = "adalora"
+
+
+class DatasetSchema(StrEnum):
+    """The shape of a dataset's rows once parsed."""
+
+    TEXT = "text"  # {"text"}
+    PROMPT_COMPLETION = "prompt_completion"  # {"prompt", "completion"}
+    CHAT = "chat"  # {"messages": [{"role", "content"}]}
+    CLASSIFICATION = "classification"  # {"text", "label"}
+    TOKEN_CLASSIFICATION = "token_classification"  # {"tokens": [...], "tags": [...]}
+
+
+SCHEMAS_FOR_TASK: dict[FineTuneTask, frozenset[DatasetSchema]] = {
+    FineTuneTask.CAUSAL_LM: frozenset(
+        {DatasetSchema.TEXT, DatasetSchema.PROMPT_COMPLETION, DatasetSchema.CHAT}
+    ),
+    FineTuneTask.SEQUENCE_CLASSIFICATION: frozenset({DatasetSchema.CLASSIFICATION}),
+    FineTuneTask.TOKEN_CLASSIFICATION: frozenset({DatasetSchema.TOKEN_CLASSIFICATION}),
+}
 
 
 class JobStatus(StrEnum):
@@ -39,5 +72,10 @@ class FinishReason(StrEnum):
     LENGTH = "length"
 
 
-QUEUE_FOR_KIND: dict[JobKind, str] = {JobKind.GENERATE: "generate", JobKind.NOOP: "generate"}
+QUEUE_FOR_KIND: dict[JobKind, str] = {
+    JobKind.GENERATE: "generate",
+    JobKind.PREDICT: "generate",
+    JobKind.NOOP: "generate",
+    JobKind.FINETUNE: "train",
+}
 MAINTENANCE_QUEUE = "maintenance"

@@ -14,7 +14,7 @@ from pydantic import (
     model_validator,
 )
 
-from core.enums import JobKind
+from core.enums import FineTuneMethod, FineTuneTask, JobKind
 
 MODEL_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,254}$"
 _BLANK = re.compile(r"^\s*$")
@@ -83,6 +83,113 @@ class NoopSpec(BaseModel):
     duration_s: float = Field(default=0.0, ge=0.0, le=3600.0)
 
 
+DatasetId = Annotated[str, StringConstraints(pattern=r"^ds_[0-9a-f]{32}$")]
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: float = Field(default=3.0, gt=0, le=100)
+    batch_size: int = Field(default=8, ge=1, le=512)
+    learning_rate: float = Field(default=5e-5, gt=0, le=1)
+    warmup: float = Field(default=0.0, ge=0, le=0.5, description="Fraction of steps warming up.")
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    max_length: int = Field(default=128, ge=8, le=4096, description="Tokens per example.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=256)
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    max_steps: int | None = Field(default=None, ge=1, le=1_000_000, description="Overrides epochs.")
+    eval_steps: int | None = Field(
+        default=None, ge=1, description="Evaluate every N steps; default once per epoch."
+    )
+    checkpoint_steps: int | None = Field(
+        default=None, ge=1, description="Checkpoint every N steps; default at each evaluation."
+    )
+    checkpoint_minutes: float | None = Field(
+        default=None, gt=0, le=1440, description="Also checkpoint when this much time passed."
+    )
+
+
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(default=8, ge=1, le=256)
+    alpha: int = Field(default=16, ge=1, le=1024)
+    dropout: float = Field(default=0.05, ge=0, le=0.9)
+    target_modules: (
+        list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.]{1,64}$")]] | None
+    ) = Field(default=None, max_length=32, description="Default: the model type's usual modules.")
+
+
+class EarlyStoppingSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    patience: int = Field(default=3, ge=1, le=100, description="Evaluations without improvement.")
+    threshold: float = Field(default=0.0, ge=0)
+
+
+class CheckpointRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: Annotated[str, StringConstraints(pattern=r"^job_[0-9a-f]{32}$")]
+    step: int | None = Field(default=None, ge=1, description="Default: the latest checkpoint.")
+
+
+SUFFIX_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
+
+
+class FineTuneSpec(BaseModel):
+    """Fine-tune a base model (path, hub id or registered model) on uploaded datasets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(pattern=MODEL_REF_PATTERN)
+    task: FineTuneTask
+    training_dataset: DatasetId
+    validation_dataset: DatasetId | None = None
+    validation_split: float = Field(
+        default=0.1, ge=0.0, le=0.5, description="Held out of training when no validation set."
+    )
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    method: FineTuneMethod = FineTuneMethod.FULL
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    early_stopping: EarlyStoppingSpec | None = None
+    suffix: str | None = Field(default=None, pattern=SUFFIX_PATTERN)
+    from_checkpoint: CheckpointRef | None = None
+    trust_remote_code: bool = Field(default=False, description="Always refused.")
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _refuse_remote_code(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("trust_remote_code is not supported: only built-in architectures run")
+        return value
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_no_parent_segments(cls, model: str) -> str:
+        if ".." in model.split("/"):
+            raise ValueError("base_model may not contain '..' segments")
+        return model
+
+
+class PredictSpec(BaseModel):
+    """Run a fine-tuned classifier or tagger over texts (or a dataset's texts)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(pattern=MODEL_REF_PATTERN)
+    texts: list[Prompt] | None = Field(default=None, min_length=1, max_length=4096)
+    dataset: DatasetId | None = None
+    batch_size: int = Field(default=32, ge=1, le=512)
+    max_length: int = Field(default=256, ge=8, le=4096)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PredictSpec:
+        if (self.texts is None) == (self.dataset is None):
+            raise ValueError("give exactly one of texts or dataset")
+        return self
+
+
 class _JobRequestBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -98,6 +205,20 @@ class GenerateJobRequest(_JobRequestBase):
     spec: GenerateSpec
 
 
+class FineTuneJobRequest(_JobRequestBase):
+    """Body of `POST /v1/jobs` for a fine-tuning job."""
+
+    kind: Literal[JobKind.FINETUNE]
+    spec: FineTuneSpec
+
+
+class PredictJobRequest(_JobRequestBase):
+    """Body of `POST /v1/jobs` for a prediction job."""
+
+    kind: Literal[JobKind.PREDICT]
+    spec: PredictSpec
+
+
 class NoopJobRequest(_JobRequestBase):
     """Body of `POST /v1/jobs` for a no-op job."""
 
@@ -105,10 +226,13 @@ class NoopJobRequest(_JobRequestBase):
     spec: NoopSpec = Field(default_factory=NoopSpec)
 
 
-JobRequest = Annotated[GenerateJobRequest | NoopJobRequest, Field(discriminator="kind")]
+AnyJobRequest = GenerateJobRequest | FineTuneJobRequest | PredictJobRequest | NoopJobRequest
+JobRequest = Annotated[AnyJobRequest, Field(discriminator="kind")]
 
 SPEC_FOR_KIND: dict[JobKind, type[BaseModel]] = {
     JobKind.GENERATE: GenerateSpec,
+    JobKind.FINETUNE: FineTuneSpec,
+    JobKind.PREDICT: PredictSpec,
     JobKind.NOOP: NoopSpec,
 }
 

@@ -67,7 +67,9 @@ def api(
 
 @app.command()
 def worker(
-    queues: Annotated[str, typer.Option(help="Comma-separated queues")] = "generate,maintenance",
+    queues: Annotated[
+        str, typer.Option(help="Comma-separated queues")
+    ] = "generate,train,maintenance",
     gpus: Annotated[
         str, typer.Option(help="'' for one process on the default device, 'all' or '0,1'")
     ] = "",

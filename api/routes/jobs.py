@@ -15,7 +15,7 @@ from api.deps import PublisherDep, SessionDep, SettingsDep
 from api.schemas import EventList, EventOut, JobList, JobOut, OutputList, OutputOut
 from core.enums import JobKind, JobStatus
 from core.errors import IdempotencyConflictError, InvalidRequestError
-from core.specs import GenerateJobRequest, JobRequest, NoopJobRequest
+from core.specs import AnyJobRequest, JobRequest
 from db import events as events_repo
 from db import jobs as jobs_repo
 from db import outputs as outputs_repo
@@ -29,7 +29,7 @@ IdempotencyKey = Annotated[
 ]
 
 
-def _request_hash(req: GenerateJobRequest | NoopJobRequest) -> str:
+def _request_hash(req: AnyJobRequest) -> str:
     canonical = json.dumps(req.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
+import db.models  # noqa: F401  (registers the tables)
 from core.settings import get_settings
 from db.base import Base
-from db.models import Job, JobEvent, Output  # noqa: F401  (registers the tables)
 from db.session import make_engine
 
 config = context.config

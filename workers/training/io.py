@@ -1,0 +1,68 @@
+"""What a fine-tuning runner needs from the outside world, as a Protocol.
+
+The database-backed implementation lives in workers/training/db_io.py; tests
+use an in-memory one. Paths handed out are absolute; the runner writes only
+inside `work_dir`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from core.enums import DatasetSchema
+
+
+@dataclass(frozen=True)
+class DatasetRows:
+    """A parsed dataset: rows in the normalized shape of its schema (see core.enums)."""
+
+    id: str
+    schema: DatasetSchema
+    rows: list[dict[str, Any]]
+    labels: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    step: int
+    name: str  # "train_loss", "learning_rate", "eval_loss", "eval_accuracy", ...
+    value: float
+    epoch: float | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    path: Path  # a Trainer checkpoint directory (safetensors + optimizer/scheduler state)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A base model ready for from_pretrained: a local directory or a hub id."""
+
+    ref: str
+    labels: list[str] = field(default_factory=list)  # set for registered classifiers/taggers
+    adapter_of: str | None = None  # for a registered LoRA adapter: the base model ref
+
+
+class TrainingIO(Protocol):
+    work_dir: Path  # this job's private directory (checkpoints, final model)
+
+    def dataset(self, dataset_id: str) -> DatasetRows: ...
+
+    def resolve_model(self, ref: str) -> ResolvedModel: ...
+
+    def record_metrics(self, points: Sequence[MetricPoint]) -> None:
+        """Buffered by the caller; one call per batch of points, not per step."""
+
+    def record_checkpoint(self, checkpoint: CheckpointInfo) -> None: ...
+
+    def latest_checkpoint(self) -> CheckpointInfo | None:
+        """This job's newest recorded checkpoint whose directory still exists."""
+
+    def event(self, message: str, data: dict[str, Any] | None = None) -> None:
+        """A log entry in the job's event stream (evaluations, checkpoints)."""
