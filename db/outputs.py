@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -17,6 +18,7 @@ class GeneratedText:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    data: dict[str, Any] | None = None  # predictions: label/scores or entities
 
 
 def storable_text(text: str) -> str:
@@ -34,6 +36,7 @@ def add_outputs(session: Session, job_id: str, outputs: Iterable[GeneratedText])
             finish_reason=o.finish_reason,
             prompt_tokens=o.prompt_tokens,
             completion_tokens=o.completion_tokens,
+            data=o.data,
         )
         for o in outputs
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from core.errors import JobStopped
 
@@ -17,16 +18,25 @@ class RunContext:
     cancelled: bool = False
     lease_lost: bool = False
     _progress: float = 0.0
+    _detail: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def report_progress(self, fraction: float) -> None:
+    def report_progress(self, fraction: float, **detail: Any) -> None:
+        """Fraction done, plus optional JSON-able detail (step, total_steps, eta_s, loss)."""
         with self._lock:
             self._progress = min(max(fraction, 0.0), 1.0)
+            if detail:
+                self._detail = dict(detail)
 
     @property
     def progress(self) -> float:
         with self._lock:
             return self._progress
+
+    @property
+    def detail(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._detail)
 
     def check_stop(self) -> None:
         """Raise JobStopped once the heartbeat saw a cancel or a lost lease."""

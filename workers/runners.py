@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
-from core.enums import FailureType, JobKind
+from core.enums import FailureType, FineTuneMethod, FineTuneTask, JobKind
 from core.errors import PermanentJobError
 from core.settings import Settings
 from db.outputs import GeneratedText
 from workers.context import RunContext
 
 
+@dataclass(frozen=True)
+class TrainedModel:
+    """A fine-tuned model (or LoRA adapter) directory to register when the job succeeds."""
+
+    path: Path  # absolute; inside the job's work dir
+    base_model: str
+    task: FineTuneTask
+    method: FineTuneMethod
+    labels: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
 @dataclass
 class RunResult:
     outputs: list[GeneratedText] = field(default_factory=list)
+    result: dict[str, Any] | None = None  # stored on the job: eval report, summary figures
+    trained_model: TrainedModel | None = None
 
 
 class Runner(Protocol):

@@ -64,5 +64,8 @@ class TrainingIO(Protocol):
     def latest_checkpoint(self) -> CheckpointInfo | None:
         """This job's newest recorded checkpoint whose directory still exists."""
 
+    def checkpoint_of(self, job_id: str, step: int | None) -> CheckpointInfo:
+        """Another job's checkpoint (`step` None: its latest), to start from; raises if none."""
+
     def event(self, message: str, data: dict[str, Any] | None = None) -> None:
         """A log entry in the job's event stream (evaluations, checkpoints)."""

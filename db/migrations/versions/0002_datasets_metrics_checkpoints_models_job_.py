@@ -92,11 +92,17 @@ def upgrade() -> None:
 
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("result", sa.JSON(), nullable=True))
+        batch_op.add_column(sa.Column("progress_detail", sa.JSON(), nullable=True))
+    with op.batch_alter_table("outputs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("data", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
 
+    with op.batch_alter_table("outputs", schema=None) as batch_op:
+        batch_op.drop_column("data")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("progress_detail")
         batch_op.drop_column("result")
 
     with op.batch_alter_table("models", schema=None) as batch_op:
