@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
-from api.routes import health, jobs
+from api.routes import health, jobs, models
 from core.dispatch import JobPublisher
 from core.settings import Settings, get_settings
 from db.session import migrate
@@ -35,4 +35,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(models.router)
     return app

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from db.models import Job, JobEvent, Output
+from db.models import Checkpoint, Job, JobEvent, Metric, Output, RegisteredModel
 
 
 class JobError(BaseModel):
@@ -25,8 +25,10 @@ class JobOut(BaseModel):
     attempts: int
     max_attempts: int
     progress: float
+    progress_detail: dict[str, Any] | None
     cancel_requested: bool
     error: JobError | None
+    result: dict[str, Any] | None
     created_at: datetime
     queued_at: datetime
     started_at: datetime | None
@@ -44,10 +46,12 @@ class JobOut(BaseModel):
             attempts=job.attempts,
             max_attempts=job.max_attempts,
             progress=job.progress,
+            progress_detail=job.progress_detail,
             cancel_requested=job.cancel_requested,
             error=JobError(type=job.error_type, message=job.error_message)
             if job.error_type
             else None,
+            result=job.result,
             created_at=job.created_at,
             queued_at=job.queued_at,
             started_at=job.started_at,
@@ -94,6 +98,7 @@ class OutputOut(BaseModel):
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    data: dict[str, Any] | None
 
     @classmethod
     def of(cls, out: Output) -> OutputOut:
@@ -104,6 +109,7 @@ class OutputOut(BaseModel):
             finish_reason=out.finish_reason,
             prompt_tokens=out.prompt_tokens,
             completion_tokens=out.completion_tokens,
+            data=out.data,
         )
 
 
@@ -117,3 +123,67 @@ class Health(BaseModel):
     status: str
     database: str | None = None
     broker: str | None = None
+
+
+class MetricOut(BaseModel):
+    id: int
+    step: int
+    epoch: float | None
+    name: str
+    value: float
+
+    @classmethod
+    def of(cls, m: Metric) -> MetricOut:
+        return cls(id=m.id, step=m.step, epoch=m.epoch, name=m.name, value=m.value)
+
+
+class MetricList(BaseModel):
+    job_id: str
+    data: list[MetricOut]
+    has_more: bool
+    last_id: int | None
+
+
+class CheckpointOut(BaseModel):
+    step: int
+    metrics: dict[str, Any]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, c: Checkpoint) -> CheckpointOut:
+        return cls(step=c.step, metrics=c.metrics, created_at=c.created_at)
+
+
+class CheckpointList(BaseModel):
+    job_id: str
+    data: list[CheckpointOut]
+
+
+class ModelOut(BaseModel):
+    name: str
+    base_model: str
+    task: str
+    method: str
+    job_id: str | None
+    labels: list[str]
+    metrics: dict[str, Any]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, m: RegisteredModel) -> ModelOut:
+        return cls(
+            name=m.name,
+            base_model=m.base_model,
+            task=m.task,
+            method=m.method,
+            job_id=m.job_id,
+            labels=m.labels,
+            metrics=m.metrics,
+            created_at=m.created_at,
+        )
+
+
+class ModelList(BaseModel):
+    data: list[ModelOut]
+    has_more: bool
+    next_cursor: str | None

@@ -16,7 +16,7 @@ from pydantic import (
 
 from core.enums import FineTuneMethod, FineTuneTask, JobKind
 
-MODEL_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,254}$"
+MODEL_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-/:]{0,254}$"
 _BLANK = re.compile(r"^\s*$")
 
 Prompt = Annotated[str, StringConstraints(min_length=1, max_length=32_000)]

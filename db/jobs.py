@@ -169,11 +169,18 @@ class LeaseState:
 
 
 def renew_lease(
-    session: Session, job_id: str, worker: str, lease_ttl: timedelta, progress: float | None
+    session: Session,
+    job_id: str,
+    worker: str,
+    lease_ttl: timedelta,
+    progress: float | None,
+    detail: dict[str, Any] | None = None,
 ) -> LeaseState:
     values: dict[str, Any] = {"lease_expires_at": utcnow() + lease_ttl, "updated_at": utcnow()}
     if progress is not None:
         values["progress"] = progress
+    if detail:
+        values["progress_detail"] = detail
     stmt = (
         update(Job)
         .where(
@@ -199,6 +206,7 @@ def finish_job(
     *,
     error_type: str | None = None,
     error_message: str | None = None,
+    result: dict[str, Any] | None = None,
 ) -> bool:
     """running -> succeeded|failed|cancelled, only while `worker` holds the lease."""
     values: dict[str, Any] = {
@@ -208,6 +216,8 @@ def finish_job(
         "error_type": error_type,
         "error_message": error_message,
     }
+    if result is not None:
+        values["result"] = result
     if target is JobStatus.SUCCEEDED:
         values["progress"] = 1.0
     return transition(

@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from core.dispatch import JobPublisher
 from core.enums import EventType, FailureType, JobKind, JobStatus
@@ -20,10 +21,11 @@ from db.events import append_event
 from db.jobs import claim_job, finish_job, get_job, requeue_job
 from db.models import Job
 from db.outputs import add_outputs
+from db.registry import model_name, register_model
 from db.session import session_scope
 from workers.context import RunContext
 from workers.heartbeat import Heartbeat
-from workers.runners import RunResult, runner_for
+from workers.runners import RunResult, TrainedModel, runner_for
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ class JobExecutor:
             return
         heartbeat.stop()
         try:
-            self._succeed(job_id, result)
+            self._succeed(job_id, claimed.spec, result)
         except OperationalError:
             # Database unreachable: the lease expires and the reconciler retries the job.
             logger.exception("job %s: could not record its result", job_id)
@@ -122,16 +124,40 @@ class JobExecutor:
     def _run(self, kind: JobKind, spec: dict[str, Any], ctx: RunContext) -> RunResult:
         return runner_for(kind, self._settings).run(spec, ctx)
 
-    def _succeed(self, job_id: str, result: RunResult) -> None:
+    def _succeed(self, job_id: str, spec: dict[str, Any], result: RunResult) -> None:
+        summary = dict(result.result) if result.result is not None else None
         try:
             with session_scope(self._settings.database_url) as session:
                 add_outputs(session, job_id, result.outputs)
-                if not finish_job(session, job_id, self.worker, JobStatus.SUCCEEDED):
+                if result.trained_model is not None:
+                    name = self._register(session, job_id, spec, result.trained_model)
+                    summary = {**(summary or {}), "model": name}
+                if not finish_job(
+                    session, job_id, self.worker, JobStatus.SUCCEEDED, result=summary
+                ):
                     raise LeaseLost(job_id)
         except LeaseLost:
             logger.warning("job %s: lease lost before commit; outputs discarded", job_id)
             return
         logger.info("job %s succeeded with %d outputs", job_id, len(result.outputs))
+
+    def _register(
+        self, session: Session, job_id: str, spec: dict[str, Any], trained: TrainedModel
+    ) -> str:
+        name = model_name(trained.base_model, trained.task, spec.get("suffix"), job_id)
+        register_model(
+            session,
+            name=name,
+            base_model=trained.base_model,
+            task=trained.task.value,
+            method=trained.method.value,
+            job_id=job_id,
+            path=str(trained.path.resolve().relative_to(self._settings.data_dir.resolve())),
+            labels=list(trained.labels),
+            metrics=dict(trained.metrics),
+        )
+        append_event(session, job_id, EventType.LOG, f"registered model {name}", {"model": name})
+        return name
 
     def _fail(self, job_id: str, failure: FailureType, message: str) -> None:
         with session_scope(self._settings.database_url) as session:

@@ -37,6 +37,7 @@ class Heartbeat:
     def beat(self) -> None:
         ctx = self._ctx
         progress = ctx.progress
+        detail = ctx.detail
         changed = progress != self._last_progress
         with session_scope(self._settings.database_url) as session:
             state = renew_lease(
@@ -45,10 +46,15 @@ class Heartbeat:
                 self._worker,
                 timedelta(seconds=self._settings.lease_ttl_s),
                 progress if changed else None,
+                detail if changed else None,
             )
             if state.held and changed:
                 append_event(
-                    session, ctx.job_id, EventType.PROGRESS, "", {"progress": round(progress, 4)}
+                    session,
+                    ctx.job_id,
+                    EventType.PROGRESS,
+                    "",
+                    {"progress": round(progress, 4), **detail},
                 )
         if changed:
             self._last_progress = progress

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import logging
@@ -11,14 +9,27 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 from sqlalchemy.exc import IntegrityError
 
+from api.cursors import decode_cursor, encode_cursor
 from api.deps import PublisherDep, SessionDep, SettingsDep
-from api.schemas import EventList, EventOut, JobList, JobOut, OutputList, OutputOut
+from api.schemas import (
+    CheckpointList,
+    CheckpointOut,
+    EventList,
+    EventOut,
+    JobList,
+    JobOut,
+    MetricList,
+    MetricOut,
+    OutputList,
+    OutputOut,
+)
 from core.enums import JobKind, JobStatus
 from core.errors import IdempotencyConflictError, InvalidRequestError
 from core.specs import AnyJobRequest, JobRequest
 from db import events as events_repo
 from db import jobs as jobs_repo
 from db import outputs as outputs_repo
+from db import training as training_repo
 from db.models import Job
 
 logger = logging.getLogger(__name__)
@@ -32,21 +43,6 @@ IdempotencyKey = Annotated[
 def _request_hash(req: AnyJobRequest) -> str:
     canonical = json.dumps(req.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _encode_cursor(created_at: datetime, job_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{job_id}".encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        ts, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        parsed = datetime.fromisoformat(ts)
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise InvalidRequestError("cursor is not one this API returned", param="cursor") from exc
-    if parsed.tzinfo is None:
-        raise InvalidRequestError("cursor is not one this API returned", param="cursor")
-    return parsed, job_id
 
 
 def _parse_metadata_filters(values: list[str]) -> dict[str, str]:
@@ -133,11 +129,11 @@ def list_jobs(
         created_before=created_before,
         metadata=_parse_metadata_filters(metadata),
     )
-    before = _decode_cursor(cursor) if cursor else None
+    before = decode_cursor(cursor) if cursor else None
     rows = list(jobs_repo.list_jobs(session, filt, limit=limit + 1, before=before))
     has_more = len(rows) > limit
     rows = rows[:limit]
-    next_cursor = _encode_cursor(rows[-1].created_at, rows[-1].id) if has_more else None
+    next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if has_more else None
     return JobList(data=[JobOut.of(j) for j in rows], has_more=has_more, next_cursor=next_cursor)
 
 
@@ -177,3 +173,32 @@ def list_job_outputs(job_id: str, session: SessionDep) -> OutputList:
     job = jobs_repo.require_job(session, job_id)
     rows = outputs_repo.list_outputs(session, job_id)
     return OutputList(job_id=job_id, status=job.status, data=[OutputOut.of(o) for o in rows])
+
+
+@router.get("/{job_id}/metrics", response_model=MetricList)
+def list_job_metrics(
+    job_id: str,
+    session: SessionDep,
+    name: Annotated[list[str], Query(description="Only these metric names")] = [],  # noqa: B006
+    after: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+) -> MetricList:
+    jobs_repo.require_job(session, job_id)
+    rows = list(
+        training_repo.list_metrics(session, job_id, names=name, after_id=after, limit=limit + 1)
+    )
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    return MetricList(
+        job_id=job_id,
+        data=[MetricOut.of(m) for m in rows],
+        has_more=has_more,
+        last_id=rows[-1].id if rows else None,
+    )
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+def list_job_checkpoints(job_id: str, session: SessionDep) -> CheckpointList:
+    jobs_repo.require_job(session, job_id)
+    rows = training_repo.list_checkpoints(session, job_id)
+    return CheckpointList(job_id=job_id, data=[CheckpointOut.of(c) for c in rows])

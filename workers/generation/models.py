@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -24,22 +23,19 @@ class LoadedModel:
     device: str
 
 
-def resolve_model_ref(ref: str, models_dir: Path) -> str:
-    """A name under the data dir's models/ wins; anything else is a path or hub id."""
-    local = models_dir / ref
-    if local.is_dir() and local.resolve().is_relative_to(models_dir.resolve()):
-        return str(local)
-    return ref
-
-
 @lru_cache(maxsize=1)
-def load_causal_lm(ref: str, device: str) -> LoadedModel:
+def load_causal_lm(ref: str, device: str, adapter_of: str | None = None) -> LoadedModel:
+    """Load a causal LM; with `adapter_of`, `ref` is a LoRA adapter applied on that base."""
     logger.info("loading model %s on %s", ref, device)
     try:
         tokenizer: Any = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
         model: Any = AutoModelForCausalLM.from_pretrained(
-            ref, use_safetensors=True, trust_remote_code=False
+            adapter_of or ref, use_safetensors=True, trust_remote_code=False
         )
+        if adapter_of is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, ref)
     except (OSError, ValueError) as exc:
         raise PermanentJobError(
             f"cannot load model {ref!r}: {exc}", FailureType.MODEL_NOT_FOUND

@@ -19,7 +19,8 @@ from core.settings import Settings
 from core.specs import GenerateSpec
 from db.outputs import GeneratedText
 from workers.context import RunContext
-from workers.generation.models import LoadedModel, load_causal_lm, resolve_model_ref
+from workers.generation.models import LoadedModel, load_causal_lm
+from workers.model_refs import resolve_model
 from workers.runners import RunResult
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,8 @@ class GenerationRunner:
 
     def run(self, raw_spec: dict[str, Any], ctx: RunContext) -> RunResult:
         spec = GenerateSpec.model_validate(raw_spec)
-        ref = resolve_model_ref(spec.model, self._settings.models_dir)
-        loaded = load_causal_lm(ref, ctx.device)
+        resolved = resolve_model(self._settings, spec.model)
+        loaded = load_causal_lm(resolved.ref, ctx.device, resolved.adapter_of)
         results: list[GeneratedText] = []
         for index, prompt in enumerate(spec.prompts):
             ctx.check_stop()

@@ -1,0 +1,24 @@
+"""Opaque keyset cursors: (created_at, key) of the last row of a page."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime
+
+from core.errors import InvalidRequestError
+
+
+def encode_cursor(created_at: datetime, key: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{key}".encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        ts, key = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        parsed = datetime.fromisoformat(ts)
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidRequestError("cursor is not one this API returned", param="cursor") from exc
+    if parsed.tzinfo is None:
+        raise InvalidRequestError("cursor is not one this API returned", param="cursor")
+    return parsed, key

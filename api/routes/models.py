@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import logging
+import shutil
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+
+from api.cursors import decode_cursor, encode_cursor
+from api.deps import SessionDep, SettingsDep
+from api.schemas import ModelList, ModelOut
+from db import registry
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("", response_model=ModelList)
+def list_models(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: str | None = None,
+) -> ModelList:
+    before = decode_cursor(cursor) if cursor else None
+    rows = list(registry.list_models(session, limit=limit + 1, before=before))
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = encode_cursor(rows[-1].created_at, rows[-1].name) if has_more else None
+    return ModelList(
+        data=[ModelOut.of(m) for m in rows], has_more=has_more, next_cursor=next_cursor
+    )
+
+
+@router.get("/{name:path}", response_model=ModelOut)
+def get_model(name: str, session: SessionDep) -> ModelOut:
+    return ModelOut.of(registry.require_model(session, name))
+
+
+@router.delete("/{name:path}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_model(name: str, session: SessionDep, settings: SettingsDep) -> Response:
+    model = registry.delete_model(session, name)
+    directory = (settings.data_dir / model.path).resolve()
+    session.commit()
+    if directory.is_relative_to(settings.data_dir.resolve()):
+        shutil.rmtree(directory, ignore_errors=True)
+    logger.info("model %s deleted", name)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

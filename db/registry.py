@@ -1,0 +1,90 @@
+"""The model registry: fine-tuned models and adapters, by name."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from core.enums import FineTuneTask
+from core.errors import NotFoundError
+from db.models import RegisteredModel
+
+REGISTRY_PREFIX = "ft:"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def is_registry_name(ref: str) -> bool:
+    return ref.startswith(REGISTRY_PREFIX)
+
+
+def model_name(base_model: str, task: FineTuneTask, suffix: str | None, job_id: str) -> str:
+    """`ft:<base>:<suffix>:<short id>`; the base is its last path component."""
+    base = _UNSAFE.sub("-", base_model.rstrip("/").rsplit("/", 1)[-1]) or "model"
+    short = job_id.removeprefix("job_")[:8]
+    return f"{REGISTRY_PREFIX}{base}:{suffix or task.value.replace('_', '-')}:{short}"
+
+
+def register_model(
+    session: Session,
+    *,
+    name: str,
+    base_model: str,
+    task: str,
+    method: str,
+    job_id: str,
+    path: str,
+    labels: list[str],
+    metrics: dict[str, Any],
+) -> RegisteredModel:
+    model = RegisteredModel(
+        name=name,
+        base_model=base_model,
+        task=task,
+        method=method,
+        job_id=job_id,
+        path=path,
+        labels=labels,
+        metrics=metrics,
+    )
+    session.add(model)
+    session.flush()
+    return model
+
+
+def get_model(session: Session, name: str) -> RegisteredModel | None:
+    return session.get(RegisteredModel, name)
+
+
+def require_model(session: Session, name: str) -> RegisteredModel:
+    model = get_model(session, name)
+    if model is None:
+        raise NotFoundError(f"no registered model {name!r}", param="model")
+    return model
+
+
+def list_models(
+    session: Session, *, limit: int, before: tuple[datetime, str] | None = None
+) -> Sequence[RegisteredModel]:
+    stmt = select(RegisteredModel)
+    if before is not None:
+        ts, name = before
+        stmt = stmt.where(
+            or_(
+                RegisteredModel.created_at < ts,
+                and_(RegisteredModel.created_at == ts, RegisteredModel.name < name),
+            )
+        )
+    stmt = stmt.order_by(RegisteredModel.created_at.desc(), RegisteredModel.name.desc())
+    return session.scalars(stmt.limit(limit)).all()
+
+
+def delete_model(session: Session, name: str) -> RegisteredModel:
+    model = require_model(session, name)
+    session.delete(model)
+    session.flush()
+    return model

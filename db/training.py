@@ -1,0 +1,58 @@
+"""Metrics and checkpoints recorded by fine-tuning jobs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import Checkpoint, Metric
+
+
+def add_metrics(
+    session: Session, job_id: str, points: Iterable[tuple[int, str, float, float | None]]
+) -> None:
+    """Insert (step, name, value, epoch) rows in one flush."""
+    session.add_all(
+        Metric(job_id=job_id, step=step, name=name, value=value, epoch=epoch)
+        for step, name, value, epoch in points
+    )
+    session.flush()
+
+
+def list_metrics(
+    session: Session,
+    job_id: str,
+    *,
+    names: Sequence[str] = (),
+    after_id: int = 0,
+    limit: int = 1000,
+) -> Sequence[Metric]:
+    stmt = select(Metric).where(Metric.job_id == job_id, Metric.id > after_id)
+    if names:
+        stmt = stmt.where(Metric.name.in_(names))
+    return session.scalars(stmt.order_by(Metric.id).limit(limit)).all()
+
+
+def add_checkpoint(
+    session: Session, job_id: str, step: int, path: str, metrics: dict[str, Any]
+) -> Checkpoint:
+    existing = session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step)
+    ).first()
+    if existing is not None:  # the same step saved again after a resume
+        existing.path = path
+        existing.metrics = metrics
+        session.flush()
+        return existing
+    checkpoint = Checkpoint(job_id=job_id, step=step, path=path, metrics=metrics)
+    session.add(checkpoint)
+    session.flush()
+    return checkpoint
+
+
+def list_checkpoints(session: Session, job_id: str) -> Sequence[Checkpoint]:
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc())
+    return session.scalars(stmt).all()

@@ -1,0 +1,51 @@
+"""Turning a model reference from a spec into something from_pretrained can load.
+
+A registry name (`ft:...`) becomes its artifact directory (and, for a LoRA
+adapter, the base it applies to); a name under the data dir's models/ becomes
+that directory; anything else is passed on as a path or hub id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.enums import FailureType, FineTuneMethod
+from core.errors import PermanentJobError
+from core.settings import Settings
+from db.registry import get_model, is_registry_name
+from db.session import session_scope
+from workers.training.io import ResolvedModel
+
+
+def inside(root: Path, relative: str) -> Path:
+    """`root / relative`, refusing anything that resolves outside `root`."""
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise PermanentJobError(f"path {relative!r} escapes the data dir", FailureType.INVALID_SPEC)
+    return path
+
+
+def resolve_local(ref: str, models_dir: Path) -> str:
+    local = models_dir / ref
+    if local.is_dir() and local.resolve().is_relative_to(models_dir.resolve()):
+        return str(local)
+    return ref
+
+
+def resolve_model(settings: Settings, ref: str) -> ResolvedModel:
+    if not is_registry_name(ref):
+        return ResolvedModel(ref=resolve_local(ref, settings.models_dir))
+    with session_scope(settings.database_url) as session:
+        model = get_model(session, ref)
+        if model is None:
+            raise PermanentJobError(f"no registered model {ref!r}", FailureType.MODEL_NOT_FOUND)
+        path, base, method, labels = model.path, model.base_model, model.method, model.labels
+    directory = inside(settings.data_dir, path)
+    if not directory.is_dir():
+        raise PermanentJobError(
+            f"registered model {ref!r} has no files at {path}", FailureType.MODEL_NOT_FOUND
+        )
+    adapter_of = None
+    if method in (FineTuneMethod.LORA, FineTuneMethod.ADALORA):
+        adapter_of = resolve_model(settings, base).ref
+    return ResolvedModel(ref=str(directory), labels=list(labels), adapter_of=adapter_of)
