@@ -1,0 +1,595 @@
+"""The fine-tuning runner in-process on tiny models (real Trainer, real peft), with an
+in-memory TrainingIO over tmp_path."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoTokenizer, Trainer, TrainerControl, TrainerState
+
+from core.enums import DatasetSchema, FailureType, FineTuneTask
+from core.errors import JobStopped, PermanentJobError
+from core.settings import Settings
+from tests.support.memory_io import MemoryTrainingIO, job_id
+from workers.context import RunContext
+from workers.runners import RunResult
+from workers.training.callbacks import CheckpointCallback, metric_points
+from workers.training.data import (
+    IGNORE_INDEX,
+    PaddingCollator,
+    encode_chat,
+    encode_prompt_completion,
+    encode_tagged,
+    split_rows,
+)
+from workers.training.io import ResolvedModel
+from workers.training.runner import FineTuneRunner
+
+GPT2 = "tiny-gpt2"
+BERT_CLS = "tiny-bert-cls"
+BERT_NER = "tiny-bert-ner"
+BERT_BASE = "tiny-bert-base"
+LM_TEXT = "the cat sat on the mat and the dog sat on the log. "
+
+
+class StopAtStep(RunContext):
+    """A context whose stop flag goes up (as a cancel would) once progress reaches `step`."""
+
+    def __init__(self, job_id: str, step: int) -> None:
+        super().__init__(job_id=job_id, attempt=1, device="cpu")
+        self._stop_step = step
+
+    def report_progress(self, fraction: float, **detail: Any) -> None:
+        super().report_progress(fraction, **detail)
+        if detail.get("step", 0) >= self._stop_step:
+            self.cancelled = True
+            self.stop_event.set()
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.support.tiny_encoder import (
+        build_tiny_bert_base,
+        build_tiny_bert_classifier,
+        build_tiny_bert_tagger,
+    )
+
+    root = tmp_path_factory.mktemp("encoders")
+    return {
+        BERT_CLS: build_tiny_bert_classifier(root / BERT_CLS, ["neg", "pos"]),
+        BERT_NER: build_tiny_bert_tagger(root / BERT_NER, ["O", "B-PER"]),
+        BERT_BASE: build_tiny_bert_base(root / BERT_BASE),
+    }
+
+
+@pytest.fixture
+def io(tiny_model_dir: Path, tmp_path: Path) -> MemoryTrainingIO:
+    memory = MemoryTrainingIO(work_dir=tmp_path / "work")
+    memory.work_dir.mkdir()
+    memory.models[GPT2] = ResolvedModel(ref=str(tiny_model_dir))
+    return memory
+
+
+@pytest.fixture
+def enc_io(io: MemoryTrainingIO, encoders: dict[str, Path]) -> MemoryTrainingIO:
+    for name, path in encoders.items():
+        io.models[name] = ResolvedModel(ref=str(path))
+    return io
+
+
+def run(
+    io: MemoryTrainingIO,
+    ctx: RunContext | None = None,
+    hyperparameters: dict[str, Any] | None = None,
+    **spec: Any,
+) -> RunResult:
+    hp = {"batch_size": 4, "learning_rate": 5e-3, "max_steps": 30, "eval_steps": 10}
+    merged = {"base_model": GPT2, "task": "causal_lm", **spec}
+    merged["hyperparameters"] = {**hp, **(hyperparameters or {})}
+    ctx = ctx or RunContext(job_id=io.job_id, attempt=1, device="cpu")
+    return FineTuneRunner(Settings(data_dir=io.work_dir), lambda _: io).run(merged, ctx)
+
+
+def text_dataset(io: MemoryTrainingIO, rows: int = 40) -> str:
+    return io.add_dataset(DatasetSchema.TEXT, [{"text": LM_TEXT * 3}] * rows)
+
+
+def next_job(io: MemoryTrainingIO) -> str:
+    """Makes `io` serve a new job (own id, own work dir); returns the previous job's id."""
+    previous = io.job_id
+    io.job_id = job_id()
+    io.work_dir = io.work_dir.parent / io.job_id
+    io.work_dir.mkdir()
+    return previous
+
+
+def started_event(io: MemoryTrainingIO) -> dict[str, Any]:
+    data = [d for m, d in io.events if m == "training started"][-1]
+    assert data is not None
+    return data
+
+
+def losses(io: MemoryTrainingIO, after: int = 0) -> list[tuple[int, float]]:
+    return [(p.step, p.value) for p in io.metrics[after:] if p.name == "train_loss"]
+
+
+# -- causal language modelling ---------------------------------------------------------------
+
+
+def test_causal_lm_full_learns_and_reports(
+    io: MemoryTrainingIO, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ctx = RunContext(job_id=io.job_id, attempt=1, device="cpu")
+    result = run(io, ctx, training_dataset=text_dataset(io))
+
+    curve = losses(io)
+    assert [step for step, _ in curve] == list(range(1, 31))
+    assert curve[-1][1] < curve[0][1] * 0.6
+    assert result.result is not None
+    assert result.result["task"] == "causal_lm" and result.result["method"] == "full"
+    assert result.result["train"]["global_step"] == 30
+    assert result.result["train"]["train_samples_per_second"] > 0
+    assert result.result["resumed_from_step"] is None
+    report = result.result["eval"]
+    assert set(report) == {"eval_loss", "perplexity"}
+    assert report["perplexity"] == pytest.approx(torch.tensor(report["eval_loss"]).exp().item())
+
+    model = result.trained_model
+    assert model is not None and model.task is FineTuneTask.CAUSAL_LM and model.labels == []
+    assert model.path == (io.work_dir / "model").resolve()
+    files = {p.name for p in model.path.iterdir()}
+    assert "model.safetensors" in files and "tokenizer.json" in files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    assert model.metrics["eval_loss"] == report["eval_loss"]
+
+    assert ctx.progress == 1.0
+    detail = ctx.detail
+    assert detail["step"] == detail["total_steps"] == 30
+    assert detail["eta_s"] == 0.0 and detail["loss"] > 0
+    assert io.messages()[0] == "training started"
+    assert "evaluation at step 10" in io.messages()
+    assert capsys.readouterr().out == ""
+
+
+def test_metrics_are_written_in_batches(io: MemoryTrainingIO) -> None:
+    run(io, training_dataset=text_dataset(io))
+    names = {p.name for p in io.metrics}
+    assert {"train_loss", "learning_rate", "grad_norm", "eval_loss"} <= names
+    assert not any(name.endswith(("_runtime", "_per_second")) for name in names)
+    assert len(io.metric_batches) <= 30 // 4
+    assert all(batch for batch in io.metric_batches)
+    eval_steps = [p.step for p in io.metrics if p.name == "eval_loss"]
+    assert eval_steps == [10, 20, 30]
+
+
+def test_checkpoints_are_recorded_with_their_steps(io: MemoryTrainingIO) -> None:
+    run(io, hyperparameters={"checkpoint_steps": 5}, training_dataset=text_dataset(io))
+    recorded = io.recorded_checkpoints
+    assert [c.step for c in recorded] == [5, 10, 15, 20, 25, 30]
+    assert [c.path.name for c in recorded] == [f"checkpoint-{c.step}" for c in recorded]
+    # save_total_limit keeps the newest three directories
+    assert sorted(p.name for p in (io.work_dir / "checkpoints").iterdir()) == [
+        "checkpoint-20",
+        "checkpoint-25",
+        "checkpoint-30",
+    ]
+    assert "eval_loss" in recorded[1].metrics and recorded[0].metrics == {}
+    assert "checkpoint at step 30" in io.messages()
+
+
+def test_causal_lm_lora_trains_an_adapter(io: MemoryTrainingIO) -> None:
+    from peft import PeftConfig
+
+    result = run(
+        io,
+        method="lora",
+        hyperparameters={"learning_rate": 3e-2},
+        training_dataset=text_dataset(io),
+    )
+    curve = losses(io)
+    # the random model's frozen tied embeddings (std 0.02) cap how far an adapter can move
+    # the logits: on this model LoRA gets about 0.2 nats in 30 steps where full gets 3
+    assert curve[-1][1] < curve[0][1] - 0.1
+    assert result.trained_model is not None
+    files = {p.name for p in result.trained_model.path.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    assert "model.safetensors" not in files
+    config: Any = PeftConfig.from_pretrained(str(result.trained_model.path))
+    assert set(config.target_modules) == {"c_attn"}
+    assert config.fan_in_fan_out is True
+
+
+def test_adalora_trains_and_reports_plain_eval_loss(io: MemoryTrainingIO) -> None:
+    from peft import PeftConfig
+
+    result = run(
+        io,
+        method="adalora",
+        hyperparameters={"learning_rate": 3e-2},
+        training_dataset=text_dataset(io),
+    )
+    assert result.trained_model is not None
+    config: Any = PeftConfig.from_pretrained(str(result.trained_model.path))
+    assert config.peft_type == "ADALORA" and config.total_step == 30
+    curve = losses(io)
+    assert curve[-1][1] < curve[0][1]
+    # the orthogonality penalty is in the training loss, not in the evaluation loss
+    assert result.result is not None
+    assert result.result["eval"]["eval_loss"] < curve[-1][1]
+
+
+def test_continue_training_a_registered_adapter(io: MemoryTrainingIO, tiny_model_dir: Path) -> None:
+    data = text_dataset(io)
+    first = run(io, method="lora", hyperparameters={"learning_rate": 3e-2}, training_dataset=data)
+    assert first.trained_model is not None and first.result is not None
+    io.models["ft:tiny-gpt2:a:1"] = ResolvedModel(
+        ref=str(first.trained_model.path), adapter_of=str(tiny_model_dir)
+    )
+    next_job(io)
+    mark = len(io.metrics)
+    second = run(
+        io,
+        base_model="ft:tiny-gpt2:a:1",
+        method="lora",
+        hyperparameters={"learning_rate": 3e-2, "max_steps": 5},
+        training_dataset=data,
+    )
+    assert second.result is not None and second.result["resumed_from_step"] is None
+    # the second run starts where the first one ended, not from the untrained base
+    assert losses(io, mark)[0][1] < losses(io)[0][1] - 0.1
+    assert started_event(io)["weights"].startswith("adapter ")
+
+
+def test_prompt_completion_loss_is_on_the_completion_only(
+    io: MemoryTrainingIO, tiny_model_dir: Path
+) -> None:
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    prompt, completion = "Write about the blue mug:", " it keeps coffee warm"
+    feature = encode_prompt_completion(tok, prompt, completion, max_length=64)
+    n_prompt = len(tok(prompt)["input_ids"])
+    n_completion = len(tok(completion, add_special_tokens=False)["input_ids"])
+    assert feature["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert feature["labels"][n_prompt:] == feature["input_ids"][n_prompt:]
+    assert len(feature["input_ids"]) == n_prompt + n_completion  # this tokenizer has no eos
+
+    # too long: the prompt loses its start, the completion keeps at least half the budget
+    long = encode_prompt_completion(tok, prompt * 20, completion * 20, max_length=32)
+    assert len(long["input_ids"]) == 32
+    assert sum(label != IGNORE_INDEX for label in long["labels"]) >= 16
+
+    rows = [{"prompt": "Q: blue mug? A:", "completion": " warm coffee"}] * 24
+    result = run(
+        io,
+        hyperparameters={"max_steps": 6, "eval_steps": 3},
+        training_dataset=io.add_dataset(DatasetSchema.PROMPT_COMPLETION, rows),
+    )
+    assert result.result is not None and result.result["train"]["global_step"] == 6
+
+
+def test_chat_rows_use_the_template_or_a_role_join(tiny_model_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    plain = encode_chat(tok, messages, max_length=64)
+    assert tok.decode(plain["input_ids"]) == "user: hi\nassistant: hello"
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    templated = encode_chat(tok, messages, max_length=64)
+    assert tok.decode(templated["input_ids"]) == "<user>hi<assistant>hello"
+    assert templated["labels"] == templated["input_ids"]
+
+
+def test_collator_pads_inputs_masks_and_labels() -> None:
+    batch = PaddingCollator(pad_id=7)(
+        [
+            {"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": [1, 2, 3]},
+            {"input_ids": [4], "attention_mask": [1], "labels": [IGNORE_INDEX]},
+        ]
+    )
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[1, 2, 3], [IGNORE_INDEX] * 3]
+    scalar = PaddingCollator(0)([{"input_ids": [1], "labels": 1}, {"input_ids": [2], "labels": 0}])
+    assert scalar["labels"].tolist() == [1, 0]
+
+
+def test_validation_split_is_seeded_and_falls_back_to_a_train_slice(
+    io: MemoryTrainingIO,
+) -> None:
+    rows = [{"text": str(i)} for i in range(20)]
+    assert split_rows(rows, 0.25, 1) == split_rows(rows, 0.25, 1)
+    train, validation = split_rows(rows, 0.25, 1)
+    assert len(validation) == 5 and len(train) == 15
+    assert split_rows(rows, 0.25, 2) != (train, validation)
+
+    result = run(
+        io,
+        validation_split=0.01,
+        hyperparameters={"max_steps": 2, "eval_steps": 2},
+        training_dataset=text_dataset(io, rows=8),
+    )
+    assert result.result is not None
+    assert any("leaves no rows" in message for message in io.messages())
+    assert started_event(io)["validation"] == "train_slice"
+
+
+# -- classification and tagging ----------------------------------------------------------------
+
+SENTIMENT_WORDS = {
+    "neg": ["late", "damaged", "never", "weak", "refund"],
+    "neutral": ["the", "box", "room", "phone", "parcel"],
+    "pos": ["quick", "friendly", "clean", "quiet", "good"],
+}
+
+
+def sentiment_rows(labels: list[str], n: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = labels[i % len(labels)]
+        text = " ".join(rng.choice(SENTIMENT_WORDS[label]) for _ in range(4))
+        rows.append({"text": text, "label": label})
+    return rows
+
+
+def test_sequence_classification_full_replaces_a_head_of_another_size(
+    enc_io: MemoryTrainingIO,
+) -> None:
+    labels = ["pos", "neutral", "neg"]  # the stored head has two labels
+    result = run(
+        enc_io,
+        base_model=BERT_CLS,
+        task="sequence_classification",
+        training_dataset=enc_io.add_dataset(
+            DatasetSchema.CLASSIFICATION, sentiment_rows(labels, 96, seed=1)
+        ),
+        validation_dataset=enc_io.add_dataset(
+            DatasetSchema.CLASSIFICATION, sentiment_rows(labels, 24, seed=2)
+        ),
+        hyperparameters={"batch_size": 8, "learning_rate": 2e-2, "max_steps": 60, "eval_steps": 20},
+    )
+    assert result.result is not None and result.trained_model is not None
+    report = result.result["eval"]
+    assert report["labels"] == ["neg", "neutral", "pos"]
+    assert report["accuracy"] >= 0.9
+    assert report["pos"]["support"] == 8
+    assert result.trained_model.labels == ["neg", "neutral", "pos"]
+    assert result.trained_model.metrics["accuracy"] == report["accuracy"]
+    assert "f1_macro" in result.trained_model.metrics
+    assert {"eval_accuracy", "eval_f1_macro"} <= {p.name for p in enc_io.metrics}
+    config = AutoConfig.from_pretrained(str(result.trained_model.path))
+    assert config.id2label == {0: "neg", 1: "neutral", 2: "pos"}
+
+
+def test_sequence_classification_lora_gives_a_headless_base_a_trained_head(
+    enc_io: MemoryTrainingIO,
+) -> None:
+    from peft import PeftConfig
+
+    labels = ["neg", "pos"]
+    result = run(
+        enc_io,
+        base_model=BERT_BASE,
+        task="sequence_classification",
+        method="lora",
+        training_dataset=enc_io.add_dataset(
+            DatasetSchema.CLASSIFICATION, sentiment_rows(labels, 96, seed=3)
+        ),
+        validation_split=0.25,
+        hyperparameters={"batch_size": 8, "learning_rate": 3e-2, "max_steps": 36, "eval_steps": 12},
+    )
+    assert result.result is not None and result.trained_model is not None
+    assert result.result["eval"]["accuracy"] >= 0.9
+    assert result.result["eval"]["pos"]["support"] + result.result["eval"]["neg"]["support"] == 24
+    config: Any = PeftConfig.from_pretrained(str(result.trained_model.path))
+    assert set(config.target_modules) == {"query", "value"}
+    assert "classifier" in config.modules_to_save
+
+
+def test_word_tags_label_the_first_sub_token_only(encoders: dict[str, Path]) -> None:
+    tok = AutoTokenizer.from_pretrained(str(encoders[BERT_NER]))
+    words = ["Zanzibarian", "visited", "Helsinki"]
+    feature = encode_tagged(tok, words, [1, 0, 2], max_length=64)
+    word_ids = tok(words, is_split_into_words=True).word_ids()
+    assert word_ids.count(0) > 1  # a word the tokenizer never saw: several word pieces
+    expected, previous = [], None
+    for word in word_ids:
+        expected.append(IGNORE_INDEX if word is None or word == previous else [1, 0, 2][word])
+        previous = word
+    assert feature["labels"] == expected
+    assert feature["labels"][0] == IGNORE_INDEX and feature["labels"][-1] == IGNORE_INDEX
+    assert sorted(x for x in feature["labels"] if x != IGNORE_INDEX) == [0, 1, 2]
+
+
+def tagged_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    people = [["Ada", "Lovelace"], ["Alan", "Turing"], ["Grace", "Hopper"], ["Marie", "Curie"]]
+    places = ["London", "Paris", "Helsinki", "Philadelphia"]
+    rows = []
+    for _ in range(n):
+        person, place = rng.choice(people), rng.choice(places)
+        tokens = [*person, "lived", "in", place]
+        tags = ["B-PER", "I-PER", "O", "O", "B-LOC"]
+        rows.append({"tokens": tokens, "tags": tags})
+    return rows
+
+
+def test_token_classification_full_reports_entities(enc_io: MemoryTrainingIO) -> None:
+    result = run(
+        enc_io,
+        base_model=BERT_NER,
+        task="token_classification",
+        training_dataset=enc_io.add_dataset(
+            DatasetSchema.TOKEN_CLASSIFICATION, tagged_rows(64, seed=1)
+        ),
+        validation_dataset=enc_io.add_dataset(
+            DatasetSchema.TOKEN_CLASSIFICATION, tagged_rows(16, seed=2)
+        ),
+        hyperparameters={"batch_size": 8, "learning_rate": 5e-3, "max_steps": 32, "eval_steps": 16},
+    )
+    assert result.result is not None and result.trained_model is not None
+    report = result.result["eval"]
+    assert {"PER", "LOC", "micro avg", "accuracy"} <= set(report)
+    assert report["PER"]["support"] == 16 and report["LOC"]["support"] == 16
+    assert report["micro avg"]["f1-score"] >= 0.9
+    assert result.trained_model.labels == ["B-LOC", "B-PER", "I-PER", "O"]
+    assert "f1_micro" in result.trained_model.metrics
+    assert {"eval_f1", "eval_precision"} <= {p.name for p in enc_io.metrics}
+
+
+# -- stop, resume, start from a checkpoint ------------------------------------------------------
+
+
+def test_cancel_mid_training_keeps_a_checkpoint(io: MemoryTrainingIO) -> None:
+    ctx = StopAtStep(io.job_id, step=7)
+    with pytest.raises(JobStopped, match="cancelled"):
+        run(io, ctx, training_dataset=text_dataset(io))
+    assert [c.step for c in io.recorded_checkpoints] == [7]
+    assert (io.work_dir / "checkpoints" / "checkpoint-7" / "model.safetensors").is_file()
+    assert not (io.work_dir / "model").exists()
+    assert max(step for step, _ in losses(io)) <= 7
+
+
+def test_resume_continues_from_the_latest_checkpoint(io: MemoryTrainingIO) -> None:
+    data = text_dataset(io)
+    with pytest.raises(JobStopped):
+        run(io, StopAtStep(io.job_id, step=12), training_dataset=data)
+    assert io.latest_checkpoint() is not None
+    mark = len(io.metrics)
+
+    result = run(io, training_dataset=data)  # the job claimed again after its worker died
+    assert result.result is not None
+    assert result.result["resumed_from_step"] == 12
+    assert result.result["train"]["global_step"] == 30
+    resumed = losses(io, mark)
+    assert resumed[0][0] > 12 and resumed[-1][0] == 30
+    assert "resuming from step 12" in io.messages()
+    assert [c.step for c in io.recorded_checkpoints] == [10, 12, 20, 30]
+
+
+def test_from_checkpoint_starts_from_another_jobs_weights(io: MemoryTrainingIO) -> None:
+    data = text_dataset(io)
+    run(io, training_dataset=data)
+    first_curve = losses(io)
+    mark = len(io.metrics)
+
+    first_job = next_job(io)
+    run(
+        io,
+        from_checkpoint={"job_id": first_job, "step": 20},
+        hyperparameters={"max_steps": 3},
+        training_dataset=data,
+    )
+    # fresh optimizer, but the weights are those of step 20
+    assert losses(io, mark)[0][1] < first_curve[0][1] * 0.7
+    assert "checkpoint-20" in started_event(io)["weights"]
+
+
+def test_early_stopping_ends_training_and_keeps_the_best(io: MemoryTrainingIO) -> None:
+    result = run(
+        io,
+        early_stopping={"patience": 1, "threshold": 100.0},
+        hyperparameters={"eval_steps": 2, "checkpoint_steps": 3},
+        training_dataset=text_dataset(io),
+    )
+    assert result.result is not None
+    # no evaluation can improve by 100, so the second one ends training
+    assert result.result["train"]["global_step"] == 4
+    assert [c.step for c in io.recorded_checkpoints] == [2, 4]
+
+
+def test_checkpoint_minutes_ask_for_a_save() -> None:
+    now = [0.0]
+    io = MemoryTrainingIO(work_dir=Path("/nonexistent"))
+    callback = CheckpointCallback(io, every_s=60.0, clock=lambda: now[0])
+    control, state = TrainerControl(), TrainerState()
+    callback.on_train_begin(None, state, control)  # type: ignore[arg-type]
+    now[0] = 59.0
+    callback.on_step_end(None, state, control)  # type: ignore[arg-type]
+    assert not control.should_save
+    now[0] = 61.0
+    callback.on_step_end(None, state, control)  # type: ignore[arg-type]
+    assert control.should_save
+
+
+def test_metric_points_from_trainer_logs() -> None:
+    points = metric_points(
+        {"loss": 2.0, "grad_norm": 1.5, "learning_rate": 1e-3, "epoch": 0.5}, step=3
+    )
+    assert [(p.name, p.value, p.step, p.epoch) for p in points] == [
+        ("train_loss", 2.0, 3, 0.5),
+        ("grad_norm", 1.5, 3, 0.5),
+        ("learning_rate", 1e-3, 3, 0.5),
+    ]
+    evaluation = metric_points({"eval_loss": 1.0, "eval_runtime": 0.2, "epoch": 1.0}, step=9)
+    assert [p.name for p in evaluation] == ["eval_loss"]
+    assert metric_points({"train_runtime": 3.0, "train_loss": 2.0}, step=9) == []
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+
+def test_schema_that_does_not_fit_the_task_is_invalid(io: MemoryTrainingIO) -> None:
+    data = text_dataset(io)
+    with pytest.raises(PermanentJobError) as info:
+        run(io, task="sequence_classification", training_dataset=data)
+    assert info.value.failure is FailureType.INVALID_SPEC
+    assert data in info.value.message and "'text'" in info.value.message
+
+
+def test_validation_labels_missing_from_train_are_invalid(io: MemoryTrainingIO) -> None:
+    train = io.add_dataset(
+        DatasetSchema.CLASSIFICATION, [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}]
+    )
+    validation = io.add_dataset(
+        DatasetSchema.CLASSIFICATION,
+        [
+            {"text": "c", "label": "meh"},
+            {"text": "d", "label": "pos"},
+            {"text": "e", "label": "zz"},
+        ],
+    )
+    with pytest.raises(PermanentJobError) as info:
+        run(
+            io,
+            task="sequence_classification",
+            training_dataset=train,
+            validation_dataset=validation,
+        )
+    assert info.value.failure is FailureType.INVALID_SPEC
+    assert "meh, zz" in info.value.message and validation in info.value.message
+
+
+def test_model_without_safetensors_is_not_found(
+    io: MemoryTrainingIO, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    io.models["pickled"] = ResolvedModel(ref=str(pickled))
+    with pytest.raises(PermanentJobError) as info:
+        run(io, base_model="pickled", training_dataset=text_dataset(io))
+    assert info.value.failure is FailureType.MODEL_NOT_FOUND
+    assert "no safetensors" in info.value.message and "pytorch_model.bin" in info.value.message
+
+
+def test_unknown_model_is_not_found(io: MemoryTrainingIO) -> None:
+    with pytest.raises(PermanentJobError) as info:
+        run(io, base_model="no-such-org/no-such-model", training_dataset=text_dataset(io))
+    assert info.value.failure is FailureType.MODEL_NOT_FOUND
+
+
+def test_out_of_memory_is_a_typed_failure(
+    io: MemoryTrainingIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def exhausted(self: Trainer, **kwargs: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train", exhausted)
+    with pytest.raises(PermanentJobError) as info:
+        run(io, training_dataset=text_dataset(io))
+    assert info.value.failure is FailureType.OUT_OF_MEMORY
+    assert "20.00 GiB" in info.value.message

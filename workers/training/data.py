@@ -1,0 +1,256 @@
+"""Rows in, model-ready features out: schema checks, the validation split, tokenization.
+
+Every example becomes a dict of int lists (`input_ids`, `attention_mask`, maybe
+`token_type_ids`) plus `labels`: an int for sequence classification, a list with
+-100 on the positions that carry no loss otherwise. `PaddingCollator` pads a
+batch of them on the right.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from core.enums import SCHEMAS_FOR_TASK, DatasetSchema, FailureType, FineTuneTask
+from core.errors import PermanentJobError
+from core.specs import FineTuneSpec
+from workers.training.io import DatasetRows, TrainingIO
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+EVAL_SLICE_ROWS = 64
+Feature = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SplitRows:
+    """Training and validation rows of one schema, and how the validation rows were chosen."""
+
+    schema: DatasetSchema
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    labels: list[str] = field(default_factory=list)  # classes or tags; [] for causal_lm
+    validation_source: str = "dataset"  # "dataset", "split" or "train_slice"
+
+
+def check_schema(dataset: DatasetRows, task: FineTuneTask) -> None:
+    allowed = SCHEMAS_FOR_TASK[task]
+    if dataset.schema not in allowed:
+        names = ", ".join(sorted(s.value for s in allowed))
+        raise PermanentJobError(
+            f"dataset {dataset.id} has schema {dataset.schema.value!r}, which task "
+            f"{task.value!r} cannot train on (it needs {names})",
+            FailureType.INVALID_SPEC,
+        )
+    if not dataset.rows:
+        raise PermanentJobError(f"dataset {dataset.id} has no rows", FailureType.INVALID_SPEC)
+
+
+def split_rows(
+    rows: Sequence[dict[str, Any]], fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A seeded shuffle, then the last `fraction` of rows (rounded down) for validation."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_validation = int(len(rows) * fraction)
+    cut = len(rows) - n_validation
+    return [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
+
+
+def _row_labels(schema: DatasetSchema, rows: Sequence[dict[str, Any]]) -> set[str]:
+    if schema is DatasetSchema.CLASSIFICATION:
+        return {str(row["label"]) for row in rows}
+    if schema is DatasetSchema.TOKEN_CLASSIFICATION:
+        return {str(tag) for row in rows for tag in row["tags"]}
+    return set()
+
+
+def load_split(io: TrainingIO, spec: FineTuneSpec) -> SplitRows:
+    """Training and validation rows for `spec`, with the label set of the training dataset."""
+    train_ds = io.dataset(spec.training_dataset)
+    check_schema(train_ds, spec.task)
+    labels = sorted(_row_labels(train_ds.schema, train_ds.rows))
+    seed = spec.hyperparameters.seed
+    if spec.validation_dataset is not None:
+        val_ds = io.dataset(spec.validation_dataset)
+        check_schema(val_ds, spec.task)
+        unknown = sorted(_row_labels(val_ds.schema, val_ds.rows) - set(labels))
+        if unknown:
+            raise PermanentJobError(
+                f"validation dataset {val_ds.id} has labels that training dataset "
+                f"{train_ds.id} lacks: {', '.join(unknown)}",
+                FailureType.INVALID_SPEC,
+            )
+        return SplitRows(train_ds.schema, list(train_ds.rows), list(val_ds.rows), labels)
+    train, validation = split_rows(train_ds.rows, spec.validation_split, seed)
+    if validation:
+        return SplitRows(train_ds.schema, train, validation, labels, "split")
+    io.event(
+        f"validation split of {spec.validation_split} leaves no rows out of {len(train)}; "
+        f"evaluating on the first {min(len(train), EVAL_SLICE_ROWS)} training rows",
+        {"validation_split": spec.validation_split, "train_rows": len(train)},
+    )
+    return SplitRows(train_ds.schema, train, train[:EVAL_SLICE_ROWS], labels, "train_slice")
+
+
+class FeatureDataset(torch.utils.data.Dataset[Feature]):
+    def __init__(self, features: list[Feature]) -> None:
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> Feature:
+        return self.features[index]
+
+
+class PaddingCollator:
+    """Right-pads a batch: `pad_id` for input ids, 0 for masks, -100 for per-token labels."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[Feature]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        batch: dict[str, torch.Tensor] = {}
+        for key in features[0]:
+            values = [f[key] for f in features]
+            if not isinstance(values[0], list):
+                batch[key] = torch.tensor(values, dtype=torch.long)
+                continue
+            fill = {"input_ids": self.pad_id, "labels": IGNORE_INDEX}.get(key, 0)
+            batch[key] = torch.tensor(
+                [v + [fill] * (width - len(v)) for v in values], dtype=torch.long
+            )
+        return batch
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """Gives the tokenizer a pad token (its eos) when it has none; 0 when it has neither."""
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
+
+
+def _eos(tokenizer: Any) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return [int(eos)] if eos is not None else []
+
+
+def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _lm_feature(ids: list[int], labels: list[int]) -> Feature:
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def encode_text(tokenizer: Any, text: str, max_length: int) -> Feature:
+    ids = (_ids(tokenizer, text, True) + _eos(tokenizer))[:max_length]
+    return _lm_feature(ids, list(ids))
+
+
+def encode_prompt_completion(
+    tokenizer: Any, prompt: str, completion: str, max_length: int
+) -> Feature:
+    """Loss on the completion (and eos) only. Too long: the prompt loses its start first,
+    but the completion keeps at least half of `max_length`."""
+    prompt_ids = _ids(tokenizer, prompt, True)
+    completion_ids = _ids(tokenizer, completion, False) + _eos(tokenizer)
+    keep_completion = min(len(completion_ids), max(max_length - len(prompt_ids), max_length // 2))
+    keep_prompt = min(len(prompt_ids), max_length - keep_completion)
+    prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :]
+    completion_ids = completion_ids[:keep_completion]
+    return _lm_feature(
+        prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+    )
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, bool]:
+    """The conversation as text, and whether it came from the tokenizer's chat template."""
+    if getattr(tokenizer, "chat_template", None):
+        return str(tokenizer.apply_chat_template(messages, tokenize=False)), True
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages), False
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, Any]], max_length: int) -> Feature:
+    text, templated = render_chat(tokenizer, messages)
+    if templated:
+        ids = _ids(tokenizer, text, False)[:max_length]
+        return _lm_feature(ids, list(ids))
+    return encode_text(tokenizer, text, max_length)
+
+
+def encode_classification(tokenizer: Any, text: str, label: int, max_length: int) -> Feature:
+    enc = tokenizer(text, truncation=True, max_length=max_length)
+    feature: Feature = {k: list(v) for k, v in enc.items()}
+    feature["labels"] = label
+    return feature
+
+
+def encode_tagged(
+    tokenizer: Any, tokens: list[str], tag_ids: list[int], max_length: int
+) -> Feature:
+    """Word tags onto sub-tokens: a word's first sub-token carries its tag, the rest -100."""
+    enc = tokenizer(tokens, is_split_into_words=True, truncation=True, max_length=max_length)
+    labels: list[int] = []
+    previous: int | None = None
+    for word in enc.word_ids():
+        labels.append(IGNORE_INDEX if word is None or word == previous else tag_ids[word])
+        previous = word
+    feature: Feature = {k: list(v) for k, v in enc.items()}
+    feature["labels"] = labels
+    return feature
+
+
+def encode_rows(
+    tokenizer: Any,
+    schema: DatasetSchema,
+    rows: Sequence[dict[str, Any]],
+    labels: Sequence[str],
+    max_length: int,
+) -> list[Feature]:
+    """Features for `rows`; language-model rows left with no loss token are dropped."""
+    label_ids = {name: i for i, name in enumerate(labels)}
+    if schema is DatasetSchema.TOKEN_CLASSIFICATION and not getattr(tokenizer, "is_fast", False):
+        raise PermanentJobError(
+            "token classification needs a fast tokenizer (to map words to sub-tokens)",
+            FailureType.INVALID_SPEC,
+        )
+    features: list[Feature] = []
+    for index, row in enumerate(rows):
+        if schema is DatasetSchema.TEXT:
+            feature = encode_text(tokenizer, row["text"], max_length)
+        elif schema is DatasetSchema.PROMPT_COMPLETION:
+            feature = encode_prompt_completion(
+                tokenizer, row["prompt"], row["completion"], max_length
+            )
+        elif schema is DatasetSchema.CHAT:
+            feature = encode_chat(tokenizer, row["messages"], max_length)
+        elif schema is DatasetSchema.CLASSIFICATION:
+            feature = encode_classification(
+                tokenizer, row["text"], label_ids[str(row["label"])], max_length
+            )
+        else:
+            tokens, tags = list(row["tokens"]), [str(t) for t in row["tags"]]
+            if len(tokens) != len(tags):
+                raise PermanentJobError(
+                    f"row {index} has {len(tokens)} tokens but {len(tags)} tags",
+                    FailureType.INVALID_SPEC,
+                )
+            feature = encode_tagged(tokenizer, tokens, [label_ids[t] for t in tags], max_length)
+        if isinstance(feature["labels"], int) or any(
+            label != IGNORE_INDEX for label in feature["labels"]
+        ):
+            features.append(feature)
+    if len(features) < len(rows):
+        logger.warning(
+            "%d of %d rows had no token to learn from", len(rows) - len(features), len(rows)
+        )
+    return features

@@ -1,0 +1,62 @@
+"""The final evaluation: the task's report (from reports.py) and its flat figures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from core.enums import FineTuneTask
+from workers.training.data import FeatureDataset
+from workers.training.peft_setup import without_orth_regularization
+from workers.training.reports import (
+    AVERAGE_ROWS,
+    full_report_from_predictions,
+    perplexity,
+)
+
+FLAT_COLUMNS = {"precision": "precision", "recall": "recall", "f1-score": "f1"}
+
+
+def argmax_logits(logits: Any, labels: Any) -> torch.Tensor:
+    """Keeps predicted ids instead of logits across evaluation batches (token
+    classification logits are batch x tokens x labels)."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    ids: torch.Tensor = logits.argmax(dim=-1)
+    return ids
+
+
+def final_report(
+    trainer: Trainer,
+    model: torch.nn.Module,
+    task: FineTuneTask,
+    validation: FeatureDataset,
+    labels: list[str],
+) -> tuple[dict[str, Any], float]:
+    """The report stored on the job, and the validation loss (`model` is the trainer's)."""
+    with without_orth_regularization(model):
+        if task is FineTuneTask.CAUSAL_LM:
+            loss = float(trainer.evaluate(validation)["eval_loss"])
+            return {"eval_loss": loss, "perplexity": perplexity(loss)}, loss
+        prediction = trainer.predict(validation, metric_key_prefix="eval")
+    loss = float((prediction.metrics or {}).get("eval_loss", float("nan")))
+    return full_report_from_predictions(task, prediction, labels), loss
+
+
+def flat_figures(report: dict[str, Any], eval_loss: float) -> dict[str, float]:
+    """Scalars of the report plus the average rows as `f1_macro`, `precision_micro`, ..."""
+    figures = {"eval_loss": eval_loss}
+    for name, value in report.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            figures[name] = float(value)
+    for row_name in AVERAGE_ROWS:
+        row = report.get(row_name)
+        if not isinstance(row, dict):
+            continue
+        kind = row_name.split()[0]
+        for column, short in FLAT_COLUMNS.items():
+            if column in row:
+                figures[f"{short}_{kind}"] = float(row[column])
+    return figures

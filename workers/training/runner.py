@@ -1,0 +1,261 @@
+"""Runs a FineTuneSpec with transformers' Trainer: full, LoRA or AdaLoRA; resumable."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from transformers import PrinterCallback, Trainer, set_seed
+from transformers.trainer_callback import EarlyStoppingCallback, TrainerCallback
+
+from core.enums import FailureType, FineTuneTask
+from core.errors import PermanentJobError
+from core.settings import Settings
+from core.specs import FineTuneSpec
+from workers.context import RunContext
+from workers.runners import RunResult, TrainedModel
+from workers.training.callbacks import (
+    AdaLoraCallback,
+    CheckpointCallback,
+    MetricsCallback,
+    ProgressCallback,
+    StopCallback,
+)
+from workers.training.data import (
+    FeatureDataset,
+    PaddingCollator,
+    SplitRows,
+    encode_rows,
+    load_split,
+    pad_token_id,
+)
+from workers.training.evaluation import argmax_logits, final_report, flat_figures
+from workers.training.io import CheckpointInfo, TrainingIO
+from workers.training.models import (
+    WeightsSource,
+    load_base_model,
+    load_tokenizer,
+    require_safetensors,
+    weights_source,
+)
+from workers.training.peft_setup import apply_method, is_adalora
+from workers.training.reports import compute_metrics_for
+from workers.training.schedule import Schedule, plan_schedule, precision_for, training_arguments
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything the Trainer is built from."""
+
+    split: SplitRows
+    source: WeightsSource
+    tokenizer: Any
+    model: torch.nn.Module
+    train: FeatureDataset
+    validation: FeatureDataset
+    schedule: Schedule
+    pad_id: int
+
+
+def select_device(device: str) -> None:
+    """Trainer runs on the current CUDA device; `cuda:N` makes N current."""
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(int(device.split(":", 1)[1]))
+
+
+def save_final_model(model: torch.nn.Module, tokenizer: Any, model_dir: Path) -> None:
+    """The model (or only its adapter) and tokenizer, safetensors only: Trainer.save_model
+    would add a pickled training_args.bin."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    save = getattr(model, "save_pretrained", None)
+    if save is None:
+        raise PermanentJobError(f"cannot save a {type(model).__name__}", FailureType.RUNTIME_ERROR)
+    save(str(model_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(model_dir))
+
+
+class FineTuneRunner:
+    def __init__(self, settings: Settings, io_factory: Callable[[RunContext], TrainingIO]) -> None:
+        self._settings = settings
+        self._io_factory = io_factory
+
+    def run(self, raw_spec: dict[str, Any], ctx: RunContext) -> RunResult:
+        try:
+            spec = FineTuneSpec.model_validate(raw_spec)
+        except ValidationError as exc:
+            raise PermanentJobError(
+                f"invalid fine-tune spec: {exc}", FailureType.INVALID_SPEC
+            ) from exc
+        io = self._io_factory(ctx)
+        try:
+            return self._run(spec, ctx, io)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            raise PermanentJobError(
+                f"out of memory on {ctx.device}: {exc}", FailureType.OUT_OF_MEMORY
+            ) from exc
+
+    def _run(self, spec: FineTuneSpec, ctx: RunContext, io: TrainingIO) -> RunResult:
+        hp = spec.hyperparameters
+        select_device(ctx.device)
+        set_seed(hp.seed)
+        prepared = self._prepare(spec, io)
+        ctx.check_stop()
+        output_dir = io.work_dir / CHECKPOINTS_DIR
+        trainer = self._trainer(spec, prepared, ctx, io, output_dir)
+        resume = io.latest_checkpoint()
+        self._announce(spec, prepared, ctx, io, resume)
+        output = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
+        ctx.check_stop()
+
+        for recorder in (MetricsCallback, CheckpointCallback):
+            trainer.remove_callback(recorder)
+        report, eval_loss = final_report(
+            trainer, prepared.model, spec.task, prepared.validation, prepared.split.labels
+        )
+        figures = flat_figures(report, eval_loss)
+        io.event("final evaluation", figures)
+        model_dir = io.work_dir / MODEL_DIR
+        save_final_model(prepared.model, prepared.tokenizer, model_dir)
+        io.event(f"saved the {spec.method.value} model", {"path": MODEL_DIR})
+        train_figures = {
+            "train_runtime": float(output.metrics.get("train_runtime", 0.0)),
+            "train_samples_per_second": float(output.metrics.get("train_samples_per_second", 0.0)),
+            "global_step": int(output.global_step),
+            "train_loss": float(output.training_loss),
+        }
+        logger.info("job %s trained: %s", ctx.job_id, train_figures)
+        return RunResult(
+            result={
+                "task": spec.task.value,
+                "method": spec.method.value,
+                "train": train_figures,
+                "eval": report,
+                "resumed_from_step": resume.step if resume else None,
+            },
+            trained_model=TrainedModel(
+                path=model_dir.resolve(),
+                base_model=spec.base_model,
+                task=spec.task,
+                method=spec.method,
+                labels=list(prepared.split.labels),
+                metrics=figures,
+            ),
+        )
+
+    def _prepare(self, spec: FineTuneSpec, io: TrainingIO) -> Prepared:
+        hp = spec.hyperparameters
+        split = load_split(io, spec)
+        resolved = io.resolve_model(spec.base_model)
+        start: CheckpointInfo | None = None
+        if spec.from_checkpoint is not None:
+            start = io.checkpoint_of(spec.from_checkpoint.job_id, spec.from_checkpoint.step)
+        source = weights_source(resolved, start)
+        require_safetensors(source.base)
+        if source.adapter is not None:
+            require_safetensors(source.adapter)
+        tokenizer = load_tokenizer(source.tokenizer)
+        pad_id = pad_token_id(tokenizer)
+        train = encode_rows(tokenizer, split.schema, split.train, split.labels, hp.max_length)
+        validation = encode_rows(
+            tokenizer, split.schema, split.validation, split.labels, hp.max_length
+        )
+        if not train or not validation:
+            which = "training" if not train else "validation"
+            raise PermanentJobError(
+                f"no {which} row has a token to learn from", FailureType.INVALID_SPEC
+            )
+        schedule = plan_schedule(hp, len(train), spec.early_stopping is not None)
+        model = load_base_model(spec.task, source.base, split.labels)
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = pad_id
+        model = apply_method(
+            model, spec.task, spec.method, spec.lora, schedule.total_steps, source.adapter
+        )
+        return Prepared(
+            split=split,
+            source=source,
+            tokenizer=tokenizer,
+            model=model,
+            train=FeatureDataset(train),
+            validation=FeatureDataset(validation),
+            schedule=schedule,
+            pad_id=pad_id,
+        )
+
+    def _trainer(
+        self,
+        spec: FineTuneSpec,
+        prepared: Prepared,
+        ctx: RunContext,
+        io: TrainingIO,
+        output_dir: Path,
+    ) -> Trainer:
+        hp = spec.hyperparameters
+        callbacks: list[TrainerCallback] = [
+            ProgressCallback(ctx),
+            MetricsCallback(io),
+            CheckpointCallback(
+                io, hp.checkpoint_minutes * 60 if hp.checkpoint_minutes is not None else None
+            ),
+            StopCallback(ctx),
+        ]
+        if is_adalora(prepared.model):
+            callbacks.append(AdaLoraCallback())
+        if spec.early_stopping is not None:
+            callbacks.append(
+                EarlyStoppingCallback(
+                    early_stopping_patience=spec.early_stopping.patience,
+                    early_stopping_threshold=spec.early_stopping.threshold,
+                )
+            )
+        trainer = Trainer(
+            model=prepared.model,
+            args=training_arguments(spec, prepared.schedule, output_dir, ctx.device),
+            data_collator=PaddingCollator(prepared.pad_id),
+            train_dataset=prepared.train,
+            eval_dataset=prepared.validation,
+            processing_class=prepared.tokenizer,
+            compute_metrics=compute_metrics_for(spec.task, prepared.split.labels),
+            preprocess_logits_for_metrics=(
+                None if spec.task is FineTuneTask.CAUSAL_LM else argmax_logits
+            ),
+            callbacks=callbacks,
+        )
+        trainer.remove_callback(PrinterCallback)
+        return trainer
+
+    def _announce(
+        self,
+        spec: FineTuneSpec,
+        prepared: Prepared,
+        ctx: RunContext,
+        io: TrainingIO,
+        resume: CheckpointInfo | None,
+    ) -> None:
+        data = {
+            "task": spec.task.value,
+            "method": spec.method.value,
+            "weights": prepared.source.origin,
+            "train_rows": len(prepared.train),
+            "validation_rows": len(prepared.validation),
+            "validation": prepared.split.validation_source,
+            "labels": len(prepared.split.labels),
+            "total_steps": prepared.schedule.total_steps,
+            "device": ctx.device,
+            "precision": precision_for(ctx.device).name,
+        }
+        io.event("training started", data)
+        if resume is not None:
+            io.event(
+                f"resuming from step {resume.step}", {"step": resume.step, "path": resume.path.name}
+            )

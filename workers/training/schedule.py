@@ -1,0 +1,112 @@
+"""Step counts and the Trainer arguments they lead to (evaluation, checkpoints, precision)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+
+from core.specs import FineTuneSpec, Hyperparameters
+
+logger = logging.getLogger(__name__)
+
+LOG_POINTS_PER_RUN = 200
+SAVE_TOTAL_LIMIT = 3
+
+
+@dataclass(frozen=True)
+class Schedule:
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    logging_steps: int
+    eval_steps: int | None  # None: once per epoch
+    save_steps: int | None  # None: once per epoch
+
+
+def plan_schedule(hp: Hyperparameters, n_train: int, early_stopping: bool) -> Schedule:
+    """The optimizer steps Trainer will take, and when it evaluates and saves. Checkpoints
+    follow evaluations unless `checkpoint_steps` is set; early stopping needs a checkpoint
+    at every evaluation it may pick as best, so its saves stay on the evaluation schedule."""
+    batches = math.ceil(n_train / hp.batch_size)
+    steps_per_epoch = max(math.ceil(batches / hp.gradient_accumulation_steps), 1)
+    total = hp.max_steps or math.ceil(hp.epochs * steps_per_epoch)
+    save_steps = hp.checkpoint_steps or hp.eval_steps
+    if early_stopping and hp.checkpoint_steps is not None:
+        aligned = hp.eval_steps is not None and hp.checkpoint_steps % hp.eval_steps == 0
+        if not aligned:
+            logger.info(
+                "checkpoint_steps %d does not fall on evaluations; early stopping saves at each",
+                hp.checkpoint_steps,
+            )
+            save_steps = hp.eval_steps
+    return Schedule(
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=math.ceil(hp.warmup * total),
+        logging_steps=max(1, total // LOG_POINTS_PER_RUN),
+        eval_steps=hp.eval_steps,
+        save_steps=save_steps,
+    )
+
+
+@dataclass(frozen=True)
+class Precision:
+    use_cpu: bool
+    bf16: bool
+    fp16: bool
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+
+def precision_for(device: str) -> Precision:
+    """bf16 where the GPU has it, else fp16; fp32 on CPU."""
+    if not device.startswith("cuda"):
+        return Precision(use_cpu=True, bf16=False, fp16=False)
+    bf16 = bool(torch.cuda.is_bf16_supported())
+    return Precision(use_cpu=False, bf16=bf16, fp16=not bf16)
+
+
+def training_arguments(
+    spec: FineTuneSpec, schedule: Schedule, output_dir: Path, device: str
+) -> TrainingArguments:
+    hp = spec.hyperparameters
+    early = spec.early_stopping is not None
+    precision = precision_for(device)
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=hp.batch_size,
+        per_device_eval_batch_size=hp.batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        num_train_epochs=hp.epochs,
+        max_steps=hp.max_steps or -1,
+        learning_rate=hp.learning_rate,
+        weight_decay=hp.weight_decay,
+        warmup_steps=schedule.warmup_steps,
+        logging_strategy="steps",
+        logging_steps=schedule.logging_steps,
+        logging_first_step=True,
+        eval_strategy="epoch" if schedule.eval_steps is None else "steps",
+        eval_steps=schedule.eval_steps,
+        save_strategy="epoch" if schedule.save_steps is None else "steps",
+        save_steps=schedule.save_steps or 500,
+        save_total_limit=SAVE_TOTAL_LIMIT,
+        load_best_model_at_end=early,
+        metric_for_best_model="eval_loss" if early else None,
+        greater_is_better=False if early else None,
+        restore_callback_states_from_checkpoint=early,
+        seed=hp.seed,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        use_cpu=precision.use_cpu,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+    )
