@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -12,15 +13,29 @@ from core.errors import PayloadTooLargeError
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    """413 for a body over its limit: a declared Content-Length at once, a streamed one
+    as soon as the bytes received pass it.
+
+    `max_bytes` applies to every request; `limits` maps (method, path) to another
+    limit, e.g. the larger one for dataset uploads.
+    """
+
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, limits: Mapping[tuple[str, str], int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.limits = dict(limits or {})
 
-    async def _reject(self, send: Send) -> None:
+    def limit_for(self, scope: Scope) -> int:
+        path = str(scope.get("path", "")).rstrip("/") or "/"
+        return self.limits.get((str(scope.get("method", "")), path), self.max_bytes)
+
+    async def _reject(self, send: Send, max_bytes: int) -> None:
         body = json.dumps(
             error_body(
                 PayloadTooLargeError.type,
-                f"request body exceeds {self.max_bytes} bytes",
+                f"request body exceeds {max_bytes} bytes",
             )
         ).encode()
         await send(
@@ -40,14 +55,15 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.limit_for(scope)
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = 0
-                if declared > self.max_bytes:
-                    await self._reject(send)
+                if declared > max_bytes:
+                    await self._reject(send, max_bytes)
                     return
         received = 0
 
@@ -56,8 +72,8 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise HTTPException(413, f"request body exceeds {self.max_bytes} bytes")
+                if received > max_bytes:
+                    raise HTTPException(413, f"request body exceeds {max_bytes} bytes")
             return message
 
         await self.app(scope, limited_receive, send)

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
-from api.routes import health, jobs, models
+from api.routes import datasets, health, jobs, models
 from core.dispatch import JobPublisher
 from core.settings import Settings, get_settings
 from db.session import migrate
@@ -32,8 +32,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Modelyard", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        limits={("POST", "/v1/datasets"): settings.max_upload_bytes},
+    )
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(models.router)
+    app.include_router(datasets.router)
     return app

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from db.models import Checkpoint, Job, JobEvent, Metric, Output, RegisteredModel
+from db.models import Checkpoint, Dataset, Job, JobEvent, Metric, Output, RegisteredModel
 
 
 class JobError(BaseModel):
@@ -185,5 +185,40 @@ class ModelOut(BaseModel):
 
 class ModelList(BaseModel):
     data: list[ModelOut]
+    has_more: bool
+    next_cursor: str | None
+
+
+class DatasetOut(BaseModel):
+    id: str
+    filename: str
+    format: str
+    # `schema` would shadow a BaseModel attribute; the JSON name is still "schema".
+    schema_: str = Field(alias="schema")
+    rows: int
+    labels: list[str]
+    sha256: str
+    size_bytes: int
+    report: dict[str, Any]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, ds: Dataset) -> DatasetOut:
+        return cls(
+            id=ds.id,
+            filename=ds.filename,
+            format=ds.format,
+            schema=ds.schema,
+            rows=ds.rows,
+            labels=ds.labels,
+            sha256=ds.sha256,
+            size_bytes=ds.size_bytes,
+            report=ds.report,
+            created_at=ds.created_at,
+        )
+
+
+class DatasetList(BaseModel):
+    data: list[DatasetOut]
     has_more: bool
     next_cursor: str | None

@@ -22,6 +22,16 @@ class InvalidRequestError(ModelyardError):
     type = "invalid_request"
 
 
+class DatasetFormatError(InvalidRequestError):
+    """Raised when an uploaded dataset file is broken; the message starts with its line."""
+
+    type = "invalid_dataset"
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(f"line {line}: {message}", param="file")
+        self.line = line
+
+
 class MalformedBodyError(ModelyardError):
     """Raised when a request body is not parseable JSON."""
 

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=1_048_576, gt=0, description="Largest request body the API accepts."
     )
+    max_upload_bytes: int = Field(
+        default=100 * 1024 * 1024,
+        gt=0,
+        description="Largest dataset upload (POST /v1/datasets) the API accepts; "
+        "it replaces max_body_bytes for that route and is checked while the body streams in.",
+    )
     auto_migrate: bool = Field(
         default=True, description="Run `alembic upgrade head` when the API starts."
     )

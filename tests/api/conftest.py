@@ -11,6 +11,7 @@ from core.settings import Settings
 from tests.support.services import redis_db_index
 
 MAX_BODY = 64 * 1024
+SMALL_UPLOAD = 128 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -27,4 +28,16 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
 @pytest.fixture(scope="module")
 def client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def small_upload_settings(settings: Settings) -> Settings:
+    """The module's settings with a dataset upload limit of SMALL_UPLOAD (above MAX_BODY)."""
+    return settings.model_copy(update={"max_upload_bytes": SMALL_UPLOAD})
+
+
+@pytest.fixture(scope="module")
+def small_upload_client(small_upload_settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(small_upload_settings)) as c:
         yield c

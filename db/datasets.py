@@ -1,0 +1,83 @@
+"""Dataset repository: the rows describing uploaded files stored under the data dir."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from core.errors import NotFoundError
+from db.base import utcnow
+from db.models import Dataset
+
+
+def create_dataset(
+    session: Session,
+    *,
+    dataset_id: str,
+    filename: str,
+    format: str,
+    schema: str,
+    rows: int,
+    labels: list[str],
+    sha256: str,
+    size_bytes: int,
+    path: str,
+    report: dict[str, Any],
+) -> Dataset:
+    """Insert a dataset whose file is already in place at `path` (relative to the data dir)."""
+    dataset = Dataset(
+        id=dataset_id,
+        filename=filename,
+        format=format,
+        schema=schema,
+        rows=rows,
+        labels=labels,
+        sha256=sha256,
+        size_bytes=size_bytes,
+        path=path,
+        report=report,
+        created_at=utcnow(),
+    )
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def get_dataset(session: Session, dataset_id: str) -> Dataset | None:
+    return session.get(Dataset, dataset_id)
+
+
+def require_dataset(session: Session, dataset_id: str) -> Dataset:
+    dataset = get_dataset(session, dataset_id)
+    if dataset is None:
+        raise NotFoundError(f"no dataset {dataset_id!r}", param="dataset_id")
+    return dataset
+
+
+def list_datasets(
+    session: Session, *, limit: int, before: tuple[datetime, str] | None = None
+) -> Sequence[Dataset]:
+    """Newest first, keyset-paginated on (created_at, id)."""
+    stmt = select(Dataset)
+    if before is not None:
+        ts, dataset_id = before
+        stmt = stmt.where(
+            or_(
+                Dataset.created_at < ts,
+                and_(Dataset.created_at == ts, Dataset.id < dataset_id),
+            )
+        )
+    stmt = stmt.order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit)
+    return session.scalars(stmt).all()
+
+
+def delete_dataset(session: Session, dataset_id: str) -> Dataset:
+    """Delete the row; the caller removes the file once the deletion is committed."""
+    dataset = require_dataset(session, dataset_id)
+    session.delete(dataset)
+    session.flush()
+    return dataset
