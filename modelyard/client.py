@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -83,6 +84,27 @@ class Client:
             "GET", f"/v1/jobs/{job_id}/events", params={"after": after, "limit": 500}
         )["data"]
         return data
+
+    def upload_dataset(self, path: str | Path, *, name: str | None = None) -> dict[str, Any]:
+        file_path = Path(path)
+        with file_path.open("rb") as fh:
+            files = {"file": (name or file_path.name, fh)}
+            dataset: dict[str, Any] = self._request("POST", "/v1/datasets", files=files)
+        return dataset
+
+    def metrics(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
+        data: list[dict[str, Any]] = self._request(
+            "GET", f"/v1/jobs/{job_id}/metrics", params={"after": after}
+        )["data"]
+        return data
+
+    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        data: list[dict[str, Any]] = self._request("GET", f"/v1/jobs/{job_id}/checkpoints")["data"]
+        return data
+
+    def model(self, name: str) -> dict[str, Any]:
+        model: dict[str, Any] = self._request("GET", f"/v1/models/{name}")
+        return model
 
     def wait(
         self,

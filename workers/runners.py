@@ -42,6 +42,16 @@ def runner_for(kind: JobKind, settings: Settings) -> Runner:
         from workers.generation.runner import GenerationRunner
 
         return GenerationRunner(settings)
+    if kind is JobKind.FINETUNE:
+        from workers.training.db_io import DbTrainingIO
+        from workers.training.runner import FineTuneRunner
+
+        return FineTuneRunner(settings, lambda ctx: DbTrainingIO(settings, ctx))
+    if kind is JobKind.PREDICT:
+        from workers.training.db_io import DbTrainingIO
+        from workers.training.predict import PredictRunner
+
+        return PredictRunner(settings, lambda ctx: DbTrainingIO(settings, ctx))
     if kind is JobKind.NOOP:
         from workers.noop import NoopRunner
 

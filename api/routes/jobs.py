@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.cursors import decode_cursor, encode_cursor
 from api.deps import PublisherDep, SessionDep, SettingsDep
+from api.job_checks import check_job_request
 from api.schemas import (
     CheckpointList,
     CheckpointOut,
@@ -69,6 +70,7 @@ def create_job(
         existing = jobs_repo.find_by_idempotency_key(session, idempotency_key)
         if existing is not None:
             return _replay(existing, digest, response)
+    check_job_request(session, settings, req)
     job = jobs_repo.create_job(
         session,
         kind=JobKind(req.kind),

@@ -47,9 +47,13 @@ def postgres_database() -> Iterator[str]:
     name = f"modelyard_test_{uuid.uuid4().hex[:12]}"
     admin.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    url = f"{base}/{name}"
     try:
-        yield f"{base}/{name}"
+        yield url
     finally:
+        from db.session import get_engine
+
+        get_engine(url).dispose()  # close pooled connections before the database goes
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
 

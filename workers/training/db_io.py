@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from core.datasets import load_dataset_rows
-from db.datasets import get_dataset
-
 from core.enums import DatasetSchema, EventType, FailureType
 from core.errors import PermanentJobError
 from core.settings import Settings
+from db.datasets import get_dataset
 from db.events import append_event
 from db.models import Job
 from db.session import session_scope
@@ -36,8 +35,7 @@ class DbTrainingIO:
     def __init__(self, settings: Settings, ctx: RunContext) -> None:
         self._settings = settings
         self._ctx = ctx
-        self.work_dir = job_dir(settings, ctx.job_id)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.work_dir = job_dir(settings, ctx.job_id)  # created by whoever writes into it
 
     def _relative(self, path: Path) -> str:
         return str(path.resolve().relative_to(self._settings.data_dir.resolve()))

@@ -16,13 +16,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
-from seqeval.metrics import accuracy_score as seq_accuracy  # type: ignore[import-untyped]
+from seqeval.metrics import accuracy_score as seq_accuracy
 from seqeval.metrics import classification_report as seq_report
 from seqeval.metrics import f1_score as seq_f1
 from seqeval.metrics import precision_score as seq_precision
 from seqeval.metrics import recall_score as seq_recall
-from seqeval.metrics.sequence_labeling import get_entities  # type: ignore[import-untyped]
-from sklearn.metrics import (  # type: ignore[import-untyped]
+from seqeval.metrics.sequence_labeling import get_entities
+from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
     precision_recall_fscore_support,

@@ -1,0 +1,116 @@
+"""Checks on a job request that need the database: referenced datasets, models, checkpoints.
+
+They run before the job row is inserted, so a request that names something
+missing or unfit gets a 422 naming it and creates nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from db.datasets import get_dataset
+from sqlalchemy.orm import Session
+
+from core.enums import SCHEMAS_FOR_TASK, DatasetSchema, FineTuneTask
+from core.errors import InvalidRequestError
+from core.settings import Settings
+from core.specs import (
+    AnyJobRequest,
+    FineTuneJobRequest,
+    FineTuneSpec,
+    GenerateJobRequest,
+    PredictJobRequest,
+)
+from db.jobs import get_job
+from db.models import Dataset
+from db.registry import get_model, is_registry_name
+from db.training import list_checkpoints
+
+CLASSIFIER_TASKS = frozenset(
+    {FineTuneTask.SEQUENCE_CLASSIFICATION.value, FineTuneTask.TOKEN_CLASSIFICATION.value}
+)
+
+
+def _dataset(session: Session, dataset_id: str, param: str) -> Dataset:
+    ds = get_dataset(session, dataset_id)
+    if ds is None:
+        raise InvalidRequestError(f"dataset {dataset_id!r} does not exist", param=param)
+    return ds
+
+
+def _check_model(
+    session: Session, settings: Settings, ref: str, param: str, tasks: frozenset[str] | None
+) -> None:
+    """A registry name must exist (with a fitting task); a local model dir must hold safetensors."""
+    if is_registry_name(ref):
+        model = get_model(session, ref)
+        if model is None:
+            raise InvalidRequestError(f"model {ref!r} is not in the registry", param=param)
+        if tasks is not None and model.task not in tasks:
+            raise InvalidRequestError(
+                f"model {ref!r} is a {model.task} model; this job needs {', '.join(sorted(tasks))}",
+                param=param,
+            )
+        return
+    local = settings.models_dir / ref
+    if local.is_dir() and not any(Path(local).glob("*.safetensors")):
+        raise InvalidRequestError(
+            f"model directory {ref!r} has no safetensors weights (only safetensors are loaded)",
+            param=param,
+        )
+
+
+def _check_finetune(session: Session, settings: Settings, spec: FineTuneSpec) -> None:
+    allowed = SCHEMAS_FOR_TASK[spec.task]
+    train = _dataset(session, spec.training_dataset, "spec.training_dataset")
+    if DatasetSchema(train.schema) not in allowed:
+        raise InvalidRequestError(
+            f"dataset {train.id!r} holds {train.schema} rows; task {spec.task.value} needs "
+            f"{' or '.join(sorted(s.value for s in allowed))}",
+            param="spec.training_dataset",
+        )
+    if spec.validation_dataset is not None:
+        val = _dataset(session, spec.validation_dataset, "spec.validation_dataset")
+        if DatasetSchema(val.schema) not in allowed:
+            raise InvalidRequestError(
+                f"dataset {val.id!r} holds {val.schema} rows; task {spec.task.value} needs "
+                f"{' or '.join(sorted(s.value for s in allowed))}",
+                param="spec.validation_dataset",
+            )
+        missing = sorted(set(val.labels) - set(train.labels))
+        if spec.task is not FineTuneTask.CAUSAL_LM and missing:
+            raise InvalidRequestError(
+                f"labels in the validation set but not in training: {', '.join(missing)}",
+                param="spec.validation_dataset",
+            )
+    base_tasks = (
+        frozenset({FineTuneTask.CAUSAL_LM.value})
+        if spec.task is FineTuneTask.CAUSAL_LM
+        else CLASSIFIER_TASKS
+    )
+    _check_model(session, settings, spec.base_model, "spec.base_model", base_tasks)
+    if spec.from_checkpoint is not None:
+        ref = spec.from_checkpoint
+        if get_job(session, ref.job_id) is None:
+            raise InvalidRequestError(
+                f"job {ref.job_id!r} does not exist", param="spec.from_checkpoint.job_id"
+            )
+        steps = {c.step for c in list_checkpoints(session, ref.job_id)}
+        if not steps or (ref.step is not None and ref.step not in steps):
+            raise InvalidRequestError(
+                f"job {ref.job_id!r} has no checkpoint"
+                + ("" if ref.step is None else f" at step {ref.step}"),
+                param="spec.from_checkpoint",
+            )
+
+
+def check_job_request(session: Session, settings: Settings, req: AnyJobRequest) -> None:
+    if isinstance(req, GenerateJobRequest):
+        tasks = frozenset({FineTuneTask.CAUSAL_LM.value})
+        _check_model(session, settings, req.spec.model, "spec.model", tasks)
+    elif isinstance(req, FineTuneJobRequest):
+        _check_finetune(session, settings, req.spec)
+    elif isinstance(req, PredictJobRequest):
+        _check_model(session, settings, req.spec.model, "spec.model", CLASSIFIER_TASKS)
+        if req.spec.dataset is not None:
+            _dataset(session, req.spec.dataset, "spec.dataset")
