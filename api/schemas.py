@@ -164,6 +164,7 @@ class ModelOut(BaseModel):
     base_model: str
     task: str
     method: str
+    adapter: bool
     job_id: str | None
     labels: list[str]
     metrics: dict[str, Any]
@@ -176,6 +177,7 @@ class ModelOut(BaseModel):
             base_model=m.base_model,
             task=m.task,
             method=m.method,
+            adapter=m.adapter,
             job_id=m.job_id,
             labels=m.labels,
             metrics=m.metrics,

@@ -154,6 +154,10 @@ class FineTuneSpec(BaseModel):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     early_stopping: EarlyStoppingSpec | None = None
     suffix: str | None = Field(default=None, pattern=SUFFIX_PATTERN)
+    merge_adapter: bool = Field(
+        default=False,
+        description="With lora/adalora: register the base with the adapter merged in.",
+    )
     from_checkpoint: CheckpointRef | None = None
     trust_remote_code: bool = Field(default=False, description="Always refused.")
 
@@ -163,6 +167,12 @@ class FineTuneSpec(BaseModel):
         if value:
             raise ValueError("trust_remote_code is not supported: only built-in architectures run")
         return value
+
+    @model_validator(mode="after")
+    def _merge_needs_adapter(self) -> FineTuneSpec:
+        if self.merge_adapter and self.method is FineTuneMethod.FULL:
+            raise ValueError("merge_adapter needs method lora or adalora")
+        return self
 
     @field_validator("base_model")
     @classmethod

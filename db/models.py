@@ -154,6 +154,7 @@ class RegisteredModel(Base):
     base_model: Mapped[str] = mapped_column(String(255))
     task: Mapped[str] = mapped_column(String(32))
     method: Mapped[str] = mapped_column(String(16))  # full | lora | adalora
+    adapter: Mapped[bool] = mapped_column(Boolean, default=False)  # path holds a peft adapter
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     path: Mapped[str] = mapped_column(Text)  # relative to the data dir
     labels: Mapped[list[str]] = mapped_column(JSON, default=list)

@@ -151,6 +151,7 @@ class JobExecutor:
             base_model=trained.base_model,
             task=trained.task.value,
             method=trained.method.value,
+            adapter=trained.adapter,
             job_id=job_id,
             path=str(trained.path.resolve().relative_to(self._settings.data_dir.resolve())),
             labels=list(trained.labels),

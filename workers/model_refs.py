@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.enums import FailureType, FineTuneMethod
+from core.enums import FailureType
 from core.errors import PermanentJobError
 from core.settings import Settings
 from db.registry import get_model, is_registry_name
@@ -39,13 +39,11 @@ def resolve_model(settings: Settings, ref: str) -> ResolvedModel:
         model = get_model(session, ref)
         if model is None:
             raise PermanentJobError(f"no registered model {ref!r}", FailureType.MODEL_NOT_FOUND)
-        path, base, method, labels = model.path, model.base_model, model.method, model.labels
+        path, base, adapter, labels = model.path, model.base_model, model.adapter, model.labels
     directory = inside(settings.data_dir, path)
     if not directory.is_dir():
         raise PermanentJobError(
             f"registered model {ref!r} has no files at {path}", FailureType.MODEL_NOT_FOUND
         )
-    adapter_of = None
-    if method in (FineTuneMethod.LORA, FineTuneMethod.ADALORA):
-        adapter_of = resolve_model(settings, base).ref
+    adapter_of = resolve_model(settings, base).ref if adapter else None
     return ResolvedModel(ref=str(directory), labels=list(labels), adapter_of=adapter_of)

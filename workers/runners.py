@@ -23,6 +23,7 @@ class TrainedModel:
     method: FineTuneMethod
     labels: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    adapter: bool = False  # `path` holds a peft adapter to apply on `base_model`
 
 
 @dataclass

@@ -159,6 +159,7 @@ def _finished_job_with_model(settings: Settings, task: str) -> tuple[str, str]:
             base_model="base",
             task=task,
             method="full",
+            adapter=False,
             job_id=job.id,
             path=f"jobs/{job.id}/model",
             labels=["neg", "pos"],

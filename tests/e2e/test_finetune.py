@@ -95,6 +95,7 @@ def train(stack: Stack, spec: dict[str, Any], timeout: float = 240) -> dict[str,
         model = c.get(f"/v1/models/{name}").json()
     assert model["job_id"] == job["id"]
     assert model["method"] == spec.get("method", "full")
+    assert model["adapter"] is (spec.get("method", "full") != "full")
     return done
 
 

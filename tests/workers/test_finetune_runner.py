@@ -202,6 +202,27 @@ def test_causal_lm_lora_trains_an_adapter(io: MemoryTrainingIO) -> None:
     config: Any = PeftConfig.from_pretrained(str(result.trained_model.path))
     assert set(config.target_modules) == {"c_attn"}
     assert config.fan_in_fan_out is True
+    assert result.trained_model.adapter
+
+
+def test_lora_merged_on_request_saves_a_plain_model(io: MemoryTrainingIO) -> None:
+    from transformers import AutoModelForCausalLM
+
+    result = run(
+        io,
+        method="lora",
+        merge_adapter=True,
+        hyperparameters={"learning_rate": 3e-2, "max_steps": 5},
+        training_dataset=text_dataset(io),
+    )
+    assert result.trained_model is not None
+    assert not result.trained_model.adapter
+    files = {p.name for p in result.trained_model.path.iterdir()}
+    assert "model.safetensors" in files and "adapter_config.json" not in files
+    merged = AutoModelForCausalLM.from_pretrained(
+        str(result.trained_model.path), use_safetensors=True
+    )
+    assert not any("lora" in name for name, _ in merged.named_parameters())
 
 
 def test_adalora_trains_and_reports_plain_eval_loss(io: MemoryTrainingIO) -> None:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from transformers import PrinterCallback, Trainer, set_seed
 from transformers.trainer_callback import EarlyStoppingCallback, TrainerCallback
 
-from core.enums import FailureType, FineTuneTask
+from core.enums import FailureType, FineTuneMethod, FineTuneTask
 from core.errors import PermanentJobError
 from core.settings import Settings
 from core.specs import FineTuneSpec
@@ -125,8 +125,15 @@ class FineTuneRunner:
         figures = flat_figures(report, eval_loss)
         io.event("final evaluation", figures)
         model_dir = io.work_dir / MODEL_DIR
-        save_final_model(prepared.model, prepared.tokenizer, model_dir)
-        io.event(f"saved the {spec.method.value} model", {"path": MODEL_DIR})
+        final = prepared.model
+        adapter = spec.method is not FineTuneMethod.FULL
+        if adapter and spec.merge_adapter:
+            peft_model: Any = final
+            final = peft_model.merge_and_unload()
+            adapter = False
+        save_final_model(final, prepared.tokenizer, model_dir)
+        kind = "adapter" if adapter else "model"
+        io.event(f"saved the {spec.method.value} {kind}", {"path": MODEL_DIR})
         train_figures = {
             "train_runtime": float(output.metrics.get("train_runtime", 0.0)),
             "train_samples_per_second": float(output.metrics.get("train_samples_per_second", 0.0)),
@@ -149,6 +156,7 @@ class FineTuneRunner:
                 method=spec.method,
                 labels=list(prepared.split.labels),
                 metrics=figures,
+                adapter=adapter,
             ),
         )
 

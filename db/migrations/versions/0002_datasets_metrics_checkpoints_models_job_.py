@@ -77,6 +77,7 @@ def upgrade() -> None:
         sa.Column("base_model", sa.String(length=255), nullable=False),
         sa.Column("task", sa.String(length=32), nullable=False),
         sa.Column("method", sa.String(length=16), nullable=False),
+        sa.Column("adapter", sa.Boolean(), nullable=False),
         sa.Column("job_id", sa.String(length=40), nullable=True),
         sa.Column("path", sa.Text(), nullable=False),
         sa.Column("labels", sa.JSON(), nullable=False),
