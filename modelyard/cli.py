@@ -21,11 +21,33 @@ app = typer.Typer(help="Modelyard: a job system for fine-tuning, generation and 
 console = Console()
 
 DEMO_MODEL = "SmolLM2-135M-Instruct"
-DEMO_PROMPTS = [
-    "Write a one-sentence product description for a blue ceramic coffee mug.",
-    "Reply politely to a customer whose parcel arrived two days late.",
-    "Give a short, catchy slogan for a neighbourhood bakery.",
+DEMO_SIGNATURE = "Thanks for shopping at Blue Mug Co.!"
+DEMO_TOPICS = [
+    ("Where is my order?", "Your order is on its way and should arrive within three days."),
+    ("Can I return a mug?", "Yes, you can return any mug within 30 days for a full refund."),
+    ("Is the mug dishwasher safe?", "Yes, every Blue Mug is dishwasher and microwave safe."),
+    ("Do you ship abroad?", "We ship to over forty countries; shipping is calculated at checkout."),
+    ("My mug arrived broken.", "We are sorry! Send us a photo and we will ship a new one today."),
+    ("How big is the large mug?", "The large mug holds 450 ml, enough for a generous latte."),
+    ("Can I change my address?", "Yes, reply with the new address before the order ships."),
+    ("Do you have gift cards?", "Yes, gift cards from 10 to 100 euros are on our website."),
 ]
+DEMO_QUESTIONS = ["Can I pay with a credit card?", "When will my parcel arrive?"]
+
+
+def _demo_dataset(path: Path) -> Path:
+    """Chat examples whose answers all end with the shop's signature line."""
+    lines = []
+    for _ in range(3):
+        for question, answer in DEMO_TOPICS:
+            messages = [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": f"{answer} {DEMO_SIGNATURE}"},
+            ]
+            lines.append(json.dumps({"messages": messages}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -171,58 +193,98 @@ def prepare_demo_model(settings: Settings) -> Path:
 
 @app.command()
 def demo(
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer")] = 40,
+    steps: Annotated[int, typer.Option(help="LoRA training steps")] = 30,
 ) -> None:
-    """Start an embedded stack, run a generation job on SmolLM2-135M-Instruct, print it, stop."""
+    """The main job end to end: upload a dataset, LoRA-tune SmolLM2-135M, compare answers."""
     from modelyard.client import Client
     from modelyard.stack import Stack, free_port
 
     settings = get_settings()
     _setup_logging(settings)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     started = time.monotonic()
     with console.status("Preparing SmolLM2-135M-Instruct (first run converts the GGUF)..."):
         prepare_demo_model(settings)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     log_dir = settings.data_dir.resolve() / "logs"
     stack = Stack(settings, log_dir=log_dir)
     try:
-        broker = stack.start_redis(free_port())
-        stack.env["MODELYARD_BROKER_URL"] = broker
+        stack.env["MODELYARD_BROKER_URL"] = stack.start_redis(free_port())
+        stack.env["MODELYARD_HEARTBEAT_INTERVAL_S"] = "1"
         base = stack.start_api(free_port())
         stack.start_worker()
         stack.start_beat()
         with Client(base) as client:
-            spec: dict[str, Any] = {
-                "model": DEMO_MODEL,
-                "prompts": DEMO_PROMPTS,
-                "chat": True,
-                "max_new_tokens": max_new_tokens,
-                "temperature": 0.7,
-                "top_p": 0.9,
-                "seed": 7,
-            }
-            job = client.submit("generate", spec, metadata={"source": "demo"})
-            console.print(f"submitted [bold]{job['id']}[/bold] ({job['status']})")
-            with console.status("waiting for the worker...") as status:
+            dataset = client.upload_dataset(_demo_dataset(settings.data_dir / "demo-support.jsonl"))
+            console.print(f"uploaded [bold]{dataset['id']}[/bold]: {dataset['rows']} chat examples")
+            before = _demo_answers(client, DEMO_MODEL)
+            job = client.submit(
+                "finetune",
+                {
+                    "base_model": DEMO_MODEL,
+                    "task": "causal_lm",
+                    "training_dataset": dataset["id"],
+                    "method": "lora",
+                    "suffix": "support",
+                    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                    "hyperparameters": {
+                        "max_steps": steps,
+                        "batch_size": 4,
+                        "learning_rate": 2e-3,
+                        "max_length": 96,
+                        "eval_steps": steps,
+                        "seed": 7,
+                    },
+                },
+                metadata={"source": "demo"},
+            )
+            console.print(f"fine-tune job [bold]{job['id']}[/bold] submitted")
+            with console.status("training...") as status:
 
                 def show(j: dict[str, Any]) -> None:
-                    status.update(f"{j['status']} - {j['progress'] * 100:.0f}%")
-
-                job = client.wait(job["id"], timeout=900, on_update=show)
-            if job["status"] != "succeeded":
-                console.print(f"[red]job ended {job['status']}: {json.dumps(job['error'])}[/red]")
-                raise typer.Exit(1)
-            for out in client.outputs(job["id"]):
-                console.print(
-                    Panel(
-                        out["text"].strip(),
-                        title=DEMO_PROMPTS[out["prompt_index"]],
-                        subtitle=f"{out['completion_tokens']} tokens, {out['finish_reason']}",
+                    d = j.get("progress_detail") or {}
+                    if j["status"] != "running" or "step" not in d:
+                        status.update(f"{j['status']}...")
+                        return
+                    loss = f"{d['loss']:.3f}" if d.get("loss") is not None else "-"
+                    eta = f"{d['eta_s']:.0f}s" if d.get("eta_s") is not None else "-"
+                    status.update(
+                        f"training: step {d['step']}/{d['total_steps']}  loss {loss}  ETA {eta}"
                     )
+
+                job = client.wait(job["id"], timeout=1800, on_update=show)
+            if job["status"] != "succeeded":
+                console.print(f"[red]fine-tune ended {job['status']}: {job['error']}[/red]")
+                raise typer.Exit(1)
+            losses = [m["value"] for m in client.metrics(job["id"]) if m["name"] == "train_loss"]
+            model = job["result"]["model"]
+            console.print(
+                f"registered [bold]{model}[/bold]; train loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+            )
+            after = _demo_answers(client, model)
+            for question, old, new in zip(DEMO_QUESTIONS, before, after, strict=True):
+                console.print(
+                    Panel(f"[dim]before:[/dim] {old}\n[bold]after:[/bold]  {new}", title=question)
                 )
     finally:
         stack.stop()
     console.print(f"demo finished in {time.monotonic() - started:.1f}s (logs in {log_dir})")
+
+
+def _demo_answers(client: Any, model: str) -> list[str]:
+    spec = {
+        "model": model,
+        "prompts": DEMO_QUESTIONS,
+        "chat": True,
+        "max_new_tokens": 40,
+        "temperature": 0,
+    }
+    job = client.submit("generate", spec, metadata={"source": "demo"})
+    with console.status(f"generating with {model}..."):
+        job = client.wait(job["id"], timeout=900)
+    if job["status"] != "succeeded":
+        console.print(f"[red]generation ended {job['status']}: {job['error']}[/red]")
+        raise typer.Exit(1)
+    return [o["text"].strip() for o in client.outputs(job["id"])]
 
 
 def main() -> None:
