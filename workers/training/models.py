@@ -107,8 +107,7 @@ def load_base_model(task: FineTuneTask, ref: str, labels: list[str]) -> Any:
     }
     if task is not FineTuneTask.CAUSAL_LM:
         kwargs.update(
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
+            id2label=dict(enumerate(labels)),  # sets num_labels too
             label2id={name: i for i, name in enumerate(labels)},
             ignore_mismatched_sizes=True,
         )

@@ -50,25 +50,31 @@ def quiet_peft_deprecations() -> Iterator[None]:
         yield
 
 
-def _linear_names(model: nn.Module) -> dict[str, nn.Module]:
-    """Last name segment -> one module of that name, for the layers LoRA can wrap."""
+def _adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Full name -> module, for the layers LoRA can wrap."""
     return {
-        name.rsplit(".", 1)[-1]: module
+        name: module
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear | Conv1D)
     }
 
 
+def _matching(layers: dict[str, nn.Module], target: str) -> list[nn.Module]:
+    """The layers a peft target name selects: the name itself or a dotted suffix of it."""
+    return [m for name, m in layers.items() if name == target or name.endswith("." + target)]
+
+
 def target_modules(
     model: nn.Module, method: FineTuneMethod, requested: list[str] | None
 ) -> list[str]:
-    layers = _linear_names(model)
+    layers = _adaptable_layers(model)
+    short_names = sorted({name.rsplit(".", 1)[-1] for name in layers})
     if requested:
-        missing = [name for name in requested if name not in layers]
+        missing = [name for name in requested if not _matching(layers, name)]
         if missing:
             raise PermanentJobError(
                 f"lora.target_modules {missing} are not linear layers of this model "
-                f"(it has: {', '.join(sorted(layers))})",
+                f"(it has: {', '.join(short_names)})",
                 FailureType.INVALID_SPEC,
             )
         return list(requested)
@@ -81,11 +87,11 @@ def target_modules(
     if model_type in mapping:
         return list(mapping[model_type])
     for names in FALLBACK_TARGETS:
-        if all(name in layers for name in names):
+        if all(_matching(layers, name) for name in names):
             return list(names)
     raise PermanentJobError(
         f"no default LoRA target modules for model type {model_type!r}; set "
-        f"lora.target_modules (linear layers: {', '.join(sorted(layers))})",
+        f"lora.target_modules (linear layers: {', '.join(short_names)})",
         FailureType.INVALID_SPEC,
     )
 
@@ -98,14 +104,16 @@ def build_peft_config(
     total_steps: int,
 ) -> PeftConfig:
     targets = target_modules(model, method, lora.target_modules)
-    layers = _linear_names(model)
+    layers = _adaptable_layers(model)
     common: dict[str, Any] = {
         "task_type": PEFT_TASK_TYPE[task],
         "target_modules": targets,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
         # GPT-2 style Conv1D layers store weights transposed.
-        "fan_in_fan_out": any(isinstance(layers[name], Conv1D) for name in targets),
+        "fan_in_fan_out": any(
+            isinstance(layer, Conv1D) for name in targets for layer in _matching(layers, name)
+        ),
     }
     heads = [name for name, _ in model.named_children() if name in HEAD_NAMES]
     if task is not FineTuneTask.CAUSAL_LM and heads:
