@@ -108,3 +108,15 @@ def test_outputs_with_nul_characters_are_stored(url: str) -> None:
         add_outputs(s, job_id, [GeneratedText(0, 0, "a\x00b", "length", 1, 3)])
     with session_scope(url) as s:
         assert [o.text for o in list_outputs(s, job_id)] == ["a\ufffdb"]
+
+
+def test_non_finite_numbers_in_json_columns_are_stored_as_null(url: str) -> None:
+    job_id = new_job(url)
+    with session_scope(url) as s:
+        assert claim_job(s, job_id, "w", TTL)
+        result = {"eval": {"perplexity": float("inf"), "loss": float("nan"), "ok": [1.5]}}
+        assert finish_job(s, job_id, "w", JobStatus.SUCCEEDED, result=result)
+    with session_scope(url) as s:
+        job = get_job(s, job_id)
+        assert job is not None
+        assert job.result == {"eval": {"perplexity": None, "loss": None, "ok": [1.5]}}
