@@ -1,0 +1,74 @@
+"""Shared bench helpers: timing statistics and a private stack."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.settings import Settings
+from modelyard.stack import Stack, free_port
+
+
+@dataclass(frozen=True)
+class Stats:
+    values: list[float]
+
+    @property
+    def min(self) -> float:
+        return min(self.values)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def max(self) -> float:
+        return max(self.values)
+
+    def fmt(self, unit: str = "", digits: int = 1) -> str:
+        return f"{self.median:.{digits}f}{unit} [{self.min:.{digits}f}-{self.max:.{digits}f}]"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.02) -> float:
+    """Seconds until `check()` held; TimeoutError after `timeout`."""
+    start = time.perf_counter()
+    while not check():
+        if time.perf_counter() - start > timeout:
+            raise TimeoutError("condition not reached")
+        time.sleep(interval)
+    return time.perf_counter() - start
+
+
+@contextmanager
+def private_stack(database_url: str | None = None, **env: str) -> Iterator[tuple[Stack, str]]:
+    """A data dir, a private redis-server and an API; yields (stack, api base url)."""
+    with tempfile.TemporaryDirectory(prefix="modelyard-bench-") as tmp:
+        data = Path(tmp)
+        settings = Settings(data_dir=data, database_url=database_url or "")
+        stack = Stack(settings, log_dir=data / "logs")
+        stack.env.update(
+            {
+                "MODELYARD_DATA_DIR": str(data),
+                "MODELYARD_DATABASE_URL": settings.database_url,
+                "MODELYARD_LOG_LEVEL": "WARNING",
+                "HF_HUB_OFFLINE": "1",
+                **{f"MODELYARD_{k.upper()}": v for k, v in env.items()},
+            }
+        )
+        try:
+            stack.env["MODELYARD_BROKER_URL"] = stack.start_redis(free_port())
+            base = stack.start_api(free_port())
+            yield stack, base
+        finally:
+            stack.stop()

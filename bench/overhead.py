@@ -1,0 +1,139 @@
+"""P1: no-op jobs through HTTP API + database + Redis + worker, vs raw Celery no-op tasks.
+
+Both run side by side in one invocation, on the same private Redis, with two
+consumer processes each (raw: prefork -c 2; Modelyard: two solo workers), and
+are repeated alternately. Also measures API submit latency at 32 clients.
+
+    python -m bench.overhead [--jobs 400] [--repeats 3] [--database-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+from sqlalchemy import func, select
+
+from bench.common import Stats, percentile, private_stack, wait_until
+from db.models import Job
+from db.session import session_scope
+from modelyard.stack import Stack
+
+
+def raw_celery_rate(broker_url: str, n: int, log: Path) -> float:
+    env = {**os.environ, "BENCH_BROKER_URL": broker_url}
+    argv = [sys.executable, "-m", "celery", "-A", "bench.raw_app", "worker", "-P", "prefork"]
+    argv += ["-c", "2", "-Q", "raw", "--without-mingle", "--without-gossip", "-l", "WARNING"]
+    with log.open("ab") as fh:
+        worker = subprocess.Popen(argv, env=env, stdout=fh, stderr=fh)
+    counter = redis.Redis.from_url(broker_url)
+    try:
+        from bench.raw_app import app, noop
+
+        app.conf.broker_url = broker_url
+        counter.delete("raw:done")
+        noop.delay(-1)  # wait until the worker consumes
+        wait_until(lambda: int(counter.get("raw:done") or 0) >= 1, 60)
+        counter.delete("raw:done")
+        start = time.perf_counter()
+        for i in range(n):
+            noop.delay(i)
+        wait_until(lambda: int(counter.get("raw:done") or 0) >= n, 300, 0.005)
+        return n / (time.perf_counter() - start)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        counter.close()
+
+
+def submit_many(base: str, n: int, clients: int) -> list[float]:
+    """Submit n no-op jobs from `clients` threads; returns per-request latencies (s)."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    per_client = [n // clients + (1 if i < n % clients else 0) for i in range(clients)]
+
+    def client(count: int) -> None:
+        with httpx.Client(base_url=base, timeout=30) as http:
+            for _ in range(count):
+                t0 = time.perf_counter()
+                r = http.post("/v1/jobs", json={"kind": "noop"})
+                dt = time.perf_counter() - t0
+                if r.status_code != 202:
+                    raise RuntimeError(f"submit failed: {r.status_code} {r.text}")
+                with lock:
+                    latencies.append(dt)
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, per_client))
+    return latencies
+
+
+def succeeded(database_url: str) -> int:
+    with session_scope(database_url) as s:
+        return s.scalar(select(func.count()).where(Job.status == "succeeded")) or 0
+
+
+def modelyard_rate(stack: Stack, base: str, database_url: str, n: int) -> float:
+    before = succeeded(database_url)
+    start = time.perf_counter()
+    submit_many(base, n, clients=8)
+    wait_until(lambda: succeeded(database_url) - before >= n, 300, 0.05)
+    return n / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--database-url", default="", help="default: SQLite in a temp dir")
+    args = parser.parse_args(argv)
+
+    with private_stack(args.database_url or None, reconcile_period_s="30") as (stack, base):
+        database_url = stack.env["MODELYARD_DATABASE_URL"]
+        broker = stack.env["MODELYARD_BROKER_URL"]
+        assert stack.log_dir is not None
+        stack.start_worker()
+        stack.start_worker()
+        httpx.post(f"{base}/v1/jobs", json={"kind": "noop"})  # warm up workers and pools
+        wait_until(lambda: succeeded(database_url) >= 1, 120)
+        raw: list[float] = []
+        ours: list[float] = []
+        for _ in range(args.repeats):
+            ours.append(modelyard_rate(stack, base, database_url, args.jobs))
+            raw.append(raw_celery_rate(broker, args.jobs, stack.log_dir / "raw-celery.log"))
+        latencies = submit_many(base, 32 * 20, clients=32)
+        wait_until(lambda: succeeded(database_url) >= 1 + args.jobs * args.repeats + 640, 300)
+    result = {
+        "backend": "postgresql" if "postgresql" in (args.database_url or "") else "sqlite",
+        "raw_tasks_per_s": Stats(raw),
+        "jobs_per_s": Stats(ours),
+        "ratio": Stats([o / r for o, r in zip(ours, raw, strict=True)]),
+        "submit_p50_ms": percentile(latencies, 50) * 1000,
+        "submit_p99_ms": percentile(latencies, 99) * 1000,
+    }
+    print_table(result)
+    return result
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(f"P1 no-op overhead ({r['backend']}), median [min-max] over repeats")
+    print(f"  raw Celery no-op tasks/s      {r['raw_tasks_per_s'].fmt()}")
+    print(f"  Modelyard no-op jobs/s        {r['jobs_per_s'].fmt()}")
+    print(f"  ratio (goal >= 0.5)           {r['ratio'].fmt(digits=2)}")
+    print(
+        f"  submit latency, 32 clients    p50 {r['submit_p50_ms']:.1f} ms, "
+        f"p99 {r['submit_p99_ms']:.1f} ms (goal p99 <= 25 ms)"
+    )
+
+
+if __name__ == "__main__":
+    main()
