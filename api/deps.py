@@ -35,4 +35,15 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
         session.close()
 
 
+def get_read_session(settings: SettingsDep) -> Iterator[Session]:
+    """A session for routes that only read (on SQLite it never takes the write lock)."""
+    session = get_sessionmaker(settings.database_url, readonly=True)()
+    try:
+        yield session
+    finally:
+        session.rollback()
+        session.close()
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]

@@ -78,7 +78,7 @@ def submit_many(base: str, n: int, clients: int) -> list[float]:
 
 
 def succeeded(database_url: str) -> int:
-    with session_scope(database_url) as s:
+    with session_scope(database_url, readonly=True) as s:
         return s.scalar(select(func.count()).where(Job.status == "succeeded")) or 0
 
 

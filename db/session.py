@@ -38,6 +38,12 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _sqlite_begin_read(conn: Any) -> None:
+    # Readers never take the write lock: in WAL mode they see a snapshot and
+    # neither wait for nor block writers.
+    conn.exec_driver_sql("BEGIN")
+
+
 def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -55,7 +61,8 @@ def dumps_json(value: Any) -> str:
     return json.dumps(_finite(value))
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, readonly: bool = False) -> Engine:
+    """An engine; `readonly` ones (SQLite) begin deferred transactions that never write."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -74,26 +81,29 @@ def make_engine(url: str) -> Engine:
             "connect",
             lambda dbapi_conn, _rec: setattr(dbapi_conn, "isolation_level", None),
         )
-        event.listen(engine, "begin", _sqlite_begin)
+        event.listen(engine, "begin", _sqlite_begin_read if readonly else _sqlite_begin)
         return engine
     return create_engine(
         url, pool_pre_ping=True, pool_size=10, max_overflow=20, json_serializer=dumps_json
     )
 
 
-@lru_cache(maxsize=8)
-def get_engine(url: str) -> Engine:
-    return make_engine(url)
+@lru_cache(maxsize=16)
+def get_engine(url: str, readonly: bool = False) -> Engine:
+    if readonly and make_url(url).get_backend_name() != "sqlite":
+        return get_engine(url)  # one pool serves both on a server database
+    return make_engine(url, readonly=readonly)
 
 
-def get_sessionmaker(url: str) -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(url), expire_on_commit=False)
+@lru_cache(maxsize=16)
+def get_sessionmaker(url: str, readonly: bool = False) -> sessionmaker[Session]:
+    return sessionmaker(bind=get_engine(url, readonly), expire_on_commit=False)
 
 
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
+def session_scope(url: str, *, readonly: bool = False) -> Iterator[Session]:
     """A transaction: commits on success, rolls back on error."""
-    session = get_sessionmaker(url)()
+    session = get_sessionmaker(url, readonly)()
     try:
         yield session
         session.commit()

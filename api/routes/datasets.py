@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 
 from api.cursors import decode_cursor, encode_cursor
-from api.deps import SessionDep, SettingsDep
+from api.deps import ReadSessionDep, SessionDep, SettingsDep
 from api.schemas import DatasetList, DatasetOut
 from core.datasets import display_filename, parse_dataset
 from core.settings import Settings
@@ -103,7 +103,7 @@ def upload_dataset(
 
 @router.get("", response_model=DatasetList)
 def list_datasets(
-    session: SessionDep,
+    session: ReadSessionDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: str | None = None,
 ) -> DatasetList:
@@ -118,7 +118,7 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut)
-def get_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
+def get_dataset(dataset_id: str, session: ReadSessionDep) -> DatasetOut:
     return DatasetOut.of(datasets_repo.require_dataset(session, dataset_id))
 
 

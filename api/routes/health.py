@@ -5,7 +5,7 @@ import logging
 from fastapi import APIRouter
 from sqlalchemy import text
 
-from api.deps import PublisherDep, SessionDep
+from api.deps import PublisherDep, ReadSessionDep
 from api.schemas import Health
 from core.errors import ServiceUnavailableError
 
@@ -19,7 +19,7 @@ def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Health)
-def readyz(session: SessionDep, publisher: PublisherDep) -> Health:
+def readyz(session: ReadSessionDep, publisher: PublisherDep) -> Health:
     problems: list[str] = []
     try:
         session.execute(text("SELECT 1"))

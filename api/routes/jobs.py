@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Query, Response, status
 from sqlalchemy.exc import IntegrityError
 
 from api.cursors import decode_cursor, encode_cursor
-from api.deps import PublisherDep, SessionDep, SettingsDep
+from api.deps import PublisherDep, ReadSessionDep, SessionDep, SettingsDep
 from api.job_checks import check_job_request
 from api.schemas import (
     CheckpointList,
@@ -112,7 +112,7 @@ def _replay(existing: Job, digest: str, response: Response) -> JobOut:
 
 @router.get("", response_model=JobList)
 def list_jobs(
-    session: SessionDep,
+    session: ReadSessionDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     kind: JobKind | None = None,
     created_after: datetime | None = None,
@@ -140,7 +140,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, session: SessionDep) -> JobOut:
+def get_job(job_id: str, session: ReadSessionDep) -> JobOut:
     return JobOut.of(jobs_repo.require_job(session, job_id))
 
 
@@ -155,7 +155,7 @@ def cancel_job(job_id: str, session: SessionDep) -> JobOut:
 @router.get("/{job_id}/events", response_model=EventList)
 def list_job_events(
     job_id: str,
-    session: SessionDep,
+    session: ReadSessionDep,
     after: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> EventList:
@@ -171,7 +171,7 @@ def list_job_events(
 
 
 @router.get("/{job_id}/outputs", response_model=OutputList)
-def list_job_outputs(job_id: str, session: SessionDep) -> OutputList:
+def list_job_outputs(job_id: str, session: ReadSessionDep) -> OutputList:
     job = jobs_repo.require_job(session, job_id)
     rows = outputs_repo.list_outputs(session, job_id)
     return OutputList(job_id=job_id, status=job.status, data=[OutputOut.of(o) for o in rows])
@@ -180,7 +180,7 @@ def list_job_outputs(job_id: str, session: SessionDep) -> OutputList:
 @router.get("/{job_id}/metrics", response_model=MetricList)
 def list_job_metrics(
     job_id: str,
-    session: SessionDep,
+    session: ReadSessionDep,
     name: Annotated[list[str], Query(description="Only these metric names")] = [],  # noqa: B006
     after: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
@@ -200,7 +200,7 @@ def list_job_metrics(
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)
-def list_job_checkpoints(job_id: str, session: SessionDep) -> CheckpointList:
+def list_job_checkpoints(job_id: str, session: ReadSessionDep) -> CheckpointList:
     jobs_repo.require_job(session, job_id)
     rows = training_repo.list_checkpoints(session, job_id)
     return CheckpointList(job_id=job_id, data=[CheckpointOut.of(c) for c in rows])

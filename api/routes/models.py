@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from api.cursors import decode_cursor, encode_cursor
-from api.deps import SessionDep, SettingsDep
+from api.deps import ReadSessionDep, SessionDep, SettingsDep
 from api.schemas import ModelList, ModelOut
 from db import registry
 
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 @router.get("", response_model=ModelList)
 def list_models(
-    session: SessionDep,
+    session: ReadSessionDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: str | None = None,
 ) -> ModelList:
@@ -32,7 +32,7 @@ def list_models(
 
 
 @router.get("/{name:path}", response_model=ModelOut)
-def get_model(name: str, session: SessionDep) -> ModelOut:
+def get_model(name: str, session: ReadSessionDep) -> ModelOut:
     return ModelOut.of(registry.require_model(session, name))
 
 
