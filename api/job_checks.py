@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from db.datasets import get_dataset
 from sqlalchemy.orm import Session
 
 from core.enums import SCHEMAS_FOR_TASK, DatasetSchema, FineTuneTask
@@ -21,6 +20,7 @@ from core.specs import (
     GenerateJobRequest,
     PredictJobRequest,
 )
+from db.datasets import get_dataset
 from db.jobs import get_job
 from db.models import Dataset
 from db.registry import get_model, is_registry_name
