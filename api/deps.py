@@ -11,12 +11,14 @@ from core.settings import Settings
 from db.session import get_sessionmaker
 
 
-def get_app_settings(request: Request) -> Settings:
+# The two lookups below are `async` so FastAPI calls them on the event loop instead
+# of sending each to the thread pool (a hop per dependency per request).
+async def get_app_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_publisher(request: Request) -> JobPublisher:
+async def get_publisher(request: Request) -> JobPublisher:
     publisher: JobPublisher = request.app.state.publisher
     return publisher
 
