@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -36,6 +37,33 @@ def _sqlite_begin(conn: Any) -> None:
     # Take the write lock at BEGIN so two writers queue on busy_timeout instead
     # of failing with "database is locked" when a read upgrades to a write.
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class _WriteGate:
+    """Queues this process's SQLite writers on a lock before BEGIN IMMEDIATE.
+
+    SQLite's busy handler sleeps and retries, so under many concurrent writers a
+    transaction can wait far longer than its turn; a lock makes the threads of one
+    process take turns instead (other processes still meet the busy timeout).
+    A plain Lock, not an RLock: a transaction may end on another thread than the one
+    that began it (FastAPI closes a request's session in a pool thread). So a thread
+    must not open a second write transaction while its first is still open."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def begin(self, conn: Any) -> None:
+        self._lock.acquire()
+        conn.info["write_gate"] = True
+        try:
+            _sqlite_begin(conn)
+        except BaseException:
+            self.end(conn)
+            raise
+
+    def end(self, conn: Any) -> None:
+        if conn.info.pop("write_gate", False):
+            self._lock.release()
 
 
 def _sqlite_begin_read(conn: Any) -> None:
@@ -81,7 +109,13 @@ def make_engine(url: str, *, readonly: bool = False) -> Engine:
             "connect",
             lambda dbapi_conn, _rec: setattr(dbapi_conn, "isolation_level", None),
         )
-        event.listen(engine, "begin", _sqlite_begin_read if readonly else _sqlite_begin)
+        if readonly:
+            event.listen(engine, "begin", _sqlite_begin_read)
+        else:
+            gate = _WriteGate()
+            event.listen(engine, "begin", gate.begin)
+            event.listen(engine, "commit", gate.end)
+            event.listen(engine, "rollback", gate.end)
         return engine
     return create_engine(
         url, pool_pre_ping=True, pool_size=10, max_overflow=20, json_serializer=dumps_json
