@@ -60,23 +60,24 @@ def _check_model(
         )
 
 
-def _check_finetune(session: Session, settings: Settings, spec: FineTuneSpec) -> None:
-    allowed = SCHEMAS_FOR_TASK[spec.task]
-    train = _dataset(session, spec.training_dataset, "spec.training_dataset")
-    if DatasetSchema(train.schema) not in allowed:
+def _fitting_dataset(session: Session, dataset_id: str, task: FineTuneTask, param: str) -> Dataset:
+    allowed = SCHEMAS_FOR_TASK[task]
+    ds = _dataset(session, dataset_id, param)
+    if DatasetSchema(ds.schema) not in allowed:
         raise InvalidRequestError(
-            f"dataset {train.id!r} holds {train.schema} rows; task {spec.task.value} needs "
+            f"dataset {ds.id!r} holds {ds.schema} rows; task {task.value} needs "
             f"{' or '.join(sorted(s.value for s in allowed))}",
-            param="spec.training_dataset",
+            param=param,
         )
+    return ds
+
+
+def _check_finetune(session: Session, settings: Settings, spec: FineTuneSpec) -> None:
+    train = _fitting_dataset(session, spec.training_dataset, spec.task, "spec.training_dataset")
     if spec.validation_dataset is not None:
-        val = _dataset(session, spec.validation_dataset, "spec.validation_dataset")
-        if DatasetSchema(val.schema) not in allowed:
-            raise InvalidRequestError(
-                f"dataset {val.id!r} holds {val.schema} rows; task {spec.task.value} needs "
-                f"{' or '.join(sorted(s.value for s in allowed))}",
-                param="spec.validation_dataset",
-            )
+        val = _fitting_dataset(
+            session, spec.validation_dataset, spec.task, "spec.validation_dataset"
+        )
         missing = sorted(set(val.labels) - set(train.labels))
         if spec.task is not FineTuneTask.CAUSAL_LM and missing:
             raise InvalidRequestError(

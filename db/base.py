@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, MetaData
+from sqlalchemy import ColumnElement, DateTime, MetaData, and_, or_
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
@@ -47,3 +47,14 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def newer_first_before(
+    created_at: Any, key: Any, before: tuple[datetime, str] | None
+) -> list[ColumnElement[bool]]:
+    """Keyset condition for pages ordered (created_at, key) descending: rows after the
+    cursor `before` = (created_at, key) of the previous page's last row."""
+    if before is None:
+        return []
+    ts, last = before
+    return [or_(created_at < ts, and_(created_at == ts, key < last))]

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.errors import NotFoundError
-from db.base import utcnow
+from db.base import newer_first_before, utcnow
 from db.models import Dataset
 
 
@@ -62,15 +62,7 @@ def list_datasets(
     session: Session, *, limit: int, before: tuple[datetime, str] | None = None
 ) -> Sequence[Dataset]:
     """Newest first, keyset-paginated on (created_at, id)."""
-    stmt = select(Dataset)
-    if before is not None:
-        ts, dataset_id = before
-        stmt = stmt.where(
-            or_(
-                Dataset.created_at < ts,
-                and_(Dataset.created_at == ts, Dataset.id < dataset_id),
-            )
-        )
+    stmt = select(Dataset).where(*newer_first_before(Dataset.created_at, Dataset.id, before))
     stmt = stmt.order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit)
     return session.scalars(stmt).all()
 

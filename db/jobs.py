@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
 from core.enums import EventType, JobKind, JobStatus
 from core.errors import InvalidStateError, NotFoundError
 from core.states import can_transition
-from db.base import utcnow
+from db.base import newer_first_before, utcnow
 from db.events import append_event
 from db.models import Job
 
@@ -96,9 +96,7 @@ def list_jobs(
         conds.append(Job.created_at < filt.created_before)
     for key, value in filt.metadata.items():
         conds.append(Job.metadata_[key].as_string() == value)
-    if before is not None:
-        ts, job_id = before
-        conds.append(or_(Job.created_at < ts, and_(Job.created_at == ts, Job.id < job_id)))
+    conds.extend(newer_first_before(Job.created_at, Job.id, before))
     stmt = select(Job).where(*conds).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
     return session.scalars(stmt).all()
 

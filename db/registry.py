@@ -7,11 +7,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.enums import FineTuneTask
 from core.errors import NotFoundError
+from db.base import newer_first_before
 from db.models import RegisteredModel
 
 REGISTRY_PREFIX = "ft:"
@@ -72,15 +73,9 @@ def require_model(session: Session, name: str) -> RegisteredModel:
 def list_models(
     session: Session, *, limit: int, before: tuple[datetime, str] | None = None
 ) -> Sequence[RegisteredModel]:
-    stmt = select(RegisteredModel)
-    if before is not None:
-        ts, name = before
-        stmt = stmt.where(
-            or_(
-                RegisteredModel.created_at < ts,
-                and_(RegisteredModel.created_at == ts, RegisteredModel.name < name),
-            )
-        )
+    stmt = select(RegisteredModel).where(
+        *newer_first_before(RegisteredModel.created_at, RegisteredModel.name, before)
+    )
     stmt = stmt.order_by(RegisteredModel.created_at.desc(), RegisteredModel.name.desc())
     return session.scalars(stmt.limit(limit)).all()
 
