@@ -35,7 +35,7 @@ def resolve_local(ref: str, models_dir: Path) -> str:
 def resolve_model(settings: Settings, ref: str) -> ResolvedModel:
     if not is_registry_name(ref):
         return ResolvedModel(ref=resolve_local(ref, settings.models_dir))
-    with session_scope(settings.database_url) as session:
+    with session_scope(settings.database_url, readonly=True) as session:
         model = get_model(session, ref)
         if model is None:
             raise PermanentJobError(f"no registered model {ref!r}", FailureType.MODEL_NOT_FOUND)

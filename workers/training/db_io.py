@@ -41,7 +41,7 @@ class DbTrainingIO:
         return str(path.resolve().relative_to(self._settings.data_dir.resolve()))
 
     def dataset(self, dataset_id: str) -> DatasetRows:
-        with session_scope(self._settings.database_url) as session:
+        with session_scope(self._settings.database_url, readonly=True) as session:
             ds = get_dataset(session, dataset_id)
             if ds is None:
                 raise PermanentJobError(
@@ -73,7 +73,7 @@ class DbTrainingIO:
             )
 
     def _checkpoints(self, job_id: str) -> list[CheckpointInfo]:
-        with session_scope(self._settings.database_url) as session:
+        with session_scope(self._settings.database_url, readonly=True) as session:
             rows = [(c.step, c.path, dict(c.metrics)) for c in list_checkpoints(session, job_id)]
         found = []
         for step, rel, metrics in rows:
