@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -27,7 +28,8 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 PublisherDep = Annotated[JobPublisher, Depends(get_publisher)]
 
 
-def get_session(settings: SettingsDep) -> Iterator[Session]:
+@contextmanager
+def request_session(settings: Settings) -> Iterator[Session]:
     """A session per request; the route commits, anything unfinished rolls back."""
     session = get_sessionmaker(settings.database_url)()
     try:
@@ -35,6 +37,11 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
     finally:
         session.rollback()
         session.close()
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    with request_session(settings) as session:
+        yield session
 
 
 def get_read_session(settings: SettingsDep) -> Iterator[Session]:
