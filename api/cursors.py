@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
 from datetime import datetime
+from typing import TypeVar
 
 from core.errors import InvalidRequestError
+
+T = TypeVar("T")
 
 
 def encode_cursor(created_at: datetime, key: str) -> str:
@@ -22,3 +26,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     if parsed.tzinfo is None:
         raise InvalidRequestError("cursor is not one this API returned", param="cursor")
     return parsed, key
+
+
+def split_page(rows: Sequence[T], limit: int) -> tuple[list[T], bool]:
+    """Rows fetched with `limit + 1`: the page itself, and whether more rows follow."""
+    return list(rows[:limit]), len(rows) > limit

@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 
-from api.cursors import decode_cursor, encode_cursor
+from api.cursors import decode_cursor, encode_cursor, split_page
 from api.deps import ReadSessionDep, SessionDep, SettingsDep
 from api.schemas import DatasetList, DatasetOut
 from core.datasets import display_filename, parse_dataset
@@ -108,9 +108,9 @@ def list_datasets(
     cursor: str | None = None,
 ) -> DatasetList:
     before = decode_cursor(cursor) if cursor else None
-    rows = list(datasets_repo.list_datasets(session, limit=limit + 1, before=before))
-    has_more = len(rows) > limit
-    rows = rows[:limit]
+    rows, has_more = split_page(
+        datasets_repo.list_datasets(session, limit=limit + 1, before=before), limit
+    )
     next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if has_more else None
     return DatasetList(
         data=[DatasetOut.of(d) for d in rows], has_more=has_more, next_cursor=next_cursor

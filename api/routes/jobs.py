@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.cursors import decode_cursor, encode_cursor
+from api.cursors import decode_cursor, encode_cursor, split_page
 from api.deps import PublisherDep, ReadSessionDep, SessionDep, SettingsDep, request_session
 from api.job_checks import check_job_request
 from api.schemas import (
@@ -159,9 +159,9 @@ def list_jobs(
         metadata=_parse_metadata_filters(metadata),
     )
     before = decode_cursor(cursor) if cursor else None
-    rows = list(jobs_repo.list_jobs(session, filt, limit=limit + 1, before=before))
-    has_more = len(rows) > limit
-    rows = rows[:limit]
+    rows, has_more = split_page(
+        jobs_repo.list_jobs(session, filt, limit=limit + 1, before=before), limit
+    )
     next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if has_more else None
     return JobList(data=[JobOut.of(j) for j in rows], has_more=has_more, next_cursor=next_cursor)
 
@@ -187,9 +187,9 @@ def list_job_events(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> EventList:
     jobs_repo.require_job(session, job_id)
-    rows = list(events_repo.list_events(session, job_id, after_id=after, limit=limit + 1))
-    has_more = len(rows) > limit
-    rows = rows[:limit]
+    rows, has_more = split_page(
+        events_repo.list_events(session, job_id, after_id=after, limit=limit + 1), limit
+    )
     return EventList(
         data=[EventOut.of(e) for e in rows],
         has_more=has_more,
@@ -213,11 +213,10 @@ def list_job_metrics(
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
 ) -> MetricList:
     jobs_repo.require_job(session, job_id)
-    rows = list(
-        training_repo.list_metrics(session, job_id, names=name, after_id=after, limit=limit + 1)
+    rows, has_more = split_page(
+        training_repo.list_metrics(session, job_id, names=name, after_id=after, limit=limit + 1),
+        limit,
     )
-    has_more = len(rows) > limit
-    rows = rows[:limit]
     return MetricList(
         job_id=job_id,
         data=[MetricOut.of(m) for m in rows],

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
-from api.cursors import decode_cursor, encode_cursor
+from api.cursors import decode_cursor, encode_cursor, split_page
 from api.deps import ReadSessionDep, SessionDep, SettingsDep
 from api.schemas import ModelList, ModelOut
 from db import registry
@@ -22,9 +22,9 @@ def list_models(
     cursor: str | None = None,
 ) -> ModelList:
     before = decode_cursor(cursor) if cursor else None
-    rows = list(registry.list_models(session, limit=limit + 1, before=before))
-    has_more = len(rows) > limit
-    rows = rows[:limit]
+    rows, has_more = split_page(
+        registry.list_models(session, limit=limit + 1, before=before), limit
+    )
     next_cursor = encode_cursor(rows[-1].created_at, rows[-1].name) if has_more else None
     return ModelList(
         data=[ModelOut.of(m) for m in rows], has_more=has_more, next_cursor=next_cursor
