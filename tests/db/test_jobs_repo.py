@@ -7,10 +7,11 @@ from datetime import timedelta
 
 import pytest
 
-from core.enums import JobKind, JobStatus
+from core.enums import JobStatus
 from core.errors import InvalidStateError
-from db.jobs import claim_job, create_job, finish_job, get_job, renew_lease, transition
+from db.jobs import claim_job, finish_job, get_job, renew_lease, transition
 from db.session import migrate, session_scope
+from tests.support.jobs import insert_job
 
 TTL = timedelta(seconds=30)
 
@@ -21,22 +22,9 @@ def url(database_url: str) -> str:
     return database_url
 
 
-def new_job(url: str) -> str:
-    with session_scope(url) as s:
-        job = create_job(
-            s,
-            kind=JobKind.GENERATE,
-            spec={"model": "m", "prompts": ["p"]},
-            priority=0,
-            max_attempts=3,
-            metadata={},
-        )
-        return job.id
-
-
 def test_concurrent_claims_have_exactly_one_winner(url: str) -> None:
     for _ in range(10):
-        job_id = new_job(url)
+        job_id = insert_job(url)
         barrier = threading.Barrier(4)
         wins: list[str] = []
 
@@ -65,7 +53,7 @@ def test_concurrent_claims_have_exactly_one_winner(url: str) -> None:
 
 
 def test_only_the_lease_owner_can_finish_or_renew(url: str) -> None:
-    job_id = new_job(url)
+    job_id = insert_job(url)
     with session_scope(url) as s:
         assert claim_job(s, job_id, "owner", TTL)
     with session_scope(url) as s:
@@ -86,13 +74,13 @@ def test_only_the_lease_owner_can_finish_or_renew(url: str) -> None:
 
 
 def test_transition_refuses_what_the_state_machine_refuses(url: str) -> None:
-    job_id = new_job(url)
+    job_id = insert_job(url)
     with session_scope(url) as s, pytest.raises(InvalidStateError):
         transition(s, job_id, JobStatus.QUEUED, JobStatus.SUCCEEDED)
 
 
 def test_transition_from_wrong_status_changes_nothing(url: str) -> None:
-    job_id = new_job(url)
+    job_id = insert_job(url)
     with session_scope(url) as s:
         assert not transition(s, job_id, JobStatus.RUNNING, JobStatus.SUCCEEDED)
         job = get_job(s, job_id)
@@ -103,7 +91,7 @@ def test_transition_from_wrong_status_changes_nothing(url: str) -> None:
 def test_outputs_with_nul_characters_are_stored(url: str) -> None:
     from db.outputs import GeneratedText, add_outputs, list_outputs
 
-    job_id = new_job(url)
+    job_id = insert_job(url)
     with session_scope(url) as s:
         add_outputs(s, job_id, [GeneratedText(0, 0, "a\x00b", "length", 1, 3)])
     with session_scope(url) as s:
@@ -111,7 +99,7 @@ def test_outputs_with_nul_characters_are_stored(url: str) -> None:
 
 
 def test_non_finite_numbers_in_json_columns_are_stored_as_null(url: str) -> None:
-    job_id = new_job(url)
+    job_id = insert_job(url)
     with session_scope(url) as s:
         assert claim_job(s, job_id, "w", TTL)
         result = {"eval": {"perplexity": float("inf"), "loss": float("nan"), "ok": [1.5]}}

@@ -14,10 +14,10 @@ from core.errors import PermanentJobError, TransientJobError
 from core.settings import Settings
 from db.base import utcnow
 from db.events import list_events
-from db.jobs import create_job, get_job
 from db.models import Job
 from db.outputs import GeneratedText, count_outputs
 from db.session import migrate, session_scope
+from tests.support.jobs import insert_job, load_job
 from tests.support.services import redis_db_index
 from workers.context import RunContext
 from workers.executor import JobExecutor
@@ -44,25 +44,6 @@ def executor(settings: Settings) -> Iterator[JobExecutor]:
     publisher.close()
 
 
-def make_job(settings: Settings, max_attempts: int = 3) -> str:
-    with session_scope(settings.database_url) as s:
-        return create_job(
-            s,
-            kind=JobKind.GENERATE,
-            spec={"model": "m", "prompts": ["p"]},
-            priority=0,
-            max_attempts=max_attempts,
-            metadata={},
-        ).id
-
-
-def load(settings: Settings, job_id: str) -> Job:
-    with session_scope(settings.database_url) as s:
-        job = get_job(s, job_id)
-        assert job is not None
-        return job
-
-
 def stub_runner(monkeypatch: pytest.MonkeyPatch, executor: JobExecutor, behaviour: Any) -> None:
     def run(kind: JobKind, spec: dict[str, Any], ctx: RunContext) -> RunResult:
         return RunResult(outputs=behaviour(ctx))
@@ -74,9 +55,9 @@ def test_success_writes_outputs_and_finishes(
     settings: Settings, executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stub_runner(monkeypatch, executor, lambda ctx: [GeneratedText(0, 0, "hi", "stop", 1, 1)])
-    job_id = make_job(settings)
+    job_id = insert_job(settings.database_url)
     executor.execute(job_id)
-    job = load(settings, job_id)
+    job = load_job(settings.database_url, job_id)
     assert (job.status, job.attempts, job.lease_owner) == ("succeeded", 1, None)
     with session_scope(settings.database_url) as s:
         assert count_outputs(s, job_id) == 1
@@ -93,17 +74,17 @@ def test_transient_error_requeues_with_backoff_then_fails_at_max(
         raise TransientJobError("device busy")
 
     stub_runner(monkeypatch, executor, flaky)
-    job_id = make_job(settings, max_attempts=2)
+    job_id = insert_job(settings.database_url, max_attempts=2)
     executor.execute(job_id)
-    job = load(settings, job_id)
+    job = load_job(settings.database_url, job_id)
     assert (job.status, job.attempts, job.error_type) == ("queued", 1, "transient_error")
     assert job.available_at > utcnow()
     executor.execute(job_id)  # not due yet: dropped, nothing runs
-    assert load(settings, job_id).attempts == 1
+    assert load_job(settings.database_url, job_id).attempts == 1
     with session_scope(settings.database_url) as s:
         s.query(Job).filter(Job.id == job_id).update({"available_at": utcnow()})
     executor.execute(job_id)
-    job = load(settings, job_id)
+    job = load_job(settings.database_url, job_id)
     assert (job.status, job.attempts, job.error_type) == ("failed", 2, "transient_error")
 
 
@@ -125,9 +106,9 @@ def test_other_errors_fail_once_with_a_type(
         raise error
 
     stub_runner(monkeypatch, executor, broken)
-    job_id = make_job(settings)
+    job_id = insert_job(settings.database_url)
     executor.execute(job_id)
-    job = load(settings, job_id)
+    job = load_job(settings.database_url, job_id)
     assert (job.status, job.attempts, job.error_type) == ("failed", 1, expected)
 
 
@@ -136,9 +117,9 @@ def test_failure_to_store_results_fails_the_job(
 ) -> None:
     dup = GeneratedText(0, 0, "same position twice", "stop", 1, 1)
     stub_runner(monkeypatch, executor, lambda ctx: [dup, dup])
-    job_id = make_job(settings)
+    job_id = insert_job(settings.database_url)
     executor.execute(job_id)
-    job = load(settings, job_id)
+    job = load_job(settings.database_url, job_id)
     assert (job.status, job.error_type) == ("failed", "runtime_error")
     with session_scope(settings.database_url) as s:
         assert count_outputs(s, job_id) == 0
@@ -157,7 +138,7 @@ def test_cancel_seen_by_heartbeat_cancels(
         return []
 
     stub_runner(monkeypatch, executor, wait_for_cancel)
-    job_id = make_job(settings)
+    job_id = insert_job(settings.database_url)
     executor.execute(job_id)
-    job = load(settings, job_id)
+    job = load_job(settings.database_url, job_id)
     assert (job.status, job.attempts) == ("cancelled", 1)

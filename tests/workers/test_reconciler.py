@@ -15,9 +15,10 @@ from core.enums import JobKind
 from core.settings import Settings
 from db.base import utcnow
 from db.events import list_events
-from db.jobs import claim_job, create_job, get_job, request_cancel
+from db.jobs import claim_job, request_cancel
 from db.models import Job
 from db.session import migrate, session_scope
+from tests.support.jobs import insert_job, load_job
 from tests.support.services import redis_db_index
 from workers.reconciler import reconcile
 
@@ -42,18 +43,6 @@ def publisher(settings: Settings) -> Iterator[JobPublisher]:
     pub.close()
 
 
-def make_job(settings: Settings, max_attempts: int = 3) -> str:
-    with session_scope(settings.database_url) as s:
-        return create_job(
-            s,
-            kind=JobKind.GENERATE,
-            spec={"model": "m", "prompts": ["p"]},
-            priority=0,
-            max_attempts=max_attempts,
-            metadata={},
-        ).id
-
-
 def expire_lease(settings: Settings, job_id: str) -> None:
     with session_scope(settings.database_url) as s:
         assert claim_job(s, job_id, "dead-worker", timedelta(seconds=30))
@@ -64,17 +53,10 @@ def expire_lease(settings: Settings, job_id: str) -> None:
         )
 
 
-def status_of(settings: Settings, job_id: str) -> Job:
-    with session_scope(settings.database_url) as s:
-        job = get_job(s, job_id)
-        assert job is not None
-        return job
-
-
 def test_republishes_only_jobs_whose_marker_is_gone(
     settings: Settings, publisher: JobPublisher
 ) -> None:
-    published, lost = make_job(settings), make_job(settings)
+    published, lost = insert_job(settings.database_url), insert_job(settings.database_url)
     publisher.publish(published, JobKind.GENERATE, 0)
     report = reconcile(settings, publisher)
     assert report.republished == 1
@@ -88,11 +70,11 @@ def test_republishes_only_jobs_whose_marker_is_gone(
 def test_expired_lease_goes_back_to_queued_and_is_published(
     settings: Settings, publisher: JobPublisher
 ) -> None:
-    job_id = make_job(settings)
+    job_id = insert_job(settings.database_url)
     expire_lease(settings, job_id)
     report = reconcile(settings, publisher)
     assert report.requeued == 1
-    job = status_of(settings, job_id)
+    job = load_job(settings.database_url, job_id)
     assert job.status == "queued"
     assert job.attempts == 1
     assert job.lease_owner is None
@@ -103,10 +85,10 @@ def test_expired_lease_goes_back_to_queued_and_is_published(
 def test_expired_lease_after_max_attempts_fails(
     settings: Settings, publisher: JobPublisher
 ) -> None:
-    job_id = make_job(settings, max_attempts=1)
+    job_id = insert_job(settings.database_url, max_attempts=1)
     expire_lease(settings, job_id)
     assert reconcile(settings, publisher).failed == 1
-    job = status_of(settings, job_id)
+    job = load_job(settings.database_url, job_id)
     assert job.status == "failed"
     assert job.error_type == "worker_lost"
 
@@ -114,20 +96,20 @@ def test_expired_lease_after_max_attempts_fails(
 def test_expired_lease_with_cancel_requested_is_cancelled(
     settings: Settings, publisher: JobPublisher
 ) -> None:
-    job_id = make_job(settings)
+    job_id = insert_job(settings.database_url)
     expire_lease(settings, job_id)
     with session_scope(settings.database_url) as s:
         request_cancel(s, job_id)
     assert reconcile(settings, publisher).cancelled == 1
-    assert status_of(settings, job_id).status == "cancelled"
+    assert load_job(settings.database_url, job_id).status == "cancelled"
     with session_scope(settings.database_url) as s:
         assert any("cancel" in e.message for e in list_events(s, job_id))
 
 
 def test_live_lease_is_left_alone(settings: Settings, publisher: JobPublisher) -> None:
-    job_id = make_job(settings)
+    job_id = insert_job(settings.database_url)
     with session_scope(settings.database_url) as s:
         assert claim_job(s, job_id, "live-worker", timedelta(seconds=60))
     report = reconcile(settings, publisher)
     assert (report.requeued, report.failed, report.cancelled) == (0, 0, 0)
-    assert status_of(settings, job_id).lease_owner == "live-worker"
+    assert load_job(settings.database_url, job_id).lease_owner == "live-worker"

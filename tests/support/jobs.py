@@ -1,0 +1,28 @@
+"""Jobs written straight through the repository, for tests below the API."""
+
+from __future__ import annotations
+
+from core.enums import JobKind
+from db.jobs import create_job, get_job
+from db.models import Job
+from db.session import session_scope
+
+
+def insert_job(database_url: str, max_attempts: int = 3) -> str:
+    """A queued generation job; returns its id."""
+    with session_scope(database_url) as s:
+        return create_job(
+            s,
+            kind=JobKind.GENERATE,
+            spec={"model": "m", "prompts": ["p"]},
+            priority=0,
+            max_attempts=max_attempts,
+            metadata={},
+        ).id
+
+
+def load_job(database_url: str, job_id: str) -> Job:
+    with session_scope(database_url) as s:
+        job = get_job(s, job_id)
+        assert job is not None
+        return job
