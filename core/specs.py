@@ -27,6 +27,13 @@ MetadataKey = Annotated[
 MetadataValue = Annotated[str, StringConstraints(max_length=512)] | int | float | bool | None
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, StringConstraints(max_length=32_000)]
+
+
 class GenerateSpec(BaseModel):
     """Prompts to complete with a causal language model."""
 
@@ -36,7 +43,13 @@ class GenerateSpec(BaseModel):
         pattern=MODEL_REF_PATTERN,
         description="A model directory name under the data dir's models/, a path, or a hub id.",
     )
-    prompts: list[Prompt] = Field(min_length=1, max_length=256)
+    prompts: list[Prompt] | None = Field(default=None, min_length=1, max_length=256)
+    messages: list[list[ChatMessage]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Conversations to continue with the chat template (instead of prompts).",
+    )
     chat: bool = Field(
         default=False, description="Wrap each prompt as a user message with the chat template."
     )
@@ -58,14 +71,16 @@ class GenerateSpec(BaseModel):
 
     @field_validator("prompts")
     @classmethod
-    def _no_blank_prompts(cls, prompts: list[str]) -> list[str]:
-        for i, p in enumerate(prompts):
+    def _no_blank_prompts(cls, prompts: list[str] | None) -> list[str] | None:
+        for i, p in enumerate(prompts or []):
             if _BLANK.match(p):
                 raise ValueError(f"prompt {i} is blank")
         return prompts
 
     @model_validator(mode="after")
     def _sampling_consistent(self) -> GenerateSpec:
+        if (self.prompts is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompts or messages")
         if self.temperature == 0 and self.num_return_sequences > 1:
             raise ValueError("num_return_sequences > 1 needs temperature > 0 (greedy is unique)")
         return self
@@ -73,6 +88,14 @@ class GenerateSpec(BaseModel):
     @property
     def do_sample(self) -> bool:
         return self.temperature > 0
+
+    @property
+    def prompt_count(self) -> int:
+        return len(self.prompts or self.messages or [])
+
+    @property
+    def uses_chat_template(self) -> bool:
+        return self.chat or self.messages is not None
 
 
 class NoopSpec(BaseModel):

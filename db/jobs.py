@@ -34,6 +34,7 @@ def create_job(
         kind=kind.value,
         status=JobStatus.QUEUED.value,
         spec=spec,
+        model=spec.get("model") if kind is JobKind.GENERATE else None,
         priority=priority,
         max_attempts=max_attempts,
         metadata_=metadata,

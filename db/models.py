@@ -30,12 +30,15 @@ class Job(Base):
         Index("ix_jobs_created_at_id", "created_at", "id"),
         Index("ix_jobs_status_available_at", "status", "available_at"),
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
+        Index("ix_jobs_status_kind_model", "status", "kind", "model"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_job_id)
     kind: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The model a generation job runs on: workers batch ready jobs that share it.
+    model: Mapped[str | None] = mapped_column(String(255))
     priority: Mapped[int] = mapped_column(Integer, default=0)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     request_hash: Mapped[str | None] = mapped_column(String(64))

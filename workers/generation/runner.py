@@ -55,13 +55,13 @@ class GenerationRunner:
         resolved = resolve_model(self._settings, spec.model)
         loaded = load_causal_lm(resolved.ref, ctx.device, resolved.adapter_of)
         results: list[GeneratedText] = []
-        for index, prompt in enumerate(spec.prompts):
+        for index, prompt in enumerate(spec.prompts or []):
             ctx.check_stop()
             try:
                 results.extend(self._one_prompt(loaded, spec, index, prompt, ctx))
             except torch.OutOfMemoryError as exc:
                 raise PermanentJobError(str(exc), FailureType.OUT_OF_MEMORY) from exc
-            ctx.report_progress((index + 1) / len(spec.prompts))
+            ctx.report_progress((index + 1) / spec.prompt_count)
         return RunResult(outputs=results)
 
     def _encode(self, loaded: LoadedModel, spec: GenerateSpec, prompt: str) -> Any:
