@@ -48,6 +48,13 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="First retry delay after a transient error; doubles."
     )
     retry_backoff_max_s: float = Field(default=300.0, ge=0, description="Cap on retry delay.")
+    batch_chunk_lines: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description="Batch lines handed to the generation engine at once; progress and the "
+        "completion window are checked between chunks.",
+    )
     device: str = Field(
         default="auto", description="`auto` (CUDA when available, else CPU), `cpu` or `cuda[:N]`."
     )
@@ -62,6 +69,24 @@ class Settings(BaseSettings):
     )
     auto_migrate: bool = Field(
         default=True, description="Run `alembic upgrade head` when the API starts."
+    )
+    generation_max_batch: int = Field(
+        default=32, ge=1, le=1024, description="Most sequences a worker decodes together."
+    )
+    generation_batch_wait_s: float = Field(
+        default=0.02,
+        ge=0,
+        le=5,
+        description="How long a worker waits for more ready generation jobs before it starts.",
+    )
+    generation_poll_s: float = Field(
+        default=0.05,
+        gt=0,
+        le=10,
+        description="How often a decoding worker looks for ready jobs to join its batch.",
+    )
+    model_cache_mb: int = Field(
+        default=8192, ge=1, description="Memory budget of each worker's loaded-model cache (MiB)."
     )
     api_host: str = Field(default="127.0.0.1", description="Address `modelyard api` binds.")
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port `modelyard api` binds.")

@@ -28,13 +28,14 @@ def create_job(
     metadata: dict[str, Any],
     idempotency_key: str | None = None,
     request_hash: str | None = None,
+    model: str | None = None,
 ) -> Job:
     now = utcnow()
     job = Job(
         kind=kind.value,
         status=JobStatus.QUEUED.value,
         spec=spec,
-        model=spec.get("model") if kind is JobKind.GENERATE else None,
+        model=model,
         priority=priority,
         max_attempts=max_attempts,
         metadata_=metadata,
@@ -301,6 +302,25 @@ def expired_leases(session: Session, now: datetime, limit: int = 500) -> Sequenc
         select(Job)
         .where(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
         .order_by(Job.lease_expires_at)
+        .limit(limit)
+    )
+    return session.scalars(stmt).all()
+
+
+def ready_for_model(
+    session: Session, kind: JobKind, model: str, now: datetime, limit: int
+) -> Sequence[str]:
+    """Ids of queued, due, uncancelled jobs of `kind` on `model`, highest priority first."""
+    stmt = (
+        select(Job.id)
+        .where(
+            Job.status == JobStatus.QUEUED.value,
+            Job.kind == kind.value,
+            Job.model == model,
+            Job.available_at <= now,
+            Job.cancel_requested.is_(False),
+        )
+        .order_by(Job.priority.desc(), Job.created_at)
         .limit(limit)
     )
     return session.scalars(stmt).all()

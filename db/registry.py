@@ -85,3 +85,18 @@ def delete_model(session: Session, name: str) -> RegisteredModel:
     session.delete(model)
     session.flush()
     return model
+
+
+def serving_base(session: Session, ref: str) -> str:
+    """The model a worker loads to serve `ref`: a LoRA adapter's base, else `ref` itself.
+
+    Generation jobs with the same serving base can share one decoding batch.
+    """
+    seen: set[str] = set()
+    while is_registry_name(ref) and ref not in seen:
+        seen.add(ref)
+        model = get_model(session, ref)
+        if model is None or not model.adapter:
+            return ref
+        ref = model.base_model
+    return ref

@@ -39,6 +39,7 @@ class ClaimedJob:
     kind: JobKind
     spec: dict[str, Any]
     ctx: RunContext
+    model: str | None = None  # generation jobs: the base model they are served on
 
 
 def worker_identity() -> str:
@@ -58,10 +59,23 @@ class JobExecutor:
         self._device = device
         self.worker = worker_identity()
 
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @property
+    def device(self) -> str:
+        return self._device
+
     def execute(self, job_id: str) -> None:
         self._publisher.take_marker(job_id)
-        claimed = self._claim(job_id)
+        claimed = self.claim(job_id)
         if claimed is None:
+            return
+        if claimed.kind is JobKind.GENERATE:
+            from workers.generation.jobs import GenerationBatchRun
+
+            GenerationBatchRun(self, claimed).run()
             return
         run_ctx = claimed.ctx
         heartbeat = Heartbeat(self._settings, run_ctx, self.worker)
@@ -70,11 +84,11 @@ class JobExecutor:
             result = self._run(claimed.kind, claimed.spec, run_ctx)
         except JobStopped:
             heartbeat.stop()
-            self._stopped(run_ctx)
+            self.stopped(run_ctx)
             return
         except PermanentJobError as exc:
             heartbeat.stop()
-            self._fail(job_id, exc.failure, exc.message)
+            self.fail(job_id, exc.failure, exc.message)
             return
         except (TransientJobError, OperationalError) as exc:
             heartbeat.stop()
@@ -83,19 +97,24 @@ class JobExecutor:
         except Exception as exc:
             heartbeat.stop()
             logger.exception("job %s failed", job_id)
-            self._fail(job_id, FailureType.RUNTIME_ERROR, f"{type(exc).__name__}: {exc}")
+            self.fail(job_id, FailureType.RUNTIME_ERROR, f"{type(exc).__name__}: {exc}")
             return
         heartbeat.stop()
         try:
-            self._succeed(job_id, claimed.spec, result)
+            self.succeed(job_id, claimed.spec, result)
         except OperationalError:
             # Database unreachable: the lease expires and the reconciler retries the job.
             logger.exception("job %s: could not record its result", job_id)
         except Exception as exc:
             logger.exception("job %s: storing its result failed", job_id)
-            self._fail(job_id, FailureType.RUNTIME_ERROR, f"storing the result failed: {exc}")
+            self.fail(job_id, FailureType.RUNTIME_ERROR, f"storing the result failed: {exc}")
 
-    def _claim(self, job_id: str) -> ClaimedJob | None:
+    def claim(self, job_id: str, *, from_message: bool = True) -> ClaimedJob | None:
+        """queued -> running for this worker; None when someone else has it (or it ended).
+
+        A message that finds its job not claimable is recorded as a dropped delivery;
+        a job a batch tried to take (`from_message=False`) that another worker took is not.
+        """
         ttl = timedelta(seconds=self._settings.lease_ttl_s)
         with session_scope(self._settings.database_url) as session:
             if claim_job(session, job_id, self.worker, ttl):
@@ -106,7 +125,10 @@ class JobExecutor:
                     kind=JobKind(job.kind),
                     spec=dict(job.spec),
                     ctx=RunContext(job_id=job_id, attempt=job.attempts, device=self._device),
+                    model=job.model,
                 )
+            if not from_message:
+                return None
             job = get_job(session, job_id)
             if job is None:
                 logger.warning("message for unknown job %s dropped", job_id)
@@ -124,7 +146,9 @@ class JobExecutor:
     def _run(self, kind: JobKind, spec: dict[str, Any], ctx: RunContext) -> RunResult:
         return runner_for(kind, self._settings).run(spec, ctx)
 
-    def _succeed(self, job_id: str, spec: dict[str, Any], result: RunResult) -> None:
+    def succeed(self, job_id: str, spec: dict[str, Any], result: RunResult) -> bool:
+        """Store outputs, registry entry and `succeeded` in one transaction; False if the
+        lease was lost first (then nothing is kept)."""
         summary = dict(result.result) if result.result is not None else None
         try:
             with session_scope(self._settings.database_url) as session:
@@ -138,8 +162,9 @@ class JobExecutor:
                     raise LeaseLost(job_id)
         except LeaseLost:
             logger.warning("job %s: lease lost before commit; outputs discarded", job_id)
-            return
+            return False
         logger.info("job %s succeeded with %d outputs", job_id, len(result.outputs))
+        return True
 
     def _register(
         self, session: Session, job_id: str, spec: dict[str, Any], trained: TrainedModel
@@ -160,7 +185,7 @@ class JobExecutor:
         append_event(session, job_id, EventType.LOG, f"registered model {name}", {"model": name})
         return name
 
-    def _fail(self, job_id: str, failure: FailureType, message: str) -> None:
+    def fail(self, job_id: str, failure: FailureType, message: str) -> None:
         with session_scope(self._settings.database_url) as session:
             won = finish_job(
                 session,
@@ -172,13 +197,17 @@ class JobExecutor:
             )
         logger.info("job %s failed (%s); recorded=%s", job_id, failure.value, won)
 
-    def _stopped(self, ctx: RunContext) -> None:
+    def stopped(self, ctx: RunContext) -> JobStatus | None:
+        """Record a cancel seen while running; None when the lease was lost (nothing kept)."""
         if ctx.lease_lost or not ctx.cancelled:
             logger.warning("job %s: stopped after losing its lease; nothing recorded", ctx.job_id)
-            return
+            return None
         with session_scope(self._settings.database_url) as session:
-            finish_job(session, ctx.job_id, self.worker, JobStatus.CANCELLED, error_message=None)
+            won = finish_job(
+                session, ctx.job_id, self.worker, JobStatus.CANCELLED, error_message=None
+            )
         logger.info("job %s cancelled while running", ctx.job_id)
+        return JobStatus.CANCELLED if won else None
 
     def _retry(self, job_id: str, attempts: int, message: str) -> None:
         with session_scope(self._settings.database_url) as session:

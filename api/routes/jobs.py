@@ -30,12 +30,13 @@ from core.dispatch import JobPublisher
 from core.enums import JobKind, JobStatus
 from core.errors import IdempotencyConflictError, InvalidRequestError
 from core.settings import Settings
-from core.specs import AnyJobRequest, JobRequest
+from core.specs import AnyJobRequest, GenerateJobRequest, JobRequest
 from db import events as events_repo
 from db import jobs as jobs_repo
 from db import outputs as outputs_repo
 from db import training as training_repo
 from db.models import Job
+from db.registry import serving_base
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -107,6 +108,9 @@ def _create_job_in(
         metadata=dict(req.metadata),
         idempotency_key=idempotency_key,
         request_hash=digest,
+        model=serving_base(session, req.spec.model)
+        if isinstance(req, GenerateJobRequest)
+        else None,
     )
     try:
         session.commit()

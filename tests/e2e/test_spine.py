@@ -90,7 +90,8 @@ def test_cancel_queued_never_runs_and_cancel_running_stops(one_worker: Stack) ->
     stack = one_worker
     running = stack.submit(long_spec(8))
     stack.wait_status(running["id"], ("running",))
-    queued = stack.submit(SHORT)
+    # a job of another kind: a generation job on the same model would join the running batch
+    queued = stack.submit({"duration_s": 0.1}, kind="noop")
     assert stack.job(queued["id"])["status"] == "queued"
 
     with stack.client() as c:
@@ -164,7 +165,8 @@ def test_killed_worker_job_completes_on_another_without_duplicates(one_worker: S
 
 def test_flushall_while_queued_loses_no_job(one_worker: Stack, broker: RedisServer) -> None:
     stack = one_worker
-    blocker = stack.submit(long_spec(2))
+    # a no-op blocker: generation jobs on a busy generation worker would join its batch
+    blocker = stack.submit({"duration_s": 4.0}, kind="noop")
     stack.wait_status(blocker["id"], ("running",))
     waiting = [stack.submit({**SHORT, "seed": i}) for i in range(4)]
     assert all(stack.job(j["id"])["status"] == "queued" for j in waiting)

@@ -12,7 +12,8 @@ from core.errors import JobStopped, PermanentJobError
 from core.settings import Settings
 from tests.conftest import TINY_MODEL
 from workers.context import RunContext
-from workers.generation.runner import GenerationRunner, cut_at_stop
+from workers.generation.runner import GenerationRunner
+from workers.generation.text import cut_at_stop
 
 
 @pytest.fixture(scope="module")

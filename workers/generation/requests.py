@@ -21,6 +21,7 @@ class GenerationRequest:
     spec: GenerateSpec
     stop_event: threading.Event = field(default_factory=threading.Event)
     on_delta: DeltaSink | None = None
+    on_progress: Callable[[float, dict[str, int]], None] | None = None  # fraction, token counts
 
 
 @dataclass

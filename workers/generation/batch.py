@@ -1,0 +1,205 @@
+"""A batch of sequences decoded together, that sequences join and leave between steps.
+
+Sequences are left-padded into one key/value cache. A joining group is prefilled
+on its own and then merged in (the shorter cache gets padding on the left);
+finished sequences are dropped from the cache, and columns that only padding
+still uses are cut off. Positions and attention masks are kept per row, so each
+row sees exactly the tokens it would see alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from workers.generation.sampling import RowSampling, choose_tokens
+from workers.generation.text import SequenceText
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+@dataclass
+class Row:
+    owner: Any  # whatever the engine uses to find the request this row belongs to
+    prompt_index: int
+    sequence_index: int
+    prompt_ids: list[int]
+    sampling: RowSampling
+    max_new_tokens: int
+    text: SequenceText
+    adapter: str = BASE_ADAPTER
+    generated: int = 0  # tokens chosen so far, end-of-text included
+
+
+class UnsupportedCache(Exception):
+    """The model keeps a cache this batch cannot merge (sliding windows, recurrent state)."""
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int, value: float = 0) -> torch.Tensor:
+    if width == 0:
+        return t
+    pad = [0, 0] * (t.dim() - dim - 1) + [width, 0]
+    return F.pad(t, pad, value=value)
+
+
+class DecodeBatch:
+    def __init__(self, model: Any, device: str, pad_id: int, vocab_size: int) -> None:
+        self._model = model
+        self._device = device
+        self._pad = pad_id
+        self._vocab = vocab_size
+        self._peft = hasattr(model, "peft_config")
+        self.rows: list[Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask = torch.zeros((0, 0), dtype=torch.long, device=device)
+        self._positions = torch.zeros((0,), dtype=torch.long, device=device)
+        self._pending = torch.zeros((0,), dtype=torch.long, device=device)
+        self._seen = torch.zeros((0, vocab_size), dtype=torch.bool, device=device)
+
+    def refresh_model(self, model: Any) -> None:
+        """Use `model` from now on (the cache wrapped the base in a peft model)."""
+        self._model = model
+        self._peft = hasattr(model, "peft_config")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def width(self) -> int:
+        return int(self._mask.shape[1])
+
+    def _forward(self, rows: list[Row], **kwargs: Any) -> Any:
+        if self._peft:
+            kwargs["adapter_names"] = [r.adapter for r in rows]
+        return self._model(use_cache=True, logits_to_keep=1, **kwargs)
+
+    def admit(self, rows: list[Row]) -> list[Row]:
+        """Prefill `rows`, choose their first tokens and merge them in. Returns rows now done."""
+        if not rows:
+            return []
+        length = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), length), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, length - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, length - len(r.prompt_ids) :] = 1
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self._forward(
+            rows,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+        )
+        seen = torch.zeros((len(rows), self._vocab), dtype=torch.bool, device=self._device)
+        for i, r in enumerate(rows):
+            seen[i, torch.tensor(r.prompt_ids, device=self._device).clamp(max=self._vocab - 1)] = (
+                True
+            )
+        self._merge(rows, out.cache, mask, mask.sum(-1), seen)
+        return self._choose(out.logits[:, -1, :], first=len(self.rows) - len(rows))
+
+    def step(self) -> list[Row]:
+        """Feed every row its last chosen token and choose the next. Returns rows now done."""
+        if not self.rows:
+            return []
+        ones = torch.ones((len(self.rows), 1), dtype=torch.long, device=self._device)
+        self._mask = torch.cat([self._mask, ones], dim=1)
+        out = self._forward(
+            self.rows,
+            input_ids=self._pending.unsqueeze(1),
+            attention_mask=self._mask,
+            position_ids=self._positions.unsqueeze(1),
+            cache=self._cache,
+        )
+        self._positions = self._positions + 1
+        return self._choose(out.logits[:, -1, :], first=0)
+
+    def drop(self, rows: list[Row]) -> None:
+        """Remove rows (finished or stopped) from the batch and its cache."""
+        gone = {id(r) for r in rows}
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self._cache = None
+            self._mask = self._mask[:0, :0]
+            self._positions, self._pending, self._seen = (
+                self._positions[:0],
+                self._pending[:0],
+                self._seen[:0],
+            )
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self._device)
+        assert self._cache is not None
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask[index]
+        self._positions = self._positions[index]
+        self._pending = self._pending[index]
+        self._seen = self._seen[index]
+        used = self._mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        if start > 0:
+            self._mask = self._mask[:, start:]
+            for layer in self._layers(self._cache):
+                layer.keys = layer.keys[:, :, start:, :]
+                layer.values = layer.values[:, :, start:, :]
+
+    @staticmethod
+    def _layers(cache: DynamicCache) -> list[Any]:
+        layers = list(getattr(cache, "layers", []))
+        for layer in layers:
+            if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+                raise UnsupportedCache(type(layer).__name__)
+        return layers
+
+    def _merge(
+        self,
+        rows: list[Row],
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        seen: torch.Tensor,
+    ) -> None:
+        if self._cache is None or not self.rows:
+            self._layers(cache)
+            self._cache, self._mask = cache, mask
+            self._positions = positions
+            self._pending = torch.zeros((len(rows),), dtype=torch.long, device=self._device)
+            self._seen = seen
+            self.rows = list(rows)
+            return
+        width = max(self.width, int(mask.shape[1]))
+        old_pad, new_pad = width - self.width, width - int(mask.shape[1])
+        for old, new in zip(self._layers(self._cache), self._layers(cache), strict=True):
+            old.keys = torch.cat([_left_pad(old.keys, old_pad, 2), _left_pad(new.keys, new_pad, 2)])
+            old.values = torch.cat(
+                [_left_pad(old.values, old_pad, 2), _left_pad(new.values, new_pad, 2)]
+            )
+        self._mask = torch.cat([_left_pad(self._mask, old_pad, 1), _left_pad(mask, new_pad, 1)])
+        self._positions = torch.cat([self._positions, positions])
+        filler = torch.zeros((len(rows),), dtype=torch.long, device=self._device)
+        self._pending = torch.cat([self._pending, filler])
+        self._seen = torch.cat([self._seen, seen])
+        self.rows.extend(rows)
+
+    def _choose(self, logits: torch.Tensor, first: int) -> list[Row]:
+        """Choose tokens for rows[first:] (whose logits these are); return rows that ended."""
+        rows = self.rows[first:]
+        tokens = choose_tokens(logits, [r.sampling for r in rows], self._seen[first:])
+        self._pending[first:] = tokens
+        self._seen[torch.arange(first, len(self.rows), device=self._device), tokens] = True
+        done: list[Row] = []
+        for r, token in zip(rows, tokens.tolist(), strict=True):
+            r.generated += 1
+            r.text.add(token, last_allowed=r.generated >= r.max_new_tokens)
+            if r.text.finished:
+                done.append(r)
+        return done

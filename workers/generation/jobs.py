@@ -1,0 +1,213 @@
+"""Generation jobs on a worker: one claimed job opens a decoding batch, and ready jobs
+for the same base model are claimed (with the usual compare-and-set) to join it,
+at the start and between decoding steps. Each job keeps its own lease, heartbeat,
+cancel flag, token stream and final state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.exc import OperationalError
+
+from core.enums import EventType, FailureType, JobKind, JobStatus
+from core.errors import PermanentJobError
+from core.specs import GenerateSpec
+from core.token_stream import TokenDelta, TokenStreamWriter
+from db.base import utcnow
+from db.events import append_event
+from db.jobs import ready_for_model
+from db.session import session_scope
+from workers.context import RunContext
+from workers.generation.cache import CacheOutcome
+from workers.generation.engine import GenerationEngine, engine_for
+from workers.generation.requests import GenerationRequest, RequestResult
+from workers.heartbeat import Heartbeat
+from workers.runners import RunResult
+
+if TYPE_CHECKING:
+    from workers.executor import ClaimedJob, JobExecutor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Running:
+    claimed: ClaimedJob
+    spec: GenerateSpec
+    heartbeat: Heartbeat
+    started: float
+    cache_note: dict[str, Any]
+
+
+class GenerationBatchRun:
+    """Serves one claimed generation job and every ready job that can join its batch."""
+
+    def __init__(self, executor: JobExecutor, first: ClaimedJob) -> None:
+        self._executor = executor
+        self._settings = executor.settings
+        self._first = first
+        self._engine: GenerationEngine = engine_for(self._settings, executor.device)
+        self._writer = TokenStreamWriter(self._settings.broker_url)
+        self._running: dict[str, _Running] = {}
+        self._deltas: list[TokenDelta] = []
+        self._cache_note: dict[str, Any] = {}
+
+    def run(self) -> None:
+        first = self._first
+        try:
+            spec = GenerateSpec.model_validate(first.spec)
+            base, _ = self._engine.base_of(spec.model)
+            entry, outcome = self._engine.load(base)
+        except PermanentJobError as exc:
+            self._executor.fail(first.ctx.job_id, exc.failure, exc.message)
+            self._writer.end(first.ctx.job_id, JobStatus.FAILED.value)
+            return
+        except Exception as exc:
+            logger.exception("job %s: loading its model failed", first.ctx.job_id)
+            self._executor.fail(
+                first.ctx.job_id, FailureType.RUNTIME_ERROR, f"{type(exc).__name__}: {exc}"
+            )
+            return
+        self._note_cache(first.ctx.job_id, base, outcome)
+        first_request = self._start(first, spec)
+        if self._settings.generation_batch_wait_s > 0:
+            time.sleep(self._settings.generation_batch_wait_s)
+        try:
+            self._engine.run(
+                entry,
+                [first_request],
+                self._finished,
+                more=lambda room: self._join(first.model, room),
+                after_step=self._flush,
+            )
+        except Exception as exc:
+            logger.exception("generation batch on %s failed", base)
+            for job_id in list(self._running):
+                self._end(
+                    job_id,
+                    RequestResult(
+                        job_id,
+                        [],
+                        error=f"{type(exc).__name__}: {exc}",
+                        error_type=FailureType.RUNTIME_ERROR.value,
+                    ),
+                )
+        finally:
+            self._flush()
+            self._writer.close()
+
+    def _note_cache(self, job_id: str, base: str, outcome: CacheOutcome) -> None:
+        self._cache_note = {"model_cache": "hit" if outcome.hit else "miss"}
+        data: dict[str, Any] = {"model": base, **self._cache_note}
+        message = f"model {base} from the worker's cache"
+        if not outcome.hit:
+            data["load_s"] = round(outcome.load_s, 3)
+            message = f"model {base} loaded in {outcome.load_s:.2f}s"
+        if outcome.evicted:
+            data["evicted"] = list(outcome.evicted)
+            message += f"; evicted {', '.join(outcome.evicted)}"
+        try:
+            with session_scope(self._settings.database_url) as session:
+                append_event(session, job_id, EventType.LOG, message, data)
+        except OperationalError:
+            logger.warning("job %s: could not record the model cache event", job_id)
+        self._cache_note["load_s"] = round(outcome.load_s, 3)
+
+    def _start(self, claimed: ClaimedJob, spec: GenerateSpec) -> GenerationRequest:
+        job_id = claimed.ctx.job_id
+        heartbeat = Heartbeat(self._settings, claimed.ctx, self._executor.worker)
+        heartbeat.start()
+        note = dict(self._cache_note) if not self._running else {"model_cache": "hit"}
+        self._running[job_id] = _Running(claimed, spec, heartbeat, time.perf_counter(), note)
+        self._writer.begin(job_id, claimed.ctx.attempt)
+        ctx = claimed.ctx
+
+        def on_delta(prompt_index: int, sequence_index: int, text: str) -> None:
+            self._deltas.append(TokenDelta(job_id, prompt_index, sequence_index, text))
+
+        def on_progress(fraction: float, detail: dict[str, int]) -> None:
+            ctx.report_progress(fraction, **detail)
+
+        return GenerationRequest(
+            key=job_id,
+            spec=spec,
+            stop_event=ctx.stop_event,
+            on_delta=on_delta,
+            on_progress=on_progress,
+        )
+
+    def _join(self, model: str | None, room: int) -> list[GenerationRequest]:
+        """Claim up to `room` ready jobs on the same base model."""
+        if model is None or room <= 0:
+            return []
+        try:
+            with session_scope(self._settings.database_url, readonly=True) as session:
+                ids = list(ready_for_model(session, JobKind.GENERATE, model, utcnow(), room))
+        except OperationalError:
+            logger.warning("could not look for jobs to join the batch on %s", model)
+            return []
+        joined: list[GenerationRequest] = []
+        for job_id in ids:
+            try:
+                claimed = self._executor.claim(job_id, from_message=False)
+            except OperationalError:
+                logger.warning("job %s: claim failed; it stays queued", job_id)
+                continue
+            if claimed is None:
+                continue
+            try:
+                spec = GenerateSpec.model_validate(claimed.spec)
+            except ValueError as exc:
+                self._executor.fail(job_id, FailureType.INVALID_SPEC, str(exc))
+                continue
+            joined.append(self._start(claimed, spec))
+            self._record(job_id, "joined a running batch", {"worker": self._executor.worker})
+        return joined
+
+    def _record(self, job_id: str, message: str, data: dict[str, Any]) -> None:
+        try:
+            with session_scope(self._settings.database_url) as session:
+                append_event(session, job_id, EventType.LOG, message, data)
+        except OperationalError:
+            logger.warning("job %s: could not record %r", job_id, message)
+
+    def _flush(self) -> None:
+        if self._deltas:
+            self._writer.publish(self._deltas)
+            self._deltas = []
+
+    def _finished(self, result: RequestResult) -> None:
+        self._flush()
+        self._end(result.key, result)
+
+    def _end(self, job_id: str, result: RequestResult) -> None:
+        running = self._running.pop(job_id, None)
+        if running is None:
+            return
+        running.heartbeat.stop()
+        ctx: RunContext = running.claimed.ctx
+        if result.stopped:
+            status = self._executor.stopped(ctx)
+        elif result.error is not None:
+            failure = FailureType(result.error_type or FailureType.RUNTIME_ERROR.value)
+            self._executor.fail(job_id, failure, result.error)
+            status = JobStatus.FAILED
+        else:
+            summary = {
+                "usage": {
+                    "prompt_tokens": sum(t.prompt_tokens for t in result.texts),
+                    "completion_tokens": sum(t.completion_tokens for t in result.texts),
+                },
+                "generation_s": round(time.perf_counter() - running.started, 3),
+                **running.cache_note,
+            }
+            won = self._executor.succeed(
+                job_id, running.claimed.spec, RunResult(outputs=result.texts, result=summary)
+            )
+            status = JobStatus.SUCCEEDED if won else None
+        if status is not None:
+            self._writer.end(job_id, status.value)

@@ -1,0 +1,78 @@
+"""Choosing each row's next token with that row's own sampling parameters.
+
+Every operation here is row-wise, so a row's choice depends only on its own
+logits, parameters and random generator, never on the other rows of the batch.
+The order follows transformers' `generate`: repetition penalty, temperature,
+top-k, top-p, then a draw (or argmax when greedy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RowSampling:
+    do_sample: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    generator: torch.Generator | None  # None for greedy rows
+
+
+def row_generator(seed: int) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    return gen
+
+
+def penalize_repeats(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor
+) -> torch.Tensor:
+    """Make already seen tokens less likely: divide positive scores, multiply negative ones.
+
+    logits [B, V] float, seen [B, V] bool, penalty [B] float (1.0 leaves a row alone).
+    """
+    p = penalty.to(logits.dtype).unsqueeze(1)
+    penalized = torch.where(logits < 0, logits * p, logits / p)
+    return torch.where(seen, penalized, logits)
+
+
+def _filtered_probs(logits: torch.Tensor, row: RowSampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted token ids and their probabilities after temperature, top-k and top-p."""
+    scores = logits.float() / row.temperature
+    sorted_scores, sorted_ids = torch.sort(scores, descending=True)
+    if row.top_k > 0:
+        sorted_scores[row.top_k :] = float("-inf")
+    if row.top_p < 1.0:
+        probs = torch.softmax(sorted_scores, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly better tokens
+        drop = before > row.top_p
+        drop[0] = False
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+    return sorted_ids, torch.softmax(sorted_scores, dim=-1)
+
+
+def choose_tokens(
+    logits: torch.Tensor, rows: list[RowSampling], seen: torch.Tensor | None
+) -> torch.Tensor:
+    """Next token id per row ([B] long, on logits' device) from last-position logits [B, V]."""
+    logits = logits.float()
+    if seen is not None:
+        penalty = torch.tensor([r.repetition_penalty for r in rows], device=logits.device)
+        if bool((penalty != 1.0).any()):
+            logits = penalize_repeats(logits, seen, penalty)
+    chosen = torch.argmax(logits, dim=-1)
+    sampled = [i for i, r in enumerate(rows) if r.do_sample]
+    if sampled:
+        cpu_logits = logits[sampled].cpu()
+        picks = []
+        for j, i in enumerate(sampled):
+            ids, probs = _filtered_probs(cpu_logits[j], rows[i])
+            draw = torch.multinomial(probs, 1, generator=rows[i].generator)
+            picks.append(ids[draw])
+        chosen[sampled] = torch.cat(picks).to(chosen.device)
+    return chosen

@@ -1,0 +1,84 @@
+"""A sequence's text as its tokens arrive: stop strings, end of text, and stream deltas.
+
+The stored text and the streamed deltas come from the same place: whatever was
+streamed is always a prefix of the final text, and the last delta completes it.
+To keep that true with stop strings, the tail that could still turn out to be
+the start of a stop string is held back until it cannot.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.enums import FinishReason
+
+_INCOMPLETE = "\ufffd"  # a multi-byte character split across tokens decodes to this
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Text up to the earliest stop sequence, and whether one was found."""
+    positions = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if not positions:
+        return text, False
+    return text[: min(positions)], True
+
+
+class SequenceText:
+    def __init__(
+        self, tokenizer: Any, stops: list[str], eos_ids: frozenset[int], *, stream: bool
+    ) -> None:
+        self._tok = tokenizer
+        self._stream = stream
+        self._stops = stops
+        self._holdback = max((len(s) for s in stops), default=1) - 1
+        self._eos = eos_ids
+        self.ids: list[int] = []
+        self._text = ""
+        self._streamed = ""
+        self.finish_reason: FinishReason | None = None
+
+    def add(self, token_id: int, *, last_allowed: bool) -> None:
+        """Take one generated token; `last_allowed` means max_new_tokens is now reached."""
+        if token_id in self._eos:
+            self.finish_reason = FinishReason.STOP
+            return
+        self.ids.append(token_id)
+        if self._stream or self._stops:
+            self._text = self._decode()
+            if self._stops:
+                cut, found = cut_at_stop(self._text, self._stops)
+                if found:
+                    self._text = cut
+                    self.finish_reason = FinishReason.STOP
+                    return
+        if last_allowed:
+            self.finish_reason = FinishReason.LENGTH
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def delta(self) -> str:
+        """Text not streamed yet that is safe to stream now (all of it once finished)."""
+        if self.finished:
+            final = self.final_text()
+            if not final.startswith(self._streamed):
+                return ""  # a tokenizer that rewrites earlier text: the stored text wins
+            out = final[len(self._streamed) :]
+        else:
+            ready = len(self._text) - self._holdback
+            if self._text.endswith(_INCOMPLETE):
+                ready = min(ready, len(self._text) - 1)
+            if ready <= len(self._streamed) or not self._text.startswith(self._streamed):
+                return ""
+            out = self._text[len(self._streamed) : ready]
+        self._streamed += out
+        return out
+
+    def final_text(self) -> str:
+        if not self._stops:
+            self._text = self._decode()
+        return self._text
+
+    def _decode(self) -> str:
+        return str(self._tok.decode(self.ids, skip_special_tokens=True))
