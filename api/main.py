@@ -9,9 +9,10 @@ from starlette.concurrency import run_in_threadpool
 
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
-from api.routes import datasets, health, jobs, models
+from api.routes import datasets, health, jobs, models, stream
 from core.dispatch import JobPublisher
 from core.settings import Settings, get_settings
+from core.token_stream import TokenStreamReader
 from db.session import migrate
 
 logger = logging.getLogger(__name__)
@@ -25,9 +26,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.auto_migrate:
             await run_in_threadpool(migrate, settings.database_url)
         app.state.publisher = JobPublisher(settings)
+        app.state.token_reader = TokenStreamReader(settings.broker_url)
         logger.info("api ready")
         yield
         app.state.publisher.close()
+        await app.state.token_reader.aclose()
 
     app = FastAPI(title="Modelyard", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
@@ -39,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(stream.router)
     app.include_router(models.router)
     app.include_router(datasets.router)
     return app

@@ -1,0 +1,204 @@
+"""Token streaming for generation jobs: workers write deltas, the API reads them.
+
+One Redis Stream per job (`modelyard:tokens:<job id>`) holds, per attempt, a
+`start` entry, one `delta` entry per piece of text of one (prompt, sequence),
+and an `end` entry written after the final status was committed. Redis is only
+transport: the database keeps the job's status and outputs, so the writer is best
+effort (it logs and carries on when Redis is away) and the reader re-checks the
+database while it waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis.typing import EncodableT, FieldT
+
+logger = logging.getLogger(__name__)
+
+STREAM_PREFIX = "modelyard:tokens:"
+# Approximate cap on entries per job stream; a live reader keeps up long before it,
+# while a reader that joins a very long job late may find its first entries trimmed.
+MAX_ENTRIES = 100_000
+# A finished job's stream only serves readers already attached; later ones read the database.
+END_TTL_S = 60.0
+# After a failed publish, drop further deltas this long instead of stalling every step.
+PAUSE_AFTER_ERROR_S = 5.0
+SOCKET_TIMEOUT_S = 2.0
+
+START, DELTA, END = "start", "delta", "end"
+
+
+def stream_key(job_id: str) -> str:
+    return f"{STREAM_PREFIX}{job_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDelta:
+    job_id: str
+    prompt_index: int
+    sequence_index: int
+    text: str  # text added since the previous delta of this (prompt, sequence)
+
+
+class TokenStreamWriter:
+    """Writes a job's token stream from a worker; never raises into the job.
+
+    Call order per attempt: `begin` -> `publish`* -> `end` (after the final status
+    is committed). A retried attempt calls `begin` again, which drops the old text.
+    """
+
+    def __init__(self, redis_url: str, ttl_s: float = 3600.0) -> None:
+        self._redis: redis.Redis = redis.Redis.from_url(
+            redis_url,
+            socket_connect_timeout=SOCKET_TIMEOUT_S,
+            socket_timeout=SOCKET_TIMEOUT_S,
+        )
+        self._ttl_ms = max(1, int(ttl_s * 1000))
+        self._paused_until = 0.0
+
+    def begin(self, job_id: str, attempt: int) -> None:
+        """A new attempt starts: write its start entry, then drop everything before it."""
+        key = stream_key(job_id)
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xadd(key, {"kind": START, "attempt": attempt}, maxlen=MAX_ENTRIES)
+            pipe.pexpire(key, self._ttl_ms)
+            start_id, _ = pipe.execute()
+            # Trimming by id (not DEL) keeps the stream's ids increasing, so a reader
+            # blocked after an old entry still sees the new start entry.
+            self._redis.xtrim(key, minid=start_id, approximate=False)
+        except Exception as exc:
+            self._failed("begin", job_id, exc)
+            return
+        self._paused_until = 0.0
+
+    def publish(self, deltas: Sequence[TokenDelta]) -> None:
+        """Append the deltas of one decoding step (any number of jobs) in one round trip."""
+        if not deltas or time.monotonic() < self._paused_until:
+            return
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            keys: dict[str, None] = {}
+            for d in deltas:
+                key = stream_key(d.job_id)
+                keys[key] = None
+                fields: dict[FieldT, EncodableT] = {
+                    "kind": DELTA,
+                    "prompt": d.prompt_index,
+                    "seq": d.sequence_index,
+                    "text": d.text,
+                }
+                pipe.xadd(key, fields, maxlen=MAX_ENTRIES)
+            for key in keys:
+                pipe.pexpire(key, self._ttl_ms)
+            pipe.execute()
+        except Exception as exc:
+            self._failed("publish", deltas[0].job_id, exc)
+
+    def end(self, job_id: str, status: str) -> None:
+        """The job's final status is committed: tell readers, then let the stream expire soon."""
+        key = stream_key(job_id)
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xadd(key, {"kind": END, "status": status}, maxlen=MAX_ENTRIES)
+            pipe.pexpire(key, min(self._ttl_ms, int(END_TTL_S * 1000)))
+            pipe.execute()
+        except Exception as exc:
+            self._failed("end", job_id, exc)
+
+    def close(self) -> None:
+        try:
+            self._redis.close()
+        except Exception as exc:
+            logger.debug("closing the token stream writer failed: %s", exc)
+
+    def _failed(self, what: str, job_id: str, exc: Exception) -> None:
+        self._paused_until = time.monotonic() + PAUSE_AFTER_ERROR_S
+        if isinstance(exc, redis.RedisError):
+            logger.warning(
+                "token stream %s for job %s failed (%s: %s); streaming is best effort, "
+                "deltas are dropped for %.0f s",
+                what,
+                job_id,
+                type(exc).__name__,
+                exc,
+                PAUSE_AFTER_ERROR_S,
+            )
+        else:
+            logger.exception("token stream %s for job %s failed unexpectedly", what, job_id)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStart:
+    entry_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamDelta:
+    entry_id: str
+    prompt_index: int
+    sequence_index: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    entry_id: str
+    status: str
+
+
+StreamEntry = StreamStart | StreamDelta | StreamEnd
+
+
+def parse_entry(entry_id: str, fields: dict[str, str]) -> StreamEntry | None:
+    """One stream entry as a typed value; None for one this version doesn't know."""
+    try:
+        kind = fields["kind"]
+        if kind == DELTA:
+            return StreamDelta(entry_id, int(fields["prompt"]), int(fields["seq"]), fields["text"])
+        if kind == START:
+            return StreamStart(entry_id, int(fields["attempt"]))
+        if kind == END:
+            return StreamEnd(entry_id, fields["status"])
+    except (KeyError, ValueError):
+        pass
+    logger.debug("skipping unknown token stream entry %s: %r", entry_id, fields)
+    return None
+
+
+class TokenStreamReader:
+    """Reads job token streams for the API (asyncio); Redis errors reach the caller."""
+
+    def __init__(self, redis_url: str) -> None:
+        self._redis: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+            redis_url,
+            decode_responses=True,
+            socket_connect_timeout=SOCKET_TIMEOUT_S,
+            # Above the longest XREAD block the API uses, so a blocking read is not cut off.
+            socket_timeout=30.0,
+            client_name="modelyard-token-stream",
+        )
+
+    async def read(
+        self, job_id: str, after: str = "0", *, block_ms: int | None = None, count: int = 500
+    ) -> list[StreamEntry]:
+        """Entries after `after` (an entry id, "0" for the start), waiting up to `block_ms`."""
+        key = stream_key(job_id)
+        reply: Any = await self._redis.xread({key: after}, count=count, block=block_ms)
+        if not reply:
+            return []
+        # RESP2 answers [[key, entries]], RESP3 {key: [entries]}
+        raw = reply.get(key, [[]])[0] if isinstance(reply, dict) else reply[0][1]
+        entries = (parse_entry(entry_id, fields) for entry_id, fields in raw)
+        return [e for e in entries if e is not None]
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
