@@ -6,24 +6,31 @@ missing or unfit gets a 422 naming it and creates nothing.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from api.tokenizers import local_tokenizer
 from core.enums import SCHEMAS_FOR_TASK, DatasetSchema, FineTuneTask
 from core.errors import InvalidRequestError
+from core.prompts import PromptError, encode_prompts
 from core.settings import Settings
 from core.specs import (
+    MODEL_REF_PATTERN,
     AnyJobRequest,
+    BatchJobRequest,
+    BatchSpec,
     FineTuneJobRequest,
     FineTuneSpec,
     GenerateJobRequest,
+    GenerateSpec,
     PredictJobRequest,
 )
 from db.datasets import get_dataset
 from db.jobs import get_job
 from db.models import Dataset
-from db.registry import get_model, is_registry_name
+from db.registry import get_model, is_registry_name, serving_base
 from db.training import list_checkpoints
 
 CLASSIFIER_TASKS = frozenset(
@@ -105,13 +112,69 @@ def _check_finetune(session: Session, settings: Settings, spec: FineTuneSpec) ->
             )
 
 
+def _check_batch(session: Session, settings: Settings, spec: BatchSpec) -> None:
+    """The input file is a batch of requests to `spec.endpoint`, on models that resolve."""
+    param = "spec.input_dataset"
+    ds = _dataset(session, spec.input_dataset, param)
+    if ds.schema != DatasetSchema.BATCH_REQUESTS.value:
+        raise InvalidRequestError(
+            f"dataset {ds.id!r} holds {ds.schema} rows; a batch needs a file of "
+            "OpenAI batch request lines (custom_id, method, url, body)",
+            param=param,
+        )
+    summary = ds.report.get("batch", {})
+    if summary.get("endpoint") != spec.endpoint.value:
+        raise InvalidRequestError(
+            f"dataset {ds.id!r} calls {summary.get('endpoint')}; spec.endpoint is "
+            f"{spec.endpoint.value}",
+            param="spec.endpoint",
+        )
+    tasks = frozenset({FineTuneTask.CAUSAL_LM.value})
+    for model in summary.get("models", []):
+        if not re.fullmatch(MODEL_REF_PATTERN, model) or ".." in model.split("/"):
+            raise InvalidRequestError(
+                f"dataset {ds.id!r} names model {model!r}, which is not a model reference",
+                param=param,
+            )
+        _check_model(session, settings, model, param, tasks)
+
+
+def _local_model_dir(session: Session, settings: Settings, ref: str) -> Path | None:
+    """The directory a worker will load for `ref`'s weights and tokenizer, when it is local."""
+    base = serving_base(session, ref)
+    if is_registry_name(base):
+        model = get_model(session, base)
+        if model is None:
+            return None
+        path = (settings.data_dir / model.path).resolve()
+        return path if path.is_relative_to(settings.data_dir.resolve()) else None
+    local = settings.models_dir / base
+    return local if local.is_dir() else None
+
+
+def _check_prompts(session: Session, settings: Settings, spec: GenerateSpec) -> None:
+    """Prompts the model cannot take (too long for its context, no chat template): 422."""
+    directory = _local_model_dir(session, settings, spec.model)
+    loaded = local_tokenizer(directory) if directory is not None else None
+    if loaded is None:
+        return  # a hub id: the worker checks when it has the tokenizer
+    tokenizer, limit = loaded
+    try:
+        encode_prompts(tokenizer, spec, limit)
+    except PromptError as exc:
+        raise InvalidRequestError(exc.message, param=exc.param) from exc
+
+
 def check_job_request(session: Session, settings: Settings, req: AnyJobRequest) -> None:
     if isinstance(req, GenerateJobRequest):
         tasks = frozenset({FineTuneTask.CAUSAL_LM.value})
         _check_model(session, settings, req.spec.model, "spec.model", tasks)
+        _check_prompts(session, settings, req.spec)
     elif isinstance(req, FineTuneJobRequest):
         _check_finetune(session, settings, req.spec)
     elif isinstance(req, PredictJobRequest):
         _check_model(session, settings, req.spec.model, "spec.model", CLASSIFIER_TASKS)
         if req.spec.dataset is not None:
             _dataset(session, req.spec.dataset, "spec.dataset")
+    elif isinstance(req, BatchJobRequest):
+        _check_batch(session, settings, req.spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -14,8 +15,9 @@ from pydantic import (
     model_validator,
 )
 
-from core.enums import FineTuneMethod, FineTuneTask, JobKind
+from core.enums import BatchEndpoint, FineTuneMethod, FineTuneTask, JobKind
 
+MAX_SEQUENCES_PER_JOB = 1024
 MODEL_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-/:]{0,254}$"
 _BLANK = re.compile(r"^\s*$")
 
@@ -81,6 +83,11 @@ class GenerateSpec(BaseModel):
     def _sampling_consistent(self) -> GenerateSpec:
         if (self.prompts is None) == (self.messages is None):
             raise ValueError("give exactly one of prompts or messages")
+        if self.prompt_count * self.num_return_sequences > MAX_SEQUENCES_PER_JOB:
+            raise ValueError(
+                f"{self.prompt_count} prompts x num_return_sequences {self.num_return_sequences} "
+                f"is more than {MAX_SEQUENCES_PER_JOB} sequences per job; split the job"
+            )
         if self.temperature == 0 and self.num_return_sequences > 1:
             raise ValueError("num_return_sequences > 1 needs temperature > 0 (greedy is unique)")
         return self
@@ -223,6 +230,41 @@ class PredictSpec(BaseModel):
         return self
 
 
+COMPLETION_WINDOW_PATTERN = r"^[1-9][0-9]{0,6}[smh]$"
+MAX_COMPLETION_WINDOW = timedelta(days=7)
+_WINDOW_UNIT_S = {"s": 1, "m": 60, "h": 3600}
+
+
+def completion_window(window: str) -> timedelta:
+    """`24h`, `90m` or `5s` as a timedelta."""
+    return timedelta(seconds=int(window[:-1]) * _WINDOW_UNIT_S[window[-1]])
+
+
+class BatchSpec(BaseModel):
+    """Run an uploaded file of OpenAI batch request lines (a batch_requests dataset)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_dataset: DatasetId
+    endpoint: BatchEndpoint
+    completion_window: str = Field(
+        default="24h",
+        pattern=COMPLETION_WINDOW_PATTERN,
+        description="Time from creation until unfinished lines expire: 24h, 90m, 30s (<= 7 days).",
+    )
+
+    @field_validator("completion_window")
+    @classmethod
+    def _at_most_a_week(cls, window: str) -> str:
+        if completion_window(window) > MAX_COMPLETION_WINDOW:
+            raise ValueError("completion_window is at most 7 days (168h)")
+        return window
+
+    @property
+    def window(self) -> timedelta:
+        return completion_window(self.completion_window)
+
+
 class _JobRequestBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -259,7 +301,16 @@ class NoopJobRequest(_JobRequestBase):
     spec: NoopSpec = Field(default_factory=NoopSpec)
 
 
-AnyJobRequest = GenerateJobRequest | FineTuneJobRequest | PredictJobRequest | NoopJobRequest
+class BatchJobRequest(_JobRequestBase):
+    """Body of `POST /v1/jobs` for a batch of OpenAI-format request lines."""
+
+    kind: Literal[JobKind.BATCH]
+    spec: BatchSpec
+
+
+AnyJobRequest = (
+    GenerateJobRequest | FineTuneJobRequest | PredictJobRequest | NoopJobRequest | BatchJobRequest
+)
 JobRequest = Annotated[AnyJobRequest, Field(discriminator="kind")]
 
 SPEC_FOR_KIND: dict[JobKind, type[BaseModel]] = {
@@ -267,6 +318,7 @@ SPEC_FOR_KIND: dict[JobKind, type[BaseModel]] = {
     JobKind.FINETUNE: FineTuneSpec,
     JobKind.PREDICT: PredictSpec,
     JobKind.NOOP: NoopSpec,
+    JobKind.BATCH: BatchSpec,
 }
 
 

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.enums import FailureType
 from core.errors import PermanentJobError
+from core.prompts import context_length
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +84,7 @@ class CachedModel:
 
     @property
     def context_length(self) -> int | None:
-        config = self.model.config
-        for attr in ("max_position_embeddings", "n_positions"):
-            value = getattr(config, attr, None)
-            if isinstance(value, int):
-                return value
-        return None
+        return context_length(self.model.config)
 
 
 @dataclass(frozen=True)

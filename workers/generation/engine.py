@@ -21,6 +21,7 @@ from functools import lru_cache
 
 import torch
 
+from core import prompts
 from core.enums import FailureType
 from core.errors import JobError, PermanentJobError
 from core.settings import Settings
@@ -63,43 +64,10 @@ class EngineStats:
 
 
 def encode_prompts(entry: CachedModel, spec: GenerateSpec) -> list[list[int]]:
-    tok = entry.tokenizer
-    if spec.uses_chat_template and not getattr(tok, "chat_template", None):
-        raise PermanentJobError(
-            f"model {spec.model!r} has no chat template; send plain prompts with chat=false",
-            FailureType.INVALID_SPEC,
-        )
-    encoded: list[list[int]] = []
-    if spec.messages is not None:
-        for conversation in spec.messages:
-            text = tok.apply_chat_template(
-                [m.model_dump() for m in conversation], tokenize=False, add_generation_prompt=True
-            )
-            encoded.append(list(tok(text, add_special_tokens=False)["input_ids"]))
-    else:
-        for prompt in spec.prompts or []:
-            if spec.chat:
-                text = tok.apply_chat_template(
-                    [{"role": "user", "content": prompt}],
-                    tokenize=False,
-                    add_generation_prompt=True,
-                )
-                encoded.append(list(tok(text, add_special_tokens=False)["input_ids"]))
-            else:
-                encoded.append(list(tok(prompt)["input_ids"]))
-    limit = entry.context_length
-    for index, ids in enumerate(encoded):
-        if not ids:
-            raise PermanentJobError(
-                f"prompt {index} encodes to no tokens", FailureType.INVALID_SPEC
-            )
-        if limit is not None and len(ids) + spec.max_new_tokens > limit:
-            raise PermanentJobError(
-                f"prompt {index} is {len(ids)} tokens; with max_new_tokens "
-                f"{spec.max_new_tokens} it exceeds the model's context of {limit} tokens",
-                FailureType.INVALID_SPEC,
-            )
-    return encoded
+    try:
+        return prompts.encode_prompts(entry.tokenizer, spec, entry.context_length)
+    except prompts.PromptError as exc:
+        raise PermanentJobError(exc.message, FailureType.INVALID_SPEC) from exc
 
 
 class GenerationEngine:

@@ -1,0 +1,62 @@
+"""Turning a generation spec's prompts into token ids, and checking they fit the model.
+
+Shared by the API (to refuse a job before it is queued) and the workers (which
+encode the same way before decoding). `tokenizer` is a transformers tokenizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.specs import GenerateSpec
+
+
+class PromptError(ValueError):
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def context_length(config: Any) -> int | None:
+    """The most positions a model's config allows, when it says."""
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _chat_ids(tokenizer: Any, conversation: list[dict[str, str]]) -> list[int]:
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_prompts(tokenizer: Any, spec: GenerateSpec, limit: int | None) -> list[list[int]]:
+    """Token ids per prompt (or conversation); PromptError when one cannot be served."""
+    if spec.uses_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise PromptError(
+            f"model {spec.model!r} has no chat template; send plain prompts with chat=false",
+            "spec.messages" if spec.messages is not None else "spec.chat",
+        )
+    if spec.messages is not None:
+        field = "messages"
+        encoded = [_chat_ids(tokenizer, [m.model_dump() for m in c]) for c in spec.messages]
+    elif spec.chat:
+        field = "prompts"
+        encoded = [
+            _chat_ids(tokenizer, [{"role": "user", "content": p}]) for p in spec.prompts or []
+        ]
+    else:
+        field = "prompts"
+        encoded = [list(tokenizer(p)["input_ids"]) for p in spec.prompts or []]
+    for index, ids in enumerate(encoded):
+        if not ids:
+            raise PromptError(f"prompt {index} encodes to no tokens", f"spec.{field}[{index}]")
+        if limit is not None and len(ids) + spec.max_new_tokens > limit:
+            raise PromptError(
+                f"prompt {index} is {len(ids)} tokens; with max_new_tokens "
+                f"{spec.max_new_tokens} it exceeds the model's context of {limit} tokens",
+                f"spec.{field}[{index}]",
+            )
+    return encoded

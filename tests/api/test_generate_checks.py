@@ -1,0 +1,79 @@
+"""Generation requests a model cannot serve are refused at submit: typed 422, nothing queued."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from core.settings import Settings
+from db.models import Job
+from db.session import session_scope
+from tests.conftest import TINY_MODEL, install_tiny_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_installed(settings: Settings, tiny_model_dir: Path) -> None:
+    install_tiny_model(tiny_model_dir, settings.data_dir)
+
+
+def body(**spec: Any) -> dict[str, Any]:
+    return {"kind": "generate", "spec": {"model": TINY_MODEL, "prompts": ["Hello"], **spec}}
+
+
+def jobs_and_messages(settings: Settings) -> tuple[int, int]:
+    with session_scope(settings.database_url) as s:
+        jobs = s.scalar(select(func.count()).select_from(Job)) or 0
+    broker = redis.Redis.from_url(settings.broker_url)
+    messages = sum(int(broker.llen(k)) for k in broker.keys("generate*"))
+    broker.close()
+    return jobs, messages
+
+
+REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
+    (
+        "prompt + new tokens over the context",
+        {"max_new_tokens": 4096},
+        "spec.prompts[0]",
+        "context",
+    ),
+    ("chat without a template", {"chat": True}, "spec.chat", "chat template"),
+    (
+        "conversation without a template",
+        {"prompts": None, "messages": [[{"role": "user", "content": "hi"}]]},
+        "spec.messages",
+        "chat template",
+    ),
+    ("stop list too long", {"stop": [f"s{i}" for i in range(9)]}, "spec.stop", ""),
+    (
+        "prompts x sequences over the limit",
+        {"prompts": ["a"] * 256, "num_return_sequences": 8, "temperature": 1.0},
+        "spec",
+        "sequences per job",
+    ),
+    ("unknown registered model", {"model": "ft:nothing:here:12345678"}, "spec.model", "registry"),
+]
+
+
+@pytest.mark.parametrize(("case", "spec", "param", "says"), REFUSED, ids=[c[0] for c in REFUSED])
+def test_unservable_generation_is_422_and_queues_nothing(
+    client: TestClient, settings: Settings, case: str, spec: dict[str, Any], param: str, says: str
+) -> None:
+    before = jobs_and_messages(settings)
+    resp = client.post("/v1/jobs", json=body(**spec))
+    assert resp.status_code == 422, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request"
+    assert error["param"] == param
+    assert says in error["message"]
+    assert jobs_and_messages(settings) == before
+
+
+def test_a_prompt_that_fits_is_accepted(client: TestClient, settings: Settings) -> None:
+    resp = client.post("/v1/jobs", json=body(max_new_tokens=4000))
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["spec"]["max_new_tokens"] == 4000
