@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
-from api.routes import datasets, health, jobs, models, stream
+from api.routes import batch_files, datasets, health, jobs, models, stream
 from core.dispatch import JobPublisher
 from core.settings import Settings, get_settings
 from core.token_stream import TokenStreamReader
@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(batch_files.router)
     app.include_router(stream.router)
     app.include_router(models.router)
     app.include_router(datasets.router)

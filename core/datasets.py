@@ -9,7 +9,8 @@ BIO tags out of order, a single class) become warnings in the report.
 Normalized rows per schema (see core.enums.DatasetSchema):
 text {"text"}, prompt_completion {"prompt", "completion"},
 chat {"messages": [{"role", "content"}, ...]}, classification {"text", "label"}
-(label as str), token_classification {"tokens": [str], "tags": [str]}.
+(label as str), token_classification {"tokens": [str], "tags": [str]},
+batch_requests {"custom_id", "method", "url", "body"} (OpenAI batch input; see core.batch).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from core.batch import BatchRequestChecker, looks_like_batch_request
 from core.enums import DatasetSchema
 from core.errors import DatasetFormatError
 
@@ -190,25 +192,29 @@ class _Warnings:
 
 def _parse_text(text: str, fmt: DatasetFormat) -> ParsedDataset:
     warnings = _Warnings()
+    batch: BatchRequestChecker | None = None
     if fmt is DatasetFormat.JSONL:
-        schema, entries = _parse_jsonl(text, warnings)
+        schema, entries, batch = _parse_jsonl(text, warnings)
     elif fmt is DatasetFormat.CSV:
         schema, entries = DatasetSchema.CLASSIFICATION, _parse_csv(text, warnings)
     else:
         schema, entries = DatasetSchema.TOKEN_CLASSIFICATION, _parse_conll(text, warnings)
     counts = _check_rows(schema, entries, warnings)
+    report: dict[str, Any] = {
+        "rows": len(entries),
+        "labels": dict(sorted(counts.items())),
+        "warnings": warnings.first(),
+        "warnings_total": warnings.total,
+        "warning_counts": dict(sorted(warnings.kinds.items())),
+    }
+    if batch is not None:
+        report["batch"] = batch.summary()
     return ParsedDataset(
         format=fmt,
         schema=schema,
         rows=[row for _, row in entries],
         labels=sorted(counts),
-        report={
-            "rows": len(entries),
-            "labels": dict(sorted(counts.items())),
-            "warnings": warnings.first(),
-            "warnings_total": warnings.total,
-            "warning_counts": dict(sorted(warnings.kinds.items())),
-        },
+        report=report,
     )
 
 
@@ -243,8 +249,11 @@ def _schema_for_first_row(line: int, known: frozenset[str], keys: set[str]) -> D
     )
 
 
-def _parse_jsonl(text: str, warnings: _Warnings) -> tuple[DatasetSchema, list[tuple[int, Row]]]:
+def _parse_jsonl(
+    text: str, warnings: _Warnings
+) -> tuple[DatasetSchema, list[tuple[int, Row]], BatchRequestChecker | None]:
     schema: DatasetSchema | None = None
+    batch: BatchRequestChecker | None = None
     first_line = 0
     warned_ignored = False
     entries: list[tuple[int, Row]] = []
@@ -270,6 +279,11 @@ def _parse_jsonl(text: str, warnings: _Warnings) -> tuple[DatasetSchema, list[tu
         if not isinstance(obj, dict):
             raise DatasetFormatError(line_no, f"expected a JSON object, got {_json_type(obj)}")
         keys = set(obj)
+        if schema is None and looks_like_batch_request(keys):
+            schema, batch = DatasetSchema.BATCH_REQUESTS, BatchRequestChecker(warnings.add)
+        if batch is not None:
+            entries.append((line_no, batch.check(obj, line_no)))
+            continue
         known = frozenset(keys & _SCHEMA_KEYS)
         if schema is None:
             schema, first_line = _schema_for_first_row(line_no, known, keys), line_no
@@ -297,7 +311,7 @@ def _parse_jsonl(text: str, warnings: _Warnings) -> tuple[DatasetSchema, list[tu
             )
         entries.append((line_no, _normalize(schema, obj, line_no, warnings)))
     assert schema is not None  # _decode refused a file with no content lines
-    return schema, entries
+    return schema, entries, batch
 
 
 def _string(value: Any, what: str, line: int) -> str:
@@ -528,6 +542,8 @@ def _check_rows(
     schema: DatasetSchema, entries: list[tuple[int, Row]], warnings: _Warnings
 ) -> Counter[str]:
     """Duplicates, conflicting labels, very long rows; returns label (or tag) counts."""
+    if schema is DatasetSchema.BATCH_REQUESTS:
+        return Counter()  # BatchRequestChecker checked them line by line
     seen: dict[bytes, int] = {}
     texts: dict[bytes, tuple[int, str]] = {}
     counts: Counter[str] = Counter()

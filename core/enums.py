@@ -8,6 +8,7 @@ class JobKind(StrEnum):
     FINETUNE = "finetune"
     PREDICT = "predict"
     NOOP = "noop"
+    BATCH = "batch"
 
 
 class FineTuneTask(StrEnum):
@@ -30,6 +31,7 @@ class DatasetSchema(StrEnum):
     CHAT = "chat"  # {"messages": [{"role", "content"}]}
     CLASSIFICATION = "classification"  # {"text", "label"}
     TOKEN_CLASSIFICATION = "token_classification"  # {"tokens": [...], "tags": [...]}
+    BATCH_REQUESTS = "batch_requests"  # OpenAI batch input: {"custom_id", "method", "url", "body"}
 
 
 SCHEMAS_FOR_TASK: dict[FineTuneTask, frozenset[DatasetSchema]] = {
@@ -47,6 +49,7 @@ class JobStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"  # a batch whose completion window passed before every line ran
 
 
 class EventType(StrEnum):
@@ -65,6 +68,14 @@ class FailureType(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"
     RUNTIME_ERROR = "runtime_error"
     TRANSIENT_ERROR = "transient_error"
+    BATCH_EXPIRED = "batch_expired"
+
+
+class BatchEndpoint(StrEnum):
+    """The OpenAI endpoints a batch request line may call."""
+
+    COMPLETIONS = "/v1/completions"
+    CHAT_COMPLETIONS = "/v1/chat/completions"
 
 
 class FinishReason(StrEnum):
@@ -76,6 +87,7 @@ QUEUE_FOR_KIND: dict[JobKind, str] = {
     JobKind.GENERATE: "generate",
     JobKind.PREDICT: "generate",
     JobKind.NOOP: "generate",
+    JobKind.BATCH: "generate",
     JobKind.FINETUNE: "train",
 }
 MAINTENANCE_QUEUE = "maintenance"

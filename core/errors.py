@@ -32,6 +32,12 @@ class DatasetFormatError(InvalidRequestError):
         self.line = line
 
 
+class BatchLineError(ModelyardError):
+    """Raised when one batch line cannot run: it becomes that line's error, not the job's."""
+
+    type = "invalid_request"
+
+
 class MalformedBodyError(ModelyardError):
     """Raised when a request body is not parseable JSON."""
 
@@ -90,3 +96,7 @@ class TransientJobError(JobError):
 
 class JobStopped(JobError):
     """Raised inside a runner when the job was cancelled or its lease was lost."""
+
+
+class JobExpired(JobStopped):
+    """Raised by a runner that already recorded its job as expired (deadline passed)."""

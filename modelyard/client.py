@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "expired"})
 
 
 class ModelyardAPIError(Exception):

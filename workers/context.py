@@ -15,6 +15,7 @@ class RunContext:
     attempt: int
     device: str
     stop_event: threading.Event = field(default_factory=threading.Event)
+    worker: str | None = None  # the lease owner; runners that write while running need it
     cancelled: bool = False
     lease_lost: bool = False
     _progress: float = 0.0

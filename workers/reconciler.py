@@ -1,4 +1,5 @@
-"""Repairs what the broker forgot: lost messages and expired leases.
+"""Repairs what the broker forgot: lost messages and expired leases; expires batches
+whose completion window passed while they were queued.
 
 Every change is a compare-and-set, so several reconcilers at once are safe.
 """
@@ -17,6 +18,7 @@ from db.events import append_event
 from db.jobs import due_queued, expired_leases, requeue_job, transition
 from db.models import Job
 from db.session import session_scope
+from workers.batch.expiry import expire_overdue_batches
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ class ReconcileReport:
     failed: int = 0
     cancelled: int = 0
     republished: int = 0
+    expired: int = 0
 
 
 def _expire_leases(settings: Settings, report: ReconcileReport) -> list[tuple[str, JobKind, int]]:
@@ -82,6 +85,7 @@ def reconcile(settings: Settings, publisher: JobPublisher) -> ReconcileReport:
     report = ReconcileReport()
     for job_id, kind, priority in _expire_leases(settings, report):
         publisher.publish(job_id, kind, priority)
+    report.expired = expire_overdue_batches(settings)
     with session_scope(settings.database_url) as session:
         due = [
             (j.id, JobKind(j.kind), j.priority)
@@ -100,12 +104,13 @@ def reconcile(settings: Settings, publisher: JobPublisher) -> ReconcileReport:
                     session, job_id, EventType.LOG, "message lost by the broker; republished"
                 )
     report.republished = len(republished)
-    if report.requeued or report.failed or report.cancelled or report.republished:
+    if report.requeued or report.failed or report.cancelled or report.republished or report.expired:
         logger.info(
-            "reconciled: requeued=%d failed=%d cancelled=%d republished=%d",
+            "reconciled: requeued=%d failed=%d cancelled=%d republished=%d expired=%d",
             report.requeued,
             report.failed,
             report.cancelled,
             report.republished,
+            report.expired,
         )
     return report

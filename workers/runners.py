@@ -57,4 +57,8 @@ def runner_for(kind: JobKind, settings: Settings) -> Runner:
         from workers.noop import NoopRunner
 
         return NoopRunner()
+    if kind is JobKind.BATCH:
+        from workers.batch.runner import BatchRunner
+
+        return BatchRunner(settings)
     raise PermanentJobError(f"no runner for kind {kind}", FailureType.INVALID_SPEC)

@@ -7,7 +7,12 @@ from core.states import TERMINAL, TRANSITIONS, can_transition, sources_of
 
 
 def test_terminal_statuses_have_no_way_out() -> None:
-    assert {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED} == TERMINAL
+    assert {
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.CANCELLED,
+        JobStatus.EXPIRED,
+    } == TERMINAL
     for status in TERMINAL:
         assert all(not can_transition(status, t) for t in JobStatus)
 
@@ -21,6 +26,8 @@ def test_terminal_statuses_have_no_way_out() -> None:
         (JobStatus.RUNNING, JobStatus.FAILED),
         (JobStatus.RUNNING, JobStatus.CANCELLED),
         (JobStatus.RUNNING, JobStatus.QUEUED),
+        (JobStatus.QUEUED, JobStatus.EXPIRED),
+        (JobStatus.RUNNING, JobStatus.EXPIRED),
     ],
 )
 def test_allowed(source: JobStatus, target: JobStatus) -> None:
@@ -34,6 +41,8 @@ def test_allowed(source: JobStatus, target: JobStatus) -> None:
         (JobStatus.QUEUED, JobStatus.FAILED),
         (JobStatus.SUCCEEDED, JobStatus.QUEUED),
         (JobStatus.CANCELLED, JobStatus.RUNNING),
+        (JobStatus.EXPIRED, JobStatus.QUEUED),
+        (JobStatus.EXPIRED, JobStatus.RUNNING),
     ],
 )
 def test_refused(source: JobStatus, target: JobStatus) -> None:
@@ -43,3 +52,4 @@ def test_refused(source: JobStatus, target: JobStatus) -> None:
 def test_every_status_is_in_the_machine() -> None:
     assert set(TRANSITIONS) == set(JobStatus)
     assert sources_of(JobStatus.QUEUED) == {JobStatus.RUNNING}
+    assert sources_of(JobStatus.EXPIRED) == {JobStatus.QUEUED, JobStatus.RUNNING}

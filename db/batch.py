@@ -1,0 +1,142 @@
+"""Batch job repository: lines stored under the job's lease, file downloads, queued expiry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from core.enums import FailureType, JobKind, JobStatus
+from db.base import utcnow
+from db.jobs import finish_job, transition
+from db.models import Job, Output
+from db.outputs import GeneratedText, add_outputs
+
+ERROR_FINISH_REASON = "error"
+"""finish_reason of a stored line that failed; its `data` is an OpenAI error line."""
+
+
+def hold_lease(session: Session, job_id: str, worker: str) -> bool:
+    """True while `worker` holds the running job's lease; the job row stays locked by this
+    transaction, so a requeue or finish by someone else waits until it ends."""
+    stmt = (
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status == JobStatus.RUNNING.value,
+            Job.lease_owner == worker,
+        )
+        .values(updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    rowcount: int = session.execute(stmt).rowcount  # type: ignore[attr-defined]
+    return rowcount == 1
+
+
+def store_lines(session: Session, job_id: str, worker: str, lines: Iterable[GeneratedText]) -> bool:
+    """Add finished lines (one row each) if `worker` holds the lease; False adds nothing."""
+    if not hold_lease(session, job_id, worker):
+        return False
+    add_outputs(session, job_id, lines)
+    return True
+
+
+def stored_lines(session: Session, job_id: str) -> dict[int, bool]:
+    """Line index -> whether it failed, for every line with a stored result."""
+    stmt = select(Output.prompt_index, Output.finish_reason).where(Output.job_id == job_id)
+    return {index: reason == ERROR_FINISH_REASON for index, reason in session.execute(stmt)}
+
+
+def iter_line_data(
+    session: Session, job_id: str, *, errors: bool, page: int = 500
+) -> Iterator[dict[str, Any]]:
+    """Stored output lines (or error lines) in line order, read a page at a time."""
+    after = -1
+    failed = Output.finish_reason == ERROR_FINISH_REASON
+    while True:
+        stmt = (
+            select(Output.prompt_index, Output.data)
+            .where(
+                Output.job_id == job_id,
+                Output.sequence_index == 0,
+                Output.prompt_index > after,
+                failed if errors else ~failed,
+            )
+            .order_by(Output.prompt_index)
+            .limit(page)
+        )
+        rows = session.execute(stmt).all()
+        for index, data in rows:
+            after = index
+            if data is not None:
+                yield data
+        if len(rows) < page:
+            return
+
+
+def queued_batches(session: Session, limit: int = 1000) -> Sequence[Job]:
+    """Queued batch jobs, oldest first (each one's deadline depends on its spec)."""
+    stmt = (
+        select(Job)
+        .where(Job.status == JobStatus.QUEUED.value, Job.kind == JobKind.BATCH.value)
+        .order_by(Job.created_at)
+        .limit(limit)
+    )
+    return session.scalars(stmt).all()
+
+
+def expire_queued(
+    session: Session,
+    job_id: str,
+    lines: Iterable[GeneratedText],
+    *,
+    result: dict[str, Any],
+    message: str,
+) -> bool:
+    """queued -> expired, adding the unfinished lines' error rows; False (nothing written)
+    when the job is no longer queued."""
+    expired = FailureType.BATCH_EXPIRED.value
+    if not transition(
+        session,
+        job_id,
+        JobStatus.QUEUED,
+        JobStatus.EXPIRED,
+        values={
+            "finished_at": utcnow(),
+            "result": result,
+            "error_type": expired,
+            "error_message": message,
+        },
+        message=message,
+        data={"error_type": expired},
+    ):
+        return False
+    add_outputs(session, job_id, lines)
+    return True
+
+
+def expire_running(
+    session: Session,
+    job_id: str,
+    worker: str,
+    lines: Iterable[GeneratedText],
+    *,
+    result: dict[str, Any],
+    message: str,
+) -> bool:
+    """running -> expired while `worker` holds the lease, adding the unfinished lines'
+    error rows; False (nothing written) when it does not hold it."""
+    if not finish_job(
+        session,
+        job_id,
+        worker,
+        JobStatus.EXPIRED,
+        error_type=FailureType.BATCH_EXPIRED.value,
+        error_message=message,
+        result=result,
+    ):
+        return False
+    add_outputs(session, job_id, lines)
+    return True

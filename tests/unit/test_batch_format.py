@@ -1,0 +1,281 @@
+"""OpenAI batch files: request-line validation at upload, conversion to GenerateSpec,
+output and error lines, and the BatchSpec's completion window."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from core.batch import MAX_BATCH_LINES
+from core.datasets import load_dataset_rows, parse_dataset
+from core.enums import SCHEMAS_FOR_TASK, BatchEndpoint, DatasetSchema
+from core.errors import BatchLineError, DatasetFormatError
+from core.specs import BatchSpec
+from db.outputs import GeneratedText
+from workers.batch.lines import (
+    EXPIRED_CODE,
+    error_line,
+    generate_spec_for,
+    output_line,
+    stored_error,
+    stored_output,
+)
+
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+
+
+def completion(custom_id: str = "r1", **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": COMPLETIONS,
+        "body": {"model": "tiny-gpt2", "prompt": "The blue mug", **body},
+    }
+
+
+def chat(custom_id: str = "c1", **body: Any) -> dict[str, Any]:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": CHAT,
+        "body": {"model": "tiny-gpt2", "messages": messages, **body},
+    }
+
+
+def jsonl(*rows: Any) -> bytes:
+    return ("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n").encode()
+
+
+def refused(raw: bytes) -> str:
+    with pytest.raises(DatasetFormatError) as info:
+        parse_dataset(raw, "batch.jsonl")
+    return str(info.value)
+
+
+# --- upload: detection and what is accepted ------------------------------------------------
+
+
+def test_request_lines_are_a_batch_dataset_with_a_summary(tmp_path: Any) -> None:
+    raw = jsonl(completion("a"), completion("b", model="other", max_tokens=5, stop=["\n"]))
+    parsed = parse_dataset(raw, "requests.jsonl")
+    assert parsed.schema is DatasetSchema.BATCH_REQUESTS
+    assert [r["custom_id"] for r in parsed.rows] == ["a", "b"]
+    assert parsed.rows[1]["body"]["max_tokens"] == 5
+    assert parsed.labels == []
+    assert parsed.report["batch"] == {
+        "endpoint": COMPLETIONS,
+        "models": ["other", "tiny-gpt2"],
+        "requests": 2,
+    }
+    stored = tmp_path / "data.jsonl"
+    stored.write_bytes(raw)
+    assert load_dataset_rows(stored, "jsonl") == parsed.rows
+
+
+def test_chat_lines_and_warnings_for_fields_this_server_ignores_or_lacks() -> None:
+    raw = jsonl(
+        {**chat("a", user="u-1", frequency_penalty=0), "extra": 1},
+        chat("b", logprobs=True, stream=False),
+    )
+    parsed = parse_dataset(raw, "x.jsonl")
+    assert parsed.schema is DatasetSchema.BATCH_REQUESTS
+    assert parsed.report["batch"]["endpoint"] == CHAT
+    kinds = {w["kind"]: w["line"] for w in parsed.report["warnings"]}
+    assert kinds == {"ignored_keys": 1, "unsupported_parameters": 2}
+
+
+def test_a_batch_file_cannot_train_anything() -> None:
+    assert all(DatasetSchema.BATCH_REQUESTS not in s for s in SCHEMAS_FOR_TASK.values())
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        ([completion("a"), completion("a")], "line 2: custom_id 'a' is already used on line 1"),
+        ([completion(" ")], "line 1: custom_id is empty"),
+        ([{**completion(), "custom_id": 7}], "line 1: custom_id must be a string, got a number"),
+        ([{**completion(), "method": "GET"}], "line 1: method is 'GET'; batch requests use POST"),
+        ([{**completion(), "url": "/v1/embeddings"}], "line 1: url is '/v1/embeddings'"),
+        ([completion("a"), chat("b")], "line 2: url is /v1/chat/completions but line 1 uses"),
+        ([{k: v for k, v in completion().items() if k != "body"}], "line 1: missing key body"),
+        ([{**completion(), "body": []}], "line 1: body must be an object, got an array"),
+        ([{**completion(), "body": {"prompt": "x"}}], "line 1: body.model is missing"),
+        ([completion(model="")], "line 1: body.model is empty"),
+        ([completion(prompt=["a", "b"])], "line 1: body.prompt must be a string, got an array"),
+        ([{**completion(), "body": {"model": "m", "messages": []}}], "(messages belong to"),
+        ([chat(messages="hi")], "line 1: body.messages must be an array, got a string"),
+        ([chat(messages=[])], "line 1: body.messages is empty"),
+        ([chat(messages=[{"role": "user"}])], "line 1: body.messages[0] has no 'content'"),
+        ([chat(messages=[{"role": "bot", "content": "x"}])], "body.messages[0].role is 'bot'"),
+        ([chat(messages=[{"role": "user", "content": 1}])], "messages[0].content must be a string"),
+        ([completion(temperature=2.5)], "line 1: body.temperature is 2.5; it must be at most 2"),
+        ([completion(top_p=-0.1)], "line 1: body.top_p is -0.1; it must be at least 0"),
+        ([completion(max_tokens=0)], "line 1: body.max_tokens is 0; it must be at least 1"),
+        ([completion(max_tokens=2.5)], "line 1: body.max_tokens must be an integer"),
+        ([completion(n=129)], "line 1: body.n is 129; it must be at most 128"),
+        ([completion(seed="1")], "line 1: body.seed must be a number, got a string"),
+        ([completion(temperature=True)], "line 1: body.temperature must be a number"),
+        ([completion(stop=[""])], "line 1: body.stop[0] is empty"),
+        ([completion(stop=3)], "line 1: body.stop must be a string or an array of strings"),
+        ([completion(stream=True)], "line 1: body.stream is true"),
+        ([completion("a"), '{"text": "not a request"}'], "line 2: missing key custom_id"),
+    ],
+)
+def test_broken_request_lines_are_refused_with_their_line(rows: list[Any], expected: str) -> None:
+    assert expected in refused(jsonl(*rows))
+
+
+def test_a_broken_line_deep_in_the_file_is_named() -> None:
+    rows = [completion(f"r{i}") for i in range(5)] + [completion("r5", n=0)]
+    assert refused(jsonl(*rows)).startswith("line 6: body.n is 0")
+
+
+def test_too_many_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("core.batch.MAX_BATCH_LINES", 3)
+    rows = [completion(f"r{i}") for i in range(4)]
+    assert refused(jsonl(*rows)) == "line 4: a batch holds at most 3 requests"
+    assert MAX_BATCH_LINES == 50_000
+
+
+def test_text_rows_with_a_url_key_are_still_text() -> None:
+    parsed = parse_dataset(jsonl({"text": "hello", "url": "http://x", "body": "b"}), "t.jsonl")
+    assert parsed.schema is DatasetSchema.TEXT
+
+
+# --- conversion to GenerateSpec ---------------------------------------------------------
+
+
+def test_completion_line_maps_openai_names() -> None:
+    spec = generate_spec_for(
+        completion(max_tokens=7, n=2, temperature=0.5, top_p=0.9, seed=3, stop="\n", top_k=-1)
+    )
+    assert spec.prompts == ["The blue mug"]
+    assert spec.messages is None
+    assert (spec.max_new_tokens, spec.num_return_sequences) == (7, 2)
+    assert (spec.temperature, spec.top_p, spec.seed, spec.top_k) == (0.5, 0.9, 3, 0)
+    assert spec.stop == ["\n"]
+
+
+def test_completion_default_max_tokens_is_openais() -> None:
+    assert generate_spec_for(completion()).max_new_tokens == 16
+
+
+def test_chat_line_becomes_one_conversation() -> None:
+    line = chat(max_tokens=5, max_completion_tokens=9, stop=["a", "b"])
+    line["body"]["messages"][0]["role"] = "developer"
+    spec = generate_spec_for(line)
+    assert spec.prompts is None
+    assert spec.messages is not None and len(spec.messages) == 1
+    assert [(m.role, m.content) for m in spec.messages[0]] == [
+        ("system", "Be brief."),
+        ("user", "Hi"),
+    ]
+    assert spec.max_new_tokens == 9
+    assert spec.stop == ["a", "b"]
+    assert spec.uses_chat_template
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (completion(n=3, temperature=0), "num_return_sequences > 1 needs temperature > 0"),
+        (completion(n=17), "body.n: Input should be less than or equal to 16"),
+        (completion(max_tokens=5000), "body.max_tokens: Input should be less than or equal"),
+        (completion(top_p=0), "body.top_p: Input should be greater than 0"),
+        (completion(seed=-1), "body.seed: Input should be greater than or equal to 0"),
+        (completion(stop=["x"] * 9), "body.stop: List should have at most 8 items"),
+        (completion(prompt="   "), "prompt 0 is blank"),
+        (completion(model="../etc"), "body.model:"),
+        (completion(logprobs=2), "unsupported parameter: logprobs"),
+        (chat(messages=[{"role": "tool", "content": "x"}]), "body.messages[0].role:"),
+    ],
+)
+def test_values_this_server_cannot_run_are_the_lines_error(
+    line: dict[str, Any], expected: str
+) -> None:
+    with pytest.raises(BatchLineError) as info:
+        generate_spec_for(line)
+    assert expected in info.value.message
+    assert info.value.type == "invalid_request"
+
+
+# --- output and error lines -------------------------------------------------------------
+
+
+def texts(*items: tuple[int, str, str, int]) -> list[GeneratedText]:
+    return [GeneratedText(0, seq, text, reason, 4, n) for seq, text, reason, n in items]
+
+
+def test_completion_output_line() -> None:
+    line = output_line(
+        completion("r9"), texts((1, "second", "length", 3), (0, "first", "stop", 2)), created=7
+    )
+    assert line["id"].startswith("batch_req_") and line["custom_id"] == "r9"
+    assert line["error"] is None
+    response = line["response"]
+    assert response["status_code"] == 200 and response["request_id"]
+    body = response["body"]
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert (body["created"], body["model"]) == (7, "tiny-gpt2")
+    assert body["choices"] == [
+        {"index": 0, "text": "first", "logprobs": None, "finish_reason": "stop"},
+        {"index": 1, "text": "second", "logprobs": None, "finish_reason": "length"},
+    ]
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
+
+
+def test_chat_output_line() -> None:
+    body = output_line(chat("c"), texts((0, "Hello!", "stop", 2)))["response"]["body"]
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["choices"] == [
+        {"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}
+    ]
+
+
+def test_stored_rows_hold_the_line() -> None:
+    row = stored_output(3, completion("r3"), texts((0, "a", "stop", 1), (1, "b", "length", 2)))
+    assert (row.prompt_index, row.sequence_index, row.text, row.completion_tokens) == (3, 0, "a", 3)
+    assert row.data is not None and row.data["custom_id"] == "r3"
+    failed = stored_error(4, "r4", EXPIRED_CODE, "too late")
+    assert (failed.prompt_index, failed.text, failed.finish_reason) == (4, "", "error")
+    assert failed.data is not None
+    assert failed.data["response"] is None
+    assert failed.data["error"] == {"code": "batch_expired", "message": "too late"}
+    assert error_line("x", "c", "m")["id"] != error_line("x", "c", "m")["id"]
+
+
+# --- BatchSpec -------------------------------------------------------------------------
+
+DS = "ds_" + "0" * 32
+
+
+@pytest.mark.parametrize(
+    ("window", "delta"),
+    [("24h", timedelta(hours=24)), ("5s", timedelta(seconds=5)), ("168h", timedelta(days=7))],
+)
+def test_completion_window(window: str, delta: timedelta) -> None:
+    spec = BatchSpec(input_dataset=DS, endpoint=BatchEndpoint.COMPLETIONS, completion_window=window)
+    assert spec.window == delta
+
+
+@pytest.mark.parametrize("window", ["0s", "169h", "10081m", "1d", "24", "h", "-1h", "1.5h"])
+def test_bad_completion_windows(window: str) -> None:
+    with pytest.raises(ValidationError):
+        BatchSpec.model_validate(
+            {"input_dataset": DS, "endpoint": COMPLETIONS, "completion_window": window}
+        )
+
+
+def test_spec_defaults_and_refusals() -> None:
+    spec = BatchSpec.model_validate({"input_dataset": DS, "endpoint": CHAT})
+    assert spec.completion_window == "24h"
+    assert spec.endpoint is BatchEndpoint.CHAT_COMPLETIONS
+    for bad in ({"endpoint": "/v1/embeddings"}, {"input_dataset": "x"}, {"model": "m"}):
+        with pytest.raises(ValidationError):
+            BatchSpec.model_validate({"input_dataset": DS, "endpoint": CHAT, **bad})

@@ -1,0 +1,199 @@
+"""Batch request lines in, OpenAI output and error lines out (pure functions, no I/O).
+
+An output line: `{"id": "batch_req_<hex>", "custom_id", "response": {"status_code": 200,
+"request_id", "body": <a text_completion or chat.completion object>}, "error": null}`;
+an error line: `{"id", "custom_id", "response": null, "error": {"code", "message"}}`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from core.batch import IGNORED_BODY_KEYS, NEUTRAL_BODY_VALUES, SUPPORTED_BODY_KEYS
+from core.enums import BatchEndpoint, FailureType
+from core.errors import BatchLineError
+from core.specs import GenerateSpec
+from db.batch import ERROR_FINISH_REASON
+from db.outputs import GeneratedText
+
+EXPIRED_CODE = FailureType.BATCH_EXPIRED.value
+EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+_SPEC_NAMES = {
+    "max_new_tokens": "max_tokens",
+    "num_return_sequences": "n",
+    "prompts": "prompt",
+    "messages": "messages",
+}
+
+
+def _unsupported(body: dict[str, Any]) -> list[str]:
+    return sorted(
+        key
+        for key, value in body.items()
+        if key not in SUPPORTED_BODY_KEYS | IGNORED_BODY_KEYS
+        and value is not None
+        and (key not in NEUTRAL_BODY_VALUES or value != NEUTRAL_BODY_VALUES[key])
+    )
+
+
+def _role(role: str) -> str:
+    return "system" if role == "developer" else role
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """A GenerateSpec error location as the request body's field, e.g. body.messages[1].role."""
+    head, rest = str(loc[0]), loc[1:]
+    if head in ("prompts", "messages"):
+        rest = rest[1:]  # one prompt (or conversation) per line
+    name = _SPEC_NAMES.get(head, head)
+    return "body." + name + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rest)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        message = str(err.get("msg", "")).removeprefix("Value error, ")
+        loc = tuple(err.get("loc", ()))
+        parts.append(f"{_where(loc)}: {message}" if loc else message)
+    return "; ".join(parts)
+
+
+def generate_spec_for(request: dict[str, Any]) -> GenerateSpec:
+    """The GenerateSpec that runs one request line; BatchLineError if it cannot run here."""
+    body: dict[str, Any] = request["body"]
+    unsupported = _unsupported(body)
+    if unsupported:
+        raise BatchLineError(f"unsupported parameter: {', '.join(unsupported)}")
+    chat = BatchEndpoint(request["url"]) is BatchEndpoint.CHAT_COMPLETIONS
+    fields: dict[str, Any] = {"model": body["model"]}
+    if chat:
+        fields["messages"] = [
+            [{"role": _role(m["role"]), "content": m["content"]} for m in body["messages"]]
+        ]
+    else:
+        fields["prompts"] = [body["prompt"]]
+    max_tokens = body.get("max_completion_tokens") if chat else None
+    max_tokens = max_tokens if max_tokens is not None else body.get("max_tokens")
+    if max_tokens is not None:
+        fields["max_new_tokens"] = max_tokens
+    elif not chat:
+        fields["max_new_tokens"] = COMPLETIONS_DEFAULT_MAX_TOKENS
+    for source, target in (
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("n", "num_return_sequences"),
+        ("seed", "seed"),
+        ("repetition_penalty", "repetition_penalty"),
+    ):
+        if body.get(source) is not None:
+            fields[target] = body[source]
+    if body.get("top_k") is not None:
+        fields["top_k"] = max(body["top_k"], 0)  # vLLM's -1 means "off", which is 0 here
+    stop = body.get("stop")
+    if stop is not None:
+        fields["stop"] = [stop] if isinstance(stop, str) else stop
+    try:
+        return GenerateSpec.model_validate(fields)
+    except ValidationError as exc:
+        raise BatchLineError(_validation_message(exc)) from None
+
+
+def _hex() -> str:
+    return uuid.uuid4().hex
+
+
+def output_line(
+    request: dict[str, Any], texts: Sequence[GeneratedText], created: int | None = None
+) -> dict[str, Any]:
+    """The output line of a request whose texts are all generated (one per choice)."""
+    body = request["body"]
+    chat = BatchEndpoint(request["url"]) is BatchEndpoint.CHAT_COMPLETIONS
+    ordered = sorted(texts, key=lambda t: t.sequence_index)
+    choices: list[dict[str, Any]] = []
+    for index, text in enumerate(ordered):
+        if chat:
+            choices.append(
+                {
+                    "index": index,
+                    "message": {"role": "assistant", "content": text.text},
+                    "finish_reason": text.finish_reason,
+                }
+            )
+        else:
+            choices.append(
+                {
+                    "index": index,
+                    "text": text.text,
+                    "logprobs": None,
+                    "finish_reason": text.finish_reason,
+                }
+            )
+    prompt_tokens = ordered[0].prompt_tokens if ordered else 0
+    completion_tokens = sum(t.completion_tokens for t in ordered)
+    return {
+        "id": f"batch_req_{_hex()}",
+        "custom_id": request["custom_id"],
+        "response": {
+            "status_code": 200,
+            "request_id": _hex(),
+            "body": {
+                "id": f"{'chatcmpl' if chat else 'cmpl'}-{_hex()}",
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()) if created is None else created,
+                "model": body["model"],
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            },
+        },
+        "error": None,
+    }
+
+
+def error_line(custom_id: str, code: str, message: str) -> dict[str, Any]:
+    return {
+        "id": f"batch_req_{_hex()}",
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message},
+    }
+
+
+def stored_output(
+    index: int, request: dict[str, Any], texts: Sequence[GeneratedText]
+) -> GeneratedText:
+    """The outputs-table row of a finished line: its first choice's text, the line in `data`."""
+    line = output_line(request, texts)
+    first = min(texts, key=lambda t: t.sequence_index)
+    return GeneratedText(
+        prompt_index=index,
+        sequence_index=0,
+        text=first.text,
+        finish_reason=first.finish_reason,
+        prompt_tokens=first.prompt_tokens,
+        completion_tokens=line["response"]["body"]["usage"]["completion_tokens"],
+        data=line,
+    )
+
+
+def stored_error(index: int, custom_id: str, code: str, message: str) -> GeneratedText:
+    """The outputs-table row of a failed line: no text, the error line in `data`."""
+    return GeneratedText(
+        prompt_index=index,
+        sequence_index=0,
+        text="",
+        finish_reason=ERROR_FINISH_REASON,
+        prompt_tokens=0,
+        completion_tokens=0,
+        data=error_line(custom_id, code, message),
+    )

@@ -1,0 +1,240 @@
+"""Runs a batch job: its request lines through the generation engine, a chunk at a time.
+
+Each line's result (output line or error line) is stored as soon as it is ready, in a
+transaction that holds the job's lease, so only the current lease owner writes and a
+later attempt (after a worker crash) skips the lines already stored. Between chunks
+the runner reports `request_counts`, notices a cancel, and checks the completion
+window: once it has passed, the unfinished lines get `batch_expired` error lines and
+the job ends `expired`, in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from core.datasets import load_dataset_rows
+from core.enums import DatasetSchema, FailureType
+from core.errors import BatchLineError, JobExpired, JobStopped, PermanentJobError
+from core.settings import Settings
+from core.specs import BatchSpec
+from db.base import utcnow
+from db.batch import expire_running, store_lines, stored_lines
+from db.datasets import get_dataset
+from db.jobs import get_job
+from db.outputs import GeneratedText
+from db.session import session_scope
+from workers.batch.lines import (
+    EXPIRED_CODE,
+    EXPIRED_MESSAGE,
+    generate_spec_for,
+    stored_error,
+    stored_output,
+)
+from workers.context import RunContext
+from workers.executor import worker_identity
+from workers.generation.engine import run_requests
+from workers.generation.requests import GenerationRequest, RequestResult
+from workers.model_refs import inside
+from workers.runners import RunResult
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+@dataclass
+class RequestCounts:
+    total: int
+    completed: int = 0
+    failed: int = 0
+
+    @property
+    def fraction(self) -> float:
+        return (self.completed + self.failed) / self.total if self.total else 1.0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"total": self.total, "completed": self.completed, "failed": self.failed}
+
+
+@dataclass(frozen=True)
+class BatchInput:
+    created_at: datetime
+    requests: list[dict[str, Any]]
+
+
+class BatchRunner:
+    def __init__(
+        self, settings: Settings, *, clock: Clock = utcnow, chunk_lines: int | None = None
+    ) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._chunk = chunk_lines or settings.batch_chunk_lines
+
+    def run(self, raw_spec: dict[str, Any], ctx: RunContext) -> RunResult:
+        spec = BatchSpec.model_validate(raw_spec)
+        batch = self._load(ctx.job_id, spec)
+        run = _BatchRun(self._settings, ctx, ctx.worker or worker_identity(), batch.requests)
+        pending = run.resume()
+        deadline = batch.created_at + spec.window
+        for start in range(0, len(pending), self._chunk):
+            ctx.check_stop()
+            if self._clock() >= deadline:
+                run.expire(spec.completion_window)
+            run.run_chunk(pending[start : start + self._chunk])
+        logger.info("batch %s done: %s", ctx.job_id, run.counts.as_dict())
+        return RunResult(outputs=[], result={"request_counts": run.counts.as_dict()})
+
+    def _load(self, job_id: str, spec: BatchSpec) -> BatchInput:
+        with session_scope(self._settings.database_url, readonly=True) as session:
+            job = get_job(session, job_id)
+            if job is None:
+                raise PermanentJobError(f"job {job_id} no longer exists", FailureType.INVALID_SPEC)
+            ds = get_dataset(session, spec.input_dataset)
+            if ds is None:
+                raise PermanentJobError(
+                    f"dataset {spec.input_dataset!r} no longer exists", FailureType.INVALID_SPEC
+                )
+            created_at, path, fmt, schema = job.created_at, ds.path, ds.format, ds.schema
+        if schema != DatasetSchema.BATCH_REQUESTS.value:
+            raise PermanentJobError(
+                f"dataset {spec.input_dataset} holds {schema} rows, not batch requests",
+                FailureType.INVALID_SPEC,
+            )
+        requests = load_dataset_rows(inside(self._settings.data_dir, path), fmt)
+        if any(r["url"] != spec.endpoint.value for r in requests):
+            raise PermanentJobError(
+                f"dataset {spec.input_dataset} does not call {spec.endpoint.value}",
+                FailureType.INVALID_SPEC,
+            )
+        return BatchInput(created_at=created_at, requests=requests)
+
+
+class _BatchRun:
+    """One attempt at one batch: which lines are done, and storing each as it finishes."""
+
+    def __init__(
+        self, settings: Settings, ctx: RunContext, worker: str, requests: list[dict[str, Any]]
+    ) -> None:
+        self._settings = settings
+        self._ctx = ctx
+        self._worker = worker
+        self._requests = requests
+        self._index = {r["custom_id"]: i for i, r in enumerate(requests)}
+        self._done: set[int] = set()
+        self._lock = threading.Lock()
+        self.counts = RequestCounts(total=len(requests))
+
+    def _report(self) -> None:
+        self._ctx.report_progress(self.counts.fraction, request_counts=self.counts.as_dict())
+
+    def resume(self) -> list[int]:
+        """Count the lines an earlier attempt stored; the indexes still to run."""
+        with session_scope(self._settings.database_url, readonly=True) as session:
+            stored = stored_lines(session, self._ctx.job_id)
+        self._done.update(stored)
+        self.counts.failed = sum(stored.values())
+        self.counts.completed = len(stored) - self.counts.failed
+        if stored:
+            logger.info(
+                "batch %s: %d of %d lines stored by an earlier attempt",
+                self._ctx.job_id,
+                len(stored),
+                self.counts.total,
+            )
+        self._report()
+        return [i for i in range(len(self._requests)) if i not in stored]
+
+    def _lease_lost(self) -> None:
+        logger.warning("batch %s: %s no longer holds the lease", self._ctx.job_id, self._worker)
+        self._ctx.lease_lost = True
+        self._ctx.stop_event.set()
+
+    def _store(self, rows: list[GeneratedText]) -> None:
+        """Store finished lines under the lease; a lost lease stops the run instead."""
+        if not rows or self._ctx.lease_lost:
+            return
+        with session_scope(self._settings.database_url) as session:
+            stored = store_lines(session, self._ctx.job_id, self._worker, rows)
+        if not stored:
+            self._lease_lost()
+            return
+        with self._lock:
+            for row in rows:
+                self._done.add(row.prompt_index)
+                if row.data is not None and row.data["error"] is not None:
+                    self.counts.failed += 1
+                else:
+                    self.counts.completed += 1
+
+    def run_chunk(self, indexes: list[int]) -> None:
+        invalid: list[GeneratedText] = []
+        requests: list[GenerationRequest] = []
+        for index in indexes:
+            request = self._requests[index]
+            try:
+                spec = generate_spec_for(request)
+            except BatchLineError as exc:
+                invalid.append(stored_error(index, request["custom_id"], exc.type, exc.message))
+                continue
+            requests.append(
+                GenerationRequest(
+                    key=request["custom_id"], spec=spec, stop_event=self._ctx.stop_event
+                )
+            )
+        self._store(invalid)
+        if requests:
+            run_requests(self._settings, self._ctx.device, requests, self.on_finished)
+        self._ctx.check_stop()
+        self._report()
+
+    def on_finished(self, result: RequestResult) -> None:
+        if result.stopped:
+            return  # not finished: the line stays to run by a later attempt, or expires
+        index = self._index[result.key]
+        request = self._requests[index]
+        if result.error is not None:
+            code = result.error_type or FailureType.RUNTIME_ERROR.value
+            row = stored_error(index, result.key, code, result.error)
+        elif not result.texts:
+            row = stored_error(
+                index, result.key, FailureType.RUNTIME_ERROR.value, "no text was generated"
+            )
+        else:
+            row = stored_output(index, request, result.texts)
+        self._store([row])
+
+    def expire(self, window: str) -> None:
+        """Give every unfinished line a batch_expired error and end the job expired."""
+        with self._lock:
+            left = [i for i in range(len(self._requests)) if i not in self._done]
+            counts = RequestCounts(
+                total=self.counts.total,
+                completed=self.counts.completed,
+                failed=self.counts.failed + len(left),
+            )
+        rows = [
+            stored_error(i, self._requests[i]["custom_id"], EXPIRED_CODE, EXPIRED_MESSAGE)
+            for i in left
+        ]
+        message = f"completion window {window} passed with {len(left)} lines unfinished"
+        with session_scope(self._settings.database_url) as session:
+            won = expire_running(
+                session,
+                self._ctx.job_id,
+                self._worker,
+                rows,
+                result={"request_counts": counts.as_dict()},
+                message=message,
+            )
+        if not won:
+            self._lease_lost()
+            raise JobStopped(f"job {self._ctx.job_id} stopped: lease lost")
+        self.counts = counts
+        self._report()
+        logger.info("batch %s expired: %s", self._ctx.job_id, message)
+        raise JobExpired(message)
