@@ -84,6 +84,8 @@ def api(
         port=port or settings.api_port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        # open event streams would otherwise hold a SIGTERM off indefinitely
+        timeout_graceful_shutdown=5,
     )
 
 

@@ -20,6 +20,7 @@ from core.token_stream import TokenDelta, TokenStreamWriter
 from db.base import utcnow
 from db.events import append_event
 from db.jobs import ready_for_model
+from db.outputs import storable_text
 from db.session import session_scope
 from workers.context import RunContext
 from workers.generation.cache import CacheOutcome
@@ -127,7 +128,10 @@ class GenerationBatchRun:
         ctx = claimed.ctx
 
         def on_delta(prompt_index: int, sequence_index: int, text: str) -> None:
-            self._deltas.append(TokenDelta(job_id, prompt_index, sequence_index, text))
+            # the same character swap as the stored text, so the stream adds up to it
+            self._deltas.append(
+                TokenDelta(job_id, prompt_index, sequence_index, storable_text(text))
+            )
 
         def on_progress(fraction: float, detail: dict[str, int]) -> None:
             ctx.report_progress(fraction, **detail)
