@@ -85,6 +85,12 @@ class Settings(BaseSettings):
         le=10,
         description="How often a decoding worker looks for ready jobs to join its batch.",
     )
+    generation_join_window_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A batch takes in newly ready jobs for this long, then drains, so the "
+        "worker goes back to its queue (other job kinds) instead of decoding forever.",
+    )
     model_cache_mb: int = Field(
         default=8192, ge=1, description="Memory budget of each worker's loaded-model cache (MiB)."
     )

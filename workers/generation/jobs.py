@@ -56,6 +56,7 @@ class GenerationBatchRun:
         self._running: dict[str, _Running] = {}
         self._deltas: list[TokenDelta] = []
         self._cache_note: dict[str, Any] = {}
+        self._opened = time.monotonic()
 
     def run(self) -> None:
         first = self._first
@@ -148,6 +149,8 @@ class GenerationBatchRun:
         """Claim up to `room` ready jobs on the same base model."""
         if model is None or room <= 0:
             return []
+        if time.monotonic() - self._opened > self._settings.generation_join_window_s:
+            return []  # draining: later jobs wait for their own message
         try:
             with session_scope(self._settings.database_url, readonly=True) as session:
                 ids = list(ready_for_model(session, JobKind.GENERATE, model, utcnow(), room))
