@@ -101,7 +101,7 @@ def reconcile_ms(settings: Settings, repeats: int = 5) -> float:
         publisher.close()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", type=int, default=1_000)
     parser.add_argument("--big", type=int, default=100_000)
@@ -144,6 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     for key in small:
         print(f"  {key:24}{small[key]:>10.2f}{big[key]:>10.2f}{big[key] / small[key]:>8.2f}")
     print(f"  {'reconciler pass':24}{small_rec:>10.2f}{big_rec:>10.2f}{big_rec / small_rec:>8.2f}")
+    return {
+        "small": {**small, "reconciler pass": small_rec},
+        "big": {**big, "reconciler pass": big_rec},
+        "jobs": (args.small, args.big),
+        "fill_s": fill_s,
+    }
 
 
 if __name__ == "__main__":
