@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from core.dispatch import JobPublisher
 from core.enums import EventType, FailureType, JobKind, JobStatus
-from core.errors import JobStopped, PermanentJobError, TransientJobError
+from core.errors import JobExpired, JobStopped, PermanentJobError, TransientJobError
 from core.settings import Settings
 from db.base import utcnow
 from db.events import append_event
@@ -82,6 +82,9 @@ class JobExecutor:
         heartbeat.start()
         try:
             result = self._run(claimed.kind, claimed.spec, run_ctx)
+        except JobExpired:
+            heartbeat.stop()  # the runner recorded `expired` itself, with its lines
+            return
         except JobStopped:
             heartbeat.stop()
             self.stopped(run_ctx)
@@ -124,7 +127,12 @@ class JobExecutor:
                 return ClaimedJob(
                     kind=JobKind(job.kind),
                     spec=dict(job.spec),
-                    ctx=RunContext(job_id=job_id, attempt=job.attempts, device=self._device),
+                    ctx=RunContext(
+                        job_id=job_id,
+                        attempt=job.attempts,
+                        device=self._device,
+                        worker=self.worker,
+                    ),
                     model=job.model,
                 )
             if not from_message:

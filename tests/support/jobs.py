@@ -8,13 +8,14 @@ from db.models import Job
 from db.session import session_scope
 
 
-def insert_job(database_url: str, max_attempts: int = 3) -> str:
-    """A queued generation job; returns its id."""
+def insert_job(database_url: str, max_attempts: int = 3, kind: JobKind = JobKind.GENERATE) -> str:
+    """A queued job (generation unless `kind` says otherwise); returns its id."""
+    spec = {"model": "m", "prompts": ["p"]} if kind is JobKind.GENERATE else {}
     with session_scope(database_url) as s:
         return create_job(
             s,
-            kind=JobKind.GENERATE,
-            spec={"model": "m", "prompts": ["p"]},
+            kind=kind,
+            spec=spec,
             priority=0,
             max_attempts=max_attempts,
             metadata={},

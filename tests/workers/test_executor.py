@@ -1,4 +1,8 @@
-"""The executor's outcomes with a stubbed runner, on a real database and Redis."""
+"""The executor's outcomes with a stubbed runner, on a real database and Redis.
+
+No-op jobs: generation jobs go through the batching path (tests/workers/test_generation_engine.py
+and tests/e2e/test_generation_batching.py).
+"""
 
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ def test_success_writes_outputs_and_finishes(
     settings: Settings, executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stub_runner(monkeypatch, executor, lambda ctx: [GeneratedText(0, 0, "hi", "stop", 1, 1)])
-    job_id = insert_job(settings.database_url)
+    job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
     executor.execute(job_id)
     job = load_job(settings.database_url, job_id)
     assert (job.status, job.attempts, job.lease_owner) == ("succeeded", 1, None)
@@ -74,7 +78,7 @@ def test_transient_error_requeues_with_backoff_then_fails_at_max(
         raise TransientJobError("device busy")
 
     stub_runner(monkeypatch, executor, flaky)
-    job_id = insert_job(settings.database_url, max_attempts=2)
+    job_id = insert_job(settings.database_url, max_attempts=2, kind=JobKind.NOOP)
     executor.execute(job_id)
     job = load_job(settings.database_url, job_id)
     assert (job.status, job.attempts, job.error_type) == ("queued", 1, "transient_error")
@@ -106,7 +110,7 @@ def test_other_errors_fail_once_with_a_type(
         raise error
 
     stub_runner(monkeypatch, executor, broken)
-    job_id = insert_job(settings.database_url)
+    job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
     executor.execute(job_id)
     job = load_job(settings.database_url, job_id)
     assert (job.status, job.attempts, job.error_type) == ("failed", 1, expected)
@@ -117,7 +121,7 @@ def test_failure_to_store_results_fails_the_job(
 ) -> None:
     dup = GeneratedText(0, 0, "same position twice", "stop", 1, 1)
     stub_runner(monkeypatch, executor, lambda ctx: [dup, dup])
-    job_id = insert_job(settings.database_url)
+    job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
     executor.execute(job_id)
     job = load_job(settings.database_url, job_id)
     assert (job.status, job.error_type) == ("failed", "runtime_error")
@@ -138,7 +142,7 @@ def test_cancel_seen_by_heartbeat_cancels(
         return []
 
     stub_runner(monkeypatch, executor, wait_for_cancel)
-    job_id = insert_job(settings.database_url)
+    job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
     executor.execute(job_id)
     job = load_job(settings.database_url, job_id)
     assert (job.status, job.attempts) == ("cancelled", 1)

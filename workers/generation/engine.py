@@ -303,7 +303,7 @@ def torch_empty_cache(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-_ENGINES: dict[str, GenerationEngine] = {}
+_ENGINES: dict[tuple[str, str, str], GenerationEngine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
@@ -313,12 +313,14 @@ def _process_cache(budget_bytes: int) -> ModelCache:
 
 
 def engine_for(settings: Settings, device: str) -> GenerationEngine:
-    """The worker process's engine for `device`; its model cache lives as long as the process."""
+    """The process's engine for these settings and device. Engines share one model cache,
+    which lives as long as the process (a worker keeps its models between jobs)."""
+    key = (device, settings.database_url, str(settings.data_dir.resolve()))
     with _ENGINES_LOCK:
-        engine = _ENGINES.get(device)
+        engine = _ENGINES.get(key)
         if engine is None:
             cache = _process_cache(settings.model_cache_mb * 2**20)
-            engine = _ENGINES[device] = GenerationEngine(settings, device, cache)
+            engine = _ENGINES[key] = GenerationEngine(settings, device, cache)
         return engine
 
 
