@@ -3,10 +3,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from core.enums import EventType
+from db.base import utcnow
 from db.models import JobEvent
 
 
@@ -16,11 +17,13 @@ def append_event(
     type_: EventType,
     message: str = "",
     data: dict[str, Any] | None = None,
-) -> JobEvent:
-    event = JobEvent(job_id=job_id, type=type_.value, message=message, data=data or {})
-    session.add(event)
-    session.flush()
-    return event
+) -> None:
+    """One INSERT (no ORM unit of work: events are written on every job's hot path)."""
+    session.execute(
+        insert(JobEvent).values(
+            job_id=job_id, type=type_.value, message=message, data=data or {}, created_at=utcnow()
+        )
+    )
 
 
 def list_events(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import ColumnElement, Row, select, update
 from sqlalchemy.orm import Session
 
 from core.enums import EventType, JobKind, JobStatus
@@ -119,6 +119,22 @@ def transition(
     The state machine in core.states decides what is allowed; `where` adds the
     caller's own conditions (lease owner, lease expiry, cancel flag).
     """
+    won = _transition(session, job_id, source, target, where, values, message, data, (Job.id,))
+    return won is not None
+
+
+def _transition(
+    session: Session,
+    job_id: str,
+    source: JobStatus,
+    target: JobStatus,
+    where: Sequence[ColumnElement[bool]],
+    values: dict[str, Any] | None,
+    message: str,
+    data: dict[str, Any] | None,
+    returning: Sequence[Any],
+) -> Row[Any] | None:
+    """The compare-and-set as one UPDATE ... RETURNING `returning`; None when it lost."""
     if not can_transition(source, target):
         raise InvalidStateError(f"transition {source} -> {target} is not allowed")
     now = utcnow()
@@ -126,11 +142,12 @@ def transition(
         update(Job)
         .where(Job.id == job_id, Job.status == source.value, *where)
         .values(status=target.value, updated_at=now, **(values or {}))
+        .returning(*returning)
         .execution_options(synchronize_session=False)
     )
-    result = session.execute(stmt)
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return False
+    row = session.execute(stmt).first()
+    if row is None:
+        return None
     append_event(
         session,
         job_id,
@@ -138,28 +155,47 @@ def transition(
         message or f"{source} -> {target}",
         {"from": source.value, "status": target.value, **(data or {})},
     )
-    return True
+    return row
 
 
-def claim_job(session: Session, job_id: str, worker: str, lease_ttl: timedelta) -> bool:
-    """queued -> running for `worker`, unless cancelled or not yet due."""
+@dataclass(frozen=True, slots=True)
+class ClaimedRow:
+    kind: str
+    spec: dict[str, Any]
+    attempts: int
+    model: str | None
+
+
+def claim(session: Session, job_id: str, worker: str, lease_ttl: timedelta) -> ClaimedRow | None:
+    """queued -> running for `worker` (unless cancelled or not yet due), returning what a
+    worker needs to run it, in one statement."""
     now = utcnow()
-    return transition(
+    row = _transition(
         session,
         job_id,
         JobStatus.QUEUED,
         JobStatus.RUNNING,
-        where=[Job.cancel_requested.is_(False), Job.available_at <= now],
-        values={
+        [Job.cancel_requested.is_(False), Job.available_at <= now],
+        {
             "lease_owner": worker,
             "lease_expires_at": now + lease_ttl,
             "attempts": Job.attempts + 1,
             "started_at": now,
             "progress": 0.0,
         },
-        message=f"claimed by {worker}",
-        data={"worker": worker},
+        f"claimed by {worker}",
+        {"worker": worker},
+        (Job.kind, Job.spec, Job.attempts, Job.model),
     )
+    if row is None:
+        return None
+    kind, spec, attempts, model = tuple(row)
+    return ClaimedRow(kind=kind, spec=dict(spec), attempts=int(attempts), model=model)
+
+
+def claim_job(session: Session, job_id: str, worker: str, lease_ttl: timedelta) -> bool:
+    """queued -> running for `worker`, unless cancelled or not yet due."""
+    return claim(session, job_id, worker, lease_ttl) is not None
 
 
 @dataclass(frozen=True, slots=True)

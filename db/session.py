@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import fcntl
 import logging
 import math
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,28 +42,64 @@ def _sqlite_begin(conn: Any) -> None:
 
 
 class _WriteGate:
-    """Queues this process's SQLite writers on a lock before BEGIN IMMEDIATE.
+    """Queues SQLite writers, of this process and of the others, before BEGIN IMMEDIATE.
 
-    SQLite's busy handler sleeps and retries, so under many concurrent writers a
-    transaction can wait far longer than its turn; a lock makes the threads of one
-    process take turns instead (other processes still meet the busy timeout).
+    SQLite's busy handler sleeps and retries with growing pauses, so under many
+    concurrent writers a transaction can wait far longer than its turn. Writers
+    take turns instead: a lock among this process's threads, then an exclusive
+    `flock` on a file beside the database among processes (the kernel wakes the
+    next waiter at once, and drops the lock of a process that dies).
     A plain Lock, not an RLock: a transaction may end on another thread than the one
     that began it (FastAPI closes a request's session in a pool thread). So a thread
     must not open a second write transaction while its first is still open."""
 
-    def __init__(self) -> None:
+    def __init__(self, lock_path: Path | None) -> None:
         self._lock = threading.Lock()
+        self._lock_path = lock_path
+        self._fd: int | None = None
+        self._pid = 0
+
+    def _file(self) -> int | None:
+        if self._lock_path is None:
+            return None
+        if self._fd is None or self._pid != os.getpid():  # a forked child opens its own
+            self._fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._pid = os.getpid()
+        return self._fd
 
     def begin(self, conn: Any) -> None:
         self._lock.acquire()
         conn.info["write_gate"] = True
         try:
+            fd = self._file()
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                conn.info["write_gate_fd"] = fd
             _sqlite_begin(conn)
         except BaseException:
             self.end(conn)
             raise
 
+    def commit(self, conn: Any) -> None:
+        """SQLAlchemy's commit event comes before the COMMIT: commit here, then let the next
+        writer in (the dialect's own commit afterwards finds no transaction and does nothing)."""
+        try:
+            if conn.info.get("write_gate"):
+                conn.connection.dbapi_connection.commit()
+        finally:
+            self.end(conn)
+
+    def rollback(self, conn: Any) -> None:
+        try:
+            if conn.info.get("write_gate"):
+                conn.connection.dbapi_connection.rollback()
+        finally:
+            self.end(conn)
+
     def end(self, conn: Any) -> None:
+        fd = conn.info.pop("write_gate_fd", None)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
         if conn.info.pop("write_gate", False):
             self._lock.release()
 
@@ -112,10 +150,11 @@ def make_engine(url: str, *, readonly: bool = False) -> Engine:
         if readonly:
             event.listen(engine, "begin", _sqlite_begin_read)
         else:
-            gate = _WriteGate()
+            on_disk = parsed.database and parsed.database != ":memory:"
+            gate = _WriteGate(Path(f"{parsed.database}-writelock") if on_disk else None)
             event.listen(engine, "begin", gate.begin)
-            event.listen(engine, "commit", gate.end)
-            event.listen(engine, "rollback", gate.end)
+            event.listen(engine, "commit", gate.commit)
+            event.listen(engine, "rollback", gate.rollback)
         return engine
     return create_engine(
         url, pool_pre_ping=True, pool_size=10, max_overflow=20, json_serializer=dumps_json

@@ -18,7 +18,7 @@ from core.errors import JobExpired, JobStopped, PermanentJobError, TransientJobE
 from core.settings import Settings
 from db.base import utcnow
 from db.events import append_event
-from db.jobs import claim_job, finish_job, get_job, requeue_job
+from db.jobs import claim, finish_job, get_job, requeue_job
 from db.models import Job
 from db.outputs import add_outputs
 from db.registry import model_name, register_model
@@ -120,20 +120,19 @@ class JobExecutor:
         """
         ttl = timedelta(seconds=self._settings.lease_ttl_s)
         with session_scope(self._settings.database_url) as session:
-            if claim_job(session, job_id, self.worker, ttl):
-                job = get_job(session, job_id)
-                assert job is not None
-                logger.info("job %s claimed by %s (attempt %d)", job_id, self.worker, job.attempts)
+            row = claim(session, job_id, self.worker, ttl)
+            if row is not None:
+                logger.info("job %s claimed by %s (attempt %d)", job_id, self.worker, row.attempts)
                 return ClaimedJob(
-                    kind=JobKind(job.kind),
-                    spec=dict(job.spec),
+                    kind=JobKind(row.kind),
+                    spec=row.spec,
                     ctx=RunContext(
                         job_id=job_id,
-                        attempt=job.attempts,
+                        attempt=row.attempts,
                         device=self._device,
                         worker=self.worker,
                     ),
-                    model=job.model,
+                    model=row.model,
                 )
             if not from_message:
                 return None
