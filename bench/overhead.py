@@ -101,9 +101,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--jobs", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--database-url", default="", help="default: SQLite in a temp dir")
+    parser.add_argument("--api-workers", type=int, default=1, help="API server processes")
     args = parser.parse_args(argv)
 
-    with private_stack(args.database_url or None, reconcile_period_s="30") as (stack, base):
+    with private_stack(
+        args.database_url or None, reconcile_period_s="30", api_workers=str(args.api_workers)
+    ) as (stack, base):
         database_url = stack.env["MODELYARD_DATABASE_URL"]
         broker = stack.env["MODELYARD_BROKER_URL"]
         assert stack.log_dir is not None
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     result = {
         "backend": "postgresql" if "postgresql" in (args.database_url or "") else "sqlite",
+        "api_workers": args.api_workers,
         "raw_tasks_per_s": Stats(raw),
         "jobs_per_s": Stats(ours),
         "ratio": Stats([o / r for o, r in zip(ours, raw, strict=True)]),
@@ -140,7 +144,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def print_table(r: dict[str, Any]) -> None:
-    print(f"P1 no-op overhead ({r['backend']}), median [min-max] over repeats")
+    print(
+        f"P1 no-op overhead ({r['backend']}, {r['api_workers']} API process(es)), "
+        "median [min-max] over repeats"
+    )
     print(f"  raw Celery no-op tasks/s      {r['raw_tasks_per_s'].fmt()}")
     print(f"  Modelyard no-op jobs/s        {r['jobs_per_s'].fmt()}")
     print(f"  ratio (goal >= 0.5)           {r['ratio'].fmt(digits=2)}")

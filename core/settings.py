@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     )
     api_host: str = Field(default="127.0.0.1", description="Address `modelyard api` binds.")
     api_port: int = Field(default=8000, ge=1, le=65535, description="Port `modelyard api` binds.")
+    api_workers: int = Field(
+        default=1, ge=1, le=64, description="API server processes (`modelyard api`)."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level of every Modelyard process."
     )

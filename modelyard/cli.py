@@ -77,6 +77,12 @@ def api(
 
     settings = get_settings()
     _setup_logging(settings)
+    if settings.api_workers > 1 and settings.auto_migrate:
+        # Migrate once here, not in every server process at the same time.
+        from db.session import migrate as run_migrations
+
+        run_migrations(settings.database_url)
+        os.environ["MODELYARD_AUTO_MIGRATE"] = "false"
     uvicorn.run(
         "api.main:create_app",
         factory=True,
@@ -84,6 +90,7 @@ def api(
         port=port or settings.api_port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        workers=settings.api_workers,
         # open event streams would otherwise hold a SIGTERM off indefinitely
         timeout_graceful_shutdown=5,
     )
