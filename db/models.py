@@ -31,6 +31,7 @@ class Job(Base):
         Index("ix_jobs_status_available_at", "status", "available_at"),
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
         Index("ix_jobs_status_kind_model", "status", "kind", "model"),
+        Index("ix_jobs_status_expires_at", "status", "expires_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_job_id)
@@ -59,6 +60,10 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     progress_detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Deadlines: a queued job past `expires_at` never starts; a running one past
+    # `max_runtime_s` of run time is stopped.
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    max_runtime_s: Mapped[float | None] = mapped_column(Float)
 
 
 class JobEvent(Base):
