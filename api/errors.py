@@ -21,9 +21,11 @@ from core.errors import (
     PayloadTooLargeError,
     ServiceUnavailableError,
 )
+from db.session import DATABASE_UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 
+RETRY_AFTER_S = 5
 _KIND_TAGS = frozenset(k.value for k in JobKind)
 
 STATUS_FOR_ERROR: dict[type[ModelyardError], int] = {
@@ -96,6 +98,15 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+    logger.warning("database unavailable: %s", type(exc).__name__)
+    return JSONResponse(
+        error_body(ServiceUnavailableError.type, "the database is unavailable; retry shortly"),
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error", exc_info=exc)
     return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
@@ -105,4 +116,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ModelyardError, _modelyard_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    for unavailable in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(unavailable, _database_unavailable)
     app.add_exception_handler(Exception, _unhandled)

@@ -33,6 +33,8 @@ class JobOut(BaseModel):
     queued_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    expires_at: datetime | None = None
+    max_runtime_s: float | None = None
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -56,6 +58,8 @@ class JobOut(BaseModel):
             queued_at=job.queued_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
+            expires_at=job.expires_at,
+            max_runtime_s=job.max_runtime_s,
         )
 
 

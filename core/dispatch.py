@@ -15,7 +15,8 @@ from typing import Any
 import redis
 from celery import Celery
 
-from core.enums import MAINTENANCE_QUEUE, QUEUE_FOR_KIND, JobKind
+from core.enums import QUEUE_FOR_KIND, JobKind
+from core.errors import ConfigurationError
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -45,22 +46,33 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "priority_steps": list(range(PRIORITY_LEVELS)),
             "queue_order_strategy": "priority",
             "sep": ":",
+            "visibility_timeout": settings.broker_visibility_timeout_s,
+            # how often a consumer looks for messages past the visibility timeout
+            "unacked_restore_interval": max(
+                1.0, min(10.0, settings.broker_visibility_timeout_s / 4)
+            ),
+            "unacked_restore_throttle": 1,
         },
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
-        "beat_schedule": {
-            "reconcile": {
-                "task": TASK_RECONCILE,
-                "schedule": settings.reconcile_period_s,
-                "options": {
-                    "queue": MAINTENANCE_QUEUE,
-                    "exchange": "",
-                    "routing_key": MAINTENANCE_QUEUE,
-                    "expires": settings.reconcile_period_s,
-                },
-            }
-        },
+        # The reconciler runs inside the beat process (workers/app.py), not as a task: a task
+        # would wait for a free worker, and when every worker is busy nobody recovers a lost one.
+        "beat_schedule": {},
     }
+
+
+def check_broker_timeouts(settings: Settings) -> None:
+    """Refuse a worker configuration under which Redis would deliver a running job's message
+    again (Celery #5935): the visibility timeout must outlast the longest job attempt."""
+    visibility, limit = settings.broker_visibility_timeout_s, settings.job_time_limit_s
+    if visibility <= limit:
+        raise ConfigurationError(
+            f"MODELYARD_BROKER_VISIBILITY_TIMEOUT_S={visibility:g} is not longer than "
+            f"MODELYARD_JOB_TIME_LIMIT_S={limit:g}: Redis would deliver a running job's message "
+            "to another worker while it runs. Raise the visibility timeout above the job time "
+            "limit, or lower the job time limit.",
+            param="broker_visibility_timeout_s",
+        )
 
 
 def make_celery(settings: Settings, name: str = "modelyard") -> Celery:

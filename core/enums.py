@@ -49,7 +49,7 @@ class JobStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    EXPIRED = "expired"  # a batch whose completion window passed before every line ran
+    EXPIRED = "expired"  # past its deadline: a queued job's expires_at, a batch's window
 
 
 class EventType(StrEnum):
@@ -69,6 +69,11 @@ class FailureType(StrEnum):
     RUNTIME_ERROR = "runtime_error"
     TRANSIENT_ERROR = "transient_error"
     BATCH_EXPIRED = "batch_expired"
+    TIMED_OUT = "timed_out"  # ran past its max_runtime_s (or the workers' job_time_limit_s)
+    EXPIRED = "expired"  # still queued at its expires_at; never started
+    DATABASE_UNAVAILABLE = "database_unavailable"
+    BROKER_UNAVAILABLE = "broker_unavailable"
+    DISK_FULL = "disk_full"
 
 
 class BatchEndpoint(StrEnum):

@@ -74,6 +74,12 @@ class ServiceUnavailableError(ModelyardError):
     type = "service_unavailable"
 
 
+class ConfigurationError(ModelyardError):
+    """Raised at start when settings contradict each other; the process refuses to run."""
+
+    type = "configuration_error"
+
+
 class JobError(ModelyardError):
     """Base of errors a runner raises to end a job attempt."""
 
@@ -91,7 +97,9 @@ class PermanentJobError(JobError):
 class TransientJobError(JobError):
     """Raised for a named temporary condition; the job is queued again with backoff."""
 
-    failure = FailureType.TRANSIENT_ERROR
+    def __init__(self, message: str, failure: FailureType = FailureType.TRANSIENT_ERROR) -> None:
+        super().__init__(message)
+        self.failure = failure
 
 
 class JobStopped(JobError):

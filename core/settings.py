@@ -48,6 +48,42 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="First retry delay after a transient error; doubles."
     )
     retry_backoff_max_s: float = Field(default=300.0, ge=0, description="Cap on retry delay.")
+    retry_jitter: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Each retry delay is shortened by a random fraction up to this, so jobs "
+        "that failed together (a database restart) do not all retry at the same moment.",
+    )
+    retry_out_of_memory: bool = Field(
+        default=False,
+        description="Retry a job that ran out of memory (with backoff, up to max_attempts) "
+        "instead of failing it once: for devices shared with other processes.",
+    )
+    job_time_limit_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="Longest a job attempt may run; a job's max_runtime_s may set less. At the "
+        "limit the job checkpoints and fails with timed_out.",
+    )
+    broker_visibility_timeout_s: float = Field(
+        default=172_800.0,
+        gt=0,
+        description="Seconds Redis waits for a message's acknowledgement before it delivers "
+        "it again. A worker refuses to start unless it exceeds job_time_limit_s.",
+    )
+    db_retry_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="How long a worker keeps retrying writes it must not drop (buffered "
+        "metrics, a job's final status) while the database is unreachable.",
+    )
+    worker_stall_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="An idle worker that received nothing for this long while due jobs waited "
+        "this long on its queues is reported as stalled by `modelyard workers --check`.",
+    )
     batch_chunk_lines: int = Field(
         default=32,
         ge=1,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -265,12 +266,33 @@ class BatchSpec(BaseModel):
         return completion_window(self.completion_window)
 
 
+MAX_RUNTIME_S = 30 * 24 * 3600.0
+
+
 class _JobRequestBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     priority: int = Field(default=0, ge=0, le=9, description="0 (lowest) to 9 (highest).")
     max_attempts: int | None = Field(default=None, ge=1, le=100)
     metadata: dict[MetadataKey, MetadataValue] = Field(default_factory=dict, max_length=32)
+    expires_at: AwareDatetime | None = Field(
+        default=None,
+        description="A job still queued at this time ends `expired` and never starts.",
+    )
+    max_runtime_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_RUNTIME_S,
+        description="Run time limit of each attempt (the workers' job_time_limit_s applies "
+        "too): at the limit the job checkpoints and fails with `timed_out`.",
+    )
+
+    @field_validator("expires_at")
+    @classmethod
+    def _expires_in_future(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value <= datetime.now(UTC):
+            raise ValueError("expires_at is in the past")
+        return value
 
 
 class GenerateJobRequest(_JobRequestBase):

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, select, update
+from sqlalchemy import ColumnElement, Row, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.enums import EventType, JobKind, JobStatus
+from core.enums import EventType, FailureType, JobKind, JobStatus
 from core.errors import InvalidStateError, NotFoundError
 from core.states import can_transition
 from db.base import newer_first_before, utcnow
@@ -29,6 +29,8 @@ def create_job(
     idempotency_key: str | None = None,
     request_hash: str | None = None,
     model: str | None = None,
+    expires_at: datetime | None = None,
+    max_runtime_s: float | None = None,
 ) -> Job:
     now = utcnow()
     job = Job(
@@ -48,6 +50,8 @@ def create_job(
         updated_at=now,
         queued_at=now,
         available_at=now,
+        expires_at=expires_at,
+        max_runtime_s=max_runtime_s,
     )
     session.add(job)
     session.flush()
@@ -164,18 +168,23 @@ class ClaimedRow:
     spec: dict[str, Any]
     attempts: int
     model: str | None
+    max_runtime_s: float | None = None
+
+
+def not_expired(now: datetime) -> ColumnElement[bool]:
+    return or_(Job.expires_at.is_(None), Job.expires_at > now)
 
 
 def claim(session: Session, job_id: str, worker: str, lease_ttl: timedelta) -> ClaimedRow | None:
-    """queued -> running for `worker` (unless cancelled or not yet due), returning what a
-    worker needs to run it, in one statement."""
+    """queued -> running for `worker` (unless cancelled, not yet due or past its expires_at),
+    returning what a worker needs to run it, in one statement."""
     now = utcnow()
     row = _transition(
         session,
         job_id,
         JobStatus.QUEUED,
         JobStatus.RUNNING,
-        [Job.cancel_requested.is_(False), Job.available_at <= now],
+        [Job.cancel_requested.is_(False), Job.available_at <= now, not_expired(now)],
         {
             "lease_owner": worker,
             "lease_expires_at": now + lease_ttl,
@@ -185,12 +194,18 @@ def claim(session: Session, job_id: str, worker: str, lease_ttl: timedelta) -> C
         },
         f"claimed by {worker}",
         {"worker": worker},
-        (Job.kind, Job.spec, Job.attempts, Job.model),
+        (Job.kind, Job.spec, Job.attempts, Job.model, Job.max_runtime_s),
     )
     if row is None:
         return None
-    kind, spec, attempts, model = tuple(row)
-    return ClaimedRow(kind=kind, spec=dict(spec), attempts=int(attempts), model=model)
+    kind, spec, attempts, model, max_runtime_s = tuple(row)
+    return ClaimedRow(
+        kind=kind,
+        spec=dict(spec),
+        attempts=int(attempts),
+        model=model,
+        max_runtime_s=None if max_runtime_s is None else float(max_runtime_s),
+    )
 
 
 def claim_job(session: Session, job_id: str, worker: str, lease_ttl: timedelta) -> bool:
@@ -256,6 +271,9 @@ def finish_job(
         values["result"] = result
     if target is JobStatus.SUCCEEDED:
         values["progress"] = 1.0
+    data: dict[str, Any] = {"by": worker}
+    if error_type:
+        data["error_type"] = error_type
     return transition(
         session,
         job_id,
@@ -264,7 +282,7 @@ def finish_job(
         where=[Job.lease_owner == worker],
         values=values,
         message=error_message or "",
-        data={"error_type": error_type} if error_type else None,
+        data=data,
     )
 
 
@@ -276,8 +294,10 @@ def requeue_job(
     reason: str,
     error_type: str,
     where: Sequence[ColumnElement[bool]],
+    by: str | None = None,
 ) -> bool:
-    """running -> queued (retry or worker lost); the caller says whose lease it is."""
+    """running -> queued (retry or worker lost); the caller says whose lease it is, and
+    `by` names the worker when it gives the job back itself."""
     now = utcnow()
     return transition(
         session,
@@ -294,8 +314,89 @@ def requeue_job(
             "error_message": reason,
         },
         message=reason,
-        data={"error_type": error_type},
+        data={"error_type": error_type, **({"by": by} if by else {})},
     )
+
+
+def give_back(session: Session, job_id: str, worker: str) -> tuple[JobKind, int] | None:
+    """running -> queued by its own worker (shutting down), due now; the attempt does not
+    count toward max_attempts. Returns (kind, priority) to publish, None when the lease
+    was not held."""
+    now = utcnow()
+    row = _transition(
+        session,
+        job_id,
+        JobStatus.RUNNING,
+        JobStatus.QUEUED,
+        [Job.lease_owner == worker],
+        {
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "queued_at": now,
+            "available_at": now,
+            "max_attempts": Job.max_attempts + 1,
+            "error_type": None,
+            "error_message": None,
+        },
+        f"given back by {worker} (worker shutting down); this attempt does not count "
+        "toward max_attempts",
+        {"by": worker, "reason": "worker_shutdown"},
+        (Job.kind, Job.priority),
+    )
+    if row is None:
+        return None
+    kind, priority = tuple(row)
+    return JobKind(kind), int(priority)
+
+
+def expire_overdue(session: Session, job_id: str, now: datetime) -> bool:
+    """queued -> expired when the job's expires_at has passed; False otherwise."""
+    return transition(
+        session,
+        job_id,
+        JobStatus.QUEUED,
+        JobStatus.EXPIRED,
+        where=[Job.expires_at.is_not(None), Job.expires_at <= now],
+        values={
+            "finished_at": now,
+            "error_type": FailureType.EXPIRED.value,
+            "error_message": "expires_at passed while the job was queued; it never started",
+        },
+        message="expired while queued (expires_at passed)",
+        data={"error_type": FailureType.EXPIRED.value},
+    )
+
+
+def overdue_queued(session: Session, now: datetime, limit: int = 1000) -> Sequence[str]:
+    """Ids of queued jobs whose expires_at has passed."""
+    stmt = (
+        select(Job.id)
+        .where(
+            Job.status == JobStatus.QUEUED.value,
+            Job.expires_at.is_not(None),
+            Job.expires_at <= now,
+        )
+        .order_by(Job.expires_at)
+        .limit(limit)
+    )
+    return session.scalars(stmt).all()
+
+
+def count_waiting(session: Session, kinds: Sequence[JobKind], waiting_since: datetime) -> int:
+    """Queued jobs of `kinds` that have been due, uncancelled and unexpired since
+    `waiting_since` or longer: work an idle worker on their queue should have taken."""
+    if not kinds:
+        return 0
+    now = utcnow()
+    stmt = select(func.count(Job.id)).where(
+        Job.status == JobStatus.QUEUED.value,
+        Job.kind.in_([k.value for k in kinds]),
+        Job.cancel_requested.is_(False),
+        Job.available_at <= waiting_since,
+        Job.queued_at <= waiting_since,
+        not_expired(now),
+    )
+    return int(session.scalar(stmt) or 0)
 
 
 def request_cancel(session: Session, job_id: str) -> Job:
@@ -355,6 +456,7 @@ def ready_for_model(
             Job.model == model,
             Job.available_at <= now,
             Job.cancel_requested.is_(False),
+            not_expired(now),
         )
         .order_by(Job.priority.desc(), Job.created_at)
         .limit(limit)
@@ -365,13 +467,15 @@ def ready_for_model(
 def due_queued(
     session: Session, now: datetime, grace: timedelta, limit: int = 1000
 ) -> Sequence[Job]:
-    """Queued jobs that are due and old enough that their message should have arrived."""
+    """Queued jobs that are due, unexpired and old enough that their message should have
+    arrived."""
     stmt = (
         select(Job)
         .where(
             Job.status == JobStatus.QUEUED.value,
             Job.available_at <= now,
             Job.queued_at <= now - grace,
+            not_expired(now),
         )
         .order_by(Job.priority.desc(), Job.queued_at)
         .limit(limit)

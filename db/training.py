@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from db.models import Checkpoint, Metric
+from db.models import Checkpoint, Job, Metric
 
 
 def add_metrics(
@@ -20,6 +20,25 @@ def add_metrics(
         for step, name, value, epoch in points
     )
     session.flush()
+
+
+def discard_metrics_after(session: Session, job_id: str, step: int) -> int:
+    """Delete the job's metric rows past `step` (an attempt resuming from a checkpoint at
+    `step` writes them again) and return the furthest step the job had reached before:
+    from those rows and from the progress its heartbeat stored."""
+    furthest = session.scalar(
+        select(func.max(Metric.step)).where(Metric.job_id == job_id, Metric.step > step)
+    )
+    detail = session.scalar(select(Job.progress_detail).where(Job.id == job_id)) or {}
+    seen = [step, int(furthest or 0)]
+    if isinstance(detail.get("step"), int):
+        seen.append(int(detail["step"]))
+    session.execute(
+        delete(Metric)
+        .where(Metric.job_id == job_id, Metric.step > step)
+        .execution_options(synchronize_session=False)
+    )
+    return max(seen)
 
 
 def list_metrics(

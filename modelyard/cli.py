@@ -104,10 +104,28 @@ def worker(
     gpus: Annotated[
         str, typer.Option(help="'' for one process on the default device, 'all' or '0,1'")
     ] = "",
+    pool: Annotated[
+        str,
+        typer.Option(
+            help="'solo' runs the job in the worker process (SIGTERM hands a running job "
+            "back); 'prefork' runs it in one child process"
+        ),
+    ] = "solo",
 ) -> None:
     """Run a worker: one process, one job at a time (one process per GPU with --gpus)."""
+    from core.dispatch import check_broker_timeouts
+    from core.errors import ConfigurationError
+
     settings = get_settings()
     _setup_logging(settings)
+    if pool not in ("solo", "prefork"):
+        console.print(f"[red]--pool must be solo or prefork, not {pool!r}[/red]")
+        raise typer.Exit(2)
+    try:
+        check_broker_timeouts(settings)
+    except ConfigurationError as exc:
+        console.print(f"[red]refusing to start the worker:[/red] {exc.message}")
+        raise typer.Exit(2) from exc
     if gpus:
         _run_per_gpu(queues, gpus)
         return
@@ -120,7 +138,7 @@ def worker(
             "--queues",
             queues,
             "--pool",
-            "solo",
+            pool,
             "--concurrency",
             "1",
             "--without-mingle",
@@ -157,6 +175,40 @@ def _run_per_gpu(queues: str, gpus: str) -> None:
         for child in children:
             if child.poll() is None:
                 child.terminate()
+
+
+@app.command()
+def workers(
+    check: Annotated[
+        bool, typer.Option("--check", help="Exit 1 when a worker stopped consuming")
+    ] = False,
+    name: Annotated[str | None, typer.Option(help="Only this worker (its Celery hostname)")] = None,
+) -> None:
+    """List the workers with what they do; `--check` is a readiness/liveness probe."""
+    from workers.readiness import check_workers
+
+    settings = get_settings()
+    _setup_logging(settings)
+    try:
+        found = check_workers(settings)
+    except Exception as exc:
+        console.print(f"[red]cannot check the workers:[/red] {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from exc
+    if name is not None:
+        found = [w for w in found if w.hostname == name]
+        if not found:
+            console.print(f"[red]worker {name} is not reporting[/red]")
+            raise typer.Exit(1)
+    for w in found:
+        doing = f"running {w.job}" if w.busy else f"last active {w.idle_s:.0f}s ago"
+        typer.echo(
+            f"{w.hostname}  {w.verdict:<8} {doing}  queues={','.join(w.queues)}  "
+            f"waiting={w.waiting}"
+        )
+    if not found:
+        typer.echo("no worker is reporting")
+    if check and (not found or any(not w.ready for w in found)):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -16,8 +16,12 @@ class RunContext:
     device: str
     stop_event: threading.Event = field(default_factory=threading.Event)
     worker: str | None = None  # the lease owner; runners that write while running need it
+    deadline: float | None = None  # time.monotonic() at which the attempt must stop (timed_out)
+    max_runtime_s: float | None = None  # the run time limit behind `deadline`, for messages
     cancelled: bool = False
     lease_lost: bool = False
+    timed_out: bool = False
+    given_back: bool = False  # the worker is shutting down: stop and hand the job back
     _progress: float = 0.0
     _detail: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -39,8 +43,48 @@ class RunContext:
         with self._lock:
             return dict(self._detail)
 
+    @property
+    def stop_reason(self) -> str:
+        if self.lease_lost:
+            return "lease lost"
+        if self.cancelled:
+            return "cancelled"
+        if self.timed_out:
+            return "timed out"
+        if self.given_back:
+            return "worker shutting down"
+        return "stopped"
+
     def check_stop(self) -> None:
-        """Raise JobStopped once the heartbeat saw a cancel or a lost lease."""
+        """Raise JobStopped once the job must stop: cancel, lost lease, run time limit
+        or worker shutdown."""
         if self.stop_event.is_set():
-            reason = "cancelled" if self.cancelled else "lease lost"
-            raise JobStopped(f"job {self.job_id} stopped: {reason}")
+            raise JobStopped(f"job {self.job_id} stopped: {self.stop_reason}")
+
+
+_running: dict[str, RunContext] = {}
+# re-entrant: the shutdown signal handler runs on the main thread, which may hold it
+_running_lock = threading.RLock()
+
+
+def track(ctx: RunContext) -> None:
+    """Note a job running in this process (done by its heartbeat)."""
+    with _running_lock:
+        _running[ctx.job_id] = ctx
+
+
+def untrack(ctx: RunContext) -> None:
+    with _running_lock:
+        if _running.get(ctx.job_id) is ctx:
+            del _running[ctx.job_id]
+
+
+def give_back_running() -> list[str]:
+    """Ask every job running in this process to stop and be handed back (worker shutdown).
+    Safe to call from a signal handler: it only sets flags and events."""
+    with _running_lock:
+        running = list(_running.values())
+    for ctx in running:
+        ctx.given_back = True
+        ctx.stop_event.set()
+    return [ctx.job_id for ctx in running]

@@ -2,32 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy.exc import OperationalError
+import redis
 from sqlalchemy.orm import Session
 
 from core.dispatch import JobPublisher
 from core.enums import EventType, FailureType, JobKind, JobStatus
-from core.errors import JobExpired, JobStopped, PermanentJobError, TransientJobError
+from core.errors import JobError, JobExpired, JobStopped, TransientJobError
 from core.settings import Settings
 from db.base import utcnow
 from db.events import append_event
-from db.jobs import claim, finish_job, get_job, requeue_job
+from db.jobs import claim, expire_overdue, finish_job, get_job, give_back, requeue_job
 from db.models import Job
 from db.outputs import add_outputs
 from db.registry import model_name, register_model
-from db.session import session_scope
+from db.session import DATABASE_UNAVAILABLE, session_scope
 from workers.context import RunContext
+from workers.failures import classify, jittered_delay, retry_delay
 from workers.heartbeat import Heartbeat
+from workers.leases import broker_leases
 from workers.runners import RunResult, TrainedModel, runner_for
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+__all__ = ["ClaimedJob", "JobExecutor", "LeaseLost", "retry_delay", "worker_identity"]
 
 
 class LeaseLost(Exception):
@@ -46,17 +54,12 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def retry_delay(settings: Settings, attempts: int) -> float:
-    return float(
-        min(settings.retry_backoff_s * 2 ** max(attempts - 1, 0), settings.retry_backoff_max_s)
-    )
-
-
 class JobExecutor:
     def __init__(self, settings: Settings, publisher: JobPublisher, device: str) -> None:
         self._settings = settings
         self._publisher = publisher
         self._device = device
+        self._leases = broker_leases(settings.broker_url)
         self.worker = worker_identity()
 
     @property
@@ -78,39 +81,85 @@ class JobExecutor:
             GenerationBatchRun(self, claimed).run()
             return
         run_ctx = claimed.ctx
-        heartbeat = Heartbeat(self._settings, run_ctx, self.worker)
+        heartbeat = Heartbeat(self._settings, run_ctx, self.worker, self._leases)
         heartbeat.start()
         try:
-            result = self._run(claimed.kind, claimed.spec, run_ctx)
-        except JobExpired:
-            heartbeat.stop()  # the runner recorded `expired` itself, with its lines
-            return
-        except JobStopped:
+            try:
+                result = self._run(claimed.kind, claimed.spec, run_ctx)
+            except JobExpired:
+                heartbeat.stop()  # the runner recorded `expired` itself, with its lines
+                return
+            except JobStopped:
+                heartbeat.stop()
+                self.stopped(run_ctx)
+                return
+            except Exception as exc:
+                heartbeat.stop()
+                self._attempt_failed(run_ctx, exc)
+                return
             heartbeat.stop()
-            self.stopped(run_ctx)
-            return
-        except PermanentJobError as exc:
+            self._record_success(job_id, claimed.spec, result)
+        except DATABASE_UNAVAILABLE:
+            # Still unreachable after db_retry_s: the leases expire and the reconciler
+            # runs the job again (from its last checkpoint).
+            logger.exception("job %s: could not record its outcome", job_id)
+        finally:
             heartbeat.stop()
-            self.fail(job_id, exc.failure, exc.message)
-            return
-        except (TransientJobError, OperationalError) as exc:
-            heartbeat.stop()
-            self._retry(job_id, run_ctx.attempt, str(exc))
-            return
-        except Exception as exc:
-            heartbeat.stop()
-            logger.exception("job %s failed", job_id)
-            self.fail(job_id, FailureType.RUNTIME_ERROR, f"{type(exc).__name__}: {exc}")
-            return
-        heartbeat.stop()
+            self._release_lease(job_id)
+
+    def _record_success(self, job_id: str, spec: dict[str, Any], result: RunResult) -> None:
         try:
-            self.succeed(job_id, claimed.spec, result)
-        except OperationalError:
-            # Database unreachable: the lease expires and the reconciler retries the job.
-            logger.exception("job %s: could not record its result", job_id)
+            self.succeed(job_id, spec, result)
+        except DATABASE_UNAVAILABLE:
+            raise
         except Exception as exc:
             logger.exception("job %s: storing its result failed", job_id)
             self.fail(job_id, FailureType.RUNTIME_ERROR, f"storing the result failed: {exc}")
+
+    def _attempt_failed(self, ctx: RunContext, exc: Exception) -> None:
+        error = classify(exc, self._settings, self._device)
+        if not isinstance(exc, JobError):
+            logger.exception(
+                "job %s: attempt %d failed (%s)", ctx.job_id, ctx.attempt, error.failure
+            )
+        if isinstance(error, TransientJobError):
+            self._retry(ctx.job_id, ctx.attempt, error)
+        else:
+            self.fail(ctx.job_id, error.failure, error.message)
+
+    def _write(self, job_id: str, what: str, write: Callable[[], T]) -> T:
+        """Run a database write, retrying for up to db_retry_s while the database is
+        unreachable and keeping the job's broker lease alive meanwhile."""
+        deadline = time.monotonic() + self._settings.db_retry_s
+        delay = 0.5
+        warned = False
+        while True:
+            try:
+                return write()
+            except DATABASE_UNAVAILABLE as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                if not warned:
+                    logger.warning(
+                        "job %s: database unreachable while recording %s (%s); retrying for up "
+                        "to %.0fs",
+                        job_id,
+                        what,
+                        type(exc).__name__,
+                        self._settings.db_retry_s,
+                    )
+                    warned = True
+                self._keep_lease(job_id)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _keep_lease(self, job_id: str) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self._leases.renew(job_id, self.worker, self._settings.lease_ttl_s)
+
+    def _release_lease(self, job_id: str) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self._leases.release(job_id, self.worker)
 
     def claim(self, job_id: str, *, from_message: bool = True) -> ClaimedJob | None:
         """queued -> running for this worker; None when someone else has it (or it ended).
@@ -123,6 +172,9 @@ class JobExecutor:
             row = claim(session, job_id, self.worker, ttl)
             if row is not None:
                 logger.info("job %s claimed by %s (attempt %d)", job_id, self.worker, row.attempts)
+                limit = self._settings.job_time_limit_s
+                if row.max_runtime_s is not None:
+                    limit = min(limit, row.max_runtime_s)
                 return ClaimedJob(
                     kind=JobKind(row.kind),
                     spec=row.spec,
@@ -131,6 +183,8 @@ class JobExecutor:
                         attempt=row.attempts,
                         device=self._device,
                         worker=self.worker,
+                        deadline=time.monotonic() + limit,
+                        max_runtime_s=limit,
                     ),
                     model=row.model,
                 )
@@ -139,6 +193,9 @@ class JobExecutor:
             job = get_job(session, job_id)
             if job is None:
                 logger.warning("message for unknown job %s dropped", job_id)
+                return None
+            if job.status == JobStatus.QUEUED.value and expire_overdue(session, job_id, utcnow()):
+                logger.info("job %s expired before it started; message dropped", job_id)
                 return None
             append_event(
                 session,
@@ -156,8 +213,9 @@ class JobExecutor:
     def succeed(self, job_id: str, spec: dict[str, Any], result: RunResult) -> bool:
         """Store outputs, registry entry and `succeeded` in one transaction; False if the
         lease was lost first (then nothing is kept)."""
-        summary = dict(result.result) if result.result is not None else None
-        try:
+
+        def write() -> None:
+            summary = dict(result.result) if result.result is not None else None
             with session_scope(self._settings.database_url) as session:
                 add_outputs(session, job_id, result.outputs)
                 if result.trained_model is not None:
@@ -167,6 +225,9 @@ class JobExecutor:
                     session, job_id, self.worker, JobStatus.SUCCEEDED, result=summary
                 ):
                     raise LeaseLost(job_id)
+
+        try:
+            self._write(job_id, "its result", write)
         except LeaseLost:
             logger.warning("job %s: lease lost before commit; outputs discarded", job_id)
             return False
@@ -193,52 +254,131 @@ class JobExecutor:
         return name
 
     def fail(self, job_id: str, failure: FailureType, message: str) -> None:
-        with session_scope(self._settings.database_url) as session:
-            won = finish_job(
-                session,
-                job_id,
-                self.worker,
-                JobStatus.FAILED,
-                error_type=failure.value,
-                error_message=message,
-            )
-        logger.info("job %s failed (%s); recorded=%s", job_id, failure.value, won)
-
-    def stopped(self, ctx: RunContext) -> JobStatus | None:
-        """Record a cancel seen while running; None when the lease was lost (nothing kept)."""
-        if ctx.lease_lost or not ctx.cancelled:
-            logger.warning("job %s: stopped after losing its lease; nothing recorded", ctx.job_id)
-            return None
-        with session_scope(self._settings.database_url) as session:
-            won = finish_job(
-                session, ctx.job_id, self.worker, JobStatus.CANCELLED, error_message=None
-            )
-        logger.info("job %s cancelled while running", ctx.job_id)
-        return JobStatus.CANCELLED if won else None
-
-    def _retry(self, job_id: str, attempts: int, message: str) -> None:
-        with session_scope(self._settings.database_url) as session:
-            job = session.get(Job, job_id)
-            if job is None:
-                return
-            if attempts >= job.max_attempts:
-                won = finish_job(
+        def write() -> bool:
+            with session_scope(self._settings.database_url) as session:
+                return finish_job(
                     session,
                     job_id,
                     self.worker,
                     JobStatus.FAILED,
-                    error_type=FailureType.TRANSIENT_ERROR.value,
-                    error_message=f"{message} (after {attempts} attempts)",
+                    error_type=failure.value,
+                    error_message=message,
                 )
-                logger.info("job %s out of attempts; failed=%s", job_id, won)
-                return
-            delay = retry_delay(self._settings, attempts)
-            requeue_job(
-                session,
-                job_id,
-                available_at=utcnow() + timedelta(seconds=delay),
-                reason=f"transient error, retry in {delay:.0f}s: {message}",
-                error_type=FailureType.TRANSIENT_ERROR.value,
-                where=[Job.lease_owner == self.worker],
+
+        won = self._write(job_id, "its failure", write)
+        logger.info("job %s failed (%s); recorded=%s", job_id, failure.value, won)
+
+    def _finish(
+        self,
+        ctx: RunContext,
+        target: JobStatus,
+        failure: FailureType | None = None,
+        message: str | None = None,
+    ) -> bool:
+        def write() -> bool:
+            with session_scope(self._settings.database_url) as session:
+                return finish_job(
+                    session,
+                    ctx.job_id,
+                    self.worker,
+                    target,
+                    error_type=failure.value if failure else None,
+                    error_message=message,
+                )
+
+        return self._write(ctx.job_id, f"status {target.value}", write)
+
+    def stopped(self, ctx: RunContext) -> JobStatus | None:
+        """Record why a running job stopped: cancelled, timed out (failed) or handed back for
+        another worker (None); None as well when the lease was lost (nothing is kept)."""
+        if ctx.lease_lost:
+            logger.warning("job %s: stopped after losing its lease; nothing recorded", ctx.job_id)
+            self._note(ctx, "stopped its attempt: lease lost", "lease_lost")
+            return None
+        if ctx.cancelled:
+            won = self._finish(ctx, JobStatus.CANCELLED)
+            logger.info("job %s cancelled while running", ctx.job_id)
+            return JobStatus.CANCELLED if won else None
+        if ctx.timed_out:
+            limit = f"{ctx.max_runtime_s:g}s" if ctx.max_runtime_s is not None else "its limit"
+            won = self._finish(
+                ctx,
+                JobStatus.FAILED,
+                FailureType.TIMED_OUT,
+                f"stopped at its run time limit of {limit} (max_runtime_s, or the workers' "
+                "job_time_limit_s)",
             )
-        logger.info("job %s will retry in %.1fs", job_id, delay)
+            logger.info("job %s timed out after %s", ctx.job_id, limit)
+            return JobStatus.FAILED if won else None
+        if ctx.given_back:
+            self.give_back(ctx)
+            return None
+        logger.warning("job %s stopped without a reason; nothing recorded", ctx.job_id)
+        return None
+
+    def give_back(self, ctx: RunContext) -> None:
+        """queued again and published, so another worker takes it (this one is stopping)."""
+
+        def write() -> tuple[JobKind, int] | None:
+            with session_scope(self._settings.database_url) as session:
+                return give_back(session, ctx.job_id, self.worker)
+
+        back = self._write(ctx.job_id, "its hand-back", write)
+        if back is None:
+            logger.warning("job %s: lease lost before it could be given back", ctx.job_id)
+            return
+        kind, priority = back
+        try:
+            self._publisher.publish(ctx.job_id, kind, priority)
+        except Exception as exc:  # the reconciler republishes it once the broker answers
+            logger.warning("job %s given back but not published: %s", ctx.job_id, exc)
+        logger.info("job %s given back by %s (shutting down)", ctx.job_id, self.worker)
+
+    def _note(self, ctx: RunContext, message: str, reason: str) -> None:
+        """A best-effort log event that this worker's attempt ended (no status change)."""
+        try:
+            with session_scope(self._settings.database_url) as session:
+                append_event(
+                    session,
+                    ctx.job_id,
+                    EventType.LOG,
+                    f"{self.worker} {message}",
+                    {"by": self.worker, "reason": reason},
+                )
+        except DATABASE_UNAVAILABLE:
+            logger.warning("job %s: could not record that its attempt ended", ctx.job_id)
+
+    def _retry(self, job_id: str, attempts: int, error: TransientJobError) -> None:
+        failure = error.failure.value
+
+        def write() -> float | None:
+            with session_scope(self._settings.database_url) as session:
+                job = session.get(Job, job_id)
+                if job is None:
+                    return None
+                if attempts >= job.max_attempts:
+                    won = finish_job(
+                        session,
+                        job_id,
+                        self.worker,
+                        JobStatus.FAILED,
+                        error_type=failure,
+                        error_message=f"{error.message} (after {attempts} attempts)",
+                    )
+                    logger.info("job %s out of attempts (%s); failed=%s", job_id, failure, won)
+                    return None
+                delay = jittered_delay(self._settings, attempts)
+                requeue_job(
+                    session,
+                    job_id,
+                    available_at=utcnow() + timedelta(seconds=delay),
+                    reason=f"{failure} (transient), retry in {delay:.1f}s: {error.message}",
+                    error_type=failure,
+                    where=[Job.lease_owner == self.worker],
+                    by=self.worker,
+                )
+                return delay
+
+        delay = self._write(job_id, "its retry", write)
+        if delay is not None:
+            logger.info("job %s will retry in %.1fs (%s)", job_id, delay, failure)

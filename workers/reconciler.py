@@ -1,24 +1,37 @@
-"""Repairs what the broker forgot: lost messages and expired leases; expires batches
-whose completion window passed while they were queued.
+"""Repairs what the broker forgot: lost messages and expired leases; expires queued jobs
+past their expires_at and batches whose completion window passed while they were queued.
 
-Every change is a compare-and-set, so several reconcilers at once are safe.
+Every change is a compare-and-set, so several reconcilers at once are safe. The beat
+process runs it every reconcile period (ReconcileLoop), and each worker once at start.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+
+import redis
 
 from core.dispatch import JobPublisher
 from core.enums import EventType, FailureType, JobKind, JobStatus
 from core.settings import Settings
 from db.base import utcnow
 from db.events import append_event
-from db.jobs import due_queued, expired_leases, requeue_job, transition
+from db.jobs import (
+    due_queued,
+    expire_overdue,
+    expired_leases,
+    overdue_queued,
+    requeue_job,
+    transition,
+)
 from db.models import Job
 from db.session import session_scope
 from workers.batch.expiry import expire_overdue_batches
+from workers.leases import BrokerLeases, broker_leases
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +43,32 @@ class ReconcileReport:
     cancelled: int = 0
     republished: int = 0
     expired: int = 0
+    alive: int = 0  # database lease expired, but the worker still renews its broker lease
 
 
-def _expire_leases(settings: Settings, report: ReconcileReport) -> list[tuple[str, JobKind, int]]:
+def _alive_in_broker(leases: BrokerLeases, jobs: list[Job]) -> set[str]:
+    """Jobs whose owner still renews its broker lease: the database was unreachable to it,
+    it did not die. When Redis cannot say, the database lease decides alone."""
+    try:
+        holders = leases.holders([job.id for job in jobs])
+    except redis.RedisError as exc:
+        logger.warning("reconcile: broker leases unreadable (%s)", type(exc).__name__)
+        return set()
+    return {job.id for job in jobs if job.lease_owner and holders.get(job.id) == job.lease_owner}
+
+
+def _expire_leases(
+    settings: Settings, report: ReconcileReport, leases: BrokerLeases
+) -> list[tuple[str, JobKind, int]]:
     now = utcnow()
     to_publish: list[tuple[str, JobKind, int]] = []
     with session_scope(settings.database_url) as session:
-        for job in expired_leases(session, now):
+        expired = list(expired_leases(session, now))
+        alive = _alive_in_broker(leases, expired) if expired else set()
+        for job in expired:
+            if job.id in alive:
+                report.alive += 1
+                continue
             same_lease = [Job.lease_owner == job.lease_owner, Job.lease_expires_at < now]
             reason = f"lease of {job.lease_owner} expired (worker lost)"
             if job.cancel_requested:
@@ -81,11 +113,24 @@ def _expire_leases(settings: Settings, report: ReconcileReport) -> list[tuple[st
     return to_publish
 
 
-def reconcile(settings: Settings, publisher: JobPublisher) -> ReconcileReport:
+def _expire_overdue_queued(settings: Settings) -> int:
+    now = utcnow()
+    expired = 0
+    with session_scope(settings.database_url) as session:
+        for job_id in overdue_queued(session, now):
+            if expire_overdue(session, job_id, now):
+                expired += 1
+    return expired
+
+
+def reconcile(
+    settings: Settings, publisher: JobPublisher, leases: BrokerLeases | None = None
+) -> ReconcileReport:
     report = ReconcileReport()
-    for job_id, kind, priority in _expire_leases(settings, report):
+    leases = leases or broker_leases(settings.broker_url)
+    for job_id, kind, priority in _expire_leases(settings, report, leases):
         publisher.publish(job_id, kind, priority)
-    report.expired = expire_overdue_batches(settings)
+    report.expired = expire_overdue_batches(settings) + _expire_overdue_queued(settings)
     with session_scope(settings.database_url) as session:
         due = [
             (j.id, JobKind(j.kind), j.priority)
@@ -104,13 +149,55 @@ def reconcile(settings: Settings, publisher: JobPublisher) -> ReconcileReport:
                     session, job_id, EventType.LOG, "message lost by the broker; republished"
                 )
     report.republished = len(republished)
-    if report.requeued or report.failed or report.cancelled or report.republished or report.expired:
+    if any((report.requeued, report.failed, report.cancelled, report.republished)) or any(
+        (report.expired, report.alive)
+    ):
         logger.info(
-            "reconciled: requeued=%d failed=%d cancelled=%d republished=%d expired=%d",
+            "reconciled: requeued=%d failed=%d cancelled=%d republished=%d expired=%d "
+            "left-alive=%d",
             report.requeued,
             report.failed,
             report.cancelled,
             report.republished,
             report.expired,
+            report.alive,
         )
     return report
+
+
+class ReconcileLoop:
+    """Runs `reconcile_once` every period in a daemon thread (inside the beat process), so
+    recovery never waits for a free worker. Errors (database or broker down) are logged
+    once per outage and the loop goes on."""
+
+    def __init__(self, period_s: float, reconcile_once: Callable[[], object]) -> None:
+        self._period = period_s
+        self._reconcile_once = reconcile_once
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=self._period + 5)
+
+    def _loop(self) -> None:
+        failing = False
+        while not self._done.wait(self._period):
+            try:
+                self._reconcile_once()
+            except Exception as exc:
+                if not failing:
+                    logger.warning(
+                        "reconcile failed (%s: %s); retrying every %.1fs",
+                        type(exc).__name__,
+                        exc,
+                        self._period,
+                    )
+                failing = True
+                continue
+            if failing:
+                logger.info("reconcile works again")
+            failing = False

@@ -99,24 +99,29 @@ def _create_job_in(
         if existing is not None:
             return _replay(existing, digest, response)
     check_job_request(session, settings, req)
-    job = jobs_repo.create_job(
-        session,
-        kind=JobKind(req.kind),
-        spec=req.spec.model_dump(mode="json"),
-        priority=req.priority,
-        max_attempts=req.max_attempts or settings.max_attempts,
-        metadata=dict(req.metadata),
-        idempotency_key=idempotency_key,
-        request_hash=digest,
-        model=serving_base(session, req.spec.model)
-        if isinstance(req, GenerateJobRequest)
-        else None,
-    )
     try:
+        # A concurrent request with the same Idempotency-Key fails here, at the insert's
+        # flush (not only at the commit), and replays the job of the one that won.
+        job = jobs_repo.create_job(
+            session,
+            kind=JobKind(req.kind),
+            spec=req.spec.model_dump(mode="json"),
+            priority=req.priority,
+            max_attempts=req.max_attempts or settings.max_attempts,
+            metadata=dict(req.metadata),
+            idempotency_key=idempotency_key,
+            request_hash=digest,
+            model=serving_base(session, req.spec.model)
+            if isinstance(req, GenerateJobRequest)
+            else None,
+            expires_at=req.expires_at,
+            max_runtime_s=req.max_runtime_s,
+        )
         session.commit()
     except IntegrityError:
         session.rollback()
-        assert idempotency_key is not None
+        if idempotency_key is None:
+            raise
         existing = jobs_repo.find_by_idempotency_key(session, idempotency_key)
         if existing is None:
             raise

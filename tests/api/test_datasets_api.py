@@ -224,9 +224,9 @@ def test_failed_commit_removes_the_stored_file(
         raise OperationalError("COMMIT", {}, Exception("database is gone"))
 
     monkeypatch.setattr(Session, "commit", fail)
-    with pytest.raises(OperationalError):
-        upload(client, TEXT_JSONL)
+    resp = upload(client, TEXT_JSONL)
     monkeypatch.undo()
+    assert_error(resp, 503, "service_unavailable")  # a database error is not a 500
     assert count_datasets(settings) == 0
     root = settings.data_dir / "datasets"
     assert list(root.iterdir()) == []

@@ -6,13 +6,13 @@ Runs on SQLite and PostgreSQL (see the `database_url` fixture).
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import TINY_MODEL
+from tests.faults.scenarios import kill_worker_mid_finetune
 from tests.support.datasets import write_ner_conll, write_sentiment_csv, write_text_jsonl
 from tests.support.harness import Stack, wait_for
 
@@ -194,27 +194,27 @@ def long_training(live: Stack, tmp_path: Path, steps: int, every: int) -> dict[s
     return submit(live, "finetune", spec)
 
 
-def wait_checkpoint(live: Stack, job_id: str) -> Callable[[], list[dict[str, Any]]]:
-    return lambda: checkpoints(live, job_id)
-
-
-def test_killed_worker_resumes_from_last_checkpoint(live: Stack, tmp_path: Path) -> None:
+@pytest.mark.faults
+def test_killed_worker_resumes_from_last_checkpoint(
+    live: Stack, database_url: str, tmp_path: Path
+) -> None:
+    """Scenario 1 of the fault suite (issue 5), on SQLite and PostgreSQL."""
     for proc in live.workers[1:]:
         proc.stop()
     del live.workers[1:]
-    victim = live.workers[0]
-    job = long_training(live, tmp_path, steps=300, every=25)
-    wait_for(wait_checkpoint(live, job["id"]), 180, "first checkpoint", 0.2)
-    victim.kill9()
-    live.workers.remove(victim)
-    saved = max(c["step"] for c in checkpoints(live, job["id"]))
-    live.start_worker()
-    done = live.wait_status(job["id"], DONE, timeout=300)
+    ds = upload(live, write_text_jsonl(tmp_path / "long.jsonl", rows=200))
+    outcome = kill_worker_mid_finetune(live, database_url, ds, steps=300, every=25)
+    done = outcome.details["job"]
     assert done["status"] == "succeeded", f"{done}\n{live.logs()}"
     assert done["attempts"] == 2
     resumed = done["result"]["resumed_from_step"]
-    assert resumed is not None and resumed >= saved >= 25
+    assert resumed is not None and resumed >= outcome.details["saved"] >= 25
     assert done["result"]["train"]["global_step"] == 300
+    figures = outcome.figures
+    assert figures.steps_redone is not None and figures.steps_redone <= 25
+    assert (figures.lost, figures.concurrent, figures.duplicate_effects) == (0, 0, 0), (
+        outcome.audit.duplicates
+    )
 
 
 def test_cancel_mid_training_keeps_a_checkpoint(live: Stack, tmp_path: Path) -> None:

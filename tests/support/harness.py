@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +37,33 @@ class Proc:
         self.log = log
         self._fh = log.open("ab")
         self.popen = subprocess.Popen(argv, env=env, stdout=self._fh, stderr=subprocess.STDOUT)
+        self.killed_at: datetime | None = None  # when kill9() sent SIGKILL
 
     @property
     def pid(self) -> int:
         return self.popen.pid
 
+    @property
+    def identity(self) -> str:
+        """The lease owner name a worker process uses (workers.executor.worker_identity)."""
+        return f"{socket.gethostname()}:{self.popen.pid}"
+
+    @property
+    def hostname(self) -> str:
+        """The Celery node name `modelyard worker` gives this process."""
+        return f"worker-{self.popen.pid}@{socket.gethostname()}"
+
     def alive(self) -> bool:
         return self.popen.poll() is None
 
     def kill9(self) -> None:
+        self.killed_at = datetime.now(UTC)
         os.kill(self.popen.pid, signal.SIGKILL)
         self.popen.wait(10)
         self._fh.close()
+
+    def signal(self, sig: int) -> None:
+        self.popen.send_signal(sig)
 
     def stop(self, timeout: float = 15) -> None:
         if self.alive():
@@ -91,10 +108,12 @@ class Stack:
         self.base_url = ""
         self._count = 0
 
-    def _spawn(self, name: str, *args: str) -> Proc:
+    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
         self._count += 1
         log = self.workdir / f"{self._count:02d}-{name}.log"
-        return Proc(name, [sys.executable, "-m", "modelyard", *args], self.env, log)
+        return Proc(
+            name, [sys.executable, "-m", "modelyard", *args], {**self.env, **(env or {})}, log
+        )
 
     def start_api(self) -> None:
         port = free_port()
@@ -112,8 +131,12 @@ class Stack:
 
         wait_for(ready, 60, "api /readyz")
 
-    def start_worker(self, wait_ready: bool = True) -> Proc:
-        proc = self._spawn("worker", "worker")
+    def start_worker(
+        self, wait_ready: bool = True, pool: str | None = None, env: dict[str, str] | None = None
+    ) -> Proc:
+        """A worker; `env` overrides this worker's environment (MODELYARD_* settings)."""
+        args = ["worker", *(("--pool", pool) if pool else ())]
+        proc = self._spawn("worker", *args, env=env)
         self.workers.append(proc)
         if wait_ready:
             wait_for(lambda: self._logged(proc, " ready."), 60, "worker ready")

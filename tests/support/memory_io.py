@@ -36,6 +36,7 @@ class MemoryTrainingIO:
     checkpoints: dict[str, list[CheckpointInfo]] = field(default_factory=dict)
     metric_batches: list[list[MetricPoint]] = field(default_factory=list)
     events: list[tuple[str, dict[str, Any] | None]] = field(default_factory=list)
+    closed: bool = False
 
     def add_dataset(
         self, schema: DatasetSchema, rows: list[dict[str, Any]], labels: list[str] | None = None
@@ -93,3 +94,13 @@ class MemoryTrainingIO:
 
     def event(self, message: str, data: dict[str, Any] | None = None) -> None:
         self.events.append((message, data))
+
+    def discard_after(self, step: int) -> int:
+        furthest = max((p.step for p in self.metrics), default=step)
+        self.metric_batches = [
+            [p for p in batch if p.step <= step] for batch in self.metric_batches
+        ]
+        return max(furthest, step)
+
+    def close(self) -> None:
+        self.closed = True

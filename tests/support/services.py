@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -124,3 +126,133 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
         self.proc = None
+
+    def shutdown(self, *, keep_data: bool) -> None:
+        """Stop the server; `keep_data` saves its dataset to disk first (loaded at the next
+        start), otherwise everything in it is gone, as after a restart without persistence."""
+        dump = self.workdir / "dump.rdb"
+        if self.proc is None:
+            return
+        client = self.client()
+        try:
+            client.shutdown(save=keep_data, nosave=not keep_data)
+        except redis.ConnectionError:
+            pass  # the server closes the connection as it exits
+        finally:
+            client.close()
+        self.proc.wait(10)
+        self.proc = None
+        if not keep_data:
+            dump.unlink(missing_ok=True)
+
+
+def postgres_bindir() -> Path | None:
+    """The directory of `initdb` and `postgres`: pg_config's, else the newest Debian one."""
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
+        bindir = Path(out.stdout.strip())
+        if (bindir / "initdb").exists() and (bindir / "postgres").exists():
+            return bindir
+    candidates = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True
+    )
+    for bindir in candidates:
+        if (bindir / "initdb").exists() and (bindir / "postgres").exists():
+            return bindir
+    return None
+
+
+class PostgresCluster:
+    """A private PostgreSQL server (its own initdb data directory and port) that a test may
+    stop and start without touching the shared one on 5432. As root, the server runs as
+    the `postgres` user (PostgreSQL refuses to run as root)."""
+
+    def __init__(self) -> None:
+        bindir = postgres_bindir()
+        if bindir is None:
+            missing_service("PostgreSQL server binaries (initdb, postgres)")
+        assert bindir is not None
+        self.bindir = bindir
+        self.user: str | None = None
+        if os.geteuid() == 0:
+            import pwd
+
+            try:
+                pwd.getpwnam("postgres")
+            except KeyError:
+                missing_service("a `postgres` user to run a private PostgreSQL as root")
+            self.user = "postgres"
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="modelyard-pg-"))
+        self.datadir = self.root / "data"
+        self.log = self.root / "postgres.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.admin_url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _owned(self, path: Path) -> None:
+        if self.user is not None:
+            shutil.chown(path, self.user, self.user)
+
+    def init(self) -> None:
+        self._owned(self.root)
+        with self.log.open("ab") as log:
+            subprocess.run(
+                [
+                    str(self.bindir / "initdb"),
+                    *("-D", str(self.datadir), "-U", "postgres", "-A", "trust"),
+                    *("--no-sync", "--no-instructions", "-E", "UTF8", "--locale", "C"),
+                ],
+                user=self.user,
+                stdout=log,
+                stderr=log,
+                check=True,
+            )
+
+    def start(self, timeout: float = 30) -> None:
+        log = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                str(self.bindir / "postgres"),
+                *("-D", str(self.datadir), "-p", str(self.port), "-k", str(self.root)),
+                *("-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"),
+                *("-c", "synchronous_commit=off", "-c", "full_page_writes=off"),
+                *("-c", "max_connections=300"),
+            ],
+            user=self.user,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                psycopg.connect(self.admin_url, connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "private PostgreSQL did not start:\n" + self.log.read_text()[-2000:]
+                    ) from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Fast shutdown: open connections are cut, as when the server goes away."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(30)
+        self.proc = None
+
+    def create_database(self, name: str) -> str:
+        """A new database; returns its SQLAlchemy URL."""
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -7,10 +7,13 @@ and tests/e2e/test_generation_batching.py).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+from sqlalchemy.exc import OperationalError
 
 from core.dispatch import JobPublisher
 from core.enums import FailureType, JobKind
@@ -146,3 +149,79 @@ def test_cancel_seen_by_heartbeat_cancels(
     executor.execute(job_id)
     job = load_job(settings.database_url, job_id)
     assert (job.status, job.attempts) == ("cancelled", 1)
+
+
+def set_columns(settings: Settings, job_id: str, **values: Any) -> None:
+    with session_scope(settings.database_url) as s:
+        s.query(Job).filter(Job.id == job_id).update(values)
+
+
+def wait_to_be_stopped(ctx: RunContext) -> list[GeneratedText]:
+    assert ctx.stop_event.wait(5)
+    ctx.check_stop()
+    return []
+
+
+def test_run_time_limit_stops_the_job_as_timed_out(
+    settings: Settings, executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub_runner(monkeypatch, executor, wait_to_be_stopped)
+    job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
+    set_columns(settings, job_id, max_runtime_s=0.1)
+    executor.execute(job_id)
+    job = load_job(settings.database_url, job_id)
+    assert (job.status, job.error_type, job.attempts) == ("failed", "timed_out", 1)
+    assert "0.1s" in (job.error_message or "")
+
+
+def test_worker_shutdown_hands_the_job_back_without_spending_an_attempt(
+    settings: Settings, executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.dispatch import marker_key
+    from workers.context import give_back_running
+
+    def shut_down(ctx: RunContext) -> list[GeneratedText]:
+        assert give_back_running() == [ctx.job_id]
+        return wait_to_be_stopped(ctx)
+
+    stub_runner(monkeypatch, executor, shut_down)
+    job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
+    executor.execute(job_id)
+    job = load_job(settings.database_url, job_id)
+    assert (job.status, job.attempts, job.max_attempts, job.lease_owner) == ("queued", 1, 4, None)
+    assert job.error_type is None
+    assert redis.Redis.from_url(settings.broker_url).exists(marker_key(job_id))  # published
+    with session_scope(settings.database_url) as s:
+        last = list_events(s, job_id)[-1]
+        assert last.data["by"] == executor.worker and "given back" in last.message
+
+
+def test_named_transient_errors_requeue_with_their_type(
+    settings: Settings, executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def database_gone(ctx: RunContext) -> list[GeneratedText]:
+        raise OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+
+    stub_runner(monkeypatch, executor, database_gone)
+    job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
+    executor.execute(job_id)
+    job = load_job(settings.database_url, job_id)
+    assert (job.status, job.error_type) == ("queued", "database_unavailable")
+    backoff = (job.available_at - utcnow()).total_seconds()
+    assert 0 < backoff <= settings.retry_backoff_s  # jitter only ever shortens it
+
+
+def test_message_for_a_job_past_expires_at_expires_it(
+    settings: Settings, executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub_runner(monkeypatch, executor, lambda ctx: [])
+    job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
+    set_columns(settings, job_id, expires_at=utcnow() - timedelta(seconds=1))
+    executor.execute(job_id)
+    job = load_job(settings.database_url, job_id)
+    assert (job.status, job.error_type, job.attempts, job.started_at) == (
+        "expired",
+        "expired",
+        0,
+        None,
+    )

@@ -3,6 +3,7 @@ in-memory TrainingIO over tmp_path."""
 
 from __future__ import annotations
 
+import errno
 import random
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, Trainer, TrainerControl, TrainerState
 
 from core.enums import DatasetSchema, FailureType, FineTuneMethod, FineTuneTask
-from core.errors import JobStopped, PermanentJobError
+from core.errors import JobStopped, PermanentJobError, TransientJobError
 from core.settings import Settings
 from tests.support.memory_io import MemoryTrainingIO, job_id
 from workers.context import RunContext
@@ -518,6 +519,39 @@ def test_resume_continues_from_the_latest_checkpoint(io: MemoryTrainingIO) -> No
     assert resumed[0][0] > 12 and resumed[-1][0] == 30
     assert "resuming from step 12" in io.messages()
     assert [c.step for c in io.recorded_checkpoints] == [10, 12, 20, 30]
+
+
+def test_checkpoint_that_runs_out_of_space_leaves_the_last_good_one(
+    io: MemoryTrainingIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = text_dataset(io)
+    original = Trainer._save_rng_state
+    saves = []
+
+    def disk_full_on_second_save(self: Trainer, output_dir: str) -> None:
+        saves.append(output_dir)
+        if len(saves) == 2:
+            (Path(output_dir) / "rng_state.pth").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", disk_full_on_second_save)
+    with pytest.raises(TransientJobError, match="last good checkpoint is step 10") as failed:
+        run(io, training_dataset=data)
+    assert failed.value.failure is FailureType.DISK_FULL
+    assert ".staging" in saves[1]  # written aside, never as checkpoint-20
+    checkpoints = io.work_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-10"]
+    assert (checkpoints / "checkpoint-10" / "trainer_state.json").is_file()
+
+    monkeypatch.undo()
+    result = run(io, training_dataset=data)  # the retry
+    assert result.result is not None
+    assert result.result["resumed_from_step"] == 10
+    assert 0 < result.result["steps_redone"] <= 10
+    steps = [step for step, _ in losses(io)]
+    assert steps == sorted(set(steps)), "metrics of redone steps are written once"
+    assert io.closed
 
 
 def test_from_checkpoint_starts_from_another_jobs_weights(io: MemoryTrainingIO) -> None:

@@ -113,3 +113,39 @@ def test_live_lease_is_left_alone(settings: Settings, publisher: JobPublisher) -
     report = reconcile(settings, publisher)
     assert (report.requeued, report.failed, report.cancelled) == (0, 0, 0)
     assert load_job(settings.database_url, job_id).lease_owner == "live-worker"
+
+
+def test_expired_lease_of_a_worker_alive_in_the_broker_is_left_alone(
+    settings: Settings, publisher: JobPublisher
+) -> None:
+    """The database was unreachable to the worker, which kept its broker lease: not dead."""
+    from workers.leases import BrokerLeases
+
+    job_id = insert_job(settings.database_url)
+    expire_lease(settings, job_id)
+    leases = BrokerLeases(settings.broker_url)
+    try:
+        leases.renew(job_id, "dead-worker", 30)
+        report = reconcile(settings, publisher, leases)
+        assert (report.alive, report.requeued) == (1, 0)
+        assert load_job(settings.database_url, job_id).status == "running"
+        leases.release(job_id, "dead-worker")
+        report = reconcile(settings, publisher, leases)
+        assert report.requeued == 1
+        assert load_job(settings.database_url, job_id).status == "queued"
+    finally:
+        leases.close()
+
+
+def test_queued_job_past_expires_at_is_expired(settings: Settings, publisher: JobPublisher) -> None:
+    job_id = insert_job(settings.database_url)
+    with session_scope(settings.database_url) as s:
+        s.execute(
+            update(Job).where(Job.id == job_id).values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+    report = reconcile(settings, publisher)
+    assert report.expired == 1
+    job = load_job(settings.database_url, job_id)
+    assert (job.status, job.error_type, job.attempts) == ("expired", "expired", 0)
+    with session_scope(settings.database_url) as s:
+        assert not [e for e in list_events(s, job_id) if "republished" in e.message]

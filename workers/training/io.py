@@ -69,3 +69,10 @@ class TrainingIO(Protocol):
 
     def event(self, message: str, data: dict[str, Any] | None = None) -> None:
         """A log entry in the job's event stream (evaluations, checkpoints)."""
+
+    def discard_after(self, step: int) -> int:
+        """Resuming from a checkpoint at `step`: drop this job's metrics past it (they are
+        about to be written again) and return the furthest step the job had reached."""
+
+    def close(self) -> None:
+        """Write whatever is still buffered (the database may have been unreachable)."""

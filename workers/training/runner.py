@@ -18,6 +18,7 @@ from core.errors import PermanentJobError
 from core.settings import Settings
 from core.specs import FineTuneSpec
 from workers.context import RunContext
+from workers.failures import is_out_of_memory
 from workers.runners import RunResult, TrainedModel
 from workers.training.callbacks import (
     AdaLoraCallback,
@@ -26,6 +27,7 @@ from workers.training.callbacks import (
     ProgressCallback,
     StopCallback,
 )
+from workers.training.checkpoints import CHECKPOINTS_DIR, AtomicCheckpointTrainer
 from workers.training.data import (
     FeatureDataset,
     PaddingCollator,
@@ -49,7 +51,6 @@ from workers.training.schedule import Schedule, plan_schedule, precision_for, tr
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 
 
@@ -98,11 +99,19 @@ class FineTuneRunner:
             ) from exc
         io = self._io_factory(ctx)
         try:
-            return self._run(spec, ctx, io)
-        except (torch.OutOfMemoryError, MemoryError) as exc:
-            raise PermanentJobError(
-                f"out of memory on {ctx.device}: {exc}", FailureType.OUT_OF_MEMORY
-            ) from exc
+            result = self._run(spec, ctx, io)
+        except Exception as exc:
+            try:
+                io.close()  # metrics and checkpoint records buffered during an outage
+            except Exception as close_exc:
+                logger.warning("job %s: buffered records not written: %s", ctx.job_id, close_exc)
+            if is_out_of_memory(exc):
+                raise PermanentJobError(
+                    f"out of memory on {ctx.device}: {exc}", FailureType.OUT_OF_MEMORY
+                ) from exc
+            raise
+        io.close()
+        return result
 
     def _run(self, spec: FineTuneSpec, ctx: RunContext, io: TrainingIO) -> RunResult:
         hp = spec.hyperparameters
@@ -113,7 +122,8 @@ class FineTuneRunner:
         output_dir = io.work_dir / CHECKPOINTS_DIR
         trainer = self._trainer(spec, prepared, ctx, io, output_dir)
         resume = io.latest_checkpoint()
-        self._announce(spec, prepared, ctx, io, resume)
+        steps_redone = io.discard_after(resume.step) - resume.step if resume else 0
+        self._announce(spec, prepared, ctx, io, resume, steps_redone)
         output = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
         ctx.check_stop()
 
@@ -148,6 +158,7 @@ class FineTuneRunner:
                 "train": train_figures,
                 "eval": report,
                 "resumed_from_step": resume.step if resume else None,
+                "steps_redone": steps_redone,
             },
             trained_model=TrainedModel(
                 path=model_dir.resolve(),
@@ -226,7 +237,7 @@ class FineTuneRunner:
                     early_stopping_threshold=spec.early_stopping.threshold,
                 )
             )
-        trainer = Trainer(
+        trainer = AtomicCheckpointTrainer(
             model=prepared.model,
             args=training_arguments(spec, prepared.schedule, output_dir, ctx.device),
             data_collator=PaddingCollator(prepared.pad_id),
@@ -249,6 +260,7 @@ class FineTuneRunner:
         ctx: RunContext,
         io: TrainingIO,
         resume: CheckpointInfo | None,
+        steps_redone: int,
     ) -> None:
         data = {
             "task": spec.task.value,
@@ -265,5 +277,6 @@ class FineTuneRunner:
         io.event("training started", data)
         if resume is not None:
             io.event(
-                f"resuming from step {resume.step}", {"step": resume.step, "path": resume.path.name}
+                f"resuming from step {resume.step}",
+                {"step": resume.step, "path": resume.path.name, "steps_redone": steps_redone},
             )

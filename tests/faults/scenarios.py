@@ -1,0 +1,814 @@
+"""The fault scenarios of issue 5, each a function that injects one fault into a real stack
+(API, beat and worker processes, a private Redis and a private PostgreSQL) and returns what
+happened: the table's figures and what the tests assert on.
+
+tests/faults/test_*.py run them at test size; bench/faults.py runs them (with the issue's
+outage lengths) and prints the table. Scenario 1 (kill -9 of a worker mid fine-tune) is
+`kill_worker_mid_finetune`, run by tests/e2e/test_finetune.py on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from core.dispatch import make_celery
+from core.settings import Settings
+from tests.conftest import TINY_MODEL
+from tests.support.datasets import write_text_jsonl
+from tests.support.faults import (
+    Audit,
+    Figures,
+    audit,
+    claimed_at,
+    event_time,
+    kill9,
+    limit_file_size,
+    limit_memory,
+    pool_child,
+)
+from tests.support.harness import TERMINAL, Proc, Stack, wait_for
+from tests.support.services import PostgresCluster, RedisServer
+
+INJECT_DIR = Path(__file__).parent / "inject"
+POISON_DURATION_S = 0.0666  # a no-op job of exactly this length kills its worker
+# The stack's settings for fault runs: short leases and periods so recovery takes seconds.
+FAULT_SETTINGS = {
+    "lease_ttl_s": "3",
+    "heartbeat_interval_s": "0.5",
+    "reconcile_period_s": "1",
+    "republish_grace_s": "1",
+    "retry_backoff_s": "0.5",
+    "worker_stall_s": "3",
+    "job_time_limit_s": "600",
+    "broker_visibility_timeout_s": "3600",
+    "db_retry_s": "120",
+}
+
+
+def fault_env() -> dict[str, str]:
+    """Environment for every process of a fault stack (the poison hook is loaded by all)."""
+    path = os.environ.get("PYTHONPATH")
+    return {
+        "PYTHONPATH": f"{INJECT_DIR}{os.pathsep}{path}" if path else str(INJECT_DIR),
+        "MODELYARD_TEST_POISON_DURATION_S": str(POISON_DURATION_S),
+    }
+
+
+@dataclass
+class Outcome:
+    figures: Figures
+    audit: Audit
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def seconds(start: datetime, end: datetime | None) -> float | None:
+    return None if end is None else round((end - start).total_seconds(), 2)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Lab:
+    """A fault stack and what the scenarios need around it."""
+
+    stack: Stack
+    broker: RedisServer
+    database_url: str
+    workdir: Path
+    pg: PostgresCluster | None = None
+    deaths: dict[str, datetime] = field(default_factory=dict)
+    _plain: set[int] = field(default_factory=set)
+
+    # -- workers ------------------------------------------------------------------------------
+    def fleet(self, n: int = 2) -> list[Proc]:
+        """Exactly `n` live workers with the stack's own settings, idle or not."""
+        for proc in list(self.stack.workers):
+            if not proc.alive():
+                self.note_death(proc)
+                self.stack.workers.remove(proc)
+            elif proc.pid not in self._plain:
+                proc.stop()
+                self.stack.workers.remove(proc)
+        while len(self.stack.workers) > n:
+            self.stack.workers.pop(0).stop()
+        while len(self.stack.workers) < n:
+            self._plain.add(self.stack.start_worker().pid)
+        return list(self.stack.workers)
+
+    def special_worker(self, pool: str | None = None, **settings: str) -> Proc:
+        """A worker with its own settings; the next fleet() stops it."""
+        env = {f"MODELYARD_{k.upper()}": v for k, v in settings.items()}
+        return self.stack.start_worker(pool=pool, env=env)
+
+    def note_death(self, proc: Proc) -> None:
+        self.deaths.setdefault(proc.identity, proc.killed_at or now())
+        proc.stop()  # reaps it and closes its log
+
+    def restart_dead_workers(self) -> int:
+        """The supervisor's job: a worker that died is noted and replaced."""
+        restarted = 0
+        for proc in list(self.stack.workers):
+            if not proc.alive():
+                self.note_death(proc)
+                self.stack.workers.remove(proc)
+                self._plain.add(self.stack.start_worker().pid)
+                restarted += 1
+        return restarted
+
+    def all_deaths(self) -> dict[str, datetime]:
+        found = dict(self.deaths)
+        for proc in self.stack.workers:
+            if proc.killed_at is not None:
+                found[proc.identity] = proc.killed_at
+        return found
+
+    # -- HTTP -----------------------------------------------------------------------------
+    def submit(self, kind: str, spec: dict[str, Any], **body: Any) -> dict[str, Any]:
+        with self.stack.client() as c:
+            resp = c.post("/v1/jobs", json={"kind": kind, "spec": spec, **body})
+        assert resp.status_code == 202, resp.text
+        job: dict[str, Any] = resp.json()
+        return job
+
+    def noop(self, duration_s: float, **body: Any) -> dict[str, Any]:
+        return self.submit("noop", {"duration_s": duration_s}, **body)
+
+    def upload(self, path: Path) -> str:
+        with self.stack.client() as c, path.open("rb") as fh:
+            resp = c.post("/v1/datasets", files={"file": (path.name, fh)})
+        assert resp.status_code == 201, resp.text
+        dataset_id: str = resp.json()["id"]
+        return dataset_id
+
+    def text_dataset(self, rows: int = 200) -> str:
+        return self.upload(write_text_jsonl(self.workdir / f"text-{rows}.jsonl", rows=rows))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.stack.job(job_id)
+
+    def wait(
+        self, job_id: str, statuses: tuple[str, ...] = TERMINAL, timeout: float = 120
+    ) -> dict[str, Any]:
+        return self.stack.wait_status(job_id, statuses, timeout)
+
+    def wait_step(self, job_id: str, step: int, timeout: float = 120) -> int:
+        def reached() -> int | None:
+            detail = self.job(job_id).get("progress_detail") or {}
+            value = detail.get("step", 0)
+            return int(value) if value >= step else None
+
+        reached_step: int = wait_for(reached, timeout, f"job {job_id} at step {step}", 0.1)
+        return reached_step
+
+    def checkpoints(self, job_id: str) -> list[int]:
+        with self.stack.client() as c:
+            data = c.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+        return sorted(int(c["step"]) for c in data)
+
+    def metric_steps(self, job_id: str, name: str = "train_loss") -> list[int]:
+        with self.stack.client() as c:
+            data = c.get(f"/v1/jobs/{job_id}/metrics", params={"name": name, "limit": 5000}).json()
+        return [int(m["step"]) for m in data["data"]]
+
+    def audit(self, job_ids: list[str], **kw: Any) -> Audit:
+        return audit(self.database_url, job_ids, deaths=self.all_deaths(), **kw)
+
+    def settings(self) -> Settings:
+        return Settings(database_url=self.database_url, broker_url=self.broker.url)
+
+    def check_workers(self) -> tuple[int, str]:
+        """`modelyard workers --check` against this stack: (exit code, output)."""
+        out = subprocess.run(
+            [sys.executable, "-m", "modelyard", "workers", "--check"],
+            env=self.stack.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        return out.returncode, out.stdout + out.stderr
+
+
+def finetune_spec(dataset: str, steps: int, every: int, **hp: Any) -> dict[str, Any]:
+    """A causal-LM fine-tune of the tiny GPT-2 checkpointing every `every` steps, evaluating
+    only at the end."""
+    return {
+        "base_model": TINY_MODEL,
+        "task": "causal_lm",
+        "training_dataset": dataset,
+        "hyperparameters": {
+            "max_steps": steps,
+            "batch_size": 4,
+            "checkpoint_steps": every,
+            "eval_steps": steps,
+            "learning_rate": 1e-3,
+            **hp,
+        },
+    }
+
+
+# 1 ------------------------------------------------------------------------------------------
+def kill_worker_mid_finetune(
+    stack: Stack, database_url: str, dataset: str, steps: int = 300, every: int = 25
+) -> Outcome:
+    """kill -9 the worker (main process, solo pool) running a fine-tune after its first
+    checkpoint; a worker resumes the job from its last checkpoint."""
+    with stack.client() as c:
+        resp = c.post(
+            "/v1/jobs", json={"kind": "finetune", "spec": finetune_spec(dataset, steps, every)}
+        )
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
+    stack.wait_status(job_id, ("running",), 60)
+    claim = next(e for e in stack.events(job_id) if e["message"].startswith("claimed by"))
+    victim = next(p for p in stack.workers if p.identity == claim["data"]["worker"])
+
+    def saved() -> bool:
+        with stack.client() as c:
+            return bool(c.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"])
+
+    wait_for(saved, 180, "first checkpoint", 0.1)
+    with stack.client() as c:
+        steps = [x["step"] for x in c.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]]
+    killed = now()
+    victim.kill9()
+    stack.workers.remove(victim)
+    if not stack.workers:
+        stack.start_worker()
+    done = stack.wait_status(job_id, TERMINAL, 300)
+    found = audit(database_url, [job_id], deaths={victim.identity: killed})
+    recover = seconds(killed, claimed_at(database_url, job_id, killed))
+    return Outcome(
+        Figures.of("1. kill -9 worker mid fine-tune", found, recover),
+        found,
+        {"job": done, "every": every, "victim": victim.identity, "saved": max(steps)},
+    )
+
+
+# 2 ------------------------------------------------------------------------------------------
+def kill_pool_child(lab: Lab, duration_s: float = 4.0) -> Outcome:
+    """kill -9 only the pool process of a prefork worker mid job: the worker's main process
+    starts a new child and the job runs again once its lease expires."""
+    for proc in lab.fleet(0):
+        proc.stop()
+    worker = lab.special_worker(pool="prefork")
+    job = lab.noop(duration_s)
+    lab.wait(job["id"], ("running",), 60)
+    child = wait_for(lambda: pool_child(worker.pid), 30, "pool child")
+    identity = f"{worker.identity.rsplit(':', 1)[0]}:{child}"
+    killed = kill9(child)
+    lab.deaths[identity] = killed
+    done = lab.wait(job["id"], TERMINAL, 90)
+    new_child = pool_child(worker.pid)
+    found = lab.audit([job["id"]])
+    recover = seconds(killed, claimed_at(lab.database_url, job["id"], killed))
+    return Outcome(
+        Figures.of("2. kill -9 a pool child", found, recover),
+        found,
+        {
+            "job": done,
+            "main_alive": worker.alive(),
+            "child": child,
+            "new_child": new_child,
+            "killed_identity": identity,
+        },
+    )
+
+
+# 3 ------------------------------------------------------------------------------------------
+def visibility_timeout(lab: Lab, duration_s: float = 8.0) -> Outcome:
+    """A job that runs longer than the broker's visibility timeout: another worker, started
+    with a 2 s visibility timeout, makes Redis deliver the running job's message again. The
+    claim finds the job running under a live lease and drops the message."""
+    (plain,) = lab.fleet(1)
+    started = now()
+    job = lab.noop(duration_s)
+    lab.wait(job["id"], ("running",), 60)
+    short = lab.special_worker(broker_visibility_timeout_s="2", job_time_limit_s="1")
+
+    def dropped() -> bool:
+        return bool(lab.audit([job["id"]]).drops[job["id"]])
+
+    wait_for(dropped, duration_s + 30, "the redelivered message dropped", 0.2)
+    done = lab.wait(job["id"], TERMINAL, 60)
+    found = lab.audit([job["id"]])
+    dropped_at = event_time(lab.database_url, job["id"], "delivery dropped", started)
+    return Outcome(
+        Figures.of("3. job longer than the visibility timeout", found, note="redelivered, dropped"),
+        found,
+        {
+            "job": done,
+            "dropped_at": dropped_at,
+            "runner": plain.identity,
+            "short": short.identity,
+        },
+    )
+
+
+def refused_worker_start(stack: Stack) -> subprocess.CompletedProcess[str]:
+    """`modelyard worker` with a visibility timeout shorter than the job time limit."""
+    env = {
+        **stack.env,
+        "MODELYARD_BROKER_VISIBILITY_TIMEOUT_S": "30",
+        "MODELYARD_JOB_TIME_LIMIT_S": "60",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "modelyard", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+# 4 ------------------------------------------------------------------------------------------
+def no_job_behind_busy_worker(lab: Lab, long_s: float = 6.0, short_s: float = 1.0) -> Outcome:
+    """Two idle workers, four jobs at once: one long, three short. With prefetch 1 the
+    short ones all run on the worker that is free; none waits behind the long one."""
+    lab.fleet(2)
+    jobs = [lab.noop(long_s), *(lab.noop(short_s) for _ in range(3))]
+    done = [lab.wait(j["id"], TERMINAL, 90) for j in jobs]
+    found = lab.audit([j["id"] for j in jobs])
+    ends = {
+        j["id"]: datetime.fromisoformat(d["finished_at"]) for j, d in zip(jobs, done, strict=True)
+    }
+    starts = {
+        j["id"]: datetime.fromisoformat(d["started_at"]) for j, d in zip(jobs, done, strict=True)
+    }
+    return Outcome(
+        Figures.of("4. prefetch: 2 workers, 1 long + 3 short jobs", found),
+        found,
+        {"jobs": [j["id"] for j in jobs], "starts": starts, "ends": ends, "done": done},
+    )
+
+
+# 5 ------------------------------------------------------------------------------------------
+def redis_restart_without_persistence(lab: Lab, queued: int = 50) -> Outcome:
+    """Both workers busy, `queued` jobs waiting; Redis restarts empty (no persistence): every
+    message and delivery marker is gone. The reconciler republishes the queued jobs."""
+    lab.fleet(2)
+    blockers = [lab.noop(4.0) for _ in range(2)]
+    for b in blockers:
+        lab.wait(b["id"], ("running",), 60)
+    waiting = [lab.noop(0.0) for _ in range(queued)]
+    lab.broker.shutdown(keep_data=False)
+    lab.broker.start()
+    back = now()
+    ids = [j["id"] for j in [*blockers, *waiting]]
+    for job_id in ids:
+        lab.wait(job_id, TERMINAL, 120)
+    found = lab.audit(ids)
+    claims = [claimed_at(lab.database_url, j["id"], back) for j in waiting]
+    last = max((c for c in claims if c is not None), default=None)
+    republished = sum(
+        1 for j in waiting if event_time(lab.database_url, j["id"], "republished", back) is not None
+    )
+    return Outcome(
+        Figures.of(
+            f"5. Redis restarted without persistence, {queued} queued", found, seconds(back, last)
+        ),
+        found,
+        {"republished": republished, "waiting": [j["id"] for j in waiting]},
+    )
+
+
+# 6 ------------------------------------------------------------------------------------------
+def redis_unreachable(lab: Lab, down_s: float = 5.0) -> Outcome:
+    """Redis goes away for `down_s` (every connection cut, the port closed) and comes back
+    with its data. Jobs accepted meanwhile are published by the reconciler; the workers
+    consume again; the readiness check passes."""
+    lab.fleet(2)
+    before_code, before = lab.check_workers()
+    lab.broker.shutdown(keep_data=True)
+    cut = now()
+    during: list[dict[str, Any]] = []
+    while (now() - cut).total_seconds() < down_s:
+        if len(during) < 3:
+            during.append(lab.noop(0.2))
+        time.sleep(0.2)
+    lab.broker.start()
+    back = now()
+    for job in during:
+        lab.wait(job["id"], TERMINAL, 120)
+    claims = [claimed_at(lab.database_url, j["id"], back) for j in during]
+    last = max((c for c in claims if c is not None), default=None)
+    after = [lab.noop(0.2) for _ in range(3)]
+    for job in after:
+        lab.wait(job["id"], TERMINAL, 60)
+    time.sleep(1.5)  # a few status reports after the reconnect
+    after_code, after_out = lab.check_workers()
+    found = lab.audit([j["id"] for j in [*during, *after]])
+    return Outcome(
+        Figures.of(f"6. Redis unreachable {down_s:g}s", found, seconds(back, last)),
+        found,
+        {
+            "before": (before_code, before),
+            "after": (after_code, after_out),
+            "during": [j["id"] for j in during],
+            "after_jobs": [j["id"] for j in after],
+        },
+    )
+
+
+def stalled_workers_detected(lab: Lab, stall_s: float = 3.0) -> dict[str, Any]:
+    """Workers alive and idle that no longer consume (their queue consumers cancelled, as
+    after Celery #8030): `modelyard workers --check` reports them stalled once a job has
+    waited `worker_stall_s`; replaced workers run the job."""
+    workers = lab.fleet(2)
+    celery = make_celery(lab.settings())
+    try:
+        for queue in ("generate", "train", "maintenance"):
+            celery.control.cancel_consumer(
+                queue, destination=[w.hostname for w in workers], reply=True, timeout=5
+            )
+        job = lab.noop(0.1)
+        code, out = wait_for(
+            lambda: (lambda r: r if r[0] == 1 else None)(lab.check_workers()),
+            stall_s + 30,
+            "workers reported stalled",
+            0.5,
+        )
+        waited = lab.job(job["id"])["status"]
+    finally:
+        celery.close()
+    for proc in workers:  # what a liveness probe's restart does
+        proc.stop()
+        lab.stack.workers.remove(proc)
+    lab.fleet(2)
+    done = lab.wait(job["id"], TERMINAL, 60)
+    ok_code, ok_out = lab.check_workers()
+    return {
+        "stalled": (code, out),
+        "status_while_stalled": waited,
+        "job": done,
+        "after_restart": (ok_code, ok_out),
+        "hostnames": [w.hostname for w in workers],
+    }
+
+
+# 7 ------------------------------------------------------------------------------------------
+def postgres_down_during_finetune(lab: Lab, down_s: float = 8.0) -> Outcome:
+    """PostgreSQL stops for `down_s` while a fine-tune trains. Training goes on with metrics
+    and checkpoint records buffered; the API answers 503; when the database is back the
+    buffer is written and the job finishes in its first attempt."""
+    assert lab.pg is not None, "this scenario stops the lab's private PostgreSQL"
+    lab.fleet(1)
+    dataset = lab.text_dataset()
+    steps = max(400, int(down_s * 60))
+    job = lab.submit("finetune", finetune_spec(dataset, steps, every=50))
+    before = lab.wait_step(job["id"], 10, 120)
+    lab.pg.stop()
+    stopped = now()
+    answers: list[tuple[str, int, str]] = []
+    with httpx.Client(base_url=lab.stack.base_url, timeout=10) as c:
+        while (now() - stopped).total_seconds() < down_s:
+            for method, path, body in (
+                ("GET", f"/v1/jobs/{job['id']}", None),
+                ("POST", "/v1/jobs", {"kind": "noop", "spec": {}}),
+                ("GET", "/readyz", None),
+            ):
+                if len(answers) < 30:
+                    r = c.request(method, path, json=body)
+                    error = r.json().get("error", {}) if r.content else {}
+                    answers.append((f"{method} {path}", r.status_code, str(error.get("type"))))
+            time.sleep(0.5)
+    lab.pg.start()
+    back = now()
+
+    def answering() -> bool:
+        try:
+            return httpx.get(f"{lab.stack.base_url}/v1/jobs/{job['id']}", timeout=5).is_success
+        except httpx.HTTPError:
+            return False
+
+    wait_for(answering, 60, "the API answering again", 0.1)
+    answered = now()
+    done = lab.wait(job["id"], TERMINAL, 300)
+    found = lab.audit([job["id"]])
+    buffered = [e for e in lab.stack.events(job["id"]) if "buffered" in e["message"]]
+    return Outcome(
+        Figures.of(
+            f"7. PostgreSQL stopped {down_s:g}s mid fine-tune", found, seconds(back, answered)
+        ),
+        found,
+        {
+            "job": done,
+            "answers": answers,
+            "step_before": before,
+            "steps": steps,
+            "metric_steps": lab.metric_steps(job["id"]),
+            "buffered_events": buffered,
+            "checkpoints": lab.checkpoints(job["id"]),
+        },
+    )
+
+
+# 8 ------------------------------------------------------------------------------------------
+def out_of_memory(lab: Lab, limit_extra_mb: int = 1024) -> Outcome:
+    """A fine-tune whose first step needs more memory than the worker may allocate (its
+    address space capped at its size + `limit_extra_mb`): the job fails with
+    `out_of_memory`; the same worker then runs the next job."""
+    (worker,) = lab.fleet(1)
+    long_text = " ".join(["the blue mug keeps coffee warm"] * 400)
+    path = lab.workdir / "long.jsonl"
+    path.write_text("\n".join(json.dumps({"text": long_text}) for _ in range(64)) + "\n")
+    greedy = lab.upload(path)
+    small = lab.text_dataset(40)
+    limit_memory(worker.pid, limit_extra_mb * 2**20)
+    try:
+        oom = lab.submit(
+            "finetune",
+            finetune_spec(greedy, steps=2, every=100, batch_size=64, max_length=2048),
+        )
+        failed = lab.wait(oom["id"], TERMINAL, 180)
+        after = lab.submit("finetune", finetune_spec(small, steps=4, every=100))
+        done = lab.wait(after["id"], TERMINAL, 180)
+    finally:
+        limit_memory(worker.pid, None)
+    found = lab.audit([oom["id"], after["id"]])
+    failed_at = datetime.fromisoformat(failed["finished_at"]) if failed["finished_at"] else now()
+    recover = seconds(failed_at, claimed_at(lab.database_url, after["id"], failed_at))
+    return Outcome(
+        Figures.of("8. out of memory in a job", found, recover, note="fails once: out_of_memory"),
+        found,
+        {"oom": failed, "next": done, "worker": worker.identity, "alive": worker.alive()},
+    )
+
+
+# 9 ------------------------------------------------------------------------------------------
+def sigterm_mid_finetune(lab: Lab, steps: int = 400, every: int = 100) -> Outcome:
+    """SIGTERM to the worker running a fine-tune: it checkpoints at the end of the step,
+    hands the job back and exits; the other worker resumes from that checkpoint."""
+    lab.fleet(2)
+    dataset = lab.text_dataset()
+    job = lab.submit("finetune", finetune_spec(dataset, steps, every))
+    lab.wait_step(job["id"], 10, 120)
+    owner = lab.audit([job["id"]]).claims(job["id"])[0]
+    victim = next(p for p in lab.stack.workers if p.identity == owner)
+    sent = now()
+    victim.signal(signal.SIGTERM)
+    exit_code = victim.popen.wait(60)
+    victim.stop()  # reaps it and closes its log
+    lab.stack.workers.remove(victim)
+    done = lab.wait(job["id"], TERMINAL, 180)
+    found = lab.audit([job["id"]])
+    recover = seconds(sent, claimed_at(lab.database_url, job["id"], sent))
+    return Outcome(
+        Figures.of("9. SIGTERM to a worker mid fine-tune", found, recover),
+        found,
+        {"job": done, "exit_code": exit_code, "victim": owner, "every": every},
+    )
+
+
+# 10 -----------------------------------------------------------------------------------------
+def disk_full_on_checkpoint(lab: Lab, every: int = 20) -> Outcome:
+    """The disk fills up (file writes fail past 256 KiB) while a fine-tune writes its second
+    checkpoint: the first one survives whole, the half-written one leaves nothing behind,
+    and the job is retried (disk_full is transient) from the first checkpoint."""
+    lab.fleet(0)
+    worker = lab.special_worker()  # a fresh one: its log file stays far below the limit
+    dataset = lab.text_dataset()
+    job = lab.submit(
+        "finetune", finetune_spec(dataset, steps=5 * every, every=every), max_attempts=5
+    )
+    wait_for(lambda: lab.checkpoints(job["id"]), 180, "first checkpoint", 0.1)
+    limit_file_size(worker.pid, 256 * 1024)
+    workdir = lab.stack.workdir / "data" / "jobs" / job["id"] / "checkpoints"
+    try:
+        failed = lab.wait(job["id"], ("queued", *TERMINAL), 120)
+        failed_at = now()
+        on_disk = sorted(p.name for p in workdir.iterdir()) if workdir.exists() else []
+    finally:
+        limit_file_size(worker.pid, None)
+    first = workdir / f"checkpoint-{every}"
+    complete = sorted(p.name for p in first.iterdir()) if first.exists() else []
+    done = lab.wait(job["id"], TERMINAL, 180)
+    found = lab.audit([job["id"]])
+    recover = seconds(failed_at, claimed_at(lab.database_url, job["id"], failed_at))
+    return Outcome(
+        Figures.of("10. disk full while writing a checkpoint", found, recover),
+        found,
+        {
+            "failed": failed,
+            "on_disk_after_failure": on_disk,
+            "first_checkpoint_files": complete,
+            "job": done,
+            "every": every,
+        },
+    )
+
+
+# 11 -----------------------------------------------------------------------------------------
+def cancel_then_restart_workers(lab: Lab, at_step: int = 5) -> Outcome:
+    """Cancel a fine-tune at step N and a queued job, then restart every worker: neither
+    cancelled job runs again (the queued one's message is still in Redis and is dropped)."""
+    lab.fleet(2)
+    dataset = lab.text_dataset()
+    blocker = lab.noop(6.0)
+    training = lab.submit("finetune", finetune_spec(dataset, steps=5000, every=4000))
+    lab.wait(blocker["id"], ("running",), 60)
+    lab.wait_step(training["id"], at_step, 120)
+    queued = lab.noop(0.1)
+    assert lab.job(queued["id"])["status"] == "queued"
+    with lab.stack.client() as c:
+        for job in (queued, training):
+            assert c.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    cancelled = lab.wait(training["id"], TERMINAL, 60)
+    for proc in list(lab.stack.workers):
+        proc.stop()
+        lab.stack.workers.remove(proc)
+    lab.fleet(2)
+    wait_for(
+        lambda: lab.audit([queued["id"]]).drops[queued["id"]],
+        60,
+        "the cancelled job's message dropped",
+        0.2,
+    )
+    lab.wait(blocker["id"], TERMINAL, 60)
+    sentinel = lab.noop(0.1)
+    lab.wait(sentinel["id"], TERMINAL, 60)
+    ids = [training["id"], queued["id"], blocker["id"], sentinel["id"]]
+    found = lab.audit(ids)
+    return Outcome(
+        Figures.of("11. cancel running + queued, restart all workers", found),
+        found,
+        {
+            "training": cancelled,
+            "queued": lab.job(queued["id"]),
+            "checkpoints": lab.checkpoints(training["id"]),
+            "at_step": at_step,
+            "ids": ids,
+        },
+    )
+
+
+# 12 -----------------------------------------------------------------------------------------
+def concurrent_idempotent_posts(lab: Lab, clients: int = 10) -> Outcome:
+    """`clients` POSTs at once with one Idempotency-Key and body: one job."""
+    lab.fleet(2)
+    key = f"fault-{time.time_ns()}"
+    body = {"kind": "noop", "spec": {"duration_s": 0.1}}
+    barrier = threading.Barrier(clients)
+    answers: list[tuple[int, str, str | None]] = []
+    lock = threading.Lock()
+
+    def post() -> None:
+        with httpx.Client(base_url=lab.stack.base_url, timeout=30) as c:
+            barrier.wait()
+            r = c.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+        with lock:
+            answers.append(
+                (r.status_code, r.json().get("id", ""), r.headers.get("Idempotent-Replayed"))
+            )
+
+    threads = [threading.Thread(target=post) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    ids = sorted({a[1] for a in answers})
+    for job_id in ids:
+        lab.wait(job_id, TERMINAL, 60)
+    found = lab.audit(ids, idempotency_keys=[key])
+    return Outcome(
+        Figures.of(f"12. {clients} concurrent POSTs, one Idempotency-Key", found),
+        found,
+        {"answers": answers, "ids": ids},
+    )
+
+
+# 13 -----------------------------------------------------------------------------------------
+def poison_job(lab: Lab, max_attempts: int = 2) -> Outcome:
+    """A job that kills its worker every time it runs: after `max_attempts` lost workers it
+    fails with `worker_lost` and never runs again. The supervisor (this function) restarts
+    each dead worker."""
+    lab.fleet(2)
+    job = lab.noop(POISON_DURATION_S, max_attempts=max_attempts)
+    first_death: datetime | None = None
+
+    def finished() -> dict[str, Any] | None:
+        nonlocal first_death
+        if lab.restart_dead_workers() and first_death is None:
+            first_death = min(lab.deaths.values())
+        current = lab.job(job["id"])
+        return current if current["status"] in TERMINAL else None
+
+    done: dict[str, Any] = wait_for(finished, 120, "the poison job to end", 0.1)
+    sentinel = lab.noop(0.1)
+    lab.wait(sentinel["id"], TERMINAL, 60)
+    lab.restart_dead_workers()
+    found = lab.audit([job["id"], sentinel["id"]])
+    ended = datetime.fromisoformat(done["finished_at"]) if done["finished_at"] else None
+    return Outcome(
+        Figures.of(
+            f"13. poison job (kills its worker), max_attempts {max_attempts}",
+            found,
+            seconds(first_death, ended) if first_death else None,
+            note="recover: first crash -> failed",
+        ),
+        found,
+        {"job": done, "claims": found.claims(job["id"]), "sentinel": sentinel["id"]},
+    )
+
+
+# deadlines ----------------------------------------------------------------------------------
+def queued_job_expires(lab: Lab) -> Outcome:
+    """A job still queued at its expires_at ends `expired` without ever starting."""
+    lab.fleet(2)
+    blockers = [lab.noop(4.0) for _ in range(2)]
+    for b in blockers:
+        lab.wait(b["id"], ("running",), 60)
+    deadline = now() + timedelta(seconds=1)
+    late = lab.noop(0.1, expires_at=deadline.isoformat())
+    control = lab.noop(0.1)
+    expired = lab.wait(late["id"], TERMINAL, 60)
+    ids = [late["id"], control["id"], *(b["id"] for b in blockers)]
+    for job_id in ids:
+        lab.wait(job_id, TERMINAL, 60)
+    found = lab.audit(ids)
+    return Outcome(
+        Figures.of("expires_at passes while queued", found),
+        found,
+        {"expired": expired, "control": lab.job(control["id"]), "deadline": deadline},
+    )
+
+
+def max_runtime_times_out(lab: Lab, max_runtime_s: float = 8.0) -> Outcome:
+    """A fine-tune past its max_runtime_s checkpoints and fails with `timed_out`; a no-op
+    job past it fails the same way."""
+    lab.fleet(2)
+    dataset = lab.text_dataset()
+    training = lab.submit(
+        "finetune", finetune_spec(dataset, steps=100_000, every=50_000), max_runtime_s=max_runtime_s
+    )
+    waiting = lab.noop(60.0, max_runtime_s=1.0)
+    done = lab.wait(training["id"], TERMINAL, max_runtime_s + 120)
+    noop = lab.wait(waiting["id"], TERMINAL, 60)
+    found = lab.audit([training["id"], waiting["id"]])
+    return Outcome(
+        Figures.of("max_runtime_s passes while running", found),
+        found,
+        {
+            "training": done,
+            "noop": noop,
+            "checkpoints": lab.checkpoints(training["id"]),
+            "events": [e["message"] for e in lab.stack.events(training["id"])],
+        },
+    )
+
+
+@contextmanager
+def lab_stack(
+    workdir: Path, tiny_model_dir: Path, *, pg: PostgresCluster, broker: RedisServer, name: str
+) -> Iterator[Lab]:
+    """A fault lab over a fresh database in `pg`: API, beat and two workers."""
+    from tests.conftest import install_tiny_model
+
+    database_url = pg.create_database(name)
+    stack = Stack(workdir, database_url, broker.url, **FAULT_SETTINGS)
+    stack.env.update(fault_env())
+    install_tiny_model(tiny_model_dir, workdir / "data")
+    lab = Lab(stack, broker, database_url, workdir, pg)
+    try:
+        stack.start_api()
+        stack.start_beat()
+        lab.fleet(2)
+        yield lab
+    finally:
+        stack.stop()
+        from db.session import get_engine
+
+        get_engine(database_url).dispose()
+
+
+ALL: dict[str, Callable[..., Any]] = {
+    "kill_pool_child": kill_pool_child,
+    "visibility_timeout": visibility_timeout,
+    "no_job_behind_busy_worker": no_job_behind_busy_worker,
+    "redis_restart_without_persistence": redis_restart_without_persistence,
+    "redis_unreachable": redis_unreachable,
+    "postgres_down_during_finetune": postgres_down_during_finetune,
+    "out_of_memory": out_of_memory,
+    "sigterm_mid_finetune": sigterm_mid_finetune,
+    "disk_full_on_checkpoint": disk_full_on_checkpoint,
+    "cancel_then_restart_workers": cancel_then_restart_workers,
+    "concurrent_idempotent_posts": concurrent_idempotent_posts,
+    "poison_job": poison_job,
+}
