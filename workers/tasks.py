@@ -24,6 +24,10 @@ def _executor() -> JobExecutor:
     return JobExecutor(settings, _publisher(), resolve_device(settings.device))
 
 
+def prepare_executor() -> None:
+    _executor()
+
+
 def run_reconcile() -> ReconcileReport:
     return reconcile(get_settings(), _publisher())
 

@@ -29,6 +29,9 @@ def test_postgres_down_mid_finetune_training_goes_on_and_api_answers_503(lab: La
     assert steps[-1] == outcome.details["steps"]
     assert outcome.details["buffered_events"], "no buffered records were written afterwards"
     assert outcome.details["checkpoints"][-1] == outcome.details["steps"]
+    # a reconciler pass as the database came back left the job to its live worker
+    at_return = outcome.details["reconcile_at_return"]
+    assert (at_return.requeued, at_return.failed) == (0, 0), at_return
     assert_clean(outcome)
 
 

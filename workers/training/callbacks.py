@@ -209,6 +209,33 @@ class CheckpointCallback(TrainerCallback):
         )
 
 
+class StepMarkerCallback(TrainerCallback):
+    """Writes the step reached to a file in the job's work dir after every step: an attempt
+    that resumes after a crash reads it to tell how many steps it redoes."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._ready = False
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if not self._ready:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._ready = True
+        try:
+            self._path.write_text(str(state.global_step))
+        except OSError as exc:  # a full disk must not stop training for this
+            logger.debug("step marker not written: %s", exc)
+
+
+def read_step_marker(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 class StopCallback(TrainerCallback):
     """Once the job must stop: save a checkpoint at the end of this step and end training."""
 

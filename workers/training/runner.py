@@ -25,7 +25,9 @@ from workers.training.callbacks import (
     CheckpointCallback,
     MetricsCallback,
     ProgressCallback,
+    StepMarkerCallback,
     StopCallback,
+    read_step_marker,
 )
 from workers.training.checkpoints import CHECKPOINTS_DIR, AtomicCheckpointTrainer
 from workers.training.data import (
@@ -52,6 +54,7 @@ from workers.training.schedule import Schedule, plan_schedule, precision_for, tr
 logger = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
+STEP_MARKER = "last_step"
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,10 @@ class FineTuneRunner:
         output_dir = io.work_dir / CHECKPOINTS_DIR
         trainer = self._trainer(spec, prepared, ctx, io, output_dir)
         resume = io.latest_checkpoint()
-        steps_redone = io.discard_after(resume.step) - resume.step if resume else 0
+        steps_redone = 0
+        if resume is not None:
+            reached = read_step_marker(io.work_dir / STEP_MARKER) or 0
+            steps_redone = max(io.discard_after(resume.step), reached) - resume.step
         self._announce(spec, prepared, ctx, io, resume, steps_redone)
         output = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
         ctx.check_stop()
@@ -227,6 +233,7 @@ class FineTuneRunner:
                 io, hp.checkpoint_minutes * 60 if hp.checkpoint_minutes is not None else None
             ),
             StopCallback(ctx),
+            StepMarkerCallback(io.work_dir / STEP_MARKER),
         ]
         if is_adalora(prepared.model):
             callbacks.append(AdaLoraCallback())
