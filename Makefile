@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-faults lint fmt up clean
+.PHONY: install demo test test-faults bench lint fmt up clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ test: install
 # Only the fault-injection scenarios (kills, restarts, outages); `make test` runs them too.
 test-faults: install
 	$(BIN)/python -m pytest -m faults
+
+bench: install
+	$(BIN)/python -m bench.all --json bench/latest.json
 
 lint: install
 	$(BIN)/ruff check .

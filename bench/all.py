@@ -1,0 +1,161 @@
+"""`make bench`: every benchmark in one run, then one table of ratios against the plain
+alternative (each measured side by side in its own script; see bench/README.md).
+
+    python -m bench.all [--quick] [--json PATH]
+
+--quick shrinks every row (fewer jobs, repeats and rows of history) to check the
+scripts run; its figures are not the ones to quote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Row:
+    row: str
+    what: str
+    value: str
+    goal: str
+    met: bool | None  # None: informational
+
+
+def _stats_ratio(stats: Any) -> str:
+    return f"{stats.median:.2f} [{stats.min:.2f}-{stats.max:.2f}]"
+
+
+def p1_rows(quick: bool) -> list[Row]:
+    from bench import overhead
+
+    r = overhead.main(["--jobs", "100" if quick else "300", "--repeats", "1" if quick else "2"])
+    return [
+        Row(
+            "P1",
+            "no-op jobs/s vs raw Celery tasks/s (SQLite)",
+            f"{r['jobs_per_s'].median:.0f} / {r['raw_tasks_per_s'].median:.0f} = "
+            + _stats_ratio(r["ratio"]),
+            ">= 0.5",
+            r["ratio"].median >= 0.5,
+        ),
+        Row(
+            "P1",
+            "submit latency at 32 clients, p50 / p99",
+            f"{r['submit_p50_ms']:.0f} / {r['submit_p99_ms']:.0f} ms",
+            "p99 <= 25 ms",
+            r["submit_p99_ms"] <= 25,
+        ),
+        Row(
+            "P1",
+            "SQLite, 32 clients + 2 workers: refused submits / 'database is locked'",
+            f"{r['submit_failures']} / {r['database_locked_in_logs']}",
+            "0 / 0",
+            r["submit_failures"] == 0 and r["database_locked_in_logs"] == 0,
+        ),
+    ]
+
+
+def p2_p4_rows(quick: bool) -> list[Row]:
+    from bench import generation
+
+    r = generation.main(["--quick"] if quick else [])
+    return generation.table_rows(r, Row)
+
+
+def p3_rows(quick: bool) -> list[Row]:
+    from bench import finetune_vs_trainer
+
+    args = ["--repeats", "1"] + (
+        ["--train", "120", "--val", "40", "--epochs", "1"] if quick else []
+    )
+    r = finetune_vs_trainer.main(args)
+    ratios = sorted(r["ratios"])
+    plain_f1 = sorted(p["f1"] for p in r["plain"])[len(r["plain"]) // 2]
+    job_f1 = sorted(j["f1"] for j in r["job"])[len(r["job"]) // 2]
+    return [
+        Row(
+            "P3",
+            "fine-tune job vs plain Trainer, train samples/s",
+            f"{ratios[len(ratios) // 2]:.3f}x",
+            ">= 0.95x",
+            ratios[len(ratios) // 2] >= 0.95,
+        ),
+        Row(
+            "P3",
+            "entity micro F1, job minus plain",
+            f"{(job_f1 - plain_f1) * 100:+.1f} pt",
+            "within 1 pt",
+            abs(job_f1 - plain_f1) <= 0.01,
+        ),
+    ]
+
+
+def p5_rows(quick: bool) -> list[Row]:
+    from bench import history
+
+    args = ["--big", "10000", "--repeats", "50"] if quick else ["--repeats", "100"]
+    r = history.main(args)
+    ratios = {k: r["big"][k] / r["small"][k] for k in r["small"]}
+    worst = max(ratios, key=lambda k: ratios[k])
+    small, big = r["jobs"]
+    return [
+        Row(
+            "P5",
+            f"PostgreSQL {big:,} vs {small:,} jobs: worst p50 ratio ({worst})",
+            f"{ratios[worst]:.2f}",
+            "<= 2",
+            ratios[worst] <= 2,
+        )
+    ]
+
+
+SECTIONS: list[tuple[str, Callable[[bool], list[Row]]]] = [
+    ("P1 overhead", p1_rows),
+    ("P2/P4 generation", p2_p4_rows),
+    ("P3 fine-tuning", p3_rows),
+    ("P5 history", p5_rows),
+]
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rows: list[Row] = []
+    started = time.perf_counter()
+    took: dict[str, float] = {}
+    for name, section in SECTIONS:
+        t0 = time.perf_counter()
+        print(f"\n=== {name} ===", flush=True)
+        rows.extend(section(args.quick))
+        took[name] = time.perf_counter() - t0
+    total = time.perf_counter() - started
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, " + (
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    )
+    print(f"\nModelyard benchmarks, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine}")
+    print(f"({'quick run' if args.quick else 'full run'} in {total / 60:.1f} min)\n")
+    print("| row | measure | value | goal | met |\n|---|---|---|---|---|")
+    for r in rows:
+        met = "-" if r.met is None else ("yes" if r.met else "NO")
+        print(f"| {r.row} | {r.what} | {r.value} | {r.goal} | {met} |")
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps({"rows": [asdict(r) for r in rows], "seconds": took}, indent=2)
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
