@@ -78,7 +78,14 @@ class JobExecutor:
         if claimed.kind is JobKind.GENERATE:
             from workers.generation.jobs import GenerationBatchRun
 
-            GenerationBatchRun(self, claimed).run()
+            # Keeps the lease while the batch loads its model (which may take longer than a
+            # lease TTL); the batch's own heartbeat for the job takes over once it starts.
+            loading = Heartbeat(self._settings, claimed.ctx, self.worker, self._leases)
+            loading.start()
+            try:
+                GenerationBatchRun(self, claimed).run()
+            finally:
+                loading.stop()
             return
         run_ctx = claimed.ctx
         heartbeat = Heartbeat(self._settings, run_ctx, self.worker, self._leases)

@@ -17,15 +17,20 @@ from workers.leases import BrokerLeases, broker_leases
 
 logger = logging.getLogger(__name__)
 
+# The heartbeat renewing each job of this process; a newer one for the same job takes over.
+_active: dict[str, Heartbeat] = {}
+_active_lock = threading.Lock()
+
 
 class Heartbeat:
     """Renews a job's leases, stores progress, reads the cancel flag and enforces the run
     time limit, in a thread, until stopped.
 
     Two leases: the database one (authoritative) and a Redis one (workers/leases.py) that
-    tells the reconciler the worker is alive while the database is unreachable. A worker
-    that can renew neither for a lease TTL stops the job itself (it must assume another
-    worker may take it over)."""
+    tells the reconciler the worker is alive while the database is unreachable or slow.
+    Each is renewed by its own thread, so a database write that waits (an outage, a busy
+    SQLite file) never holds up the broker lease. A worker that can renew neither for a
+    lease TTL stops the job itself (it must assume another worker may take it over)."""
 
     def __init__(
         self,
@@ -40,22 +45,41 @@ class Heartbeat:
         self._leases = leases if leases is not None else broker_leases(settings.broker_url)
         self._done = threading.Event()
         self._last_progress = -1.0
-        self._last_renewed = time.monotonic()
+        self._broker_renewed = self._db_renewed = time.monotonic()
         self._db_down = False
         self._broker_down = False
         self._thread = threading.Thread(
             target=self._loop, name=f"heartbeat-{ctx.job_id}", daemon=True
         )
+        self._broker_thread = threading.Thread(
+            target=self._broker_loop, name=f"broker-lease-{ctx.job_id}", daemon=True
+        )
 
     def start(self) -> None:
+        """Start renewing; a heartbeat already renewing this job (the executor's, while a
+        generation batch loads its model) hands over to this one."""
+        job_id = self._ctx.job_id
+        with _active_lock:
+            previous = _active.get(job_id)
+            _active[job_id] = self
+        if previous is not None and previous is not self:
+            previous._done.set()
         track(self._ctx)
         self._renew_broker_lease()
         self._thread.start()
+        self._broker_thread.start()
 
     def stop(self) -> None:
         self._done.set()
-        self._thread.join(timeout=self._settings.heartbeat_interval_s + 5)
-        untrack(self._ctx)
+        for thread in (self._thread, self._broker_thread):
+            if thread.is_alive():
+                thread.join(timeout=self._settings.heartbeat_interval_s + 5)
+        with _active_lock:
+            current = _active.get(self._ctx.job_id) is self
+            if current:
+                del _active[self._ctx.job_id]
+        if current:
+            untrack(self._ctx)
 
     def _renew_broker_lease(self) -> bool:
         try:
@@ -68,7 +92,14 @@ class Heartbeat:
             self._broker_down = True
             return False
         self._broker_down = False
+        self._broker_renewed = time.monotonic()
         return True
+
+    def _broker_loop(self) -> None:
+        while not self._done.wait(self._settings.heartbeat_interval_s):
+            if self._ctx.lease_lost:
+                return
+            self._renew_broker_lease()
 
     def _renew_database_lease(self) -> bool:
         ctx = self._ctx
@@ -119,17 +150,17 @@ class Heartbeat:
         return True
 
     def beat(self) -> None:
+        """One database renewal (the broker lease has its own thread), then the checks."""
         ctx = self._ctx
-        in_broker = self._renew_broker_lease()
-        in_database = self._renew_database_lease()
+        if self._renew_database_lease():
+            self._db_renewed = time.monotonic()
         now = time.monotonic()
-        if in_broker or in_database:
-            self._last_renewed = now
-        elif now - self._last_renewed > self._settings.lease_ttl_s and not ctx.lease_lost:
+        silent = now - max(self._db_renewed, self._broker_renewed)
+        if silent > self._settings.lease_ttl_s and not ctx.lease_lost:
             logger.error(
                 "job %s: neither lease renewed for %.0fs; stopping (another worker may take it)",
                 ctx.job_id,
-                now - self._last_renewed,
+                silent,
             )
             ctx.lease_lost = True
             ctx.stop_event.set()

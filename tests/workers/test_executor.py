@@ -6,6 +6,7 @@ and tests/e2e/test_generation_batching.py).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -225,3 +226,29 @@ def test_message_for_a_job_past_expires_at_expires_it(
         0,
         None,
     )
+
+
+def test_generation_job_keeps_its_lease_while_its_batch_loads_the_model(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers.generation import jobs as generation_jobs
+    from workers.reconciler import reconcile
+
+    short = settings.model_copy(update={"lease_ttl_s": 0.3})
+    publisher = JobPublisher(short)
+    executor = JobExecutor(short, publisher, "cpu")
+    seen: dict[str, Any] = {}
+
+    def slow_model_load(self: Any) -> None:
+        time.sleep(1.0)  # a cold model load, longer than the lease TTL
+        seen["report"] = reconcile(short, publisher)
+        seen["job"] = load_job(short.database_url, self._first.ctx.job_id)
+
+    monkeypatch.setattr(generation_jobs.GenerationBatchRun, "run", slow_model_load)
+    try:
+        job_id = insert_job(short.database_url)
+        executor.execute(job_id)
+    finally:
+        publisher.close()
+    assert seen["report"].requeued == 0
+    assert (seen["job"].status, seen["job"].lease_owner) == ("running", executor.worker)
