@@ -64,12 +64,11 @@ def test_queued_job_past_expires_at_expires_without_starting(lab: Lab) -> None:
     assert (expired["attempts"], expired["started_at"]) == (0, None)
     assert outcome.audit.claims(expired["id"]) == []
     assert outcome.details["control"]["status"] == "succeeded"
-    assert all(outcome.audit.statuses[b] == "cancelled" for b in outcome.details["blockers"])
     assert_clean(outcome)
 
 
 def test_job_past_max_runtime_checkpoints_and_times_out(lab: Lab) -> None:
-    outcome = scenarios.max_runtime_times_out(lab, max_runtime_s=15)
+    outcome = scenarios.max_runtime_times_out(lab, max_runtime_s=8)
     training, noop = outcome.details["training"], outcome.details["noop"]
     for job in (training, noop):
         assert job["status"] == "failed"
