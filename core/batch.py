@@ -21,6 +21,7 @@ from typing import Any
 
 from core.enums import BatchEndpoint
 from core.errors import DatasetFormatError
+from core.json_types import json_type
 
 REQUEST_KEYS = ("custom_id", "method", "url", "body")
 MAX_BATCH_LINES = 50_000
@@ -85,25 +86,11 @@ def looks_like_batch_request(keys: set[str]) -> bool:
     return "custom_id" in keys or {"method", "url", "body"} <= keys
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
 def _text(
     value: Any, what: str, line: int, *, max_chars: int | None = None, blank_ok: bool = False
 ) -> str:
     if not isinstance(value, str):
-        raise DatasetFormatError(line, f"{what} must be a string, got {_kind(value)}")
+        raise DatasetFormatError(line, f"{what} must be a string, got {json_type(value)}")
     if not (value if blank_ok else value.strip()):
         raise DatasetFormatError(line, f"{what} is empty")
     if "\x00" in value:
@@ -116,7 +103,7 @@ def _text(
 def _check_number(name: str, value: Any, rule: _Range, line: int) -> None:
     what = f"body.{name}"
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise DatasetFormatError(line, f"{what} must be a number, got {_kind(value)}")
+        raise DatasetFormatError(line, f"{what} must be a number, got {json_type(value)}")
     if not math.isfinite(value):
         raise DatasetFormatError(line, f"{what} must be a finite number")
     if rule.integer and not isinstance(value, int):
@@ -133,7 +120,7 @@ def _check_stop(value: Any, line: int) -> None:
         return
     if not isinstance(value, list):
         raise DatasetFormatError(
-            line, f"body.stop must be a string or an array of strings, got {_kind(value)}"
+            line, f"body.stop must be a string or an array of strings, got {json_type(value)}"
         )
     for i, item in enumerate(value):
         _text(item, f"body.stop[{i}]", line, blank_ok=True)
@@ -141,13 +128,13 @@ def _check_stop(value: Any, line: int) -> None:
 
 def _check_messages(value: Any, line: int) -> None:
     if not isinstance(value, list):
-        raise DatasetFormatError(line, f"body.messages must be an array, got {_kind(value)}")
+        raise DatasetFormatError(line, f"body.messages must be an array, got {json_type(value)}")
     if not value:
         raise DatasetFormatError(line, "body.messages is empty")
     for i, message in enumerate(value):
         what = f"body.messages[{i}]"
         if not isinstance(message, dict):
-            raise DatasetFormatError(line, f"{what} must be an object, got {_kind(message)}")
+            raise DatasetFormatError(line, f"{what} must be an object, got {json_type(message)}")
         for key in ("role", "content"):
             if key not in message:
                 raise DatasetFormatError(line, f"{what} has no '{key}'")
@@ -159,7 +146,7 @@ def _check_messages(value: Any, line: int) -> None:
             )
         if not isinstance(message["content"], str):
             raise DatasetFormatError(
-                line, f"{what}.content must be a string, got {_kind(message['content'])}"
+                line, f"{what}.content must be a string, got {json_type(message['content'])}"
             )
 
 
@@ -204,7 +191,7 @@ class BatchRequestChecker:
         endpoint = self._check_url(obj["url"], line)
         body = obj["body"]
         if not isinstance(body, dict):
-            raise DatasetFormatError(line, f"body must be an object, got {_kind(body)}")
+            raise DatasetFormatError(line, f"body must be an object, got {json_type(body)}")
         self._check_body(body, endpoint, line)
         self._ids[custom_id] = line
         return {"custom_id": custom_id, "method": "POST", "url": endpoint.value, "body": body}

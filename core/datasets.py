@@ -33,6 +33,7 @@ from typing import Any
 from core.batch import BatchRequestChecker, looks_like_batch_request
 from core.enums import DatasetSchema
 from core.errors import DatasetFormatError
+from core.json_types import json_type
 
 
 class DatasetFormat(StrEnum):
@@ -221,20 +222,6 @@ def _parse_text(text: str, fmt: DatasetFormat) -> ParsedDataset:
 # --- JSON Lines ------------------------------------------------------------------------
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
 def _schema_for_first_row(line: int, known: frozenset[str], keys: set[str]) -> DatasetSchema:
     for schema, required in KEYS_FOR_SCHEMA.items():
         if known == required:
@@ -277,7 +264,7 @@ def _parse_jsonl(
                 line_no, "found a JSON array; datasets are JSON Lines: one JSON object per line"
             )
         if not isinstance(obj, dict):
-            raise DatasetFormatError(line_no, f"expected a JSON object, got {_json_type(obj)}")
+            raise DatasetFormatError(line_no, f"expected a JSON object, got {json_type(obj)}")
         keys = set(obj)
         if schema is None and looks_like_batch_request(keys):
             schema, batch = DatasetSchema.BATCH_REQUESTS, BatchRequestChecker(warnings.add)
@@ -316,7 +303,7 @@ def _parse_jsonl(
 
 def _string(value: Any, what: str, line: int) -> str:
     if not isinstance(value, str):
-        raise DatasetFormatError(line, f"{what} must be a string, got {_json_type(value)}")
+        raise DatasetFormatError(line, f"{what} must be a string, got {json_type(value)}")
     if not value.strip():
         raise DatasetFormatError(line, f"{what} is empty")
     if "\x00" in value:
@@ -333,7 +320,7 @@ def _label(value: Any, what: str, line: int) -> str:
         return str(value)
     if not isinstance(value, str):
         raise DatasetFormatError(
-            line, f"{what} must be a string or an integer, got {_json_type(value)}"
+            line, f"{what} must be a string or an integer, got {json_type(value)}"
         )
     return _string(value, what, line).strip()
 
@@ -341,7 +328,7 @@ def _label(value: Any, what: str, line: int) -> str:
 def _string_list(value: Any, what: str, line: int) -> list[str]:
     if not isinstance(value, list):
         raise DatasetFormatError(
-            line, f"{what} must be an array of strings, got {_json_type(value)}"
+            line, f"{what} must be an array of strings, got {json_type(value)}"
         )
     if not value:
         raise DatasetFormatError(line, f"{what} is empty")
@@ -373,14 +360,14 @@ def _normalize(schema: DatasetSchema, obj: dict[str, Any], line: int, warnings: 
 
 def _messages(value: Any, line: int, warnings: _Warnings) -> list[dict[str, str]]:
     if not isinstance(value, list):
-        raise DatasetFormatError(line, f"'messages' must be an array, got {_json_type(value)}")
+        raise DatasetFormatError(line, f"'messages' must be an array, got {json_type(value)}")
     if not value:
         raise DatasetFormatError(line, "'messages' is empty")
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):
             raise DatasetFormatError(
-                line, f"messages[{i}] must be an object, got {_json_type(message)}"
+                line, f"messages[{i}] must be an object, got {json_type(message)}"
             )
         for key in ("role", "content"):
             if key not in message:

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from core.enums import FailureType, JobKind, JobStatus
 from db.base import utcnow
-from db.jobs import finish_job, transition
+from db.jobs import finish_job, held_by, transition
 from db.models import Job, Output
 from db.outputs import GeneratedText, add_outputs
 
@@ -23,11 +23,7 @@ def hold_lease(session: Session, job_id: str, worker: str) -> bool:
     transaction, so a requeue or finish by someone else waits until it ends."""
     stmt = (
         update(Job)
-        .where(
-            Job.id == job_id,
-            Job.status == JobStatus.RUNNING.value,
-            Job.lease_owner == worker,
-        )
+        .where(*held_by(job_id, worker))
         .values(updated_at=utcnow())
         .execution_options(synchronize_session=False)
     )

@@ -219,6 +219,11 @@ class LeaseState:
     cancel_requested: bool
 
 
+def held_by(job_id: str, worker: str) -> list[ColumnElement[bool]]:
+    """The conditions under which `worker` holds the running job's lease."""
+    return [Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.lease_owner == worker]
+
+
 def renew_lease(
     session: Session,
     job_id: str,
@@ -234,11 +239,7 @@ def renew_lease(
         values["progress_detail"] = detail
     stmt = (
         update(Job)
-        .where(
-            Job.id == job_id,
-            Job.status == JobStatus.RUNNING.value,
-            Job.lease_owner == worker,
-        )
+        .where(*held_by(job_id, worker))
         .values(**values)
         .returning(Job.cancel_requested)
         .execution_options(synchronize_session=False)

@@ -112,11 +112,7 @@ class GenerationBatchRun:
         if outcome.evicted:
             data["evicted"] = list(outcome.evicted)
             message += f"; evicted {', '.join(outcome.evicted)}"
-        try:
-            with session_scope(self._settings.database_url) as session:
-                append_event(session, job_id, EventType.LOG, message, data)
-        except OperationalError:
-            logger.warning("job %s: could not record the model cache event", job_id)
+        self._record(job_id, message, data)
         self._cache_note["load_s"] = round(outcome.load_s, 3)
 
     def _start(self, claimed: ClaimedJob, spec: GenerateSpec) -> GenerationRequest:
