@@ -3,6 +3,7 @@ trained on sentences written here. Saved as safetensors; nothing is downloaded."
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +24,26 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 MAX_POSITIONS = 512
 
 
-def build_tiny_tokenizer(vocab_size: int = 300) -> Any:
+def tiny_vocab() -> list[str]:
+    """The special tokens, every character (alone and as a ##continuation) and every
+    lowercased corpus word, in a fixed order: the same ids in every process (a trained
+    WordPiece vocabulary breaks frequency ties differently from run to run)."""
+    words = {w for line in CORPUS for w in re.findall(r"\w+|[^\w\s]", line.lower())}
+    chars = sorted({c for w in words for c in w})
+    return SPECIAL_TOKENS + chars + [f"##{c}" for c in chars] + sorted(words - set(chars))
+
+
+def build_tiny_tokenizer() -> Any:
     """A lowercasing WordPiece tokenizer (BERT layout) as a PreTrainedTokenizerFast."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import trainers as tok_trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    vocab = {token: i for i, token in enumerate(tiny_vocab())}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = tok_trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
-    tok.train_from_iterator(CORPUS, trainer)
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",

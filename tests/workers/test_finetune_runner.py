@@ -427,7 +427,7 @@ def test_sequence_classification_lora_gives_a_headless_base_a_trained_head(
             DatasetSchema.CLASSIFICATION, sentiment_rows(labels, 96, seed=3)
         ),
         validation_split=0.25,
-        hyperparameters={"batch_size": 8, "learning_rate": 3e-2, "max_steps": 36, "eval_steps": 12},
+        hyperparameters={"batch_size": 8, "learning_rate": 3e-2, "max_steps": 72, "eval_steps": 24},
     )
     assert result.result is not None and result.trained_model is not None
     assert result.result["eval"]["accuracy"] >= 0.9
