@@ -72,6 +72,13 @@ class Settings(BaseSettings):
         description="Seconds Redis waits for a message's acknowledgement before it delivers "
         "it again. A worker refuses to start unless it exceeds job_time_limit_s.",
     )
+    broker_reconnect_max_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=30,
+        description="Longest a worker waits between tries to reach the broker again after "
+        "losing it, so it consumes again within this long of the broker coming back.",
+    )
     db_retry_s: float = Field(
         default=300.0,
         ge=0,

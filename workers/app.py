@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 
 celery_app = make_celery(get_settings())
 celery_app.conf.include = ["workers.tasks"]
+celery_app.conf.worker_consumer = "workers.consumer:PromptReconnectConsumer"
 
 _status: Any = None  # this worker's WorkerStatusReporter, once it is ready
 _reconciler: Any = None  # the beat process's ReconcileLoop
