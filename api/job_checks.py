@@ -27,11 +27,13 @@ from core.specs import (
     GenerateSpec,
     PredictJobRequest,
 )
+from core.webhooks import check_destination
 from db.datasets import get_dataset
 from db.jobs import get_job
 from db.models import Dataset
 from db.registry import get_model, is_registry_name, serving_base
 from db.training import list_checkpoints
+from db.webhooks import DEFAULT_TENANT, signing_secrets
 
 CLASSIFIER_TASKS = frozenset(
     {FineTuneTask.SEQUENCE_CLASSIFICATION.value, FineTuneTask.TOKEN_CLASSIFICATION.value}
@@ -165,7 +167,19 @@ def _check_prompts(session: Session, settings: Settings, spec: GenerateSpec) -> 
         raise InvalidRequestError(exc.message, param=exc.param) from exc
 
 
+def _check_webhook(session: Session, settings: Settings, req: AnyJobRequest) -> None:
+    if req.webhook_url is None:
+        return
+    check_destination(req.webhook_url, settings.webhook_allowed_destinations)
+    if not signing_secrets(session, DEFAULT_TENANT):
+        raise InvalidRequestError(
+            "create a webhook signing secret first (POST /v1/webhooks/secret)",
+            param="webhook_url",
+        )
+
+
 def check_job_request(session: Session, settings: Settings, req: AnyJobRequest) -> None:
+    _check_webhook(session, settings, req)
     if isinstance(req, GenerateJobRequest):
         tasks = frozenset({FineTuneTask.CAUSAL_LM.value})
         _check_model(session, settings, req.spec.model, "spec.model", tasks)

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
-from api.routes import batch_files, datasets, health, jobs, models, stream
+from api.routes import batch_files, datasets, health, jobs, models, stream, webhooks
 from core.dispatch import JobPublisher
 from core.settings import Settings, get_settings
 from core.token_stream import TokenStreamReader
@@ -46,4 +46,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(stream.router)
     app.include_router(models.router)
     app.include_router(datasets.router)
+    app.include_router(webhooks.router)
     return app

@@ -35,6 +35,8 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     expires_at: datetime | None = None
     max_runtime_s: float | None = None
+    webhook_url: str | None = None
+    webhook_events: list[str] | None = None
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -60,6 +62,8 @@ class JobOut(BaseModel):
             finished_at=job.finished_at,
             expires_at=job.expires_at,
             max_runtime_s=job.max_runtime_s,
+            webhook_url=job.webhook_url,
+            webhook_events=job.webhook_events.strip(",").split(",") if job.webhook_events else None,
         )
 
 

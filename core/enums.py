@@ -59,6 +59,21 @@ class EventType(StrEnum):
     ERROR = "error"
 
 
+class WebhookEvent(StrEnum):
+    """What a job's webhook can be told about; a job subscribes to a subset."""
+
+    STARTED = "started"
+    PROGRESS = "progress"  # throttled: webhook_progress_interval_s
+    CHECKPOINT = "checkpoint"
+    COMPLETED = "completed"  # any terminal status
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"  # waiting for its next attempt
+    DELIVERED = "delivered"  # a 2xx answer
+    FAILED = "failed"  # out of attempts
+
+
 class FailureType(StrEnum):
     """Typed reason a job failed (or why an attempt ended)."""
 

@@ -38,6 +38,15 @@ class BatchLineError(ModelyardError):
     type = "invalid_request"
 
 
+class WebhookDestinationError(InvalidRequestError):
+    """Raised when a webhook_url is not http(s) or resolves to a non-public address."""
+
+    type = "invalid_webhook_url"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="webhook_url")
+
+
 class MalformedBodyError(ModelyardError):
     """Raised when a request body is not parseable JSON."""
 

@@ -146,6 +146,43 @@ class Settings(BaseSettings):
         default="INFO", description="Log level of every Modelyard process."
     )
 
+    webhook_allowed_destinations: list[str] = Field(
+        default_factory=list,
+        description="Networks (CIDR) or host names webhooks may reach although they resolve "
+        'to loopback, private, link-local or metadata addresses, e.g. ["127.0.0.1/32"]. '
+        "Everything else must resolve to public addresses only.",
+    )
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, le=60, description="Time limit of one webhook delivery attempt."
+    )
+    webhook_max_attempts: int = Field(
+        default=12,
+        ge=1,
+        le=50,
+        description="Attempts per delivery before it is marked failed (retried with "
+        "exponential backoff and jitter; with the defaults, over about 5 hours).",
+    )
+    webhook_backoff_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Wait before the second attempt; each later wait doubles, up to an hour, "
+        "with +-20% jitter.",
+    )
+    webhook_progress_interval_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="At most one `progress` delivery per job in this many seconds.",
+    )
+    webhook_poll_s: float = Field(
+        default=1.0, gt=0, description="How often the beat process sends due webhook deliveries."
+    )
+    webhook_secret_overlap_s: float = Field(
+        default=86_400.0,
+        ge=0,
+        description="After a signing secret is rotated, deliveries are signed with the old "
+        "one too for this long, so receivers can switch without dropping any.",
+    )
+
     @model_validator(mode="after")
     def _default_database(self) -> Settings:
         if not self.database_url:

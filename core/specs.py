@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AwareDatetime,
@@ -16,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from core.enums import BatchEndpoint, FineTuneMethod, FineTuneTask, JobKind
+from core.enums import BatchEndpoint, FineTuneMethod, FineTuneTask, JobKind, WebhookEvent
 
 MAX_SEQUENCES_PER_JOB = 1024
 MODEL_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-/:]{0,254}$"
@@ -287,12 +287,35 @@ class _JobRequestBase(BaseModel):
         "too): at the limit the job checkpoints and fails with `timed_out`.",
     )
 
+    webhook_url: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2048,
+        description="Where signed webhook deliveries about this job are POSTed (http/https, "
+        "public addresses only unless allowed in settings).",
+    )
+    webhook_events: list[WebhookEvent] | None = Field(
+        default=None,
+        min_length=1,
+        description="The events sent to webhook_url; default started, checkpoint, completed "
+        "(progress is throttled and opt-in).",
+    )
+
+    @model_validator(mode="after")
+    def _events_need_url(self) -> Self:
+        if self.webhook_events is not None and self.webhook_url is None:
+            raise ValueError("webhook_events needs a webhook_url")
+        return self
+
     @field_validator("expires_at")
     @classmethod
     def _expires_in_future(cls, value: datetime | None) -> datetime | None:
         if value is not None and value <= datetime.now(UTC):
             raise ValueError("expires_at is in the past")
         return value
+
+
+DEFAULT_WEBHOOK_EVENTS = (WebhookEvent.STARTED, WebhookEvent.CHECKPOINT, WebhookEvent.COMPLETED)
 
 
 class GenerateJobRequest(_JobRequestBase):

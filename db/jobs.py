@@ -13,9 +13,11 @@ from sqlalchemy.orm import Session
 from core.enums import EventType, FailureType, JobKind, JobStatus
 from core.errors import InvalidStateError, NotFoundError
 from core.states import can_transition
+from core.webhooks import event_for_status
 from db.base import newer_first_before, utcnow
 from db.events import append_event
 from db.models import Job
+from db.webhooks import queue_delivery
 
 
 def create_job(
@@ -31,6 +33,8 @@ def create_job(
     model: str | None = None,
     expires_at: datetime | None = None,
     max_runtime_s: float | None = None,
+    webhook_url: str | None = None,
+    webhook_events: str | None = None,
 ) -> Job:
     now = utcnow()
     job = Job(
@@ -52,6 +56,8 @@ def create_job(
         available_at=now,
         expires_at=expires_at,
         max_runtime_s=max_runtime_s,
+        webhook_url=webhook_url,
+        webhook_events=webhook_events if webhook_url is not None else None,
     )
     session.add(job)
     session.flush()
@@ -152,13 +158,11 @@ def _transition(
     row = session.execute(stmt).first()
     if row is None:
         return None
-    append_event(
-        session,
-        job_id,
-        EventType.STATUS,
-        message or f"{source} -> {target}",
-        {"from": source.value, "status": target.value, **(data or {})},
-    )
+    event_data = {"from": source.value, "status": target.value, **(data or {})}
+    append_event(session, job_id, EventType.STATUS, message or f"{source} -> {target}", event_data)
+    hook = event_for_status(target.value)
+    if hook is not None:
+        queue_delivery(session, job_id, hook, event_data)
     return row
 
 

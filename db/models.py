@@ -64,6 +64,10 @@ class Job(Base):
     # `max_runtime_s` of run time is stopped.
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     max_runtime_s: Mapped[float | None] = mapped_column(Float)
+    # Webhook subscription: the URL and the events, as ",started,completed," so one
+    # LIKE finds subscribers in the INSERT ... SELECT that queues a delivery.
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    webhook_events: Mapped[str | None] = mapped_column(String(64))
 
 
 class JobEvent(Base):
@@ -168,3 +172,62 @@ class RegisteredModel(Base):
     labels: Mapped[list[str]] = mapped_column(JSON, default=list)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+def new_delivery_id() -> str:
+    return f"whd_{uuid.uuid4().hex}"
+
+
+class WebhookDelivery(Base):
+    """One webhook message for one job event, sent until a 2xx answer or out of attempts."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_created_at_id", "created_at", "id"),
+        Index("ix_webhook_deliveries_job_id_event", "job_id", "event"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_delivery_id)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(16))
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class WebhookAttempt(Base):
+    """One try at sending a delivery: the answer's status code, or why there was none."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (Index("ix_webhook_attempts_delivery_id_id", "delivery_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE")
+    )
+    attempted_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float] = mapped_column(Float)
+
+
+class WebhookSecret(Base):
+    """A tenant's signing secret. After a rotation the previous one stays valid (signs
+    too) until `expires_at`."""
+
+    __tablename__ = "webhook_secrets"
+    __table_args__ = (Index("ix_webhook_secrets_tenant_id_created_at", "tenant_id", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    secret: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -8,7 +8,9 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from core.enums import WebhookEvent
 from db.models import Checkpoint, Job, Metric
+from db.webhooks import queue_delivery
 
 
 def add_metrics(
@@ -69,6 +71,7 @@ def add_checkpoint(
     checkpoint = Checkpoint(job_id=job_id, step=step, path=path, metrics=metrics)
     session.add(checkpoint)
     session.flush()
+    queue_delivery(session, job_id, WebhookEvent.CHECKPOINT, {"step": step, "metrics": metrics})
     return checkpoint
 
 

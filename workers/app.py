@@ -19,6 +19,7 @@ celery_app.conf.worker_consumer = "workers.consumer:PromptReconnectConsumer"
 
 _status: Any = None  # this worker's WorkerStatusReporter, once it is ready
 _reconciler: Any = None  # the beat process's ReconcileLoop
+_webhooks: Any = None  # the beat process's webhook sender loop
 
 
 @signals.worker_init.connect
@@ -79,3 +80,15 @@ def _start_reconciler(**_: Any) -> None:
     _reconciler = ReconcileLoop(get_settings().reconcile_period_s, run_reconcile)
     _reconciler.start()
     logger.info("reconciler running every %.1fs", get_settings().reconcile_period_s)
+    _start_webhook_sender()
+
+
+def _start_webhook_sender() -> None:
+    from workers.reconciler import ReconcileLoop
+    from workers.webhooks import WebhookSender
+
+    global _webhooks
+    settings = get_settings()
+    sender = WebhookSender(settings)
+    _webhooks = ReconcileLoop(settings.webhook_poll_s, sender.send_due, name="webhook sender")
+    _webhooks.start()

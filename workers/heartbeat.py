@@ -7,11 +7,12 @@ from datetime import timedelta
 
 import redis
 
-from core.enums import EventType
+from core.enums import EventType, WebhookEvent
 from core.settings import Settings
 from db.events import append_event
 from db.jobs import renew_lease
 from db.session import DATABASE_UNAVAILABLE, session_scope
+from db.webhooks import queue_delivery
 from workers.context import RunContext, track, untrack
 from workers.leases import BrokerLeases, broker_leases
 
@@ -117,12 +118,14 @@ class Heartbeat:
                     detail if changed else None,
                 )
                 if state.held and changed:
-                    append_event(
+                    data = {"progress": round(progress, 4), **detail}
+                    append_event(session, ctx.job_id, EventType.PROGRESS, "", data)
+                    queue_delivery(
                         session,
                         ctx.job_id,
-                        EventType.PROGRESS,
-                        "",
-                        {"progress": round(progress, 4), **detail},
+                        WebhookEvent.PROGRESS,
+                        data,
+                        throttle_s=self._settings.webhook_progress_interval_s,
                     )
         except DATABASE_UNAVAILABLE as exc:
             if not self._db_down:

@@ -166,15 +166,18 @@ def reconcile(
 
 
 class ReconcileLoop:
-    """Runs `reconcile_once` every period in a daemon thread (inside the beat process), so
+    """Runs `run_once` every period in a daemon thread (inside the beat process), so
     recovery never waits for a free worker. Errors (database or broker down) are logged
-    once per outage and the loop goes on."""
+    once per outage and the loop goes on. The webhook sender runs in one too."""
 
-    def __init__(self, period_s: float, reconcile_once: Callable[[], object]) -> None:
+    def __init__(
+        self, period_s: float, run_once: Callable[[], object], name: str = "reconcile"
+    ) -> None:
         self._period = period_s
-        self._reconcile_once = reconcile_once
+        self._run_once = run_once
+        self._name = name
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -187,11 +190,12 @@ class ReconcileLoop:
         failing = False
         while not self._done.wait(self._period):
             try:
-                self._reconcile_once()
+                self._run_once()
             except Exception as exc:
                 if not failing:
                     logger.warning(
-                        "reconcile failed (%s: %s); retrying every %.1fs",
+                        "%s failed (%s: %s); retrying every %.1fs",
+                        self._name,
                         type(exc).__name__,
                         exc,
                         self._period,
@@ -199,5 +203,5 @@ class ReconcileLoop:
                 failing = True
                 continue
             if failing:
-                logger.info("reconcile works again")
+                logger.info("%s works again", self._name)
             failing = False

@@ -30,13 +30,14 @@ from core.dispatch import JobPublisher
 from core.enums import JobKind, JobStatus
 from core.errors import IdempotencyConflictError, InvalidRequestError
 from core.settings import Settings
-from core.specs import AnyJobRequest, GenerateJobRequest, JobRequest
+from core.specs import DEFAULT_WEBHOOK_EVENTS, AnyJobRequest, GenerateJobRequest, JobRequest
 from db import events as events_repo
 from db import jobs as jobs_repo
 from db import outputs as outputs_repo
 from db import training as training_repo
 from db.models import Job
 from db.registry import serving_base
+from db.webhooks import events_column
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -116,6 +117,8 @@ def _create_job_in(
             else None,
             expires_at=req.expires_at,
             max_runtime_s=req.max_runtime_s,
+            webhook_url=req.webhook_url,
+            webhook_events=events_column(req.webhook_events or DEFAULT_WEBHOOK_EVENTS),
         )
         session.commit()
     except IntegrityError:
