@@ -168,3 +168,15 @@ def test_rotation_keeps_the_previous_secret_signing_for_the_overlap(
         after = webhooks_repo.signing_secrets(session, webhooks_repo.DEFAULT_TENANT)
     assert after[0] == rotated["secret"]
     assert set(before) <= set(after[1:])
+
+
+def test_a_checkpoint_queues_a_delivery_once(hook_client: TestClient, settings: Settings) -> None:
+    from db import training as training_repo
+
+    job = submit(hook_client, webhook_url=HOOK, webhook_events=["checkpoint"]).json()
+    with session_scope(settings.database_url) as session:
+        training_repo.add_checkpoint(session, job["id"], 20, "ckpt/20", {"loss": 1.5})
+        training_repo.add_checkpoint(session, job["id"], 20, "ckpt/20", {"loss": 1.5})  # resaved
+    (sent,) = deliveries(hook_client, job["id"])
+    assert sent["event"] == "checkpoint"
+    assert sent["payload"]["data"] == {"job_id": job["id"], "step": 20, "metrics": {"loss": 1.5}}
