@@ -53,7 +53,7 @@ def receiver() -> Iterator[Receiver]:
     box: dict[str, Receiver] = {}
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             rec = box["r"]
             body = self.rfile.read(int(self.headers.get("content-length", "0")))
             rec.received.append(Received(self.path, dict(self.headers.items()), body))
