@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -146,6 +146,17 @@ class Settings(BaseSettings):
         default="INFO", description="Log level of every Modelyard process."
     )
 
+    flower_host: str = Field(
+        default="127.0.0.1", description="Address `modelyard flower` binds (loopback by default)."
+    )
+    flower_port: int = Field(default=5555, ge=1, le=65535, description="Flower's port.")
+    flower_user: str | None = Field(
+        default=None, description="Flower basic-auth user; `modelyard flower` needs one."
+    )
+    flower_password: SecretStr | None = Field(
+        default=None,
+        description="Flower basic-auth password (at least 12 characters); never logged.",
+    )
     webhook_allowed_destinations: list[str] = Field(
         default_factory=list,
         description="Networks (CIDR) or host names webhooks may reach although they resolve "

@@ -223,6 +223,38 @@ def beat() -> None:
     celery_app.start(["beat", "--schedule", str(schedule), "--loglevel", settings.log_level])
 
 
+MIN_FLOWER_PASSWORD = 12
+
+
+@app.command()
+def flower(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default: loopback)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: settings)")] = None,
+) -> None:
+    """Run Flower (workers, tasks, Prometheus /metrics) behind basic auth."""
+    settings = get_settings()
+    _setup_logging(settings)
+    password = settings.flower_password.get_secret_value() if settings.flower_password else ""
+    if not settings.flower_user or len(password) < MIN_FLOWER_PASSWORD:
+        console.print(
+            "[red]refusing to start Flower without basic auth:[/red] set MODELYARD_FLOWER_USER "
+            f"and MODELYARD_FLOWER_PASSWORD (at least {MIN_FLOWER_PASSWORD} characters)"
+        )
+        raise typer.Exit(2)
+    from workers.app import celery_app
+
+    # Through Flower's environment, not argv, so the password is not in the process list.
+    os.environ["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{password}"
+    celery_app.start(
+        [
+            "flower",
+            f"--address={host or settings.flower_host}",
+            f"--port={port or settings.flower_port}",
+            f"--logging={settings.log_level.lower()}",
+        ]
+    )
+
+
 @app.command()
 def up(
     port: Annotated[int | None, typer.Option(help="API port")] = None,
