@@ -110,18 +110,53 @@ def _non_loopback_address() -> str:
     return address
 
 
-def test_a_password_protected_redis_works_and_the_password_never_shows(
+class _Touch:
+    """Unpickling this runs `touch <marker>`: what a malicious pickle message would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_password_protected_redis_works_and_pickle_messages_are_discarded(
     locked_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    import pickle
+
+    from kombu import Connection
+
+    from core.dispatch import TASK_RUN_JOB
+    from core.enums import QUEUE_FOR_KIND, JobKind
+
     workdir = tmp_path_factory.mktemp("stack-auth")
+    marker = workdir / "pwned"
     stack = Stack(workdir, f"sqlite:///{workdir / 'm.db'}", locked_redis.url)
+    queue = QUEUE_FOR_KIND[JobKind.NOOP]
     try:
         stack.start_api()
         stack.start_beat()
-        stack.start_worker()
+        worker = stack.start_worker()
+        with Connection(locked_redis.url) as conn:
+            conn.Producer().publish(
+                pickle.dumps(_Touch(marker)),
+                exchange="",
+                routing_key=queue,
+                content_type="application/x-python-serialize",
+                content_encoding="binary",
+                headers={"task": TASK_RUN_JOB, "id": "evil-1", "lang": "py"},
+            )
+        wait_for(
+            lambda: "untrusted content" in worker.log.read_text(errors="replace"),
+            30,
+            "the worker refusing the pickle message",
+        )
         job = stack.submit({"duration_s": 0.1}, kind="noop")
         done = stack.wait_status(job["id"], ("succeeded", "failed", "cancelled"))
-        assert done["status"] == "succeeded"
+        assert done["status"] == "succeeded"  # the worker lives on and consumes
+        assert worker.alive()
+        assert locked_redis.client().llen(queue) == 0  # discarded, not left to loop
         with stack.client() as c:
             bodies = [
                 c.get("/readyz").text,
@@ -131,6 +166,7 @@ def test_a_password_protected_redis_works_and_the_password_never_shows(
             ]
     finally:
         stack.stop()
+    assert not marker.exists()
     assert all(REDIS_PASSWORD not in body for body in bodies)
     logs = [p.read_text(errors="replace") for p in workdir.glob("*.log")]
     assert len(logs) >= 3 and sum(len(t) for t in logs) > 0
