@@ -8,7 +8,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from core.enums import JobKind
 from core.errors import (
@@ -44,6 +46,39 @@ TYPE_FOR_HTTP_STATUS: dict[int, str] = {
     405: "method_not_allowed",
     413: PayloadTooLargeError.type,
     415: "unsupported_media_type",
+}
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    param: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: `{"error": {"type", "message", "param"}}`."""
+
+    error: ErrorDetail
+
+
+def _documented(description: str) -> dict[str, Any]:
+    # The explicit JSON content keeps errors JSON in the docs of routes whose own answers
+    # are not (the event stream).
+    return {
+        "model": ErrorBody,
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    }
+
+
+# What any operation may answer besides its success; documented on every route.
+COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _documented("The body is not valid JSON (or not a form where one is expected)."),
+    404: _documented("No such resource (or not visible to the caller)."),
+    409: _documented("Conflicts with the resource's state or an earlier Idempotency-Key."),
+    413: _documented("The body is larger than the limit; it was not read."),
+    422: _documented("The request is well-formed but invalid; nothing was changed."),
+    503: _documented("The database or broker is unreachable; retry after Retry-After."),
 }
 
 
@@ -90,11 +125,25 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+def _allowed_methods(request: Request) -> str:
+    """Every method some route of this path answers (Starlette's 405 names only the first
+    route that matched the path)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "\x00"})
+        if match is Match.PARTIAL:
+            methods.update(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     type_ = TYPE_FOR_HTTP_STATUS.get(exc.status_code, "http_error")
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
     return JSONResponse(
-        error_body(type_, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+        error_body(type_, str(exc.detail)), status_code=exc.status_code, headers=headers
     )
 
 

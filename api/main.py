@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from api.errors import install_error_handlers
+from api.errors import COMMON_RESPONSES, install_error_handlers
 from api.limits import BodySizeLimit
 from api.routes import batch_files, datasets, health, jobs, models, stream, webhooks
 from core.dispatch import JobPublisher
@@ -32,7 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.publisher.close()
         await app.state.token_reader.aclose()
 
-    app = FastAPI(title="Modelyard", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="Modelyard", version="0.1.0", lifespan=lifespan, responses=COMMON_RESPONSES)
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(

@@ -157,10 +157,17 @@ def _content_lines(text: str) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
+def _csv_fields(line: str, delimiter: str = ",") -> list[str]:
+    """The fields of one CSV line; none when it cannot be one (a stray carriage return)."""
+    try:
+        return [c.strip() for c in next(csv.reader([line], delimiter=delimiter))]
+    except (csv.Error, StopIteration):
+        return []
+
+
 def _csv_delimiter(header: str) -> str | None:
     for delimiter in _CSV_DELIMITERS:
-        names = {c.strip().lower() for c in next(csv.reader([header], delimiter=delimiter))}
-        if {"text", "label"} <= names:
+        if {"text", "label"} <= {c.lower() for c in _csv_fields(header, delimiter)}:
             return delimiter
     return None
 
@@ -392,7 +399,7 @@ def _parse_csv(text: str, warnings: _Warnings) -> list[tuple[int, Row]]:
     header_line, header = next(_content_lines(text))
     delimiter = _csv_delimiter(header.strip())
     if delimiter is None:
-        found = ", ".join(c.strip() for c in next(csv.reader([header.strip()]))) or "nothing"
+        found = ", ".join(_csv_fields(header.strip())) or "nothing"
         raise DatasetFormatError(
             header_line,
             f"CSV needs a header row naming a text and a label column (found: {found[:200]})",

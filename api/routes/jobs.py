@@ -52,6 +52,27 @@ def _request_hash(req: AnyJobRequest) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+MAX_ROW_ID = 2**31 - 1  # event and metric ids are 32-bit integers in the database
+
+DateTimeQuery = Query(
+    description="An RFC 3339 time with a zone, e.g. 2026-11-28T12:00:00Z",
+    json_schema_extra={"format": "date-time"},
+)
+
+
+def _aware_time(name: str, value: str | None) -> datetime | None:
+    """An ISO 8601 time with a zone; numbers and zone-less times are refused."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequestError(f"{name} is not an ISO 8601 time", param=name) from None
+    if parsed.tzinfo is None:
+        raise InvalidRequestError(f"{name} needs a time zone (e.g. Z)", param=name)
+    return parsed
+
+
 def _parse_metadata_filters(values: list[str]) -> dict[str, str]:
     filters: dict[str, str] = {}
     for item in values:
@@ -62,7 +83,18 @@ def _parse_metadata_filters(values: list[str]) -> dict[str, str]:
     return filters
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    responses={
+        200: {
+            "model": JobOut,
+            "description": "Replayed: the job an earlier request "
+            "with the same Idempotency-Key created.",
+        }
+    },
+)
 async def create_job(
     req: JobRequest,
     response: Response,
@@ -154,20 +186,17 @@ def list_jobs(
     session: ReadSessionDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     kind: JobKind | None = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
+    created_after: Annotated[str | None, DateTimeQuery] = None,
+    created_before: Annotated[str | None, DateTimeQuery] = None,
     metadata: Annotated[list[str], Query(description="key:value, repeatable")] = [],  # noqa: B006
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: str | None = None,
 ) -> JobList:
-    for name, value in (("created_after", created_after), ("created_before", created_before)):
-        if value is not None and value.tzinfo is None:
-            raise InvalidRequestError(f"{name} needs a time zone (e.g. Z)", param=name)
     filt = jobs_repo.JobFilter(
         status=status_,
         kind=kind,
-        created_after=created_after,
-        created_before=created_before,
+        created_after=_aware_time("created_after", created_after),
+        created_before=_aware_time("created_before", created_before),
         metadata=_parse_metadata_filters(metadata),
     )
     before = decode_cursor(cursor) if cursor else None
@@ -195,7 +224,7 @@ def cancel_job(job_id: str, session: SessionDep) -> JobOut:
 def list_job_events(
     job_id: str,
     session: ReadSessionDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_ROW_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> EventList:
     jobs_repo.require_job(session, job_id)
@@ -221,7 +250,7 @@ def list_job_metrics(
     job_id: str,
     session: ReadSessionDep,
     name: Annotated[list[str], Query(description="Only these metric names")] = [],  # noqa: B006
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_ROW_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
 ) -> MetricList:
     jobs_repo.require_job(session, job_id)

@@ -442,3 +442,12 @@ def test_load_dataset_rows_rejects_an_unknown_format(tmp_path: Path) -> None:
 )
 def test_display_filename(name: str | None, shown: str) -> None:
     assert display_filename(name) == shown
+
+
+@pytest.mark.parametrize("raw", [b"te\rxt,label\nhello,pos\n", b"=\xc3\xb5\rq\x17\n", b"a\rb,c\n"])
+def test_a_stray_carriage_return_is_a_format_error_not_a_crash(raw: bytes) -> None:
+    # Found by schemathesis: csv.Error from a header with a bare \r answered 500.
+    try:
+        parse_dataset(raw, "upload.csv")
+    except DatasetFormatError as exc:
+        assert exc.line >= 1
