@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from api.tokenizers import local_tokenizer
 from core.enums import SCHEMAS_FOR_TASK, DatasetSchema, FineTuneTask
 from core.errors import InvalidRequestError
+from core.model_files import custom_code_reason
 from core.prompts import PromptError, encode_prompts
 from core.settings import Settings
 from core.specs import (
@@ -62,9 +63,17 @@ def _check_model(
             )
         return
     local = settings.models_dir / ref
-    if local.is_dir() and not any(Path(local).glob("*.safetensors")):
+    if not local.is_dir():
+        return
+    if not any(Path(local).glob("*.safetensors")):
         raise InvalidRequestError(
             f"model directory {ref!r} has no safetensors weights (only safetensors are loaded)",
+            param=param,
+        )
+    reason = custom_code_reason(local)
+    if reason is not None:
+        raise InvalidRequestError(
+            f"model directory {ref!r} is refused: {reason} (trust_remote_code stays off)",
             param=param,
         )
 

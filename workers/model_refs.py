@@ -11,6 +11,7 @@ from pathlib import Path
 
 from core.enums import FailureType
 from core.errors import PermanentJobError
+from core.model_files import custom_code_reason
 from core.settings import Settings
 from db.registry import get_model, is_registry_name
 from db.session import session_scope
@@ -28,8 +29,21 @@ def inside(root: Path, relative: str) -> Path:
 def resolve_local(ref: str, models_dir: Path) -> str:
     local = models_dir / ref
     if local.is_dir() and local.resolve().is_relative_to(models_dir.resolve()):
+        refuse_custom_code(local)
         return str(local)
+    if Path(ref).is_dir():
+        refuse_custom_code(Path(ref))
     return ref
+
+
+def refuse_custom_code(directory: Path) -> None:
+    """trust_remote_code stays off; a model that needs its own code is refused outright
+    rather than loaded with whatever built-in class its model_type happens to name."""
+    reason = custom_code_reason(directory)
+    if reason is not None:
+        raise PermanentJobError(
+            f"model directory {directory.name} is refused: {reason}", FailureType.INVALID_SPEC
+        )
 
 
 def resolve_model(settings: Settings, ref: str) -> ResolvedModel:
@@ -45,5 +59,6 @@ def resolve_model(settings: Settings, ref: str) -> ResolvedModel:
         raise PermanentJobError(
             f"registered model {ref!r} has no files at {path}", FailureType.MODEL_NOT_FOUND
         )
+    refuse_custom_code(directory)
     adapter_of = resolve_model(settings, base).ref if adapter else None
     return ResolvedModel(ref=str(directory), labels=list(labels), adapter_of=adapter_of)

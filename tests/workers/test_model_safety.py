@@ -1,0 +1,123 @@
+"""Model directories that would run code when loaded are refused by the API and by the
+workers: pickle weights are never unpickled, custom code (auto_map, *.py) never imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from core.enums import FailureType, FineTuneTask
+from core.errors import PermanentJobError
+from core.settings import Settings
+from tests.support.services import redis_db_index
+from workers.generation.cache import _load
+from workers.model_refs import resolve_local
+from workers.training.models import load_base_model
+
+
+class _Touch:
+    """Unpickling (or importing code that builds) this runs `touch <marker>`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "data" / "models"
+    directory.mkdir(parents=True)
+    return directory
+
+
+@pytest.fixture
+def marker(tmp_path: Path) -> Path:
+    return tmp_path / "pwned"
+
+
+@pytest.fixture
+def pickle_model(tiny_model_dir: Path, models_dir: Path, marker: Path) -> Path:
+    """A GPT-2 whose only weights are a malicious pytorch_model.bin."""
+    target = models_dir / "pickled"
+    shutil.copytree(tiny_model_dir, target)
+    for weights in target.glob("*.safetensors"):
+        weights.unlink()
+    (target / "pytorch_model.bin").write_bytes(pickle.dumps(_Touch(marker)))
+    return target
+
+
+@pytest.fixture
+def remote_code_model(tiny_model_dir: Path, models_dir: Path, marker: Path) -> Path:
+    """A GPT-2 whose config maps AutoModel to code next to it that touches the marker."""
+    target = models_dir / "remote-code"
+    shutil.copytree(tiny_model_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (target / "config.json").write_text(json.dumps(config))
+    (target / "modeling_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\nclass EvilModel: pass\n"
+    )
+    return target
+
+
+def test_pickle_weights_are_never_loaded(pickle_model: Path, marker: Path) -> None:
+    with pytest.raises(PermanentJobError) as generate:
+        _load(str(pickle_model), "cpu")
+    assert generate.value.failure is FailureType.MODEL_NOT_FOUND
+    with pytest.raises(PermanentJobError, match="no safetensors"):
+        load_base_model(FineTuneTask.CAUSAL_LM, str(pickle_model), [])
+    assert not marker.exists()
+
+
+def test_custom_code_is_refused_before_loading(remote_code_model: Path, marker: Path) -> None:
+    with pytest.raises(PermanentJobError, match="auto_map") as refused:
+        resolve_local("remote-code", remote_code_model.parent)
+    assert refused.value.failure is FailureType.INVALID_SPEC
+    (remote_code_model / "config.json").write_text(
+        json.dumps(
+            {
+                k: v
+                for k, v in json.loads((remote_code_model / "config.json").read_text()).items()
+                if k != "auto_map"
+            }
+        )
+    )
+    with pytest.raises(PermanentJobError, match="Python code"):
+        resolve_local("remote-code", remote_code_model.parent)
+    assert not marker.exists()
+
+
+def test_the_api_refuses_both_with_422(
+    pickle_model: Path, remote_code_model: Path, marker: Path, tmp_path: Path
+) -> None:
+    with (
+        redis_db_index() as broker_url,
+        TestClient(
+            create_app(
+                Settings(
+                    data_dir=tmp_path / "data",
+                    database_url=f"sqlite:///{tmp_path / 'm.db'}",
+                    broker_url=broker_url,
+                )
+            )
+        ) as client,
+    ):
+        for name, expected in (("pickled", "no safetensors"), ("remote-code", "auto_map")):
+            resp = client.post(
+                "/v1/jobs",
+                json={"kind": "generate", "spec": {"model": name, "prompts": ["hi"]}},
+            )
+            assert resp.status_code == 422, resp.text
+            assert expected in resp.json()["error"]["message"]
+            assert resp.json()["error"]["param"] == "spec.model"
+        assert client.get("/v1/jobs").json()["data"] == []
+    assert not marker.exists()
