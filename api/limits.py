@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
+from fastapi import Request
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_body
-from core.errors import PayloadTooLargeError
+from core.errors import InvalidRequestError, PayloadTooLargeError
 
 
 class BodySizeLimit:
@@ -77,3 +78,12 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+async def refuse_nul_characters(request: Request) -> None:
+    """422 for a NUL character in the path or the query: PostgreSQL cannot store or
+    compare one, so it would otherwise surface as a server error."""
+    if "\x00" in request.url.path or any(
+        "\x00" in key or "\x00" in value for key, value in request.query_params.multi_items()
+    ):
+        raise InvalidRequestError("NUL characters are not allowed in the URL")

@@ -4,11 +4,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import COMMON_RESPONSES, install_error_handlers
-from api.limits import BodySizeLimit
+from api.limits import BodySizeLimit, refuse_nul_characters
 from api.routes import batch_files, datasets, health, jobs, models, stream, webhooks
 from core.dispatch import JobPublisher
 from core.settings import Settings, get_settings
@@ -32,7 +32,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.publisher.close()
         await app.state.token_reader.aclose()
 
-    app = FastAPI(title="Modelyard", version="0.1.0", lifespan=lifespan, responses=COMMON_RESPONSES)
+    app = FastAPI(
+        title="Modelyard",
+        version="0.1.0",
+        lifespan=lifespan,
+        responses=COMMON_RESPONSES,
+        dependencies=[Depends(refuse_nul_characters)],
+    )
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(

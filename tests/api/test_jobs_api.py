@@ -210,3 +210,14 @@ def test_health(client: TestClient) -> None:
     assert client.get("/healthz").json()["status"] == "ok"
     ready = client.get("/readyz").json()
     assert ready == {"status": "ok", "database": "ok", "broker": "ok"}
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["/v1/jobs?metadata=a:%00", "/v1/jobs/job_%00x", "/v1/jobs/job_1/metrics?name=%00"],
+)
+def test_nul_characters_in_the_url_are_refused(client: TestClient, url: str) -> None:
+    # Found by schemathesis: PostgreSQL cannot take NUL, which answered 500.
+    resp = client.get(url)
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["type"] == "invalid_request"
