@@ -5,11 +5,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import COMMON_RESPONSES, install_error_handlers
 from api.limits import BodySizeLimit, refuse_nul_characters
-from api.routes import batch_files, datasets, health, jobs, models, stream, webhooks
+from api.prometheus import ModelyardCollector
+from api.routes import batch_files, datasets, health, jobs, metrics, models, stream, webhooks
 from core.dispatch import JobPublisher
 from core.settings import Settings, get_settings
 from core.token_stream import TokenStreamReader
@@ -40,6 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dependencies=[Depends(refuse_nul_characters)],
     )
     app.state.settings = settings
+    app.state.metrics_registry = CollectorRegistry(auto_describe=False)
+    app.state.metrics_registry.register(ModelyardCollector(settings))
     install_error_handlers(app)
     app.add_middleware(
         BodySizeLimit,
@@ -53,4 +57,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(datasets.router)
     app.include_router(webhooks.router)
+    app.include_router(metrics.router)
     return app

@@ -158,7 +158,9 @@ def test_a_password_protected_redis_works_and_pickle_messages_are_discarded(
         assert worker.alive()
         assert locked_redis.client().llen(queue) == 0  # discarded, not left to loop
         with stack.client() as c:
+            scraped = c.get("/metrics").text
             bodies = [
+                scraped,
                 c.get("/readyz").text,
                 c.get(f"/v1/jobs/{job['id']}").text,
                 c.get(f"/v1/jobs/{job['id']}/events").text,
@@ -167,6 +169,8 @@ def test_a_password_protected_redis_works_and_pickle_messages_are_discarded(
     finally:
         stack.stop()
     assert not marker.exists()
+    up = [line for line in scraped.splitlines() if line.startswith("modelyard_worker_up{")]
+    assert len(up) == 1 and up[0].endswith(" 1.0"), scraped  # the worker's heartbeat
     assert all(REDIS_PASSWORD not in body for body in bodies)
     logs = [p.read_text(errors="replace") for p in workdir.glob("*.log")]
     assert len(logs) >= 3 and sum(len(t) for t in logs) > 0

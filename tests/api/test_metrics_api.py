@@ -1,0 +1,64 @@
+"""`GET /metrics`: Prometheus values follow the jobs as they move."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from core.enums import JobStatus
+from core.settings import Settings
+from db import jobs as jobs_repo
+from db.session import session_scope
+
+
+def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    resp = client.get("/metrics")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain")
+    values = {}
+    for family in text_string_to_metric_families(resp.text):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+def value(
+    found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_values_change_as_jobs_move(client: TestClient, settings: Settings) -> None:
+    before = scrape(client)
+    ids = [
+        client.post("/v1/jobs", json={"kind": "noop", "spec": {}}).json()["id"] for _ in range(3)
+    ]
+    queued = scrape(client)
+    assert value(queued, "modelyard_jobs", kind="noop", status="queued") == (
+        value(before, "modelyard_jobs", kind="noop", status="queued") + 3
+    )
+    assert value(queued, "modelyard_queue_depth", queue="generate") >= 3
+    assert value(queued, "modelyard_queue_oldest_age_seconds", queue="generate") >= 0
+    assert value(queued, "modelyard_queue_depth", queue="train") == 0
+
+    for job_id in ids[:2]:
+        with session_scope(settings.database_url) as session:
+            assert jobs_repo.claim(session, job_id, "w1", timedelta(seconds=30))
+        with session_scope(settings.database_url) as session:
+            assert jobs_repo.finish_job(session, job_id, "w1", JobStatus.SUCCEEDED)
+    done = scrape(client)
+    assert value(done, "modelyard_jobs", kind="noop", status="succeeded") == (
+        value(before, "modelyard_jobs", kind="noop", status="succeeded") + 2
+    )
+    assert value(done, "modelyard_queue_depth", queue="generate") == (
+        value(queued, "modelyard_queue_depth", queue="generate") - 2
+    )
+    runs = value(done, "modelyard_job_run_seconds_count", kind="noop")
+    assert runs == value(before, "modelyard_job_run_seconds_count", kind="noop") + 2
+    assert value(done, "modelyard_job_run_seconds_bucket", kind="noop", le="+Inf") == runs
+    assert value(done, "modelyard_job_run_seconds_bucket", kind="noop", le="60.0") == runs
+    waits = value(done, "modelyard_job_wait_seconds_count", kind="noop")
+    assert waits == value(before, "modelyard_job_wait_seconds_count", kind="noop") + 2
+    assert "modelyard_generated_tokens_total" in {name for name, _ in done}
