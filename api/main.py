@@ -11,7 +11,17 @@ from starlette.concurrency import run_in_threadpool
 from api.errors import COMMON_RESPONSES, install_error_handlers
 from api.limits import BodySizeLimit, refuse_nul_characters
 from api.prometheus import ModelyardCollector
-from api.routes import batch_files, datasets, health, jobs, metrics, models, stream, webhooks
+from api.routes import (
+    batch_files,
+    datasets,
+    events_stream,
+    health,
+    jobs,
+    metrics,
+    models,
+    stream,
+    webhooks,
+)
 from core.dispatch import JobPublisher
 from core.settings import Settings, get_settings
 from core.token_stream import TokenStreamReader
@@ -54,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(batch_files.router)
     app.include_router(stream.router)
+    app.include_router(events_stream.router)
     app.include_router(models.router)
     app.include_router(datasets.router)
     app.include_router(webhooks.router)
