@@ -15,6 +15,12 @@ class JobError(BaseModel):
     message: str | None
 
 
+class QueueOut(BaseModel):
+    name: str
+    position: int
+    depth: int
+
+
 class JobOut(BaseModel):
     id: str
     kind: str
@@ -37,6 +43,11 @@ class JobOut(BaseModel):
     max_runtime_s: float | None = None
     webhook_url: str | None = None
     webhook_events: list[str] | None = None
+    queue: QueueOut | None = Field(
+        default=None,
+        description="For a queued job read by id: its place on its queue (1 = next) and "
+        "how many jobs wait there.",
+    )
 
     @classmethod
     def of(cls, job: Job) -> JobOut:

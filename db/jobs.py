@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, func, or_, select, update
+from sqlalchemy import ColumnElement, Row, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.enums import EventType, FailureType, JobKind, JobStatus
+from core.enums import QUEUE_FOR_KIND, EventType, FailureType, JobKind, JobStatus
 from core.errors import InvalidStateError, NotFoundError
 from core.states import can_transition
 from core.webhooks import event_for_status
@@ -486,3 +486,28 @@ def due_queued(
         .limit(limit)
     )
     return session.scalars(stmt).all()
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePlace:
+    queue: str
+    position: int  # 1: the next job its queue's workers take
+    depth: int  # queued jobs on the queue
+
+
+def queue_place(session: Session, job: Job) -> QueuePlace | None:
+    """Where a queued job stands on its queue: workers take higher priority first, then
+    older first. None for a job that is not queued."""
+    if job.status != JobStatus.QUEUED.value:
+        return None
+    queue = QUEUE_FOR_KIND[JobKind(job.kind)]
+    kinds = [k.value for k, q in QUEUE_FOR_KIND.items() if q == queue]
+    waiting = [Job.status == JobStatus.QUEUED.value, Job.kind.in_(kinds)]
+    ahead = or_(
+        Job.priority > job.priority,
+        and_(Job.priority == job.priority, Job.queued_at < job.queued_at),
+        and_(Job.priority == job.priority, Job.queued_at == job.queued_at, Job.id < job.id),
+    )
+    stmt = select(func.count(Job.id), func.count(Job.id).filter(ahead)).where(*waiting)
+    depth, before = session.execute(stmt).one()
+    return QueuePlace(queue=queue, position=int(before) + 1, depth=int(depth))

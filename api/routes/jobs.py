@@ -25,6 +25,7 @@ from api.schemas import (
     MetricOut,
     OutputList,
     OutputOut,
+    QueueOut,
 )
 from core.dispatch import JobPublisher
 from core.enums import JobKind, JobStatus
@@ -209,7 +210,12 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: str, session: ReadSessionDep) -> JobOut:
-    return JobOut.of(jobs_repo.require_job(session, job_id))
+    job = jobs_repo.require_job(session, job_id)
+    out = JobOut.of(job)
+    place = jobs_repo.queue_place(session, job)
+    if place is not None:
+        out.queue = QueueOut(name=place.queue, position=place.position, depth=place.depth)
+    return out
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)

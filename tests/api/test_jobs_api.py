@@ -221,3 +221,22 @@ def test_nul_characters_in_the_url_are_refused(client: TestClient, url: str) -> 
     resp = client.get(url)
     assert resp.status_code == 422, resp.text
     assert resp.json()["error"]["type"] == "invalid_request"
+
+
+def test_a_queued_job_shows_its_place_on_its_queue(client: TestClient) -> None:
+    def noop(priority: int) -> str:
+        body = {"kind": "noop", "spec": {}, "priority": priority}
+        job_id: str = client.post("/v1/jobs", json=body).json()["id"]
+        return job_id
+
+    depth_before = len(
+        client.get("/v1/jobs", params={"status": "queued", "limit": 100}).json()["data"]
+    )
+    low, high, later = noop(0), noop(9), noop(9)
+    places = {j: client.get(f"/v1/jobs/{j}").json()["queue"] for j in (low, high, later)}
+    assert {p["name"] for p in places.values()} == {"generate"}
+    assert {p["depth"] for p in places.values()} == {depth_before + 3}
+    assert places[high]["position"] < places[later]["position"] < places[low]["position"]
+    client.post(f"/v1/jobs/{high}/cancel")
+    assert client.get(f"/v1/jobs/{high}").json()["queue"] is None
+    assert client.get(f"/v1/jobs/{later}").json()["queue"]["position"] == places[high]["position"]
