@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.panel import Panel
 
 from core.settings import Settings, get_settings
+from modelyard.cli_jobs import register as register_job_commands
 
 app = typer.Typer(help="Modelyard: a job system for fine-tuning, generation and prediction.")
 console = Console()
@@ -378,6 +379,9 @@ def _demo_answers(client: Any, model: str) -> list[str]:
         console.print(f"[red]generation ended {job['status']}: {job['error']}[/red]")
         raise typer.Exit(1)
     return [o["text"].strip() for o in client.outputs(job["id"])]
+
+
+register_job_commands(app)
 
 
 def main() -> None:

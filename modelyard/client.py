@@ -25,8 +25,18 @@ class ModelyardAPIError(Exception):
 
 
 class Client:
-    def __init__(self, base_url: str, *, timeout: float = 30.0) -> None:
-        self._http = httpx.Client(base_url=base_url, timeout=timeout)
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 30.0,
+        api_key: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        merged = dict(headers or {})
+        if api_key:
+            merged["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=merged)
 
     def __enter__(self) -> Client:
         return self
@@ -66,6 +76,11 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
         job: dict[str, Any] = self._request("POST", "/v1/jobs", json=body, headers=headers)
         return job
+
+    def list_jobs(self, **filters: Any) -> dict[str, Any]:
+        """One page of jobs, newest first: `status`, `kind`, `limit`, `cursor`, ..."""
+        page: dict[str, Any] = self._request("GET", "/v1/jobs", params=filters)
+        return page
 
     def get(self, job_id: str) -> dict[str, Any]:
         job: dict[str, Any] = self._request("GET", f"/v1/jobs/{job_id}")

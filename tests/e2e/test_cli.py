@@ -1,0 +1,112 @@
+"""The job commands of the `modelyard` CLI against a real stack: `watch` under a
+pseudo-terminal draws a live progress bar and exits with the job's outcome."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import TINY_MODEL
+from tests.support.harness import Stack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "modelyard", *args, "--url", stack.base_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+
+
+def watch_in_a_terminal(stack: Stack, job_id: str) -> tuple[int, str]:
+    """Run `modelyard watch` with a pseudo-terminal as stdout (rich draws live output
+    only to terminals); returns its exit code and everything it wrote."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "modelyard",
+            "watch",
+            job_id,
+            "--url",
+            stack.base_url,
+            "--interval",
+            "0.2",
+        ],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"},
+        close_fds=True,
+    )
+    os.close(follower)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # the terminal closed: the process ended
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(leader)
+    return proc.wait(30), b"".join(chunks).decode(errors="replace")
+
+
+def test_watch_draws_a_live_bar_and_exits_0_on_success(one_worker: Stack) -> None:
+    job = one_worker.submit({"duration_s": 2.5}, kind="noop")
+    code, screen = watch_in_a_terminal(one_worker, job["id"])
+    assert code == 0, screen
+    assert "\x1b[" in screen  # drawn with terminal control sequences, i.e. live
+    assert "━" in screen  # the bar
+    assert "running" in screen and "100%" in screen
+    assert f"{job['id']} succeeded" in screen
+
+
+def test_watch_exit_code_tells_a_cancelled_job(one_worker: Stack) -> None:
+    job = one_worker.submit({"duration_s": 60}, kind="noop")
+    assert cli(one_worker, "cancel", job["id"]).returncode == 0
+    done = cli(one_worker, "watch", job["id"], "--interval", "0.2")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert f"{job['id']} cancelled" in done.stdout
+
+
+def test_submit_jobs_outputs_and_refusals(one_worker: Stack) -> None:
+    spec = {"model": TINY_MODEL, "prompts": ["The blue mug", "Thank you"], "max_new_tokens": 4}
+    submitted = cli(one_worker, "submit", "generate", "--spec-json", json.dumps(spec))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert job_id.startswith("job_")
+    waited = cli(one_worker, "watch", job_id, "--interval", "0.2", "--json")
+    assert waited.returncode == 0 and json.loads(waited.stdout)["status"] == "succeeded"
+    listed = json.loads(cli(one_worker, "jobs", "--kind", "generate", "--json").stdout)
+    assert job_id in {j["id"] for j in listed["data"]}
+    table = cli(one_worker, "outputs", job_id, "--format", "csv").stdout
+    rows = list(csv.DictReader(io.StringIO(table)))
+    assert [(r["prompt_index"], r["sequence_index"]) for r in rows] == [("0", "0"), ("1", "0")]
+    lines = cli(one_worker, "outputs", job_id).stdout.splitlines()
+    assert [json.loads(line)["text"] for line in lines] == [r["text"] for r in rows]
+    refused = cli(one_worker, "submit", "nonsense", "--spec-json", "{}")
+    assert refused.returncode == 5
+    assert "422" in refused.stderr
+    missing = cli(one_worker, "show", "job_missing")
+    assert missing.returncode == 5 and "not_found" in missing.stderr
