@@ -65,6 +65,6 @@ def test_typed_errors_and_datasets(one_worker: Stack, tmp_path: Path) -> None:
 
 
 def test_reads_retry_then_give_up_when_nothing_listens() -> None:
-    with Client(f"http://127.0.0.1:{free_port()}", retries=1) as client:
-        with pytest.raises(httpx.ConnectError):
-            client.get("job_x")
+    client = Client(f"http://127.0.0.1:{free_port()}", retries=1)
+    with client, pytest.raises(httpx.ConnectError):
+        client.get("job_x")
