@@ -106,6 +106,8 @@ class JobPublisher:
                 exchange="",
                 routing_key=queue,
                 priority=PRIORITY_LEVELS - 1 - priority,
+                # Flower and worker logs name the task by what it runs, not run_job.
+                shadow=f"modelyard.{kind.value} {job_id}",
             )
         except Exception:
             self._redis.delete(key)

@@ -80,6 +80,8 @@ def test_watch_draws_a_live_bar_and_exits_0_on_success(one_worker: Stack) -> Non
     assert "━" in screen  # the bar
     assert "running" in screen and "100%" in screen
     assert f"{job['id']} succeeded" in screen
+    worker_log = one_worker.workers[0].log.read_text(errors="replace")
+    assert f"modelyard.noop {job['id']}" in worker_log  # the name Flower shows too
 
 
 def test_watch_exit_code_tells_a_cancelled_job(one_worker: Stack) -> None:
