@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.panel import Panel
 
+from core.logs import configure_logging
 from core.settings import Settings, get_settings
 from modelyard.cli_jobs import register as register_job_commands
 
@@ -52,10 +53,7 @@ def _demo_dataset(path: Path) -> Path:
 
 
 def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-    )
+    configure_logging(settings)
 
 
 @app.command()

@@ -9,6 +9,7 @@ from celery import signals
 
 from core.dispatch import check_broker_timeouts, make_celery
 from core.errors import ConfigurationError
+from core.logs import configure_logging
 from core.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -20,6 +21,12 @@ celery_app.conf.worker_consumer = "workers.consumer:PromptReconnectConsumer"
 _status: Any = None  # this worker's WorkerStatusReporter, once it is ready
 _reconciler: Any = None  # the beat process's ReconcileLoop
 _webhooks: Any = None  # the beat process's webhook sender loop
+
+
+@signals.setup_logging.connect
+def _logging(**_: Any) -> None:
+    """Celery's own log lines go through our handler (text or JSON, with the job id)."""
+    configure_logging(get_settings())
 
 
 @signals.worker_init.connect

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from core.dispatch import JobPublisher
 from core.enums import EventType, FailureType, JobKind, JobStatus
 from core.errors import JobError, JobExpired, JobStopped, TransientJobError
+from core.logs import log_context
 from core.settings import Settings
 from db.base import utcnow
 from db.events import append_event
@@ -71,6 +72,10 @@ class JobExecutor:
         return self._device
 
     def execute(self, job_id: str) -> None:
+        with log_context(job_id=job_id):
+            self._execute(job_id)
+
+    def _execute(self, job_id: str) -> None:
         self._publisher.take_marker(job_id)
         claimed = self.claim(job_id)
         if claimed is None:

@@ -3,6 +3,7 @@ a password-protected Redis works and its password shows up in no log and no resp
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -132,7 +133,7 @@ def test_a_password_protected_redis_works_and_pickle_messages_are_discarded(
 
     workdir = tmp_path_factory.mktemp("stack-auth")
     marker = workdir / "pwned"
-    stack = Stack(workdir, f"sqlite:///{workdir / 'm.db'}", locked_redis.url)
+    stack = Stack(workdir, f"sqlite:///{workdir / 'm.db'}", locked_redis.url, log_format="json")
     queue = QUEUE_FOR_KIND[JobKind.NOOP]
     try:
         stack.start_api()
@@ -169,6 +170,9 @@ def test_a_password_protected_redis_works_and_pickle_messages_are_discarded(
     finally:
         stack.stop()
     assert not marker.exists()
+    text = worker.log.read_text().splitlines()
+    lines = [json.loads(line) for line in text if line.startswith("{")]  # not the banner
+    assert any(entry.get("job_id") == job["id"] for entry in lines)  # structured, per job
     up = [line for line in scraped.splitlines() if line.startswith("modelyard_worker_up{")]
     assert len(up) == 1 and up[0].endswith(" 1.0"), scraped  # the worker's heartbeat
     assert all(REDIS_PASSWORD not in body for body in bodies)
