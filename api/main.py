@@ -20,6 +20,7 @@ from api.routes import (
     metrics,
     models,
     stream,
+    ui,
     webhooks,
 )
 from core.dispatch import JobPublisher
@@ -69,4 +70,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(webhooks.router)
     app.include_router(metrics.router)
+    app.include_router(ui.router)
+    app.mount(ui.STATIC_PATH, ui.static_files(), name="ui-static")
     return app

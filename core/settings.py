@@ -161,6 +161,11 @@ class Settings(BaseSettings):
         default=None,
         description="Flower basic-auth password (at least 12 characters); never logged.",
     )
+    flower_url: str = Field(
+        default="http://127.0.0.1:5555",
+        pattern=r"^https?://",
+        description="Where people reach Flower; the dashboard at /ui links to it.",
+    )
     webhook_allowed_destinations: list[str] = Field(
         default_factory=list,
         description="Networks (CIDR) or host names webhooks may reach although they resolve "

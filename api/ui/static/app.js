@@ -1,0 +1,83 @@
+// Entry point: the header (API key, Flower link), hash routing between the job list
+// (#/?status=&kind=) and a job's page (#/jobs/<id>), and one place for API errors.
+
+import { ApiError, apiKey, setApiKey, uiConfig } from "./api.js";
+import { replace } from "./dom.js";
+import { showJob } from "./job.js";
+import { showJobs } from "./jobs.js";
+
+const state = { config: { flower_url: "", statuses: [], kinds: [] }, stop: null };
+
+export function reportError(err) {
+  const banner = document.getElementById("banner");
+  if (!err) {
+    banner.hidden = true;
+    banner.replaceChildren();
+    return;
+  }
+  let text = err instanceof ApiError ? `${err.type}: ${err.message}` : String(err.message || err);
+  if (err instanceof ApiError && err.status === 401) {
+    text = apiKey()
+      ? `The API refused this key (${err.message}). Enter another one above.`
+      : "The API needs a key: enter it in the API key field above.";
+  }
+  replace(banner, text);
+  banner.hidden = false;
+}
+
+function route() {
+  if (state.stop) state.stop();
+  state.stop = null;
+  reportError(null);
+  const view = document.getElementById("view");
+  const hash = window.location.hash.replace(/^#/, "") || "/";
+  const [path, query] = hash.split("?");
+  const match = path.match(/^\/jobs\/([^/]+)$/);
+  const ctx = { view, config: state.config, onError: reportError };
+  if (match) {
+    state.stop = showJob(ctx, decodeURIComponent(match[1]));
+  } else {
+    state.stop = showJobs(ctx, new URLSearchParams(query || ""));
+  }
+}
+
+function setupKey() {
+  const form = document.getElementById("key-form");
+  const input = document.getElementById("api-key");
+  const note = document.getElementById("key-state");
+  const show = () => {
+    note.textContent = apiKey() ? "key set for this tab" : "no key";
+  };
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    setApiKey(input.value.trim());
+    input.value = "";
+    show();
+    route();
+  });
+  document.getElementById("key-clear").addEventListener("click", () => {
+    setApiKey("");
+    input.value = "";
+    show();
+    route();
+  });
+  show();
+}
+
+async function main() {
+  setupKey();
+  try {
+    state.config = await uiConfig();
+  } catch {
+    // the dashboard still works without its config: no Flower link, free-text filters
+  }
+  const flower = document.getElementById("flower-link");
+  if (/^https?:\/\//i.test(state.config.flower_url || "")) {
+    flower.setAttribute("href", state.config.flower_url);
+    flower.hidden = false;
+  }
+  window.addEventListener("hashchange", route);
+  route();
+}
+
+main();
