@@ -1,0 +1,172 @@
+"""The dashboard at /ui in headless Chromium (Selenium + Debian's chromium-driver): a
+short fine-tune runs to success on a real stack, its page shows the loss chart with
+one vertex per train_loss point the metrics API returns, the eval report and
+confusion matrix, checkpoints and events; a screenshot is saved."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.test_finetune import CLS_MODEL, submit, upload
+from tests.support.datasets import write_sentiment_csv
+from tests.support.harness import Stack
+from tests.support.services import missing_service
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    # One backend is enough: the page reads the same API on both.
+    pytest.mark.parametrize("database_url", ["sqlite"], indirect=True),
+]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+SCREENSHOT_COPY = Path("/tmp/modelyard-ui.png")
+PAGE_TIMEOUT_S = 30
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    """Headless Chromium driven by chromedriver; skips (fails under CI) without them."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        missing_service(
+            "Chromium and chromedriver (Debian: apt-get install chromium chromium-driver)"
+        )
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing_service("the selenium package (pip install -e '.[dev]')")
+        raise
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",  # CI runs as root
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,2400",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        options.add_argument(arg)
+    service = Service(executable_path=str(CHROMEDRIVER), log_output=str(tmp_path / "driver.log"))
+    driver = webdriver.Chrome(options=options, service=service)
+    driver.set_page_load_timeout(PAGE_TIMEOUT_S)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def cls_stack(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Stack:
+    from tests.support.tiny_encoder import build_tiny_bert_classifier
+
+    path = build_tiny_bert_classifier(tmp_path_factory.mktemp("encoders") / CLS_MODEL, ["a", "b"])
+    shutil.copytree(path, stack.workdir / "data" / "models" / CLS_MODEL, dirs_exist_ok=True)
+    return stack
+
+
+def api_metrics(stack: Stack, job_id: str, name: str) -> list[dict[str, Any]]:
+    with stack.client() as c:
+        body = c.get(f"/v1/jobs/{job_id}/metrics", params={"name": name, "limit": 5000}).json()
+    assert not body["has_more"]
+    rows: list[dict[str, Any]] = body["data"]
+    return rows
+
+
+def test_dashboard_shows_a_finished_finetune(
+    cls_stack: Stack, browser: Any, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    stack = cls_stack
+    dataset = upload(stack, write_sentiment_csv(tmp_path / "sentiment.csv"))
+    job = submit(
+        stack,
+        "finetune",
+        {
+            "base_model": CLS_MODEL,
+            "task": "sequence_classification",
+            "training_dataset": dataset,
+            "hyperparameters": {
+                "max_steps": 40,
+                "batch_size": 8,
+                "eval_steps": 10,
+                "learning_rate": 5e-3,
+                "seed": 3,
+            },
+        },
+    )
+    done = stack.wait_status(job["id"], ("succeeded", "failed", "cancelled"), timeout=180)
+    assert done["status"] == "succeeded", f"{done}\n{stack.logs()}"
+    losses = api_metrics(stack, job["id"], "train_loss")
+    rates = api_metrics(stack, job["id"], "learning_rate")
+    assert len(losses) >= 4
+
+    browser.get(f"{stack.base_url}/ui/#/jobs/{job['id']}")
+    page = WebDriverWait(browser, PAGE_TIMEOUT_S).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, "#job-page[data-loaded='complete']")
+    )
+    assert page.get_attribute("data-status") == "succeeded"
+
+    chart = browser.find_element(By.CSS_SELECTOR, "svg[data-chart='loss']")
+    line = chart.find_element(By.CSS_SELECTOR, "polyline[data-series='train_loss']")
+    vertices = line.get_attribute("points").split()
+    assert len(vertices) == len(losses)
+    markers = chart.find_elements(By.CSS_SELECTOR, "g[data-series='train_loss'] circle")
+    assert len(markers) == len(losses)
+    lr_line = chart.find_element(By.CSS_SELECTOR, "polyline[data-series='learning_rate']")
+    assert len(lr_line.get_attribute("points").split()) == len(rates)
+    assert browser.find_elements(By.CSS_SELECTOR, "svg[data-chart='eval'] polyline")
+
+    report = browser.find_element(By.ID, "eval-report").text
+    for label in ("neg", "pos", "macro avg", "weighted avg"):
+        assert label in report
+    matrix = browser.find_elements(By.CSS_SELECTOR, "#confusion-matrix tbody tr")
+    assert len(matrix) == 2
+    checkpoint_rows = browser.find_elements(By.CSS_SELECTOR, "#checkpoints-table tbody tr")
+    with stack.client() as c:
+        assert len(checkpoint_rows) == len(
+            c.get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"]
+        )
+    event_rows = browser.find_elements(By.CSS_SELECTOR, "#events-table tbody tr")
+    assert len(event_rows) == len(stack.events(job["id"]))
+    assert browser.find_element(By.ID, "banner").get_attribute("hidden") is not None
+
+    screenshot = tmp_path / "modelyard-ui.png"
+    assert browser.save_screenshot(str(screenshot))
+    assert screenshot.stat().st_size > 10_000
+    shutil.copyfile(screenshot, SCREENSHOT_COPY)
+    print(f"dashboard screenshot: {screenshot} (copied to {SCREENSHOT_COPY})")  # noqa: T201
+
+    browser.get(f"{stack.base_url}/ui/#/?kind=finetune&status=succeeded")
+    WebDriverWait(browser, PAGE_TIMEOUT_S).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, f"#jobs-table tr[data-job='{job['id']}']")
+    )
+
+
+MARKUP = '<img src="x" onerror="window.__pwned = 1"><script>window.__pwned = 2</script>'
+MARKUP_KEY = "note"  # keys are restricted to [A-Za-z0-9_.-]
+
+
+def test_dashboard_shows_markup_in_job_data_as_text(cls_stack: Stack, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    job = cls_stack.submit({"duration_s": 0}, kind="noop", metadata={MARKUP_KEY: MARKUP})
+    cls_stack.wait_status(job["id"], ("succeeded",))
+    browser.get(f"{cls_stack.base_url}/ui/#/jobs/{job['id']}")
+    WebDriverWait(browser, PAGE_TIMEOUT_S).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, "#job-page[data-loaded='complete']")
+    )
+    cells = browser.find_elements(By.CSS_SELECTOR, "#job-metadata th, #job-metadata td")
+    assert [c.text for c in cells] == [MARKUP_KEY, MARKUP]
+    assert not browser.find_elements(By.CSS_SELECTOR, "#view img, #view script")
+    assert browser.execute_script("return window.__pwned === undefined")
