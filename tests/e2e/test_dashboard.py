@@ -5,6 +5,7 @@ confusion matrix, checkpoints and events; a screenshot is saved."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +55,7 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
     ):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # request headers
     service = Service(executable_path=str(CHROMEDRIVER), log_output=str(tmp_path / "driver.log"))
     driver = webdriver.Chrome(options=options, service=service)
     driver.set_page_load_timeout(PAGE_TIMEOUT_S)
@@ -170,3 +172,45 @@ def test_dashboard_shows_markup_in_job_data_as_text(cls_stack: Stack, browser: A
     assert [c.text for c in cells] == [MARKUP_KEY, MARKUP]
     assert not browser.find_elements(By.CSS_SELECTOR, "#view img, #view script")
     assert browser.execute_script("return window.__pwned === undefined")
+
+
+def sent_headers(browser: Any, path_part: str) -> list[dict[str, str]]:
+    """Headers of the requests the page sent to URLs containing `path_part`."""
+    found = []
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] != "Network.requestWillBeSent":
+            continue
+        request = message["params"]["request"]
+        if path_part in request["url"]:
+            found.append({k.lower(): v for k, v in request["headers"].items()})
+    return found
+
+
+def test_dashboard_sends_the_api_key_it_was_given(
+    cls_stack: Stack, browser: Any, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    job = cls_stack.submit({"duration_s": 0}, kind="noop")
+    browser.get(f"{cls_stack.base_url}/ui/")
+    WebDriverWait(browser, PAGE_TIMEOUT_S).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, f"#jobs-table tr[data-job='{job['id']}']")
+    )
+    assert all("authorization" not in h for h in sent_headers(browser, "/v1/jobs"))
+    browser.save_screenshot(str(tmp_path / "jobs.png"))
+    browser.find_element(By.ID, "api-key").send_keys("my-key-123")
+    browser.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
+    WebDriverWait(browser, PAGE_TIMEOUT_S).until(
+        lambda d: d.find_element(By.ID, "key-state").text == "key set for this tab"
+    )
+    WebDriverWait(browser, PAGE_TIMEOUT_S).until(
+        lambda d: any(
+            h.get("authorization") == "Bearer my-key-123" for h in sent_headers(d, "/v1/jobs")
+        )
+    )
+    assert browser.execute_script("return sessionStorage.getItem('modelyard.apiKey')") == (
+        "my-key-123"
+    )
+    assert browser.find_element(By.ID, "api-key").get_attribute("value") == ""

@@ -174,7 +174,13 @@ function checkpointsView(rows) {
           {},
           h("td", { class: "num" }, fmtNumber(c.step)),
           h("td", { class: "nowrap" }, fmtTime(c.created_at)),
-          h("td", { class: "mono" }, compactJson(c.metrics)),
+          h(
+            "td",
+            { class: "mono" },
+            Object.entries(c.metrics || {})
+              .map(([k, v]) => `${k} ${typeof v === "number" ? fmtNumber(v) : compactJson(v)}`)
+              .join(" · "),
+          ),
         ),
       ),
     ),
