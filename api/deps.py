@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from api.auth import Principal, require
 from core.dispatch import JobPublisher
 from core.settings import Settings
 from db.session import get_sessionmaker
@@ -56,3 +57,10 @@ def get_read_session(settings: SettingsDep) -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 ReadSessionDep = Annotated[Session, Depends(get_read_session)]
+
+
+# The caller of a /v1 route, holding the named scope (admin holds every scope).
+JobsRead = Annotated[Principal, Depends(require("jobs:read"))]
+JobsWrite = Annotated[Principal, Depends(require("jobs:write"))]
+ModelsWrite = Annotated[Principal, Depends(require("models:write"))]
+Admin = Annotated[Principal, Depends(require("admin"))]

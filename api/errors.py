@@ -14,6 +14,7 @@ from starlette.routing import Match
 
 from core.enums import JobKind
 from core.errors import (
+    AuthenticationError,
     IdempotencyConflictError,
     InvalidRequestError,
     InvalidStateError,
@@ -21,6 +22,9 @@ from core.errors import (
     ModelyardError,
     NotFoundError,
     PayloadTooLargeError,
+    PermissionDeniedError,
+    QuotaExceededError,
+    RateLimitedError,
     ServiceUnavailableError,
 )
 from db.session import DATABASE_UNAVAILABLE
@@ -35,6 +39,10 @@ STATUS_FOR_ERROR: dict[type[ModelyardError], int] = {
     MalformedBodyError: 400,
     PayloadTooLargeError: 413,
     NotFoundError: 404,
+    AuthenticationError: 401,
+    PermissionDeniedError: 403,
+    RateLimitedError: 429,
+    QuotaExceededError: 429,
     IdempotencyConflictError: 409,
     InvalidStateError: 409,
     ServiceUnavailableError: 503,
@@ -74,10 +82,13 @@ def _documented(description: str) -> dict[str, Any]:
 # What any operation may answer besides its success; documented on every route.
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: _documented("The body is not valid JSON (or not a form where one is expected)."),
+    401: _documented("No API key, or one that is unknown or revoked (/v1 routes)."),
+    403: _documented("The API key lacks the scope this route needs."),
     404: _documented("No such resource (or not visible to the caller)."),
     409: _documented("Conflicts with the resource's state or an earlier Idempotency-Key."),
     413: _documented("The body is larger than the limit; it was not read."),
     422: _documented("The request is well-formed but invalid; nothing was changed."),
+    429: _documented("Rate limit or queued-jobs quota reached; retry after Retry-After."),
     503: _documented("The database or broker is unreachable; retry after Retry-After."),
 }
 
@@ -102,7 +113,18 @@ def _param(loc: tuple[Any, ...]) -> str | None:
 
 async def _modelyard_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ModelyardError)
-    return JSONResponse(error_body(exc.type, exc.message, exc.param), status_code=status_for(exc))
+    headers: dict[str, str] = {}
+    if isinstance(exc, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
+    elif isinstance(exc, RateLimitedError):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    elif isinstance(exc, QuotaExceededError):
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+    return JSONResponse(
+        error_body(exc.type, exc.message, exc.param),
+        status_code=status_for(exc),
+        headers=headers or None,
+    )
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:

@@ -34,26 +34,31 @@ from db.jobs import get_job
 from db.models import Dataset
 from db.registry import get_model, is_registry_name, serving_base
 from db.training import list_checkpoints
-from db.webhooks import DEFAULT_TENANT, signing_secrets
+from db.webhooks import signing_secrets
 
 CLASSIFIER_TASKS = frozenset(
     {FineTuneTask.SEQUENCE_CLASSIFICATION.value, FineTuneTask.TOKEN_CLASSIFICATION.value}
 )
 
 
-def _dataset(session: Session, dataset_id: str, param: str) -> Dataset:
-    ds = get_dataset(session, dataset_id)
+def _dataset(session: Session, tenant_id: str, dataset_id: str, param: str) -> Dataset:
+    ds = get_dataset(session, dataset_id, tenant_id)
     if ds is None:
         raise InvalidRequestError(f"dataset {dataset_id!r} does not exist", param=param)
     return ds
 
 
 def _check_model(
-    session: Session, settings: Settings, ref: str, param: str, tasks: frozenset[str] | None
+    session: Session,
+    settings: Settings,
+    tenant_id: str,
+    ref: str,
+    param: str,
+    tasks: frozenset[str] | None,
 ) -> None:
     """A registry name must exist (with a fitting task); a local model dir must hold safetensors."""
     if is_registry_name(ref):
-        model = get_model(session, ref)
+        model = get_model(session, ref, tenant_id)
         if model is None:
             raise InvalidRequestError(f"model {ref!r} is not in the registry", param=param)
         if tasks is not None and model.task not in tasks:
@@ -78,9 +83,11 @@ def _check_model(
         )
 
 
-def _fitting_dataset(session: Session, dataset_id: str, task: FineTuneTask, param: str) -> Dataset:
+def _fitting_dataset(
+    session: Session, tenant_id: str, dataset_id: str, task: FineTuneTask, param: str
+) -> Dataset:
     allowed = SCHEMAS_FOR_TASK[task]
-    ds = _dataset(session, dataset_id, param)
+    ds = _dataset(session, tenant_id, dataset_id, param)
     if DatasetSchema(ds.schema) not in allowed:
         raise InvalidRequestError(
             f"dataset {ds.id!r} holds {ds.schema} rows; task {task.value} needs "
@@ -90,11 +97,15 @@ def _fitting_dataset(session: Session, dataset_id: str, task: FineTuneTask, para
     return ds
 
 
-def _check_finetune(session: Session, settings: Settings, spec: FineTuneSpec) -> None:
-    train = _fitting_dataset(session, spec.training_dataset, spec.task, "spec.training_dataset")
+def _check_finetune(
+    session: Session, settings: Settings, tenant_id: str, spec: FineTuneSpec
+) -> None:
+    train = _fitting_dataset(
+        session, tenant_id, spec.training_dataset, spec.task, "spec.training_dataset"
+    )
     if spec.validation_dataset is not None:
         val = _fitting_dataset(
-            session, spec.validation_dataset, spec.task, "spec.validation_dataset"
+            session, tenant_id, spec.validation_dataset, spec.task, "spec.validation_dataset"
         )
         missing = sorted(set(val.labels) - set(train.labels))
         if spec.task is not FineTuneTask.CAUSAL_LM and missing:
@@ -107,10 +118,10 @@ def _check_finetune(session: Session, settings: Settings, spec: FineTuneSpec) ->
         if spec.task is FineTuneTask.CAUSAL_LM
         else CLASSIFIER_TASKS
     )
-    _check_model(session, settings, spec.base_model, "spec.base_model", base_tasks)
+    _check_model(session, settings, tenant_id, spec.base_model, "spec.base_model", base_tasks)
     if spec.from_checkpoint is not None:
         ref = spec.from_checkpoint
-        if get_job(session, ref.job_id) is None:
+        if get_job(session, ref.job_id, tenant_id) is None:
             raise InvalidRequestError(
                 f"job {ref.job_id!r} does not exist", param="spec.from_checkpoint.job_id"
             )
@@ -123,10 +134,10 @@ def _check_finetune(session: Session, settings: Settings, spec: FineTuneSpec) ->
             )
 
 
-def _check_batch(session: Session, settings: Settings, spec: BatchSpec) -> None:
+def _check_batch(session: Session, settings: Settings, tenant_id: str, spec: BatchSpec) -> None:
     """The input file is a batch of requests to `spec.endpoint`, on models that resolve."""
     param = "spec.input_dataset"
-    ds = _dataset(session, spec.input_dataset, param)
+    ds = _dataset(session, tenant_id, spec.input_dataset, param)
     if ds.schema != DatasetSchema.BATCH_REQUESTS.value:
         raise InvalidRequestError(
             f"dataset {ds.id!r} holds {ds.schema} rows; a batch needs a file of "
@@ -147,14 +158,14 @@ def _check_batch(session: Session, settings: Settings, spec: BatchSpec) -> None:
                 f"dataset {ds.id!r} names model {model!r}, which is not a model reference",
                 param=param,
             )
-        _check_model(session, settings, model, param, tasks)
+        _check_model(session, settings, tenant_id, model, param, tasks)
 
 
-def _local_model_dir(session: Session, settings: Settings, ref: str) -> Path | None:
+def _local_model_dir(session: Session, settings: Settings, tenant_id: str, ref: str) -> Path | None:
     """The directory a worker will load for `ref`'s weights and tokenizer, when it is local."""
-    base = serving_base(session, ref)
+    base = serving_base(session, ref, tenant_id)
     if is_registry_name(base):
-        model = get_model(session, base)
+        model = get_model(session, base, tenant_id)
         if model is None:
             return None
         path = (settings.data_dir / model.path).resolve()
@@ -163,9 +174,11 @@ def _local_model_dir(session: Session, settings: Settings, ref: str) -> Path | N
     return local if local.is_dir() else None
 
 
-def _check_prompts(session: Session, settings: Settings, spec: GenerateSpec) -> None:
+def _check_prompts(
+    session: Session, settings: Settings, tenant_id: str, spec: GenerateSpec
+) -> None:
     """Prompts the model cannot take (too long for its context, no chat template): 422."""
-    directory = _local_model_dir(session, settings, spec.model)
+    directory = _local_model_dir(session, settings, tenant_id, spec.model)
     loaded = local_tokenizer(directory) if directory is not None else None
     if loaded is None:
         return  # a hub id: the worker checks when it has the tokenizer
@@ -176,28 +189,34 @@ def _check_prompts(session: Session, settings: Settings, spec: GenerateSpec) -> 
         raise InvalidRequestError(exc.message, param=exc.param) from exc
 
 
-def _check_webhook(session: Session, settings: Settings, req: AnyJobRequest) -> None:
+def _check_webhook(
+    session: Session, settings: Settings, tenant_id: str, req: AnyJobRequest
+) -> None:
     if req.webhook_url is None:
         return
     check_destination(req.webhook_url, settings.webhook_allowed_destinations)
-    if not signing_secrets(session, DEFAULT_TENANT):
+    if not signing_secrets(session, tenant_id):
         raise InvalidRequestError(
             "create a webhook signing secret first (POST /v1/webhooks/secret)",
             param="webhook_url",
         )
 
 
-def check_job_request(session: Session, settings: Settings, req: AnyJobRequest) -> None:
-    _check_webhook(session, settings, req)
+def check_job_request(
+    session: Session, settings: Settings, req: AnyJobRequest, tenant_id: str
+) -> None:
+    """Everything a job names (datasets, registered models, checkpoints) must exist and
+    belong to `tenant_id`; another tenant's looks exactly like a missing one."""
+    _check_webhook(session, settings, tenant_id, req)
     if isinstance(req, GenerateJobRequest):
         tasks = frozenset({FineTuneTask.CAUSAL_LM.value})
-        _check_model(session, settings, req.spec.model, "spec.model", tasks)
-        _check_prompts(session, settings, req.spec)
+        _check_model(session, settings, tenant_id, req.spec.model, "spec.model", tasks)
+        _check_prompts(session, settings, tenant_id, req.spec)
     elif isinstance(req, FineTuneJobRequest):
-        _check_finetune(session, settings, req.spec)
+        _check_finetune(session, settings, tenant_id, req.spec)
     elif isinstance(req, PredictJobRequest):
-        _check_model(session, settings, req.spec.model, "spec.model", CLASSIFIER_TASKS)
+        _check_model(session, settings, tenant_id, req.spec.model, "spec.model", CLASSIFIER_TASKS)
         if req.spec.dataset is not None:
-            _dataset(session, req.spec.dataset, "spec.dataset")
+            _dataset(session, tenant_id, req.spec.dataset, "spec.dataset")
     elif isinstance(req, BatchJobRequest):
-        _check_batch(session, settings, req.spec)
+        _check_batch(session, settings, tenant_id, req.spec)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Any
 
 from fastapi import Request
 from starlette.exceptions import HTTPException
@@ -87,3 +88,40 @@ async def refuse_nul_characters(request: Request) -> None:
         "\x00" in key or "\x00" in value for key, value in request.query_params.multi_items()
     ):
         raise InvalidRequestError("NUL characters are not allowed in the URL")
+
+
+def json_shape_problem(value: Any, max_depth: int, max_items: int) -> str | None:
+    """Why a parsed JSON body is too deep or has too long an array/object; None if fine.
+    Iterative, so a deep body cannot exhaust the stack."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > max_depth:
+            return f"JSON nesting deeper than {max_depth} levels"
+        if len(item) > max_items:
+            return f"a JSON array or object with more than {max_items} elements"
+        stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+async def limit_json_shape(request: Request) -> None:
+    """422 for a JSON body nested deeper than max_json_depth, or with an array or object
+    longer than max_json_items (the body was already parsed once and is cached)."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return
+    if "json" not in request.headers.get("content-type", ""):
+        return
+    try:
+        body = await request.json()
+    except ValueError:
+        return  # FastAPI answers the parse error itself
+    settings = request.app.state.settings
+    problem = json_shape_problem(body, settings.max_json_depth, settings.max_json_items)
+    if problem is not None:
+        raise InvalidRequestError(f"request body: {problem}", param="body")

@@ -8,10 +8,12 @@ from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 
+from api.auth import RateLimiter
 from api.errors import COMMON_RESPONSES, install_error_handlers
-from api.limits import BodySizeLimit, refuse_nul_characters
+from api.limits import BodySizeLimit, limit_json_shape, refuse_nul_characters
 from api.prometheus import ModelyardCollector
 from api.routes import (
+    admin,
     batch_files,
     datasets,
     events_stream,
@@ -40,8 +42,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(migrate, settings.database_url)
         app.state.publisher = JobPublisher(settings)
         app.state.token_reader = TokenStreamReader(settings.broker_url)
+        if settings.auth_disabled:
+            logger.warning(
+                "AUTH IS DISABLED (MODELYARD_AUTH_DISABLED): every request acts as the "
+                "default tenant with all scopes; never expose this API"
+            )
         logger.info("api ready")
         yield
+        app.state.rate_limiter.close()
         app.state.publisher.close()
         await app.state.token_reader.aclose()
 
@@ -50,9 +58,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         responses=COMMON_RESPONSES,
-        dependencies=[Depends(refuse_nul_characters)],
+        dependencies=[Depends(refuse_nul_characters), Depends(limit_json_shape)],
     )
     app.state.settings = settings
+    app.state.rate_limiter = RateLimiter(settings.broker_url)
     app.state.metrics_registry = CollectorRegistry(auto_describe=False)
     app.state.metrics_registry.register(ModelyardCollector(settings))
     install_error_handlers(app)
@@ -69,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(datasets.router)
     app.include_router(webhooks.router)
+    app.include_router(admin.router)
     app.include_router(metrics.router)
     app.include_router(ui.router)
     app.mount(ui.STATIC_PATH, ui.static_files(), name="ui-static")

@@ -142,6 +142,7 @@ class Health(BaseModel):
     status: str
     database: str | None = None
     broker: str | None = None
+    auth: str | None = None  # "on", or "disabled" in development mode
 
 
 class MetricOut(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.settings import Settings
+from modelyard.cli_keys import create_key
 from modelyard.stack import Stack, free_port
 
 
@@ -63,12 +65,16 @@ def private_stack(database_url: str | None = None, **env: str) -> Iterator[tuple
                 "MODELYARD_DATABASE_URL": settings.database_url,
                 "MODELYARD_LOG_LEVEL": "WARNING",
                 "HF_HUB_OFFLINE": "1",
+                # Benchmarks send far more than a tenant's default rate.
+                "MODELYARD_REQUESTS_PER_MINUTE": "100000000",
                 **{f"MODELYARD_{k.upper()}": v for k, v in env.items()},
             }
         )
         try:
             stack.env["MODELYARD_BROKER_URL"] = stack.start_redis(free_port())
             base = stack.start_api(free_port())
+            # Requests carry a real key (auth is part of what is measured); Client reads it.
+            os.environ["MODELYARD_API_KEY"] = create_key(settings, "bench", ["admin"])
             yield stack, base
         finally:
             stack.stop()

@@ -65,6 +65,34 @@ class NotFoundError(ModelyardError):
     type = "not_found"
 
 
+class AuthenticationError(ModelyardError):
+    """Raised when a request has no API key, or one that is unknown or revoked."""
+
+    type = "authentication_error"
+
+
+class PermissionDeniedError(ModelyardError):
+    """Raised when a valid API key lacks the scope a route needs."""
+
+    type = "permission_denied"
+
+
+class RateLimitedError(ModelyardError):
+    """Raised when an API key made more requests this minute than its tenant allows."""
+
+    type = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QuotaExceededError(ModelyardError):
+    """Raised when a tenant already has as many queued jobs as its quota allows."""
+
+    type = "quota_exceeded"
+
+
 class IdempotencyConflictError(ModelyardError):
     """Raised when an Idempotency-Key is reused with a different request body."""
 

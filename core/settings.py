@@ -203,6 +203,44 @@ class Settings(BaseSettings):
         "one too for this long, so receivers can switch without dropping any.",
     )
 
+    auth_disabled: bool = Field(
+        default=False,
+        description="Development only: serve /v1 without API keys, as the `default` tenant "
+        "with every scope. Logged as a warning at start and reported by /readyz.",
+    )
+    requests_per_minute: int = Field(
+        default=600,
+        ge=1,
+        description="Requests per minute per API key (sliding window in the broker's Redis); "
+        "a tenant's own limit overrides it. Beyond it: 429 with Retry-After.",
+    )
+    max_queued_jobs: int = Field(
+        default=1000,
+        ge=1,
+        description="Most queued jobs per tenant; a tenant's own limit overrides it. "
+        "Beyond it a new job is refused with 429.",
+    )
+    max_running_jobs: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most running jobs per tenant (None: no cap); a tenant's own limit "
+        "overrides it. Further jobs stay queued until one of the tenant's jobs ends.",
+    )
+    max_dataset_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Largest dataset a tenant may upload (None: max_upload_bytes); a "
+        "tenant's own limit overrides it. Beyond it: 413.",
+    )
+    max_json_depth: int = Field(
+        default=32, ge=2, le=1000, description="Deepest nesting of a JSON request body."
+    )
+    max_json_items: int = Field(
+        default=10_000,
+        ge=1,
+        description="Most elements of any one JSON array or object in a request body.",
+    )
+
     @model_validator(mode="after")
     def _default_database(self) -> Settings:
         if not self.database_url:

@@ -11,12 +11,13 @@ from sqlalchemy.orm import Session
 
 from core.errors import NotFoundError
 from db.base import newer_first_before, utcnow
-from db.models import Dataset
+from db.models import DEFAULT_TENANT, Dataset
 
 
 def create_dataset(
     session: Session,
     *,
+    tenant_id: str = DEFAULT_TENANT,
     dataset_id: str,
     filename: str,
     format: str,
@@ -31,6 +32,7 @@ def create_dataset(
     """Insert a dataset whose file is already in place at `path` (relative to the data dir)."""
     dataset = Dataset(
         id=dataset_id,
+        tenant_id=tenant_id,
         filename=filename,
         format=format,
         schema=schema,
@@ -47,29 +49,37 @@ def create_dataset(
     return dataset
 
 
-def get_dataset(session: Session, dataset_id: str) -> Dataset | None:
-    return session.get(Dataset, dataset_id)
+def get_dataset(session: Session, dataset_id: str, tenant_id: str | None = None) -> Dataset | None:
+    """The dataset, or None when it does not exist or belongs to another tenant than
+    `tenant_id` (None: any tenant, for workers)."""
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or (tenant_id is not None and dataset.tenant_id != tenant_id):
+        return None
+    return dataset
 
 
-def require_dataset(session: Session, dataset_id: str) -> Dataset:
-    dataset = get_dataset(session, dataset_id)
+def require_dataset(session: Session, dataset_id: str, *, tenant_id: str | None) -> Dataset:
+    dataset = get_dataset(session, dataset_id, tenant_id)
     if dataset is None:
         raise NotFoundError(f"no dataset {dataset_id!r}", param="dataset_id")
     return dataset
 
 
 def list_datasets(
-    session: Session, *, limit: int, before: tuple[datetime, str] | None = None
+    session: Session, *, tenant_id: str, limit: int, before: tuple[datetime, str] | None = None
 ) -> Sequence[Dataset]:
-    """Newest first, keyset-paginated on (created_at, id)."""
-    stmt = select(Dataset).where(*newer_first_before(Dataset.created_at, Dataset.id, before))
+    """The tenant's datasets, newest first, keyset-paginated on (created_at, id)."""
+    stmt = select(Dataset).where(
+        Dataset.tenant_id == tenant_id,
+        *newer_first_before(Dataset.created_at, Dataset.id, before),
+    )
     stmt = stmt.order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit)
     return session.scalars(stmt).all()
 
 
-def delete_dataset(session: Session, dataset_id: str) -> Dataset:
+def delete_dataset(session: Session, dataset_id: str, *, tenant_id: str) -> Dataset:
     """Delete the row; the caller removes the file once the deletion is committed."""
-    dataset = require_dataset(session, dataset_id)
+    dataset = require_dataset(session, dataset_id, tenant_id=tenant_id)
     session.delete(dataset)
     session.flush()
     return dataset

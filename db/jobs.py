@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Row, and_, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from core.enums import QUEUE_FOR_KIND, EventType, FailureType, JobKind, JobStatus
 from core.errors import InvalidStateError, NotFoundError
@@ -16,13 +16,14 @@ from core.states import can_transition
 from core.webhooks import event_for_status
 from db.base import newer_first_before, utcnow
 from db.events import append_event
-from db.models import Job
+from db.models import DEFAULT_TENANT, Job, Tenant
 from db.webhooks import queue_delivery
 
 
 def create_job(
     session: Session,
     *,
+    tenant_id: str = DEFAULT_TENANT,
     kind: JobKind,
     spec: dict[str, Any],
     priority: int,
@@ -38,6 +39,7 @@ def create_job(
 ) -> Job:
     now = utcnow()
     job = Job(
+        tenant_id=tenant_id,
         kind=kind.value,
         status=JobStatus.QUEUED.value,
         spec=spec,
@@ -65,19 +67,33 @@ def create_job(
     return job
 
 
-def get_job(session: Session, job_id: str) -> Job | None:
-    return session.get(Job, job_id, populate_existing=True)
+def get_job(session: Session, job_id: str, tenant_id: str | None = None) -> Job | None:
+    """The job, or None when it does not exist or belongs to another tenant than
+    `tenant_id` (None: any tenant, for workers)."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
+        return None
+    return job
 
 
-def require_job(session: Session, job_id: str) -> Job:
-    job = get_job(session, job_id)
+def require_job(session: Session, job_id: str, *, tenant_id: str | None) -> Job:
+    """The job; another tenant's job is the same NotFoundError as a missing one."""
+    job = get_job(session, job_id, tenant_id)
     if job is None:
         raise NotFoundError(f"no job {job_id!r}", param="job_id")
     return job
 
 
-def find_by_idempotency_key(session: Session, key: str) -> Job | None:
-    return session.scalars(select(Job).where(Job.idempotency_key == key)).first()
+def find_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
+    stmt = select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key)
+    return session.scalars(stmt).first()
+
+
+def count_queued(session: Session, tenant_id: str) -> int:
+    stmt = select(func.count(Job.id)).where(
+        Job.tenant_id == tenant_id, Job.status == JobStatus.QUEUED.value
+    )
+    return int(session.scalar(stmt) or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +109,12 @@ def list_jobs(
     session: Session,
     filt: JobFilter,
     *,
+    tenant_id: str,
     limit: int,
     before: tuple[datetime, str] | None = None,
 ) -> Sequence[Job]:
-    """Newest first, keyset-paginated on (created_at, id)."""
-    conds: list[ColumnElement[bool]] = []
+    """The tenant's jobs, newest first, keyset-paginated on (created_at, id)."""
+    conds: list[ColumnElement[bool]] = [Job.tenant_id == tenant_id]
     if filt.status is not None:
         conds.append(Job.status == filt.status.value)
     if filt.kind is not None:
@@ -173,22 +190,56 @@ class ClaimedRow:
     attempts: int
     model: str | None
     max_runtime_s: float | None = None
+    tenant_id: str = DEFAULT_TENANT
 
 
 def not_expired(now: datetime) -> ColumnElement[bool]:
     return or_(Job.expires_at.is_(None), Job.expires_at > now)
 
 
-def claim(session: Session, job_id: str, worker: str, lease_ttl: timedelta) -> ClaimedRow | None:
-    """queued -> running for `worker` (unless cancelled, not yet due or past its expires_at),
-    returning what a worker needs to run it, in one statement."""
+def tenant_running_cap(
+    session: Session, job_id: str, default_cap: int | None
+) -> list[ColumnElement[bool]]:
+    """The claim's extra condition that keeps the job's tenant under its cap of running
+    jobs (the tenant's own `max_running_jobs`, else `default_cap`; None: no cap).
+
+    With a cap, the tenant row is locked (SELECT ... FOR UPDATE on PostgreSQL; SQLite
+    serializes writers anyway) until the claim commits, so two workers claiming two jobs
+    of one tenant count each other's running job: the cap can't be overshot."""
+    tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == job_id))
+    if tenant_id is None:
+        return []
+    own = session.scalar(select(Tenant.max_running_jobs).where(Tenant.id == tenant_id))
+    cap = own if own is not None else default_cap
+    if cap is None:
+        return []
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    other = aliased(Job)
+    running = (
+        select(func.count(other.id))
+        .where(other.tenant_id == tenant_id, other.status == JobStatus.RUNNING.value)
+        .scalar_subquery()
+    )
+    return [running < cap]
+
+
+def claim(
+    session: Session,
+    job_id: str,
+    worker: str,
+    lease_ttl: timedelta,
+    default_running_cap: int | None = None,
+) -> ClaimedRow | None:
+    """queued -> running for `worker` (unless cancelled, not yet due, past its expires_at
+    or its tenant is at its running-jobs cap), returning what a worker needs to run it."""
+    cap = tenant_running_cap(session, job_id, default_running_cap)
     now = utcnow()
     row = _transition(
         session,
         job_id,
         JobStatus.QUEUED,
         JobStatus.RUNNING,
-        [Job.cancel_requested.is_(False), Job.available_at <= now, not_expired(now)],
+        [Job.cancel_requested.is_(False), Job.available_at <= now, not_expired(now), *cap],
         {
             "lease_owner": worker,
             "lease_expires_at": now + lease_ttl,
@@ -198,17 +249,18 @@ def claim(session: Session, job_id: str, worker: str, lease_ttl: timedelta) -> C
         },
         f"claimed by {worker}",
         {"worker": worker},
-        (Job.kind, Job.spec, Job.attempts, Job.model, Job.max_runtime_s),
+        (Job.kind, Job.spec, Job.attempts, Job.model, Job.max_runtime_s, Job.tenant_id),
     )
     if row is None:
         return None
-    kind, spec, attempts, model, max_runtime_s = tuple(row)
+    kind, spec, attempts, model, max_runtime_s, tenant_id = tuple(row)
     return ClaimedRow(
         kind=kind,
         spec=dict(spec),
         attempts=int(attempts),
         model=model,
         max_runtime_s=None if max_runtime_s is None else float(max_runtime_s),
+        tenant_id=str(tenant_id),
     )
 
 
@@ -404,10 +456,10 @@ def count_waiting(session: Session, kinds: Sequence[JobKind], waiting_since: dat
     return int(session.scalar(stmt) or 0)
 
 
-def request_cancel(session: Session, job_id: str) -> Job:
+def request_cancel(session: Session, job_id: str, *, tenant_id: str | None) -> Job:
     """Cancel a queued job now; flag a running one for its worker to stop."""
     for _ in range(5):
-        job = require_job(session, job_id)
+        job = require_job(session, job_id, tenant_id=tenant_id)
         status = JobStatus(job.status)
         if status is JobStatus.CANCELLED:
             return job
@@ -420,7 +472,7 @@ def request_cancel(session: Session, job_id: str) -> Job:
                 values={"finished_at": utcnow(), "cancel_requested": True},
                 message="cancelled while queued",
             ):
-                return require_job(session, job_id)
+                return require_job(session, job_id, tenant_id=tenant_id)
             continue
         if status is JobStatus.RUNNING:
             if job.cancel_requested:
@@ -433,7 +485,7 @@ def request_cancel(session: Session, job_id: str) -> Job:
             )
             if session.execute(stmt).rowcount == 1:  # type: ignore[attr-defined]
                 append_event(session, job_id, EventType.LOG, "cancel requested")
-                return require_job(session, job_id)
+                return require_job(session, job_id, tenant_id=tenant_id)
             continue
         raise InvalidStateError(f"job {job_id} already {status.value}", param="job_id")
     raise InvalidStateError(f"job {job_id} kept changing state; try again", param="job_id")
@@ -485,7 +537,21 @@ def due_queued(
         .order_by(Job.priority.desc(), Job.queued_at)
         .limit(limit)
     )
-    return session.scalars(stmt).all()
+    return interleave_tenants(session.scalars(stmt).all())
+
+
+def interleave_tenants(jobs: Sequence[Job]) -> list[Job]:
+    """Round-robin over tenants, each tenant's jobs in their given order: one tenant's
+    backlog is republished after, not before, the other tenants' first jobs."""
+    by_tenant: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_tenant.setdefault(job.tenant_id, []).append(job)
+    out: list[Job] = []
+    rank = 0
+    while len(out) < len(jobs):
+        out.extend(group[rank] for group in by_tenant.values() if rank < len(group))
+        rank += 1
+    return out
 
 
 @dataclass(frozen=True, slots=True)

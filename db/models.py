@@ -19,9 +19,67 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from db.base import Base, UTCDateTime, utcnow
 
+DEFAULT_TENANT = "default"
+
 
 def new_job_id() -> str:
     return f"job_{uuid.uuid4().hex}"
+
+
+def new_tenant_id() -> str:
+    return f"ten_{uuid.uuid4().hex[:16]}"
+
+
+def new_key_id() -> str:
+    return f"key_{uuid.uuid4().hex}"
+
+
+class Tenant(Base):
+    """An organisation whose jobs, datasets and models no other tenant can see.
+
+    The quota columns override the settings' defaults when set."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_tenant_id)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_dataset_bytes: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key: only its SHA-256 and a short visible prefix are stored."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (Index("ix_api_keys_tenant_id_created_at", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_key_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(255))
+    prefix: Mapped[str] = mapped_column(String(16))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class AuditEntry(Base):
+    """Who (key) did what (create/cancel/delete/revoke) to which object, and when."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_tenant_id_id", "tenant_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str | None] = mapped_column(String(40))
+    action: Mapped[str] = mapped_column(String(32))
+    target_type: Mapped[str] = mapped_column(String(32))
+    target_id: Mapped[str] = mapped_column(String(255))
 
 
 class Job(Base):
@@ -32,16 +90,20 @@ class Job(Base):
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
         Index("ix_jobs_status_kind_model", "status", "kind", "model"),
         Index("ix_jobs_status_expires_at", "status", "expires_at"),
+        Index("ix_jobs_tenant_id_status", "tenant_id", "status"),
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_id_idempotency_key"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_job_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
     kind: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     # The model a generation job runs on: workers batch ready jobs that share it.
     model: Mapped[str | None] = mapped_column(String(255))
     priority: Mapped[int] = mapped_column(Integer, default=0)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    # Unique per tenant (uq_jobs_tenant_id_idempotency_key).
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -115,6 +177,7 @@ class Dataset(Base):
     __table_args__ = (Index("ix_datasets_created_at_id", "created_at", "id"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_dataset_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     filename: Mapped[str] = mapped_column(String(255))
     format: Mapped[str] = mapped_column(String(16))  # jsonl | csv | conll
     schema: Mapped[str] = mapped_column(String(32))  # text | prompt_completion | chat | ...
@@ -163,6 +226,7 @@ class RegisteredModel(Base):
     __table_args__ = (Index("ix_models_created_at_name", "created_at", "name"),)
 
     name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     base_model: Mapped[str] = mapped_column(String(255))
     task: Mapped[str] = mapped_column(String(32))
     method: Mapped[str] = mapped_column(String(16))  # full | lora | adalora

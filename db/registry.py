@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from core.enums import FineTuneTask
 from core.errors import NotFoundError
 from db.base import newer_first_before
-from db.models import RegisteredModel
+from db.models import DEFAULT_TENANT, RegisteredModel
 
 REGISTRY_PREFIX = "ft:"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -33,6 +33,7 @@ def model_name(base_model: str, task: FineTuneTask, suffix: str | None, job_id: 
 def register_model(
     session: Session,
     *,
+    tenant_id: str = DEFAULT_TENANT,
     name: str,
     base_model: str,
     task: str,
@@ -45,6 +46,7 @@ def register_model(
 ) -> RegisteredModel:
     model = RegisteredModel(
         name=name,
+        tenant_id=tenant_id,
         base_model=base_model,
         task=task,
         method=method,
@@ -59,35 +61,41 @@ def register_model(
     return model
 
 
-def get_model(session: Session, name: str) -> RegisteredModel | None:
-    return session.get(RegisteredModel, name)
+def get_model(session: Session, name: str, tenant_id: str | None = None) -> RegisteredModel | None:
+    """The model, or None when it does not exist or belongs to another tenant than
+    `tenant_id` (None: any tenant)."""
+    model = session.get(RegisteredModel, name)
+    if model is None or (tenant_id is not None and model.tenant_id != tenant_id):
+        return None
+    return model
 
 
-def require_model(session: Session, name: str) -> RegisteredModel:
-    model = get_model(session, name)
+def require_model(session: Session, name: str, *, tenant_id: str | None) -> RegisteredModel:
+    model = get_model(session, name, tenant_id)
     if model is None:
         raise NotFoundError(f"no registered model {name!r}", param="model")
     return model
 
 
 def list_models(
-    session: Session, *, limit: int, before: tuple[datetime, str] | None = None
+    session: Session, *, tenant_id: str, limit: int, before: tuple[datetime, str] | None = None
 ) -> Sequence[RegisteredModel]:
     stmt = select(RegisteredModel).where(
-        *newer_first_before(RegisteredModel.created_at, RegisteredModel.name, before)
+        RegisteredModel.tenant_id == tenant_id,
+        *newer_first_before(RegisteredModel.created_at, RegisteredModel.name, before),
     )
     stmt = stmt.order_by(RegisteredModel.created_at.desc(), RegisteredModel.name.desc())
     return session.scalars(stmt.limit(limit)).all()
 
 
-def delete_model(session: Session, name: str) -> RegisteredModel:
-    model = require_model(session, name)
+def delete_model(session: Session, name: str, *, tenant_id: str) -> RegisteredModel:
+    model = require_model(session, name, tenant_id=tenant_id)
     session.delete(model)
     session.flush()
     return model
 
 
-def serving_base(session: Session, ref: str) -> str:
+def serving_base(session: Session, ref: str, tenant_id: str | None = None) -> str:
     """The model a worker loads to serve `ref`: a LoRA adapter's base, else `ref` itself.
 
     Generation jobs with the same serving base can share one decoding batch.
@@ -95,7 +103,7 @@ def serving_base(session: Session, ref: str) -> str:
     seen: set[str] = set()
     while is_registry_name(ref) and ref not in seen:
         seen.add(ref)
-        model = get_model(session, ref)
+        model = get_model(session, ref, tenant_id)
         if model is None or not model.adapter:
             return ref
         ref = model.base_model

@@ -59,7 +59,7 @@ def queue_delivery(
         conds.append(~exists(recent))
     source = select(
         literal(new_delivery_id()),
-        literal(DEFAULT_TENANT),
+        Job.tenant_id,
         Job.id,
         literal(event.value),
         Job.webhook_url,

@@ -18,6 +18,7 @@ from rich.panel import Panel
 from core.logs import configure_logging
 from core.settings import Settings, get_settings
 from modelyard.cli_jobs import register as register_job_commands
+from modelyard.cli_keys import register as register_key_commands
 
 app = typer.Typer(help="Modelyard: a job system for fine-tuning, generation and prediction.")
 console = Console()
@@ -288,6 +289,7 @@ def demo(
     steps: Annotated[int, typer.Option(help="LoRA training steps")] = 30,
 ) -> None:
     """The main job end to end: upload a dataset, LoRA-tune SmolLM2-135M, compare answers."""
+    from modelyard.cli_keys import create_key
     from modelyard.client import Client
     from modelyard.stack import Stack, free_port
 
@@ -305,7 +307,8 @@ def demo(
         base = stack.start_api(free_port())
         stack.start_worker()
         stack.start_beat()
-        with Client(base) as client:
+        demo_key = create_key(settings, "demo", ["jobs:read", "jobs:write"])
+        with Client(base, api_key=demo_key) as client:
             dataset = client.upload_dataset(_demo_dataset(settings.data_dir / "demo-support.jsonl"))
             console.print(f"uploaded [bold]{dataset['id']}[/bold]: {dataset['rows']} chat examples")
             before = _demo_answers(client, DEMO_MODEL)
@@ -380,6 +383,7 @@ def _demo_answers(client: Any, model: str) -> list[str]:
 
 
 register_job_commands(app)
+register_key_commands(app)
 
 
 def main() -> None:

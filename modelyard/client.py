@@ -8,6 +8,7 @@ Idempotency-Key) are retried on connection errors and 503s with backoff.
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -136,6 +137,10 @@ class Client:
         retries: int = RETRIES,
     ) -> None:
         merged = dict(headers or {})
+        if api_key is None:
+            # The SDK runs in the caller's programs, not the server: like other API clients
+            # it falls back to the environment for its key.
+            api_key = os.environ.get("MODELYARD_API_KEY") or None
         if api_key:
             merged["Authorization"] = f"Bearer {api_key}"
         self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=merged)

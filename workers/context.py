@@ -14,6 +14,9 @@ class RunContext:
     job_id: str
     attempt: int
     device: str
+    # The job's tenant: datasets, registered models and checkpoints it names resolve only
+    # within it. None (tests of runners alone): any tenant.
+    tenant_id: str | None = None
     stop_event: threading.Event = field(default_factory=threading.Event)
     worker: str | None = None  # the lease owner; runners that write while running need it
     deadline: float | None = None  # time.monotonic() at which the attempt must stop (timed_out)

@@ -23,7 +23,7 @@ from core.settings import Settings
 from db.base import utcnow
 from db.events import append_event
 from db.jobs import claim, expire_overdue, finish_job, get_job, give_back, requeue_job
-from db.models import Job
+from db.models import DEFAULT_TENANT, Job
 from db.outputs import add_outputs
 from db.registry import model_name, register_model
 from db.session import DATABASE_UNAVAILABLE, session_scope
@@ -181,7 +181,7 @@ class JobExecutor:
         """
         ttl = timedelta(seconds=self._settings.lease_ttl_s)
         with session_scope(self._settings.database_url) as session:
-            row = claim(session, job_id, self.worker, ttl)
+            row = claim(session, job_id, self.worker, ttl, self._settings.max_running_jobs)
             if row is not None:
                 logger.info("job %s claimed by %s (attempt %d)", job_id, self.worker, row.attempts)
                 limit = self._settings.job_time_limit_s
@@ -192,6 +192,7 @@ class JobExecutor:
                     spec=row.spec,
                     ctx=RunContext(
                         job_id=job_id,
+                        tenant_id=row.tenant_id,
                         attempt=row.attempts,
                         device=self._device,
                         worker=self.worker,
@@ -250,8 +251,10 @@ class JobExecutor:
         self, session: Session, job_id: str, spec: dict[str, Any], trained: TrainedModel
     ) -> str:
         name = model_name(trained.base_model, trained.task, spec.get("suffix"), job_id)
+        job = get_job(session, job_id)
         register_model(
             session,
+            tenant_id=job.tenant_id if job is not None else DEFAULT_TENANT,
             name=name,
             base_model=trained.base_model,
             task=trained.task.value,

@@ -46,11 +46,13 @@ def refuse_custom_code(directory: Path) -> None:
         )
 
 
-def resolve_model(settings: Settings, ref: str) -> ResolvedModel:
+def resolve_model(settings: Settings, ref: str, tenant_id: str | None = None) -> ResolvedModel:
+    """`tenant_id`: the job's tenant, whose registered models alone it may use (None: any,
+    for a model already checked, e.g. one a batch of several tenants' jobs shares)."""
     if not is_registry_name(ref):
         return ResolvedModel(ref=resolve_local(ref, settings.models_dir))
     with session_scope(settings.database_url, readonly=True) as session:
-        model = get_model(session, ref)
+        model = get_model(session, ref, tenant_id)
         if model is None:
             raise PermanentJobError(f"no registered model {ref!r}", FailureType.MODEL_NOT_FOUND)
         path, base, adapter, labels = model.path, model.base_model, model.adapter, model.labels
@@ -60,5 +62,5 @@ def resolve_model(settings: Settings, ref: str) -> ResolvedModel:
             f"registered model {ref!r} has no files at {path}", FailureType.MODEL_NOT_FOUND
         )
     refuse_custom_code(directory)
-    adapter_of = resolve_model(settings, base).ref if adapter else None
+    adapter_of = resolve_model(settings, base, tenant_id).ref if adapter else None
     return ResolvedModel(ref=str(directory), labels=list(labels), adapter_of=adapter_of)

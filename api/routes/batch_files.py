@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from api.deps import ReadSessionDep, SettingsDep
+from api.deps import JobsRead, ReadSessionDep, SettingsDep
 from core.enums import JobKind
 from core.errors import NotFoundError
 from core.settings import Settings
@@ -39,12 +39,12 @@ def _lines(settings: Settings, job_id: str, errors: bool) -> Iterator[bytes]:
     responses={200: {"content": {JSONL_MEDIA_TYPE: {}}}},
 )
 def download_batch_file(
-    job_id: str, name: str, session: ReadSessionDep, settings: SettingsDep
+    job_id: str, name: str, session: ReadSessionDep, settings: SettingsDep, who: JobsRead
 ) -> StreamingResponse:
     """`output`: one line per request that succeeded; `error`: one per request that failed."""
     if name not in FILES:
         raise NotFoundError(f"no file {name!r}; a batch has output and error", param="name")
-    job = jobs_repo.require_job(session, job_id)
+    job = jobs_repo.require_job(session, job_id, tenant_id=who.tenant_id)
     if job.kind != JobKind.BATCH.value:
         raise NotFoundError(
             f"job {job_id!r} is a {job.kind} job; only batch jobs have files", param="job_id"

@@ -7,17 +7,20 @@ import logging
 import os
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from sqlalchemy.orm import Session
 
 from api.cursors import decode_cursor, encode_cursor, split_page
-from api.deps import ReadSessionDep, SessionDep, SettingsDep
+from api.deps import JobsRead, JobsWrite, ReadSessionDep, SessionDep, SettingsDep
 from api.schemas import DatasetList, DatasetOut
 from core.datasets import display_filename, parse_dataset
+from core.errors import PayloadTooLargeError
 from core.settings import Settings
 from db import datasets as datasets_repo
+from db import tenants as tenants_repo
 from db.models import new_dataset_id
 
 logger = logging.getLogger(__name__)
@@ -26,8 +29,10 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 DATASETS_DIR = "datasets"
 
 
-def _datasets_root(settings: Settings) -> Path:
-    return settings.data_dir.resolve() / DATASETS_DIR
+def dataset_dir(tenant_id: str, dataset_id: str) -> str:
+    """Where a dataset's file lives, relative to the data dir: built from server-made ids
+    only (the uploaded file's name is recorded, never used as a path)."""
+    return f"tenants/{tenant_id}/{DATASETS_DIR}/{dataset_id}"
 
 
 def _write_file(path: Path, raw: bytes) -> None:
@@ -44,36 +49,53 @@ def _write_file(path: Path, raw: bytes) -> None:
         raise
 
 
-def _remove_dataset_dir(settings: Settings, dataset_id: str) -> None:
-    directory = _datasets_root(settings) / dataset_id
+def _remove_dataset_dir(settings: Settings, relative_dir: str) -> None:
+    root = settings.data_dir.resolve()
+    directory = (root / relative_dir).resolve()
+    if not directory.is_relative_to(root) or directory == root:
+        logger.warning("dataset directory %s is outside the data dir; not removed", relative_dir)
+        return
     try:
         shutil.rmtree(directory)
     except FileNotFoundError:
         pass
     except OSError as exc:
-        logger.warning("dataset %s: could not remove %s: %s", dataset_id, directory, exc)
+        logger.warning("could not remove dataset directory %s: %s", directory, exc)
+
+
+def _max_dataset_bytes(session: Session, settings: Settings, tenant_id: str) -> int:
+    tenant = tenants_repo.get_tenant(session, tenant_id)
+    if tenant is not None and tenant.max_dataset_bytes is not None:
+        return tenant.max_dataset_bytes
+    return settings.max_dataset_bytes or settings.max_upload_bytes
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
 def upload_dataset(
     session: SessionDep,
     settings: SettingsDep,
+    who: JobsWrite,
     file: Annotated[UploadFile, File(description="JSON Lines, CSV (text,label) or CoNLL/BIO file")],
     name: Annotated[
         str | None, Form(max_length=255, description="Filename to record instead of the upload's")
     ] = None,
 ) -> DatasetOut:
-    raw = file.file.read()
+    limit = _max_dataset_bytes(session, settings, who.tenant_id)
+    raw = file.file.read(limit + 1)
+    if len(raw) > limit:
+        raise PayloadTooLargeError(f"dataset exceeds this tenant's limit of {limit} bytes")
     filename = display_filename(name or file.filename)
     parsed = parse_dataset(raw, filename)
     dataset_id = new_dataset_id()
     stored_name = f"data.{parsed.format.value}"
-    directory = _datasets_root(settings) / dataset_id
+    relative_dir = dataset_dir(who.tenant_id, dataset_id)
+    directory = settings.data_dir.resolve() / relative_dir
     directory.mkdir(parents=True)
     try:
         _write_file(directory / stored_name, raw)
         dataset = datasets_repo.create_dataset(
             session,
+            tenant_id=who.tenant_id,
             dataset_id=dataset_id,
             filename=filename or stored_name,
             format=parsed.format.value,
@@ -82,13 +104,21 @@ def upload_dataset(
             labels=parsed.labels,
             sha256=hashlib.sha256(raw).hexdigest(),
             size_bytes=len(raw),
-            path=f"{DATASETS_DIR}/{dataset_id}/{stored_name}",
+            path=f"{relative_dir}/{stored_name}",
             report=parsed.report,
+        )
+        tenants_repo.audit(
+            session,
+            tenant_id=who.tenant_id,
+            key_id=who.key_id,
+            action="dataset.create",
+            target_type="dataset",
+            target_id=dataset_id,
         )
         session.commit()
     except BaseException:
         session.rollback()
-        _remove_dataset_dir(settings, dataset_id)
+        _remove_dataset_dir(settings, relative_dir)
         raise
     logger.info(
         "dataset %s stored: %s, %s, %d rows, %d warnings",
@@ -104,12 +134,16 @@ def upload_dataset(
 @router.get("", response_model=DatasetList)
 def list_datasets(
     session: ReadSessionDep,
+    who: JobsRead,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: str | None = None,
 ) -> DatasetList:
     before = decode_cursor(cursor) if cursor else None
     rows, has_more = split_page(
-        datasets_repo.list_datasets(session, limit=limit + 1, before=before), limit
+        datasets_repo.list_datasets(
+            session, tenant_id=who.tenant_id, limit=limit + 1, before=before
+        ),
+        limit,
     )
     next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if has_more else None
     return DatasetList(
@@ -118,14 +152,26 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut)
-def get_dataset(dataset_id: str, session: ReadSessionDep) -> DatasetOut:
-    return DatasetOut.of(datasets_repo.require_dataset(session, dataset_id))
+def get_dataset(dataset_id: str, session: ReadSessionDep, who: JobsRead) -> DatasetOut:
+    return DatasetOut.of(
+        datasets_repo.require_dataset(session, dataset_id, tenant_id=who.tenant_id)
+    )
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep) -> Response:
-    dataset = datasets_repo.delete_dataset(session, dataset_id)
+def delete_dataset(
+    dataset_id: str, session: SessionDep, settings: SettingsDep, who: JobsWrite
+) -> Response:
+    dataset = datasets_repo.delete_dataset(session, dataset_id, tenant_id=who.tenant_id)
+    tenants_repo.audit(
+        session,
+        tenant_id=who.tenant_id,
+        key_id=who.key_id,
+        action="dataset.delete",
+        target_type="dataset",
+        target_id=dataset_id,
+    )
     session.commit()
-    _remove_dataset_dir(settings, dataset.id)
+    _remove_dataset_dir(settings, str(PurePosixPath(dataset.path).parent))
     logger.info("dataset %s deleted", dataset_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

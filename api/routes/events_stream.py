@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Header
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import SettingsDep
+from api.deps import JobsRead, SettingsDep
 from api.schemas import EventOut
 from core.enums import JobStatus
 from core.states import TERMINAL
@@ -39,11 +39,11 @@ class Batch:
     events: list[EventOut]
 
 
-def _read(database_url: str, job_id: str, after: int) -> Batch:
+def _read(database_url: str, job_id: str, after: int, tenant_id: str | None) -> Batch:
     """The job's status, then its events after `after`: when the status read is terminal,
     the events read after it include the one that made it so."""
     with session_scope(database_url, readonly=True) as session:
-        job = jobs_repo.require_job(session, job_id)
+        job = jobs_repo.require_job(session, job_id, tenant_id=tenant_id)
         status = JobStatus(job.status)
         rows = events_repo.list_events(session, job_id, after_id=after, limit=PAGE)
         return Batch(status, [EventOut.of(e) for e in rows])
@@ -56,10 +56,12 @@ def _after(last_event_id: str | None) -> int:
 
 
 async def first_batch(
-    job_id: str, settings: SettingsDep, last_event_id: LastEventId = None
+    job_id: str, settings: SettingsDep, who: JobsRead, last_event_id: LastEventId = None
 ) -> Batch:
     """Read before the response starts, so an unknown job gets a typed 404."""
-    return await run_in_threadpool(_read, settings.database_url, job_id, _after(last_event_id))
+    return await run_in_threadpool(
+        _read, settings.database_url, job_id, _after(last_event_id), who.tenant_id
+    )
 
 
 @router.get("/{job_id}/events/stream", response_class=EventSourceResponse)
@@ -91,4 +93,5 @@ async def stream_job_events(
             if time.monotonic() - quiet_since >= KEEPALIVE_S:
                 quiet_since = time.monotonic()
                 yield ServerSentEvent(comment="keep-alive")
-        batch = await run_in_threadpool(_read, settings.database_url, job_id, after)
+        # The job's tenant was checked by first_batch; a job never changes tenant.
+        batch = await run_in_threadpool(_read, settings.database_url, job_id, after, None)

@@ -5,7 +5,7 @@ import logging
 from fastapi import APIRouter
 from sqlalchemy import text
 
-from api.deps import PublisherDep, ReadSessionDep
+from api.deps import PublisherDep, ReadSessionDep, SettingsDep
 from api.schemas import Health
 from core.errors import ServiceUnavailableError
 
@@ -19,7 +19,7 @@ def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Health)
-def readyz(session: ReadSessionDep, publisher: PublisherDep) -> Health:
+def readyz(session: ReadSessionDep, publisher: PublisherDep, settings: SettingsDep) -> Health:
     problems: list[str] = []
     try:
         session.execute(text("SELECT 1"))
@@ -33,4 +33,9 @@ def readyz(session: ReadSessionDep, publisher: PublisherDep) -> Health:
         problems.append("broker unreachable")
     if problems:
         raise ServiceUnavailableError("; ".join(problems))
-    return Health(status="ok", database="ok", broker="ok")
+    return Health(
+        status="ok",
+        database="ok",
+        broker="ok",
+        auth="disabled" if settings.auth_disabled else "on",
+    )

@@ -11,8 +11,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from api.auth import Principal
 from api.cursors import decode_cursor, encode_cursor, split_page
-from api.deps import PublisherDep, ReadSessionDep, SessionDep, SettingsDep, request_session
+from api.deps import (
+    JobsRead,
+    JobsWrite,
+    PublisherDep,
+    ReadSessionDep,
+    SessionDep,
+    SettingsDep,
+    request_session,
+)
 from api.job_checks import check_job_request
 from api.schemas import (
     CheckpointList,
@@ -29,12 +38,13 @@ from api.schemas import (
 )
 from core.dispatch import JobPublisher
 from core.enums import JobKind, JobStatus
-from core.errors import IdempotencyConflictError, InvalidRequestError
+from core.errors import IdempotencyConflictError, InvalidRequestError, QuotaExceededError
 from core.settings import Settings
 from core.specs import DEFAULT_WEBHOOK_EVENTS, AnyJobRequest, GenerateJobRequest, JobRequest
 from db import events as events_repo
 from db import jobs as jobs_repo
 from db import outputs as outputs_repo
+from db import tenants as tenants_repo
 from db import training as training_repo
 from db.models import Job
 from db.registry import serving_base
@@ -101,11 +111,14 @@ async def create_job(
     response: Response,
     settings: SettingsDep,
     publisher: PublisherDep,
+    who: JobsWrite,
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
     # The hot path: one thread-pool hop for the whole database + broker work, instead
     # of one for the session dependency's setup, one for the route, one for teardown.
-    return await run_in_threadpool(_create_job, req, response, settings, publisher, idempotency_key)
+    return await run_in_threadpool(
+        _create_job, req, response, settings, publisher, who, idempotency_key
+    )
 
 
 def _create_job(
@@ -113,10 +126,22 @@ def _create_job(
     response: Response,
     settings: Settings,
     publisher: JobPublisher,
+    who: Principal,
     idempotency_key: str | None,
 ) -> JobOut:
     with request_session(settings) as session:
-        return _create_job_in(session, req, response, settings, publisher, idempotency_key)
+        return _create_job_in(session, req, response, settings, publisher, who, idempotency_key)
+
+
+def _check_queued_quota(session: Session, settings: Settings, tenant_id: str) -> None:
+    tenant = tenants_repo.get_tenant(session, tenant_id)
+    limit = settings.max_queued_jobs
+    if tenant is not None and tenant.max_queued_jobs is not None:
+        limit = tenant.max_queued_jobs
+    if jobs_repo.count_queued(session, tenant_id) >= limit:
+        raise QuotaExceededError(
+            f"this tenant already has {limit} queued jobs (its quota); retry when some have started"
+        )
 
 
 def _create_job_in(
@@ -125,19 +150,23 @@ def _create_job_in(
     response: Response,
     settings: Settings,
     publisher: JobPublisher,
+    who: Principal,
     idempotency_key: str | None,
 ) -> JobOut:
     digest = _request_hash(req)
+    tenant_id = who.tenant_id
     if idempotency_key is not None:
-        existing = jobs_repo.find_by_idempotency_key(session, idempotency_key)
+        existing = jobs_repo.find_by_idempotency_key(session, tenant_id, idempotency_key)
         if existing is not None:
             return _replay(existing, digest, response)
-    check_job_request(session, settings, req)
+    check_job_request(session, settings, req, tenant_id)
+    _check_queued_quota(session, settings, tenant_id)
     try:
         # A concurrent request with the same Idempotency-Key fails here, at the insert's
         # flush (not only at the commit), and replays the job of the one that won.
         job = jobs_repo.create_job(
             session,
+            tenant_id=tenant_id,
             kind=JobKind(req.kind),
             spec=req.spec.model_dump(mode="json"),
             priority=req.priority,
@@ -145,7 +174,7 @@ def _create_job_in(
             metadata=dict(req.metadata),
             idempotency_key=idempotency_key,
             request_hash=digest,
-            model=serving_base(session, req.spec.model)
+            model=serving_base(session, req.spec.model, tenant_id)
             if isinstance(req, GenerateJobRequest)
             else None,
             expires_at=req.expires_at,
@@ -153,12 +182,20 @@ def _create_job_in(
             webhook_url=req.webhook_url,
             webhook_events=events_column(req.webhook_events or DEFAULT_WEBHOOK_EVENTS),
         )
+        tenants_repo.audit(
+            session,
+            tenant_id=tenant_id,
+            key_id=who.key_id,
+            action="job.create",
+            target_type="job",
+            target_id=job.id,
+        )
         session.commit()
     except IntegrityError:
         session.rollback()
         if idempotency_key is None:
             raise
-        existing = jobs_repo.find_by_idempotency_key(session, idempotency_key)
+        existing = jobs_repo.find_by_idempotency_key(session, tenant_id, idempotency_key)
         if existing is None:
             raise
         return _replay(existing, digest, response)
@@ -185,6 +222,7 @@ def _replay(existing: Job, digest: str, response: Response) -> JobOut:
 @router.get("", response_model=JobList)
 def list_jobs(
     session: ReadSessionDep,
+    who: JobsRead,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     kind: JobKind | None = None,
     created_after: Annotated[str | None, DateTimeQuery] = None,
@@ -202,15 +240,16 @@ def list_jobs(
     )
     before = decode_cursor(cursor) if cursor else None
     rows, has_more = split_page(
-        jobs_repo.list_jobs(session, filt, limit=limit + 1, before=before), limit
+        jobs_repo.list_jobs(session, filt, tenant_id=who.tenant_id, limit=limit + 1, before=before),
+        limit,
     )
     next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if has_more else None
     return JobList(data=[JobOut.of(j) for j in rows], has_more=has_more, next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, session: ReadSessionDep) -> JobOut:
-    job = jobs_repo.require_job(session, job_id)
+def get_job(job_id: str, session: ReadSessionDep, who: JobsRead) -> JobOut:
+    job = jobs_repo.require_job(session, job_id, tenant_id=who.tenant_id)
     out = JobOut.of(job)
     place = jobs_repo.queue_place(session, job)
     if place is not None:
@@ -219,8 +258,16 @@ def get_job(job_id: str, session: ReadSessionDep) -> JobOut:
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
-def cancel_job(job_id: str, session: SessionDep) -> JobOut:
-    job = jobs_repo.request_cancel(session, job_id)
+def cancel_job(job_id: str, session: SessionDep, who: JobsWrite) -> JobOut:
+    job = jobs_repo.request_cancel(session, job_id, tenant_id=who.tenant_id)
+    tenants_repo.audit(
+        session,
+        tenant_id=who.tenant_id,
+        key_id=who.key_id,
+        action="job.cancel",
+        target_type="job",
+        target_id=job_id,
+    )
     session.commit()
     logger.info("job %s cancel requested (now %s)", job_id, job.status)
     return JobOut.of(job)
@@ -230,10 +277,11 @@ def cancel_job(job_id: str, session: SessionDep) -> JobOut:
 def list_job_events(
     job_id: str,
     session: ReadSessionDep,
+    who: JobsRead,
     after: Annotated[int, Query(ge=0, le=MAX_ROW_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> EventList:
-    jobs_repo.require_job(session, job_id)
+    jobs_repo.require_job(session, job_id, tenant_id=who.tenant_id)
     rows, has_more = split_page(
         events_repo.list_events(session, job_id, after_id=after, limit=limit + 1), limit
     )
@@ -245,8 +293,8 @@ def list_job_events(
 
 
 @router.get("/{job_id}/outputs", response_model=OutputList)
-def list_job_outputs(job_id: str, session: ReadSessionDep) -> OutputList:
-    job = jobs_repo.require_job(session, job_id)
+def list_job_outputs(job_id: str, session: ReadSessionDep, who: JobsRead) -> OutputList:
+    job = jobs_repo.require_job(session, job_id, tenant_id=who.tenant_id)
     rows = outputs_repo.list_outputs(session, job_id)
     return OutputList(job_id=job_id, status=job.status, data=[OutputOut.of(o) for o in rows])
 
@@ -255,11 +303,12 @@ def list_job_outputs(job_id: str, session: ReadSessionDep) -> OutputList:
 def list_job_metrics(
     job_id: str,
     session: ReadSessionDep,
+    who: JobsRead,
     name: Annotated[list[str], Query(description="Only these metric names")] = [],  # noqa: B006
     after: Annotated[int, Query(ge=0, le=MAX_ROW_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
 ) -> MetricList:
-    jobs_repo.require_job(session, job_id)
+    jobs_repo.require_job(session, job_id, tenant_id=who.tenant_id)
     rows, has_more = split_page(
         training_repo.list_metrics(session, job_id, names=name, after_id=after, limit=limit + 1),
         limit,
@@ -273,7 +322,7 @@ def list_job_metrics(
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)
-def list_job_checkpoints(job_id: str, session: ReadSessionDep) -> CheckpointList:
-    jobs_repo.require_job(session, job_id)
+def list_job_checkpoints(job_id: str, session: ReadSessionDep, who: JobsRead) -> CheckpointList:
+    jobs_repo.require_job(session, job_id, tenant_id=who.tenant_id)
     rows = training_repo.list_checkpoints(session, job_id)
     return CheckpointList(job_id=job_id, data=[CheckpointOut.of(c) for c in rows])

@@ -7,9 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from api.cursors import decode_cursor, encode_cursor, split_page
-from api.deps import ReadSessionDep, SessionDep, SettingsDep
+from api.deps import JobsRead, ModelsWrite, ReadSessionDep, SessionDep, SettingsDep
 from api.schemas import ModelList, ModelOut
 from db import registry
+from db import tenants as tenants_repo
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -18,12 +19,14 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 @router.get("", response_model=ModelList)
 def list_models(
     session: ReadSessionDep,
+    who: JobsRead,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: str | None = None,
 ) -> ModelList:
     before = decode_cursor(cursor) if cursor else None
     rows, has_more = split_page(
-        registry.list_models(session, limit=limit + 1, before=before), limit
+        registry.list_models(session, tenant_id=who.tenant_id, limit=limit + 1, before=before),
+        limit,
     )
     next_cursor = encode_cursor(rows[-1].created_at, rows[-1].name) if has_more else None
     return ModelList(
@@ -32,14 +35,24 @@ def list_models(
 
 
 @router.get("/{name:path}", response_model=ModelOut)
-def get_model(name: str, session: ReadSessionDep) -> ModelOut:
-    return ModelOut.of(registry.require_model(session, name))
+def get_model(name: str, session: ReadSessionDep, who: JobsRead) -> ModelOut:
+    return ModelOut.of(registry.require_model(session, name, tenant_id=who.tenant_id))
 
 
 @router.delete("/{name:path}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_model(name: str, session: SessionDep, settings: SettingsDep) -> Response:
-    model = registry.delete_model(session, name)
+def delete_model(
+    name: str, session: SessionDep, settings: SettingsDep, who: ModelsWrite
+) -> Response:
+    model = registry.delete_model(session, name, tenant_id=who.tenant_id)
     directory = (settings.data_dir / model.path).resolve()
+    tenants_repo.audit(
+        session,
+        tenant_id=who.tenant_id,
+        key_id=who.key_id,
+        action="model.delete",
+        target_type="model",
+        target_id=name,
+    )
     session.commit()
     if directory.is_relative_to(settings.data_dir.resolve()):
         shutil.rmtree(directory, ignore_errors=True)

@@ -21,7 +21,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from redis import RedisError
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import SettingsDep
+from api.deps import JobsRead, SettingsDep
 from core.enums import JobKind, JobStatus
 from core.errors import InvalidRequestError
 from core.states import TERMINAL
@@ -76,9 +76,9 @@ def _job_state(database_url: str, job_id: str) -> JobState | None:
         return JobState(JobStatus(job.status), job.attempts, job.error_type, job.error_message)
 
 
-def _open(database_url: str, job_id: str) -> StreamOpening:
+def _open(database_url: str, job_id: str, tenant_id: str) -> StreamOpening:
     with session_scope(database_url, readonly=True) as session:
-        job = jobs_repo.require_job(session, job_id)
+        job = jobs_repo.require_job(session, job_id, tenant_id=tenant_id)
         if job.kind != JobKind.GENERATE.value:
             raise InvalidRequestError(
                 f"job {job_id} is a {job.kind} job; only generate jobs stream tokens",
@@ -96,9 +96,9 @@ def _open(database_url: str, job_id: str) -> StreamOpening:
         return StreamOpening(state, outputs)
 
 
-async def open_stream(job_id: str, settings: SettingsDep) -> StreamOpening:
+async def open_stream(job_id: str, settings: SettingsDep, who: JobsRead) -> StreamOpening:
     """Runs before the response starts, so an unknown or wrong job gets a typed error."""
-    return await run_in_threadpool(_open, settings.database_url, job_id)
+    return await run_in_threadpool(_open, settings.database_url, job_id, who.tenant_id)
 
 
 async def get_token_reader(request: Request) -> TokenStreamReader:

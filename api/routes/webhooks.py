@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, status
 from pydantic import BaseModel
 
 from api.cursors import decode_cursor, encode_cursor, split_page
-from api.deps import ReadSessionDep, SessionDep, SettingsDep
+from api.deps import Admin, JobsRead, JobsWrite, ReadSessionDep, SessionDep, SettingsDep
 from core.enums import DeliveryStatus
 from db import webhooks as repo
 from db.models import WebhookAttempt, WebhookDelivery, WebhookSecret
@@ -103,27 +103,28 @@ class DeliveryList(BaseModel):
 
 
 @router.post("/secret", status_code=status.HTTP_201_CREATED, response_model=NewSecret)
-def rotate_secret(session: SessionDep, settings: SettingsDep) -> NewSecret:
+def rotate_secret(session: SessionDep, settings: SettingsDep, who: Admin) -> NewSecret:
     """A new signing secret, shown this once. A previous one keeps signing deliveries too
     for webhook_secret_overlap_s, so receivers can switch without missing any."""
     overlap = timedelta(seconds=settings.webhook_secret_overlap_s)
-    had = bool(repo.signing_secrets(session, repo.DEFAULT_TENANT))
-    secret = repo.rotate_secret(session, repo.DEFAULT_TENANT, overlap)
+    had = bool(repo.signing_secrets(session, who.tenant_id))
+    secret = repo.rotate_secret(session, who.tenant_id, overlap)
     session.commit()
-    logger.info("webhook signing secret rotated for tenant %s", repo.DEFAULT_TENANT)
+    logger.info("webhook signing secret rotated for tenant %s", who.tenant_id)
     valid_until = datetime.now().astimezone() + overlap if had else None
     return NewSecret(secret=secret, previous_valid_until=valid_until)
 
 
 @router.get("/secret", response_model=SecretList)
-def list_secrets(session: ReadSessionDep) -> SecretList:
-    rows = repo.secret_info(session, repo.DEFAULT_TENANT)
+def list_secrets(session: ReadSessionDep, who: JobsRead) -> SecretList:
+    rows = repo.secret_info(session, who.tenant_id)
     return SecretList(data=[SecretOut.of(r) for r in rows])
 
 
 @router.get("/deliveries", response_model=DeliveryList)
 def list_deliveries(
     session: ReadSessionDep,
+    who: JobsRead,
     job_id: str | None = None,
     status_: Annotated[DeliveryStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -133,7 +134,7 @@ def list_deliveries(
     rows, has_more = split_page(
         repo.list_deliveries(
             session,
-            repo.DEFAULT_TENANT,
+            who.tenant_id,
             job_id=job_id,
             status=status_,
             before=before,
@@ -148,8 +149,8 @@ def list_deliveries(
 
 
 @router.get("/deliveries/{delivery_id}", response_model=DeliveryOut)
-def get_delivery(delivery_id: str, session: ReadSessionDep) -> DeliveryOut:
-    row = repo.require_delivery(session, repo.DEFAULT_TENANT, delivery_id)
+def get_delivery(delivery_id: str, session: ReadSessionDep, who: JobsRead) -> DeliveryOut:
+    row = repo.require_delivery(session, who.tenant_id, delivery_id)
     attempts = [AttemptOut.of(a) for a in repo.list_attempts(session, delivery_id)]
     return DeliveryOut.of(row, attempts)
 
@@ -159,8 +160,8 @@ def get_delivery(delivery_id: str, session: ReadSessionDep) -> DeliveryOut:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=DeliveryOut,
 )
-def redeliver(delivery_id: str, session: SessionDep) -> DeliveryOut:
-    row = repo.redeliver(session, repo.DEFAULT_TENANT, delivery_id)
+def redeliver(delivery_id: str, session: SessionDep, who: JobsWrite) -> DeliveryOut:
+    row = repo.redeliver(session, who.tenant_id, delivery_id)
     session.commit()
     logger.info("webhook delivery %s queued again", delivery_id)
     return DeliveryOut.of(row)

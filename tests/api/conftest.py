@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from core.settings import Settings
+from tests.support.auth import TEST_RPM, bearer, make_key
 from tests.support.services import redis_db_index
 
 MAX_BODY = 64 * 1024
@@ -22,12 +23,15 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
             database_url=database_url,
             broker_url=broker_url,
             max_body_bytes=MAX_BODY,
+            requests_per_minute=int(TEST_RPM),
         )
 
 
 @pytest.fixture(scope="module")
 def client(settings: Settings) -> Iterator[TestClient]:
+    """The API as an admin key of the default tenant."""
     with TestClient(create_app(settings)) as c:
+        c.headers.update(bearer(make_key(settings.database_url)))
         yield c
 
 
@@ -40,4 +44,5 @@ def small_upload_settings(settings: Settings) -> Settings:
 @pytest.fixture(scope="module")
 def small_upload_client(small_upload_settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(small_upload_settings)) as c:
+        c.headers.update(bearer(make_key(small_upload_settings.database_url)))
         yield c

@@ -37,7 +37,7 @@ def count_datasets(settings: Settings) -> int:
 
 
 def stored_files(settings: Settings) -> list[Path]:
-    root = settings.data_dir / "datasets"
+    root = settings.data_dir / "tenants" / "default" / "datasets"
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
@@ -63,7 +63,7 @@ def empty_datasets(settings: Settings, client: TestClient) -> Iterator[None]:
     yield
     with session_scope(settings.database_url) as s:
         s.query(Dataset).delete()
-    shutil.rmtree(settings.data_dir / "datasets", ignore_errors=True)
+    shutil.rmtree(settings.data_dir / "tenants" / "default" / "datasets", ignore_errors=True)
 
 
 def test_upload_stores_file_and_row(client: TestClient, settings: Settings) -> None:
@@ -83,13 +83,13 @@ def test_upload_stores_file_and_row(client: TestClient, settings: Settings) -> N
     assert ds["created_at"]
     assert "path" not in ds
 
-    stored = settings.data_dir / "datasets" / ds["id"] / "data.jsonl"
+    stored = settings.data_dir / "tenants" / "default" / "datasets" / ds["id"] / "data.jsonl"
     assert stored.read_bytes() == TEXT_JSONL
     assert stored_files(settings) == [stored]
     with session_scope(settings.database_url) as s:
         row = s.get(Dataset, ds["id"])
         assert row is not None
-        assert row.path == f"datasets/{ds['id']}/data.jsonl"
+        assert row.path == f"tenants/default/datasets/{ds['id']}/data.jsonl"
     assert client.get(f"/v1/datasets/{ds['id']}").json() == ds
 
 
@@ -118,7 +118,9 @@ def test_upload_ner_file_larger_than_the_body_limit(client: TestClient, settings
     assert (ds["format"], ds["schema"], ds["rows"]) == ("conll", "token_classification", 2394)
     assert len(ds["labels"]) == 21
     assert len(ds["report"]["warnings"]) <= 50
-    assert (settings.data_dir / "datasets" / ds["id"] / "data.conll").read_bytes() == raw
+    assert (
+        settings.data_dir / "tenants" / "default" / "datasets" / ds["id"] / "data.conll"
+    ).read_bytes() == raw
 
 
 @pytest.mark.parametrize(
@@ -138,7 +140,7 @@ def test_broken_file_is_422_with_line_and_stores_nothing(
     assert err["message"].startswith(f"line {line}: ")
     assert count_datasets(settings) == 0
     assert stored_files(settings) == []
-    root = settings.data_dir / "datasets"
+    root = settings.data_dir / "tenants" / "default" / "datasets"
     assert not root.exists() or list(root.iterdir()) == []
 
 
@@ -166,7 +168,9 @@ def test_client_filenames_never_become_paths(
     assert resp.status_code == 201, resp.text
     ds = resp.json()
     assert ds["filename"] == shown
-    assert stored_files(settings) == [settings.data_dir / "datasets" / ds["id"] / "data.jsonl"]
+    assert stored_files(settings) == [
+        settings.data_dir / "tenants" / "default" / "datasets" / ds["id"] / "data.jsonl"
+    ]
     for parent in (settings.data_dir, settings.data_dir.parent, settings.data_dir.parent.parent):
         assert not (parent / shown).exists()
         assert not (parent / "x.jsonl").exists()
@@ -205,11 +209,13 @@ def test_delete_removes_row_and_file(client: TestClient, settings: Settings) -> 
     resp = client.delete(f"/v1/datasets/{gone}")
     assert resp.status_code == 204
     assert resp.content == b""
-    assert not (settings.data_dir / "datasets" / gone).exists()
+    assert not (settings.data_dir / "tenants" / "default" / "datasets" / gone).exists()
     assert_error(client.get(f"/v1/datasets/{gone}"), 404, "not_found", "dataset_id")
     assert_error(client.delete(f"/v1/datasets/{gone}"), 404, "not_found", "dataset_id")
     assert [d["id"] for d in client.get("/v1/datasets").json()["data"]] == [keep]
-    assert stored_files(settings) == [settings.data_dir / "datasets" / keep / "data.jsonl"]
+    assert stored_files(settings) == [
+        settings.data_dir / "tenants" / "default" / "datasets" / keep / "data.jsonl"
+    ]
 
 
 def test_unknown_dataset_is_typed_404(client: TestClient) -> None:
@@ -228,7 +234,7 @@ def test_failed_commit_removes_the_stored_file(
     monkeypatch.undo()
     assert_error(resp, 503, "service_unavailable")  # a database error is not a 500
     assert count_datasets(settings) == 0
-    root = settings.data_dir / "datasets"
+    root = settings.data_dir / "tenants" / "default" / "datasets"
     assert list(root.iterdir()) == []
 
 

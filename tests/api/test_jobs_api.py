@@ -209,7 +209,7 @@ def test_cancel_running_sets_flag_only(client: TestClient, settings: Settings) -
 def test_health(client: TestClient) -> None:
     assert client.get("/healthz").json()["status"] == "ok"
     ready = client.get("/readyz").json()
-    assert ready == {"status": "ok", "database": "ok", "broker": "ok"}
+    assert ready == {"status": "ok", "database": "ok", "broker": "ok", "auth": "on"}
 
 
 @pytest.mark.parametrize(

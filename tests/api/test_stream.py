@@ -206,7 +206,7 @@ def test_job_that_ends_without_an_end_entry_still_gets_done(
     with client.stream("GET", f"/v1/jobs/{job_id}/stream") as resp:
         assert resp.status_code == 200  # the job was queued when the request arrived
         with session_scope(settings.database_url) as s:
-            request_cancel(s, job_id)
+            request_cancel(s, job_id, tenant_id=None)
         events = [e for e in sse_events(resp) if e.comment is None]
 
     assert [e.event for e in events] == ["done"]

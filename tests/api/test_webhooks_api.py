@@ -15,6 +15,7 @@ from core.settings import Settings
 from db import jobs as jobs_repo
 from db import webhooks as webhooks_repo
 from db.session import session_scope
+from tests.support.auth import bearer, make_key
 
 HOOK = "http://127.0.0.1:9/hook"
 
@@ -23,6 +24,7 @@ HOOK = "http://127.0.0.1:9/hook"
 def hook_client(settings: Settings) -> Iterator[TestClient]:
     allowed = settings.model_copy(update={"webhook_allowed_destinations": ["127.0.0.1/32"]})
     with TestClient(create_app(allowed)) as c:
+        c.headers.update(bearer(make_key(settings.database_url)))
         yield c
 
 

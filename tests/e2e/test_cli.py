@@ -27,7 +27,7 @@ def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "COLUMNS": "120"},
+        env={**os.environ, "COLUMNS": "120", "MODELYARD_API_KEY": stack.api_key},
     )
 
 
@@ -50,7 +50,12 @@ def watch_in_a_terminal(stack: Stack, job_id: str) -> tuple[int, str]:
         stdin=follower,
         stdout=follower,
         stderr=follower,
-        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"},
+        env={
+            **os.environ,
+            "TERM": "xterm-256color",
+            "COLUMNS": "120",
+            "MODELYARD_API_KEY": stack.api_key,
+        },
         close_fds=True,
     )
     os.close(follower)

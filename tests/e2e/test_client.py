@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_a_generation_job_from_submit_to_outputs(one_worker: Stack) -> None:
-    with Client(one_worker.base_url) as client:
+    with Client(one_worker.base_url, api_key=one_worker.api_key) as client:
         key = uuid.uuid4().hex
         spec = {"model": TINY_MODEL, "prompts": ["The blue mug"], "max_new_tokens": 6}
         job = client.submit("generate", spec, idempotency_key=key, metadata={"ticket": "T-1"})
@@ -44,7 +44,7 @@ def test_a_generation_job_from_submit_to_outputs(one_worker: Stack) -> None:
 
 
 def test_typed_errors_and_datasets(one_worker: Stack, tmp_path: Path) -> None:
-    with Client(one_worker.base_url) as client:
+    with Client(one_worker.base_url, api_key=one_worker.api_key) as client:
         with pytest.raises(NotFoundError) as missing:
             client.get("job_missing")
         assert missing.value.status_code == 404 and missing.value.type == "not_found"

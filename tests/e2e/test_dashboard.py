@@ -74,6 +74,15 @@ def cls_stack(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Stack:
     return stack
 
 
+def sign_in(browser: Any, stack: Stack) -> None:
+    """Put the stack's API key where the dashboard keeps it (the tab's sessionStorage),
+    as its API key field does."""
+    browser.get(f"{stack.base_url}/ui/")
+    browser.execute_script(
+        "sessionStorage.setItem('modelyard.apiKey', arguments[0])", stack.api_key
+    )
+
+
 def api_metrics(stack: Stack, job_id: str, name: str) -> list[dict[str, Any]]:
     with stack.client() as c:
         body = c.get(f"/v1/jobs/{job_id}/metrics", params={"name": name, "limit": 5000}).json()
@@ -112,6 +121,7 @@ def test_dashboard_shows_a_finished_finetune(
     rates = api_metrics(stack, job["id"], "learning_rate")
     assert len(losses) >= 4
 
+    sign_in(browser, stack)
     browser.get(f"{stack.base_url}/ui/#/jobs/{job['id']}")
     page = WebDriverWait(browser, PAGE_TIMEOUT_S).until(
         lambda d: d.find_element(By.CSS_SELECTOR, "#job-page[data-loaded='complete']")
@@ -164,6 +174,7 @@ def test_dashboard_shows_markup_in_job_data_as_text(cls_stack: Stack, browser: A
 
     job = cls_stack.submit({"duration_s": 0}, kind="noop", metadata={MARKUP_KEY: MARKUP})
     cls_stack.wait_status(job["id"], ("succeeded",))
+    sign_in(browser, cls_stack)
     browser.get(f"{cls_stack.base_url}/ui/#/jobs/{job['id']}")
     WebDriverWait(browser, PAGE_TIMEOUT_S).until(
         lambda d: d.find_element(By.CSS_SELECTOR, "#job-page[data-loaded='complete']")
@@ -195,22 +206,23 @@ def test_dashboard_sends_the_api_key_it_was_given(
 
     job = cls_stack.submit({"duration_s": 0}, kind="noop")
     browser.get(f"{cls_stack.base_url}/ui/")
-    WebDriverWait(browser, PAGE_TIMEOUT_S).until(
-        lambda d: d.find_elements(By.CSS_SELECTOR, f"#jobs-table tr[data-job='{job['id']}']")
-    )
+    WebDriverWait(browser, PAGE_TIMEOUT_S).until(lambda d: sent_headers(d, "/v1/jobs"))
     assert all("authorization" not in h for h in sent_headers(browser, "/v1/jobs"))
+    assert not browser.find_elements(By.CSS_SELECTOR, f"#jobs-table tr[data-job='{job['id']}']")
     browser.save_screenshot(str(tmp_path / "jobs.png"))
-    browser.find_element(By.ID, "api-key").send_keys("my-key-123")
+    key = cls_stack.api_key
+    browser.find_element(By.ID, "api-key").send_keys(key)
     browser.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
     WebDriverWait(browser, PAGE_TIMEOUT_S).until(
         lambda d: d.find_element(By.ID, "key-state").text == "key set for this tab"
     )
     WebDriverWait(browser, PAGE_TIMEOUT_S).until(
         lambda d: any(
-            h.get("authorization") == "Bearer my-key-123" for h in sent_headers(d, "/v1/jobs")
+            h.get("authorization") == f"Bearer {key}" for h in sent_headers(d, "/v1/jobs")
         )
     )
-    assert browser.execute_script("return sessionStorage.getItem('modelyard.apiKey')") == (
-        "my-key-123"
+    WebDriverWait(browser, PAGE_TIMEOUT_S).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, f"#jobs-table tr[data-job='{job['id']}']")
     )
+    assert browser.execute_script("return sessionStorage.getItem('modelyard.apiKey')") == key
     assert browser.find_element(By.ID, "api-key").get_attribute("value") == ""

@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 def read_sse(stack: Stack, job_id: str, last_event_id: str | None = None) -> list[dict[str, Any]]:
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    headers.update(stack.headers)
     events: list[dict[str, Any]] = []
     current: dict[str, Any] = {}
     with httpx.stream(
@@ -55,6 +56,10 @@ def test_events_stream_follows_a_job_to_its_end_and_resumes(one_worker: Stack) -
 
 
 def test_events_stream_of_an_unknown_job_is_a_typed_404(one_worker: Stack) -> None:
-    resp = httpx.get(f"{one_worker.base_url}/v1/jobs/job_nope/events/stream", timeout=10)
+    resp = httpx.get(
+        f"{one_worker.base_url}/v1/jobs/job_nope/events/stream",
+        headers=one_worker.headers,
+        timeout=10,
+    )
     assert resp.status_code == 404
     assert resp.json()["error"]["type"] == "not_found"

@@ -53,6 +53,8 @@ def test_generated_requests_find_no_server_error_and_no_schema_violation(
             "--seed",
             "1",
             "--no-color",
+            "--header",
+            f"Authorization: Bearer {api_only.api_key}",
         ],
         cwd=ROOT,
         capture_output=True,

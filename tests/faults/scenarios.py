@@ -484,7 +484,7 @@ def postgres_down_during_finetune(lab: Lab, down_s: float = 8.0) -> Outcome:
     lab.pg.stop()
     stopped = now()
     answers: list[tuple[str, int, str]] = []
-    with httpx.Client(base_url=lab.stack.base_url, timeout=10) as c:
+    with lab.stack.client() as c:
         while (now() - stopped).total_seconds() < down_s:
             for method, path, body in (
                 ("GET", f"/v1/jobs/{job['id']}", None),
@@ -508,7 +508,9 @@ def postgres_down_during_finetune(lab: Lab, down_s: float = 8.0) -> Outcome:
 
     def answering() -> bool:
         try:
-            return httpx.get(f"{lab.stack.base_url}/v1/jobs/{job['id']}", timeout=5).is_success
+            return httpx.get(
+                f"{lab.stack.base_url}/v1/jobs/{job['id']}", headers=lab.stack.headers, timeout=5
+            ).is_success
         except httpx.HTTPError:
             return False
 
@@ -609,7 +611,8 @@ def disk_full_on_checkpoint(lab: Lab, every: int = 20) -> Outcome:
     )
     wait_for(lambda: lab.checkpoints(job["id"]), 180, "first checkpoint", 0.1)
     limit_file_size(worker.pid, 256 * 1024)
-    workdir = lab.stack.workdir / "data" / "jobs" / job["id"] / "checkpoints"
+    jobs_dir = lab.stack.workdir / "data" / "tenants" / "default" / "jobs"
+    workdir = jobs_dir / job["id"] / "checkpoints"
     try:
         failed = lab.wait(job["id"], ("queued", *TERMINAL), 120)
         failed_at = now()
@@ -684,7 +687,7 @@ def concurrent_idempotent_posts(lab: Lab, clients: int = 10) -> Outcome:
     lock = threading.Lock()
 
     def post() -> None:
-        with httpx.Client(base_url=lab.stack.base_url, timeout=30) as c:
+        with lab.stack.client() as c:
             barrier.wait()
             r = c.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
         with lock:

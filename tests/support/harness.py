@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from tests.support.auth import TEST_RPM, bearer, make_key
 from tests.support.services import free_port
 
 TERMINAL = ("succeeded", "failed", "cancelled", "expired")
@@ -97,6 +98,7 @@ class Stack:
             "MODELYARD_REPUBLISH_GRACE_S": "1",
             "MODELYARD_RETRY_BACKOFF_S": "0.5",
             "MODELYARD_LOG_LEVEL": "INFO",
+            "MODELYARD_REQUESTS_PER_MINUTE": TEST_RPM,
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
             "OMP_NUM_THREADS": "1",
@@ -106,6 +108,10 @@ class Stack:
         self.beat: Proc | None = None
         self.workers: list[Proc] = []
         self.base_url = ""
+        self.database_url = database_url
+        # An admin key of the default tenant, made once the API migrated the database;
+        # `client()`, the CLI (MODELYARD_API_KEY) and the SDK use it.
+        self.api_key = ""
         self._count = 0
 
     def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
@@ -130,6 +136,13 @@ class Stack:
                 return False
 
         wait_for(ready, 60, "api /readyz")
+        if not self.api_key:
+            self.api_key = make_key(self.database_url)
+            self.env["MODELYARD_API_KEY"] = self.api_key
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return bearer(self.api_key)
 
     def start_worker(
         self, wait_ready: bool = True, pool: str | None = None, env: dict[str, str] | None = None
@@ -170,7 +183,7 @@ class Stack:
 
     # HTTP helpers
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=30)
+        return httpx.Client(base_url=self.base_url, timeout=30, headers=self.headers)
 
     def submit(self, spec: dict[str, Any], **body: Any) -> dict[str, Any]:
         with self.client() as c:

@@ -299,7 +299,7 @@ def test_cancel_keeps_finished_lines(settings: Settings, executor: JobExecutor) 
 
         wait_for(first_line_stored, 60, "a first stored line")
         with session_scope(settings.database_url) as s:
-            request_cancel(s, job_id)
+            request_cancel(s, job_id, tenant_id=None)
 
     canceller = threading.Thread(target=cancel_after_first_line)
     canceller.start()

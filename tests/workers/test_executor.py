@@ -140,7 +140,7 @@ def test_cancel_seen_by_heartbeat_cancels(
 
     def wait_for_cancel(ctx: RunContext) -> list[GeneratedText]:
         with session_scope(settings.database_url) as s:
-            request_cancel(s, ctx.job_id)
+            request_cancel(s, ctx.job_id, tenant_id=None)
         assert ctx.stop_event.wait(5)
         ctx.check_stop()
         return []

@@ -16,6 +16,7 @@ from api.main import create_app
 from core.enums import FailureType, FineTuneTask
 from core.errors import PermanentJobError
 from core.settings import Settings
+from tests.support.auth import bearer, make_key
 from tests.support.services import redis_db_index
 from workers.generation.cache import _load
 from workers.model_refs import resolve_local
@@ -111,6 +112,7 @@ def test_the_api_refuses_both_with_422(
             )
         ) as client,
     ):
+        client.headers.update(bearer(make_key(f"sqlite:///{tmp_path / 'm.db'}")))
         for name, expected in (("pickled", "no safetensors"), ("remote-code", "auto_map")):
             resp = client.post(
                 "/v1/jobs",

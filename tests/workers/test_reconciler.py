@@ -99,7 +99,7 @@ def test_expired_lease_with_cancel_requested_is_cancelled(
     job_id = insert_job(settings.database_url)
     expire_lease(settings, job_id)
     with session_scope(settings.database_url) as s:
-        request_cancel(s, job_id)
+        request_cancel(s, job_id, tenant_id=None)
     assert reconcile(settings, publisher).cancelled == 1
     assert load_job(settings.database_url, job_id).status == "cancelled"
     with session_scope(settings.database_url) as s:

@@ -94,7 +94,7 @@ class BatchRunner:
             job = get_job(session, job_id)
             if job is None:
                 raise PermanentJobError(f"job {job_id} no longer exists", FailureType.INVALID_SPEC)
-            ds = get_dataset(session, spec.input_dataset)
+            ds = get_dataset(session, spec.input_dataset, job.tenant_id)
             if ds is None:
                 raise PermanentJobError(
                     f"dataset {spec.input_dataset!r} no longer exists", FailureType.INVALID_SPEC

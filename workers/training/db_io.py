@@ -16,6 +16,7 @@ from core.errors import PermanentJobError, TransientJobError
 from core.settings import Settings
 from db.datasets import get_dataset
 from db.events import append_event
+from db.jobs import get_job
 from db.models import Job
 from db.session import DATABASE_UNAVAILABLE, session_scope
 from db.training import add_checkpoint, add_metrics, discard_metrics_after, list_checkpoints
@@ -27,8 +28,13 @@ from workers.training.io import CheckpointInfo, DatasetRows, MetricPoint, Resolv
 logger = logging.getLogger(__name__)
 
 
-def job_dir(settings: Settings, job_id: str) -> Path:
-    return settings.data_dir.resolve() / "jobs" / job_id
+def job_dir(settings: Settings, job_id: str, tenant_id: str | None = None) -> Path:
+    """A job's artifacts (checkpoints, the trained model): under its tenant's directory,
+    named by the server-made job id only."""
+    root = settings.data_dir.resolve()
+    if tenant_id is None:
+        return root / "jobs" / job_id
+    return root / "tenants" / tenant_id / "jobs" / job_id
 
 
 Write = Callable[[Session], None]
@@ -47,7 +53,9 @@ class DbTrainingIO:
     def __init__(self, settings: Settings, ctx: RunContext) -> None:
         self._settings = settings
         self._ctx = ctx
-        self.work_dir = job_dir(settings, ctx.job_id)  # created by whoever writes into it
+        self.work_dir = job_dir(
+            settings, ctx.job_id, ctx.tenant_id
+        )  # created by whoever writes into it
         self._pending: list[Write] = []
         self._outage_since: float | None = None
 
@@ -118,7 +126,7 @@ class DbTrainingIO:
 
     def dataset(self, dataset_id: str) -> DatasetRows:
         with session_scope(self._settings.database_url, readonly=True) as session:
-            ds = get_dataset(session, dataset_id)
+            ds = get_dataset(session, dataset_id, self._ctx.tenant_id)
             if ds is None:
                 raise PermanentJobError(
                     f"dataset {dataset_id!r} no longer exists", FailureType.INVALID_SPEC
@@ -128,7 +136,7 @@ class DbTrainingIO:
         return DatasetRows(id=dataset_id, schema=DatasetSchema(schema), rows=rows, labels=labels)
 
     def resolve_model(self, ref: str) -> ResolvedModel:
-        return resolve_model(self._settings, ref)
+        return resolve_model(self._settings, ref, self._ctx.tenant_id)
 
     def record_metrics(self, points: Sequence[MetricPoint]) -> None:
         if not points:
@@ -175,7 +183,9 @@ class DbTrainingIO:
         return recorded
 
     def checkpoint_of(self, job_id: str, step: int | None) -> CheckpointInfo:
-        for checkpoint in self._checkpoints(job_id):
+        with session_scope(self._settings.database_url, readonly=True) as session:
+            visible = get_job(session, job_id, self._ctx.tenant_id) is not None
+        for checkpoint in self._checkpoints(job_id) if visible else []:
             if step is None or checkpoint.step == step:
                 return checkpoint
         raise PermanentJobError(

@@ -1,0 +1,183 @@
+"""API keys: who is calling (a Principal), what they may do (scopes), how often (rate limit).
+
+Scopes: `jobs:read` (read jobs, outputs, events, datasets, models, deliveries),
+`jobs:write` (submit and cancel jobs, upload and delete datasets, batch files),
+`models:write` (delete registered models), `admin` (the tenant's keys and audit log;
+on the `default` tenant also every tenant). `admin` implies all the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import redis
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+
+from core.errors import AuthenticationError, PermissionDeniedError, RateLimitedError
+from core.settings import Settings
+from db.base import utcnow
+from db.models import DEFAULT_TENANT, ApiKey, Tenant
+from db.session import get_sessionmaker
+from db.tenants import LAST_USED_EVERY, SCOPES, hash_key, touch_key
+
+logger = logging.getLogger(__name__)
+
+WINDOW_S = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    tenant_id: str
+    key_id: str | None  # None in development mode (auth disabled)
+    scopes: frozenset[str]
+    requests_per_minute: int
+
+    def allows(self, scope: str) -> bool:
+        return "admin" in self.scopes or scope in self.scopes
+
+    @property
+    def operator(self) -> bool:
+        """An admin of the `default` tenant: manages every tenant."""
+        return self.tenant_id == DEFAULT_TENANT and "admin" in self.scopes
+
+
+class RateLimiter:
+    """Requests per minute per key as a sliding window counter in Redis: this minute's
+    count plus last minute's weighted by how much of it the window still covers. Two
+    keys per API key, one round trip per request, no 2x burst at a minute boundary
+    (which a fixed window allows). When Redis is unreachable requests pass (logged):
+    the broker being down already stops new work from running."""
+
+    def __init__(self, url: str) -> None:
+        self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+    def retry_after(self, key: str, limit: int, now: float | None = None) -> int | None:
+        """Count a request; None when it is within `limit`, else seconds to wait."""
+        now = time.time() if now is None else now
+        window = int(now // WINDOW_S)
+        elapsed = now - window * WINDOW_S
+        current = f"modelyard:ratelimit:{key}:{window}"
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.incr(current)
+            pipe.expire(current, 2 * WINDOW_S)
+            pipe.get(f"modelyard:ratelimit:{key}:{window - 1}")
+            count, _, previous = pipe.execute()
+        except redis.RedisError as exc:
+            logger.warning("rate limit not checked, redis unavailable: %s", type(exc).__name__)
+            return None
+        cur, prev = int(count), int(previous or 0)
+        if prev * (WINDOW_S - elapsed) / WINDOW_S + cur <= limit:
+            return None
+        room = limit - 1  # the estimate must fall to this for one more request to pass
+        if cur <= room and prev:
+            wait = WINDOW_S - WINDOW_S * (room - cur) / prev - elapsed
+        else:
+            wait = WINDOW_S - elapsed + WINDOW_S - WINDOW_S * max(room, 0) / cur
+        return max(1, math.ceil(wait))
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+_touched: dict[str, float] = {}
+_touched_lock = threading.Lock()
+
+
+def _due_for_touch(key_id: str) -> bool:
+    """True at most once a minute per key in this process (the UPDATE re-checks it)."""
+    now = time.monotonic()
+    with _touched_lock:
+        if now - _touched.get(key_id, -math.inf) < LAST_USED_EVERY.total_seconds():
+            return False
+        _touched[key_id] = now
+    return True
+
+
+# Declares the Bearer scheme in the OpenAPI schema; the errors are ours (auto_error=False).
+bearer_scheme = HTTPBearer(auto_error=False, description="An API key: `my_...`")
+
+
+def _bearer(credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is None or not credentials.credentials.strip():
+        raise AuthenticationError("an API key is required: Authorization: Bearer <key>")
+    return credentials.credentials.strip()
+
+
+def _lookup(settings: Settings, secret: str) -> Principal:
+    session = get_sessionmaker(settings.database_url, readonly=True)()
+    try:
+        row = session.execute(
+            select(ApiKey.id, ApiKey.tenant_id, ApiKey.scopes, Tenant.requests_per_minute)
+            .join(Tenant, Tenant.id == ApiKey.tenant_id)
+            .where(ApiKey.hash == hash_key(secret), ApiKey.revoked_at.is_(None))
+        ).first()
+    finally:
+        session.rollback()
+        session.close()
+    if row is None:
+        raise AuthenticationError("the API key is unknown or revoked")
+    key_id, tenant_id, scopes, own_limit = row
+    if _due_for_touch(key_id):
+        write = get_sessionmaker(settings.database_url)()
+        try:
+            touch_key(write, key_id, utcnow())
+            write.commit()
+        except Exception as exc:  # the request goes on; last_used_at is best effort
+            logger.warning("last_used_at of key %s not updated: %s", key_id, type(exc).__name__)
+        finally:
+            write.rollback()
+            write.close()
+    return Principal(
+        tenant_id=tenant_id,
+        key_id=key_id,
+        scopes=frozenset(scopes),
+        requests_per_minute=own_limit or settings.requests_per_minute,
+    )
+
+
+def authenticate(
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
+) -> Principal:
+    """The caller, from `Authorization: Bearer <key>`; 401 without a valid key."""
+    settings: Settings = request.app.state.settings
+    if settings.auth_disabled:
+        principal = Principal(
+            tenant_id=DEFAULT_TENANT,
+            key_id=None,
+            scopes=frozenset(SCOPES),
+            requests_per_minute=settings.requests_per_minute,
+        )
+    else:
+        principal = _lookup(settings, _bearer(credentials))
+    limiter: RateLimiter = request.app.state.rate_limiter
+    wait = limiter.retry_after(principal.key_id or "dev", principal.requests_per_minute)
+    if wait is not None:
+        raise RateLimitedError(
+            f"more than {principal.requests_per_minute} requests per minute; retry in {wait}s",
+            retry_after_s=wait,
+        )
+    request.state.principal = principal
+    return principal
+
+
+def require(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
+    """A dependency: the caller, who must hold `scope` (or admin); 403 otherwise."""
+    if scope not in SCOPES:
+        raise ValueError(scope)
+
+    async def check(principal: Principal = Depends(authenticate)) -> Principal:
+        if not principal.allows(scope):
+            raise PermissionDeniedError(f"this API key lacks the {scope!r} scope")
+        return principal
+
+    check.__name__ = f"require_{scope.replace(':', '_')}"
+    return check

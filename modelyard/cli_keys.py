@@ -1,0 +1,181 @@
+"""`modelyard tenants create|list` and `modelyard keys create|list|revoke`.
+
+These work on the database directly (through the settings, like `modelyard migrate`),
+so the first admin key is made without one: `modelyard keys create --name admin
+--scope admin`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from core.errors import ModelyardError
+from core.settings import Settings, get_settings
+from db import tenants as repo
+from db.models import DEFAULT_TENANT
+from db.session import migrate, session_scope
+
+console = Console()
+errors = Console(stderr=True)
+
+tenants_app = typer.Typer(help="Tenants (straight on the database).")
+keys_app = typer.Typer(help="API keys (straight on the database).")
+
+TenantOption = Annotated[str, typer.Option("--tenant", help="Tenant id or name", show_default=True)]
+
+
+def create_key(
+    settings: Settings, name: str, scopes: list[str], tenant: str = DEFAULT_TENANT
+) -> str:
+    """Create a key in the database (migrating it first); returns the key, shown once."""
+    migrate(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        tenant_id = repo.require_tenant(session, tenant).id
+        new = repo.create_key(session, tenant_id, name, scopes)
+        repo.audit(
+            session,
+            tenant_id=tenant_id,
+            key_id=None,
+            action="key.create",
+            target_type="api_key",
+            target_id=new.row.id,
+        )
+        return new.secret
+
+
+def _fail(exc: ModelyardError) -> typer.Exit:
+    errors.print(f"[red]{exc.message}[/red]")
+    return typer.Exit(2)
+
+
+@tenants_app.command("create")
+def tenants_create(
+    name: Annotated[str, typer.Argument(help="A unique name")],
+    requests_per_minute: Annotated[int | None, typer.Option(min=1)] = None,
+    max_queued_jobs: Annotated[int | None, typer.Option(min=1)] = None,
+    max_running_jobs: Annotated[int | None, typer.Option(min=1)] = None,
+    max_dataset_bytes: Annotated[int | None, typer.Option(min=1)] = None,
+) -> None:
+    """Create a tenant; prints its id."""
+    settings = get_settings()
+    migrate(settings.database_url)
+    try:
+        with session_scope(settings.database_url) as session:
+            tenant = repo.create_tenant(
+                session,
+                name,
+                requests_per_minute=requests_per_minute,
+                max_queued_jobs=max_queued_jobs,
+                max_running_jobs=max_running_jobs,
+                max_dataset_bytes=max_dataset_bytes,
+            )
+            repo.audit(
+                session,
+                tenant_id=tenant.id,
+                key_id=None,
+                action="tenant.create",
+                target_type="tenant",
+                target_id=tenant.id,
+            )
+            tenant_id = tenant.id
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    typer.echo(tenant_id)
+
+
+@tenants_app.command("list")
+def tenants_list() -> None:
+    settings = get_settings()
+    migrate(settings.database_url)
+    table = Table("id", "name", "rpm", "queued", "running", "dataset bytes", "created")
+    with session_scope(settings.database_url, readonly=True) as session:
+        for t in repo.list_tenants(session):
+            table.add_row(
+                t.id,
+                t.name,
+                *(
+                    "default" if v is None else str(v)
+                    for v in (
+                        t.requests_per_minute,
+                        t.max_queued_jobs,
+                        t.max_running_jobs,
+                        t.max_dataset_bytes,
+                    )
+                ),
+                t.created_at.isoformat(timespec="seconds"),
+            )
+    console.print(table)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option("--name", help="What the key is for")],
+    scope: Annotated[
+        list[str],
+        typer.Option("--scope", help=f"Repeatable: {', '.join(repo.SCOPES)}"),
+    ],
+    tenant: TenantOption = DEFAULT_TENANT,
+) -> None:
+    """Create a key and print it: it is shown this once, only its hash is stored."""
+    try:
+        secret = create_key(get_settings(), name, scope, tenant)
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    errors.print("[yellow]store this key now; it is not shown again[/yellow]")
+    typer.echo(secret)
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Option("--tenant", help="Only this tenant")] = None,
+) -> None:
+    """Keys with their prefix, scopes and last use (never the keys themselves)."""
+    settings = get_settings()
+    migrate(settings.database_url)
+    table = Table("id", "tenant", "name", "prefix", "scopes", "last used", "revoked")
+    try:
+        with session_scope(settings.database_url, readonly=True) as session:
+            tenant_id = repo.require_tenant(session, tenant).id if tenant else None
+            for k in repo.list_keys(session, tenant_id):
+                table.add_row(
+                    k.id,
+                    k.tenant_id,
+                    k.name,
+                    k.prefix + "...",
+                    " ".join(k.scopes),
+                    k.last_used_at.isoformat(timespec="seconds") if k.last_used_at else "-",
+                    k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else "-",
+                )
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (key_...)")]) -> None:
+    """Revoke a key: requests with it are refused (401) from now on."""
+    settings = get_settings()
+    migrate(settings.database_url)
+    try:
+        with session_scope(settings.database_url) as session:
+            key = repo.revoke_key(session, key_id, tenant_id=None)
+            repo.audit(
+                session,
+                tenant_id=key.tenant_id,
+                key_id=None,
+                action="key.revoke",
+                target_type="api_key",
+                target_id=key.id,
+            )
+    except ModelyardError as exc:
+        raise _fail(exc) from None
+    console.print(f"revoked {key_id}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(tenants_app, name="tenants")
+    app.add_typer(keys_app, name="keys")
