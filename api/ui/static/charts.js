@@ -39,14 +39,14 @@ function scale([d0, d1], [r0, r1]) {
 /**
  * series: [{name, label, points: [{x, y}], axis: "left" | "right"}]
  * Returns a <figure> with the SVG and a legend; empty series are left out of the drawing
- * but named in the legend as "no points yet".
+ * but named in the legend as "no points yet"; `empty` is the text when nothing is drawn.
  */
-export function lineChart({ id, title, series, xLabel, leftLabel, rightLabel }) {
+export function lineChart({ id, title, series, xLabel, leftLabel, rightLabel, empty }) {
   const drawn = series.filter((sr) => sr.points.length > 0);
   const figure = h("figure", { class: "chart", id });
   figure.append(h("figcaption", {}, title));
   if (drawn.length === 0) {
-    figure.append(h("p", { class: "muted" }, "No points yet."));
+    figure.append(h("p", { class: "muted" }, empty || "No points yet."));
     return figure;
   }
   const finite = (pts) => pts.filter((p) => Number.isFinite(p.y));

@@ -130,6 +130,7 @@ function chartsView(byName) {
     title: "Evaluation metrics",
     xLabel: "step",
     leftLabel: "value",
+    empty: "No evaluation metrics besides the loss (yet).",
     series: evalNames.sort().map((name) => ({
       name,
       label: name.replace(/^eval_/, ""),
