@@ -25,7 +25,12 @@ export function reportError(err) {
   banner.hidden = false;
 }
 
+function showKeyState() {
+  document.getElementById("key-state").textContent = apiKey() ? "key set for this tab" : "no key";
+}
+
 function route() {
+  showKeyState();
   if (state.stop) state.stop();
   state.stop = null;
   reportError(null);
@@ -44,24 +49,17 @@ function route() {
 function setupKey() {
   const form = document.getElementById("key-form");
   const input = document.getElementById("api-key");
-  const note = document.getElementById("key-state");
-  const show = () => {
-    note.textContent = apiKey() ? "key set for this tab" : "no key";
-  };
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     setApiKey(input.value.trim());
     input.value = "";
-    show();
     route();
   });
   document.getElementById("key-clear").addEventListener("click", () => {
     setApiKey("");
     input.value = "";
-    show();
     route();
   });
-  show();
 }
 
 async function main() {
