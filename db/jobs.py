@@ -522,36 +522,57 @@ def ready_for_model(
 
 
 def due_queued(
-    session: Session, now: datetime, grace: timedelta, limit: int = 1000
+    session: Session,
+    now: datetime,
+    grace: timedelta,
+    limit: int = 1000,
+    default_running_cap: int | None = None,
 ) -> Sequence[Job]:
     """Queued jobs that are due, unexpired and old enough that their message should have
-    arrived."""
-    stmt = (
-        select(Job)
+    arrived, to republish.
+
+    Fair across tenants: ranked within their tenant (priority, then age) and taken rank
+    by rank, so every tenant's first job comes before any tenant's second, and one
+    tenant's backlog cannot fill `limit`. A tenant with a running-jobs cap gets only as
+    many as it has room for (cap minus running), so its waiting jobs are not sent round
+    again and again only to be dropped by workers."""
+    rank = (
+        func.row_number()
+        .over(partition_by=Job.tenant_id, order_by=(Job.priority.desc(), Job.queued_at))
+        .label("rank")
+    )
+    ranked = (
+        select(Job.id, rank)
         .where(
             Job.status == JobStatus.QUEUED.value,
             Job.available_at <= now,
             Job.queued_at <= now - grace,
             not_expired(now),
         )
-        .order_by(Job.priority.desc(), Job.queued_at)
+        .subquery()
+    )
+    other = aliased(Job)
+    running = (
+        select(other.tenant_id, func.count(other.id).label("n"))
+        .where(other.status == JobStatus.RUNNING.value)
+        .group_by(other.tenant_id)
+        .subquery()
+    )
+    cap: ColumnElement[Any] = (
+        Tenant.max_running_jobs.expression
+        if default_running_cap is None
+        else func.coalesce(Tenant.max_running_jobs, default_running_cap)
+    )
+    stmt = (
+        select(Job)
+        .join(ranked, ranked.c.id == Job.id)
+        .join(Tenant, Tenant.id == Job.tenant_id)
+        .outerjoin(running, running.c.tenant_id == Job.tenant_id)
+        .where(or_(cap.is_(None), ranked.c.rank <= cap - func.coalesce(running.c.n, 0)))
+        .order_by(ranked.c.rank, Job.priority.desc(), Job.queued_at, Job.id)
         .limit(limit)
     )
-    return interleave_tenants(session.scalars(stmt).all())
-
-
-def interleave_tenants(jobs: Sequence[Job]) -> list[Job]:
-    """Round-robin over tenants, each tenant's jobs in their given order: one tenant's
-    backlog is republished after, not before, the other tenants' first jobs."""
-    by_tenant: dict[str, list[Job]] = {}
-    for job in jobs:
-        by_tenant.setdefault(job.tenant_id, []).append(job)
-    out: list[Job] = []
-    rank = 0
-    while len(out) < len(jobs):
-        out.extend(group[rank] for group in by_tenant.values() if rank < len(group))
-        rank += 1
-    return out
+    return session.scalars(stmt).all()
 
 
 @dataclass(frozen=True, slots=True)

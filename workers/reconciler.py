@@ -134,7 +134,12 @@ def reconcile(
     with session_scope(settings.database_url) as session:
         due = [
             (j.id, JobKind(j.kind), j.priority)
-            for j in due_queued(session, utcnow(), timedelta(seconds=settings.republish_grace_s))
+            for j in due_queued(
+                session,
+                utcnow(),
+                timedelta(seconds=settings.republish_grace_s),
+                default_running_cap=settings.max_running_jobs,
+            )
         ]
     missing = set(publisher.missing_markers([job_id for job_id, _, _ in due]))
     republished: list[str] = []

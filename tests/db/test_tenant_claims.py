@@ -12,7 +12,7 @@ import pytest
 from core.enums import JobStatus
 from db import tenants as tenants_repo
 from db.base import utcnow
-from db.jobs import claim, due_queued, finish_job, interleave_tenants
+from db.jobs import claim, due_queued, finish_job
 from db.models import Job
 from db.session import migrate, session_scope
 from tests.support.jobs import insert_job, load_job
@@ -94,15 +94,6 @@ def test_concurrent_claims_never_overshoot_the_cap(url: str) -> None:
     assert len(wins) >= 1
 
 
-def test_republishing_interleaves_tenants() -> None:
-    def job(tenant_id: str, n: int) -> Job:
-        return Job(id=f"{tenant_id}{n}", tenant_id=tenant_id)
-
-    backlog = [job("a", i) for i in range(4)] + [job("b", 0), job("c", 0), job("c", 1)]
-    order = [j.id for j in interleave_tenants(backlog)]
-    assert order == ["a0", "b0", "c0", "a1", "c1", "a2", "a3"]
-
-
 def test_due_queued_puts_one_tenants_backlog_after_the_others_first_jobs(url: str) -> None:
     busy, quiet = tenant(url), tenant(url)
     for _ in range(5):
@@ -113,3 +104,20 @@ def test_due_queued_puts_one_tenants_backlog_after_the_others_first_jobs(url: st
         due = [j for j in due_queued(s, later, timedelta(0)) if j.tenant_id in (busy, quiet)]
         ids = [j.id for j in due]
     assert ids.index(lone) <= 1
+
+
+def test_due_queued_leaves_out_jobs_of_a_tenant_at_its_cap(url: str) -> None:
+    t = tenant(url, max_running_jobs=2)
+    jobs = [insert_job(url, tenant_id=t) for _ in range(5)]
+    with session_scope(url) as s:
+        assert claim(s, jobs[0], "w", TTL) is not None
+
+    def due_of_t() -> list[str]:
+        with session_scope(url) as s:
+            later = utcnow() + timedelta(seconds=1)
+            return [j.id for j in due_queued(s, later, timedelta(0)) if j.tenant_id == t]
+
+    assert due_of_t() == [jobs[1]]  # room for one more
+    with session_scope(url) as s:
+        assert claim(s, jobs[1], "w", TTL) is not None
+    assert due_of_t() == []

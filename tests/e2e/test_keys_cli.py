@@ -1,0 +1,59 @@
+"""`modelyard tenants create` and `modelyard keys create|list|revoke` work on the
+database with no key at all, and the keys they make are the ones the API accepts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from core.settings import Settings
+from tests.support.auth import bearer
+from tests.support.services import redis_db_index
+
+pytestmark = [pytest.mark.e2e]
+
+
+def modelyard(database_url: str, data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "MODELYARD_DATABASE_URL": database_url,
+        "MODELYARD_DATA_DIR": str(data_dir),
+        "COLUMNS": "200",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "modelyard", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def test_first_key_from_the_cli_then_revoked(database_url: str, tmp_path: Path) -> None:
+    def run(*args: str) -> str:
+        done = modelyard(database_url, tmp_path, *args)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    tenant_id = run("tenants", "create", "acme", "--max-running-jobs", "2")
+    assert tenant_id.startswith("ten_")
+    key = run("keys", "create", "--tenant", "acme", "--name", "ci", "--scope", "jobs:read")
+    assert key.startswith("my_")
+    listed = run("keys", "list", "--tenant", "acme")
+    assert key[:11] in listed and key not in listed and "jobs:read" in listed
+    bad = modelyard(database_url, tmp_path, "keys", "create", "--name", "x", "--scope", "root")
+    assert bad.returncode == 2 and "scopes must be" in bad.stderr
+
+    with redis_db_index() as broker_url:
+        settings = Settings(data_dir=tmp_path, database_url=database_url, broker_url=broker_url)
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/v1/jobs", headers=bearer(key)).status_code == 200
+            key_id = next(line.split()[1] for line in listed.splitlines() if "key_" in line)
+            run("keys", "revoke", key_id)
+            assert client.get("/v1/jobs", headers=bearer(key)).status_code == 401
