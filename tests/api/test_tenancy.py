@@ -299,3 +299,29 @@ def test_development_mode_needs_no_key_and_says_so(
         assert dev.get("/v1/jobs").status_code == 200
         assert dev.get("/v1/admin/keys").status_code == 200
     assert any("AUTH IS DISABLED" in r.getMessage() for r in caplog.records)
+
+
+def test_another_tenants_webhook_deliveries_are_404(
+    client: TestClient, settings: Settings, other_key: str
+) -> None:
+    from sqlalchemy import update
+
+    from core.enums import WebhookEvent
+    from db.models import Job
+    from db.webhooks import queue_delivery
+
+    job = noop(client).json()
+    with session_scope(settings.database_url) as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == job["id"])
+            .values(webhook_url="https://hooks.example.com/x", webhook_events=",completed,")
+        )
+        queue_delivery(s, job["id"], WebhookEvent.COMPLETED, {"status": "succeeded"})
+    (delivery,) = client.get("/v1/webhooks/deliveries", params={"job_id": job["id"]}).json()["data"]
+    h = bearer(other_key)
+    assert error_type(client.get(f"/v1/webhooks/deliveries/{delivery['id']}", headers=h), 404)
+    redeliver = client.post(f"/v1/webhooks/deliveries/{delivery['id']}/redeliver", headers=h)
+    assert error_type(redeliver, 404) == "not_found"
+    assert client.get("/v1/webhooks/deliveries", headers=h).json()["data"] == []
+    assert client.get(f"/v1/webhooks/deliveries/{delivery['id']}").status_code == 200

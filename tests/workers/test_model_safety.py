@@ -123,3 +123,18 @@ def test_the_api_refuses_both_with_422(
             assert resp.json()["error"]["param"] == "spec.model"
         assert client.get("/v1/jobs").json()["data"] == []
     assert not marker.exists()
+
+
+def test_symlinks_out_of_the_data_dir_are_not_followed(
+    tiny_model_dir: Path, models_dir: Path, tmp_path: Path
+) -> None:
+    from workers.model_refs import inside
+
+    outside = tmp_path / "outside-model"
+    shutil.copytree(tiny_model_dir, outside)
+    (models_dir / "escape").symlink_to(outside, target_is_directory=True)
+    assert resolve_local("escape", models_dir) == "escape"  # not the directory it points to
+    with pytest.raises(PermanentJobError, match="escapes the data dir"):
+        inside(models_dir.parent, "models/escape")
+    with pytest.raises(PermanentJobError, match="escapes the data dir"):
+        inside(models_dir.parent, "../outside-model")
