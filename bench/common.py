@@ -67,6 +67,7 @@ def private_stack(database_url: str | None = None, **env: str) -> Iterator[tuple
                 "HF_HUB_OFFLINE": "1",
                 # Benchmarks send far more than a tenant's default rate.
                 "MODELYARD_REQUESTS_PER_MINUTE": "100000000",
+                "MODELYARD_MAX_QUEUED_JOBS": "100000000",
                 **{f"MODELYARD_{k.upper()}": v for k, v in env.items()},
             }
         )
@@ -78,3 +79,8 @@ def private_stack(database_url: str | None = None, **env: str) -> Iterator[tuple
             yield stack, base
         finally:
             stack.stop()
+
+
+def auth_headers() -> dict[str, str]:
+    """The Bearer header of the key `private_stack` created."""
+    return {"Authorization": f"Bearer {os.environ['MODELYARD_API_KEY']}"}

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from bench.common import percentile, private_stack
+from bench.common import auth_headers, percentile, private_stack
 from core.dispatch import JobPublisher
 from core.settings import Settings
 from db.session import migrate
@@ -35,7 +35,7 @@ def fill(url: str, start: int, stop: int, events_per_job: int) -> None:
             """
             INSERT INTO jobs (id, kind, status, spec, priority, metadata, attempts, max_attempts,
                 cancel_requested, progress, created_at, updated_at, queued_at, available_at,
-                started_at, finished_at)
+                started_at, finished_at, tenant_id)
             SELECT 'job_' || md5('bench' || i), 'noop', 'succeeded', '{}', 0,
                 json_build_object('batch', 'b' || (i %% 100)), 1, 3, false, 1.0,
                 timestamp '2026-01-01' + make_interval(secs => i),
@@ -43,7 +43,7 @@ def fill(url: str, start: int, stop: int, events_per_job: int) -> None:
                 timestamp '2026-01-01' + make_interval(secs => i),
                 timestamp '2026-01-01' + make_interval(secs => i),
                 timestamp '2026-01-01' + make_interval(secs => i),
-                timestamp '2026-01-01' + make_interval(secs => i)
+                timestamp '2026-01-01' + make_interval(secs => i), 'default'
             FROM generate_series(%s::int, %s::int) AS i
             """,
             (start, stop - 1),
@@ -61,12 +61,12 @@ def fill(url: str, start: int, stop: int, events_per_job: int) -> None:
 
 
 def add_queued(base: str) -> list[str]:
-    with httpx.Client(base_url=base) as http:
+    with httpx.Client(base_url=base, headers=auth_headers()) as http:
         return [http.post("/v1/jobs", json={"kind": "noop"}).json()["id"] for _ in range(QUEUED)]
 
 
 def measure(base: str, sample_job: str, repeats: int) -> dict[str, float]:
-    with httpx.Client(base_url=base, timeout=30) as http:
+    with httpx.Client(base_url=base, timeout=30, headers=auth_headers()) as http:
         middle = http.get("/v1/jobs", params={"limit": 100}).json()["next_cursor"]
         requests: dict[str, tuple[str, dict[str, Any]]] = {
             "list first page": ("/v1/jobs", {"limit": 20}),

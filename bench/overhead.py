@@ -23,7 +23,7 @@ import httpx
 import redis
 from sqlalchemy import func, select
 
-from bench.common import Stats, percentile, private_stack, wait_until
+from bench.common import Stats, auth_headers, percentile, private_stack, wait_until
 from db.models import Job
 from db.session import session_scope
 from modelyard.stack import Stack
@@ -65,7 +65,7 @@ def submit_many(base: str, n: int, clients: int, failures: list[str] | None = No
     per_client = [n // clients + (1 if i < n % clients else 0) for i in range(clients)]
 
     def client(count: int) -> None:
-        with httpx.Client(base_url=base, timeout=30) as http:
+        with httpx.Client(base_url=base, timeout=30, headers=auth_headers()) as http:
             for _ in range(count):
                 t0 = time.perf_counter()
                 r = http.post("/v1/jobs", json={"kind": "noop"})
@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         assert stack.log_dir is not None
         stack.start_worker()
         stack.start_worker()
-        httpx.post(f"{base}/v1/jobs", json={"kind": "noop"})  # warm up workers and pools
+        httpx.post(
+            f"{base}/v1/jobs", json={"kind": "noop"}, headers=auth_headers()
+        )  # warm up workers and pools
         wait_until(lambda: succeeded(database_url) >= 1, 120)
         raw: list[float] = []
         ours: list[float] = []
