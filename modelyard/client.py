@@ -1,19 +1,22 @@
-"""A synchronous client for the Modelyard HTTP API (httpx).
+"""Clients for the Modelyard HTTP API (httpx): `Client` (blocking) and `AsyncClient`.
 
-Errors come back as typed exceptions built from the API's `{"error": ...}` body. Calls
-that are safe to repeat (reads, and job submission, which always carries an
-Idempotency-Key) are retried on connection errors and 503s with backoff.
+Both offer the same resources: the one-request calls are written once in `_Resources`,
+and each client runs them with its own transport. Errors come back as typed exceptions
+built from the API's `{"error": ...}` body. Calls that are safe to repeat (reads, and
+job submission, which always carries an Idempotency-Key) are retried on connection
+errors and 503s with backoff.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 
@@ -105,80 +108,99 @@ def error_from(response: httpx.Response) -> ModelyardAPIError:
     )
 
 
-def parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
-    """Server-sent events as {"event", "id", "data"} (data JSON-decoded); comments skipped."""
-    current: dict[str, Any] = {}
-    for line in lines:
+class SSEParser:
+    """Server-sent events, fed a line at a time, as {"event", "id", "data"} (data
+    JSON-decoded); comments skipped. One parser serves the blocking and async streams."""
+
+    def __init__(self) -> None:
+        self._current: dict[str, Any] = {}
+
+    def feed(self, line: str) -> dict[str, Any] | None:
+        """The message a blank line completes, else None."""
         if not line:
-            if current:
-                yield current
-            current = {}
-            continue
+            done, self._current = self._current, {}
+            return done or None
         if line.startswith(":"):
-            continue
+            return None
         field, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if field == "data":
-            current["data"] = json.loads(value)
+            self._current["data"] = json.loads(value)
         elif field in ("event", "id"):
-            current[field] = value
-    if current:
-        yield current
+            self._current[field] = value
+        return None
+
+    def flush(self) -> dict[str, Any] | None:
+        return self.feed("")
 
 
-class Client:
-    def __init__(
+def parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """Server-sent events from lines of text (see SSEParser)."""
+    parser = SSEParser()
+    for line in lines:
+        message = parser.feed(line)
+        if message is not None:
+            yield message
+    last = parser.flush()
+    if last is not None:
+        yield last
+
+
+def _auth_headers(api_key: str | None, headers: dict[str, str] | None) -> dict[str, str]:
+    merged = dict(headers or {})
+    if api_key is None:
+        # The SDK runs in the caller's programs, not the server: like other API clients
+        # it falls back to the environment for its key.
+        api_key = os.environ.get("MODELYARD_API_KEY") or None
+    if api_key:
+        merged["Authorization"] = f"Bearer {api_key}"
+    return merged
+
+
+def _backoff_s(attempt: int) -> float:
+    return float(RETRY_BASE_S * 2 ** (attempt - 1))
+
+
+def _should_retry(safe: bool, attempt: int, retries: int, status_code: int | None) -> bool:
+    """Whether a failed attempt (a transport error when status_code is None) is tried again."""
+    if not safe or attempt > retries:
+        return False
+    return status_code is None or status_code == 503
+
+
+def _answer(response: httpx.Response, pick: str | None, text: bool) -> Any:
+    if response.is_error:
+        raise error_from(response)
+    if text:
+        return response.text
+    if not response.content:
+        return None
+    data = response.json()
+    return data[pick] if pick else data
+
+
+SSE_TIMEOUT = httpx.Timeout(30.0, read=None)
+R = TypeVar("R")
+
+
+class _Resources(Generic[R]):
+    """Every call that is one HTTP request, written once. `_request` returns the decoded
+    answer (blocking client) or an awaitable of it (async client)."""
+
+    def _request(
         self,
-        base_url: str,
+        method: str,
+        path: str,
         *,
-        timeout: float = 30.0,
-        api_key: str | None = None,
-        headers: dict[str, str] | None = None,
-        retries: int = RETRIES,
-    ) -> None:
-        merged = dict(headers or {})
-        if api_key is None:
-            # The SDK runs in the caller's programs, not the server: like other API clients
-            # it falls back to the environment for its key.
-            api_key = os.environ.get("MODELYARD_API_KEY") or None
-        if api_key:
-            merged["Authorization"] = f"Bearer {api_key}"
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=merged)
-        self._retries = retries
+        retry: bool | None = None,
+        pick: str | None = None,
+        text: bool = False,
+        **kwargs: Any,
+    ) -> R:
+        raise NotImplementedError
 
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._http.close()
-
-    def _request(self, method: str, path: str, *, retry: bool | None = None, **kwargs: Any) -> Any:
-        """One call; reads (and calls the caller marks safe) are retried on connection
-        errors and 503s. Answers with no body come back as None."""
-        safe = method == "GET" if retry is None else retry
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                response = self._http.request(method, path, **kwargs)
-            except httpx.TransportError:
-                if not safe or attempt > self._retries:
-                    raise
-                time.sleep(RETRY_BASE_S * 2 ** (attempt - 1))
-                continue
-            if response.status_code == 503 and safe and attempt <= self._retries:
-                time.sleep(RETRY_BASE_S * 2 ** (attempt - 1))
-                continue
-            if response.is_error:
-                raise error_from(response)
-            return response.json() if response.content else None
-
-    def ready(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._request("GET", "/readyz")
-        return result
+    def ready(self) -> R:
+        return self._request("GET", "/readyz")
 
     # Jobs
 
@@ -191,22 +213,140 @@ class Client:
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
         **options: Any,
-    ) -> dict[str, Any]:
+    ) -> R:
         """Create a job. `options` are the other body fields (webhook_url, webhook_events,
         expires_at, max_runtime_s, max_attempts). Always sends an Idempotency-Key, so a
         retried submit never creates a second job."""
         body = {"kind": kind, "spec": spec, "priority": priority, "metadata": metadata or {}}
         body.update(options)
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
-        job: dict[str, Any] = self._request(
-            "POST", "/v1/jobs", json=body, headers=headers, retry=True
-        )
-        return job
+        return self._request("POST", "/v1/jobs", json=body, headers=headers, retry=True)
 
-    def list_jobs(self, **filters: Any) -> dict[str, Any]:
+    def list_jobs(self, **filters: Any) -> R:
         """One page of jobs, newest first: `status`, `kind`, `limit`, `cursor`, ..."""
-        page: dict[str, Any] = self._request("GET", "/v1/jobs", params=filters)
-        return page
+        return self._request("GET", "/v1/jobs", params=filters)
+
+    def get(self, job_id: str) -> R:
+        return self._request("GET", f"/v1/jobs/{job_id}")
+
+    def cancel(self, job_id: str) -> R:
+        return self._request("POST", f"/v1/jobs/{job_id}/cancel", retry=True)
+
+    def outputs(self, job_id: str) -> R:
+        return self._request("GET", f"/v1/jobs/{job_id}/outputs", pick="data")
+
+    def events(self, job_id: str, after: int = 0) -> R:
+        params = {"after": after, "limit": 500}
+        return self._request("GET", f"/v1/jobs/{job_id}/events", params=params, pick="data")
+
+    def metrics(self, job_id: str, after: int = 0) -> R:
+        params = {"after": after}
+        return self._request("GET", f"/v1/jobs/{job_id}/metrics", params=params, pick="data")
+
+    def checkpoints(self, job_id: str) -> R:
+        return self._request("GET", f"/v1/jobs/{job_id}/checkpoints", pick="data")
+
+    def batch_file(self, job_id: str, name: str = "output") -> R:
+        """A batch job's `output` or `error` JSONL."""
+        return self._request("GET", f"/v1/jobs/{job_id}/files/{name}", text=True)
+
+    # Datasets and models
+
+    def upload_dataset(self, path: str | Path, *, name: str | None = None) -> R:
+        file_path = Path(path)
+        files = {"file": (name or file_path.name, file_path.read_bytes())}
+        return self._request("POST", "/v1/datasets", files=files)
+
+    def datasets(self, **filters: Any) -> R:
+        return self._request("GET", "/v1/datasets", params=filters)
+
+    def dataset(self, dataset_id: str) -> R:
+        return self._request("GET", f"/v1/datasets/{dataset_id}")
+
+    def delete_dataset(self, dataset_id: str) -> R:
+        return self._request("DELETE", f"/v1/datasets/{dataset_id}", retry=True)
+
+    def models(self, **filters: Any) -> R:
+        return self._request("GET", "/v1/models", params=filters)
+
+    def model(self, name: str) -> R:
+        return self._request("GET", f"/v1/models/{name}")
+
+    def delete_model(self, name: str) -> R:
+        return self._request("DELETE", f"/v1/models/{name}", retry=True)
+
+    # Webhooks
+
+    def rotate_webhook_secret(self) -> R:
+        """A new signing secret (shown only in this answer)."""
+        return self._request("POST", "/v1/webhooks/secret")
+
+    def webhook_deliveries(self, **filters: Any) -> R:
+        return self._request("GET", "/v1/webhooks/deliveries", params=filters)
+
+    def webhook_delivery(self, delivery_id: str) -> R:
+        return self._request("GET", f"/v1/webhooks/deliveries/{delivery_id}")
+
+    def redeliver(self, delivery_id: str) -> R:
+        path = f"/v1/webhooks/deliveries/{delivery_id}/redeliver"
+        return self._request("POST", path, retry=True)
+
+
+class Client(_Resources[Any]):
+    """The blocking client."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 30.0,
+        api_key: str | None = None,
+        headers: dict[str, str] | None = None,
+        retries: int = RETRIES,
+    ) -> None:
+        self._http = httpx.Client(
+            base_url=base_url, timeout=timeout, headers=_auth_headers(api_key, headers)
+        )
+        self._retries = retries
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        retry: bool | None = None,
+        pick: str | None = None,
+        text: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """One call; reads (and calls marked safe) are retried on connection errors and
+        503s. Answers with no body come back as None."""
+        safe = method == "GET" if retry is None else retry
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError:
+                if not _should_retry(safe, attempt, self._retries, None):
+                    raise
+                time.sleep(_backoff_s(attempt))
+                continue
+            if response.is_error and _should_retry(
+                safe, attempt, self._retries, response.status_code
+            ):
+                time.sleep(_backoff_s(attempt))
+                continue
+            return _answer(response, pick, text)
 
     def iter_jobs(self, **filters: Any) -> Iterator[dict[str, Any]]:
         """Every job matching `filters`, newest first, page by page."""
@@ -218,24 +358,6 @@ class Client:
                 return
             params["cursor"] = page["next_cursor"]
 
-    def get(self, job_id: str) -> dict[str, Any]:
-        job: dict[str, Any] = self._request("GET", f"/v1/jobs/{job_id}")
-        return job
-
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        job: dict[str, Any] = self._request("POST", f"/v1/jobs/{job_id}/cancel", retry=True)
-        return job
-
-    def outputs(self, job_id: str) -> list[dict[str, Any]]:
-        data: list[dict[str, Any]] = self._request("GET", f"/v1/jobs/{job_id}/outputs")["data"]
-        return data
-
-    def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
-        data: list[dict[str, Any]] = self._request(
-            "GET", f"/v1/jobs/{job_id}/events", params={"after": after, "limit": 500}
-        )["data"]
-        return data
-
     def iter_events(self, job_id: str, after: int = 0) -> Iterator[dict[str, Any]]:
         """The job's events as they happen (server-sent events), until it ends. A dropped
         connection is resumed after the last event received (Last-Event-ID)."""
@@ -243,17 +365,13 @@ class Client:
         failures = 0
         while True:
             headers = {"Last-Event-ID": str(last)} if last else {}
+            path = f"/v1/jobs/{job_id}/events/stream"
             try:
-                with self._http.stream(
-                    "GET",
-                    f"/v1/jobs/{job_id}/events/stream",
-                    headers=headers,
-                    timeout=httpx.Timeout(30.0, read=None),
-                ) as response:
-                    if response.is_error:
-                        response.read()
-                        raise error_from(response)
-                    for message in parse_sse(response.iter_lines()):
+                with self._http.stream("GET", path, headers=headers, timeout=SSE_TIMEOUT) as r:
+                    if r.is_error:
+                        r.read()
+                        raise error_from(r)
+                    for message in parse_sse(r.iter_lines()):
                         if message.get("event") == "end":
                             return
                         last = int(message["id"])
@@ -263,34 +381,15 @@ class Client:
                 failures += 1
                 if failures > self._retries:
                     raise
-                time.sleep(RETRY_BASE_S * 2 ** (failures - 1))
+                time.sleep(_backoff_s(failures))
 
     def stream_tokens(self, job_id: str) -> Iterator[dict[str, Any]]:
         """A generation job's `token` / `restart` / `done` server-sent events."""
-        with self._http.stream(
-            "GET", f"/v1/jobs/{job_id}/stream", timeout=httpx.Timeout(30.0, read=None)
-        ) as response:
-            if response.is_error:
-                response.read()
-                raise error_from(response)
-            yield from parse_sse(response.iter_lines())
-
-    def metrics(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
-        data: list[dict[str, Any]] = self._request(
-            "GET", f"/v1/jobs/{job_id}/metrics", params={"after": after}
-        )["data"]
-        return data
-
-    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
-        data: list[dict[str, Any]] = self._request("GET", f"/v1/jobs/{job_id}/checkpoints")["data"]
-        return data
-
-    def batch_file(self, job_id: str, name: str = "output") -> str:
-        """A batch job's `output` or `error` JSONL."""
-        response = self._http.get(f"/v1/jobs/{job_id}/files/{name}")
-        if response.is_error:
-            raise error_from(response)
-        return response.text
+        with self._http.stream("GET", f"/v1/jobs/{job_id}/stream", timeout=SSE_TIMEOUT) as r:
+            if r.is_error:
+                r.read()
+                raise error_from(r)
+            yield from parse_sse(r.iter_lines())
 
     def wait(
         self,
@@ -303,7 +402,7 @@ class Client:
         deadline = time.monotonic() + timeout
         delay = 0.1
         while True:
-            job = self.get(job_id)
+            job: dict[str, Any] = self.get(job_id)
             if on_update is not None:
                 on_update(job)
             if job["status"] in TERMINAL_STATUSES:
@@ -313,54 +412,129 @@ class Client:
             time.sleep(delay)
             delay = min(delay * 1.5, 2.0)
 
-    # Datasets and models
 
-    def upload_dataset(self, path: str | Path, *, name: str | None = None) -> dict[str, Any]:
-        file_path = Path(path)
-        with file_path.open("rb") as fh:
-            files = {"file": (name or file_path.name, fh)}
-            dataset: dict[str, Any] = self._request("POST", "/v1/datasets", files=files)
-        return dataset
+class AsyncClient(_Resources[Awaitable[Any]]):
+    """The asyncio client: the same calls as `Client`, awaited
+    (`job = await client.submit(...)`, `async for event in client.iter_events(id)`)."""
 
-    def datasets(self, **filters: Any) -> dict[str, Any]:
-        page: dict[str, Any] = self._request("GET", "/v1/datasets", params=filters)
-        return page
-
-    def dataset(self, dataset_id: str) -> dict[str, Any]:
-        found: dict[str, Any] = self._request("GET", f"/v1/datasets/{dataset_id}")
-        return found
-
-    def delete_dataset(self, dataset_id: str) -> None:
-        self._request("DELETE", f"/v1/datasets/{dataset_id}", retry=True)
-
-    def models(self, **filters: Any) -> dict[str, Any]:
-        page: dict[str, Any] = self._request("GET", "/v1/models", params=filters)
-        return page
-
-    def model(self, name: str) -> dict[str, Any]:
-        model: dict[str, Any] = self._request("GET", f"/v1/models/{name}")
-        return model
-
-    def delete_model(self, name: str) -> None:
-        self._request("DELETE", f"/v1/models/{name}", retry=True)
-
-    # Webhooks
-
-    def rotate_webhook_secret(self) -> dict[str, Any]:
-        """A new signing secret (shown only in this answer)."""
-        created: dict[str, Any] = self._request("POST", "/v1/webhooks/secret")
-        return created
-
-    def webhook_deliveries(self, **filters: Any) -> dict[str, Any]:
-        page: dict[str, Any] = self._request("GET", "/v1/webhooks/deliveries", params=filters)
-        return page
-
-    def webhook_delivery(self, delivery_id: str) -> dict[str, Any]:
-        found: dict[str, Any] = self._request("GET", f"/v1/webhooks/deliveries/{delivery_id}")
-        return found
-
-    def redeliver(self, delivery_id: str) -> dict[str, Any]:
-        again: dict[str, Any] = self._request(
-            "POST", f"/v1/webhooks/deliveries/{delivery_id}/redeliver", retry=True
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 30.0,
+        api_key: str | None = None,
+        headers: dict[str, str] | None = None,
+        retries: int = RETRIES,
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=base_url, timeout=timeout, headers=_auth_headers(api_key, headers)
         )
-        return again
+        self._retries = retries
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        retry: bool | None = None,
+        pick: str | None = None,
+        text: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        safe = method == "GET" if retry is None else retry
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = await self._http.request(method, path, **kwargs)
+            except httpx.TransportError:
+                if not _should_retry(safe, attempt, self._retries, None):
+                    raise
+                await asyncio.sleep(_backoff_s(attempt))
+                continue
+            if response.is_error and _should_retry(
+                safe, attempt, self._retries, response.status_code
+            ):
+                await asyncio.sleep(_backoff_s(attempt))
+                continue
+            return _answer(response, pick, text)
+
+    async def iter_jobs(self, **filters: Any) -> AsyncIterator[dict[str, Any]]:
+        """Every job matching `filters`, newest first, page by page."""
+        params = dict(filters)
+        while True:
+            page = await self.list_jobs(**params)
+            for job in page["data"]:
+                yield job
+            if not page.get("next_cursor"):
+                return
+            params["cursor"] = page["next_cursor"]
+
+    async def _sse(self, path: str, headers: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
+        async with self._http.stream("GET", path, headers=headers, timeout=SSE_TIMEOUT) as r:
+            if r.is_error:
+                await r.aread()
+                raise error_from(r)
+            parser = SSEParser()
+            async for line in r.aiter_lines():
+                message = parser.feed(line)
+                if message is not None:
+                    yield message
+            last = parser.flush()
+            if last is not None:
+                yield last
+
+    async def iter_events(self, job_id: str, after: int = 0) -> AsyncIterator[dict[str, Any]]:
+        """The job's events as they happen, until it ends; resumed after a dropped
+        connection from the last event received (Last-Event-ID)."""
+        last = after
+        failures = 0
+        while True:
+            headers = {"Last-Event-ID": str(last)} if last else {}
+            try:
+                async for message in self._sse(f"/v1/jobs/{job_id}/events/stream", headers):
+                    if message.get("event") == "end":
+                        return
+                    last = int(message["id"])
+                    failures = 0
+                    yield message["data"]
+            except httpx.TransportError:
+                failures += 1
+                if failures > self._retries:
+                    raise
+                await asyncio.sleep(_backoff_s(failures))
+
+    async def stream_tokens(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
+        """A generation job's `token` / `restart` / `done` server-sent events."""
+        async for message in self._sse(f"/v1/jobs/{job_id}/stream", {}):
+            yield message
+
+    async def wait(
+        self,
+        job_id: str,
+        timeout: float = 600.0,
+        *,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll with backoff until the job ends; TimeoutError if it doesn't in time."""
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        while True:
+            job: dict[str, Any] = await self.get(job_id)
+            if on_update is not None:
+                on_update(job)
+            if job["status"] in TERMINAL_STATUSES:
+                return job
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 2.0)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from modelyard.client import (
+    AsyncClient,
     Client,
     ConflictError,
     InvalidRequestError,
@@ -68,3 +71,48 @@ def test_reads_retry_then_give_up_when_nothing_listens() -> None:
     client = Client(f"http://127.0.0.1:{free_port()}", retries=1)
     with client, pytest.raises(httpx.ConnectError):
         client.get("job_x")
+
+
+def test_the_async_client_drives_the_same_lifecycle(one_worker: Stack) -> None:
+    async def lifecycle() -> tuple[list[dict[str, Any]], dict[str, Any], list[Any], str]:
+        async with AsyncClient(one_worker.base_url, api_key=one_worker.api_key) as client:
+            spec = {"model": TINY_MODEL, "prompts": ["The blue mug"], "max_new_tokens": 4}
+            job = await client.submit("generate", spec)
+            seen = [event async for event in client.iter_events(job["id"])]
+            done = await client.wait(job["id"], timeout=60)
+            outputs = await client.outputs(job["id"])
+            tokens = [m async for m in client.stream_tokens(job["id"])]
+            text = "".join(t["data"]["text"] for t in tokens if t["event"] == "token")
+            assert text == outputs[0]["text"]
+            try:
+                await client.cancel(done["id"])
+            except ConflictError as refused:
+                error = refused.type
+            return seen, done, outputs, error
+
+    seen, done, outputs, error = asyncio.run(lifecycle())
+    statuses = [e["data"]["status"] for e in seen if e["type"] == "status"]
+    assert statuses[0] == "queued" and statuses[-1] == "succeeded"
+    assert done["status"] == "succeeded" and outputs[0]["completion_tokens"] >= 1
+    assert error == "invalid_state"
+
+
+def test_the_async_client_raises_typed_errors_and_gives_up_when_nothing_listens(
+    one_worker: Stack,
+) -> None:
+    async def missing() -> NotFoundError:
+        async with AsyncClient(one_worker.base_url, api_key=one_worker.api_key) as client:
+            try:
+                await client.get("job_missing")
+            except NotFoundError as error:
+                return error
+        raise AssertionError("no error")
+
+    assert asyncio.run(missing()).status_code == 404
+
+    async def unreachable() -> None:
+        async with AsyncClient(f"http://127.0.0.1:{free_port()}", retries=1) as client:
+            await client.get("job_x")
+
+    with pytest.raises(httpx.ConnectError):
+        asyncio.run(unreachable())

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import httpx
 import pytest
 
+from modelyard.client import parse_sse
 from tests.support.harness import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -18,22 +18,15 @@ def read_sse(stack: Stack, job_id: str, last_event_id: str | None = None) -> lis
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
     headers.update(stack.headers)
     events: list[dict[str, Any]] = []
-    current: dict[str, Any] = {}
     with httpx.stream(
         "GET", f"{stack.base_url}/v1/jobs/{job_id}/events/stream", headers=headers, timeout=60
     ) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
-        for line in resp.iter_lines():
-            if not line:
-                if current:
-                    events.append(current)
-                    if current.get("event") == "end":
-                        break
-                current = {}
-            elif not line.startswith(":"):
-                field, _, value = line.partition(": ")
-                current[field] = json.loads(value) if field == "data" else value
+        for message in parse_sse(resp.iter_lines()):
+            events.append(message)
+            if message.get("event") == "end":
+                break
     return events
 
 
