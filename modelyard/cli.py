@@ -17,6 +17,7 @@ from rich.panel import Panel
 
 from core.logs import configure_logging
 from core.settings import Settings, get_settings
+from modelyard.cli_data import register as register_data_commands
 from modelyard.cli_jobs import register as register_job_commands
 from modelyard.cli_keys import register as register_key_commands
 
@@ -383,6 +384,7 @@ def _demo_answers(client: Any, model: str) -> list[str]:
 
 
 register_job_commands(app)
+register_data_commands(app)
 register_key_commands(app)
 
 

@@ -1,4 +1,4 @@
-"""`modelyard submit | jobs | show | watch | events | cancel | outputs`: the HTTP API from
+"""`modelyard submit | jobs | show | watch | events | logs | cancel | outputs`: the HTTP API from
 the shell. Exit codes scripts can rely on: 0 succeeded (or the command worked), 1 failed,
 3 cancelled, 4 expired, 5 the API refused or could not be reached, 6 still running when
 `watch --timeout` ran out."""
@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+import yaml
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
@@ -60,28 +61,78 @@ def _print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
 
 
+def _parse_value(text: str) -> Any:
+    """A `--set` value: JSON when it parses (numbers, lists, true), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _apply_settings(spec: dict[str, Any], settings: list[str]) -> dict[str, Any]:
+    """`key=value` and `dotted.key=value` assignments onto the spec."""
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r} is not key=value")
+        target = spec
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"--set {item!r}: {part} is not an object")
+        target[leaf] = _parse_value(value)
+    return spec
+
+
+def read_spec_file(path: Path) -> Any:
+    """A spec from a JSON file, or a YAML one (.yaml / .yml)."""
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return yaml.safe_load(text)
+    return json.loads(text)
+
+
 def submit(
     kind: Annotated[str, typer.Argument(help="generate | finetune | predict | batch | noop")],
     spec_file: Annotated[
-        Path | None, typer.Option("--spec", help="JSON file with the spec", exists=True)
+        Path | None,
+        typer.Option("--spec", help="The spec as a JSON or YAML (.yaml/.yml) file", exists=True),
     ] = None,
     spec_json: Annotated[str | None, typer.Option("--spec-json", help="The spec as JSON")] = None,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            help="Set a spec field: key=value, dotted keys for nested fields "
+            "(hyperparameters.epochs=2); values are JSON when they parse.",
+        ),
+    ] = None,
+    metadata: Annotated[
+        list[str] | None, typer.Option("--metadata", "-m", help="key=value, repeatable")
+    ] = None,
     priority: Annotated[int, typer.Option(help="0 (lowest) to 9")] = 0,
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Submit a job; prints its id (or the job as JSON)."""
+    """Submit a job from flags, a JSON/YAML spec file, or both; prints its id (or the job
+    as JSON)."""
     if spec_file is not None and spec_json is not None:
         errors.print("give --spec or --spec-json, not both")
         raise typer.Exit(2)
     try:
-        spec = json.loads(spec_file.read_text() if spec_file else (spec_json or "{}"))
-    except ValueError as exc:
-        errors.print(f"the spec is not valid JSON: {exc}")
+        spec = read_spec_file(spec_file) if spec_file else json.loads(spec_json or "{}")
+        if not isinstance(spec, dict):
+            raise ValueError("the spec must be an object")
+        _apply_settings(spec, settings or [])
+        labels = _apply_settings({}, metadata or [])
+    except (ValueError, yaml.YAMLError) as exc:
+        errors.print(f"bad spec: {exc}")
         raise typer.Exit(2) from None
     with _client(url, api_key) as client:
-        job = _call(lambda: client.submit(kind, spec, priority=priority))
+        job = _call(lambda: client.submit(kind, spec, priority=priority, metadata=labels))
     if as_json:
         _print_json(job)
     else:
@@ -129,27 +180,57 @@ def cancel(
     job_id: str,
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Cancel a job (a running one stops at its next step)."""
     with _client(url, api_key) as client:
         job = _call(lambda: client.cancel(job_id))
+    if as_json:
+        _print_json(job)
+        return
     console.print(f"{job['id']}: {job['status']} (cancel requested)")
 
 
+def _print_event(event: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+    else:
+        console.print(f"{event['created_at']}  {event['type']:<8} {event['message']}")
+
+
 def events(
+    job_id: str,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new events until the job ends")
+    ] = False,
+    url: UrlOption = "http://127.0.0.1:8000",
+    api_key: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A job's events so far (with --follow: live, until the job ends)."""
+    with _client(url, api_key) as client:
+        if follow:
+
+            def follow_events() -> None:
+                for event in client.iter_events(job_id):
+                    _print_event(event, as_json)
+
+            _call(follow_events)
+            return
+        found = _call(lambda: client.events(job_id))
+    for event in found:
+        _print_event(event, as_json)
+
+
+def logs(
     job_id: str,
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """A job's events so far."""
-    with _client(url, api_key) as client:
-        found = _call(lambda: client.events(job_id))
-    for event in found:
-        if as_json:
-            sys.stdout.write(json.dumps(event) + "\n")
-        else:
-            console.print(f"{event['created_at']}  {event['type']:<8} {event['message']}")
+    """Follow a job's events live until it ends (`events --follow`)."""
+    events(job_id, follow=True, url=url, api_key=api_key, as_json=as_json)
 
 
 def outputs(
@@ -251,5 +332,5 @@ def watch(
 
 
 def register(app: typer.Typer) -> None:
-    for command in (submit, jobs, show, watch, events, cancel, outputs):
+    for command in (submit, jobs, show, watch, events, logs, cancel, outputs):
         app.command()(command)

@@ -12,6 +12,7 @@ import select
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +118,52 @@ def test_submit_jobs_outputs_and_refusals(one_worker: Stack) -> None:
     assert "422" in refused.stderr
     missing = cli(one_worker, "show", "job_missing")
     assert missing.returncode == 5 and "not_found" in missing.stderr
+
+
+def test_submit_from_a_yaml_file_with_flags_then_logs_and_datasets(
+    one_worker: Stack, tmp_path: Path
+) -> None:
+    if one_worker.database_url.startswith("sqlite"):
+        pytest.skip("flag and file parsing do not depend on the database; run on PostgreSQL")
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(f"model: {TINY_MODEL}\nprompts:\n  - The blue mug\nmax_new_tokens: 8\n")
+    submitted = cli(
+        one_worker,
+        "submit",
+        "generate",
+        "--spec",
+        str(spec_file),
+        "--set",
+        "max_new_tokens=3",
+        "--set",
+        'stop=["zzz"]',
+        "--metadata",
+        "ticket=T-9",
+        "--json",
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job = json.loads(submitted.stdout)
+    assert job["spec"]["max_new_tokens"] == 3 and job["spec"]["stop"] == ["zzz"]
+    assert job["spec"]["prompts"] == ["The blue mug"] and job["metadata"] == {"ticket": "T-9"}
+    followed = cli(one_worker, "logs", job["id"], "--json")
+    assert followed.returncode == 0, followed.stderr
+    seen = [json.loads(line) for line in followed.stdout.splitlines()]
+    statuses = [e["data"]["status"] for e in seen if e["type"] == "status"]
+    assert statuses[0] == "queued" and statuses[-1] == "succeeded"
+    bad = cli(one_worker, "submit", "generate", "--set", "no-equals-sign")
+    assert bad.returncode == 2 and "key=value" in bad.stderr
+
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label\ngreat mug,pos\nbroken handle,neg\n")
+    uploaded = cli(one_worker, "datasets", "upload", str(data))
+    assert uploaded.returncode == 0, uploaded.stderr
+    dataset_id = uploaded.stdout.strip()
+    listed = json.loads(cli(one_worker, "datasets", "list", "--json").stdout)
+    assert dataset_id in {d["id"] for d in listed["data"]}
+    shown = json.loads(cli(one_worker, "datasets", "show", dataset_id).stdout)
+    assert shown["rows"] == 2 and sorted(shown["labels"]) == ["neg", "pos"]
+    assert cli(one_worker, "datasets", "delete", dataset_id).returncode == 0
+    assert cli(one_worker, "datasets", "show", dataset_id).returncode == 5
+    models = cli(one_worker, "models", "list", "--json")
+    assert models.returncode == 0 and isinstance(json.loads(models.stdout)["data"], list)
+    assert cli(one_worker, "models", "show", "no-such-model").returncode == 5
