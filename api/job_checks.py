@@ -28,6 +28,7 @@ from core.specs import (
     GenerateSpec,
     PredictJobRequest,
 )
+from core.storage import artifact_store
 from core.webhooks import check_destination
 from db.datasets import get_dataset
 from db.jobs import get_job
@@ -169,8 +170,10 @@ def _local_model_dir(session: Session, settings: Settings, tenant_id: str, ref: 
         if model is None:
             return None
         path = (settings.data_dir / model.path).resolve()
-        return path if path.is_relative_to(settings.data_dir.resolve()) else None
-    local = settings.models_dir / base
+        if not path.is_relative_to(settings.data_dir.resolve()):
+            return None
+        return artifact_store(settings).fetch(path)
+    local = artifact_store(settings).fetch(settings.models_dir / base)
     return local if local.is_dir() else None
 
 

@@ -47,6 +47,12 @@ class WebhookDestinationError(InvalidRequestError):
         super().__init__(message, param="webhook_url")
 
 
+class StorageError(ModelyardError):
+    """Raised when an artifact path lies outside the data dir (shared storage, core/storage.py)."""
+
+    type = "storage_error"
+
+
 class MalformedBodyError(ModelyardError):
     """Raised when a request body is not parseable JSON."""
 

@@ -150,6 +150,20 @@ class Settings(BaseSettings):
         default="INFO", description="Log level of every Modelyard process."
     )
 
+    storage_url: str = Field(
+        default="",
+        description="Shared storage for datasets, models and checkpoints when hosts do not "
+        "share the data dir: an fsspec URL such as s3://bucket/modelyard (S3-compatible, "
+        "`pip install modelyard[s3]`) or file:///mnt/shared. Every process keeps a local "
+        "copy under its data dir. Empty: the data dir is the only copy (one host, or a "
+        "shared mount).",
+    )
+    storage_options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description='fsspec options as JSON, e.g. {"endpoint_url": "http://minio:9000"}; '
+        "put credentials in the provider's own variables (AWS_ACCESS_KEY_ID, ...).",
+    )
+
     flower_host: str = Field(
         default="127.0.0.1", description="Address `modelyard flower` binds (loopback by default)."
     )

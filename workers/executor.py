@@ -20,6 +20,7 @@ from core.enums import EventType, FailureType, JobKind, JobStatus
 from core.errors import JobError, JobExpired, JobStopped, TransientJobError
 from core.logs import log_context
 from core.settings import Settings
+from core.storage import artifact_store
 from db.base import utcnow
 from db.events import append_event
 from db.jobs import claim, expire_overdue, finish_job, get_job, give_back, requeue_job
@@ -251,6 +252,7 @@ class JobExecutor:
         self, session: Session, job_id: str, spec: dict[str, Any], trained: TrainedModel
     ) -> str:
         name = model_name(trained.base_model, trained.task, spec.get("suffix"), job_id)
+        artifact_store(self._settings).publish(trained.path)
         job = get_job(session, job_id)
         register_model(
             session,

@@ -13,6 +13,7 @@ from core.enums import FailureType
 from core.errors import PermanentJobError
 from core.model_files import custom_code_reason
 from core.settings import Settings
+from core.storage import ArtifactStore, artifact_store
 from db.registry import get_model, is_registry_name
 from db.session import session_scope
 from workers.training.io import ResolvedModel
@@ -26,8 +27,12 @@ def inside(root: Path, relative: str) -> Path:
     return path
 
 
-def resolve_local(ref: str, models_dir: Path) -> str:
+def resolve_local(ref: str, models_dir: Path, store: ArtifactStore | None = None) -> str:
+    """A model directory under models_dir (fetched from shared storage when this host has
+    no copy), another local directory, or else a hub id."""
     local = models_dir / ref
+    if store is not None and local.resolve().is_relative_to(models_dir.resolve()):
+        store.fetch(local)
     if local.is_dir() and local.resolve().is_relative_to(models_dir.resolve()):
         refuse_custom_code(local)
         return str(local)
@@ -50,13 +55,13 @@ def resolve_model(settings: Settings, ref: str, tenant_id: str | None = None) ->
     """`tenant_id`: the job's tenant, whose registered models alone it may use (None: any,
     for a model already checked, e.g. one a batch of several tenants' jobs shares)."""
     if not is_registry_name(ref):
-        return ResolvedModel(ref=resolve_local(ref, settings.models_dir))
+        return ResolvedModel(ref=resolve_local(ref, settings.models_dir, artifact_store(settings)))
     with session_scope(settings.database_url, readonly=True) as session:
         model = get_model(session, ref, tenant_id)
         if model is None:
             raise PermanentJobError(f"no registered model {ref!r}", FailureType.MODEL_NOT_FOUND)
         path, base, adapter, labels = model.path, model.base_model, model.adapter, model.labels
-    directory = inside(settings.data_dir, path)
+    directory = artifact_store(settings).fetch(inside(settings.data_dir, path))
     if not directory.is_dir():
         raise PermanentJobError(
             f"registered model {ref!r} has no files at {path}", FailureType.MODEL_NOT_FOUND

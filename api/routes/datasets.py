@@ -19,6 +19,7 @@ from api.schemas import DatasetList, DatasetOut
 from core.datasets import display_filename, parse_dataset
 from core.errors import PayloadTooLargeError
 from core.settings import Settings
+from core.storage import artifact_store
 from db import datasets as datasets_repo
 from db import tenants as tenants_repo
 from db.models import new_dataset_id
@@ -56,6 +57,7 @@ def _remove_dataset_dir(settings: Settings, relative_dir: str) -> None:
         logger.warning("dataset directory %s is outside the data dir; not removed", relative_dir)
         return
     try:
+        artifact_store(settings).remove(directory)
         shutil.rmtree(directory)
     except FileNotFoundError:
         pass
@@ -107,6 +109,7 @@ def upload_dataset(
             path=f"{relative_dir}/{stored_name}",
             report=parsed.report,
         )
+        artifact_store(settings).publish(directory)
         tenants_repo.audit(
             session,
             tenant_id=who.tenant_id,

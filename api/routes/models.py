@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Response, status
 from api.cursors import decode_cursor, encode_cursor, split_page
 from api.deps import JobsRead, ModelsWrite, ReadSessionDep, SessionDep, SettingsDep
 from api.schemas import ModelList, ModelOut
+from core.storage import artifact_store
 from db import registry
 from db import tenants as tenants_repo
 
@@ -55,6 +56,7 @@ def delete_model(
     )
     session.commit()
     if directory.is_relative_to(settings.data_dir.resolve()):
+        artifact_store(settings).remove(directory)
         shutil.rmtree(directory, ignore_errors=True)
     logger.info("model %s deleted", name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -86,6 +86,8 @@ def test_flower_answers_401_without_basic_auth(locked_redis: RedisServer, tmp_pa
             wrong = httpx.get(base + path, auth=("ops", "nope"), timeout=5)
             assert wrong.status_code == 401, path
         assert httpx.get(f"{base}/api/workers", auth=("ops", FLOWER_PASSWORD)).status_code == 200
+        # docker-compose.yml's healthcheck probes this without credentials.
+        assert httpx.get(f"{base}/healthcheck", timeout=5).text == "OK"
         with pytest.raises(httpx.ConnectError):  # loopback only
             httpx.get(f"http://{_non_loopback_address()}:{port}/", timeout=2)
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")

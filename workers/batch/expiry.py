@@ -12,6 +12,7 @@ from core.datasets import load_dataset_rows
 from core.errors import DatasetFormatError, PermanentJobError
 from core.settings import Settings
 from core.specs import BatchSpec
+from core.storage import artifact_store
 from db.base import utcnow
 from db.batch import expire_queued, queued_batches, stored_lines
 from db.datasets import get_dataset
@@ -47,7 +48,9 @@ def _requests(settings: Settings, job_id: str, dataset_id: str) -> list[dict[str
             return []
         path, fmt = ds.path, ds.format
     try:
-        return load_dataset_rows(inside(settings.data_dir, path), fmt)
+        return load_dataset_rows(
+            artifact_store(settings).fetch(inside(settings.data_dir, path)), fmt
+        )
     except (OSError, DatasetFormatError, PermanentJobError) as exc:
         logger.warning("batch %s: cannot read %s (%s); expiring without lines", job_id, path, exc)
         return []

@@ -22,6 +22,7 @@ from core.enums import DatasetSchema, FailureType
 from core.errors import BatchLineError, JobExpired, JobStopped, PermanentJobError
 from core.settings import Settings
 from core.specs import BatchSpec
+from core.storage import artifact_store
 from db.base import utcnow
 from db.batch import expire_running, store_lines, stored_lines
 from db.datasets import get_dataset
@@ -105,7 +106,8 @@ class BatchRunner:
                 f"dataset {spec.input_dataset} holds {schema} rows, not batch requests",
                 FailureType.INVALID_SPEC,
             )
-        requests = load_dataset_rows(inside(self._settings.data_dir, path), fmt)
+        local = artifact_store(self._settings).fetch(inside(self._settings.data_dir, path))
+        requests = load_dataset_rows(local, fmt)
         if any(r["url"] != spec.endpoint.value for r in requests):
             raise PermanentJobError(
                 f"dataset {spec.input_dataset} does not call {spec.endpoint.value}",

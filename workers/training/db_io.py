@@ -14,6 +14,7 @@ from core.datasets import load_dataset_rows
 from core.enums import DatasetSchema, EventType, FailureType
 from core.errors import PermanentJobError, TransientJobError
 from core.settings import Settings
+from core.storage import artifact_store
 from db.datasets import get_dataset
 from db.events import append_event
 from db.jobs import get_job
@@ -132,7 +133,8 @@ class DbTrainingIO:
                     f"dataset {dataset_id!r} no longer exists", FailureType.INVALID_SPEC
                 )
             path, fmt, schema, labels = ds.path, ds.format, ds.schema, list(ds.labels)
-        rows = load_dataset_rows(inside(self._settings.data_dir, path), fmt)
+        local = artifact_store(self._settings).fetch(inside(self._settings.data_dir, path))
+        rows = load_dataset_rows(local, fmt)
         return DatasetRows(id=dataset_id, schema=DatasetSchema(schema), rows=rows, labels=labels)
 
     def resolve_model(self, ref: str) -> ResolvedModel:
@@ -148,6 +150,8 @@ class DbTrainingIO:
     def record_checkpoint(self, checkpoint: CheckpointInfo) -> None:
         job_id = self._ctx.job_id
         step, path, metrics = checkpoint.step, self._relative(checkpoint.path), checkpoint.metrics
+        # Published before its row is written: a resume on another host can fetch it.
+        artifact_store(self._settings).publish(checkpoint.path)
 
         def write(session: Session) -> None:
             add_checkpoint(session, job_id, step, path, dict(metrics))
@@ -163,7 +167,7 @@ class DbTrainingIO:
             rows = [(c.step, c.path, dict(c.metrics)) for c in list_checkpoints(session, job_id)]
         found = []
         for step, rel, metrics in rows:
-            path = inside(self._settings.data_dir, rel)
+            path = artifact_store(self._settings).fetch(inside(self._settings.data_dir, rel))
             if path.is_dir():
                 found.append(CheckpointInfo(step=step, path=path, metrics=metrics))
         return found
