@@ -638,7 +638,9 @@ def cancel_then_restart_workers(lab: Lab, at_step: int = 5) -> Outcome:
     cancelled job runs again (the queued one's message is still in Redis and is dropped)."""
     lab.fleet(2)
     dataset = lab.text_dataset()
-    blocker = lab.noop(6.0)
+    # Holds the other worker however long the fine-tune takes to reach step N (on a busy
+    # machine that can be many seconds), so the next job stays queued; cancelled at the end.
+    blocker = lab.noop(600.0)
     training = lab.submit("finetune", finetune_spec(dataset, steps=5000, every=4000))
     lab.wait(blocker["id"], ("running",), 60)
     lab.wait_step(training["id"], at_step, 120)
@@ -658,6 +660,8 @@ def cancel_then_restart_workers(lab: Lab, at_step: int = 5) -> Outcome:
         "the cancelled job's message dropped",
         0.2,
     )
+    with lab.stack.client() as c:
+        assert c.post(f"/v1/jobs/{blocker['id']}/cancel").status_code == 202
     lab.wait(blocker["id"], TERMINAL, 60)
     sentinel = lab.noop(0.1)
     lab.wait(sentinel["id"], TERMINAL, 60)
