@@ -84,6 +84,15 @@ class ModelyardCollector(Collector):
                 stats.duration_histograms(session, Job.started_at, Job.finished_at, RUN_BUCKETS),
             )
 
+            rates = GaugeMetricFamily(
+                "modelyard_training_samples_per_second",
+                "Training throughput of each running fine-tune (since its attempt started).",
+                labels=["job_id", "tenant"],
+            )
+            for job_id, tenant_id, rate in stats.training_throughput(session):
+                rates.add_metric([job_id, tenant_id], rate)
+            yield rates
+
             tokens = CounterMetricFamily(
                 "modelyard_generated_tokens", "Tokens generated in stored outputs."
             )

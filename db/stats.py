@@ -69,6 +69,20 @@ def duration_histograms(
     return result
 
 
+def training_throughput(session: Session) -> list[tuple[str, str, float]]:
+    """(job id, tenant, samples/s) of every running job whose progress reports a training
+    rate; one row per running fine-tune, so few rows."""
+    stmt = select(Job.id, Job.tenant_id, Job.progress_detail).where(
+        Job.status == JobStatus.RUNNING.value, Job.progress_detail.is_not(None)
+    )
+    found = []
+    for job_id, tenant_id, detail in session.execute(stmt):
+        rate = (detail or {}).get("samples_per_s")
+        if isinstance(rate, int | float):
+            found.append((job_id, tenant_id, float(rate)))
+    return found
+
+
 def generated_tokens(session: Session) -> int:
     return int(session.scalar(select(func.coalesce(func.sum(Output.completion_tokens), 0))) or 0)
 

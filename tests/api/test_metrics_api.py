@@ -62,3 +62,16 @@ def test_values_change_as_jobs_move(client: TestClient, settings: Settings) -> N
     waits = value(done, "modelyard_job_wait_seconds_count", kind="noop")
     assert waits == value(before, "modelyard_job_wait_seconds_count", kind="noop") + 2
     assert "modelyard_generated_tokens_total" in {name for name, _ in done}
+
+    with session_scope(settings.database_url) as session:
+        assert jobs_repo.claim(session, ids[2], "w1", timedelta(seconds=30))
+    with session_scope(settings.database_url) as session:
+        detail = {"step": 3, "total_steps": 10, "samples_per_s": 12.5}
+        jobs_repo.renew_lease(session, ids[2], "w1", timedelta(seconds=30), 0.3, detail)
+    training = scrape(client)
+    rate = value(training, "modelyard_training_samples_per_second", job_id=ids[2], tenant="default")
+    assert rate == 12.5
+    with session_scope(settings.database_url) as session:
+        assert jobs_repo.finish_job(session, ids[2], "w1", JobStatus.SUCCEEDED)
+    finished = {labels for name, labels in scrape(client) if "samples_per_second" in name}
+    assert not finished  # only running jobs report a rate

@@ -153,7 +153,7 @@ def test_causal_lm_full_learns_and_reports(
     assert ctx.progress == 1.0
     detail = ctx.detail
     assert detail["step"] == detail["total_steps"] == 30
-    assert detail["eta_s"] == 0.0 and detail["loss"] > 0
+    assert detail["eta_s"] == 0.0 and detail["loss"] > 0 and detail["samples_per_s"] > 0
     assert io.messages()[0] == "training started"
     assert "evaluation at step 10" in io.messages()
     assert capsys.readouterr().out == ""

@@ -85,10 +85,13 @@ class ProgressCallback(TrainerCallback):
     ) -> None:
         total = max(state.max_steps, 1)
         done_here = state.global_step - self._start_step
-        eta = None
-        if done_here > 0:
-            per_step = (self._clock() - self._start) / done_here
+        eta = samples_per_s = None
+        elapsed = self._clock() - self._start
+        if done_here > 0 and elapsed > 0:
+            per_step = elapsed / done_here
             eta = round(per_step * max(total - state.global_step, 0), 1)
+            samples = done_here * args.train_batch_size * args.gradient_accumulation_steps
+            samples_per_s = round(samples / elapsed, 2)
         self._ctx.report_progress(
             state.global_step / total,
             step=state.global_step,
@@ -96,6 +99,7 @@ class ProgressCallback(TrainerCallback):
             epoch=round(state.epoch or 0.0, 4),
             eta_s=eta,
             loss=self._loss,
+            samples_per_s=samples_per_s,
         )
 
 
