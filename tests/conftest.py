@@ -29,7 +29,18 @@ def install_tiny_model(tiny_model_dir: Path, data_dir: Path) -> None:
     shutil.copytree(tiny_model_dir, data_dir / "models" / TINY_MODEL, dirs_exist_ok=True)
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests that use a database run on every backend, or on the ones their module lists
+    in `BACKENDS` (with the reason next to it), or that their own parametrize names."""
+    marked = any(
+        "database_url" in str(m.args[0]) for m in metafunc.definition.iter_markers("parametrize")
+    )
+    if "database_url" in metafunc.fixturenames and not marked:
+        backends = getattr(metafunc.module, "BACKENDS", BACKENDS)
+        metafunc.parametrize("database_url", backends, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
 def database_url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:

@@ -20,6 +20,9 @@ from tests.conftest import TINY_MODEL
 from tests.support.harness import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# The HTTP and command-line surface is the same on every backend; the repositories under
+# it run on SQLite and PostgreSQL in tests/api and tests/e2e/test_spine.py.
+BACKENDS = ["postgresql"]
 
 
 def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
@@ -123,8 +126,6 @@ def test_submit_jobs_outputs_and_refusals(one_worker: Stack) -> None:
 def test_submit_from_a_yaml_file_with_flags_then_logs_and_datasets(
     one_worker: Stack, tmp_path: Path
 ) -> None:
-    if one_worker.database_url.startswith("sqlite"):
-        pytest.skip("flag and file parsing do not depend on the database; run on PostgreSQL")
     spec_file = tmp_path / "job.yaml"
     spec_file.write_text(f"model: {TINY_MODEL}\nprompts:\n  - The blue mug\nmax_new_tokens: 8\n")
     submitted = cli(

@@ -22,6 +22,9 @@ from tests.support.harness import Stack
 from tests.support.services import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# The HTTP and command-line surface is the same on every backend; the repositories under
+# it run on SQLite and PostgreSQL in tests/api and tests/e2e/test_spine.py.
+BACKENDS = ["postgresql"]
 
 
 def test_a_generation_job_from_submit_to_outputs(one_worker: Stack) -> None:

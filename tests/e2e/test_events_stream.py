@@ -12,6 +12,9 @@ from modelyard.client import parse_sse
 from tests.support.harness import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# The HTTP and command-line surface is the same on every backend; the repositories under
+# it run on SQLite and PostgreSQL in tests/api and tests/e2e/test_spine.py.
+BACKENDS = ["postgresql"]
 
 
 def read_sse(stack: Stack, job_id: str, last_event_id: str | None = None) -> list[dict[str, Any]]:
