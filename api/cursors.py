@@ -1,4 +1,5 @@
-"""Opaque keyset cursors: (created_at, key) of the last row of a page."""
+"""Opaque keyset cursors: (created_at, key) of the last row of a page; and the bound of
+the numeric `after` / Last-Event-ID cursors of event and metric lists."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import TypeVar
 from core.errors import InvalidRequestError
 
 T = TypeVar("T")
+
+MAX_ROW_ID = 2**31 - 1  # event and metric ids are 32-bit integers in the database
 
 
 def encode_cursor(created_at: datetime, key: str) -> str:

@@ -206,10 +206,14 @@ def tenant_running_cap(
     With a cap, the tenant row is locked (SELECT ... FOR UPDATE on PostgreSQL; SQLite
     serializes writers anyway) until the claim commits, so two workers claiming two jobs
     of one tenant count each other's running job: the cap can't be overshot."""
-    tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == job_id))
-    if tenant_id is None:
+    found = session.execute(
+        select(Job.tenant_id, Tenant.max_running_jobs)
+        .outerjoin(Tenant, Tenant.id == Job.tenant_id)
+        .where(Job.id == job_id)
+    ).first()
+    if found is None:
         return []
-    own = session.scalar(select(Tenant.max_running_jobs).where(Tenant.id == tenant_id))
+    tenant_id, own = found  # one query on the claim's hot path, cap or not
     cap = own if own is not None else default_cap
     if cap is None:
         return []

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import JSON, and_, exists, insert, literal, or_, select, update
+from sqlalchemy import JSON, exists, insert, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.enums import DeliveryStatus, WebhookEvent
 from core.errors import NotFoundError
-from db.base import utcnow
+from db.base import newer_first_before, utcnow
 from db.models import Job, WebhookAttempt, WebhookDelivery, WebhookSecret, new_delivery_id
 from modelyard.webhooks import new_secret
 
@@ -187,14 +187,7 @@ def list_deliveries(
         conds.append(WebhookDelivery.job_id == job_id)
     if status is not None:
         conds.append(WebhookDelivery.status == status.value)
-    if before is not None:
-        at, last_id = before
-        conds.append(
-            or_(
-                WebhookDelivery.created_at < at,
-                and_(WebhookDelivery.created_at == at, WebhookDelivery.id < last_id),
-            )
-        )
+    conds.extend(newer_first_before(WebhookDelivery.created_at, WebhookDelivery.id, before))
     stmt = (
         select(WebhookDelivery)
         .where(*conds)

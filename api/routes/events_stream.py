@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Header
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
+from api.cursors import MAX_ROW_ID
 from api.deps import JobsRead, SettingsDep
 from api.schemas import EventOut
 from core.enums import JobStatus
@@ -28,7 +29,6 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 POLL_S = 0.5  # how often a waiting stream reads new events
 KEEPALIVE_S = 14.0  # a comment line this often while nothing happens
 PAGE = 500
-MAX_EVENT_ID = 2**31 - 1
 
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)]
 
@@ -52,7 +52,7 @@ def _read(database_url: str, job_id: str, after: int, tenant_id: str | None) -> 
 def _after(last_event_id: str | None) -> int:
     if last_event_id is None or not last_event_id.isdigit():
         return 0
-    return min(int(last_event_id), MAX_EVENT_ID)
+    return min(int(last_event_id), MAX_ROW_ID)
 
 
 async def first_batch(

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal
-from api.cursors import decode_cursor, encode_cursor, split_page
+from api.cursors import MAX_ROW_ID, decode_cursor, encode_cursor, split_page
 from api.deps import (
     JobsRead,
     JobsWrite,
@@ -62,8 +62,6 @@ def _request_hash(req: AnyJobRequest) -> str:
     canonical = json.dumps(req.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
-
-MAX_ROW_ID = 2**31 - 1  # event and metric ids are 32-bit integers in the database
 
 DateTimeQuery = Query(
     description="An RFC 3339 time with a zone, e.g. 2026-11-28T12:00:00Z",
