@@ -29,13 +29,8 @@ def stack(
     """API + beat + one worker, real processes, on this module's database and Redis."""
     s = Stack(tmp_path_factory.mktemp("stack"), database_url, broker.url)
     install_tiny_model(tiny_model_dir, s.workdir / "data")
-    try:
-        s.start_api()
-        s.start_beat()
-        s.start_worker()
+    with s.running():
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture

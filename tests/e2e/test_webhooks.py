@@ -95,13 +95,8 @@ def hook_stack(
         webhook_max_attempts="4",
         webhook_progress_interval_s="0",
     )
-    try:
-        s.start_api()
-        s.start_beat()
-        s.start_worker()
+    with s.running():
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

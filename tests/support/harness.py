@@ -8,7 +8,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,19 @@ class Stack:
         for proc in self.workers:
             proc.stop()
         self.workers.clear()
+
+    @contextmanager
+    def running(self, workers: int = 1, beat: bool = True) -> Iterator[Stack]:
+        """API, then beat and `workers` workers; everything stopped on the way out."""
+        try:
+            self.start_api()
+            if beat:
+                self.start_beat()
+            for _ in range(workers):
+                self.start_worker()
+            yield self
+        finally:
+            self.stop()
 
     def stop(self) -> None:
         self.stop_workers()
