@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -185,6 +186,7 @@ def workers(
         bool, typer.Option("--check", help="Exit 1 when a worker stopped consuming")
     ] = False,
     name: Annotated[str | None, typer.Option(help="Only this worker (its Celery hostname)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines")] = False,
 ) -> None:
     """List the workers with what they do; `--check` is a readiness/liveness probe."""
     from workers.readiness import check_workers
@@ -202,12 +204,15 @@ def workers(
             console.print(f"[red]worker {name} is not reporting[/red]")
             raise typer.Exit(1)
     for w in found:
+        if as_json:
+            typer.echo(json.dumps(dataclasses.asdict(w), default=str))
+            continue
         doing = f"running {w.job}" if w.busy else f"last active {w.idle_s:.0f}s ago"
         typer.echo(
             f"{w.hostname}  {w.verdict:<8} {doing}  queues={','.join(w.queues)}  "
             f"waiting={w.waiting}"
         )
-    if not found:
+    if not found and not as_json:
         typer.echo("no worker is reporting")
     if check and (not found or any(not w.ready for w in found)):
         raise typer.Exit(1)

@@ -24,6 +24,13 @@ datasets_app = typer.Typer(help="Datasets: upload training, validation and batch
 models_app = typer.Typer(help="Models registered by fine-tuning jobs.")
 
 
+def _deleted(resource_id: str, as_json: bool) -> None:
+    if as_json:
+        _print_json({"id": resource_id, "deleted": True})
+    else:
+        console.print(f"{resource_id} deleted")
+
+
 @datasets_app.command("upload")
 def upload_dataset(
     path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL or CSV file")],
@@ -79,11 +86,12 @@ def delete_dataset(
     dataset_id: str,
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Delete a dataset (refused while a queued or running job uses it)."""
     with _client(url, api_key) as client:
         _call(lambda: client.delete_dataset(dataset_id))
-    console.print(f"{dataset_id} deleted")
+    _deleted(dataset_id, as_json)
 
 
 @models_app.command("list")
@@ -124,11 +132,12 @@ def delete_model(
     name: str,
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: KeyOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Delete a registered model and its files."""
     with _client(url, api_key) as client:
         _call(lambda: client.delete_model(name))
-    console.print(f"{name} deleted")
+    _deleted(name, as_json)
 
 
 def register(app: typer.Typer) -> None:

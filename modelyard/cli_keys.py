@@ -7,7 +7,9 @@ so the first admin key is made without one: `modelyard keys create --name admin
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from datetime import datetime
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -25,6 +27,7 @@ errors = Console(stderr=True)
 tenants_app = typer.Typer(help="Tenants (straight on the database).")
 keys_app = typer.Typer(help="API keys (straight on the database).")
 
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
 TenantOption = Annotated[str, typer.Option("--tenant", help="Tenant id or name", show_default=True)]
 
 
@@ -87,28 +90,40 @@ def tenants_create(
     typer.echo(tenant_id)
 
 
+def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
+    """Rows as a JSON array, or as a table with their keys as the header."""
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(*(rows[0] if rows else ()))
+    for row in rows:
+        table.add_row(*("-" if v is None else str(v) for v in row.values()))
+    console.print(table)
+
+
+def _when(value: datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None
+
+
 @tenants_app.command("list")
-def tenants_list() -> None:
+def tenants_list(as_json: JsonOption = False) -> None:
+    """Tenants with their quota overrides (none: the installation's default applies)."""
     settings = get_settings()
     migrate(settings.database_url)
-    table = Table("id", "name", "rpm", "queued", "running", "dataset bytes", "created")
     with session_scope(settings.database_url, readonly=True) as session:
-        for t in repo.list_tenants(session):
-            table.add_row(
-                t.id,
-                t.name,
-                *(
-                    "default" if v is None else str(v)
-                    for v in (
-                        t.requests_per_minute,
-                        t.max_queued_jobs,
-                        t.max_running_jobs,
-                        t.max_dataset_bytes,
-                    )
-                ),
-                t.created_at.isoformat(timespec="seconds"),
-            )
-    console.print(table)
+        rows = [
+            {
+                "id": t.id,
+                "name": t.name,
+                "requests_per_minute": t.requests_per_minute,
+                "max_queued_jobs": t.max_queued_jobs,
+                "max_running_jobs": t.max_running_jobs,
+                "max_dataset_bytes": t.max_dataset_bytes,
+                "created_at": _when(t.created_at),
+            }
+            for t in repo.list_tenants(session)
+        ]
+    _print_rows(rows, as_json)
 
 
 @keys_app.command("create")
@@ -132,27 +147,29 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(
     tenant: Annotated[str | None, typer.Option("--tenant", help="Only this tenant")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Keys with their prefix, scopes and last use (never the keys themselves)."""
     settings = get_settings()
     migrate(settings.database_url)
-    table = Table("id", "tenant", "name", "prefix", "scopes", "last used", "revoked")
     try:
         with session_scope(settings.database_url, readonly=True) as session:
             tenant_id = repo.require_tenant(session, tenant).id if tenant else None
-            for k in repo.list_keys(session, tenant_id):
-                table.add_row(
-                    k.id,
-                    k.tenant_id,
-                    k.name,
-                    k.prefix + "...",
-                    " ".join(k.scopes),
-                    k.last_used_at.isoformat(timespec="seconds") if k.last_used_at else "-",
-                    k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else "-",
-                )
+            rows = [
+                {
+                    "id": k.id,
+                    "tenant": k.tenant_id,
+                    "name": k.name,
+                    "prefix": k.prefix,
+                    "scopes": " ".join(k.scopes),
+                    "last_used_at": _when(k.last_used_at),
+                    "revoked_at": _when(k.revoked_at),
+                }
+                for k in repo.list_keys(session, tenant_id)
+            ]
     except ModelyardError as exc:
         raise _fail(exc) from None
-    console.print(table)
+    _print_rows(rows, as_json)
 
 
 @keys_app.command("revoke")

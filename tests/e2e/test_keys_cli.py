@@ -3,6 +3,7 @@ database with no key at all, and the keys they make are the ones the API accepts
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,6 +48,15 @@ def test_first_key_from_the_cli_then_revoked(database_url: str, tmp_path: Path) 
     assert key.startswith("my_")
     listed = run("keys", "list", "--tenant", "acme")
     assert key[:11] in listed and key not in listed and "jobs:read" in listed
+    (as_json,) = json.loads(run("keys", "list", "--tenant", "acme", "--json"))
+    assert (
+        as_json["name"] == "ci" and as_json["tenant"] == tenant_id and as_json["revoked_at"] is None
+    )
+    assert key not in json.dumps(as_json)  # only the prefix, never the key
+    tenants = {t["name"]: t for t in json.loads(run("tenants", "list", "--json"))}
+    assert (
+        tenants["acme"]["max_running_jobs"] == 2 and tenants["default"]["max_running_jobs"] is None
+    )
     bad = modelyard(database_url, tmp_path, "keys", "create", "--name", "x", "--scope", "root")
     assert bad.returncode == 2 and "scopes must be" in bad.stderr
 
