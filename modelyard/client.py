@@ -126,6 +126,14 @@ def parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
         yield current
 
 
+class JobFailedError(Exception):
+    """A job waited on by `Client.run` ended other than succeeded."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        super().__init__(f"job {job['id']} ended {job['status']}: {job.get('error')}")
+        self.job = job
+
+
 class Client:
     def __init__(
         self,
@@ -312,6 +320,42 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
             time.sleep(delay)
             delay = min(delay * 1.5, 2.0)
+
+    def run(
+        self, kind: str, spec: dict[str, Any], *, timeout: float = 600.0, **options: Any
+    ) -> dict[str, Any]:
+        """Submit a job and wait for it; JobFailedError unless it succeeds."""
+        job = self.wait(self.submit(kind, spec, **options)["id"], timeout)
+        if job["status"] != "succeeded":
+            raise JobFailedError(job)
+        return job
+
+    def rank(
+        self,
+        model: str,
+        query: str,
+        candidates: list[str],
+        *,
+        top_k: int | None = None,
+        label: str | None = None,
+        timeout: float = 600.0,
+    ) -> list[dict[str, Any]]:
+        """Candidates scored against `query` by a pair classifier, best first:
+        [{"index", "text", "score"}, ...] (`index`: the place in `candidates`)."""
+        spec: dict[str, Any] = {
+            "model": model,
+            "mode": "rank",
+            "query": query,
+            "candidates": candidates,
+        }
+        if top_k is not None:
+            spec["top_k"] = top_k
+        if label is not None:
+            spec["label"] = label
+        ranked: list[dict[str, Any]] = self.run("predict", spec, timeout=timeout)["result"][
+            "ranked"
+        ]
+        return ranked
 
     # Datasets and models
 
