@@ -82,8 +82,11 @@ def test_past_answers_pair_each_assistant_message_with_the_question_before() -> 
         PastAnswer(0, "Where is it?", "On its way."),
         PastAnswer(0, "When?", "Tomorrow."),
     ]
-    completion = [{"prompt": "Q", "completion": "A"}]
-    assert past_answers(DatasetSchema.PROMPT_COMPLETION, completion) == [PastAnswer(0, "Q", "A")]
+    completion = [{"prompt": "Q", "completion": "A"}] * 2 + [{"prompt": "Q", "completion": "B"}]
+    assert past_answers(DatasetSchema.PROMPT_COMPLETION, completion) == [
+        PastAnswer(0, "Q", "A"),
+        PastAnswer(2, "Q", "B"),
+    ]
 
 
 def test_context_message_lists_the_hits_best_first() -> None:

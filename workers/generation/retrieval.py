@@ -52,18 +52,25 @@ class Hit:
 
 def past_answers(schema: DatasetSchema, rows: list[dict[str, Any]]) -> list[PastAnswer]:
     """(question, answer) pairs: prompt and completion, or each assistant message with the
-    user message just before it."""
+    user message just before it; a pair seen before (a repeated training row) is skipped."""
     pairs: list[PastAnswer] = []
+    seen: set[tuple[str, str]] = set()
+
+    def add(row: int, question: str, answer: str) -> None:
+        if (question, answer) not in seen:
+            seen.add((question, answer))
+            pairs.append(PastAnswer(row, question, answer))
+
     for index, row in enumerate(rows):
         if schema is DatasetSchema.PROMPT_COMPLETION:
-            pairs.append(PastAnswer(index, row["prompt"], row["completion"]))
+            add(index, row["prompt"], row["completion"])
             continue
         question: str | None = None
         for message in row["messages"]:
             if message["role"] == "user":
                 question = message["content"]
             elif message["role"] == "assistant" and question is not None:
-                pairs.append(PastAnswer(index, question, message["content"]))
+                add(index, question, message["content"])
                 question = None
     return pairs
 
