@@ -216,7 +216,8 @@ def _check_rank(session: Session, settings: Settings, tenant_id: str, spec: Pred
             raise InvalidRequestError(
                 f"model directory {spec.model!r} has no readable config.json", param="spec.model"
             )
-        architectures = [str(a) for a in config.get("architectures") or []]
+        listed = config.get("architectures")
+        architectures = [str(a) for a in listed] if isinstance(listed, list) else []
         if not any(a.endswith("ForSequenceClassification") for a in architectures):
             found = ", ".join(architectures) or "none recorded"
             raise InvalidRequestError(
