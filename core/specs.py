@@ -286,8 +286,12 @@ class PredictSpec(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> PredictSpec:
-        rank_fields = {"query": self.query, "candidates": self.candidates, "top_k": self.top_k}
-        rank_fields["label"] = self.label
+        rank_fields = {
+            "query": self.query,
+            "candidates": self.candidates,
+            "top_k": self.top_k,
+            "label": self.label,
+        }
         if self.mode is PredictMode.RANK:
             if self.texts is not None or self.dataset is not None:
                 raise ValueError("rank mode takes query and candidates, not texts or dataset")
