@@ -6,16 +6,19 @@ missing or unfit gets a 422 naming it and creates nothing.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session
 
 from api.tokenizers import local_tokenizer
-from core.enums import SCHEMAS_FOR_TASK, DatasetSchema, FineTuneTask
+from core.enums import SCHEMAS_FOR_TASK, DatasetSchema, FineTuneTask, PredictMode
 from core.errors import InvalidRequestError
 from core.model_files import custom_code_reason
 from core.prompts import PromptError, encode_prompts
+from core.ranking import rank_label
 from core.settings import Settings
 from core.specs import (
     MODEL_REF_PATTERN,
@@ -27,6 +30,8 @@ from core.specs import (
     GenerateJobRequest,
     GenerateSpec,
     PredictJobRequest,
+    PredictSpec,
+    RetrievalSpec,
 )
 from core.storage import artifact_store
 from core.webhooks import check_destination
@@ -192,6 +197,68 @@ def _check_prompts(
         raise InvalidRequestError(exc.message, param=exc.param) from exc
 
 
+def _local_config(directory: Path) -> dict[str, Any] | None:
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _check_rank(session: Session, settings: Settings, tenant_id: str, spec: PredictSpec) -> None:
+    """Rank mode needs a sequence classifier that has the label to rank by."""
+    tasks = frozenset({FineTuneTask.SEQUENCE_CLASSIFICATION.value})
+    _check_model(session, settings, tenant_id, spec.model, "spec.model", tasks)
+    labels: list[str] | None = None
+    if is_registry_name(spec.model):
+        model = get_model(session, spec.model, tenant_id)
+        labels = list(model.labels) if model is not None else None
+    elif (settings.models_dir / spec.model).is_dir():
+        config = _local_config(settings.models_dir / spec.model)
+        if config is None:
+            raise InvalidRequestError(
+                f"model directory {spec.model!r} has no readable config.json", param="spec.model"
+            )
+        listed = config.get("architectures")
+        architectures = [str(a) for a in listed] if isinstance(listed, list) else []
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            found = ", ".join(architectures) or "none recorded"
+            raise InvalidRequestError(
+                f"model {spec.model!r} is not a sequence classifier (architectures: {found}); "
+                "rank scores pairs with a ...ForSequenceClassification model",
+                param="spec.model",
+            )
+        id2label = config.get("id2label") or {}
+        if isinstance(id2label, dict) and all(str(k).isdigit() for k in id2label):
+            labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    if labels is None:
+        return  # a hub id: the worker checks once it has the config
+    try:
+        rank_label(labels, spec.label)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="spec.label") from exc
+
+
+def _check_retrieval(
+    session: Session, settings: Settings, tenant_id: str, retrieval: RetrievalSpec
+) -> None:
+    ds = _dataset(session, tenant_id, retrieval.dataset, "spec.retrieval.dataset")
+    if ds.schema not in (DatasetSchema.CHAT.value, DatasetSchema.PROMPT_COMPLETION.value):
+        raise InvalidRequestError(
+            f"dataset {ds.id!r} holds {ds.schema} rows; retrieval reads past Q&A from a chat "
+            "or prompt_completion dataset",
+            param="spec.retrieval.dataset",
+        )
+    _check_model(
+        session,
+        settings,
+        tenant_id,
+        retrieval.embedding_model,
+        "spec.retrieval.embedding_model",
+        None,
+    )
+
+
 def _check_webhook(
     session: Session, settings: Settings, tenant_id: str, req: AnyJobRequest
 ) -> None:
@@ -215,8 +282,12 @@ def check_job_request(
         tasks = frozenset({FineTuneTask.CAUSAL_LM.value})
         _check_model(session, settings, tenant_id, req.spec.model, "spec.model", tasks)
         _check_prompts(session, settings, tenant_id, req.spec)
+        if req.spec.retrieval is not None:
+            _check_retrieval(session, settings, tenant_id, req.spec.retrieval)
     elif isinstance(req, FineTuneJobRequest):
         _check_finetune(session, settings, tenant_id, req.spec)
+    elif isinstance(req, PredictJobRequest) and req.spec.mode is PredictMode.RANK:
+        _check_rank(session, settings, tenant_id, req.spec)
     elif isinstance(req, PredictJobRequest):
         _check_model(session, settings, tenant_id, req.spec.model, "spec.model", CLASSIFIER_TASKS)
         if req.spec.dataset is not None:

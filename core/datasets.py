@@ -9,7 +9,8 @@ BIO tags out of order, a single class) become warnings in the report.
 Normalized rows per schema (see core.enums.DatasetSchema):
 text {"text"}, prompt_completion {"prompt", "completion"},
 chat {"messages": [{"role", "content"}, ...]}, classification {"text", "label"}
-(label as str), token_classification {"tokens": [str], "tags": [str]},
+(label as str), pair_classification {"text", "text_pair", "label"},
+token_classification {"tokens": [str], "tags": [str]},
 batch_requests {"custom_id", "method", "url", "body"} (OpenAI batch input; see core.batch).
 """
 
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from core.batch import BatchRequestChecker, looks_like_batch_request
-from core.enums import DatasetSchema
+from core.enums import LABELLED_SCHEMAS, DatasetSchema
 from core.errors import DatasetFormatError
 from core.json_types import json_type
 
@@ -63,6 +64,7 @@ KEYS_FOR_SCHEMA: dict[DatasetSchema, frozenset[str]] = {
     DatasetSchema.PROMPT_COMPLETION: frozenset({"prompt", "completion"}),
     DatasetSchema.CHAT: frozenset({"messages"}),
     DatasetSchema.CLASSIFICATION: frozenset({"text", "label"}),
+    DatasetSchema.PAIR_CLASSIFICATION: frozenset({"text", "text_pair", "label"}),
     DatasetSchema.TOKEN_CLASSIFICATION: frozenset({"tokens", "tags"}),
 }
 _SCHEMA_KEYS = frozenset().union(*KEYS_FOR_SCHEMA.values())
@@ -355,6 +357,12 @@ def _normalize(schema: DatasetSchema, obj: dict[str, Any], line: int, warnings: 
             "text": _string(obj["text"], "'text'", line),
             "label": _label(obj["label"], "'label'", line),
         }
+    if schema is DatasetSchema.PAIR_CLASSIFICATION:
+        return {
+            "text": _string(obj["text"], "'text'", line),
+            "text_pair": _string(obj["text_pair"], "'text_pair'", line),
+            "label": _label(obj["label"], "'label'", line),
+        }
     if schema is DatasetSchema.TOKEN_CLASSIFICATION:
         tokens = _string_list(obj["tokens"], "'tokens'", line)
         tags = [t.strip() for t in _string_list(obj["tags"], "'tags'", line)]
@@ -524,6 +532,8 @@ def _row_chars(schema: DatasetSchema, row: Row) -> int:
         return sum(len(m["content"]) for m in row["messages"])
     if schema is DatasetSchema.TOKEN_CLASSIFICATION:
         return sum(len(t) + 1 for t in row["tokens"])
+    if schema is DatasetSchema.PAIR_CLASSIFICATION:
+        return len(row["text"]) + len(row["text_pair"])
     return len(row["text"])
 
 
@@ -554,9 +564,9 @@ def _check_rows(
                 "long_row",
                 f"{chars} characters (over {LONG_ROW_CHARS}); it will be truncated to max_length",
             )
-        if schema is DatasetSchema.CLASSIFICATION:
+        if schema in LABELLED_SCHEMAS:
             counts[row["label"]] += 1
-            text_key = _digest(row["text"])
+            text_key = _digest([row["text"], row.get("text_pair")])
             first = texts.setdefault(text_key, (line, row["label"]))
             if first[1] != row["label"]:
                 warnings.add(
@@ -567,7 +577,7 @@ def _check_rows(
                 )
         elif schema is DatasetSchema.TOKEN_CLASSIFICATION:
             counts.update(row["tags"])
-    if schema is DatasetSchema.CLASSIFICATION and len(counts) == 1:
+    if schema in LABELLED_SCHEMAS and len(counts) == 1:
         (label,) = counts
         warnings.add(
             None,

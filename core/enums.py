@@ -30,6 +30,7 @@ class DatasetSchema(StrEnum):
     PROMPT_COMPLETION = "prompt_completion"  # {"prompt", "completion"}
     CHAT = "chat"  # {"messages": [{"role", "content"}]}
     CLASSIFICATION = "classification"  # {"text", "label"}
+    PAIR_CLASSIFICATION = "pair_classification"  # {"text", "text_pair", "label"}
     TOKEN_CLASSIFICATION = "token_classification"  # {"tokens": [...], "tags": [...]}
     BATCH_REQUESTS = "batch_requests"  # OpenAI batch input: {"custom_id", "method", "url", "body"}
 
@@ -38,9 +39,20 @@ SCHEMAS_FOR_TASK: dict[FineTuneTask, frozenset[DatasetSchema]] = {
     FineTuneTask.CAUSAL_LM: frozenset(
         {DatasetSchema.TEXT, DatasetSchema.PROMPT_COMPLETION, DatasetSchema.CHAT}
     ),
-    FineTuneTask.SEQUENCE_CLASSIFICATION: frozenset({DatasetSchema.CLASSIFICATION}),
+    FineTuneTask.SEQUENCE_CLASSIFICATION: frozenset(
+        {DatasetSchema.CLASSIFICATION, DatasetSchema.PAIR_CLASSIFICATION}
+    ),
     FineTuneTask.TOKEN_CLASSIFICATION: frozenset({DatasetSchema.TOKEN_CLASSIFICATION}),
 }
+
+
+LABELLED_SCHEMAS = frozenset({DatasetSchema.CLASSIFICATION, DatasetSchema.PAIR_CLASSIFICATION})
+"""Schemas with one class label per row."""
+
+
+class PredictMode(StrEnum):
+    PREDICT = "predict"  # labels (classifier) or entities (tagger) per text
+    RANK = "rank"  # candidates scored against a query by a pair classifier, best first
 
 
 class JobStatus(StrEnum):

@@ -16,7 +16,14 @@ from pydantic import (
     model_validator,
 )
 
-from core.enums import BatchEndpoint, FineTuneMethod, FineTuneTask, JobKind, WebhookEvent
+from core.enums import (
+    BatchEndpoint,
+    FineTuneMethod,
+    FineTuneTask,
+    JobKind,
+    PredictMode,
+    WebhookEvent,
+)
 
 MAX_SEQUENCES_PER_JOB = 1024
 MODEL_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-/:]{0,254}$"
@@ -35,6 +42,30 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant"]
     content: Annotated[str, StringConstraints(max_length=32_000)]
+
+
+class RetrievalSpec(BaseModel):
+    """Past question/answer pairs from a dataset, the k most similar to the question,
+    put into the system message before the chat template is applied."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: Annotated[str, StringConstraints(pattern=r"^ds_[0-9a-f]{32}$")] = Field(
+        description="A chat or prompt_completion dataset holding the past Q&A."
+    )
+    k: int = Field(default=3, ge=1, le=20)
+    embedding_model: str = Field(
+        pattern=MODEL_REF_PATTERN,
+        description="A sentence encoder (mean-pooled AutoModel): a model directory name, "
+        "a registered model or a hub id, e.g. all-MiniLM-L6-v2.",
+    )
+
+    @field_validator("embedding_model")
+    @classmethod
+    def _no_parent_segments(cls, model: str) -> str:
+        if ".." in model.split("/"):
+            raise ValueError("embedding_model may not contain '..' segments")
+        return model
 
 
 class GenerateSpec(BaseModel):
@@ -64,6 +95,10 @@ class GenerateSpec(BaseModel):
     num_return_sequences: int = Field(default=1, ge=1, le=16)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     stop: list[StopSequence] = Field(default_factory=list, max_length=8)
+    retrieval: RetrievalSpec | None = Field(
+        default=None,
+        description="Put the most similar past answers into the prompt (chat template only).",
+    )
 
     @field_validator("model")
     @classmethod
@@ -89,6 +124,8 @@ class GenerateSpec(BaseModel):
                 f"{self.prompt_count} prompts x num_return_sequences {self.num_return_sequences} "
                 f"is more than {MAX_SEQUENCES_PER_JOB} sequences per job; split the job"
             )
+        if self.retrieval is not None and not self.uses_chat_template:
+            raise ValueError("retrieval needs messages or chat=true (it adds a system message)")
         if self.temperature == 0 and self.num_return_sequences > 1:
             raise ValueError("num_return_sequences > 1 needs temperature > 0 (greedy is unique)")
         return self
@@ -213,19 +250,57 @@ class FineTuneSpec(BaseModel):
         return model
 
 
+MAX_RANK_CANDIDATES = 1000
+LabelName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
 class PredictSpec(BaseModel):
-    """Run a fine-tuned classifier or tagger over texts (or a dataset's texts)."""
+    """Run a fine-tuned classifier or tagger over texts (or a dataset's texts); or, in
+    `rank` mode, score candidate items against a query with a pair classifier."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(pattern=MODEL_REF_PATTERN)
+    mode: PredictMode = PredictMode.PREDICT
     texts: list[Prompt] | None = Field(default=None, min_length=1, max_length=4096)
     dataset: DatasetId | None = None
+    query: Prompt | None = Field(
+        default=None, description="rank: the text each candidate is paired with (user interests)."
+    )
+    candidates: list[Prompt] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_RANK_CANDIDATES,
+        description="rank: the item texts to score and sort.",
+    )
+    top_k: int | None = Field(
+        default=None, ge=1, le=MAX_RANK_CANDIDATES, description="rank: keep the best k only."
+    )
+    label: LabelName | None = Field(
+        default=None,
+        description="rank: the label whose probability is the score; default `clicked`, "
+        "else `1`, `positive`, `pos`, `yes` or `true`, whichever the model has.",
+    )
     batch_size: int = Field(default=32, ge=1, le=512)
     max_length: int = Field(default=256, ge=8, le=4096)
 
     @model_validator(mode="after")
     def _one_source(self) -> PredictSpec:
+        rank_fields = {
+            "query": self.query,
+            "candidates": self.candidates,
+            "top_k": self.top_k,
+            "label": self.label,
+        }
+        if self.mode is PredictMode.RANK:
+            if self.texts is not None or self.dataset is not None:
+                raise ValueError("rank mode takes query and candidates, not texts or dataset")
+            if self.query is None or self.candidates is None:
+                raise ValueError("rank mode needs a query and a list of candidates")
+            return self
+        given = sorted(name for name, value in rank_fields.items() if value is not None)
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to mode 'rank'")
         if (self.texts is None) == (self.dataset is None):
             raise ValueError("give exactly one of texts or dataset")
         return self

@@ -108,6 +108,33 @@ def error_from(response: httpx.Response) -> ModelyardAPIError:
     )
 
 
+class JobFailedError(Exception):
+    """A job waited on by `run` ended other than succeeded."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        super().__init__(f"job {job['id']} ended {job['status']}: {job.get('error')}")
+        self.job = job
+
+
+def rank_spec(
+    model: str, query: str, candidates: list[str], top_k: int | None, label: str | None
+) -> dict[str, Any]:
+    """A predict spec in `rank` mode: `candidates` scored against `query`."""
+    spec: dict[str, Any] = {"model": model, "mode": "rank", "query": query}
+    spec["candidates"] = candidates
+    if top_k is not None:
+        spec["top_k"] = top_k
+    if label is not None:
+        spec["label"] = label
+    return spec
+
+
+def _succeeded(job: dict[str, Any]) -> dict[str, Any]:
+    if job["status"] != "succeeded":
+        raise JobFailedError(job)
+    return job
+
+
 class SSEParser:
     """Server-sent events, fed a line at a time, as {"event", "id", "data"} (data
     JSON-decoded); comments skipped. One parser serves the blocking and async streams."""
@@ -412,6 +439,30 @@ class Client(_Resources[Any]):
             time.sleep(delay)
             delay = min(delay * 1.5, 2.0)
 
+    def run(
+        self, kind: str, spec: dict[str, Any], *, timeout: float = 600.0, **options: Any
+    ) -> dict[str, Any]:
+        """Submit a job and wait for it; JobFailedError unless it succeeds."""
+        return _succeeded(self.wait(self.submit(kind, spec, **options)["id"], timeout))
+
+    def rank(
+        self,
+        model: str,
+        query: str,
+        candidates: list[str],
+        *,
+        top_k: int | None = None,
+        label: str | None = None,
+        timeout: float = 600.0,
+    ) -> list[dict[str, Any]]:
+        """Candidates scored against `query` by a pair classifier, best first:
+        [{"index", "text", "score"}, ...] (`index`: the place in `candidates`)."""
+        spec = rank_spec(model, query, candidates, top_k, label)
+        ranked: list[dict[str, Any]] = self.run("predict", spec, timeout=timeout)["result"][
+            "ranked"
+        ]
+        return ranked
+
 
 class AsyncClient(_Resources[Awaitable[Any]]):
     """The asyncio client: the same calls as `Client`, awaited
@@ -538,3 +589,26 @@ class AsyncClient(_Resources[Awaitable[Any]]):
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 2.0)
+
+    async def run(
+        self, kind: str, spec: dict[str, Any], *, timeout: float = 600.0, **options: Any
+    ) -> dict[str, Any]:
+        """Submit a job and wait for it; JobFailedError unless it succeeds."""
+        job = await self.submit(kind, spec, **options)
+        return _succeeded(await self.wait(job["id"], timeout))
+
+    async def rank(
+        self,
+        model: str,
+        query: str,
+        candidates: list[str],
+        *,
+        top_k: int | None = None,
+        label: str | None = None,
+        timeout: float = 600.0,
+    ) -> list[dict[str, Any]]:
+        """Candidates scored against `query` by a pair classifier, best first."""
+        spec = rank_spec(model, query, candidates, top_k, label)
+        job = await self.run("predict", spec, timeout=timeout)
+        ranked: list[dict[str, Any]] = job["result"]["ranked"]
+        return ranked

@@ -26,6 +26,7 @@ from workers.context import RunContext
 from workers.generation.cache import CacheOutcome
 from workers.generation.engine import GenerationEngine, engine_for
 from workers.generation.requests import GenerationRequest, RequestResult
+from workers.generation.retrieval import with_retrieval
 from workers.heartbeat import Heartbeat
 from workers.runners import RunResult
 
@@ -61,7 +62,7 @@ class GenerationBatchRun:
     def run(self) -> None:
         first = self._first
         try:
-            spec = GenerateSpec.model_validate(first.spec)
+            spec = self._prepared(first, GenerateSpec.model_validate(first.spec))
             base, _ = self._engine.base_of(spec.model)
             entry, outcome = self._engine.load(base)
         except PermanentJobError as exc:
@@ -101,6 +102,23 @@ class GenerationBatchRun:
         finally:
             self._flush()
             self._writer.close()
+
+    def _prepared(self, claimed: ClaimedJob, spec: GenerateSpec) -> GenerateSpec:
+        """The spec to decode: with retrieval, the past answers put into its messages."""
+        if spec.retrieval is None:
+            return spec
+        job_id = claimed.ctx.job_id
+        try:
+            augmented, found = with_retrieval(
+                self._settings, spec, claimed.ctx.tenant_id, self._executor.device
+            )
+        except (OSError, RuntimeError) as exc:
+            logger.exception("job %s: retrieval failed", job_id)
+            raise PermanentJobError(
+                f"retrieval failed: {type(exc).__name__}: {exc}", FailureType.RUNTIME_ERROR
+            ) from exc
+        self._record(job_id, f"retrieved {spec.retrieval.k} past answers per question", found)
+        return augmented
 
     def _note_cache(self, job_id: str, base: str, outcome: CacheOutcome) -> None:
         self._cache_note = {"model_cache": "hit" if outcome.hit else "miss"}
@@ -163,9 +181,12 @@ class GenerationBatchRun:
             if claimed is None:
                 continue
             try:
-                spec = GenerateSpec.model_validate(claimed.spec)
+                spec = self._prepared(claimed, GenerateSpec.model_validate(claimed.spec))
             except ValueError as exc:
                 self._executor.fail(job_id, FailureType.INVALID_SPEC, str(exc))
+                continue
+            except PermanentJobError as exc:
+                self._executor.fail(job_id, exc.failure, exc.message)
                 continue
             joined.append(self._start(claimed, spec))
             self._record(job_id, "joined a running batch", {"worker": self._executor.worker})

@@ -15,6 +15,7 @@ from core.specs import GenerateSpec
 from workers.context import RunContext
 from workers.generation.engine import engine_for
 from workers.generation.requests import GenerationRequest, RequestResult
+from workers.generation.retrieval import with_retrieval
 from workers.runners import RunResult
 
 
@@ -23,7 +24,9 @@ class GenerationRunner:
         self._settings = settings
 
     def run(self, raw_spec: dict[str, Any], ctx: RunContext) -> RunResult:
-        spec = GenerateSpec.model_validate(raw_spec)
+        spec, _ = with_retrieval(
+            self._settings, GenerateSpec.model_validate(raw_spec), ctx.tenant_id, ctx.device
+        )
         engine = engine_for(self._settings, ctx.device)
         base, _ = engine.base_of(spec.model)
         entry, _ = engine.load(base)

@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
-from core.enums import SCHEMAS_FOR_TASK, DatasetSchema, FailureType, FineTuneTask
+from core.enums import (
+    LABELLED_SCHEMAS,
+    SCHEMAS_FOR_TASK,
+    DatasetSchema,
+    FailureType,
+    FineTuneTask,
+)
 from core.errors import PermanentJobError
 from core.specs import FineTuneSpec
 from workers.training.io import DatasetRows, TrainingIO
@@ -64,7 +70,7 @@ def split_rows(
 
 
 def _row_labels(schema: DatasetSchema, rows: Sequence[dict[str, Any]]) -> set[str]:
-    if schema is DatasetSchema.CLASSIFICATION:
+    if schema in LABELLED_SCHEMAS:
         return {str(row["label"]) for row in rows}
     if schema is DatasetSchema.TOKEN_CLASSIFICATION:
         return {str(tag) for row in rows for tag in row["tags"]}
@@ -187,8 +193,12 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, Any]], max_length: int)
     return encode_text(tokenizer, text, max_length)
 
 
-def encode_classification(tokenizer: Any, text: str, label: int, max_length: int) -> Feature:
-    enc = tokenizer(text, truncation=True, max_length=max_length)
+def encode_classification(
+    tokenizer: Any, text: str, label: int, max_length: int, text_pair: str | None = None
+) -> Feature:
+    """One text, or a (text, text_pair) pair encoded the tokenizer's pair way (BERT:
+    [CLS] a [SEP] b [SEP] with segment ids); a long pair loses from its longer side."""
+    enc = tokenizer(text, text_pair, truncation=True, max_length=max_length)
     feature: Feature = {k: list(v) for k, v in enc.items()}
     feature["labels"] = label
     return feature
@@ -233,9 +243,13 @@ def encode_rows(
             )
         elif schema is DatasetSchema.CHAT:
             feature = encode_chat(tokenizer, row["messages"], max_length)
-        elif schema is DatasetSchema.CLASSIFICATION:
+        elif schema in LABELLED_SCHEMAS:
             feature = encode_classification(
-                tokenizer, row["text"], label_ids[str(row["label"])], max_length
+                tokenizer,
+                row["text"],
+                label_ids[str(row["label"])],
+                max_length,
+                row.get("text_pair"),
             )
         else:
             tokens, tags = list(row["tokens"]), [str(t) for t in row["tags"]]

@@ -27,7 +27,7 @@ from transformers import (
     AutoTokenizer,
 )
 
-from core.enums import DatasetSchema, FailureType, FineTuneTask
+from core.enums import DatasetSchema, FailureType, FineTuneTask, PredictMode
 from core.errors import PermanentJobError
 from core.settings import Settings
 from core.specs import PredictSpec
@@ -46,7 +46,7 @@ TASK_FOR_PEFT_TYPE = {
 }
 TEXT_SCHEMAS = frozenset(
     {DatasetSchema.TEXT, DatasetSchema.CLASSIFICATION, DatasetSchema.TOKEN_CLASSIFICATION}
-)
+)  # a pair dataset's rows are pairs, not texts: rank mode scores pairs
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 UNBOUNDED_LENGTH = 1_000_000  # tokenizers without a limit report a huge model_max_length
 
@@ -311,6 +311,11 @@ class PredictRunner:
         except ValidationError as exc:
             raise PermanentJobError(str(exc), FailureType.INVALID_SPEC) from exc
         io = self._io_factory(ctx)
+        if spec.mode is PredictMode.RANK:
+            from workers.training.rank import run_rank  # rank builds on this module
+
+            ctx.check_stop()
+            return run_rank(spec, load_predictor(io.resolve_model(spec.model), ctx.device), ctx)
         texts = texts_for(spec, io)
         ctx.check_stop()
         predictor = load_predictor(io.resolve_model(spec.model), ctx.device)
