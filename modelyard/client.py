@@ -364,3 +364,66 @@ class Client:
             "POST", f"/v1/webhooks/deliveries/{delivery_id}/redeliver", retry=True
         )
         return again
+
+    # Sentiment monitors
+
+    def create_monitor(
+        self,
+        name: str,
+        model: str,
+        *,
+        window: dict[str, int],
+        rule: dict[str, float],
+        negative_label: str | None = None,
+        webhook_url: str | None = None,
+    ) -> dict[str, Any]:
+        """A monitor over `model` (a registered or installed sequence classifier).
+        `window`: {"items": N} or {"seconds": T}; `rule`: share_above and/or rise_above
+        (fractions), min_items."""
+        body: dict[str, Any] = {"name": name, "model": model, "window": window, "rule": rule}
+        if negative_label is not None:
+            body["negative_label"] = negative_label
+        if webhook_url is not None:
+            body["webhook_url"] = webhook_url
+        created: dict[str, Any] = self._request("POST", "/v1/monitors", json=body)
+        return created
+
+    def monitors(self, **filters: Any) -> dict[str, Any]:
+        page: dict[str, Any] = self._request("GET", "/v1/monitors", params=filters)
+        return page
+
+    def monitor(self, monitor_id: str) -> dict[str, Any]:
+        """The monitor with its state, item counts, current window and recent history."""
+        found: dict[str, Any] = self._request("GET", f"/v1/monitors/{monitor_id}")
+        return found
+
+    def delete_monitor(self, monitor_id: str) -> None:
+        self._request("DELETE", f"/v1/monitors/{monitor_id}", retry=True)
+
+    def feed_monitor(
+        self, monitor_id: str, texts: list[str], *, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Post one batch of texts (classified by one predict job); always sends an
+        Idempotency-Key, so a retried post never feeds the batch twice."""
+        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        accepted: dict[str, Any] = self._request(
+            "POST",
+            f"/v1/monitors/{monitor_id}/items",
+            json={"texts": texts},
+            headers=headers,
+            retry=True,
+        )
+        return accepted
+
+    def monitor_stats(self, monitor_id: str, **filters: Any) -> dict[str, Any]:
+        """Window evaluations, newest first: `limit`, `cursor`."""
+        page: dict[str, Any] = self._request(
+            "GET", f"/v1/monitors/{monitor_id}/stats", params=filters
+        )
+        return page
+
+    def monitor_alerts(self, monitor_id: str, **filters: Any) -> dict[str, Any]:
+        page: dict[str, Any] = self._request(
+            "GET", f"/v1/monitors/{monitor_id}/alerts", params=filters
+        )
+        return page
