@@ -22,14 +22,17 @@ SEQUENCE_CLASSIFICATION = frozenset({FineTuneTask.SEQUENCE_CLASSIFICATION.value}
 
 
 def _installed_labels(settings: Settings, ref: str) -> list[str]:
-    config_path = settings.models_dir / ref / "config.json"
-    if not config_path.is_file():
+    models_dir = settings.models_dir.resolve()
+    config_path = (models_dir / ref / "config.json").resolve()
+    if not config_path.is_relative_to(models_dir) or not config_path.is_file():
         raise InvalidRequestError(
             f"model {ref!r} is neither registered nor installed in the models directory",
             param="model",
         )
     try:
         config: dict[str, Any] = json.loads(config_path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not an object")
     except (OSError, ValueError):
         raise InvalidRequestError(
             f"model {ref!r} has an unreadable config.json", param="model"
@@ -42,7 +45,10 @@ def _installed_labels(settings: Settings, ref: str) -> list[str]:
             param="model",
         )
     id2label = config.get("id2label") or {}
-    return [str(id2label[k]) for k in sorted(id2label, key=int)]
+    try:
+        return [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except (TypeError, ValueError):
+        raise InvalidRequestError(f"model {ref!r} has malformed id2label", param="model") from None
 
 
 def classifier_labels(session: Session, settings: Settings, tenant_id: str, ref: str) -> list[str]:
