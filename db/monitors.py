@@ -220,17 +220,24 @@ def record_predictions(
 def evaluate(session: Session, monitor: Monitor, job_id: str, now: datetime) -> MonitorStat:
     current, previous = window_counts(session, monitor, now)
     seen = MonitorState(monitor.state)
-    state, alert_reason = seen, None
+    state, alert_reason, lost = seen, None, False
     if seen is MonitorState.OK:
         fired = firing(rule_of(monitor), current, previous)
-        if fired is not None and _set_state(
-            session, monitor.id, seen, MonitorState.ALERTING, fired.recover_at_or_below
-        ):
-            state, alert_reason = MonitorState.ALERTING, fired.reason
-    elif recovered(current.negative_share, monitor.recover_at_or_below) and _set_state(
-        session, monitor.id, seen, MonitorState.OK, None
-    ):
-        state = MonitorState.OK
+        if fired is not None:
+            if _set_state(
+                session, monitor.id, seen, MonitorState.ALERTING, fired.recover_at_or_below
+            ):
+                state, alert_reason = MonitorState.ALERTING, fired.reason
+            else:
+                lost = True
+    elif recovered(current.negative_share, monitor.recover_at_or_below):
+        if _set_state(session, monitor.id, seen, MonitorState.OK, None):
+            state = MonitorState.OK
+        else:
+            lost = True
+    if lost:  # another evaluation moved the state first: record what it is now
+        now_state = session.scalar(select(Monitor.state).where(Monitor.id == monitor.id))
+        state = MonitorState(now_state) if now_state is not None else seen
     stat = MonitorStat(
         monitor_id=monitor.id,
         job_id=job_id,
