@@ -88,14 +88,16 @@ def write_training_set(path: Path, rows: int = 240, seed: int = 0) -> Path:
     return path
 
 
-def news_batch(rng: random.Random, negative_share: float) -> list[str]:
-    texts = []
+def news_batch(rng: random.Random, negative_share: float) -> tuple[list[str], int]:
+    """A batch of headlines and how many of them were written negative."""
+    texts, negative = [], 0
     for _ in range(BATCH):
         if rng.random() < negative_share:
             texts.append(headline(rng, "negative", FEED_COMPANIES))
+            negative += 1
         else:
             texts.append(headline(rng, rng.choice(("neutral", "positive")), FEED_COMPANIES))
-    return texts
+    return texts, negative
 
 
 class Receiver:
@@ -143,7 +145,7 @@ def fine_tune(client: Client, data_dir: Path) -> str:
             "training_dataset": dataset["id"],
             "suffix": "news-sentiment",
             "hyperparameters": {
-                "max_steps": 45,
+                "max_steps": 60,
                 "batch_size": 16,
                 "learning_rate": 1e-4,
                 "max_length": 32,
@@ -174,12 +176,15 @@ def feed(client: Client, monitor_id: str, texts: list[str]) -> dict[str, Any]:
         time.sleep(0.2)
 
 
-def show_window(step: str, mon: dict[str, Any]) -> None:
+def show_window(step: str, written_negative: int, mon: dict[str, Any]) -> None:
     current = mon["current"] or {}
     shares = current.get("shares", {})
     parts = "  ".join(f"{label} {shares.get(label, 0.0):4.0%}" for label in LABELS)
     flag = "  <- ALERT" if current.get("alerted") else ""
-    print(f"{step:<22} window {current.get('items', 0):>3} items  {parts}  {mon['state']}{flag}")
+    print(
+        f"{step:<17} ({written_negative:>2}/{BATCH} bad)  window {current.get('items', 0):>3} "
+        f"items  {parts}  {mon['state']}{flag}"
+    )
 
 
 def run(client: Client, data_dir: Path, receiver: Receiver) -> None:
@@ -197,10 +202,9 @@ def run(client: Client, data_dir: Path, receiver: Receiver) -> None:
         f"alert when '{mon['negative_label']}' share > 50%\n"
     )
     rng = random.Random(11)
-    for i in range(3):
-        show_window(f"calm batch {i + 1}", feed(client, mon["id"], news_batch(rng, 0.1)))
-    for i in range(4):
-        show_window(f"bad-news batch {i + 1}", feed(client, mon["id"], news_batch(rng, 0.85)))
+    for step, share in [("calm", 0.1)] * 3 + [("bad news", 0.85)] * 4:
+        texts, negative = news_batch(rng, share)
+        show_window(f"{step} batch", negative, feed(client, mon["id"], texts))
 
     print("\nalert events (GET /v1/monitors/{id}/alerts):")
     alerts = client.monitor_alerts(mon["id"])["data"]

@@ -221,3 +221,12 @@ def test_another_tenant_sees_no_monitor(api: TestClient, mon_settings: Settings)
     assert api.post("/v1/monitors", json=body(), headers=reader).status_code == 403
     assert api.delete(f"/v1/monitors/{mon['id']}").status_code == 204
     assert api.get(f"/v1/monitors/{mon['id']}").status_code == 404
+
+
+def test_jobs_cannot_subscribe_to_monitor_alerts(api: TestClient) -> None:
+    resp = api.post(
+        "/v1/jobs",
+        json={"kind": "noop", "spec": {}, "webhook_url": HOOK, "webhook_events": ["alert"]},
+    )
+    assert resp.status_code == 422
+    assert "monitor event" in resp.json()["error"]["message"]
