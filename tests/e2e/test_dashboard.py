@@ -264,4 +264,4 @@ def test_dashboard_plots_a_monitors_negative_share(cls_stack: Stack, browser: An
     assert len(line.get_attribute("points").split()) == len(history)
     assert chart.find_elements(By.CSS_SELECTOR, "polyline[data-series='threshold']")
     shares = browser.find_elements(By.CSS_SELECTOR, "#monitor-shares tbody tr")
-    assert len(shares) == len(history[-1]["shares"])
+    assert len(shares) == len(mon["labels"])

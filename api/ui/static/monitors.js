@@ -95,11 +95,13 @@ function shareChart(mon) {
     series,
     xLabel: "evaluation",
     leftLabel: "share",
+    leftDomain: [0, 1],
     empty: "No evaluation yet: post items and wait for their predict job.",
   });
 }
 
-function sharesTable(current) {
+function sharesTable(mon) {
+  const current = mon.current;
   if (!current) return h("p", { class: "muted" }, "No window yet.");
   return h(
     "table",
@@ -108,8 +110,8 @@ function sharesTable(current) {
     h(
       "tbody",
       {},
-      Object.entries(current.shares).map(([label, share]) =>
-        h("tr", {}, h("td", {}, label), h("td", { class: "num" }, fmtNumber(share))),
+      mon.labels.map((label) =>
+        h("tr", {}, h("td", {}, label), h("td", { class: "num" }, fmtNumber(current.shares[label] || 0))),
       ),
     ),
   );
@@ -153,7 +155,7 @@ export function showMonitor(ctx, monitorId) {
       ),
       shareChart(mon),
       h("h2", {}, "Current window"),
-      sharesTable(mon.current),
+      sharesTable(mon),
       h("h2", {}, "Alerts"),
       alertsTable(alerts.data),
     );
