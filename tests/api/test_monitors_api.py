@@ -230,3 +230,28 @@ def test_jobs_cannot_subscribe_to_monitor_alerts(api: TestClient) -> None:
     )
     assert resp.status_code == 422
     assert "monitor event" in resp.json()["error"]["message"]
+
+
+def test_a_time_window_counts_the_recent_items(api: TestClient, mon_settings: Settings) -> None:
+    mon = api.post(
+        "/v1/monitors",
+        json=body(window={"seconds": 3600}, rule={"share_above": 0.5, "min_items": 4}),
+    ).json()
+    assert mon["window"] == {"items": None, "seconds": 3600}
+    for labels in (["positive"] * 4, ["negative"] * 6):
+        batch = feed(api, mon["id"], [f"t{i}" for i in range(len(labels))])
+        classify(mon_settings, batch.json()["job_id"], labels)
+    got = api.get(f"/v1/monitors/{mon['id']}").json()
+    assert [s["items"] for s in got["history"]] == [4, 10]
+    assert got["current"]["negative_share"] == pytest.approx(0.6)
+    assert got["current"]["previous_share"] is None
+    assert got["state"] == "alerting"
+
+
+def test_a_batch_of_a_deleted_monitor_is_ignored(api: TestClient, mon_settings: Settings) -> None:
+    mon = api.post("/v1/monitors", json=body()).json()
+    job_id = feed(api, mon["id"], ["late"]).json()["job_id"]
+    assert api.delete(f"/v1/monitors/{mon['id']}").status_code == 204
+    output = GeneratedText(0, 0, "negative", "prediction", 1, 0, {"label": "negative", "score": 1})
+    with session_scope(mon_settings.database_url) as session:
+        assert record_predictions(session, job_id, [output]) is None
