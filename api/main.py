@@ -21,6 +21,7 @@ from api.routes import (
     jobs,
     metrics,
     models,
+    monitors,
     stream,
     ui,
     webhooks,
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(stream.router)
     app.include_router(events_stream.router)
     app.include_router(models.router)
+    app.include_router(monitors.router)
     app.include_router(datasets.router)
     app.include_router(webhooks.router)
     app.include_router(admin.router)

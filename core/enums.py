@@ -78,6 +78,7 @@ class WebhookEvent(StrEnum):
     PROGRESS = "progress"  # throttled: webhook_progress_interval_s
     CHECKPOINT = "checkpoint"
     COMPLETED = "completed"  # any terminal status
+    ALERT = "alert"  # a monitor's alert (monitors only; jobs cannot subscribe to it)
 
 
 class DeliveryStatus(StrEnum):
@@ -123,3 +124,10 @@ QUEUE_FOR_KIND: dict[JobKind, str] = {
     JobKind.FINETUNE: "train",
 }
 MAINTENANCE_QUEUE = "maintenance"
+
+
+class MonitorState(StrEnum):
+    """A sentiment monitor: `alerting` from an alert until its window recovers."""
+
+    OK = "ok"
+    ALERTING = "alerting"

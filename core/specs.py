@@ -380,6 +380,8 @@ class _JobRequestBase(BaseModel):
     def _events_need_url(self) -> Self:
         if self.webhook_events is not None and self.webhook_url is None:
             raise ValueError("webhook_events needs a webhook_url")
+        if self.webhook_events is not None and WebhookEvent.ALERT in self.webhook_events:
+            raise ValueError("alert is a monitor event; jobs cannot subscribe to it")
         return self
 
     @field_validator("expires_at")

@@ -295,3 +295,93 @@ class WebhookSecret(Base):
     secret: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+def new_monitor_id() -> str:
+    return f"mon_{uuid.uuid4().hex}"
+
+
+def new_alert_id() -> str:
+    return f"alr_{uuid.uuid4().hex}"
+
+
+class Monitor(Base):
+    """A sentiment monitor: a classifier over a feed of texts, a window and an alert rule.
+
+    `state` and `recover_at_or_below` change only by compare-and-set (db/monitors.py)."""
+
+    __tablename__ = "monitors"
+    __table_args__ = (Index("ix_monitors_tenant_id_created_at", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_monitor_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(255))
+    model: Mapped[str] = mapped_column(String(255))
+    labels: Mapped[list[str]] = mapped_column(JSON, default=list)
+    negative_label: Mapped[str] = mapped_column(String(255))
+    window_items: Mapped[int | None] = mapped_column(Integer)
+    window_seconds: Mapped[int | None] = mapped_column(Integer)
+    share_above: Mapped[float | None] = mapped_column(Float)
+    rise_above: Mapped[float | None] = mapped_column(Float)
+    min_items: Mapped[int] = mapped_column(Integer)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))
+    recover_at_or_below: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class MonitorItem(Base):
+    """One posted text; its label is filled in when its batch's predict job succeeds."""
+
+    __tablename__ = "monitor_items"
+    __table_args__ = (
+        Index("ix_monitor_items_monitor_id_id", "monitor_id", "id"),
+        Index("ix_monitor_items_monitor_id_created_at", "monitor_id", "created_at"),
+        Index("ix_monitor_items_job_id", "job_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    monitor_id: Mapped[str] = mapped_column(ForeignKey("monitors.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(String(40))
+    text: Mapped[str] = mapped_column(Text)
+    label: Mapped[str | None] = mapped_column(String(255))
+    score: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    classified_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class MonitorStat(Base):
+    """One evaluation of a monitor's window (after a predict job of its feed succeeded)."""
+
+    __tablename__ = "monitor_stats"
+    __table_args__ = (Index("ix_monitor_stats_monitor_id_id", "monitor_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    monitor_id: Mapped[str] = mapped_column(ForeignKey("monitors.id", ondelete="CASCADE"))
+    job_id: Mapped[str] = mapped_column(String(40))
+    items: Mapped[int] = mapped_column(Integer)
+    negative_share: Mapped[float] = mapped_column(Float)
+    previous_share: Mapped[float | None] = mapped_column(Float)
+    shares: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16))
+    alerted: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class MonitorAlert(Base):
+    """An alert a monitor raised: listed on the monitor and sent as a `monitor.alert`
+    webhook delivery (queued in the same transaction)."""
+
+    __tablename__ = "monitor_alerts"
+    __table_args__ = (Index("ix_monitor_alerts_monitor_id_created_at", "monitor_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_alert_id)
+    monitor_id: Mapped[str] = mapped_column(ForeignKey("monitors.id", ondelete="CASCADE"))
+    stat_id: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[str] = mapped_column(String(40))
+    reason: Mapped[str] = mapped_column(Text)
+    negative_share: Mapped[float] = mapped_column(Float)
+    previous_share: Mapped[float | None] = mapped_column(Float)
+    items: Mapped[int] = mapped_column(Integer)
+    delivery_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -318,6 +318,54 @@ class _Resources(Generic[R]):
         path = f"/v1/webhooks/deliveries/{delivery_id}/redeliver"
         return self._request("POST", path, retry=True)
 
+    # Sentiment monitors
+
+    def create_monitor(
+        self,
+        name: str,
+        model: str,
+        *,
+        window: dict[str, int],
+        rule: dict[str, float],
+        negative_label: str | None = None,
+        webhook_url: str | None = None,
+    ) -> R:
+        """A monitor over `model` (a registered or installed sequence classifier).
+        `window`: {"items": N} or {"seconds": T}; `rule`: share_above and/or rise_above
+        (fractions), min_items."""
+        body: dict[str, Any] = {"name": name, "model": model, "window": window, "rule": rule}
+        if negative_label is not None:
+            body["negative_label"] = negative_label
+        if webhook_url is not None:
+            body["webhook_url"] = webhook_url
+        return self._request("POST", "/v1/monitors", json=body)
+
+    def monitors(self, **filters: Any) -> R:
+        return self._request("GET", "/v1/monitors", params=filters)
+
+    def monitor(self, monitor_id: str) -> R:
+        """The monitor with its state, item counts, current window and recent history."""
+        return self._request("GET", f"/v1/monitors/{monitor_id}")
+
+    def delete_monitor(self, monitor_id: str) -> R:
+        return self._request("DELETE", f"/v1/monitors/{monitor_id}", retry=True)
+
+    def feed_monitor(
+        self, monitor_id: str, texts: list[str], *, idempotency_key: str | None = None
+    ) -> R:
+        """Post one batch of texts (classified by one predict job); always sends an
+        Idempotency-Key, so a retried post never feeds the batch twice."""
+        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        path = f"/v1/monitors/{monitor_id}/items"
+        return self._request("POST", path, json={"texts": texts}, headers=headers, retry=True)
+
+    def monitor_stats(self, monitor_id: str, **filters: Any) -> R:
+        """Window evaluations, newest first: `limit`, `cursor`."""
+        return self._request("GET", f"/v1/monitors/{monitor_id}/stats", params=filters)
+
+    def monitor_alerts(self, monitor_id: str, **filters: Any) -> R:
+        return self._request("GET", f"/v1/monitors/{monitor_id}/alerts", params=filters)
+
 
 class Client(_Resources[Any]):
     """The blocking client."""

@@ -25,6 +25,7 @@ from db.base import utcnow
 from db.events import append_event
 from db.jobs import claim, expire_overdue, finish_job, get_job, give_back, requeue_job
 from db.models import DEFAULT_TENANT, Job
+from db.monitors import record_predictions
 from db.outputs import add_outputs
 from db.registry import model_name, register_model
 from db.session import DATABASE_UNAVAILABLE, session_scope
@@ -36,6 +37,7 @@ from workers.runners import RunResult, TrainedModel, runner_for
 
 logger = logging.getLogger(__name__)
 
+PREDICTION = "prediction"  # an output's finish_reason in a predict job (may feed a monitor)
 T = TypeVar("T")
 __all__ = ["ClaimedJob", "JobExecutor", "LeaseLost", "retry_delay", "worker_identity"]
 
@@ -232,6 +234,8 @@ class JobExecutor:
             summary = dict(result.result) if result.result is not None else None
             with session_scope(self._settings.database_url) as session:
                 add_outputs(session, job_id, result.outputs)
+                if any(o.finish_reason == PREDICTION for o in result.outputs):
+                    record_predictions(session, job_id, result.outputs)
                 if result.trained_model is not None:
                     name = self._register(session, job_id, spec, result.trained_model)
                     summary = {**(summary or {}), "model": name}

@@ -226,3 +226,42 @@ def test_dashboard_sends_the_api_key_it_was_given(
     )
     assert browser.execute_script("return sessionStorage.getItem('modelyard.apiKey')") == key
     assert browser.find_element(By.ID, "api-key").get_attribute("value") == ""
+
+
+def test_dashboard_plots_a_monitors_negative_share(cls_stack: Stack, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    stack = cls_stack
+    with stack.client() as c:
+        resp = c.post(
+            "/v1/monitors",
+            json={
+                "name": "ui-monitor",
+                "model": CLS_MODEL,
+                "negative_label": "a",
+                "window": {"items": 4},
+                "rule": {"share_above": 0.5, "min_items": 4},
+            },
+        )
+        assert resp.status_code == 201, resp.text
+        mon = resp.json()
+        for batch in (["good news"] * 4, ["bad news"] * 4, ["more news"] * 4):
+            posted = c.post(f"/v1/monitors/{mon['id']}/items", json={"texts": batch})
+            assert posted.status_code == 202, posted.text
+            stack.wait_status(posted.json()["job_id"], ("succeeded",))
+        history = c.get(f"/v1/monitors/{mon['id']}").json()["history"]
+    assert len(history) == 3
+
+    sign_in(browser, stack)
+    browser.get(f"{stack.base_url}/ui/#/monitors/{mon['id']}")
+    page = WebDriverWait(browser, PAGE_TIMEOUT_S).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, "#monitor-page[data-loaded='true']")
+    )
+    assert page.get_attribute("data-evaluations") == "3"
+    chart = browser.find_element(By.CSS_SELECTOR, "svg[data-chart='monitor-share']")
+    line = chart.find_element(By.CSS_SELECTOR, "polyline[data-series='negative_share']")
+    assert len(line.get_attribute("points").split()) == len(history)
+    assert chart.find_elements(By.CSS_SELECTOR, "polyline[data-series='threshold']")
+    shares = browser.find_elements(By.CSS_SELECTOR, "#monitor-shares tbody tr")
+    assert len(shares) == len(mon["labels"])

@@ -1,10 +1,12 @@
 // Entry point: the header (API key, Flower link), hash routing between the job list
-// (#/?status=&kind=) and a job's page (#/jobs/<id>), and one place for API errors.
+// (#/?status=&kind=), a job's page (#/jobs/<id>) and the monitors (#/monitors,
+// #/monitors/<id>), and one place for API errors.
 
 import { ApiError, apiKey, setApiKey, uiConfig } from "./api.js";
 import { replace } from "./dom.js";
 import { showJob } from "./job.js";
 import { showJobs } from "./jobs.js";
+import { showMonitor, showMonitors } from "./monitors.js";
 
 const state = { config: { flower_url: "", statuses: [], kinds: [] }, stop: null };
 
@@ -38,9 +40,14 @@ function route() {
   const hash = window.location.hash.replace(/^#/, "") || "/";
   const [path, query] = hash.split("?");
   const match = path.match(/^\/jobs\/([^/]+)$/);
+  const monitor = path.match(/^\/monitors\/([^/]+)$/);
   const ctx = { view, config: state.config, onError: reportError };
   if (match) {
     state.stop = showJob(ctx, decodeURIComponent(match[1]));
+  } else if (monitor) {
+    state.stop = showMonitor(ctx, decodeURIComponent(monitor[1]));
+  } else if (path === "/monitors") {
+    state.stop = showMonitors(ctx);
   } else {
     state.stop = showJobs(ctx, new URLSearchParams(query || ""));
   }

@@ -39,9 +39,10 @@ function scale([d0, d1], [r0, r1]) {
 /**
  * series: [{name, label, points: [{x, y}], axis: "left" | "right"}]
  * Returns a <figure> with the SVG and a legend; empty series are left out of the drawing
- * but named in the legend as "no points yet"; `empty` is the text when nothing is drawn.
+ * but named in the legend as "no points yet"; `empty` is the text when nothing is drawn;
+ * `leftDomain` ([min, max]) fixes the left axis (shares: [0, 1]).
  */
-export function lineChart({ id, title, series, xLabel, leftLabel, rightLabel, empty }) {
+export function lineChart({ id, title, series, xLabel, leftLabel, rightLabel, empty, leftDomain }) {
   const drawn = series.filter((sr) => sr.points.length > 0);
   const figure = h("figure", { class: "chart", id });
   figure.append(h("figcaption", {}, title));
@@ -57,7 +58,7 @@ export function lineChart({ id, title, series, xLabel, leftLabel, rightLabel, em
   const xDomain = domain(xs);
   const x = scale(xDomain, plot);
   const axes = {};
-  if (left.length) axes.left = domain(left.flatMap((sr) => finite(sr.points).map((p) => p.y)));
+  if (left.length) axes.left = leftDomain || domain(left.flatMap((sr) => finite(sr.points).map((p) => p.y)));
   if (right.length) axes.right = domain(right.flatMap((sr) => finite(sr.points).map((p) => p.y)));
   const yScale = (axis) => scale(axes[axis], [HEIGHT - PAD.bottom, PAD.top]);
 
