@@ -226,6 +226,16 @@ class Client:
         job: dict[str, Any] = self._request("POST", f"/v1/jobs/{job_id}/cancel", retry=True)
         return job
 
+    def pause(self, job_id: str) -> dict[str, Any]:
+        """Pause a fine-tune: it checkpoints, then rests `paused` until resumed."""
+        job: dict[str, Any] = self._request("POST", f"/v1/jobs/{job_id}/pause", retry=True)
+        return job
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        """Queue a paused fine-tune again; it continues from its latest checkpoint."""
+        job: dict[str, Any] = self._request("POST", f"/v1/jobs/{job_id}/resume", retry=True)
+        return job
+
     def outputs(self, job_id: str) -> list[dict[str, Any]]:
         data: list[dict[str, Any]] = self._request("GET", f"/v1/jobs/{job_id}/outputs")["data"]
         return data
@@ -341,8 +351,10 @@ class Client:
         model: dict[str, Any] = self._request("GET", f"/v1/models/{name}")
         return model
 
-    def delete_model(self, name: str) -> None:
-        self._request("DELETE", f"/v1/models/{name}", retry=True)
+    def delete_model(self, name: str) -> dict[str, Any]:
+        """`{"id", "object": "model", "deleted": true}`."""
+        deleted: dict[str, Any] = self._request("DELETE", f"/v1/models/{name}", retry=True)
+        return deleted
 
     # Webhooks
 
