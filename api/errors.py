@@ -125,6 +125,9 @@ async def _modelyard_error(_: Request, exc: Exception) -> JSONResponse:
         headers["Retry-After"] = str(exc.retry_after_s)
     elif isinstance(exc, QuotaExceededError):
         headers["Retry-After"] = str(RETRY_AFTER_S)
+    elif isinstance(exc, InvalidStateError | IdempotencyConflictError):
+        # OpenAI's SDKs retry a 409 (a lock timeout there) unless told this: ours are final.
+        headers["x-should-retry"] = "false"
     return JSONResponse(
         error_body(exc.type, exc.message, exc.param),
         status_code=status_for(exc),

@@ -317,10 +317,12 @@ def finish_job(
     error_message: str | None = None,
     result: dict[str, Any] | None = None,
 ) -> bool:
-    """running -> succeeded|failed|cancelled, only while `worker` holds the lease."""
+    """running -> succeeded|failed|cancelled, only while `worker` holds the lease (a pause
+    asked too late to be seen is dropped)."""
     values: dict[str, Any] = {
         "lease_owner": None,
         "lease_expires_at": None,
+        "pause_requested": False,
         "finished_at": utcnow(),
         "error_type": error_type,
         "error_message": error_message,

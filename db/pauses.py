@@ -7,7 +7,9 @@ continues from its latest checkpoint, under the same job id and events.
 
 from __future__ import annotations
 
-from sqlalchemy import update
+from collections.abc import Sequence
+
+from sqlalchemy import ColumnElement, update
 from sqlalchemy.orm import Session
 
 from core.enums import EventType, JobKind, JobStatus
@@ -87,6 +89,22 @@ def pause_running(session: Session, job_id: str, worker: str) -> bool:
         },
         message=f"paused by {worker} at its latest checkpoint",
         data={"by": worker},
+    )
+
+
+def pause_lost(
+    session: Session, job_id: str, *, where: Sequence[ColumnElement[bool]], reason: str
+) -> bool:
+    """running -> paused by the reconciler: the worker was lost after a pause was asked, so
+    the job rests at its last recorded checkpoint instead of being queued again."""
+    return transition(
+        session,
+        job_id,
+        JobStatus.RUNNING,
+        JobStatus.PAUSED,
+        where=where,
+        values={"lease_owner": None, "lease_expires_at": None, "pause_requested": False},
+        message=f"{reason}; pause was requested",
     )
 
 

@@ -14,7 +14,7 @@ from api.auth import Principal
 from api.cursors import split_page
 from api.deps import JobsRead, JobsWrite, PublisherDep, ReadSessionDep, SessionDep, SettingsDep
 from api.openai_shapes import OpenAIList, batch
-from api.routes.jobs import create_job_in
+from api.routes.jobs import IdempotencyKey, create_job_in
 from core.enums import BatchEndpoint, JobKind
 from core.errors import InvalidRequestError, NotFoundError
 from core.specs import BatchJobRequest
@@ -64,6 +64,7 @@ def create_batch(
     settings: SettingsDep,
     publisher: PublisherDep,
     who: JobsWrite,
+    idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     try:
         req = BatchJobRequest.model_validate(
@@ -84,7 +85,7 @@ def create_batch(
             f"{PARAMS.get(ours, ours)}: {first['msg']}", param=PARAMS.get(ours, ours)
         ) from None
     try:
-        out = create_job_in(session, req, response, settings, publisher, who, None)
+        out = create_job_in(session, req, response, settings, publisher, who, idempotency_key)
     except InvalidRequestError as exc:
         exc.param = PARAMS.get(exc.param or "", exc.param)
         raise

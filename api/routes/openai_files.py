@@ -3,10 +3,12 @@ read through here too (ids `<job id>-output`, `<job id>-error`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
+from sqlalchemy.orm import Session
 
 from api.cursors import split_page
 from api.deps import JobsRead, JobsWrite, ReadSessionDep, SessionDep, SettingsDep
@@ -32,7 +34,7 @@ BATCH_SCHEMAS = frozenset({DatasetSchema.BATCH_REQUESTS.value})
 FINE_TUNE_SCHEMAS = frozenset(s.value for s in DatasetSchema) - BATCH_SCHEMAS
 
 
-def _fits(purpose: Purpose) -> Any:
+def _fits(purpose: Purpose) -> Callable[[ParsedDataset], None]:
     def check(parsed: ParsedDataset) -> None:
         batch = parsed.schema is DatasetSchema.BATCH_REQUESTS
         if batch != (purpose == "batch"):
@@ -46,7 +48,7 @@ def _fits(purpose: Purpose) -> Any:
 
 
 def _batch_job(
-    session: Any, file_id: str, tenant_id: str
+    session: Session, file_id: str, tenant_id: str
 ) -> tuple[Job, Literal["output", "error"]]:
     match = BATCH_FILE_ID.match(file_id)
     job = jobs_repo.get_job(session, match.group(1), tenant_id) if match else None

@@ -22,7 +22,7 @@ from api.openai_shapes import (
     fine_tuning_event,
     fine_tuning_job,
 )
-from api.routes.jobs import create_job_in, publish_job
+from api.routes.jobs import IdempotencyKey, create_job_in, publish_job
 from core.enums import DatasetSchema, FineTuneTask, JobKind
 from core.errors import InvalidRequestError, NotFoundError
 from core.specs import FineTuneJobRequest
@@ -150,10 +150,11 @@ def create_fine_tuning_job(
     settings: SettingsDep,
     publisher: PublisherDep,
     who: JobsWrite,
+    idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     req = _request(session, body, who.tenant_id)
     try:
-        out = create_job_in(session, req, response, settings, publisher, who, None)
+        out = create_job_in(session, req, response, settings, publisher, who, idempotency_key)
     except InvalidRequestError as exc:
         exc.param = PARAMS.get(exc.param or "", exc.param)
         raise

@@ -132,6 +132,20 @@ def test_fine_tuning_job_is_our_fine_tune_job(client: TestClient, chat_file: str
     listed = client.get("/v1/fine_tuning/jobs", params={"limit": 1}).json()
     assert listed["data"][0]["id"] == job["id"]
 
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    first = client.post(
+        "/v1/fine_tuning/jobs", json={"model": "tiny-gpt2", "training_file": chat_file}, headers=key
+    )
+    again = client.post(
+        "/v1/fine_tuning/jobs", json={"model": "tiny-gpt2", "training_file": chat_file}, headers=key
+    )
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    other_body = client.post(
+        "/v1/fine_tuning/jobs", json={"model": "tiny-gpt3", "training_file": chat_file}, headers=key
+    )
+    assert error(other_body, 409)["param"] == "Idempotency-Key"
+
     cls = upload(client, SENTIMENT, "fine-tune", "s.csv").json()["id"]
     cls_job = fine_tune(client, cls).json()
     assert client.get(f"/v1/jobs/{cls_job['id']}").json()["spec"]["task"] == (
@@ -251,7 +265,9 @@ def test_pause_and_resume_rules(client: TestClient, settings: Settings, chat_fil
     messages = [e["message"] for e in client.get(f"/v1/jobs/{running}/events").json()["data"]]
     assert "pause requested" in messages and "paused by w1 at its latest checkpoint" in messages
     assert client.post(f"/v1/fine_tuning/jobs/{running}/cancel").json()["status"] == "cancelled"
-    error(client.post(f"/v1/jobs/{running}/pause"), 409)
+    conflict = client.post(f"/v1/jobs/{running}/pause")
+    error(conflict, 409)
+    assert conflict.headers["x-should-retry"] == "false"  # the OpenAI SDK does not retry it
     error(client.post(f"/v1/jobs/{running}/resume"), 409)
 
 
