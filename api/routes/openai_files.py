@@ -77,6 +77,7 @@ def list_files(
     purpose: Purpose | None = None,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    order: Annotated[Literal["desc"], Query(description="Only newest first")] = "desc",
 ) -> OpenAIList:
     """Uploaded files, newest first; `after` is the id of the last file of the previous page."""
     before = None

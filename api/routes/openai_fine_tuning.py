@@ -4,9 +4,10 @@ checkpoints), created through the same path as `POST /v1/jobs`."""
 from __future__ import annotations
 
 import logging
+import re
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from sqlalchemy.orm import Session
 
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai"])
 
 Auto = Literal["auto"]
+METADATA_PARAM = re.compile(r"metadata\[([A-Za-z0-9_.\-]{1,64})\]")
 TASK_FOR_SCHEMA = {
     DatasetSchema.CLASSIFICATION.value: FineTuneTask.SEQUENCE_CLASSIFICATION,
     DatasetSchema.TOKEN_CLASSIFICATION.value: FineTuneTask.TOKEN_CLASSIFICATION,
@@ -162,13 +164,25 @@ def create_fine_tuning_job(
     return fine_tuning_job(_job(session, out.id, who))
 
 
+def _metadata_filters(request: Request) -> dict[str, str]:
+    """OpenAI's `metadata[key]=value` query parameters."""
+    found: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        match = METADATA_PARAM.fullmatch(name)
+        if match is not None:
+            found[match.group(1)] = value
+    return found
+
+
 @router.get("", response_model=OpenAIList)
 def list_fine_tuning_jobs(
+    request: Request,
     session: ReadSessionDep,
     who: JobsRead,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> OpenAIList:
+    """Newest first; `metadata[key]=value` keeps the jobs whose metadata has it."""
     before = None
     if after is not None:
         anchor = _job(session, after, who)
@@ -176,7 +190,7 @@ def list_fine_tuning_jobs(
     rows, has_more = split_page(
         jobs_repo.list_jobs(
             session,
-            jobs_repo.JobFilter(kind=JobKind.FINETUNE),
+            jobs_repo.JobFilter(kind=JobKind.FINETUNE, metadata=_metadata_filters(request)),
             tenant_id=who.tenant_id,
             limit=limit + 1,
             before=before,

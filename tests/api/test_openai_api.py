@@ -86,6 +86,7 @@ def test_files_are_datasets_with_a_purpose(client: TestClient, chat_file: str) -
     batches = client.get("/v1/files", params={"purpose": "batch"}).json()["data"]
     assert [f["id"] for f in batches if f["id"] in (batch_id, chat_file)] == [batch_id]
 
+    assert error(client.get("/v1/files", params={"order": "asc"}), 422)["param"] == "order"
     first = client.get("/v1/files", params={"limit": 1}).json()
     assert first["object"] == "list" and first["has_more"] is True
     assert first["first_id"] == first["last_id"] == batch_id  # newest first
@@ -131,6 +132,9 @@ def test_fine_tuning_job_is_our_fine_tune_job(client: TestClient, chat_file: str
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"] == []
     listed = client.get("/v1/fine_tuning/jobs", params={"limit": 1}).json()
     assert listed["data"][0]["id"] == job["id"]
+    ops = client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "ops"}).json()["data"]
+    assert [j["id"] for j in ops] == [job["id"]]
+    assert client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "x"}).json()["data"] == []
 
     key = {"Idempotency-Key": uuid.uuid4().hex}
     first = client.post(

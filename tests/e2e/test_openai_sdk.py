@@ -100,6 +100,7 @@ def test_fine_tune_then_batch_on_the_fine_tuned_model(client: OpenAI, stack: Sta
     assert (job.seed, job.metadata, job.training_file) == (7, {"team": "ops"}, uploaded.id)
     assert job.hyperparameters.n_epochs == 1 and job.hyperparameters.batch_size == 4
     assert job.id in [j.id for j in client.fine_tuning.jobs.list(limit=5)]
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "ops"})] == [job.id]
 
     done = wait_job(client, job.id, ("succeeded", "failed", "cancelled"), stack)
     assert done.status == "succeeded", done.error
