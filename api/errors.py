@@ -1,4 +1,7 @@
-"""The one mapping from errors to HTTP responses with `{"error": {type, message, param}}`."""
+"""The one mapping from errors to HTTP responses with `{"error": {type, message, param, code}}`.
+
+The body is also OpenAI's error envelope, so OpenAI SDKs pointed at /v1 read it.
+"""
 
 from __future__ import annotations
 
@@ -61,10 +64,12 @@ class ErrorDetail(BaseModel):
     type: str
     message: str
     param: str | None
+    code: str | None = None
 
 
 class ErrorBody(BaseModel):
-    """Every error answer: `{"error": {"type", "message", "param"}}`."""
+    """Every error answer: `{"error": {"type", "message", "param", "code"}}` (OpenAI's
+    envelope; `code` repeats `type`, which is what OpenAI clients branch on)."""
 
     error: ErrorDetail
 
@@ -94,7 +99,7 @@ COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def error_body(type_: str, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"type": type_, "message": message, "param": param}}
+    return {"error": {"type": type_, "message": message, "param": param, "code": type_}}
 
 
 def status_for(exc: ModelyardError) -> int:
@@ -120,6 +125,9 @@ async def _modelyard_error(_: Request, exc: Exception) -> JSONResponse:
         headers["Retry-After"] = str(exc.retry_after_s)
     elif isinstance(exc, QuotaExceededError):
         headers["Retry-After"] = str(RETRY_AFTER_S)
+    elif isinstance(exc, InvalidStateError | IdempotencyConflictError):
+        # OpenAI's SDKs retry a 409 (a lock timeout there) unless told this: ours are final.
+        headers["x-should-retry"] = "false"
     return JSONResponse(
         error_body(exc.type, exc.message, exc.param),
         status_code=status_for(exc),

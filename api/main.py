@@ -22,6 +22,9 @@ from api.routes import (
     metrics,
     models,
     monitors,
+    openai_batches,
+    openai_files,
+    openai_fine_tuning,
     stream,
     ui,
     webhooks,
@@ -69,7 +72,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
-        limits={("POST", "/v1/datasets"): settings.max_upload_bytes},
+        limits={
+            ("POST", "/v1/datasets"): settings.max_upload_bytes,
+            ("POST", "/v1/files"): settings.max_upload_bytes,
+        },
     )
     app.include_router(health.router)
     app.include_router(jobs.router)
@@ -80,6 +86,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(monitors.router)
     app.include_router(datasets.router)
     app.include_router(webhooks.router)
+    app.include_router(openai_files.router)
+    app.include_router(openai_fine_tuning.router)
+    app.include_router(openai_batches.router)
     app.include_router(admin.router)
     app.include_router(metrics.router)
     app.include_router(ui.router)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -33,6 +33,7 @@ class JobOut(BaseModel):
     progress: float
     progress_detail: dict[str, Any] | None
     cancel_requested: bool
+    pause_requested: bool = False
     error: JobError | None
     result: dict[str, Any] | None
     created_at: datetime
@@ -63,6 +64,7 @@ class JobOut(BaseModel):
             progress=job.progress,
             progress_detail=job.progress_detail,
             cancel_requested=job.cancel_requested,
+            pause_requested=job.pause_requested,
             error=JobError(type=job.error_type, message=job.error_message)
             if job.error_type
             else None,
@@ -180,6 +182,12 @@ class CheckpointList(BaseModel):
 
 
 class ModelOut(BaseModel):
+    """A registered model; `id`, `object`, `created` and `owned_by` are OpenAI's Model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix seconds (OpenAI's field; same as created_at).")
+    owned_by: str = Field(description="The tenant that owns the model.")
     name: str
     base_model: str
     task: str
@@ -193,6 +201,9 @@ class ModelOut(BaseModel):
     @classmethod
     def of(cls, m: RegisteredModel) -> ModelOut:
         return cls(
+            id=m.name,
+            created=int(m.created_at.timestamp()),
+            owned_by=m.tenant_id,
             name=m.name,
             base_model=m.base_model,
             task=m.task,
@@ -206,9 +217,18 @@ class ModelOut(BaseModel):
 
 
 class ModelList(BaseModel):
+    object: Literal["list"] = "list"
     data: list[ModelOut]
     has_more: bool
     next_cursor: str | None
+
+
+class ModelDeleted(BaseModel):
+    """OpenAI's answer to deleting a model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
 
 
 class DatasetOut(BaseModel):

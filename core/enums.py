@@ -62,6 +62,7 @@ class JobStatus(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     EXPIRED = "expired"  # past its deadline: a queued job's expires_at, a batch's window
+    PAUSED = "paused"  # a fine-tune resting at a checkpoint, holding no worker, until resumed
 
 
 class EventType(StrEnum):

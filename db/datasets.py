@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -66,13 +66,21 @@ def require_dataset(session: Session, dataset_id: str, *, tenant_id: str | None)
 
 
 def list_datasets(
-    session: Session, *, tenant_id: str, limit: int, before: tuple[datetime, str] | None = None
+    session: Session,
+    *,
+    tenant_id: str,
+    limit: int,
+    before: tuple[datetime, str] | None = None,
+    schemas: Collection[str] | None = None,
 ) -> Sequence[Dataset]:
-    """The tenant's datasets, newest first, keyset-paginated on (created_at, id)."""
+    """The tenant's datasets (of `schemas`, when given), newest first, keyset-paginated on
+    (created_at, id)."""
     stmt = select(Dataset).where(
         Dataset.tenant_id == tenant_id,
         *newer_first_before(Dataset.created_at, Dataset.id, before),
     )
+    if schemas is not None:
+        stmt = stmt.where(Dataset.schema.in_(list(schemas)))
     stmt = stmt.order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit)
     return session.scalars(stmt).all()
 

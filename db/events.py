@@ -36,3 +36,13 @@ def list_events(
         .limit(limit)
     )
     return session.scalars(stmt).all()
+
+
+def list_events_newest_first(
+    session: Session, job_id: str, *, before_id: int | None = None, limit: int = 100
+) -> Sequence[JobEvent]:
+    """The job's events, newest first, older than `before_id` when given (OpenAI's order)."""
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id)
+    if before_id is not None:
+        stmt = stmt.where(JobEvent.id < before_id)
+    return session.scalars(stmt.order_by(JobEvent.id.desc()).limit(limit)).all()

@@ -277,6 +277,7 @@ def claim_job(session: Session, job_id: str, worker: str, lease_ttl: timedelta) 
 class LeaseState:
     held: bool
     cancel_requested: bool
+    pause_requested: bool = False
 
 
 def held_by(job_id: str, worker: str) -> list[ColumnElement[bool]]:
@@ -301,13 +302,13 @@ def renew_lease(
         update(Job)
         .where(*held_by(job_id, worker))
         .values(**values)
-        .returning(Job.cancel_requested)
+        .returning(Job.cancel_requested, Job.pause_requested)
         .execution_options(synchronize_session=False)
     )
     row = session.execute(stmt).first()
     if row is None:
         return LeaseState(held=False, cancel_requested=False)
-    return LeaseState(held=True, cancel_requested=bool(row[0]))
+    return LeaseState(held=True, cancel_requested=bool(row[0]), pause_requested=bool(row[1]))
 
 
 def finish_job(
@@ -320,10 +321,12 @@ def finish_job(
     error_message: str | None = None,
     result: dict[str, Any] | None = None,
 ) -> bool:
-    """running -> succeeded|failed|cancelled, only while `worker` holds the lease."""
+    """running -> succeeded|failed|cancelled, only while `worker` holds the lease (a pause
+    asked too late to be seen is dropped)."""
     values: dict[str, Any] = {
         "lease_owner": None,
         "lease_expires_at": None,
+        "pause_requested": False,
         "finished_at": utcnow(),
         "error_type": error_type,
         "error_message": error_message,
@@ -467,14 +470,14 @@ def request_cancel(session: Session, job_id: str, *, tenant_id: str | None) -> J
         status = JobStatus(job.status)
         if status is JobStatus.CANCELLED:
             return job
-        if status is JobStatus.QUEUED:
+        if status in (JobStatus.QUEUED, JobStatus.PAUSED):
             if transition(
                 session,
                 job_id,
-                JobStatus.QUEUED,
+                status,
                 JobStatus.CANCELLED,
                 values={"finished_at": utcnow(), "cancel_requested": True},
-                message="cancelled while queued",
+                message=f"cancelled while {status.value}",
             ):
                 return require_job(session, job_id, tenant_id=tenant_id)
             continue

@@ -1,7 +1,7 @@
-"""`modelyard submit | jobs | show | watch | events | logs | cancel | outputs`: the HTTP API from
-the shell. Exit codes scripts can rely on: 0 succeeded (or the command worked), 1 failed,
-3 cancelled, 4 expired, 5 the API refused or could not be reached, 6 still running when
-`watch --timeout` ran out."""
+"""`modelyard submit | jobs | show | watch | events | logs | cancel | pause | resume |
+outputs`: the HTTP API from the shell. Exit codes scripts can rely on: 0 succeeded (or the
+command worked), 1 failed, 3 cancelled, 4 expired, 5 the API refused or could not be
+reached, 6 still running when `watch --timeout` ran out."""
 
 from __future__ import annotations
 
@@ -191,6 +191,28 @@ def cancel(
     console.print(f"{job['id']}: {job['status']} (cancel requested)")
 
 
+def pause(
+    job_id: str,
+    url: UrlOption = "http://127.0.0.1:8000",
+    api_key: KeyOption = None,
+) -> None:
+    """Pause a fine-tune (a running one checkpoints at its next step, then rests paused)."""
+    with _client(url, api_key) as client:
+        job = _call(lambda: client.pause(job_id))
+    console.print(f"{job['id']}: {job['status']} (pause requested)")
+
+
+def resume(
+    job_id: str,
+    url: UrlOption = "http://127.0.0.1:8000",
+    api_key: KeyOption = None,
+) -> None:
+    """Resume a paused fine-tune from its latest checkpoint."""
+    with _client(url, api_key) as client:
+        job = _call(lambda: client.resume(job_id))
+    console.print(f"{job['id']}: {job['status']} (resumed)")
+
+
 def _print_event(event: dict[str, Any], as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(event) + "\n")
@@ -334,5 +356,5 @@ def watch(
 
 
 def register(app: typer.Typer) -> None:
-    for command in (submit, jobs, show, watch, events, logs, cancel, outputs):
+    for command in (submit, jobs, show, watch, events, logs, cancel, pause, resume, outputs):
         app.command()(command)

@@ -259,6 +259,14 @@ class _Resources(Generic[R]):
     def cancel(self, job_id: str) -> R:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel", retry=True)
 
+    def pause(self, job_id: str) -> R:
+        """Pause a fine-tune: it checkpoints, then rests `paused` until resumed."""
+        return self._request("POST", f"/v1/jobs/{job_id}/pause", retry=True)
+
+    def resume(self, job_id: str) -> R:
+        """Queue a paused fine-tune again; it continues from its latest checkpoint."""
+        return self._request("POST", f"/v1/jobs/{job_id}/resume", retry=True)
+
     def outputs(self, job_id: str) -> R:
         return self._request("GET", f"/v1/jobs/{job_id}/outputs", pick="data")
 
@@ -300,6 +308,7 @@ class _Resources(Generic[R]):
         return self._request("GET", f"/v1/models/{name}")
 
     def delete_model(self, name: str) -> R:
+        """`{"id", "object": "model", "deleted": true}`."""
         return self._request("DELETE", f"/v1/models/{name}", retry=True)
 
     # Webhooks

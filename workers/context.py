@@ -22,6 +22,7 @@ class RunContext:
     deadline: float | None = None  # time.monotonic() at which the attempt must stop (timed_out)
     max_runtime_s: float | None = None  # the run time limit behind `deadline`, for messages
     cancelled: bool = False
+    paused: bool = False  # a pause was asked: checkpoint, stop and rest as `paused`
     lease_lost: bool = False
     timed_out: bool = False
     given_back: bool = False  # the worker is shutting down: stop and hand the job back
@@ -54,13 +55,15 @@ class RunContext:
             return "cancelled"
         if self.timed_out:
             return "timed out"
+        if self.paused:
+            return "paused"
         if self.given_back:
             return "worker shutting down"
         return "stopped"
 
     def check_stop(self) -> None:
-        """Raise JobStopped once the job must stop: cancel, lost lease, run time limit
-        or worker shutdown."""
+        """Raise JobStopped once the job must stop: cancel, pause, lost lease, run time
+        limit or worker shutdown."""
         if self.stop_event.is_set():
             raise JobStopped(f"job {self.job_id} stopped: {self.stop_reason}")
 

@@ -27,6 +27,7 @@ from db.jobs import claim, expire_overdue, finish_job, get_job, give_back, reque
 from db.models import DEFAULT_TENANT, Job
 from db.monitors import record_predictions
 from db.outputs import add_outputs
+from db.pauses import pause_running
 from db.registry import model_name, register_model
 from db.session import DATABASE_UNAVAILABLE, session_scope
 from workers.context import RunContext
@@ -310,8 +311,9 @@ class JobExecutor:
         return self._write(ctx.job_id, f"status {target.value}", write)
 
     def stopped(self, ctx: RunContext) -> JobStatus | None:
-        """Record why a running job stopped: cancelled, timed out (failed) or handed back for
-        another worker (None); None as well when the lease was lost (nothing is kept)."""
+        """Record why a running job stopped: cancelled, timed out (failed), paused, or handed
+        back for another worker (None); None as well when the lease was lost (nothing is
+        kept)."""
         if ctx.lease_lost:
             logger.warning("job %s: stopped after losing its lease; nothing recorded", ctx.job_id)
             self._note(ctx, "stopped its attempt: lease lost", "lease_lost")
@@ -331,11 +333,19 @@ class JobExecutor:
             )
             logger.info("job %s timed out after %s", ctx.job_id, limit)
             return JobStatus.FAILED if won else None
+        if ctx.paused:
+            won = self._write(ctx.job_id, "its pause", lambda: self._pause(ctx))
+            logger.info("job %s paused; recorded=%s", ctx.job_id, won)
+            return JobStatus.PAUSED if won else None
         if ctx.given_back:
             self.give_back(ctx)
             return None
         logger.warning("job %s stopped without a reason; nothing recorded", ctx.job_id)
         return None
+
+    def _pause(self, ctx: RunContext) -> bool:
+        with session_scope(self._settings.database_url) as session:
+            return pause_running(session, ctx.job_id, self.worker)
 
     def give_back(self, ctx: RunContext) -> None:
         """queued again and published, so another worker takes it (this one is stopping)."""

@@ -150,6 +150,10 @@ class Heartbeat:
             logger.info("job %s: cancel requested, stopping", ctx.job_id)
             ctx.cancelled = True
             ctx.stop_event.set()
+        elif state.pause_requested and not ctx.paused:
+            logger.info("job %s: pause requested, checkpointing and stopping", ctx.job_id)
+            ctx.paused = True
+            ctx.stop_event.set()
         return True
 
     def beat(self) -> None:

@@ -29,6 +29,7 @@ from db.jobs import (
     transition,
 )
 from db.models import Job
+from db.pauses import pause_lost
 from db.session import session_scope
 from workers.batch.expiry import expire_overdue_batches
 from workers.leases import BrokerLeases, broker_leases
@@ -44,6 +45,7 @@ class ReconcileReport:
     republished: int = 0
     expired: int = 0
     alive: int = 0  # database lease expired, but the worker still renews its broker lease
+    paused: int = 0  # worker lost while a pause was asked: it rests paused, not requeued
 
 
 def _alive_in_broker(leases: BrokerLeases, jobs: list[Job]) -> set[str]:
@@ -82,6 +84,9 @@ def _expire_leases(
                     message=f"{reason}; cancel was requested",
                 ):
                     report.cancelled += 1
+            elif job.pause_requested:
+                if pause_lost(session, job.id, where=same_lease, reason=reason):
+                    report.paused += 1
             elif job.attempts >= job.max_attempts:
                 if transition(
                     session,

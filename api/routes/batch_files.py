@@ -26,7 +26,7 @@ JSONL_MEDIA_TYPE = "application/jsonl"
 FILES = ("output", "error")
 
 
-def _lines(settings: Settings, job_id: str, errors: bool) -> Iterator[bytes]:
+def batch_lines(settings: Settings, job_id: str, errors: bool) -> Iterator[bytes]:
     # The response streams after the route returned: it reads in its own session.
     with session_scope(settings.database_url, readonly=True) as session:
         for data in iter_line_data(session, job_id, errors=errors):
@@ -50,7 +50,7 @@ def download_batch_file(
             f"job {job_id!r} is a {job.kind} job; only batch jobs have files", param="job_id"
         )
     return StreamingResponse(
-        _lines(settings, job_id, errors=name == "error"),
+        batch_lines(settings, job_id, errors=name == "error"),
         media_type=JSONL_MEDIA_TYPE,
         headers={"Content-Disposition": f'attachment; filename="{job_id}_{name}.jsonl"'},
     )

@@ -7,22 +7,24 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from sqlalchemy.orm import Session
 
+from api.auth import Principal
 from api.cursors import decode_cursor, encode_cursor, split_page
 from api.deps import JobsRead, JobsWrite, ReadSessionDep, SessionDep, SettingsDep
 from api.schemas import DatasetList, DatasetOut
-from core.datasets import display_filename, parse_dataset
+from core.datasets import ParsedDataset, display_filename, parse_dataset
 from core.errors import PayloadTooLargeError
 from core.settings import Settings
 from core.storage import artifact_store
 from db import datasets as datasets_repo
 from db import tenants as tenants_repo
-from db.models import new_dataset_id
+from db.models import Dataset, new_dataset_id
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -82,12 +84,27 @@ def upload_dataset(
         str | None, Form(max_length=255, description="Filename to record instead of the upload's")
     ] = None,
 ) -> DatasetOut:
+    return DatasetOut.of(store_dataset(session, settings, who, file, name))
+
+
+def store_dataset(
+    session: Session,
+    settings: Settings,
+    who: Principal,
+    file: UploadFile,
+    name: str | None,
+    check: Callable[[ParsedDataset], None] | None = None,
+) -> Dataset:
+    """Parse and validate the upload (and `check` it), then store the file and commit its
+    row; a refused upload stores nothing."""
     limit = _max_dataset_bytes(session, settings, who.tenant_id)
     raw = file.file.read(limit + 1)
     if len(raw) > limit:
         raise PayloadTooLargeError(f"dataset exceeds this tenant's limit of {limit} bytes")
     filename = display_filename(name or file.filename)
     parsed = parse_dataset(raw, filename)
+    if check is not None:
+        check(parsed)
     dataset_id = new_dataset_id()
     stored_name = f"data.{parsed.format.value}"
     relative_dir = dataset_dir(who.tenant_id, dataset_id)
@@ -131,7 +148,7 @@ def upload_dataset(
         len(parsed.rows),
         parsed.report["warnings_total"],
     )
-    return DatasetOut.of(dataset)
+    return dataset
 
 
 @router.get("", response_model=DatasetList)
@@ -165,6 +182,12 @@ def get_dataset(dataset_id: str, session: ReadSessionDep, who: JobsRead) -> Data
 def delete_dataset(
     dataset_id: str, session: SessionDep, settings: SettingsDep, who: JobsWrite
 ) -> Response:
+    remove_dataset(session, settings, who, dataset_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def remove_dataset(session: Session, settings: Settings, who: Principal, dataset_id: str) -> None:
+    """Delete the row (committed), then the file."""
     dataset = datasets_repo.delete_dataset(session, dataset_id, tenant_id=who.tenant_id)
     tenants_repo.audit(
         session,
@@ -177,4 +200,3 @@ def delete_dataset(
     session.commit()
     _remove_dataset_dir(settings, str(PurePosixPath(dataset.path).parent))
     logger.info("dataset %s deleted", dataset_id)
-    return Response(status_code=status.HTTP_204_NO_CONTENT)

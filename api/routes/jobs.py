@@ -44,6 +44,7 @@ from core.specs import DEFAULT_WEBHOOK_EVENTS, AnyJobRequest, GenerateJobRequest
 from db import events as events_repo
 from db import jobs as jobs_repo
 from db import outputs as outputs_repo
+from db import pauses as pauses_repo
 from db import tenants as tenants_repo
 from db import training as training_repo
 from db.models import Job
@@ -128,7 +129,7 @@ def _create_job(
     idempotency_key: str | None,
 ) -> JobOut:
     with request_session(settings) as session:
-        return _create_job_in(session, req, response, settings, publisher, who, idempotency_key)
+        return create_job_in(session, req, response, settings, publisher, who, idempotency_key)
 
 
 def _check_queued_quota(session: Session, settings: Settings, tenant_id: str) -> None:
@@ -142,7 +143,7 @@ def _check_queued_quota(session: Session, settings: Settings, tenant_id: str) ->
         )
 
 
-def _create_job_in(
+def create_job_in(
     session: Session,
     req: AnyJobRequest,
     response: Response,
@@ -197,11 +198,7 @@ def _create_job_in(
         if existing is None:
             raise
         return _replay(existing, digest, response)
-    try:
-        publisher.publish(job.id, JobKind(job.kind), job.priority)
-    except Exception as exc:
-        # The job is committed; the reconciler publishes it once the broker is back.
-        logger.warning("job %s accepted but not published yet: %s", job.id, type(exc).__name__)
+    publish_job(publisher, job)
     logger.info("job %s queued (%s)", job.id, job.kind)
     return JobOut.of(job)
 
@@ -269,6 +266,50 @@ def cancel_job(job_id: str, session: SessionDep, who: JobsWrite) -> JobOut:
     session.commit()
     logger.info("job %s cancel requested (now %s)", job_id, job.status)
     return JobOut.of(job)
+
+
+@router.post("/{job_id}/pause", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+def pause_job(job_id: str, session: SessionDep, who: JobsWrite) -> JobOut:
+    """A fine-tune only: a queued one is `paused` at once; a running one checkpoints at the
+    end of its current step, then rests `paused`, holding no worker."""
+    job = pauses_repo.request_pause(session, job_id, tenant_id=who.tenant_id)
+    tenants_repo.audit(
+        session,
+        tenant_id=who.tenant_id,
+        key_id=who.key_id,
+        action="job.pause",
+        target_type="job",
+        target_id=job_id,
+    )
+    session.commit()
+    logger.info("job %s pause requested (now %s)", job_id, job.status)
+    return JobOut.of(job)
+
+
+@router.post("/{job_id}/resume", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+def resume_job(job_id: str, session: SessionDep, publisher: PublisherDep, who: JobsWrite) -> JobOut:
+    """A paused fine-tune is queued again and continues from its latest checkpoint."""
+    job = pauses_repo.resume(session, job_id, tenant_id=who.tenant_id)
+    tenants_repo.audit(
+        session,
+        tenant_id=who.tenant_id,
+        key_id=who.key_id,
+        action="job.resume",
+        target_type="job",
+        target_id=job_id,
+    )
+    session.commit()
+    publish_job(publisher, job)
+    logger.info("job %s resumed", job_id)
+    return JobOut.of(job)
+
+
+def publish_job(publisher: JobPublisher, job: Job) -> None:
+    """Publish a committed queued job; the reconciler does it if the broker is away."""
+    try:
+        publisher.publish(job.id, JobKind(job.kind), job.priority)
+    except Exception as exc:
+        logger.warning("job %s accepted but not published yet: %s", job.id, type(exc).__name__)
 
 
 @router.get("/{job_id}/events", response_model=EventList)

@@ -4,11 +4,11 @@ import logging
 import shutil
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Query
 
 from api.cursors import decode_cursor, encode_cursor, split_page
 from api.deps import JobsRead, ModelsWrite, ReadSessionDep, SessionDep, SettingsDep
-from api.schemas import ModelList, ModelOut
+from api.schemas import ModelDeleted, ModelList, ModelOut
 from core.storage import artifact_store
 from db import registry
 from db import tenants as tenants_repo
@@ -40,10 +40,10 @@ def get_model(name: str, session: ReadSessionDep, who: JobsRead) -> ModelOut:
     return ModelOut.of(registry.require_model(session, name, tenant_id=who.tenant_id))
 
 
-@router.delete("/{name:path}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{name:path}", response_model=ModelDeleted)
 def delete_model(
     name: str, session: SessionDep, settings: SettingsDep, who: ModelsWrite
-) -> Response:
+) -> ModelDeleted:
     model = registry.delete_model(session, name, tenant_id=who.tenant_id)
     directory = (settings.data_dir / model.path).resolve()
     tenants_repo.audit(
@@ -59,4 +59,4 @@ def delete_model(
         artifact_store(settings).remove(directory)
         shutil.rmtree(directory, ignore_errors=True)
     logger.info("model %s deleted", name)
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return ModelDeleted(id=name, deleted=True)

@@ -214,7 +214,9 @@ def test_metrics_checkpoints_and_models_endpoints(client: TestClient, settings: 
     model_dir = Path(settings.data_dir) / f"jobs/{job_id}/model"
     model_dir.mkdir(parents=True)
     (model_dir / "model.safetensors").write_bytes(b"x")
-    assert client.delete(f"/v1/models/{name}").status_code == 204
+    deleted = client.delete(f"/v1/models/{name}")
+    assert deleted.status_code == 200
+    assert deleted.json() == {"id": name, "object": "model", "deleted": True}
     assert not model_dir.exists()
     assert client.get(f"/v1/models/{name}").status_code == 404
     assert client.delete(f"/v1/models/{name}").status_code == 404

@@ -28,6 +28,10 @@ def test_terminal_statuses_have_no_way_out() -> None:
         (JobStatus.RUNNING, JobStatus.QUEUED),
         (JobStatus.QUEUED, JobStatus.EXPIRED),
         (JobStatus.RUNNING, JobStatus.EXPIRED),
+        (JobStatus.QUEUED, JobStatus.PAUSED),
+        (JobStatus.RUNNING, JobStatus.PAUSED),
+        (JobStatus.PAUSED, JobStatus.QUEUED),
+        (JobStatus.PAUSED, JobStatus.CANCELLED),
     ],
 )
 def test_allowed(source: JobStatus, target: JobStatus) -> None:
@@ -43,6 +47,9 @@ def test_allowed(source: JobStatus, target: JobStatus) -> None:
         (JobStatus.CANCELLED, JobStatus.RUNNING),
         (JobStatus.EXPIRED, JobStatus.QUEUED),
         (JobStatus.EXPIRED, JobStatus.RUNNING),
+        (JobStatus.PAUSED, JobStatus.RUNNING),  # resumed jobs are queued and claimed again
+        (JobStatus.PAUSED, JobStatus.SUCCEEDED),
+        (JobStatus.SUCCEEDED, JobStatus.PAUSED),
     ],
 )
 def test_refused(source: JobStatus, target: JobStatus) -> None:
@@ -51,5 +58,6 @@ def test_refused(source: JobStatus, target: JobStatus) -> None:
 
 def test_every_status_is_in_the_machine() -> None:
     assert set(TRANSITIONS) == set(JobStatus)
-    assert sources_of(JobStatus.QUEUED) == {JobStatus.RUNNING}
+    assert sources_of(JobStatus.QUEUED) == {JobStatus.RUNNING, JobStatus.PAUSED}
+    assert sources_of(JobStatus.PAUSED) == {JobStatus.QUEUED, JobStatus.RUNNING}
     assert sources_of(JobStatus.EXPIRED) == {JobStatus.QUEUED, JobStatus.RUNNING}

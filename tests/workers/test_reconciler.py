@@ -17,6 +17,7 @@ from db.base import utcnow
 from db.events import list_events
 from db.jobs import claim_job, request_cancel
 from db.models import Job
+from db.pauses import request_pause
 from db.session import migrate, session_scope
 from tests.support.jobs import insert_job, load_job
 from tests.support.services import redis_db_index
@@ -104,6 +105,21 @@ def test_expired_lease_with_cancel_requested_is_cancelled(
     assert load_job(settings.database_url, job_id).status == "cancelled"
     with session_scope(settings.database_url) as s:
         assert any("cancel" in e.message for e in list_events(s, job_id))
+
+
+def test_expired_lease_with_pause_requested_rests_paused_and_is_not_republished(
+    settings: Settings, publisher: JobPublisher
+) -> None:
+    job_id = insert_job(settings.database_url, kind=JobKind.FINETUNE)
+    expire_lease(settings, job_id)
+    with session_scope(settings.database_url) as s:
+        request_pause(s, job_id, tenant_id=None)
+    assert reconcile(settings, publisher).paused == 1
+    job = load_job(settings.database_url, job_id)
+    assert (job.status, job.lease_owner, job.pause_requested) == ("paused", None, False)
+    reconcile(settings, publisher)
+    assert load_job(settings.database_url, job_id).status == "paused"
+    assert not redis.Redis.from_url(settings.broker_url).exists(marker_key(job_id))
 
 
 def test_live_lease_is_left_alone(settings: Settings, publisher: JobPublisher) -> None:

@@ -1,0 +1,287 @@
+"""OpenAI's `/v1/fine_tuning/jobs`: each one is our fine-tune job (same id, events and
+checkpoints), created through the same path as `POST /v1/jobs`."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from sqlalchemy.orm import Session
+
+from api.auth import Principal
+from api.cursors import split_page
+from api.deps import JobsRead, JobsWrite, PublisherDep, ReadSessionDep, SessionDep, SettingsDep
+from api.openai_shapes import (
+    BASE_LEARNING_RATE,
+    CHECKPOINT_ID,
+    EVENT_ID_PREFIX,
+    OpenAIList,
+    fine_tuning_checkpoint,
+    fine_tuning_event,
+    fine_tuning_job,
+)
+from api.routes.jobs import IdempotencyKey, create_job_in, publish_job
+from core.enums import DatasetSchema, FineTuneTask, JobKind
+from core.errors import InvalidRequestError, NotFoundError
+from core.specs import FineTuneJobRequest
+from db import datasets as datasets_repo
+from db import events as events_repo
+from db import jobs as jobs_repo
+from db import pauses as pauses_repo
+from db import tenants as tenants_repo
+from db import training as training_repo
+from db.models import Job
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai"])
+
+Auto = Literal["auto"]
+METADATA_PARAM = re.compile(r"metadata\[([A-Za-z0-9_.\-]{1,64})\]")
+TASK_FOR_SCHEMA = {
+    DatasetSchema.CLASSIFICATION.value: FineTuneTask.SEQUENCE_CLASSIFICATION,
+    DatasetSchema.TOKEN_CLASSIFICATION.value: FineTuneTask.TOKEN_CLASSIFICATION,
+}
+# Our request's field names as OpenAI's, for error params.
+PARAMS = {
+    "spec.base_model": "model",
+    "spec.training_dataset": "training_file",
+    "spec.validation_dataset": "validation_file",
+    "spec.suffix": "suffix",
+    "spec.hyperparameters.epochs": "hyperparameters.n_epochs",
+    "spec.hyperparameters.batch_size": "hyperparameters.batch_size",
+    "spec.hyperparameters.learning_rate": "hyperparameters.learning_rate_multiplier",
+    "spec.hyperparameters.seed": "seed",
+}
+
+
+class OpenAIHyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int | Auto = "auto"
+    batch_size: int | Auto = "auto"
+    learning_rate_multiplier: float | Auto = "auto"
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: OpenAIHyperparameters | None = None
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised"]
+    supervised: SupervisedMethod | None = None
+
+
+class CreateFineTuningJob(BaseModel):
+    """OpenAI's body; `integrations` and the dpo/reinforcement methods are not offered."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: OpenAIHyperparameters | None = None
+    method: Method | None = None
+    suffix: str | None = None
+    seed: int | None = None
+    metadata: dict[Annotated[str, StringConstraints(max_length=64)], str] | None = Field(
+        default=None, max_length=16
+    )
+
+
+def _hyperparameters(body: CreateFineTuningJob) -> dict[str, Any]:
+    given = body.hyperparameters
+    if given is None and body.method is not None and body.method.supervised is not None:
+        given = body.method.supervised.hyperparameters
+    given = given or OpenAIHyperparameters()
+    hp: dict[str, Any] = {}
+    if given.n_epochs != "auto":
+        hp["epochs"] = given.n_epochs
+    if given.batch_size != "auto":
+        hp["batch_size"] = given.batch_size
+    if given.learning_rate_multiplier != "auto":
+        hp["learning_rate"] = BASE_LEARNING_RATE * given.learning_rate_multiplier
+    if body.seed is not None:
+        hp["seed"] = body.seed
+    return hp
+
+
+def _request(session: Session, body: CreateFineTuningJob, tenant_id: str) -> FineTuneJobRequest:
+    train = datasets_repo.get_dataset(session, body.training_file, tenant_id)
+    task = TASK_FOR_SCHEMA.get(train.schema if train else "", FineTuneTask.CAUSAL_LM)
+    spec: dict[str, Any] = {
+        "base_model": body.model,
+        "task": task.value,
+        "training_dataset": body.training_file,
+        "hyperparameters": _hyperparameters(body),
+    }
+    if body.validation_file is not None:
+        spec["validation_dataset"] = body.validation_file
+    if body.suffix is not None:
+        spec["suffix"] = body.suffix
+    try:
+        return FineTuneJobRequest.model_validate(
+            {"kind": JobKind.FINETUNE.value, "spec": spec, "metadata": body.metadata or {}}
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        ours = ".".join(str(p) for p in first["loc"])
+        raise InvalidRequestError(
+            f"{PARAMS.get(ours, ours)}: {first['msg']}", param=PARAMS.get(ours, ours)
+        ) from None
+
+
+def _job(session: Session, job_id: str, who: Principal) -> Job:
+    job = jobs_repo.get_job(session, job_id, who.tenant_id)
+    if job is None or job.kind != JobKind.FINETUNE.value:
+        raise NotFoundError(f"no fine-tuning job {job_id!r}", param="fine_tuning_job_id")
+    return job
+
+
+@router.post("")
+def create_fine_tuning_job(
+    body: CreateFineTuningJob,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    publisher: PublisherDep,
+    who: JobsWrite,
+    idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    req = _request(session, body, who.tenant_id)
+    try:
+        out = create_job_in(session, req, response, settings, publisher, who, idempotency_key)
+    except InvalidRequestError as exc:
+        exc.param = PARAMS.get(exc.param or "", exc.param)
+        raise
+    response.status_code = 200
+    return fine_tuning_job(_job(session, out.id, who))
+
+
+def _metadata_filters(request: Request) -> dict[str, str]:
+    """OpenAI's `metadata[key]=value` query parameters."""
+    found: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        match = METADATA_PARAM.fullmatch(name)
+        if match is not None:
+            found[match.group(1)] = value
+    return found
+
+
+@router.get("", response_model=OpenAIList)
+def list_fine_tuning_jobs(
+    request: Request,
+    session: ReadSessionDep,
+    who: JobsRead,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> OpenAIList:
+    """Newest first; `metadata[key]=value` keeps the jobs whose metadata has it."""
+    before = None
+    if after is not None:
+        anchor = _job(session, after, who)
+        before = (anchor.created_at, anchor.id)
+    rows, has_more = split_page(
+        jobs_repo.list_jobs(
+            session,
+            jobs_repo.JobFilter(kind=JobKind.FINETUNE, metadata=_metadata_filters(request)),
+            tenant_id=who.tenant_id,
+            limit=limit + 1,
+            before=before,
+        ),
+        limit,
+    )
+    return OpenAIList.of([fine_tuning_job(j) for j in rows], has_more)
+
+
+@router.get("/{job_id}")
+def retrieve_fine_tuning_job(job_id: str, session: ReadSessionDep, who: JobsRead) -> dict[str, Any]:
+    return fine_tuning_job(_job(session, job_id, who))
+
+
+def _audited(session: Session, who: Principal, action: str, job_id: str) -> None:
+    tenants_repo.audit(
+        session,
+        tenant_id=who.tenant_id,
+        key_id=who.key_id,
+        action=action,
+        target_type="job",
+        target_id=job_id,
+    )
+    session.commit()
+
+
+@router.post("/{job_id}/cancel")
+def cancel_fine_tuning_job(job_id: str, session: SessionDep, who: JobsWrite) -> dict[str, Any]:
+    _job(session, job_id, who)
+    job = jobs_repo.request_cancel(session, job_id, tenant_id=who.tenant_id)
+    _audited(session, who, "job.cancel", job_id)
+    return fine_tuning_job(job)
+
+
+@router.post("/{job_id}/pause")
+def pause_fine_tuning_job(job_id: str, session: SessionDep, who: JobsWrite) -> dict[str, Any]:
+    _job(session, job_id, who)
+    job = pauses_repo.request_pause(session, job_id, tenant_id=who.tenant_id)
+    _audited(session, who, "job.pause", job_id)
+    return fine_tuning_job(job)
+
+
+@router.post("/{job_id}/resume")
+def resume_fine_tuning_job(
+    job_id: str, session: SessionDep, publisher: PublisherDep, who: JobsWrite
+) -> dict[str, Any]:
+    _job(session, job_id, who)
+    job = pauses_repo.resume(session, job_id, tenant_id=who.tenant_id)
+    _audited(session, who, "job.resume", job_id)
+    publish_job(publisher, job)
+    return fine_tuning_job(job)
+
+
+@router.get("/{job_id}/events", response_model=OpenAIList)
+def list_fine_tuning_events(
+    job_id: str,
+    session: ReadSessionDep,
+    who: JobsRead,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 20,
+) -> OpenAIList:
+    """Newest first, like OpenAI; `after` is the last event id of the previous page."""
+    _job(session, job_id, who)
+    before_id = None
+    if after is not None:
+        raw = after.removeprefix(EVENT_ID_PREFIX)
+        if not raw.isdigit():
+            raise InvalidRequestError(f"after: {after!r} is not an event id", param="after")
+        before_id = int(raw)
+    rows, has_more = split_page(
+        events_repo.list_events_newest_first(session, job_id, before_id=before_id, limit=limit + 1),
+        limit,
+    )
+    return OpenAIList.of([fine_tuning_event(e) for e in rows], has_more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=OpenAIList)
+def list_fine_tuning_checkpoints(
+    job_id: str,
+    session: ReadSessionDep,
+    who: JobsRead,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> OpenAIList:
+    """Newest first; `after` is the last checkpoint id of the previous page."""
+    job = _job(session, job_id, who)
+    rows = list(training_repo.list_checkpoints(session, job_id))
+    if after is not None:
+        match = CHECKPOINT_ID.match(after)
+        if match is None or match.group(2) != job_id:
+            raise InvalidRequestError(f"after: {after!r} is not a checkpoint id", param="after")
+        rows = [c for c in rows if c.step < int(match.group(1))]
+    page, has_more = split_page(rows, limit)
+    return OpenAIList.of([fine_tuning_checkpoint(job, c) for c in page], has_more)

@@ -1,0 +1,306 @@
+"""The OpenAI-shaped routes over HTTP (no worker): files, fine-tuning jobs, batches, models,
+the error envelope, and pausing/resuming fine-tune jobs on our own API."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from core.settings import Settings
+from db.jobs import claim_job, due_queued, get_job
+from db.pauses import pause_running
+from db.registry import register_model
+from db.session import session_scope
+from tests.support.auth import bearer, make_key
+
+CHAT = (
+    b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+)
+SENTIMENT = b"text,label\nI loved it,pos\nawful service,neg\n"
+BATCH = (
+    json.dumps(
+        {
+            "custom_id": "a",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "tiny-gpt2", "prompt": "Fresh bread", "max_tokens": 4},
+        }
+    ).encode()
+    + b"\n"
+)
+
+
+def upload(client: TestClient, raw: bytes, purpose: str, name: str = "f.jsonl") -> Any:
+    return client.post("/v1/files", files={"file": (name, raw)}, data={"purpose": purpose})
+
+
+def fine_tune(client: TestClient, training_file: str = "", **body: Any) -> Any:
+    return client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "tiny-gpt2", "training_file": training_file, **body},
+    )
+
+
+def error(resp: Any, status: int) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    err: dict[str, Any] = resp.json()["error"]
+    assert set(err) == {"type", "message", "param", "code"}
+    return err
+
+
+@pytest.fixture(scope="module")
+def chat_file(client: TestClient) -> str:
+    resp = upload(client, CHAT, "fine-tune", "chat.jsonl")
+    assert resp.status_code == 200, resp.text
+    file_id: str = resp.json()["id"]
+    return file_id
+
+
+def test_errors_use_openai_envelope_with_code(client: TestClient) -> None:
+    err = error(client.get(f"/v1/jobs/job_{uuid.uuid4().hex}"), 404)
+    assert err["code"] == err["type"] == "not_found"
+    err = error(client.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401)
+    assert err["code"] == "authentication_error"
+
+
+def test_files_are_datasets_with_a_purpose(client: TestClient, chat_file: str) -> None:
+    got = client.get(f"/v1/files/{chat_file}").json()
+    assert got["object"] == "file" and got["purpose"] == "fine-tune"
+    assert (got["bytes"], got["filename"], got["status"]) == (len(CHAT), "chat.jsonl", "processed")
+    assert client.get(f"/v1/datasets/{chat_file}").json()["schema"] == "chat"
+    assert client.get(f"/v1/files/{chat_file}/content").content == CHAT
+
+    before = len(client.get("/v1/files", params={"limit": 1000}).json()["data"])
+    err = error(upload(client, BATCH, "fine-tune"), 422)
+    assert err["param"] == "purpose"
+    assert error(upload(client, CHAT, "batch"), 422)["param"] == "purpose"
+    assert error(upload(client, CHAT, "assistants"), 422)["param"] == "purpose"
+    assert len(client.get("/v1/files", params={"limit": 1000}).json()["data"]) == before
+
+    batch_id = upload(client, BATCH, "batch").json()["id"]
+    batches = client.get("/v1/files", params={"purpose": "batch"}).json()["data"]
+    assert [f["id"] for f in batches if f["id"] in (batch_id, chat_file)] == [batch_id]
+
+    assert error(client.get("/v1/files", params={"order": "asc"}), 422)["param"] == "order"
+    first = client.get("/v1/files", params={"limit": 1}).json()
+    assert first["object"] == "list" and first["has_more"] is True
+    assert first["first_id"] == first["last_id"] == batch_id  # newest first
+    second = client.get("/v1/files", params={"limit": 1, "after": batch_id}).json()
+    assert second["data"][0]["id"] != batch_id
+
+    deleted = client.delete(f"/v1/files/{batch_id}")
+    assert deleted.json() == {"id": batch_id, "object": "file", "deleted": True}
+    error(client.get(f"/v1/files/{batch_id}"), 404)
+    error(client.get(f"/v1/files/job_{uuid.uuid4().hex}-output"), 404)
+
+
+def test_fine_tuning_job_is_our_fine_tune_job(client: TestClient, chat_file: str) -> None:
+    resp = fine_tune(
+        client,
+        chat_file,
+        hyperparameters={"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 0.5},
+        suffix="bakery",
+        seed=3,
+        metadata={"team": "ops"},
+    )
+    assert resp.status_code == 200, resp.text
+    job = resp.json()
+    assert (job["object"], job["status"], job["model"]) == (
+        "fine_tuning.job",
+        "queued",
+        "tiny-gpt2",
+    )
+    assert job["hyperparameters"] == {
+        "n_epochs": 2,
+        "batch_size": 8,
+        "learning_rate_multiplier": pytest.approx(0.5),
+    }
+    assert (job["seed"], job["metadata"], job["fine_tuned_model"]) == (3, {"team": "ops"}, None)
+    ours = client.get(f"/v1/jobs/{job['id']}").json()
+    assert ours["kind"] == "finetune" and ours["spec"]["task"] == "causal_lm"
+    assert ours["spec"]["hyperparameters"]["epochs"] == 2
+    assert ours["spec"]["suffix"] == "bakery" and ours["metadata"] == {"team": "ops"}
+
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()
+    assert events["data"][0]["object"] == "fine_tuning.job.event"
+    assert events["data"][0]["message"] == "job queued"
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"] == []
+    listed = client.get("/v1/fine_tuning/jobs", params={"limit": 1}).json()
+    assert listed["data"][0]["id"] == job["id"]
+    ops = client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "ops"}).json()["data"]
+    assert [j["id"] for j in ops] == [job["id"]]
+    assert client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "x"}).json()["data"] == []
+
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    first = client.post(
+        "/v1/fine_tuning/jobs", json={"model": "tiny-gpt2", "training_file": chat_file}, headers=key
+    )
+    again = client.post(
+        "/v1/fine_tuning/jobs", json={"model": "tiny-gpt2", "training_file": chat_file}, headers=key
+    )
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    other_body = client.post(
+        "/v1/fine_tuning/jobs", json={"model": "tiny-gpt3", "training_file": chat_file}, headers=key
+    )
+    assert error(other_body, 409)["param"] == "Idempotency-Key"
+
+    cls = upload(client, SENTIMENT, "fine-tune", "s.csv").json()["id"]
+    cls_job = fine_tune(client, cls).json()
+    assert client.get(f"/v1/jobs/{cls_job['id']}").json()["spec"]["task"] == (
+        "sequence_classification"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"training_file": "ds_" + "0" * 32}, "training_file"),
+        ({"suffix": "Not Allowed!"}, "suffix"),
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+        ({"integrations": [{"type": "wandb"}]}, "integrations"),
+        ({"method": {"type": "dpo"}}, "method.type"),
+    ],
+)
+def test_fine_tuning_refusals_name_openai_fields(
+    client: TestClient, chat_file: str, body: dict[str, Any], param: str
+) -> None:
+    before = client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]
+    err = error(fine_tune(client, **{"training_file": chat_file, **body}), 422)
+    assert err["param"] == param
+    assert client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"] == before
+
+
+def test_batches_are_batch_jobs(client: TestClient, chat_file: str) -> None:
+    err = error(
+        client.post(
+            "/v1/batches",
+            json={"input_file_id": chat_file, "endpoint": "/v1/completions"},
+        ),
+        422,
+    )
+    assert err["param"] == "input_file_id"
+    file_id = upload(client, BATCH, "batch").json()["id"]
+    resp = client.post(
+        "/v1/batches",
+        json={
+            "input_file_id": file_id,
+            "endpoint": "/v1/completions",
+            "completion_window": "24h",
+            "metadata": {"run": "nightly"},
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    batch = resp.json()
+    assert (batch["object"], batch["status"], batch["input_file_id"]) == (
+        "batch",
+        "validating",
+        file_id,
+    )
+    assert batch["request_counts"] == {"total": 1, "completed": 0, "failed": 0}
+    assert batch["expires_at"] - batch["created_at"] == 24 * 3600
+    assert client.get(f"/v1/jobs/{batch['id']}").json()["kind"] == "batch"
+    cancelled = client.post(f"/v1/batches/{batch['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["cancelled_at"] is not None
+    again = client.post(f"/v1/batches/{batch['id']}/cancel")  # changes nothing
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
+
+
+def test_models_answer_openai_and_modelyard_fields(client: TestClient, settings: Settings) -> None:
+    name = f"ft:tiny-gpt2:sdk:{uuid.uuid4().hex[:8]}"
+    job_id = client.post("/v1/jobs", json={"kind": "noop"}).json()["id"]
+    with session_scope(settings.database_url) as s:
+        register_model(
+            s,
+            name=name,
+            base_model="tiny-gpt2",
+            task="causal_lm",
+            method="full",
+            adapter=False,
+            job_id=job_id,
+            path=f"tenants/default/jobs/{name}/model",
+            labels=[],
+            metrics={},
+        )
+    page = client.get("/v1/models").json()
+    assert page["object"] == "list"
+    model = next(m for m in page["data"] if m["id"] == name)
+    assert (model["object"], model["owned_by"], model["name"]) == ("model", "default", name)
+    assert abs(model["created"] - datetime.now(UTC).timestamp()) < 3600
+    deleted = client.delete(f"/v1/models/{name}")
+    assert deleted.status_code == 200
+    assert deleted.json() == {"id": name, "object": "model", "deleted": True}
+
+
+def test_pause_and_resume_rules(client: TestClient, settings: Settings, chat_file: str) -> None:
+    noop = client.post("/v1/jobs", json={"kind": "noop"}).json()["id"]
+    assert "fine-tune" in error(client.post(f"/v1/jobs/{noop}/pause"), 409)["message"]
+    assert error(client.post(f"/v1/jobs/{noop}/resume"), 409)["type"] == "invalid_state"
+
+    queued = fine_tune(client, chat_file).json()["id"]
+    assert client.post(f"/v1/jobs/{queued}/pause").json()["status"] == "paused"
+    assert client.post(f"/v1/jobs/{queued}/pause").json()["status"] == "paused"  # no change
+    with session_scope(settings.database_url) as s:
+        late = datetime.now(UTC) + timedelta(hours=1)
+        assert queued not in [j.id for j in due_queued(s, late, timedelta(0))]  # not republished
+    resumed = client.post(f"/v1/jobs/{queued}/resume")
+    assert resumed.status_code == 202 and resumed.json()["status"] == "queued"
+    error(client.post(f"/v1/jobs/{queued}/resume"), 409)
+
+    running = fine_tune(client, chat_file).json()["id"]
+    with session_scope(settings.database_url) as s:
+        assert claim_job(s, running, "w1", timedelta(seconds=30))
+    flagged = client.post(f"/v1/fine_tuning/jobs/{running}/pause").json()
+    assert flagged["status"] == "running"
+    assert client.get(f"/v1/jobs/{running}").json()["pause_requested"] is True
+    with session_scope(settings.database_url) as s:
+        assert not pause_running(s, running, "someone-else")
+        assert pause_running(s, running, "w1")
+    with session_scope(settings.database_url) as s:
+        job = get_job(s, running)
+        assert job is not None
+        assert (job.status, job.lease_owner, job.pause_requested) == ("paused", None, False)
+        assert job.finished_at is None
+    messages = [e["message"] for e in client.get(f"/v1/jobs/{running}/events").json()["data"]]
+    assert "pause requested" in messages and "paused by w1 at its latest checkpoint" in messages
+    assert client.post(f"/v1/fine_tuning/jobs/{running}/cancel").json()["status"] == "cancelled"
+    conflict = client.post(f"/v1/jobs/{running}/pause")
+    error(conflict, 409)
+    assert conflict.headers["x-should-retry"] == "false"  # the OpenAI SDK does not retry it
+    error(client.post(f"/v1/jobs/{running}/resume"), 409)
+
+
+def test_another_tenant_sees_none_of_it(
+    client: TestClient, settings: Settings, chat_file: str
+) -> None:
+    other = bearer(
+        make_key(
+            settings.database_url,
+            ("jobs:read", "jobs:write", "models:write"),
+            tenant=f"other-{uuid.uuid4().hex[:6]}",
+        )
+    )
+    job = fine_tune(client, chat_file).json()["id"]
+    for method, url in (
+        ("GET", f"/v1/files/{chat_file}"),
+        ("GET", f"/v1/files/{chat_file}/content"),
+        ("DELETE", f"/v1/files/{chat_file}"),
+        ("GET", f"/v1/fine_tuning/jobs/{job}"),
+        ("POST", f"/v1/fine_tuning/jobs/{job}/pause"),
+        ("POST", f"/v1/jobs/{job}/pause"),
+        ("POST", f"/v1/jobs/{job}/resume"),
+        ("GET", f"/v1/fine_tuning/jobs/{job}/events"),
+    ):
+        assert client.request(method, url, headers=other).status_code == 404, url
+    refused = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "tiny-gpt2", "training_file": chat_file},
+        headers=other,
+    )
+    assert error(refused, 422)["param"] == "training_file"
+    assert client.get("/v1/files", headers=other).json()["data"] == []

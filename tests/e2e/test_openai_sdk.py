@@ -1,0 +1,214 @@
+"""OpenAI's own Python SDK pointed at a real stack: files, fine-tuning jobs (events,
+checkpoints, pause/resume), batches of completions on the fine-tuned model, models.
+
+Real API, beat and worker processes; PostgreSQL only (the SQLite paths are the ones of
+/v1/jobs and /v1/datasets, tested there).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import openai
+import pytest
+from openai import OpenAI
+
+from modelyard.client import Client
+from tests.conftest import TINY_MODEL
+from tests.support.harness import Stack, wait_for
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.parametrize("database_url", ["postgresql"], indirect=True),
+]
+
+CONVERSATIONS = [
+    ("What is fresh bread?", "Bread baked this morning."),
+    ("Which oven is hot?", "The stone oven by the door."),
+    ("When do you open?", "At seven, every day."),
+    ("Do you sell rye?", "Yes, dark rye on Fridays."),
+]
+
+
+def chat_jsonl(rows: int) -> bytes:
+    lines = []
+    for i in range(rows):
+        question, answer = CONVERSATIONS[i % len(CONVERSATIONS)]
+        messages = [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+        lines.append(json.dumps({"messages": messages}))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def batch_jsonl(model: str) -> bytes:
+    lines = [
+        {
+            "custom_id": f"req-{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0},
+        }
+        for i, prompt in enumerate(["Fresh bread", "The oven"])
+    ]
+    return ("\n".join(json.dumps(line) for line in lines) + "\n").encode()
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> OpenAI:
+    return OpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.api_key, max_retries=0)
+
+
+def wait_job(client: OpenAI, job_id: str, statuses: tuple[str, ...], stack: Stack) -> Any:
+    def check() -> Any:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        return job if job.status in statuses else None
+
+    try:
+        return wait_for(check, 120, f"fine-tuning job {job_id} in {statuses}", 0.3)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{stack.logs()}") from None
+
+
+def test_fine_tune_then_batch_on_the_fine_tuned_model(client: OpenAI, stack: Stack) -> None:
+    uploaded = client.files.create(
+        file=("chat.jsonl", io.BytesIO(chat_jsonl(8))), purpose="fine-tune"
+    )
+    assert (uploaded.object, uploaded.purpose, uploaded.filename) == (
+        "file",
+        "fine-tune",
+        "chat.jsonl",
+    )
+    assert client.files.retrieve(uploaded.id).bytes == len(chat_jsonl(8))
+    assert client.files.content(uploaded.id).content == chat_jsonl(8)
+    assert uploaded.id in [f.id for f in client.files.list(purpose="fine-tune")]
+
+    job = client.fine_tuning.jobs.create(
+        model=TINY_MODEL,
+        training_file=uploaded.id,
+        hyperparameters={"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 2},
+        suffix="sdk",
+        seed=7,
+        metadata={"team": "ops"},
+    )
+    assert job.object == "fine_tuning.job"
+    assert job.status in ("queued", "running")
+    assert (job.seed, job.metadata, job.training_file) == (7, {"team": "ops"}, uploaded.id)
+    assert job.hyperparameters.n_epochs == 1 and job.hyperparameters.batch_size == 4
+    assert job.id in [j.id for j in client.fine_tuning.jobs.list(limit=5)]
+    assert [j.id for j in client.fine_tuning.jobs.list(metadata={"team": "ops"})] == [job.id]
+
+    done = wait_job(client, job.id, ("succeeded", "failed", "cancelled"), stack)
+    assert done.status == "succeeded", done.error
+    events = client.fine_tuning.jobs.list_events(job.id, limit=200)
+    messages = [e.message for e in events.data]
+    assert events.data[0].created_at >= events.data[-1].created_at  # newest first
+    assert "job queued" in messages and any("succeeded" in m for m in messages)
+    older = client.fine_tuning.jobs.list_events(job.id, limit=2, after=events.data[1].id)
+    assert [e.id for e in older.data] == [e.id for e in events.data[2:4]]
+
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints and checkpoints[0].step_number == 2  # 8 rows / batch 4
+    assert checkpoints[0].fine_tuning_job_id == job.id
+
+    name = done.fine_tuned_model
+    assert name.startswith(f"ft:{TINY_MODEL}:sdk:")
+    assert client.models.retrieve(name).id == name
+    assert name in [m.id for m in client.models.list()]
+
+    requests = client.files.create(
+        file=("requests.jsonl", io.BytesIO(batch_jsonl(name))), purpose="batch"
+    )
+    created = client.batches.create(
+        input_file_id=requests.id, endpoint="/v1/completions", completion_window="24h"
+    )
+    assert created.status in ("validating", "in_progress")
+
+    def finished() -> Any:
+        b = client.batches.retrieve(created.id)
+        return b if b.status in ("completed", "failed", "expired", "cancelled") else None
+
+    batch = wait_for(finished, 120, "batch done", 0.3)
+    assert batch.status == "completed", batch.errors
+    assert (batch.request_counts.total, batch.request_counts.completed) == (2, 2)
+    assert batch.error_file_id is None and batch.output_file_id is not None
+    assert client.files.retrieve(batch.output_file_id).purpose == "batch_output"
+    lines = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(x["custom_id"] for x in lines) == ["req-0", "req-1"]
+    for line in lines:
+        body = line["response"]["body"]
+        assert body["model"] == name
+        assert (
+            isinstance(body["choices"][0]["text"], str) and body["usage"]["completion_tokens"] > 0
+        )
+    assert created.id in [b.id for b in client.batches.list()]
+
+    # Cancel and bad input come back as the SDK's own exceptions (a 409 is final, even for
+    # a client that would retry it).
+    with pytest.raises(openai.ConflictError):
+        client.with_options(max_retries=2).fine_tuning.jobs.cancel(job.id)
+    with pytest.raises(openai.ConflictError):
+        client.batches.cancel(batch.id)
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        client.fine_tuning.jobs.create(model=TINY_MODEL, training_file=requests.id)
+    assert refused.value.body["param"] == "training_file"  # type: ignore[index]
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.files.create(file=("r.jsonl", io.BytesIO(batch_jsonl(name))), purpose="fine-tune")
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.retrieve("job_" + "0" * 32)
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve(job.id)  # a fine-tuning job is not a batch
+    with pytest.raises(openai.AuthenticationError):
+        OpenAI(base_url=f"{stack.base_url}/v1", api_key="nope", max_retries=0).models.list()
+
+    assert client.models.delete(name).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(name)
+
+
+def test_pause_rests_at_a_checkpoint_and_resume_continues_from_it(
+    client: OpenAI, stack: Stack
+) -> None:
+    uploaded = client.files.create(
+        file=("chat.jsonl", io.BytesIO(chat_jsonl(16))), purpose="fine-tune"
+    )
+    job = client.fine_tuning.jobs.create(
+        model=TINY_MODEL,
+        training_file=uploaded.id,
+        hyperparameters={"n_epochs": 50, "batch_size": 1},
+    )
+
+    def training() -> bool:
+        events = client.fine_tuning.jobs.list_events(job.id, limit=50).data
+        return any(e.type == "metrics" for e in events)
+
+    wait_for(training, 120, "training steps reported", 0.3)
+    wait_for(
+        lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, 120, "a checkpoint", 0.3
+    )
+    assert client.fine_tuning.jobs.pause(job.id).status in ("running", "paused")
+    paused = wait_job(client, job.id, ("paused",), stack)
+    assert paused.finished_at is None
+    with stack.client() as c:
+        ours = c.get(f"/v1/jobs/{job.id}").json()
+    assert ours["status"] == "paused" and not ours["pause_requested"]
+    step = client.fine_tuning.jobs.checkpoints.list(job.id).data[0].step_number
+    with Client(stack.base_url, api_key=stack.api_key) as ours_client:  # our SDK resumes too
+        assert ours_client.resume(job.id)["status"] in ("queued", "running")
+    with pytest.raises(openai.ConflictError):
+        client.fine_tuning.jobs.resume(job.id)  # no longer paused
+
+    def resumed_from() -> int | None:
+        for e in client.fine_tuning.jobs.list_events(job.id, limit=50).data:
+            if e.message.startswith("resuming from step"):
+                return int(e.data["step"])  # type: ignore[index]
+        return None
+
+    assert wait_for(resumed_from, 120, "the resumed attempt", 0.3) == step
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.id == job.id
+    assert wait_job(client, job.id, ("cancelled",), stack).status == "cancelled"
