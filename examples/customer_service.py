@@ -22,9 +22,8 @@ from typing import Any
 
 from core.settings import Settings
 from modelyard.cli import prepare_demo_model
-from modelyard.cli_keys import create_key
 from modelyard.client import Client
-from modelyard.stack import Stack, free_port
+from modelyard.stack import embedded
 
 BASE_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDER = "all-MiniLM-L6-v2"
@@ -107,59 +106,47 @@ def main() -> None:
     print(f"preparing {BASE_MODEL} (the first run converts the packaged GGUF) and {EMBEDDER}")
     prepare_demo_model(settings)
     install_embedder(settings)
-    stack = Stack(
-        settings,
-        env={
-            "MODELYARD_DATA_DIR": str(settings.data_dir.resolve()),
-            "MODELYARD_HEARTBEAT_INTERVAL_S": "1",
-        },
-        log_dir=settings.data_dir.resolve() / "logs",
-    )
-    try:
-        stack.env["MODELYARD_BROKER_URL"] = stack.start_redis(free_port())
-        base_url = stack.start_api(free_port())
-        stack.start_worker()
-        stack.start_beat()
-        key = create_key(settings, "customer-service-example", ["jobs:read", "jobs:write"])
-        with Client(base_url, api_key=key) as client:
-            dataset = client.upload_dataset(write_dataset(settings.data_dir / "support.jsonl"))
-            print(f"uploaded {dataset['id']}: {dataset['rows']} past conversations")
-            job = client.run(
-                "finetune",
-                {
-                    "base_model": BASE_MODEL,
-                    "task": "causal_lm",
-                    "training_dataset": dataset["id"],
-                    "method": "lora",
-                    "suffix": "support",
-                    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                    "hyperparameters": {
-                        "max_steps": args.steps,
-                        "batch_size": 4,
-                        "learning_rate": 2e-3,
-                        "max_length": 96,
-                        "eval_steps": args.steps,
-                        "seed": 7,
-                    },
+    scopes = ["jobs:read", "jobs:write"]
+    with (
+        embedded(settings, "customer-service-example", scopes) as (base_url, key),
+        Client(base_url, api_key=key) as client,
+    ):
+        dataset = client.upload_dataset(write_dataset(settings.data_dir / "support.jsonl"))
+        print(f"uploaded {dataset['id']}: {dataset['rows']} past conversations")
+        job = client.run(
+            "finetune",
+            {
+                "base_model": BASE_MODEL,
+                "task": "causal_lm",
+                "training_dataset": dataset["id"],
+                "method": "lora",
+                "suffix": "support",
+                "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                "hyperparameters": {
+                    "max_steps": args.steps,
+                    "batch_size": 4,
+                    "learning_rate": 2e-3,
+                    "max_length": 96,
+                    "eval_steps": args.steps,
+                    "seed": 7,
                 },
-                timeout=1800,
-            )
-            model = job["result"]["model"]
-            losses = [m["value"] for m in client.metrics(job["id"]) if m["name"] == "train_loss"]
-            print(f"tuned {model}: train loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-            retrieval = {"dataset": dataset["id"], "k": 2, "embedding_model": EMBEDDER}
-            plain, _ = answer(client, model, NEW_QUESTIONS, None)
-            helped, hits = answer(client, model, NEW_QUESTIONS, retrieval)
-            for question, alone, with_context, found in zip(
-                NEW_QUESTIONS, plain, helped, hits, strict=True
-            ):
-                print(f"\nQ: {question}")
-                for hit in found:
-                    print(f"   retrieved ({hit['score']:.2f}): {hit['question']}")
-                print(f"   tuned model:             {alone}")
-                print(f"   tuned model + retrieval: {with_context}")
-    finally:
-        stack.stop()
+            },
+            timeout=1800,
+        )
+        model = job["result"]["model"]
+        losses = [m["value"] for m in client.metrics(job["id"]) if m["name"] == "train_loss"]
+        print(f"tuned {model}: train loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        retrieval = {"dataset": dataset["id"], "k": 2, "embedding_model": EMBEDDER}
+        plain, _ = answer(client, model, NEW_QUESTIONS, None)
+        helped, hits = answer(client, model, NEW_QUESTIONS, retrieval)
+        for question, alone, with_context, found in zip(
+            NEW_QUESTIONS, plain, helped, hits, strict=True
+        ):
+            print(f"\nQ: {question}")
+            for hit in found:
+                print(f"   retrieved ({hit['score']:.2f}): {hit['question']}")
+            print(f"   tuned model:             {alone}")
+            print(f"   tuned model + retrieval: {with_context}")
     print(f"\nfinished in {time.monotonic() - started:.0f}s")
 
 

@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 from core.settings import Settings
-from modelyard.cli_keys import create_key
 from modelyard.client import Client
-from modelyard.stack import Stack, free_port
+from modelyard.stack import embedded
 
 BASE_MODEL = "all-MiniLM-L6-v2"
 CATALOGUE = {
@@ -102,65 +101,53 @@ def main() -> None:
     started = time.monotonic()
     settings = Settings(data_dir=args.data_dir)
     install_base(settings)
-    stack = Stack(
-        settings,
-        env={
-            "MODELYARD_DATA_DIR": str(settings.data_dir.resolve()),
-            "MODELYARD_HEARTBEAT_INTERVAL_S": "1",
-        },
-        log_dir=settings.data_dir.resolve() / "logs",
-    )
-    try:
-        stack.env["MODELYARD_BROKER_URL"] = stack.start_redis(free_port())
-        base_url = stack.start_api(free_port())
-        stack.start_worker()
-        stack.start_beat()
-        key = create_key(settings, "recommendations-example", ["jobs:read", "jobs:write"])
-        with Client(base_url, api_key=key) as client:
-            dataset = client.upload_dataset(write_clicks(settings.data_dir / "clicks.jsonl"))
-            print(
-                f"uploaded {dataset['id']}: {dataset['rows']} {dataset['schema']} rows "
-                f"({dataset['report']['labels']})"
-            )
-            job = client.run(
-                "finetune",
-                {
-                    "base_model": BASE_MODEL,
-                    "task": "sequence_classification",
-                    "training_dataset": dataset["id"],
-                    "validation_split": 0.1,
-                    "suffix": "clicks",
-                    "hyperparameters": {
-                        "max_steps": args.steps,
-                        "batch_size": 16,
-                        "learning_rate": 1e-4,
-                        "max_length": 48,
-                        "eval_steps": args.steps,
-                        "seed": 3,
-                    },
+    scopes = ["jobs:read", "jobs:write"]
+    with (
+        embedded(settings, "recommendations-example", scopes) as (base_url, key),
+        Client(base_url, api_key=key) as client,
+    ):
+        dataset = client.upload_dataset(write_clicks(settings.data_dir / "clicks.jsonl"))
+        print(
+            f"uploaded {dataset['id']}: {dataset['rows']} {dataset['schema']} rows "
+            f"({dataset['report']['labels']})"
+        )
+        job = client.run(
+            "finetune",
+            {
+                "base_model": BASE_MODEL,
+                "task": "sequence_classification",
+                "training_dataset": dataset["id"],
+                "validation_split": 0.1,
+                "suffix": "clicks",
+                "hyperparameters": {
+                    "max_steps": args.steps,
+                    "batch_size": 16,
+                    "learning_rate": 1e-4,
+                    "max_length": 48,
+                    "eval_steps": args.steps,
+                    "seed": 3,
                 },
-                timeout=1800,
-            )
-            model = job["result"]["model"]
-            report = job["result"]["eval"]
-            print(f"tuned {model}: validation accuracy {report.get('accuracy', float('nan')):.2f}")
+            },
+            timeout=1800,
+        )
+        model = job["result"]["model"]
+        report = job["result"]["eval"]
+        print(f"tuned {model}: validation accuracy {report.get('accuracy', float('nan')):.2f}")
 
-            catalogue = [item for items in CATALOGUE.values() for item in items]
-            hits = 0
-            for topic, users in USERS.items():
-                for user in users:
-                    ranked = client.rank(model, user, catalogue, top_k=len(CATALOGUE[topic]))
-                    hits += sum(r["text"] in CATALOGUE[topic] for r in ranked)
-            total = sum(len(users) * len(CATALOGUE[t]) for t, users in USERS.items())
-            print(f"training users: {hits}/{total} of their clicked items ranked on top")
+        catalogue = [item for items in CATALOGUE.values() for item in items]
+        hits = 0
+        for topic, users in USERS.items():
+            for user in users:
+                ranked = client.rank(model, user, catalogue, top_k=len(CATALOGUE[topic]))
+                hits += sum(r["text"] in CATALOGUE[topic] for r in ranked)
+        total = sum(len(users) * len(CATALOGUE[t]) for t, users in USERS.items())
+        print(f"training users: {hits}/{total} of their clicked items ranked on top")
 
-            for user in NEW_USERS:
-                ranked = client.rank(model, user, catalogue + NEW_ITEMS, top_k=5)
-                print(f"\n{user!r}")
-                for place, item in enumerate(ranked, start=1):
-                    print(f"  {place}. {item['score']:.3f}  {item['text']}")
-    finally:
-        stack.stop()
+        for user in NEW_USERS:
+            ranked = client.rank(model, user, catalogue + NEW_ITEMS, top_k=5)
+            print(f"\n{user!r}")
+            for place, item in enumerate(ranked, start=1):
+                print(f"  {place}. {item['score']:.3f}  {item['text']}")
     print(f"\nfinished in {time.monotonic() - started:.0f}s")
 
 

@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import Settings
-from modelyard.cli_keys import create_key
 from modelyard.client import Client
-from modelyard.stack import Stack, free_port
+from modelyard.stack import embedded
 from modelyard.webhooks import verify_webhook
 
 BASE_MODEL = "all-MiniLM-L6-v2"
@@ -236,30 +235,20 @@ def main() -> None:
     database_url = f"sqlite:///{data_dir / 'modelyard.db'}"
     settings = Settings(data_dir=data_dir, database_url=database_url)
     receiver = Receiver()
-    stack = Stack(
-        settings,
-        env={
-            "MODELYARD_DATA_DIR": str(data_dir),
-            "MODELYARD_DATABASE_URL": database_url,
-            "MODELYARD_WEBHOOK_ALLOWED_DESTINATIONS": '["127.0.0.1/32"]',
-            "MODELYARD_WEBHOOK_POLL_S": "0.5",
-            "MODELYARD_HEARTBEAT_INTERVAL_S": "1",
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        },
-        log_dir=data_dir / "logs",
-    )
+    env = {
+        "MODELYARD_WEBHOOK_ALLOWED_DESTINATIONS": '["127.0.0.1/32"]',
+        "MODELYARD_WEBHOOK_POLL_S": "0.5",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     try:
-        stack.env["MODELYARD_BROKER_URL"] = stack.start_redis(free_port())
-        base = stack.start_api(free_port())
-        stack.start_worker()
-        stack.start_beat()
         # admin: the key also creates the tenant's webhook signing secret
-        key = create_key(settings, "sentiment-example", ["admin"])
-        with Client(base, api_key=key, timeout=60) as client:
+        with (
+            embedded(settings, "sentiment-example", ["admin"], env) as (base, key),
+            Client(base, api_key=key, timeout=60) as client,
+        ):
             run(client, data_dir, receiver)
     finally:
-        stack.stop()
         receiver.server.shutdown()
         if args.keep or os.environ.get("MODELYARD_KEEP_EXAMPLE"):
             print(f"data and logs kept in {data_dir}")

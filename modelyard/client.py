@@ -135,6 +135,34 @@ def _succeeded(job: dict[str, Any]) -> dict[str, Any]:
     return job
 
 
+class _Poll:
+    """`wait`'s schedule: delays growing 1.5x from 0.1 s to 2 s, up to `timeout`."""
+
+    def __init__(
+        self,
+        job_id: str,
+        timeout: float,
+        on_update: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        self._job_id, self._timeout, self._on_update = job_id, timeout, on_update
+        self._deadline = time.monotonic() + timeout
+        self._delay = 0.1
+
+    def ended(self, job: dict[str, Any]) -> bool:
+        """True once the job is final; TimeoutError when time is up before that."""
+        if self._on_update is not None:
+            self._on_update(job)
+        if job["status"] in TERMINAL_STATUSES:
+            return True
+        if time.monotonic() >= self._deadline:
+            raise TimeoutError(f"job {self._job_id} still {job['status']} after {self._timeout}s")
+        return False
+
+    def next_delay(self) -> float:
+        delay, self._delay = self._delay, min(self._delay * 1.5, 2.0)
+        return delay
+
+
 class SSEParser:
     """Server-sent events, fed a line at a time, as {"event", "id", "data"} (data
     JSON-decoded); comments skipped. One parser serves the blocking and async streams."""
@@ -483,18 +511,12 @@ class Client(_Resources[Any]):
         on_update: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Poll with backoff until the job ends; TimeoutError if it doesn't in time."""
-        deadline = time.monotonic() + timeout
-        delay = 0.1
+        poll = _Poll(job_id, timeout, on_update)
         while True:
             job: dict[str, Any] = self.get(job_id)
-            if on_update is not None:
-                on_update(job)
-            if job["status"] in TERMINAL_STATUSES:
+            if poll.ended(job):
                 return job
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
-            time.sleep(delay)
-            delay = min(delay * 1.5, 2.0)
+            time.sleep(poll.next_delay())
 
     def run(
         self, kind: str, spec: dict[str, Any], *, timeout: float = 600.0, **options: Any
@@ -634,18 +656,12 @@ class AsyncClient(_Resources[Awaitable[Any]]):
         on_update: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Poll with backoff until the job ends; TimeoutError if it doesn't in time."""
-        deadline = time.monotonic() + timeout
-        delay = 0.1
+        poll = _Poll(job_id, timeout, on_update)
         while True:
             job: dict[str, Any] = await self.get(job_id)
-            if on_update is not None:
-                on_update(job)
-            if job["status"] in TERMINAL_STATUSES:
+            if poll.ended(job):
                 return job
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 2.0)
+            await asyncio.sleep(poll.next_delay())
 
     async def run(
         self, kind: str, spec: dict[str, Any], *, timeout: float = 600.0, **options: Any

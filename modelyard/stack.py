@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -144,3 +146,33 @@ def _http_ok(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@contextmanager
+def embedded(
+    settings: Settings, key_name: str, scopes: list[str], env: dict[str, str] | None = None
+) -> Iterator[tuple[str, str]]:
+    """A private Redis, the API, a worker and beat on `settings`' data dir and database, and
+    an API key with `scopes`: yields (base URL, key); everything stops on the way out.
+    Logs go to `<data dir>/logs/`."""
+    from modelyard.cli_keys import create_key
+
+    data_dir = settings.data_dir.resolve()
+    stack = Stack(
+        settings,
+        env={
+            "MODELYARD_DATA_DIR": str(data_dir),
+            "MODELYARD_DATABASE_URL": settings.database_url,
+            "MODELYARD_HEARTBEAT_INTERVAL_S": "1",
+            **(env or {}),
+        },
+        log_dir=data_dir / "logs",
+    )
+    try:
+        stack.env["MODELYARD_BROKER_URL"] = stack.start_redis(free_port())
+        base_url = stack.start_api(free_port())
+        stack.start_worker()
+        stack.start_beat()
+        yield base_url, create_key(settings, key_name, scopes)
+    finally:
+        stack.stop()
