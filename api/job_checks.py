@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from api.tokenizers import local_tokenizer
 from core.enums import SCHEMAS_FOR_TASK, DatasetSchema, FineTuneTask, PredictMode
-from core.errors import InvalidRequestError
+from core.errors import InvalidRequestError, QuotaExceededError
 from core.model_files import custom_code_reason
 from core.prompts import PromptError, encode_prompts
 from core.ranking import rank_label
@@ -36,9 +36,10 @@ from core.specs import (
 from core.storage import artifact_store
 from core.webhooks import check_destination
 from db.datasets import get_dataset
-from db.jobs import get_job
+from db.jobs import count_queued, get_job
 from db.models import Dataset
 from db.registry import get_model, is_registry_name, serving_base
+from db.tenants import get_tenant
 from db.training import list_checkpoints
 from db.webhooks import signing_secrets
 
@@ -54,7 +55,7 @@ def _dataset(session: Session, tenant_id: str, dataset_id: str, param: str) -> D
     return ds
 
 
-def _check_model(
+def check_model(
     session: Session,
     settings: Settings,
     tenant_id: str,
@@ -124,7 +125,7 @@ def _check_finetune(
         if spec.task is FineTuneTask.CAUSAL_LM
         else CLASSIFIER_TASKS
     )
-    _check_model(session, settings, tenant_id, spec.base_model, "spec.base_model", base_tasks)
+    check_model(session, settings, tenant_id, spec.base_model, "spec.base_model", base_tasks)
     if spec.from_checkpoint is not None:
         ref = spec.from_checkpoint
         if get_job(session, ref.job_id, tenant_id) is None:
@@ -164,7 +165,7 @@ def _check_batch(session: Session, settings: Settings, tenant_id: str, spec: Bat
                 f"dataset {ds.id!r} names model {model!r}, which is not a model reference",
                 param=param,
             )
-        _check_model(session, settings, tenant_id, model, param, tasks)
+        check_model(session, settings, tenant_id, model, param, tasks)
 
 
 def _local_model_dir(session: Session, settings: Settings, tenant_id: str, ref: str) -> Path | None:
@@ -208,7 +209,7 @@ def _local_config(directory: Path) -> dict[str, Any] | None:
 def _check_rank(session: Session, settings: Settings, tenant_id: str, spec: PredictSpec) -> None:
     """Rank mode needs a sequence classifier that has the label to rank by."""
     tasks = frozenset({FineTuneTask.SEQUENCE_CLASSIFICATION.value})
-    _check_model(session, settings, tenant_id, spec.model, "spec.model", tasks)
+    check_model(session, settings, tenant_id, spec.model, "spec.model", tasks)
     labels: list[str] | None = None
     if is_registry_name(spec.model):
         model = get_model(session, spec.model, tenant_id)
@@ -249,7 +250,7 @@ def _check_retrieval(
             "or prompt_completion dataset",
             param="spec.retrieval.dataset",
         )
-    _check_model(
+    check_model(
         session,
         settings,
         tenant_id,
@@ -280,7 +281,7 @@ def check_job_request(
     _check_webhook(session, settings, tenant_id, req)
     if isinstance(req, GenerateJobRequest):
         tasks = frozenset({FineTuneTask.CAUSAL_LM.value})
-        _check_model(session, settings, tenant_id, req.spec.model, "spec.model", tasks)
+        check_model(session, settings, tenant_id, req.spec.model, "spec.model", tasks)
         _check_prompts(session, settings, tenant_id, req.spec)
         if req.spec.retrieval is not None:
             _check_retrieval(session, settings, tenant_id, req.spec.retrieval)
@@ -289,8 +290,20 @@ def check_job_request(
     elif isinstance(req, PredictJobRequest) and req.spec.mode is PredictMode.RANK:
         _check_rank(session, settings, tenant_id, req.spec)
     elif isinstance(req, PredictJobRequest):
-        _check_model(session, settings, tenant_id, req.spec.model, "spec.model", CLASSIFIER_TASKS)
+        check_model(session, settings, tenant_id, req.spec.model, "spec.model", CLASSIFIER_TASKS)
         if req.spec.dataset is not None:
             _dataset(session, tenant_id, req.spec.dataset, "spec.dataset")
     elif isinstance(req, BatchJobRequest):
         _check_batch(session, settings, tenant_id, req.spec)
+
+
+def check_queued_quota(session: Session, settings: Settings, tenant_id: str) -> None:
+    """429 `quota_exceeded` when the tenant already has its quota of queued jobs."""
+    tenant = get_tenant(session, tenant_id)
+    limit = settings.max_queued_jobs
+    if tenant is not None and tenant.max_queued_jobs is not None:
+        limit = tenant.max_queued_jobs
+    if count_queued(session, tenant_id) >= limit:
+        raise QuotaExceededError(
+            f"this tenant already has {limit} queued jobs (its quota); retry when some have started"
+        )

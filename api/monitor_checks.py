@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api.job_checks import _check_model as check_model
+from api.job_checks import check_model
 from core.enums import FineTuneTask
 from core.errors import InvalidRequestError
 from core.monitors import MonitorCreate, default_negative_label

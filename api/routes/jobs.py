@@ -22,7 +22,7 @@ from api.deps import (
     SettingsDep,
     request_session,
 )
-from api.job_checks import check_job_request
+from api.job_checks import check_job_request, check_queued_quota
 from api.schemas import (
     CheckpointList,
     CheckpointOut,
@@ -38,7 +38,7 @@ from api.schemas import (
 )
 from core.dispatch import JobPublisher
 from core.enums import JobKind, JobStatus
-from core.errors import IdempotencyConflictError, InvalidRequestError, QuotaExceededError
+from core.errors import IdempotencyConflictError, InvalidRequestError
 from core.settings import Settings
 from core.specs import DEFAULT_WEBHOOK_EVENTS, AnyJobRequest, GenerateJobRequest, JobRequest
 from db import events as events_repo
@@ -132,17 +132,6 @@ def _create_job(
         return create_job_in(session, req, response, settings, publisher, who, idempotency_key)
 
 
-def _check_queued_quota(session: Session, settings: Settings, tenant_id: str) -> None:
-    tenant = tenants_repo.get_tenant(session, tenant_id)
-    limit = settings.max_queued_jobs
-    if tenant is not None and tenant.max_queued_jobs is not None:
-        limit = tenant.max_queued_jobs
-    if jobs_repo.count_queued(session, tenant_id) >= limit:
-        raise QuotaExceededError(
-            f"this tenant already has {limit} queued jobs (its quota); retry when some have started"
-        )
-
-
 def create_job_in(
     session: Session,
     req: AnyJobRequest,
@@ -159,7 +148,7 @@ def create_job_in(
         if existing is not None:
             return _replay(existing, digest, response)
     check_job_request(session, settings, req, tenant_id)
-    _check_queued_quota(session, settings, tenant_id)
+    check_queued_quota(session, settings, tenant_id)
     try:
         # A concurrent request with the same Idempotency-Key fails here, at the insert's
         # flush (not only at the commit), and replays the job of the one that won.

@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session
 
 from api.cursors import decode_cursor, encode_cursor, split_page
 from api.deps import JobsRead, JobsWrite, PublisherDep, ReadSessionDep, SessionDep, SettingsDep
+from api.job_checks import check_queued_quota
 from api.monitor_checks import check_monitor
-from api.routes.jobs import _check_queued_quota as check_queued_quota
 from core.enums import JobKind
 from core.errors import IdempotencyConflictError, InvalidRequestError
 from core.monitors import AlertRule, MonitorCreate, MonitorItems, MonitorWindow
