@@ -1,7 +1,7 @@
 """`modelyard submit | jobs | show | watch | events | logs | cancel | pause | resume |
 outputs`: the HTTP API from the shell. Exit codes scripts can rely on: 0 succeeded (or the
 command worked), 1 failed, 3 cancelled, 4 expired, 5 the API refused or could not be
-reached, 6 still running when `watch --timeout` ran out."""
+reached, 6 still running when `watch --timeout` ran out, 7 `watch` found the job paused."""
 
 from __future__ import annotations
 
@@ -28,9 +28,11 @@ from modelyard.client import TERMINAL_STATUSES, Client, ModelyardAPIError
 console = Console()
 errors = Console(stderr=True)
 
+RESTING = TERMINAL_STATUSES | {"paused"}  # watch stops at these
 EXIT_FOR_STATUS = {"succeeded": 0, "failed": 1, "cancelled": 3, "expired": 4}
 EXIT_API = 5
 EXIT_TIMEOUT = 6
+EXIT_PAUSED = 7
 SPARK = "▁▂▃▄▅▆▇█"
 
 UrlOption = Annotated[str, typer.Option("--url", envvar="MODELYARD_URL", help="API base URL")]
@@ -336,13 +338,17 @@ def watch(
             if losses:
                 chart.plain = f"loss {sparkline(losses)}  {losses[0]:.3f} -> {losses[-1]:.3f}"
             live.refresh()
-            if job["status"] in TERMINAL_STATUSES or time.monotonic() >= deadline:
+            if job["status"] in RESTING or time.monotonic() >= deadline:
                 break
             time.sleep(interval)
     if not display.is_terminal:
         display.line()  # Live's last frame ends without a newline when not on a terminal
     if as_json:
         _print_json(job)
+    if job["status"] == "paused":
+        if not as_json:
+            console.print(f"{job_id} paused (continue with `modelyard resume {job_id}`)")
+        raise typer.Exit(EXIT_PAUSED)
     if job["status"] not in TERMINAL_STATUSES:
         errors.print(f"{job_id} still {job['status']} after {timeout:g}s")
         raise typer.Exit(EXIT_TIMEOUT)

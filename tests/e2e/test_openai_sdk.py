@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import openai
@@ -196,6 +199,15 @@ def test_pause_rests_at_a_checkpoint_and_resume_continues_from_it(
     with stack.client() as c:
         ours = c.get(f"/v1/jobs/{job.id}").json()
     assert ours["status"] == "paused" and not ours["pause_requested"]
+    watched = subprocess.run(
+        [sys.executable, "-m", "modelyard", "watch", job.id, "--url", stack.base_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MODELYARD_API_KEY": stack.api_key},
+    )
+    assert watched.returncode == 7, watched.stdout + watched.stderr  # rests: watch stops
+    assert f"{job.id} paused" in watched.stdout
     step = client.fine_tuning.jobs.checkpoints.list(job.id).data[0].step_number
     with Client(stack.base_url, api_key=stack.api_key) as ours_client:  # our SDK resumes too
         assert ours_client.resume(job.id)["status"] in ("queued", "running")

@@ -50,18 +50,31 @@ def _has_tokenizer(path: str | Path) -> bool:
     return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
 
 
+def _label(ref: str) -> str:
+    """How events name a model: hub ids as given, local directories from their `models/` or
+    `jobs/` part on (never the server's absolute path)."""
+    path = Path(ref)
+    if not path.is_absolute():
+        return ref
+    for anchor in ("jobs", "models"):
+        if anchor in path.parts:
+            start = len(path.parts) - 1 - path.parts[::-1].index(anchor)
+            return "/".join(path.parts[start:])
+    return path.name
+
+
 def weights_source(resolved: ResolvedModel, checkpoint: CheckpointInfo | None) -> WeightsSource:
     """The resolved base model (a LoRA adapter when `adapter_of` is set), or, when
     `checkpoint` is given, that checkpoint's weights: a full model or an adapter on the base."""
     base = resolved.adapter_of or resolved.ref
     adapter = resolved.ref if resolved.adapter_of else None
-    origin = f"adapter {resolved.ref} on {base}" if adapter else base
+    origin = f"adapter {_label(resolved.ref)} on {_label(base)}" if adapter else _label(base)
     if checkpoint is not None:
         path = str(checkpoint.path)
         if is_adapter_dir(path):
-            adapter, origin = path, f"adapter checkpoint {path} on {base}"
+            adapter, origin = path, f"adapter checkpoint {_label(path)} on {_label(base)}"
         else:
-            base, adapter, origin = path, None, f"checkpoint {path}"
+            base, adapter, origin = path, None, f"checkpoint {_label(path)}"
     tokenizer_from = adapter if adapter is not None and _has_tokenizer(adapter) else base
     return WeightsSource(base=base, adapter=adapter, tokenizer=tokenizer_from, origin=origin)
 
