@@ -19,9 +19,11 @@ import redis
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from core.errors import AuthenticationError, PermissionDeniedError, RateLimitedError
 from core.settings import Settings
+from db import tenants as tenants_repo
 from db.base import utcnow
 from db.models import DEFAULT_TENANT, ApiKey, Tenant
 from db.session import get_sessionmaker
@@ -41,6 +43,18 @@ class Principal:
 
     def allows(self, scope: str) -> bool:
         return "admin" in self.scopes or scope in self.scopes
+
+    def audit(self, session: Session, action: str, target_type: str, target_id: str) -> None:
+        """Record in the audit log that this key did `action` to the target (the caller
+        commits, with the change it records)."""
+        tenants_repo.audit(
+            session,
+            tenant_id=self.tenant_id,
+            key_id=self.key_id,
+            action=action,
+            target_type=target_type,
+            target_id=target_id,
+        )
 
     @property
     def operator(self) -> bool:

@@ -151,14 +151,7 @@ def create_tenant(body: TenantIn, session: SessionDep, who: Admin) -> TenantOut:
         max_running_jobs=body.max_running_jobs,
         max_dataset_bytes=body.max_dataset_bytes,
     )
-    repo.audit(
-        session,
-        tenant_id=who.tenant_id,
-        key_id=who.key_id,
-        action="tenant.create",
-        target_type="tenant",
-        target_id=tenant.id,
-    )
+    who.audit(session, "tenant.create", "tenant", tenant.id)
     session.commit()
     logger.info("tenant %s created", tenant.id)
     return TenantOut.of(tenant)

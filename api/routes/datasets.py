@@ -127,14 +127,7 @@ def store_dataset(
             report=parsed.report,
         )
         artifact_store(settings).publish(directory)
-        tenants_repo.audit(
-            session,
-            tenant_id=who.tenant_id,
-            key_id=who.key_id,
-            action="dataset.create",
-            target_type="dataset",
-            target_id=dataset_id,
-        )
+        who.audit(session, "dataset.create", "dataset", dataset_id)
         session.commit()
     except BaseException:
         session.rollback()
@@ -189,14 +182,7 @@ def delete_dataset(
 def remove_dataset(session: Session, settings: Settings, who: Principal, dataset_id: str) -> None:
     """Delete the row (committed), then the file."""
     dataset = datasets_repo.delete_dataset(session, dataset_id, tenant_id=who.tenant_id)
-    tenants_repo.audit(
-        session,
-        tenant_id=who.tenant_id,
-        key_id=who.key_id,
-        action="dataset.delete",
-        target_type="dataset",
-        target_id=dataset_id,
-    )
+    who.audit(session, "dataset.delete", "dataset", dataset_id)
     session.commit()
     _remove_dataset_dir(settings, str(PurePosixPath(dataset.path).parent))
     logger.info("dataset %s deleted", dataset_id)

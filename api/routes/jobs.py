@@ -244,14 +244,7 @@ def get_job(job_id: str, session: ReadSessionDep, who: JobsRead) -> JobOut:
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
 def cancel_job(job_id: str, session: SessionDep, who: JobsWrite) -> JobOut:
     job = jobs_repo.request_cancel(session, job_id, tenant_id=who.tenant_id)
-    tenants_repo.audit(
-        session,
-        tenant_id=who.tenant_id,
-        key_id=who.key_id,
-        action="job.cancel",
-        target_type="job",
-        target_id=job_id,
-    )
+    who.audit(session, "job.cancel", "job", job_id)
     session.commit()
     logger.info("job %s cancel requested (now %s)", job_id, job.status)
     return JobOut.of(job)
@@ -262,14 +255,7 @@ def pause_job(job_id: str, session: SessionDep, who: JobsWrite) -> JobOut:
     """A fine-tune only: a queued one is `paused` at once; a running one checkpoints at the
     end of its current step, then rests `paused`, holding no worker."""
     job = pauses_repo.request_pause(session, job_id, tenant_id=who.tenant_id)
-    tenants_repo.audit(
-        session,
-        tenant_id=who.tenant_id,
-        key_id=who.key_id,
-        action="job.pause",
-        target_type="job",
-        target_id=job_id,
-    )
+    who.audit(session, "job.pause", "job", job_id)
     session.commit()
     logger.info("job %s pause requested (now %s)", job_id, job.status)
     return JobOut.of(job)
@@ -279,14 +265,7 @@ def pause_job(job_id: str, session: SessionDep, who: JobsWrite) -> JobOut:
 def resume_job(job_id: str, session: SessionDep, publisher: PublisherDep, who: JobsWrite) -> JobOut:
     """A paused fine-tune is queued again and continues from its latest checkpoint."""
     job = pauses_repo.resume(session, job_id, tenant_id=who.tenant_id)
-    tenants_repo.audit(
-        session,
-        tenant_id=who.tenant_id,
-        key_id=who.key_id,
-        action="job.resume",
-        target_type="job",
-        target_id=job_id,
-    )
+    who.audit(session, "job.resume", "job", job_id)
     session.commit()
     publish_job(publisher, job)
     logger.info("job %s resumed", job_id)

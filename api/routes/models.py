@@ -11,7 +11,6 @@ from api.deps import JobsRead, ModelsWrite, ReadSessionDep, SessionDep, Settings
 from api.schemas import ModelDeleted, ModelList, ModelOut
 from core.storage import artifact_store
 from db import registry
-from db import tenants as tenants_repo
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -46,14 +45,7 @@ def delete_model(
 ) -> ModelDeleted:
     model = registry.delete_model(session, name, tenant_id=who.tenant_id)
     directory = (settings.data_dir / model.path).resolve()
-    tenants_repo.audit(
-        session,
-        tenant_id=who.tenant_id,
-        key_id=who.key_id,
-        action="model.delete",
-        target_type="model",
-        target_id=name,
-    )
+    who.audit(session, "model.delete", "model", name)
     session.commit()
     if directory.is_relative_to(settings.data_dir.resolve()):
         artifact_store(settings).remove(directory)

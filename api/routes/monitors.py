@@ -28,7 +28,6 @@ from core.monitors import AlertRule, MonitorCreate, MonitorItems, MonitorWindow
 from core.specs import PredictSpec
 from db import jobs as jobs_repo
 from db import monitors as repo
-from db import tenants as tenants_repo
 from db.models import Job, Monitor, MonitorAlert, MonitorStat
 
 logger = logging.getLogger(__name__)
@@ -173,14 +172,7 @@ def create_monitor(
         min_items=req.rule.min_items,
         webhook_url=req.webhook_url,
     )
-    tenants_repo.audit(
-        session,
-        tenant_id=who.tenant_id,
-        key_id=who.key_id,
-        action="monitor.create",
-        target_type="monitor",
-        target_id=monitor.id,
-    )
+    who.audit(session, "monitor.create", "monitor", monitor.id)
     session.commit()
     logger.info("monitor %s created on %s", monitor.id, monitor.model)
     return _detail(session, monitor)
@@ -224,14 +216,7 @@ def get_monitor(monitor_id: str, session: ReadSessionDep, who: JobsRead) -> Moni
 @router.delete("/{monitor_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_monitor(monitor_id: str, session: SessionDep, who: JobsWrite) -> Response:
     repo.delete_monitor(session, monitor_id, tenant_id=who.tenant_id)
-    tenants_repo.audit(
-        session,
-        tenant_id=who.tenant_id,
-        key_id=who.key_id,
-        action="monitor.delete",
-        target_type="monitor",
-        target_id=monitor_id,
-    )
+    who.audit(session, "monitor.delete", "monitor", monitor_id)
     session.commit()
     logger.info("monitor %s deleted", monitor_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

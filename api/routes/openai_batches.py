@@ -7,20 +7,19 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy.orm import Session
 
 from api.auth import Principal
 from api.cursors import split_page
 from api.deps import JobsRead, JobsWrite, PublisherDep, ReadSessionDep, SessionDep, SettingsDep
+from api.openai_jobs import create_openai_job, job_of_kind, openai_request
 from api.openai_shapes import OpenAIList, batch
-from api.routes.jobs import IdempotencyKey, create_job_in
+from api.routes.jobs import IdempotencyKey
 from core.enums import BatchEndpoint, JobKind
-from core.errors import InvalidRequestError, NotFoundError
 from core.specs import BatchJobRequest
 from db import datasets as datasets_repo
 from db import jobs as jobs_repo
-from db import tenants as tenants_repo
 from db.models import Job
 
 logger = logging.getLogger(__name__)
@@ -50,10 +49,7 @@ def _shape(session: Session, job: Job) -> dict[str, Any]:
 
 
 def _job(session: Session, batch_id: str, who: Principal) -> Job:
-    job = jobs_repo.get_job(session, batch_id, who.tenant_id)
-    if job is None or job.kind != JobKind.BATCH.value:
-        raise NotFoundError(f"no batch {batch_id!r}", param="batch_id")
-    return job
+    return job_of_kind(session, batch_id, who, JobKind.BATCH, "batch", "batch_id")
 
 
 @router.post("")
@@ -66,31 +62,20 @@ def create_batch(
     who: JobsWrite,
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
-    try:
-        req = BatchJobRequest.model_validate(
-            {
-                "kind": JobKind.BATCH.value,
-                "spec": {
-                    "input_dataset": body.input_file_id,
-                    "endpoint": body.endpoint.value,
-                    "completion_window": body.completion_window,
-                },
-                "metadata": body.metadata or {},
-            }
-        )
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        ours = ".".join(str(p) for p in first["loc"])
-        raise InvalidRequestError(
-            f"{PARAMS.get(ours, ours)}: {first['msg']}", param=PARAMS.get(ours, ours)
-        ) from None
-    try:
-        out = create_job_in(session, req, response, settings, publisher, who, idempotency_key)
-    except InvalidRequestError as exc:
-        exc.param = PARAMS.get(exc.param or "", exc.param)
-        raise
-    response.status_code = 200
-    return _shape(session, _job(session, out.id, who))
+    payload = {
+        "kind": JobKind.BATCH.value,
+        "spec": {
+            "input_dataset": body.input_file_id,
+            "endpoint": body.endpoint.value,
+            "completion_window": body.completion_window,
+        },
+        "metadata": body.metadata or {},
+    }
+    req = openai_request(BatchJobRequest, payload, PARAMS)
+    job_id = create_openai_job(
+        session, req, PARAMS, response, settings, publisher, who, idempotency_key
+    )
+    return _shape(session, _job(session, job_id, who))
 
 
 @router.get("", response_model=OpenAIList)
@@ -126,14 +111,7 @@ def retrieve_batch(batch_id: str, session: ReadSessionDep, who: JobsRead) -> dic
 def cancel_batch(batch_id: str, session: SessionDep, who: JobsWrite) -> dict[str, Any]:
     _job(session, batch_id, who)
     job = jobs_repo.request_cancel(session, batch_id, tenant_id=who.tenant_id)
-    tenants_repo.audit(
-        session,
-        tenant_id=who.tenant_id,
-        key_id=who.key_id,
-        action="job.cancel",
-        target_type="job",
-        target_id=batch_id,
-    )
+    who.audit(session, "job.cancel", "job", batch_id)
     session.commit()
     logger.info("batch %s cancel requested (now %s)", batch_id, job.status)
     return _shape(session, job)

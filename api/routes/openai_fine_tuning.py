@@ -8,12 +8,13 @@ import re
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy.orm import Session
 
 from api.auth import Principal
 from api.cursors import split_page
 from api.deps import JobsRead, JobsWrite, PublisherDep, ReadSessionDep, SessionDep, SettingsDep
+from api.openai_jobs import create_openai_job, job_of_kind, openai_request
 from api.openai_shapes import (
     BASE_LEARNING_RATE,
     CHECKPOINT_ID,
@@ -23,15 +24,14 @@ from api.openai_shapes import (
     fine_tuning_event,
     fine_tuning_job,
 )
-from api.routes.jobs import IdempotencyKey, create_job_in, publish_job
+from api.routes.jobs import IdempotencyKey, publish_job
 from core.enums import DatasetSchema, FineTuneTask, JobKind
-from core.errors import InvalidRequestError, NotFoundError
+from core.errors import InvalidRequestError
 from core.specs import FineTuneJobRequest
 from db import datasets as datasets_repo
 from db import events as events_repo
 from db import jobs as jobs_repo
 from db import pauses as pauses_repo
-from db import tenants as tenants_repo
 from db import training as training_repo
 from db.models import Job
 
@@ -125,23 +125,13 @@ def _request(session: Session, body: CreateFineTuningJob, tenant_id: str) -> Fin
         spec["validation_dataset"] = body.validation_file
     if body.suffix is not None:
         spec["suffix"] = body.suffix
-    try:
-        return FineTuneJobRequest.model_validate(
-            {"kind": JobKind.FINETUNE.value, "spec": spec, "metadata": body.metadata or {}}
-        )
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        ours = ".".join(str(p) for p in first["loc"])
-        raise InvalidRequestError(
-            f"{PARAMS.get(ours, ours)}: {first['msg']}", param=PARAMS.get(ours, ours)
-        ) from None
+    payload = {"kind": JobKind.FINETUNE.value, "spec": spec, "metadata": body.metadata or {}}
+    return openai_request(FineTuneJobRequest, payload, PARAMS)
 
 
 def _job(session: Session, job_id: str, who: Principal) -> Job:
-    job = jobs_repo.get_job(session, job_id, who.tenant_id)
-    if job is None or job.kind != JobKind.FINETUNE.value:
-        raise NotFoundError(f"no fine-tuning job {job_id!r}", param="fine_tuning_job_id")
-    return job
+    what, param = "fine-tuning job", "fine_tuning_job_id"
+    return job_of_kind(session, job_id, who, JobKind.FINETUNE, what, param)
 
 
 @router.post("")
@@ -155,13 +145,10 @@ def create_fine_tuning_job(
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     req = _request(session, body, who.tenant_id)
-    try:
-        out = create_job_in(session, req, response, settings, publisher, who, idempotency_key)
-    except InvalidRequestError as exc:
-        exc.param = PARAMS.get(exc.param or "", exc.param)
-        raise
-    response.status_code = 200
-    return fine_tuning_job(_job(session, out.id, who))
+    job_id = create_openai_job(
+        session, req, PARAMS, response, settings, publisher, who, idempotency_key
+    )
+    return fine_tuning_job(_job(session, job_id, who))
 
 
 def _metadata_filters(request: Request) -> dict[str, str]:
@@ -205,23 +192,12 @@ def retrieve_fine_tuning_job(job_id: str, session: ReadSessionDep, who: JobsRead
     return fine_tuning_job(_job(session, job_id, who))
 
 
-def _audited(session: Session, who: Principal, action: str, job_id: str) -> None:
-    tenants_repo.audit(
-        session,
-        tenant_id=who.tenant_id,
-        key_id=who.key_id,
-        action=action,
-        target_type="job",
-        target_id=job_id,
-    )
-    session.commit()
-
-
 @router.post("/{job_id}/cancel")
 def cancel_fine_tuning_job(job_id: str, session: SessionDep, who: JobsWrite) -> dict[str, Any]:
     _job(session, job_id, who)
     job = jobs_repo.request_cancel(session, job_id, tenant_id=who.tenant_id)
-    _audited(session, who, "job.cancel", job_id)
+    who.audit(session, "job.cancel", "job", job_id)
+    session.commit()
     return fine_tuning_job(job)
 
 
@@ -229,7 +205,8 @@ def cancel_fine_tuning_job(job_id: str, session: SessionDep, who: JobsWrite) -> 
 def pause_fine_tuning_job(job_id: str, session: SessionDep, who: JobsWrite) -> dict[str, Any]:
     _job(session, job_id, who)
     job = pauses_repo.request_pause(session, job_id, tenant_id=who.tenant_id)
-    _audited(session, who, "job.pause", job_id)
+    who.audit(session, "job.pause", "job", job_id)
+    session.commit()
     return fine_tuning_job(job)
 
 
@@ -239,7 +216,8 @@ def resume_fine_tuning_job(
 ) -> dict[str, Any]:
     _job(session, job_id, who)
     job = pauses_repo.resume(session, job_id, tenant_id=who.tenant_id)
-    _audited(session, who, "job.resume", job_id)
+    who.audit(session, "job.resume", "job", job_id)
+    session.commit()
     publish_job(publisher, job)
     return fine_tuning_job(job)
 
