@@ -151,3 +151,7 @@ class JobStopped(JobError):
 
 class JobExpired(JobStopped):
     """Raised by a runner that already recorded its job as expired (deadline passed)."""
+
+
+class StaleAttempt(JobStopped):
+    """Raised when a write of a running attempt is refused: a newer attempt holds the job."""

@@ -1,4 +1,9 @@
-"""What runners return, and which runner serves which job kind."""
+"""What runners return, what a claimed job looks like, and which runner serves which kind.
+
+Runners do not record job states: the lifecycle (workers/lifecycle.py) does. A runner that
+serves several jobs at once (the generation decode group) gets one `Attempt` per job and
+ends each with it; `Claimer` is the part of the lifecycle it uses to take more jobs.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from core.enums import FailureType, FineTuneMethod, FineTuneTask, JobKind
+from core.enums import FailureType, FineTuneMethod, FineTuneTask, JobKind, JobStatus
 from core.errors import PermanentJobError
 from core.settings import Settings
 from db.outputs import GeneratedText
@@ -33,16 +38,62 @@ class RunResult:
     trained_model: TrainedModel | None = None
 
 
+@dataclass(frozen=True)
+class ClaimedJob:
+    kind: JobKind
+    spec: dict[str, Any]
+    ctx: RunContext  # job id, attempt (the fencing token), worker, stop flags
+    model: str | None = None  # generation jobs: the base model they are served on
+
+
 class Runner(Protocol):
     def run(self, spec: dict[str, Any], ctx: RunContext) -> RunResult: ...
 
 
-def runner_for(kind: JobKind, settings: Settings) -> Runner:
-    """Runners are imported on first use, in the process that runs the job."""
-    if kind is JobKind.GENERATE:
-        from workers.generation.runner import GenerationRunner
+class Attempt(Protocol):
+    """One claimed attempt of one job, from its start (heartbeat running) to its end.
 
-        return GenerationRunner(settings)
+    Exactly one of the ending calls is made per attempt; each stops the heartbeat, records
+    the outcome with a compare-and-set on the attempt, and returns the status recorded
+    (None when nothing was: the attempt had lost the job, or it was handed back)."""
+
+    @property
+    def claimed(self) -> ClaimedJob: ...
+
+    def succeed(self, result: RunResult) -> JobStatus | None:
+        """Store the result and end `succeeded` (or `cancelled`, when a cancel came first)."""
+
+    def fail(self, failure: FailureType, message: str) -> JobStatus | None:
+        """End `failed` with a typed reason, without retrying."""
+
+    def failed(self, exc: BaseException) -> JobStatus | None:
+        """End after an exception: classified, then retried (queued) or failed."""
+
+    def stopped(self) -> JobStatus | None:
+        """End after the runner stopped on its stop flag: cancelled, timed out, paused,
+        handed back, or nothing (lease lost)."""
+
+
+class Claimer(Protocol):
+    """What a runner serving several jobs needs from the lifecycle to take more of them."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def worker(self) -> str: ...
+
+    def claim_and_begin(self, job_id: str) -> Attempt | None:
+        """Claim a queued job (no message: a runner asked for it) and start its attempt;
+        None when another worker has it or it is no longer claimable."""
+
+
+def runner_for(kind: JobKind, settings: Settings) -> Runner:
+    """Runners of single jobs, imported on first use in the process that runs the job
+    (generation jobs are served by a decode group, see workers/lifecycle.py)."""
     if kind is JobKind.FINETUNE:
         from workers.training.db_io import DbTrainingIO
         from workers.training.runner import FineTuneRunner
