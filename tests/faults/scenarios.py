@@ -612,7 +612,7 @@ def disk_full_on_checkpoint(lab: Lab, every: int = 20) -> Outcome:
     wait_for(lambda: lab.checkpoints(job["id"]), 180, "first checkpoint", 0.1)
     limit_file_size(worker.pid, 256 * 1024)
     jobs_dir = lab.stack.workdir / "data" / "tenants" / "default" / "jobs"
-    workdir = jobs_dir / job["id"] / "checkpoints"
+    workdir = jobs_dir / job["id"] / "attempts" / "1" / "checkpoints"
     try:
         failed = lab.wait(job["id"], ("queued", *TERMINAL), 120)
         failed_at = now()

@@ -75,8 +75,9 @@ class MemoryTrainingIO:
     def record_metrics(self, points: Sequence[MetricPoint]) -> None:
         self.metric_batches.append(list(points))
 
-    def record_checkpoint(self, checkpoint: CheckpointInfo) -> None:
+    def record_checkpoint(self, checkpoint: CheckpointInfo) -> bool:
         self.checkpoints.setdefault(self.job_id, []).append(checkpoint)
+        return True
 
     def _existing(self, job_id: str) -> list[CheckpointInfo]:
         found = [c for c in self.checkpoints.get(job_id, []) if c.path.is_dir()]

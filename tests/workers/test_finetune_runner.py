@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,7 +21,7 @@ from core.settings import Settings
 from tests.support.memory_io import MemoryTrainingIO, job_id
 from workers.context import RunContext
 from workers.runners import RunResult
-from workers.training.callbacks import CheckpointCallback, metric_points
+from workers.training.callbacks import CheckpointCallback, StopCallback, metric_points
 from workers.training.data import (
     IGNORE_INDEX,
     PaddingCollator,
@@ -29,7 +30,7 @@ from workers.training.data import (
     encode_tagged,
     split_rows,
 )
-from workers.training.io import ResolvedModel
+from workers.training.io import CheckpointInfo, MetricPoint, ResolvedModel
 from workers.training.peft_setup import target_modules
 from workers.training.runner import FineTuneRunner
 
@@ -41,17 +42,46 @@ LM_TEXT = "the cat sat on the mat and the dog sat on the log. "
 
 
 class StopAtStep(RunContext):
-    """A context whose stop flag goes up (as a cancel would) once progress reaches `step`."""
+    """A context whose stop flag goes up once progress reaches `step`, for the reason
+    `flag` names (`cancelled` as a cancel would, `lease_lost` as the heartbeat would)."""
 
-    def __init__(self, job_id: str, step: int) -> None:
+    def __init__(self, job_id: str, step: int, flag: str = "cancelled") -> None:
         super().__init__(job_id=job_id, attempt=1, device="cpu")
         self._stop_step = step
+        self._flag = flag
 
     def report_progress(self, fraction: float, **detail: Any) -> None:
         super().report_progress(fraction, **detail)
         if detail.get("step", 0) >= self._stop_step:
-            self.cancelled = True
+            setattr(self, self._flag, True)
             self.stop_event.set()
+
+
+class RefusedFromStep(MemoryTrainingIO):
+    """A TrainingIO whose writes are refused from metrics of `step` on, as DbTrainingIO's
+    are once a newer attempt holds the job: dropped, and the attempt told to stop."""
+
+    def __init__(self, base: MemoryTrainingIO, ctx: RunContext, step: int) -> None:
+        super().__init__(work_dir=base.work_dir, job_id=base.job_id, datasets=base.datasets)
+        self.models = base.models
+        self._ctx = ctx
+        self._step = step
+
+    def record_metrics(self, points: Sequence[MetricPoint]) -> None:
+        if self._ctx.lease_lost or any(p.step >= self._step for p in points):
+            self._ctx.lease_lost = True
+            self._ctx.stop_event.set()
+            return
+        super().record_metrics(points)
+
+    def record_checkpoint(self, checkpoint: CheckpointInfo) -> bool:
+        if self._ctx.lease_lost:
+            raise AssertionError(f"checkpoint {checkpoint.step} saved after the lease was lost")
+        return super().record_checkpoint(checkpoint)
+
+    def event(self, message: str, data: dict[str, Any] | None = None) -> None:
+        if not self._ctx.lease_lost:
+            super().event(message, data)
 
 
 @pytest.fixture(scope="module")
@@ -503,6 +533,60 @@ def test_cancel_mid_training_keeps_a_checkpoint(io: MemoryTrainingIO) -> None:
     assert (io.work_dir / "checkpoints" / "checkpoint-7" / "model.safetensors").is_file()
     assert not (io.work_dir / "model").exists()
     assert max(step for step, _ in losses(io)) <= 7
+
+
+@pytest.mark.parametrize("flag", ["cancelled", "paused", "given_back", "timed_out"])
+def test_stop_callback_saves_at_the_step_end_then_stops(flag: str) -> None:
+    ctx = RunContext(job_id="job_x", attempt=1, device="cpu")
+    callback, control, state = StopCallback(ctx), TrainerControl(), TrainerState(global_step=3)
+    callback.on_step_end(None, state, control)  # type: ignore[arg-type]
+    assert not control.should_training_stop and not control.should_save
+    setattr(ctx, flag, True)
+    ctx.stop_event.set()
+    callback.on_step_end(None, state, control)  # type: ignore[arg-type]
+    assert control.should_save and control.should_training_stop
+    assert not control.should_evaluate and callback.stopped_at == 3
+
+
+def test_stop_callback_saves_nothing_once_the_lease_is_lost() -> None:
+    ctx = RunContext(job_id="job_x", attempt=1, device="cpu", lease_lost=True)
+    ctx.stop_event.set()
+    callback, state = StopCallback(ctx), TrainerState(global_step=5)
+    control = TrainerControl(should_save=True, should_log=True, should_evaluate=True)
+    callback.on_step_end(None, state, control)  # type: ignore[arg-type]
+    assert control.should_training_stop
+    assert not (control.should_save or control.should_log or control.should_evaluate)
+    # lost in the middle of the step (its logged metrics refused): no save after them
+    control = TrainerControl(should_save=True, should_evaluate=True)
+    StopCallback(ctx).on_log(None, state, control)  # type: ignore[arg-type]
+    assert control.should_training_stop and not (control.should_save or control.should_evaluate)
+
+
+def test_lost_lease_stops_at_once_and_writes_no_checkpoint(io: MemoryTrainingIO) -> None:
+    ctx = StopAtStep(io.job_id, step=10, flag="lease_lost")
+    with pytest.raises(JobStopped, match="lease lost"):
+        run(io, ctx, hyperparameters={"checkpoint_steps": 5}, training_dataset=text_dataset(io))
+    # step 10 was a save and an evaluation step: neither happened
+    assert [c.step for c in io.recorded_checkpoints] == [5]
+    assert sorted(p.name for p in (io.work_dir / "checkpoints").iterdir()) == ["checkpoint-5"]
+    assert "evaluation at step 10" not in io.messages()
+    assert not (io.work_dir / "model").exists()
+
+
+def test_refused_write_in_a_step_stops_training_before_its_save(io: MemoryTrainingIO) -> None:
+    ctx = RunContext(job_id=io.job_id, attempt=1, device="cpu")
+    refusing = RefusedFromStep(io, ctx, step=10)
+    with pytest.raises(JobStopped, match="lease lost"):
+        run(
+            refusing,
+            ctx,
+            hyperparameters={"checkpoint_steps": 5},
+            training_dataset=text_dataset(refusing),
+        )
+    assert [c.step for c in refusing.recorded_checkpoints] == [5]
+    assert sorted(p.name for p in (io.work_dir / "checkpoints").iterdir()) == ["checkpoint-5"]
+    assert max(p.step for p in refusing.metrics) < 10
+    assert not (io.work_dir / "model").exists()
 
 
 def test_resume_continues_from_the_latest_checkpoint(io: MemoryTrainingIO) -> None:

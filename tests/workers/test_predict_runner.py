@@ -77,7 +77,7 @@ class MemoryIO:
     def record_metrics(self, points: Sequence[MetricPoint]) -> None:
         raise AssertionError("prediction records no metrics")
 
-    def record_checkpoint(self, checkpoint: CheckpointInfo) -> None:
+    def record_checkpoint(self, checkpoint: CheckpointInfo) -> bool:
         raise AssertionError("prediction writes no checkpoints")
 
     def latest_checkpoint(self) -> CheckpointInfo | None:

@@ -12,6 +12,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from workers.context import RunContext
+from workers.training.checkpoints import rotate_checkpoints_of_attempt
 from workers.training.io import CheckpointInfo, MetricPoint, TrainingIO
 from workers.training.peft_setup import set_orth_reg_weight
 
@@ -163,7 +164,10 @@ class MetricsCallback(TrainerCallback):
 
 
 class CheckpointCallback(TrainerCallback):
-    """Records every checkpoint Trainer writes, and asks for one when `every_s` passed."""
+    """Records every checkpoint Trainer writes, and asks for one when `every_s` passed.
+    Once a checkpoint's row is written under the attempt's fence, the attempt's older
+    checkpoints beyond save_total_limit are removed (never before: an attempt that lost the
+    job must not remove the checkpoint the attempt that took it over resumes from)."""
 
     def __init__(
         self, io: TrainingIO, every_s: float | None = None, clock: Clock = time.monotonic
@@ -204,9 +208,13 @@ class CheckpointCallback(TrainerCallback):
             logger.warning("checkpoint %s was not written", path)
             return
         metrics = self._eval[1] if self._eval and self._eval[0] == state.global_step else {}
-        self._io.record_checkpoint(
+        recorded = self._io.record_checkpoint(
             CheckpointInfo(step=state.global_step, path=path.resolve(), metrics=metrics)
         )
+        if recorded and args.should_save:
+            rotate_checkpoints_of_attempt(
+                path.parent, args.save_total_limit, state.best_model_checkpoint
+            )
         self._io.event(
             f"checkpoint at step {state.global_step}",
             {"step": state.global_step, "path": path.name, "metrics": metrics},
@@ -214,8 +222,8 @@ class CheckpointCallback(TrainerCallback):
 
 
 class StepMarkerCallback(TrainerCallback):
-    """Writes the step reached to a file in the job's work dir after every step: an attempt
-    that resumes after a crash reads it to tell how many steps it redoes."""
+    """Writes the step reached to a file in the attempt's directory after every step: the
+    attempt that resumes after a crash reads it to tell how many steps it redoes."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
@@ -233,15 +241,13 @@ class StepMarkerCallback(TrainerCallback):
             logger.debug("step marker not written: %s", exc)
 
 
-def read_step_marker(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
 class StopCallback(TrainerCallback):
-    """Once the job must stop: save a checkpoint at the end of this step and end training."""
+    """Once the job must stop, end training at the end of this step. Cancel, pause, time
+    limit and hand-back save a checkpoint first (the job may go on from it); a lost lease
+    saves, evaluates and logs nothing: another attempt may hold the job.
+
+    It must come after every callback that asks for a save (CheckpointCallback), so that
+    its word on a lost lease is the last."""
 
     def __init__(self, ctx: RunContext) -> None:
         self._ctx = ctx
@@ -254,10 +260,38 @@ class StopCallback(TrainerCallback):
             return
         if self.stopped_at is None:
             self.stopped_at = state.global_step
-            logger.info("job %s: stopping at step %d", self._ctx.job_id, state.global_step)
-        control.should_save = True
+            logger.info(
+                "job %s: stopping at step %d (%s)",
+                self._ctx.job_id,
+                state.global_step,
+                self._ctx.stop_reason,
+            )
+        lease_lost = self._ctx.lease_lost
+        control.should_save = not lease_lost
+        control.should_log = control.should_log and not lease_lost
         control.should_training_stop = True
         control.should_evaluate = False
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._stop_if_lease_lost(state, control)
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._stop_if_lease_lost(state, control)
+
+    def _stop_if_lease_lost(self, state: TrainerState, control: TrainerControl) -> None:
+        """A write refused in this step (the metrics just logged): no save after it."""
+        if not self._ctx.lease_lost:
+            return
+        if self.stopped_at is None:
+            self.stopped_at = state.global_step
+            logger.info("job %s: lease lost at step %d", self._ctx.job_id, state.global_step)
+        control.should_save = False
+        control.should_evaluate = False
+        control.should_training_stop = True
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

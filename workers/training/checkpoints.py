@@ -5,6 +5,11 @@ disk halfway leaves a directory that looks like a checkpoint and cannot be
 loaded. Here each checkpoint is written into a staging directory beside the
 others, synced, then renamed to `checkpoint-N` in one step, so every
 `checkpoint-N` directory is complete and the last good one survives a failed save.
+
+The run directory is the attempt's own (workers/training/layout.py), staging included, so
+two attempts of a job never write or remove each other's files. Older checkpoints are
+removed (save_total_limit) by `rotate_checkpoints_of_attempt`, which the caller runs only
+once the newest checkpoint's row is written under the attempt's fence.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from workers.failures import is_disk_full
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"  # under a job's work dir
 STAGING_DIR = ".staging"
 TRAINER_STATE = "trainer_state.json"
 _NO_SPACE_MARKERS = (
@@ -58,6 +62,19 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def rotate_checkpoints_of_attempt(
+    run_dir: Path, save_total_limit: int | None, best_model_checkpoint: str | None
+) -> None:
+    """Keep the newest `save_total_limit` checkpoints of this attempt's run directory (and
+    its best one); only directories directly inside `run_dir` are considered."""
+    rotate_checkpoints(
+        output_dir=str(run_dir),
+        save_total_limit=save_total_limit,
+        best_model_checkpoint=best_model_checkpoint,
+        use_mtime=True,
+    )
+
+
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
@@ -79,7 +96,8 @@ def _fsync_dir(path: Path) -> None:
 
 class AtomicCheckpointTrainer(Trainer):
     """A Trainer whose `_save_checkpoint` writes into `<output>/.staging/checkpoint-N` and
-    renames the finished directory to `<output>/checkpoint-N`.
+    renames the finished directory to `<output>/checkpoint-N`. It removes no older
+    checkpoint: see `rotate_checkpoints_of_attempt`.
 
     A save that fails for lack of space removes its staging directory and ends the
     attempt with a transient `disk_full` error; the job is retried with backoff and
@@ -120,13 +138,6 @@ class AtomicCheckpointTrainer(Trainer):
         self._publish(staging / name, run_dir / name)
         shutil.rmtree(staging, ignore_errors=True)
         self._fix_best_checkpoint(staging, run_dir, run_dir / name)
-        if self.args.should_save:
-            rotate_checkpoints(
-                output_dir=str(run_dir),
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
 
     @staticmethod
     def _publish(staged: Path, final: Path) -> None:

@@ -1,8 +1,9 @@
-"""TrainingIO backed by the database and the data dir, for one running job."""
+"""TrainingIO backed by the database and the data dir, for one running attempt."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,100 +13,139 @@ from sqlalchemy.orm import Session
 
 from core.datasets import load_dataset_rows
 from core.enums import DatasetSchema, EventType, FailureType
-from core.errors import PermanentJobError, TransientJobError
+from core.errors import PermanentJobError, StaleAttempt, TransientJobError
 from core.settings import Settings
 from core.storage import artifact_store
 from db.datasets import get_dataset
 from db.events import append_event
+from db.fencing import require_fence
 from db.jobs import get_job
-from db.models import Job
 from db.session import DATABASE_UNAVAILABLE, session_scope
 from db.training import add_checkpoint, add_metrics, discard_metrics_after, list_checkpoints
 from workers.context import RunContext
 from workers.model_refs import inside, resolve_model
-from workers.training.checkpoints import CHECKPOINTS_DIR, complete_checkpoints
 from workers.training.io import CheckpointInfo, DatasetRows, MetricPoint, ResolvedModel
+from workers.training.layout import attempt_dir, job_dir, steps_reached_before
 
 logger = logging.getLogger(__name__)
-
-
-def job_dir(settings: Settings, job_id: str, tenant_id: str | None = None) -> Path:
-    """A job's artifacts (checkpoints, the trained model): under its tenant's directory,
-    named by the server-made job id only."""
-    root = settings.data_dir.resolve()
-    if tenant_id is None:
-        return root / "jobs" / job_id
-    return root / "tenants" / tenant_id / "jobs" / job_id
 
 
 Write = Callable[[Session], None]
 
 
 class DbTrainingIO:
-    """Writes go through the job's lease owner check only at the end (the final CAS);
-    metrics and checkpoints of an attempt that later loses its lease stay recorded,
-    which is what lets the next attempt resume from them.
+    """The outside world of one running attempt: reads from the database and the store,
+    and writes (metrics, checkpoint rows, events, the metrics a resume discards) each in a
+    transaction that first runs `require_fence` on the attempt number.
+
+    A write the fence refuses (a newer attempt holds the job) is dropped with everything
+    still buffered, the attempt is marked as having lost its lease and told to stop, and
+    the checkpoints whose rows it could not write are removed from disk and from the
+    store. Once the lease is known lost, nothing new is written.
 
     While the database is unreachable, metrics, checkpoint records and events wait in
-    memory, in order, and training goes on; they are written at the next write that
-    finds the database back, and at the latest by `close()` (which waits for it up to
-    `db_retry_s`)."""
+    memory, in order, and training goes on; they are written, under the fence, at the next
+    write that finds the database back, and at the latest by `close()` (which waits for it
+    up to `db_retry_s`)."""
 
     def __init__(self, settings: Settings, ctx: RunContext) -> None:
         self._settings = settings
         self._ctx = ctx
-        self.work_dir = job_dir(
-            settings, ctx.job_id, ctx.tenant_id
-        )  # created by whoever writes into it
+        self.job_dir = job_dir(settings, ctx.job_id, ctx.tenant_id)
+        # created by whoever writes into it
+        self.work_dir = attempt_dir(self.job_dir, ctx.attempt)
         self._pending: list[Write] = []
+        self._unrecorded: dict[int, Path] = {}  # checkpoints written whose rows are pending
         self._outage_since: float | None = None
 
     @property
     def buffered(self) -> int:
         return len(self._pending)
 
-    def _write(self, write: Write) -> None:
+    def _write(self, write: Write) -> bool:
+        """Queue `write` and drain; True when it is written (under the fence)."""
+        if self._ctx.lease_lost:
+            return False
         self._pending.append(write)
-        self._drain()
+        return self._drain() and not self._ctx.lease_lost
 
     def _drain(self) -> bool:
-        """Write everything pending in one transaction; False while the database is down."""
+        """Write everything pending in one fenced transaction; False while the database is
+        down (it stays pending). A refused transaction is dropped (see `_refused`)."""
         if not self._pending:
             return True
+        ctx = self._ctx
         try:
             with session_scope(self._settings.database_url) as session:
+                require_fence(session, ctx.job_id, ctx.attempt)
                 for write in self._pending:
                     write(session)
                 if self._outage_since is not None:
                     outage = time.monotonic() - self._outage_since
                     append_event(
                         session,
-                        self._ctx.job_id,
+                        ctx.job_id,
                         EventType.LOG,
                         f"database was unreachable for {outage:.0f}s; training went on and "
                         f"{len(self._pending)} buffered records were written",
                         {"buffered": len(self._pending), "outage_s": round(outage, 1)},
                     )
+        except StaleAttempt:
+            self._refused()
+            return True
         except DATABASE_UNAVAILABLE as exc:
             if self._outage_since is None:
                 self._outage_since = time.monotonic()
                 logger.warning(
                     "job %s: database unreachable (%s); training goes on, its metrics, "
                     "checkpoint records and events wait in memory",
-                    self._ctx.job_id,
+                    ctx.job_id,
                     type(exc).__name__,
                 )
             return False
         if self._outage_since is not None:
             logger.info(
                 "job %s: database back after %.0fs; wrote %d buffered records",
-                self._ctx.job_id,
+                ctx.job_id,
                 time.monotonic() - self._outage_since,
                 len(self._pending),
             )
             self._outage_since = None
         self._pending.clear()
+        self._unrecorded.clear()
         return True
+
+    def _refused(self) -> None:
+        ctx = self._ctx
+        logger.warning(
+            "job %s: write refused, attempt %d no longer holds it; %d records dropped and "
+            "%d unrecorded checkpoints removed, stopping",
+            ctx.job_id,
+            ctx.attempt,
+            len(self._pending),
+            len(self._unrecorded),
+        )
+        self._pending.clear()
+        self._outage_since = None
+        ctx.lease_lost = True
+        ctx.stop_event.set()
+        self._remove_unrecorded()
+
+    def _remove_unrecorded(self) -> None:
+        """This attempt's checkpoints that no row names (and none ever will)."""
+        for path in self._unrecorded.values():
+            self._remove_checkpoint(path)
+        self._unrecorded.clear()
+
+    def _remove_checkpoint(self, path: Path) -> None:
+        if not path.resolve().is_relative_to(self.work_dir):
+            logger.warning("job %s: %s is not this attempt's; left alone", self._ctx.job_id, path)
+            return
+        try:
+            artifact_store(self._settings).remove(path)
+        except Exception as exc:  # the local copy goes anyway; no row names the shared one
+            logger.warning("job %s: shared copy of %s not removed: %s", self._ctx.job_id, path, exc)
+        shutil.rmtree(path, ignore_errors=True)
 
     def close(self) -> None:
         deadline = time.monotonic() + self._settings.db_retry_s
@@ -114,6 +154,7 @@ class DbTrainingIO:
             if time.monotonic() + delay > deadline:
                 lost = len(self._pending)
                 self._pending.clear()
+                self._remove_unrecorded()
                 raise TransientJobError(
                     f"database unreachable for {self._settings.db_retry_s:.0f}s; "
                     f"{lost} buffered records not written",
@@ -147,20 +188,34 @@ class DbTrainingIO:
         rows = [(p.step, p.name, p.value, p.epoch) for p in points]
         self._write(lambda session: add_metrics(session, job_id, rows))
 
-    def record_checkpoint(self, checkpoint: CheckpointInfo) -> None:
+    def record_checkpoint(self, checkpoint: CheckpointInfo) -> bool:
+        if self._ctx.lease_lost:  # saved in the step the lease was lost: no row will name it
+            self._remove_checkpoint(checkpoint.path)
+            return False
         job_id = self._ctx.job_id
         step, path, metrics = checkpoint.step, self._relative(checkpoint.path), checkpoint.metrics
-        # Published before its row is written: a resume on another host can fetch it.
+        # Published under the attempt's own path before its row is written: a resume on
+        # another host can fetch it, and no other attempt's files are replaced.
         artifact_store(self._settings).publish(checkpoint.path)
+        self._unrecorded[step] = checkpoint.path
 
         def write(session: Session) -> None:
             add_checkpoint(session, job_id, step, path, dict(metrics))
 
-        self._write(write)
+        return self._write(write)
 
     def discard_after(self, step: int) -> int:
-        with session_scope(self._settings.database_url) as session:
-            return discard_metrics_after(session, self._ctx.job_id, step)
+        ctx = self._ctx
+        reached = [step, steps_reached_before(self.job_dir, ctx.attempt) or 0]
+        if ctx.lease_lost:
+            return max(reached)
+        try:
+            with session_scope(self._settings.database_url) as session:
+                require_fence(session, ctx.job_id, ctx.attempt)
+                reached.append(discard_metrics_after(session, ctx.job_id, step))
+        except StaleAttempt:
+            self._refused()
+        return max(reached)
 
     def _checkpoints(self, job_id: str) -> list[CheckpointInfo]:
         with session_scope(self._settings.database_url, readonly=True) as session:
@@ -173,18 +228,16 @@ class DbTrainingIO:
         return found
 
     def latest_checkpoint(self) -> CheckpointInfo | None:
-        """The newest of the recorded checkpoints and of those on disk: every checkpoint
-        directory is complete (workers/training/checkpoints.py), and one written while the
-        database was unreachable may have no row yet; it gets one here."""
+        """The newest recorded checkpoint, whichever earlier attempt wrote it (its row was
+        written under that attempt's fence). A checkpoint on disk without a row is never
+        picked up: a later attempt cannot tell whether the attempt that wrote it still
+        held the job (a worker cut off from the database sees an outage exactly while its
+        lease runs out and another attempt takes over). The writer itself records it when
+        the database answers again (the drain, under its fence); a worker killed during an
+        outage loses the steps since its last recorded checkpoint, as a crash between two
+        checkpoints does."""
         found = self._checkpoints(self._ctx.job_id)
-        recorded = found[0] if found else None
-        on_disk = complete_checkpoints(self.work_dir / CHECKPOINTS_DIR)
-        if on_disk and (recorded is None or on_disk[0][0] > recorded.step):
-            step, path = on_disk[0]
-            newer = CheckpointInfo(step=step, path=path.resolve())
-            self.record_checkpoint(newer)
-            return newer
-        return recorded
+        return found[0] if found else None
 
     def checkpoint_of(self, job_id: str, step: int | None) -> CheckpointInfo:
         with session_scope(self._settings.database_url, readonly=True) as session:
@@ -200,8 +253,7 @@ class DbTrainingIO:
     def event(self, message: str, data: dict[str, Any] | None = None) -> None:
         job_id = self._ctx.job_id
 
-        def write(session: Session) -> None:
-            if session.get(Job, job_id) is not None:
-                append_event(session, job_id, EventType.LOG, message, data)
+        def write(session: Session) -> None:  # the fence found the job's row
+            append_event(session, job_id, EventType.LOG, message, data)
 
         self._write(write)

@@ -2,7 +2,7 @@
 
 The database-backed implementation lives in workers/training/db_io.py; tests
 use an in-memory one. Paths handed out are absolute; the runner writes only
-inside `work_dir`.
+inside `work_dir`, the attempt's own directory (workers/training/layout.py).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class ResolvedModel:
 
 
 class TrainingIO(Protocol):
-    work_dir: Path  # this job's private directory (checkpoints, final model)
+    work_dir: Path  # this attempt's own directory (checkpoints, step marker, final model)
 
     def dataset(self, dataset_id: str) -> DatasetRows: ...
 
@@ -59,10 +59,14 @@ class TrainingIO(Protocol):
     def record_metrics(self, points: Sequence[MetricPoint]) -> None:
         """Buffered by the caller; one call per batch of points, not per step."""
 
-    def record_checkpoint(self, checkpoint: CheckpointInfo) -> None: ...
+    def record_checkpoint(self, checkpoint: CheckpointInfo) -> bool:
+        """True once its row is written while this attempt holds the job: the caller may
+        then remove the attempt's older checkpoints. False while the row waits for the
+        database, or when it was refused (the attempt lost the job and must stop)."""
 
     def latest_checkpoint(self) -> CheckpointInfo | None:
-        """This job's newest recorded checkpoint whose directory still exists."""
+        """This job's newest recorded checkpoint (by any earlier attempt) whose directory
+        still exists."""
 
     def checkpoint_of(self, job_id: str, step: int | None) -> CheckpointInfo:
         """Another job's checkpoint (`step` None: its latest), to start from; raises if none."""
@@ -72,7 +76,8 @@ class TrainingIO(Protocol):
 
     def discard_after(self, step: int) -> int:
         """Resuming from a checkpoint at `step`: drop this job's metrics past it (they are
-        about to be written again) and return the furthest step the job had reached."""
+        about to be written again) and return the furthest step the job's earlier attempts
+        had reached."""
 
     def close(self) -> None:
         """Write whatever is still buffered (the database may have been unreachable)."""

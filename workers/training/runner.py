@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from transformers import PrinterCallback, Trainer, set_seed
 from transformers.trainer_callback import EarlyStoppingCallback, TrainerCallback
 
 from core.enums import FailureType, FineTuneMethod, FineTuneTask
-from core.errors import PermanentJobError
+from core.errors import PermanentJobError, StaleAttempt
 from core.settings import Settings
 from core.specs import FineTuneSpec
 from workers.context import RunContext
@@ -27,9 +28,8 @@ from workers.training.callbacks import (
     ProgressCallback,
     StepMarkerCallback,
     StopCallback,
-    read_step_marker,
 )
-from workers.training.checkpoints import CHECKPOINTS_DIR, AtomicCheckpointTrainer
+from workers.training.checkpoints import AtomicCheckpointTrainer
 from workers.training.data import (
     FeatureDataset,
     PaddingCollator,
@@ -40,6 +40,7 @@ from workers.training.data import (
 )
 from workers.training.evaluation import argmax_logits, final_report, flat_figures
 from workers.training.io import CheckpointInfo, TrainingIO
+from workers.training.layout import CHECKPOINTS_DIR, MODEL_DIR, STEP_MARKER
 from workers.training.models import (
     WeightsSource,
     load_base_model,
@@ -52,9 +53,6 @@ from workers.training.reports import compute_metrics_for
 from workers.training.schedule import Schedule, plan_schedule, precision_for, training_arguments
 
 logger = logging.getLogger(__name__)
-
-MODEL_DIR = "model"
-STEP_MARKER = "last_step"
 
 
 @dataclass(frozen=True)
@@ -114,6 +112,10 @@ class FineTuneRunner:
                 ) from exc
             raise
         io.close()
+        if ctx.lease_lost:  # the last buffered records were refused: the model is not kept
+            if result.trained_model is not None:
+                shutil.rmtree(result.trained_model.path, ignore_errors=True)
+            raise StaleAttempt(f"job {ctx.job_id}: attempt {ctx.attempt} lost the job")
         return result
 
     def _run(self, spec: FineTuneSpec, ctx: RunContext, io: TrainingIO) -> RunResult:
@@ -124,12 +126,12 @@ class FineTuneRunner:
         ctx.check_stop()
         output_dir = io.work_dir / CHECKPOINTS_DIR
         trainer = self._trainer(spec, prepared, ctx, io, output_dir)
-        resume = io.latest_checkpoint()
+        resume = io.latest_checkpoint()  # read where it lies: nothing of it is copied
         steps_redone = 0
         if resume is not None:
-            reached = read_step_marker(io.work_dir / STEP_MARKER) or 0
-            steps_redone = max(io.discard_after(resume.step), reached) - resume.step
+            steps_redone = io.discard_after(resume.step) - resume.step
         self._announce(spec, prepared, ctx, io, resume, steps_redone)
+        ctx.check_stop()
         output = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
         ctx.check_stop()
 
