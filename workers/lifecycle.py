@@ -26,7 +26,14 @@ from sqlalchemy.orm import Session
 
 from core.dispatch import JobPublisher
 from core.enums import EventType, FailureType, JobKind, JobStatus
-from core.errors import JobError, JobExpired, JobStopped, StaleAttempt, TransientJobError
+from core.errors import (
+    JobError,
+    JobExpired,
+    JobStopped,
+    PermanentJobError,
+    StaleAttempt,
+    TransientJobError,
+)
 from core.logs import log_context
 from core.settings import Settings
 from core.storage import artifact_store
@@ -52,13 +59,37 @@ from workers.failures import classify, jittered_delay
 from workers.heartbeat import Heartbeat
 from workers.leases import broker_leases
 from workers.restart import restart_process
-from workers.runners import Attempt, ClaimedJob, RunResult, TrainedModel, runner_for
+from workers.runners import Attempt, ClaimedJob, Runner, RunResult, TrainedModel
 
 logger = logging.getLogger(__name__)
 
 PREDICTION = "prediction"  # an output's finish_reason in a predict job (may feed a monitor)
 T = TypeVar("T")
 __all__ = ["AttemptRun", "JobLifecycle"]
+
+
+def runner_for(kind: JobKind, settings: Settings) -> Runner:
+    """The runner of a single job of `kind`, imported on first use in the process that runs
+    it (generation jobs are served by a decode group instead, see `JobLifecycle.run`)."""
+    if kind is JobKind.FINETUNE:
+        from workers.training.db_io import DbTrainingIO
+        from workers.training.runner import FineTuneRunner
+
+        return FineTuneRunner(settings, lambda ctx: DbTrainingIO(settings, ctx))
+    if kind is JobKind.PREDICT:
+        from workers.training.db_io import DbTrainingIO
+        from workers.training.predict import PredictRunner
+
+        return PredictRunner(settings, lambda ctx: DbTrainingIO(settings, ctx))
+    if kind is JobKind.NOOP:
+        from workers.noop import NoopRunner
+
+        return NoopRunner()
+    if kind is JobKind.BATCH:
+        from workers.batch.runner import BatchRunner
+
+        return BatchRunner(settings)
+    raise PermanentJobError(f"no runner for kind {kind}", FailureType.INVALID_SPEC)
 
 
 class _Lost(Exception):
