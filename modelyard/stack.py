@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ import httpx
 import redis
 
 from core.settings import Settings
+from modelyard import servers
 
 logger = logging.getLogger(__name__)
 
@@ -116,17 +116,16 @@ class Stack:
         self.start_redis(parsed.port or 6379)
 
     def start_api(self, port: int) -> str:
-        cmd = [sys.executable, "-m", "modelyard", "api", "--port", str(port)]
-        self._spawn("api", cmd)
+        self._spawn("api", servers.module_argv(servers.API, "api", "--port", str(port)))
         base = f"http://127.0.0.1:{port}"
         self._wait(lambda: _http_ok(f"{base}/readyz"), "api", 60)
         return base
 
     def start_worker(self) -> None:
-        self._spawn("worker", [sys.executable, "-m", "modelyard", "worker"])
+        self._spawn("worker", servers.module_argv(servers.WORKERS, "worker"))
 
     def start_beat(self) -> None:
-        self._spawn("beat", [sys.executable, "-m", "modelyard", "beat"])
+        self._spawn("beat", servers.module_argv(servers.WORKERS, "beat"))
 
     def _wait(self, check: object, name: str, timeout: float) -> None:
         assert callable(check)
@@ -171,8 +170,6 @@ def embedded(
     """A private Redis, the API, a worker and beat on `settings`' data dir and database, and
     an API key with `scopes`: yields (base URL, key); everything stops on the way out.
     Logs go to `<data dir>/logs/`."""
-    from modelyard.cli_keys import create_key
-
     data_dir = settings.data_dir.resolve()
     stack = Stack(
         settings,
@@ -189,6 +186,6 @@ def embedded(
         base_url = stack.start_api(free_port())
         stack.start_worker()
         stack.start_beat()
-        yield base_url, create_key(settings, key_name, scopes)
+        yield base_url, servers.create_key(settings, key_name, scopes)
     finally:
         stack.stop()

@@ -40,8 +40,8 @@ def _refuse_unsafe_timeouts(**_: Any) -> None:
 
 @signals.worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
+    from workers import runtime
     from workers.status import WorkerStatusReporter
-    from workers.tasks import prepare_executor, run_reconcile
 
     global _status
     settings = get_settings()
@@ -50,9 +50,9 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
         settings.broker_url, str(sender.hostname), queues, settings.heartbeat_interval_s
     )
     _status.start()
-    prepare_executor()  # imports torch now, not when the first job (or a recovery) arrives
+    runtime.lifecycle()  # imports torch now, not when the first job (or a recovery) arrives
     try:
-        run_reconcile()
+        runtime.run_reconcile()
     except Exception:
         logger.exception("reconcile at worker start failed")
 
@@ -80,11 +80,11 @@ def _on_shutdown(**_: Any) -> None:
 
 @signals.beat_init.connect
 def _start_reconciler(**_: Any) -> None:
+    from workers import runtime
     from workers.reconciler import ReconcileLoop
-    from workers.tasks import run_reconcile
 
     global _reconciler
-    _reconciler = ReconcileLoop(get_settings().reconcile_period_s, run_reconcile)
+    _reconciler = ReconcileLoop(get_settings().reconcile_period_s, runtime.run_reconcile)
     _reconciler.start()
     logger.info("reconciler running every %.1fs", get_settings().reconcile_period_s)
     _start_webhook_sender()

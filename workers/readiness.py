@@ -15,10 +15,10 @@ import redis
 
 from core.enums import QUEUE_FOR_KIND, JobKind
 from core.settings import Settings
+from core.worker_reports import WorkerReport, read_reports
 from db.base import utcnow
 from db.jobs import count_waiting
 from db.session import session_scope
-from workers.status import WorkerReport, read_reports
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""What runners return, what a claimed job looks like, and which runner serves which kind.
+"""What runners return and what a claimed job looks like: the types runners and the
+lifecycle share (which runner serves which kind is the lifecycle's choice).
 
 Runners do not record job states: the lifecycle (workers/lifecycle.py) does. A runner that
 serves several jobs at once (the generation decode group) gets one `Attempt` per job and
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from core.enums import FailureType, FineTuneMethod, FineTuneTask, JobKind, JobStatus
-from core.errors import PermanentJobError
 from core.settings import Settings
 from db.outputs import GeneratedText
 from workers.context import RunContext
@@ -89,27 +89,3 @@ class Claimer(Protocol):
     def claim_and_begin(self, job_id: str) -> Attempt | None:
         """Claim a queued job (no message: a runner asked for it) and start its attempt;
         None when another worker has it or it is no longer claimable."""
-
-
-def runner_for(kind: JobKind, settings: Settings) -> Runner:
-    """Runners of single jobs, imported on first use in the process that runs the job
-    (generation jobs are served by a decode group, see workers/lifecycle.py)."""
-    if kind is JobKind.FINETUNE:
-        from workers.training.db_io import DbTrainingIO
-        from workers.training.runner import FineTuneRunner
-
-        return FineTuneRunner(settings, lambda ctx: DbTrainingIO(settings, ctx))
-    if kind is JobKind.PREDICT:
-        from workers.training.db_io import DbTrainingIO
-        from workers.training.predict import PredictRunner
-
-        return PredictRunner(settings, lambda ctx: DbTrainingIO(settings, ctx))
-    if kind is JobKind.NOOP:
-        from workers.noop import NoopRunner
-
-        return NoopRunner()
-    if kind is JobKind.BATCH:
-        from workers.batch.runner import BatchRunner
-
-        return BatchRunner(settings)
-    raise PermanentJobError(f"no runner for kind {kind}", FailureType.INVALID_SPEC)

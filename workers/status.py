@@ -3,8 +3,9 @@
 A thread in the worker's main process writes one hash per worker every heartbeat
 interval: the queues it was started to consume, whether a job is running, and
 when it last received a message or went idle. The hash expires when the reports
-stop (the worker died, or Redis is unreachable from it). workers/readiness.py
-turns these reports and the queued jobs in the database into a verdict.
+stop (the worker died, or Redis is unreachable from it). core/worker_reports.py
+reads them back; workers/readiness.py turns them and the queued jobs in the
+database into a verdict.
 """
 
 from __future__ import annotations
@@ -15,61 +16,12 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import redis
 
+from core.worker_reports import status_key
+
 logger = logging.getLogger(__name__)
-
-STATUS_PREFIX = "modelyard:worker:"
-
-
-def status_key(hostname: str) -> str:
-    return f"{STATUS_PREFIX}{hostname}"
-
-
-@dataclass(frozen=True)
-class WorkerReport:
-    hostname: str
-    pid: int
-    queues: tuple[str, ...]
-    busy: bool
-    job: str | None
-    last_active: float  # epoch seconds: last message received, or last moment it was busy
-    started: float
-    reported: float
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _decode(raw: dict[bytes | str, bytes | str]) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in raw.items()}
-
-
-def read_reports(client: redis.Redis) -> list[WorkerReport]:
-    reports: list[WorkerReport] = []
-    for key in sorted(client.scan_iter(match=f"{STATUS_PREFIX}*", count=100)):
-        fields = _decode(client.hgetall(key))
-        if not fields:
-            continue
-        try:
-            reports.append(
-                WorkerReport(
-                    hostname=fields["hostname"],
-                    pid=int(fields["pid"]),
-                    queues=tuple(q for q in fields["queues"].split(",") if q),
-                    busy=fields["busy"] == "1",
-                    job=fields.get("job") or None,
-                    last_active=float(fields["last_active"]),
-                    started=float(fields["started"]),
-                    reported=float(fields["reported"]),
-                )
-            )
-        except (KeyError, ValueError):
-            logger.warning("unreadable worker report %r", key)
-    return reports
 
 
 class WorkerStatusReporter:

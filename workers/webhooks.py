@@ -16,7 +16,7 @@ from datetime import timedelta
 import httpx
 
 from core.settings import Settings
-from core.webhooks import backoff_s, check_destination
+from core.webhooks import backoff_s, check_destination, signature_headers
 from db.base import utcnow
 from db.models import WebhookDelivery
 from db.session import session_scope
@@ -27,7 +27,6 @@ from db.webhooks import (
     signing_secrets,
     take_delivery,
 )
-from modelyard.webhooks import signature_headers
 
 logger = logging.getLogger(__name__)
 

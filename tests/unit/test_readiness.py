@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from core.worker_reports import WorkerReport
 from workers.readiness import judge, kinds_for
-from workers.status import WorkerReport
 
 NOW = 1_000_000.0
 

@@ -1,8 +1,9 @@
-"""`modelyard tenants create|list` and `modelyard keys create|list|revoke`.
+"""`modelyard migrate`, `modelyard tenants create|list` and `modelyard keys
+create|list|revoke`: `python -m db.admin ...`, which the CLI starts.
 
-These work on the database directly (through the settings, like `modelyard migrate`),
-so the first admin key is made without one: `modelyard keys create --name admin
---scope admin`.
+These work on the database directly (through the settings), so the first admin key is
+made without one: `modelyard keys create --name admin --scope admin`. The client package
+never imports db/; its commands run this module as a process.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from core.errors import ModelyardError
+from core.logs import configure_logging
 from core.settings import Settings, get_settings
 from db import tenants as repo
 from db.models import DEFAULT_TENANT
@@ -23,6 +25,8 @@ from db.session import migrate, session_scope
 
 console = Console()
 errors = Console(stderr=True)
+
+app = typer.Typer(help="Database administration: schema, tenants and API keys.")
 
 tenants_app = typer.Typer(help="Tenants (straight on the database).")
 keys_app = typer.Typer(help="API keys (straight on the database).")
@@ -193,6 +197,16 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (key_..
     console.print(f"revoked {key_id}")
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(tenants_app, name="tenants")
-    app.add_typer(keys_app, name="keys")
+@app.command("migrate")
+def migrate_command() -> None:
+    """Bring the database schema up to date (`alembic upgrade head`)."""
+    settings = get_settings()
+    configure_logging(settings)
+    migrate(settings.database_url)
+
+
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+
+if __name__ == "__main__":
+    app(prog_name="modelyard")
