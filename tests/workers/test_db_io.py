@@ -16,13 +16,14 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from core.enums import FailureType, JobKind
+from core.enums import FailureType, JobKind, JobStatus
 from core.errors import TransientJobError
 from core.settings import Settings
+from db.attempts import retry_attempt
 from db.base import utcnow
 from db.events import list_events
 from db.fencing import current_attempt
-from db.jobs import claim, held_by, requeue_job
+from db.jobs import claim
 from db.models import Checkpoint, Job, Metric
 from db.session import migrate, session_scope
 from tests.support.jobs import insert_job
@@ -93,14 +94,15 @@ def taken_over(settings: Settings, ctx: RunContext) -> None:
 
 def requeued(settings: Settings, ctx: RunContext) -> None:
     with session_scope(settings.database_url) as s:
-        assert requeue_job(
+        status = retry_attempt(
             s,
             ctx.job_id,
+            attempt=ctx.attempt,
             available_at=utcnow(),
-            reason="lease expired",
-            error_type="worker_lost",
-            where=held_by(ctx.job_id, str(ctx.worker)),
+            failure=FailureType.WORKER_LOST,
+            message="lease expired",
         )
+    assert status is JobStatus.QUEUED
 
 
 def save_checkpoint(io: DbTrainingIO, step: int) -> CheckpointInfo:
