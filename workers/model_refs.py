@@ -7,6 +7,7 @@ that directory; anything else is passed on as a path or hub id.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.enums import FailureType
@@ -16,7 +17,15 @@ from core.settings import Settings
 from core.storage import ArtifactStore, artifact_store
 from db.registry import get_model, is_registry_name
 from db.session import session_scope
-from workers.training.io import ResolvedModel
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A base model ready for from_pretrained: a local directory or a hub id."""
+
+    ref: str
+    labels: list[str] = field(default_factory=list)  # set for registered classifiers/taggers
+    adapter_of: str | None = None  # for a registered LoRA adapter: the base model ref
 
 
 def inside(root: Path, relative: str) -> Path:

@@ -10,7 +10,8 @@ from typing import Any
 
 from core.enums import DatasetSchema, FailureType
 from core.errors import PermanentJobError
-from workers.training.io import CheckpointInfo, DatasetRows, MetricPoint, ResolvedModel
+from workers.model_refs import ResolvedModel
+from workers.training.io import CheckpointInfo, DatasetRows, MetricPoint
 
 
 def dataset_id() -> str:

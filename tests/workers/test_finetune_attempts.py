@@ -20,8 +20,9 @@ from db.models import Checkpoint, Job, Metric
 from db.session import migrate, session_scope
 from tests.support.jobs import insert_job
 from workers.context import RunContext
+from workers.model_refs import ResolvedModel
 from workers.training.db_io import DbTrainingIO
-from workers.training.io import DatasetRows, ResolvedModel
+from workers.training.io import DatasetRows
 from workers.training.layout import STEP_MARKER
 from workers.training.runner import FineTuneRunner
 

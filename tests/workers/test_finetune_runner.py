@@ -20,6 +20,7 @@ from core.errors import JobStopped, PermanentJobError, TransientJobError
 from core.settings import Settings
 from tests.support.memory_io import MemoryTrainingIO, job_id
 from workers.context import RunContext
+from workers.model_refs import ResolvedModel
 from workers.runners import RunResult
 from workers.training.callbacks import CheckpointCallback, StopCallback, metric_points
 from workers.training.data import (
@@ -30,7 +31,7 @@ from workers.training.data import (
     encode_tagged,
     split_rows,
 )
-from workers.training.io import CheckpointInfo, MetricPoint, ResolvedModel
+from workers.training.io import CheckpointInfo, MetricPoint
 from workers.training.peft_setup import target_modules
 from workers.training.runner import FineTuneRunner
 

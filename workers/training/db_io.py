@@ -23,8 +23,8 @@ from db.jobs import get_job
 from db.session import DATABASE_UNAVAILABLE, session_scope
 from db.training import add_checkpoint, add_metrics, discard_metrics_after, list_checkpoints
 from workers.context import RunContext
-from workers.model_refs import inside, resolve_model
-from workers.training.io import CheckpointInfo, DatasetRows, MetricPoint, ResolvedModel
+from workers.model_refs import ResolvedModel, inside, resolve_model
+from workers.training.io import CheckpointInfo, DatasetRows, MetricPoint
 from workers.training.layout import attempt_dir, job_dir, steps_reached_before
 
 logger = logging.getLogger(__name__)

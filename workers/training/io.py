@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from core.enums import DatasetSchema
+from workers.model_refs import ResolvedModel
 
 
 @dataclass(frozen=True)
@@ -38,15 +39,6 @@ class CheckpointInfo:
     step: int
     path: Path  # a Trainer checkpoint directory (safetensors + optimizer/scheduler state)
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A base model ready for from_pretrained: a local directory or a hub id."""
-
-    ref: str
-    labels: list[str] = field(default_factory=list)  # set for registered classifiers/taggers
-    adapter_of: str | None = None  # for a registered LoRA adapter: the base model ref
 
 
 class TrainingIO(Protocol):

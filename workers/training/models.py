@@ -17,7 +17,8 @@ from transformers import (
 
 from core.enums import FailureType, FineTuneTask
 from core.errors import PermanentJobError
-from workers.training.io import CheckpointInfo, ResolvedModel
+from workers.model_refs import ResolvedModel
+from workers.training.io import CheckpointInfo
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from core.specs import PredictSpec
 from db.outputs import GeneratedText
 from workers.context import RunContext
 from workers.runners import RunResult
-from workers.training.predict import Predictor, batches
+from workers.training.predictor import Predictor, batches
 
 logger = logging.getLogger(__name__)
 
