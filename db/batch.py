@@ -1,16 +1,18 @@
-"""Batch job repository: lines stored under the job's lease, file downloads, queued expiry."""
+"""Batch job repository: lines stored under the attempt's fence, file downloads, queued expiry."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.enums import FailureType, JobKind, JobStatus
+from db.attempts import finish_job
 from db.base import utcnow
-from db.jobs import finish_job, held_by, transition
+from db.fencing import fence
+from db.jobs import transition
 from db.models import Job, Output
 from db.outputs import GeneratedText, add_outputs
 
@@ -18,22 +20,12 @@ ERROR_FINISH_REASON = "error"
 """finish_reason of a stored line that failed; its `data` is an OpenAI error line."""
 
 
-def hold_lease(session: Session, job_id: str, worker: str) -> bool:
-    """True while `worker` holds the running job's lease; the job row stays locked by this
-    transaction, so a requeue or finish by someone else waits until it ends."""
-    stmt = (
-        update(Job)
-        .where(*held_by(job_id, worker))
-        .values(updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    rowcount: int = session.execute(stmt).rowcount  # type: ignore[attr-defined]
-    return rowcount == 1
-
-
-def store_lines(session: Session, job_id: str, worker: str, lines: Iterable[GeneratedText]) -> bool:
-    """Add finished lines (one row each) if `worker` holds the lease; False adds nothing."""
-    if not hold_lease(session, job_id, worker):
+def store_lines(
+    session: Session, job_id: str, attempt: int, lines: Iterable[GeneratedText]
+) -> bool:
+    """Add finished lines (one row each) if `attempt` still holds the running job (the row
+    stays locked until commit, see db/fencing.py); False adds nothing."""
+    if not fence(session, job_id, attempt):
         return False
     add_outputs(session, job_id, lines)
     return True
@@ -116,19 +108,19 @@ def expire_queued(
 def expire_running(
     session: Session,
     job_id: str,
-    worker: str,
+    attempt: int,
     lines: Iterable[GeneratedText],
     *,
     result: dict[str, Any],
     message: str,
 ) -> bool:
-    """running -> expired while `worker` holds the lease, adding the unfinished lines'
+    """running -> expired while `attempt` holds the job, adding the unfinished lines'
     error rows; False (nothing written) when it does not hold it."""
     if not finish_job(
         session,
         job_id,
-        worker,
         JobStatus.EXPIRED,
+        attempt=attempt,
         error_type=FailureType.BATCH_EXPIRED.value,
         error_message=message,
         result=result,

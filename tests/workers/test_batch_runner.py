@@ -18,13 +18,14 @@ from transformers import AutoTokenizer
 
 from core.datasets import parse_dataset
 from core.dispatch import JobPublisher
-from core.enums import JobKind
+from core.enums import FailureType, JobKind, JobStatus
 from core.errors import JobExpired, JobStopped
 from core.settings import Settings
+from db.attempts import retry_attempt
 from db.base import utcnow
 from db.batch import store_lines
 from db.datasets import create_dataset
-from db.jobs import claim_job, create_job, request_cancel, requeue_job
+from db.jobs import claim_job, create_job, request_cancel
 from db.models import Job, Output
 from db.outputs import GeneratedText, list_outputs
 from db.session import migrate, session_scope
@@ -35,7 +36,7 @@ from tests.support.services import redis_db_index
 from workers.batch.lines import stored_output
 from workers.batch.runner import BatchRunner
 from workers.context import RunContext
-from workers.executor import JobExecutor
+from workers.lifecycle import JobLifecycle
 from workers.reconciler import reconcile
 
 COMPLETIONS = "/v1/completions"
@@ -154,8 +155,8 @@ def stored(settings: Settings, job_id: str) -> dict[str, dict[str, Any]]:
     return lines
 
 
-def run(settings: Settings, job_id: str, worker: str = "w1", **kwargs: Any) -> RunContext:
-    ctx = RunContext(job_id=job_id, attempt=1, device="cpu", worker=worker)
+def run(settings: Settings, job_id: str, attempt: int = 1, **kwargs: Any) -> RunContext:
+    ctx = RunContext(job_id=job_id, attempt=attempt, device="cpu", worker="w1")
     job = load_job(settings.database_url, job_id)
     result = BatchRunner(settings, **kwargs).run(dict(job.spec), ctx)
     assert result.outputs == []
@@ -218,7 +219,7 @@ def test_a_retried_attempt_skips_stored_lines(settings: Settings) -> None:
     job_id = claimed_batch(settings, rows)
     earlier = stored_output(0, rows[0], [GeneratedText(0, 0, "from attempt 1", "length", 5, 4)])
     with session_scope(settings.database_url) as s:
-        assert store_lines(s, job_id, "w1", [earlier])
+        assert store_lines(s, job_id, 1, [earlier])
     ctx = run(settings, job_id)
     assert ctx.detail["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
     lines = stored(settings, job_id)
@@ -226,10 +227,10 @@ def test_a_retried_attempt_skips_stored_lines(settings: Settings) -> None:
     assert lines["two-choices"]["error"] is None
 
 
-def test_only_the_lease_owner_writes(settings: Settings) -> None:
+def test_only_the_live_attempt_writes(settings: Settings) -> None:
     job_id = claimed_batch(settings, MIXED[:1], worker="w1")
     with pytest.raises(JobStopped):
-        run(settings, job_id, worker="w2")
+        run(settings, job_id, attempt=2)  # the job is at attempt 1: a stale or forged token
     assert stored(settings, job_id) == {}
     assert load_job(settings.database_url, job_id).status == "running"
 
@@ -254,13 +255,13 @@ def test_window_passing_between_chunks_expires_the_rest(settings: Settings) -> N
 
 
 @pytest.fixture
-def executor(settings: Settings) -> Iterator[JobExecutor]:
+def executor(settings: Settings) -> Iterator[JobLifecycle]:
     publisher = JobPublisher(settings)
-    yield JobExecutor(settings, publisher, "cpu")
+    yield JobLifecycle(settings, publisher, "cpu")
     publisher.close()
 
 
-def test_executor_runs_a_batch_to_succeeded(settings: Settings, executor: JobExecutor) -> None:
+def test_executor_runs_a_batch_to_succeeded(settings: Settings, executor: JobLifecycle) -> None:
     job_id = new_batch(settings, MIXED[:2])
     executor.execute(job_id)
     job = load_job(settings.database_url, job_id)
@@ -270,7 +271,7 @@ def test_executor_runs_a_batch_to_succeeded(settings: Settings, executor: JobExe
 
 
 def test_executor_claiming_after_the_window_expires_every_line(
-    settings: Settings, executor: JobExecutor
+    settings: Settings, executor: JobLifecycle
 ) -> None:
     job_id = new_batch(settings, MIXED[:3], window="5s")
     with session_scope(settings.database_url) as s:
@@ -288,7 +289,7 @@ def test_executor_claiming_after_the_window_expires_every_line(
     }
 
 
-def test_cancel_keeps_finished_lines(settings: Settings, executor: JobExecutor) -> None:
+def test_cancel_keeps_finished_lines(settings: Settings, executor: JobLifecycle) -> None:
     rows = [line(f"long-{i}", max_tokens=2000, temperature=0) for i in range(8)]
     job_id = new_batch(settings, rows)
 
@@ -319,19 +320,22 @@ def test_reconciler_expires_queued_batches_past_their_window(settings: Settings)
     requeued = claimed_batch(settings, MIXED[:3])
     earlier = stored_output(0, MIXED[0], [GeneratedText(0, 0, "kept", "length", 5, 4)])
     with session_scope(settings.database_url) as s:
-        assert store_lines(s, requeued, "w1", [earlier])
+        assert store_lines(s, requeued, 1, [earlier])
         s.execute(
             update(Job)
             .where(Job.id.in_([overdue, requeued, generate]))
             .values(created_at=utcnow() - timedelta(hours=2))
         )
-        assert requeue_job(
-            s,
-            requeued,
-            available_at=utcnow(),
-            reason="worker lost",
-            error_type="worker_lost",
-            where=[Job.lease_owner == "w1"],
+        assert (
+            retry_attempt(
+                s,
+                requeued,
+                attempt=1,
+                available_at=utcnow(),
+                failure=FailureType.WORKER_LOST,
+                message="worker lost",
+            )
+            is JobStatus.QUEUED
         )
     publisher = JobPublisher(settings)
     try:

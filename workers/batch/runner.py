@@ -36,8 +36,7 @@ from workers.batch.lines import (
     stored_error,
     stored_output,
 )
-from workers.context import RunContext
-from workers.executor import worker_identity
+from workers.context import RunContext, worker_identity
 from workers.generation.engine import run_requests
 from workers.generation.requests import GenerationRequest, RequestResult
 from workers.model_refs import inside
@@ -161,7 +160,7 @@ class _BatchRun:
         if not rows or self._ctx.lease_lost:
             return
         with session_scope(self._settings.database_url) as session:
-            stored = store_lines(session, self._ctx.job_id, self._worker, rows)
+            stored = store_lines(session, self._ctx.job_id, self._ctx.attempt, rows)
         if not stored:
             self._lease_lost()
             return
@@ -228,7 +227,7 @@ class _BatchRun:
             won = expire_running(
                 session,
                 self._ctx.job_id,
-                self._worker,
+                self._ctx.attempt,
                 rows,
                 result={"request_counts": counts.as_dict()},
                 message=message,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
@@ -22,37 +22,36 @@ from db.events import append_event
 from db.jobs import ready_for_model
 from db.outputs import storable_text
 from db.session import session_scope
-from workers.context import RunContext
 from workers.generation.cache import CacheOutcome
 from workers.generation.engine import GenerationEngine, engine_for
 from workers.generation.requests import GenerationRequest, RequestResult
 from workers.generation.retrieval import with_retrieval
-from workers.heartbeat import Heartbeat
-from workers.runners import RunResult
-
-if TYPE_CHECKING:
-    from workers.executor import ClaimedJob, JobExecutor
+from workers.runners import Attempt, ClaimedJob, Claimer, RunResult
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class _Running:
-    claimed: ClaimedJob
+    attempt: Attempt
     spec: GenerateSpec
-    heartbeat: Heartbeat
     started: float
     cache_note: dict[str, Any]
+
+
+def serve_generation(claimer: Claimer, first: Attempt) -> None:
+    """Serve a claimed generation job and every ready job that can join its decode group."""
+    GenerationBatchRun(claimer, first).run()
 
 
 class GenerationBatchRun:
     """Serves one claimed generation job and every ready job that can join its batch."""
 
-    def __init__(self, executor: JobExecutor, first: ClaimedJob) -> None:
-        self._executor = executor
-        self._settings = executor.settings
+    def __init__(self, claimer: Claimer, first: Attempt) -> None:
+        self._claimer = claimer
+        self._settings = claimer.settings
         self._first = first
-        self._engine: GenerationEngine = engine_for(self._settings, executor.device)
+        self._engine: GenerationEngine = engine_for(self._settings, claimer.device)
         self._writer = TokenStreamWriter(self._settings.broker_url)
         self._running: dict[str, _Running] = {}
         self._deltas: list[TokenDelta] = []
@@ -60,23 +59,22 @@ class GenerationBatchRun:
         self._opened = time.monotonic()
 
     def run(self) -> None:
-        first = self._first
+        first_attempt = self._first
+        first = first_attempt.claimed
         try:
             spec = self._prepared(first, GenerateSpec.model_validate(first.spec))
             base, _ = self._engine.base_of(spec.model)
             entry, outcome = self._engine.load(base)
         except PermanentJobError as exc:
-            self._executor.fail(first.ctx.job_id, exc.failure, exc.message)
+            first_attempt.fail(exc.failure, exc.message)
             self._writer.end(first.ctx.job_id, JobStatus.FAILED.value)
             return
         except Exception as exc:
             logger.exception("job %s: loading its model failed", first.ctx.job_id)
-            self._executor.fail(
-                first.ctx.job_id, FailureType.RUNTIME_ERROR, f"{type(exc).__name__}: {exc}"
-            )
+            first_attempt.failed(exc)
             return
         self._note_cache(first.ctx.job_id, base, outcome)
-        first_request = self._start(first, spec)
+        first_request = self._start(first_attempt, spec)
         if self._settings.generation_batch_wait_s > 0:
             time.sleep(self._settings.generation_batch_wait_s)
         try:
@@ -110,7 +108,7 @@ class GenerationBatchRun:
         job_id = claimed.ctx.job_id
         try:
             augmented, found = with_retrieval(
-                self._settings, spec, claimed.ctx.tenant_id, self._executor.device
+                self._settings, spec, claimed.ctx.tenant_id, self._claimer.device
             )
         except (OSError, RuntimeError) as exc:
             logger.exception("job %s: retrieval failed", job_id)
@@ -133,12 +131,11 @@ class GenerationBatchRun:
         self._record(job_id, message, data)
         self._cache_note["load_s"] = round(outcome.load_s, 3)
 
-    def _start(self, claimed: ClaimedJob, spec: GenerateSpec) -> GenerationRequest:
+    def _start(self, attempt: Attempt, spec: GenerateSpec) -> GenerationRequest:
+        claimed = attempt.claimed
         job_id = claimed.ctx.job_id
-        heartbeat = Heartbeat(self._settings, claimed.ctx, self._executor.worker)
-        heartbeat.start()
         note = dict(self._cache_note) if not self._running else {"model_cache": "hit"}
-        self._running[job_id] = _Running(claimed, spec, heartbeat, time.perf_counter(), note)
+        self._running[job_id] = _Running(attempt, spec, time.perf_counter(), note)
         self._writer.begin(job_id, claimed.ctx.attempt)
         ctx = claimed.ctx
 
@@ -174,22 +171,24 @@ class GenerationBatchRun:
         joined: list[GenerationRequest] = []
         for job_id in ids:
             try:
-                claimed = self._executor.claim(job_id, from_message=False)
+                attempt = self._claimer.claim_and_begin(job_id)
             except OperationalError:
                 logger.warning("job %s: claim failed; it stays queued", job_id)
                 continue
-            if claimed is None:
+            if attempt is None:
                 continue
             try:
-                spec = self._prepared(claimed, GenerateSpec.model_validate(claimed.spec))
+                spec = self._prepared(
+                    attempt.claimed, GenerateSpec.model_validate(attempt.claimed.spec)
+                )
             except ValueError as exc:
-                self._executor.fail(job_id, FailureType.INVALID_SPEC, str(exc))
+                attempt.fail(FailureType.INVALID_SPEC, str(exc))
                 continue
             except PermanentJobError as exc:
-                self._executor.fail(job_id, exc.failure, exc.message)
+                attempt.fail(exc.failure, exc.message)
                 continue
-            joined.append(self._start(claimed, spec))
-            self._record(job_id, "joined a running batch", {"worker": self._executor.worker})
+            joined.append(self._start(attempt, spec))
+            self._record(job_id, "joined a running batch", {"worker": self._claimer.worker})
         return joined
 
     def _record(self, job_id: str, message: str, data: dict[str, Any]) -> None:
@@ -212,14 +211,12 @@ class GenerationBatchRun:
         running = self._running.pop(job_id, None)
         if running is None:
             return
-        running.heartbeat.stop()
-        ctx: RunContext = running.claimed.ctx
+        attempt = running.attempt
         if result.stopped:
-            status = self._executor.stopped(ctx)
+            status = attempt.stopped()
         elif result.error is not None:
             failure = FailureType(result.error_type or FailureType.RUNTIME_ERROR.value)
-            self._executor.fail(job_id, failure, result.error)
-            status = JobStatus.FAILED
+            status = attempt.fail(failure, result.error)
         else:
             summary = {
                 "usage": {
@@ -229,9 +226,6 @@ class GenerationBatchRun:
                 "generation_s": round(time.perf_counter() - running.started, 3),
                 **running.cache_note,
             }
-            won = self._executor.succeed(
-                job_id, running.claimed.spec, RunResult(outputs=result.texts, result=summary)
-            )
-            status = JobStatus.SUCCEEDED if won else None
+            status = attempt.succeed(RunResult(outputs=result.texts, result=summary))
         if status is not None:
             self._writer.end(job_id, status.value)
