@@ -138,7 +138,8 @@ def _attempts(events: list[JobEvent], deaths: Mapping[str, datetime]) -> list[At
         end: datetime | None = None
         for event in events[index + 1 :]:
             data = event.data or {}
-            own_end = data.get("by") == worker
+            # its worker's own end event, naming this attempt where events carry one
+            own_end = data.get("by") == worker and data.get("attempt", number) == number
             next_claim = event.type == "status" and data.get("worker") == worker
             if event.type == "status" or own_end or next_claim:
                 end = event.created_at
