@@ -937,12 +937,15 @@ def sigstop_past_lease_mid_finetune(lab: Lab, steps: int = 160, every: int = 20)
 
 
 # 15 -----------------------------------------------------------------------------------------
-def sigstop_past_lease_mid_decode(lab: Lab, max_new_tokens: int = 400) -> Outcome:
+def sigstop_past_lease_mid_decode(lab: Lab, max_new_tokens: int = 1000) -> Outcome:
     """The same during a decode group of three generation jobs on one worker: SIGSTOP it past
-    the jobs' leases, the other worker takes all three over, SIGCONT. Each job succeeds with
-    one set of outputs (greedy: the texts of a run alone), none written by the stale
-    attempt."""
-    (first,) = lab.fleet(1)
+    the jobs' leases, the other worker (held by a long no-op until then, so that the three
+    decode together on the first) takes all three over, SIGCONT. Each job succeeds with one
+    set of outputs, none written by the stale attempt."""
+    lab.fleet(2)
+    blocker = lab.noop(600.0)
+    lab.wait(blocker["id"], ("running",), 60)
+    holder = lab.owner(blocker["id"])
     prompts = ["The blue mug", "Fresh bread", "Our support team"]
     specs = [
         {"model": TINY_MODEL, "prompts": [p], "temperature": 0, "max_new_tokens": max_new_tokens}
@@ -952,14 +955,16 @@ def sigstop_past_lease_mid_decode(lab: Lab, max_new_tokens: int = 400) -> Outcom
     for job in jobs:
         lab.wait(job["id"], ("running",), 60)
     ids = [j["id"] for j in jobs]
+    (first,) = (p for p in lab.stack.workers if p is not holder)
     grouped = {w for j in ids for w in _claims(lab, j)} == {first.identity}
-    lab.fleet(2)
     with stopped_process(first) as stopped:
+        with lab.stack.client() as c:
+            assert c.post(f"/v1/jobs/{blocker['id']}/cancel").status_code == 202
         taken_over = _claimed_by_another(lab, ids, first.identity, 60)
         _mark(first)
     woke = _woke(first)
-    done = lab.settle(ids, 240)
-    found = lab.audit(ids)
+    done = lab.settle([*ids, blocker["id"]], 240)
+    found = lab.audit([*ids, blocker["id"]])
     claims = [claimed_at(lab.database_url, j, stopped) for j in ids]
     last = max((c for c in claims if c is not None), default=None)
     return Outcome(
@@ -970,11 +975,13 @@ def sigstop_past_lease_mid_decode(lab: Lab, max_new_tokens: int = 400) -> Outcom
         ),
         found,
         {
-            "jobs": done,
+            "jobs": {j: done[j] for j in ids},
+            "blocker": done[blocker["id"]],
             "grouped": grouped,
             "outputs": {j: lab.stack.outputs(j) for j in ids},
             "victim": first.identity,
             "taken_over": taken_over,
+            "logs": "" if taken_over else lab.stack.logs(),
             "stale_worker_ran": woke,
             "max_new_tokens": max_new_tokens,
         },

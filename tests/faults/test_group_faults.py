@@ -19,7 +19,7 @@ def _one_failed_alone(outcome: scenarios.Outcome) -> None:
         (first, outcome.details["outputs"][0]),
         (third, outcome.details["outputs"][2]),
     ):
-        assert job["status"] == "succeeded", job
+        assert job["status"] == "succeeded", (job["error"], broken["status"], broken["error"])
         assert [(o["prompt_index"], o["sequence_index"]) for o in outputs] == [(0, 0)]
     assert broken["status"] == "failed", broken
     assert outcome.details["outputs"][1] == []

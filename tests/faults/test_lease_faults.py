@@ -33,7 +33,11 @@ def test_worker_paused_past_its_lease_mid_finetune_leaves_no_stale_write(lab: La
 def test_worker_paused_past_its_lease_mid_decode_group_leaves_no_stale_write(lab: Lab) -> None:
     outcome = scenarios.sigstop_past_lease_mid_decode(lab)
     assert outcome.details["grouped"], "the three jobs did not decode on one worker"
-    assert outcome.details["taken_over"], (outcome.details["jobs"], outcome.audit.attempts)
+    assert outcome.details["taken_over"], (
+        {j: (d["status"], d["attempts"], d["error"]) for j, d in outcome.details["jobs"].items()},
+        outcome.audit.attempts,
+        outcome.details["logs"],
+    )
     assert outcome.details["stale_worker_ran"], "the paused worker never ran again"
     for job_id, job in outcome.details["jobs"].items():
         assert job["status"] == "succeeded", job
@@ -41,4 +45,5 @@ def test_worker_paused_past_its_lease_mid_decode_group_leaves_no_stale_write(lab
         assert claims[0] == outcome.details["victim"] and claims[-1] != claims[0], claims
         outputs = outcome.details["outputs"][job_id]
         assert [(o["prompt_index"], o["sequence_index"]) for o in outputs] == [(0, 0)]
+    assert outcome.details["blocker"]["status"] == "cancelled"
     assert_clean(outcome)
