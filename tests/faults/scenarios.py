@@ -90,6 +90,14 @@ class Outcome:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+def ended(found: Audit) -> str:
+    """The jobs' final statuses counted, for the table's note: "succeeded 2, failed 1"."""
+    counts: dict[str, int] = {}
+    for status in found.statuses.values():
+        counts[status] = counts.get(status, 0) + 1
+    return ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
+
+
 def seconds(start: datetime, end: datetime | None) -> float | None:
     return None if end is None else round((end - start).total_seconds(), 2)
 
@@ -1001,7 +1009,7 @@ def cancel_races_transient_error(lab: Lab) -> Outcome:
     done = lab.settle([job["id"]], 20)
     found = lab.audit([job["id"]])
     return Outcome(
-        Figures.of("16a. cancel racing a transient error", found),
+        Figures.of("16a. cancel racing a transient error", found, note=ended(found)),
         found,
         {"job": done[job["id"]], "events": [e["message"] for e in lab.stack.events(job["id"])]},
     )
@@ -1024,7 +1032,7 @@ def cancel_races_sigterm(lab: Lab) -> Outcome:
     done = lab.settle([job["id"]], 20)
     found = lab.audit([job["id"]])
     return Outcome(
-        Figures.of("16b. cancel racing a SIGTERM hand-back", found),
+        Figures.of("16b. cancel racing a SIGTERM hand-back", found, note=ended(found)),
         found,
         {
             "job": done[job["id"]],
@@ -1052,7 +1060,7 @@ def cancel_races_disk_full(lab: Lab) -> Outcome:
         limit_file_size(worker.pid, None)
     found = lab.audit([job["id"]])
     return Outcome(
-        Figures.of("16c. cancel racing a disk-full cancel checkpoint", found),
+        Figures.of("16c. cancel racing a disk-full cancel checkpoint", found, note=ended(found)),
         found,
         {
             "job": done[job["id"]],
@@ -1142,7 +1150,9 @@ def db_error_in_decode_group(lab: Lab, max_new_tokens: int = 150) -> Outcome:
     done = lab.settle(ids, 120)
     found = lab.audit(ids)
     return Outcome(
-        Figures.of("18a. database error recording 1 of a decode group of 3", found),
+        Figures.of(
+            "18a. database error recording 1 of a decode group of 3", found, note=ended(found)
+        ),
         found,
         {
             "jobs": [done[i] for i in ids],
@@ -1206,7 +1216,7 @@ def bad_adapter_in_decode_group(lab: Lab, max_new_tokens: int = 150) -> Outcome:
     done = lab.settle(ids, 120)
     found = lab.audit(ids)
     return Outcome(
-        Figures.of("18b. bad adapter in 1 of a decode group of 3", found),
+        Figures.of("18b. bad adapter in 1 of a decode group of 3", found, note=ended(found)),
         found,
         {
             "jobs": [done[i] for i in ids],
