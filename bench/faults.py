@@ -1,7 +1,11 @@
 """Fault injection report (issue 5): every scenario of tests/faults on this machine, against
 a private redis-server, a private PostgreSQL cluster and real API, beat and worker
-processes, as one table: jobs submitted, lost (accepted, never finished), concurrent
-duplicate executions, duplicate effects (rows written twice), steps redone, time to recover.
+processes, as one table: jobs submitted, lost (accepted, never finished), stuck (of those,
+the ones nothing will move: queued with a cancel asked, running past their lease),
+concurrent duplicate executions (attempts of one job whose spans overlap), duplicate
+effects (rows written twice), stale writes surviving (rows and files, on disk and in the
+stack's file:// store, of an attempt that did not hold the job), steps redone, time to
+recover. Rows 14-19 are the faults of issue 15.
 
     python -m bench.faults [--quick] [--only NAME,...] [--json PATH]
 
@@ -33,8 +37,10 @@ COLUMNS = (
     "scenario",
     "jobs submitted",
     "lost",
+    "stuck",
     "concurrent duplicate executions",
     "duplicate effects",
+    "stale writes surviving",
     "steps redone",
     "time to recover (s)",
 )
@@ -66,6 +72,15 @@ def plan(quick: bool) -> list[tuple[str, Callable[[Lab], Outcome]]]:
         ("poison", scenarios.poison_job),
         ("expires_at", scenarios.queued_job_expires),
         ("max_runtime", scenarios.max_runtime_times_out),
+        ("sigstop_finetune", scenarios.sigstop_past_lease_mid_finetune),
+        ("sigstop_decode", scenarios.sigstop_past_lease_mid_decode),
+        ("cancel_transient", scenarios.cancel_races_transient_error),
+        ("cancel_sigterm", scenarios.cancel_races_sigterm),
+        ("cancel_disk_full", scenarios.cancel_races_disk_full),
+        ("cancel_after_claim", scenarios.cancel_just_after_claim),
+        ("db_error_in_group", scenarios.db_error_in_decode_group),
+        ("bad_adapter_in_group", scenarios.bad_adapter_in_decode_group),
+        ("ignores_stop", scenarios.runner_ignores_stop),
     ]
 
 
@@ -87,8 +102,10 @@ def table(rows: list[Figures]) -> str:
             f.scenario + (f" ({f.note})" if f.note else ""),
             f.submitted,
             f.lost,
+            f.stuck,
             f.concurrent,
             f.duplicate_effects,
+            f.stale_writes,
             f.steps_redone,
             f.recover_s,
         ]
@@ -119,7 +136,9 @@ def run(quick: bool, only: set[str] | None) -> list[Figures]:
                         rows.append(outcome.figures)
                     except Exception as exc:
                         traceback.print_exc()
-                        rows.append(Figures(name, 0, -1, -1, -1, note=f"FAILED: {exc!r:.80}"))
+                        rows.append(
+                            Figures(name, 0, -1, -1, -1, -1, -1, note=f"FAILED: {exc!r:.80}")
+                        )
                     print(f"{name}: {time.monotonic() - started:.0f}s", flush=True)
         finally:
             broker.stop()

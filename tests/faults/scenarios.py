@@ -10,6 +10,7 @@ outage lengths) and prints the table. Scenario 1 (kill -9 of a worker mid fine-t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import select
 
 from core.dispatch import JobPublisher, make_celery
 from core.settings import Settings
@@ -44,8 +46,16 @@ from tests.support.harness import TERMINAL, Proc, Stack, wait_for
 from tests.support.services import PostgresCluster, RedisServer
 from workers.reconciler import reconcile
 
+logger = logging.getLogger(__name__)
+
 INJECT_DIR = Path(__file__).parent / "inject"
 POISON_DURATION_S = 0.0666  # a no-op job of exactly this length kills its worker
+# a no-op job of exactly this length fails with a transient error as soon as it is cancelled
+TRANSIENT_ON_CANCEL_DURATION_S = 30.0777
+# a no-op job of exactly this length sleeps that long without looking at its stop flag
+IGNORE_STOP_DURATION_S = 15.0888
+# recording the outputs of a generation job whose prompt holds this text fails (DataError)
+DB_ERROR_MARKER = "record-this-and-the-database-refuses"
 # The stack's settings for fault runs: short leases and periods so recovery takes seconds.
 FAULT_SETTINGS = {
     "lease_ttl_s": "3",
@@ -57,6 +67,7 @@ FAULT_SETTINGS = {
     "job_time_limit_s": "600",
     "broker_visibility_timeout_s": "3600",
     "db_retry_s": "120",
+    "stop_grace_s": "3",
 }
 
 
@@ -66,6 +77,9 @@ def fault_env() -> dict[str, str]:
     return {
         "PYTHONPATH": f"{INJECT_DIR}{os.pathsep}{path}" if path else str(INJECT_DIR),
         "MODELYARD_TEST_POISON_DURATION_S": str(POISON_DURATION_S),
+        "MODELYARD_TEST_TRANSIENT_ON_CANCEL_DURATION_S": str(TRANSIENT_ON_CANCEL_DURATION_S),
+        "MODELYARD_TEST_IGNORE_STOP_DURATION_S": str(IGNORE_STOP_DURATION_S),
+        "MODELYARD_TEST_DB_ERROR_MARKER": DB_ERROR_MARKER,
     }
 
 
@@ -74,6 +88,14 @@ class Outcome:
     figures: Figures
     audit: Audit
     details: dict[str, Any] = field(default_factory=dict)
+
+
+def ended(found: Audit) -> str:
+    """The jobs' final statuses counted, for the table's note: "succeeded 2, failed 1"."""
+    counts: dict[str, int] = {}
+    for status in found.statuses.values():
+        counts[status] = counts.get(status, 0) + 1
+    return ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
 
 
 def seconds(start: datetime, end: datetime | None) -> float | None:
@@ -93,6 +115,7 @@ class Lab:
     database_url: str
     workdir: Path
     pg: PostgresCluster | None = None
+    store_dir: Path | None = None  # the root of the stack's file:// artifact store
     deaths: dict[str, datetime] = field(default_factory=dict)
     _plain: set[int] = field(default_factory=set)
 
@@ -188,7 +211,36 @@ class Lab:
         return [int(m["step"]) for m in data["data"]]
 
     def audit(self, job_ids: list[str], **kw: Any) -> Audit:
-        return audit(self.database_url, job_ids, deaths=self.all_deaths(), **kw)
+        return audit(
+            self.database_url,
+            job_ids,
+            deaths=self.all_deaths(),
+            data_dir=self.stack.workdir / "data",
+            store_dir=self.store_dir,
+            **kw,
+        )
+
+    def settle(self, job_ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+        """The jobs once all have ended, or as they are after `timeout` (a job stuck for
+        ever is audited as stuck rather than ending the scenario with a timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            jobs = {job_id: self.job(job_id) for job_id in job_ids}
+            if all(j["status"] in TERMINAL for j in jobs.values()):
+                return jobs
+            if time.monotonic() > deadline:
+                logger.warning(
+                    "jobs not finished after %.0fs: %s",
+                    timeout,
+                    {i: j["status"] for i, j in jobs.items()},
+                )
+                return jobs
+            time.sleep(0.2)
+
+    def owner(self, job_id: str) -> Proc:
+        """The worker process of the job's latest claim."""
+        worker = self.audit([job_id]).claims(job_id)[-1]
+        return next(p for p in self.stack.workers if p.identity == worker)
 
     def settings(self) -> Settings:
         return Settings(database_url=self.database_url, broker_url=self.broker.url)
@@ -246,11 +298,13 @@ def kill_worker_mid_finetune(
 
     wait_for(saved, 180, "first checkpoint", 0.1)
     with stack.client() as c:
-        steps = [x["step"] for x in c.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]]
+        saved_steps = [
+            int(x["step"]) for x in c.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+        ]
 
     def half_way() -> bool:
         detail = stack.job(job_id).get("progress_detail") or {}
-        return int(detail.get("step", 0)) >= max(steps) + every // 2
+        return int(detail.get("step", 0)) >= max(saved_steps) + every // 2
 
     wait_for(half_way, 120, "half way to the next checkpoint", 0.05)
     killed = now()
@@ -264,7 +318,7 @@ def kill_worker_mid_finetune(
     return Outcome(
         Figures.of("1. kill -9 worker mid fine-tune", found, recover),
         found,
-        {"job": done, "every": every, "victim": victim.identity, "saved": max(steps)},
+        {"job": done, "every": every, "victim": victim.identity, "saved": max(saved_steps)},
     )
 
 
@@ -796,18 +850,441 @@ def max_runtime_times_out(lab: Lab, max_runtime_s: float = 8.0) -> Outcome:
     )
 
 
+# issue 15 -----------------------------------------------------------------------------------
+# 14-19: faults where leases, cancels and deadlines meet. Each checks files on disk and in the
+# stack's file:// store as well as rows (Audit.stale_files, stale_rows, live_missing).
+
+
+@contextmanager
+def stopped_process(proc: Proc) -> Iterator[datetime]:
+    """SIGSTOP `proc` (heartbeat and all, as a long GC pause or a partitioned host would)
+    for the body; SIGCONT on the way out."""
+    at = now()
+    proc.signal(signal.SIGSTOP)
+    try:
+        yield at
+    finally:
+        proc.signal(signal.SIGCONT)
+
+
+def _claims(lab: Lab, job_id: str) -> list[str]:
+    return lab.audit([job_id]).claims(job_id)
+
+
+def _claimed_by_another(lab: Lab, job_ids: list[str], first: str, timeout: float) -> bool:
+    """Whether every job was claimed by a worker other than `first` within `timeout`."""
+
+    def taken() -> bool:
+        found = lab.audit(job_ids)
+        return all(len(found.claims(j)) >= 2 and found.claims(j)[-1] != first for j in job_ids)
+
+    try:
+        return bool(wait_for(taken, timeout, "another worker took the jobs over", 0.2))
+    except AssertionError:
+        logger.warning("jobs %s not taken over within %.0fs", job_ids, timeout)
+        return False
+
+
+LOG_MARK = "-- SIGCONT --"
+
+
+def _mark(proc: Proc) -> None:
+    """A line in the worker's log (its log file is opened for appending) that `_woke`
+    reads after."""
+    with proc.log.open("a") as fh:
+        fh.write(f"\n{LOG_MARK}\n")
+
+
+def _woke(proc: Proc, timeout: float = 30) -> bool:
+    """Whether the resumed worker logged anything after the mark: it ran again (a worker
+    that never woke would prove nothing about stale writes)."""
+
+    def logged() -> bool:
+        return bool(proc.log.read_text(errors="replace").split(LOG_MARK)[-1].strip())
+
+    try:
+        return bool(wait_for(logged, timeout, "the resumed worker to log", 0.2))
+    except AssertionError:
+        return False
+
+
+# 14 -----------------------------------------------------------------------------------------
+def sigstop_past_lease_mid_finetune(lab: Lab, steps: int = 160, every: int = 20) -> Outcome:
+    """SIGSTOP the worker running a fine-tune once it has a checkpoint and is half way to the
+    next, past its lease; the other worker takes the job over and resumes it; then SIGCONT.
+    The stale attempt's checkpoint, metric, model and output writes must all fail or vanish,
+    on disk and in the store, and the live attempt succeeds."""
+    lab.fleet(2)
+    dataset = lab.text_dataset()
+    job = lab.submit("finetune", finetune_spec(dataset, steps, every))
+    wait_for(lambda: lab.checkpoints(job["id"]), 180, "first checkpoint", 0.1)
+    lab.wait_step(job["id"], every + every // 2, 120)
+    victim = lab.owner(job["id"])
+    with stopped_process(victim) as stopped:
+        taken_over = _claimed_by_another(lab, [job["id"]], victim.identity, 60)
+        _mark(victim)
+    woke = _woke(victim)
+    jobs = lab.settle([job["id"]], 240)
+    found = lab.audit([job["id"]])
+    recover = seconds(stopped, claimed_at(lab.database_url, job["id"], stopped))
+    return Outcome(
+        Figures.of(
+            "14. SIGSTOP a worker past its lease mid fine-tune, then SIGCONT", found, recover
+        ),
+        found,
+        {
+            "job": jobs[job["id"]],
+            "victim": victim.identity,
+            "taken_over": taken_over,
+            "victim_alive": victim.alive(),
+            "stale_worker_ran": woke,
+            "checkpoints": lab.checkpoints(job["id"]),
+            "metric_steps": lab.metric_steps(job["id"]),
+        },
+    )
+
+
+# 15 -----------------------------------------------------------------------------------------
+def sigstop_past_lease_mid_decode(lab: Lab, max_new_tokens: int = 1000) -> Outcome:
+    """The same during a decode group of three generation jobs on one worker: SIGSTOP it past
+    the jobs' leases, the other worker (held by a long no-op until then, so that the three
+    decode together on the first) takes all three over, SIGCONT. Each job succeeds with one
+    set of outputs, none written by the stale attempt."""
+    lab.fleet(2)
+    blocker = lab.noop(600.0)
+    lab.wait(blocker["id"], ("running",), 60)
+    holder = lab.owner(blocker["id"])
+    prompts = ["The blue mug", "Fresh bread", "Our support team"]
+    specs = [
+        {"model": TINY_MODEL, "prompts": [p], "temperature": 0, "max_new_tokens": max_new_tokens}
+        for p in prompts
+    ]
+    jobs = [lab.submit("generate", spec) for spec in specs]
+    for job in jobs:
+        lab.wait(job["id"], ("running",), 60)
+    ids = [j["id"] for j in jobs]
+    (first,) = (p for p in lab.stack.workers if p is not holder)
+    grouped = {w for j in ids for w in _claims(lab, j)} == {first.identity}
+    with stopped_process(first) as stopped:
+        with lab.stack.client() as c:
+            assert c.post(f"/v1/jobs/{blocker['id']}/cancel").status_code == 202
+        taken_over = _claimed_by_another(lab, ids, first.identity, 60)
+        _mark(first)
+    woke = _woke(first)
+    done = lab.settle([*ids, blocker["id"]], 240)
+    found = lab.audit([*ids, blocker["id"]])
+    claims = [claimed_at(lab.database_url, j, stopped) for j in ids]
+    last = max((c for c in claims if c is not None), default=None)
+    return Outcome(
+        Figures.of(
+            "15. SIGSTOP a worker past its lease mid decode group of 3, then SIGCONT",
+            found,
+            seconds(stopped, last),
+        ),
+        found,
+        {
+            "jobs": {j: done[j] for j in ids},
+            "blocker": done[blocker["id"]],
+            "grouped": grouped,
+            "outputs": {j: lab.stack.outputs(j) for j in ids},
+            "victim": first.identity,
+            "taken_over": taken_over,
+            "logs": "" if taken_over else lab.stack.logs(),
+            "stale_worker_ran": woke,
+            "max_new_tokens": max_new_tokens,
+        },
+    )
+
+
+# 16 -----------------------------------------------------------------------------------------
+def cancel_races_transient_error(lab: Lab) -> Outcome:
+    """A running job is cancelled and fails with a transient error at once, before its
+    heartbeat sees the cancel (tests/faults/inject: the no-op of
+    TRANSIENT_ON_CANCEL_DURATION_S): it ends `cancelled`, not queued for ever."""
+    lab.fleet(2)
+    job = lab.noop(TRANSIENT_ON_CANCEL_DURATION_S, max_attempts=5)
+    lab.wait(job["id"], ("running",), 60)
+    with lab.stack.client() as c:
+        assert c.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    done = lab.settle([job["id"]], 20)
+    found = lab.audit([job["id"]])
+    return Outcome(
+        Figures.of("16a. cancel racing a transient error", found, note=ended(found)),
+        found,
+        {"job": done[job["id"]], "events": [e["message"] for e in lab.stack.events(job["id"])]},
+    )
+
+
+def cancel_races_sigterm(lab: Lab) -> Outcome:
+    """A running job is cancelled and its worker gets SIGTERM right after, before the
+    heartbeat reads the cancel: the worker hands the job back as it shuts down. It ends
+    `cancelled`, not queued for ever."""
+    lab.fleet(2)
+    job = lab.noop(60.0)
+    lab.wait(job["id"], ("running",), 60)
+    victim = lab.owner(job["id"])
+    with lab.stack.client() as c:
+        assert c.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    victim.signal(signal.SIGTERM)
+    exit_code = victim.popen.wait(60)
+    victim.stop()
+    lab.stack.workers.remove(victim)
+    done = lab.settle([job["id"]], 20)
+    found = lab.audit([job["id"]])
+    return Outcome(
+        Figures.of("16b. cancel racing a SIGTERM hand-back", found, note=ended(found)),
+        found,
+        {
+            "job": done[job["id"]],
+            "exit_code": exit_code,
+            "events": [e["message"] for e in lab.stack.events(job["id"])],
+        },
+    )
+
+
+def cancel_races_disk_full(lab: Lab) -> Outcome:
+    """A fine-tune is cancelled while the disk is full (file writes fail past 256 KiB): the
+    checkpoint it saves as it stops fails. It ends `cancelled`, not queued for ever, and the
+    half-written save leaves nothing behind."""
+    lab.fleet(0)
+    worker = lab.special_worker()  # a fresh one: its log file stays far below the limit
+    dataset = lab.text_dataset()
+    job = lab.submit("finetune", finetune_spec(dataset, steps=5000, every=4000), max_attempts=5)
+    lab.wait_step(job["id"], 5, 120)
+    limit_file_size(worker.pid, 256 * 1024)
+    try:
+        with lab.stack.client() as c:
+            assert c.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+        done = lab.settle([job["id"]], 30)
+    finally:
+        limit_file_size(worker.pid, None)
+    found = lab.audit([job["id"]])
+    return Outcome(
+        Figures.of("16c. cancel racing a disk-full cancel checkpoint", found, note=ended(found)),
+        found,
+        {
+            "job": done[job["id"]],
+            "checkpoints": lab.checkpoints(job["id"]),
+            "events": [e["message"] for e in lab.stack.events(job["id"])],
+        },
+    )
+
+
+# 17 -----------------------------------------------------------------------------------------
+def _poll_status(database_url: str, job_id: str, status: str, timeout: float) -> datetime:
+    """When the job was first seen in `status`, read from the database every 2 ms (the API's
+    polling is far too slow for a job that lasts under a second)."""
+    from db.models import Job
+    from db.session import session_scope
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_scope(database_url, readonly=True) as session:
+            if session.scalar(select(Job.status).where(Job.id == job_id)) == status:
+                return now()
+        time.sleep(0.002)
+    raise AssertionError(f"job {job_id} not {status} after {timeout}s")
+
+
+def cancel_just_after_claim(lab: Lab, delay_s: float = 0.01) -> Outcome:
+    """Cancel a tiny fine-tune (a few steps: under a second) `delay_s` after it is claimed:
+    it ends `cancelled` and registers no model (no row, no files on disk or in the store).
+    Its worker has the default heartbeat (5 s, lease 15 s): the job ends before a heartbeat
+    could read the cancel, so only the claim, the start of the runner and the finishing
+    transaction can."""
+    lab.fleet(0)
+    lab.special_worker(heartbeat_interval_s="5", lease_ttl_s="15")
+    dataset = lab.text_dataset(40)
+    job = lab.submit("finetune", finetune_spec(dataset, steps=6, every=100))
+    claimed = _poll_status(lab.database_url, job["id"], "running", 60)
+    time.sleep(delay_s)
+    with lab.stack.client() as c:
+        cancel = c.post(f"/v1/jobs/{job['id']}/cancel")
+    asked = now()
+    done = lab.settle([job["id"]], 60)
+    found = lab.audit([job["id"]])
+    with lab.stack.client() as c:
+        models = [m for m in c.get("/v1/models").json()["data"] if m.get("job_id") == job["id"]]
+    return Outcome(
+        Figures.of(
+            f"17. cancel {delay_s * 1000:g} ms after claim of a sub-second fine-tune", found
+        ),
+        found,
+        {
+            "job": done[job["id"]],
+            "cancel_status": cancel.status_code,
+            "asked_after_claim_s": (asked - claimed).total_seconds(),
+            "models": models,
+        },
+    )
+
+
+# 18 -----------------------------------------------------------------------------------------
+def _decode_group(lab: Lab, specs: list[dict[str, Any]]) -> tuple[list[str], bool]:
+    """Submit `specs` to one worker so that they decode as one group: the first holds the
+    group open, the others join it. Returns the ids and whether all joined one worker."""
+    (worker,) = lab.fleet(1)
+    first = lab.submit("generate", specs[0])
+    lab.wait(first["id"], ("running",), 60)
+    rest = [lab.submit("generate", spec) for spec in specs[1:]]
+    ids = [first["id"], *(j["id"] for j in rest)]
+    for job_id in ids:
+        lab.wait(job_id, ("running", *TERMINAL), 60)
+    found = lab.audit(ids)
+    return ids, all(found.claims(j)[:1] == [worker.identity] for j in ids)
+
+
+def db_error_in_decode_group(lab: Lab, max_new_tokens: int = 150) -> Outcome:
+    """Three generation jobs decode as one group; recording one's outputs fails with a
+    database error (tests/faults/inject: a prompt holding DB_ERROR_MARKER). That job ends
+    alone; the other two succeed."""
+    specs = [
+        {"model": TINY_MODEL, "prompts": [p], "temperature": 0, "max_new_tokens": n}
+        for p, n in (
+            ("The blue mug", max_new_tokens * 2),
+            (f"Fresh bread {DB_ERROR_MARKER}", max_new_tokens),
+            ("Our support team", max_new_tokens),
+        )
+    ]
+    ids, grouped = _decode_group(lab, specs)
+    done = lab.settle(ids, 120)
+    found = lab.audit(ids)
+    return Outcome(
+        Figures.of(
+            "18a. database error recording 1 of a decode group of 3", found, note=ended(found)
+        ),
+        found,
+        {
+            "jobs": [done[i] for i in ids],
+            "grouped": grouped,
+            "outputs": [lab.stack.outputs(i) for i in ids],
+        },
+    )
+
+
+def _register_bad_adapter(lab: Lab) -> str:
+    """A registered LoRA adapter on the tiny GPT-2 whose weights file is garbage."""
+    from core.enums import FineTuneTask
+    from db.registry import model_name, register_model
+    from db.session import session_scope
+
+    relative = f"tenants/default/models/bad-adapter-{time.time_ns()}"
+    directory = lab.stack.workdir / "data" / relative
+    directory.mkdir(parents=True)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": TINY_MODEL,
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["c_attn"],
+    }
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    (directory / "adapter_model.safetensors").write_bytes(b"\x00not safetensors\xff" * 64)
+    name = model_name(TINY_MODEL, FineTuneTask.CAUSAL_LM, "bad-adapter", f"{time.time_ns():x}")
+    with session_scope(lab.database_url) as session:
+        noop = lab.noop(0.0)
+        lab.wait(noop["id"], TERMINAL, 60)
+        register_model(
+            session,
+            name=name,
+            base_model=TINY_MODEL,
+            task=FineTuneTask.CAUSAL_LM.value,
+            method="lora",
+            adapter=True,
+            job_id=noop["id"],
+            path=relative,
+            labels=[],
+            metrics={},
+        )
+    return name
+
+
+def bad_adapter_in_decode_group(lab: Lab, max_new_tokens: int = 150) -> Outcome:
+    """Three generation jobs on one base model decode as one group; one asks for a LoRA
+    adapter whose weights are garbage. That job fails alone; the other two succeed."""
+    bad = _register_bad_adapter(lab)
+    specs = [
+        {"model": model, "prompts": [p], "temperature": 0, "max_new_tokens": n}
+        for model, p, n in (
+            (TINY_MODEL, "The blue mug", max_new_tokens * 2),
+            (bad, "Fresh bread", max_new_tokens),
+            (TINY_MODEL, "Our support team", max_new_tokens),
+        )
+    ]
+    ids, grouped = _decode_group(lab, specs)
+    done = lab.settle(ids, 120)
+    found = lab.audit(ids)
+    return Outcome(
+        Figures.of("18b. bad adapter in 1 of a decode group of 3", found, note=ended(found)),
+        found,
+        {
+            "jobs": [done[i] for i in ids],
+            "grouped": grouped,
+            "outputs": [lab.stack.outputs(i) for i in ids],
+        },
+    )
+
+
+# 19 -----------------------------------------------------------------------------------------
+def runner_ignores_stop(lab: Lab, max_runtime_s: float = 1.0) -> Outcome:
+    """A runner that never looks at its stop flag (tests/faults/inject: the no-op of
+    IGNORE_STOP_DURATION_S sleeps that long) runs past its max_runtime_s: the job ends
+    `failed` `timed_out` once the stop grace has passed, long before the runner would have
+    returned, and the worker (the only one) goes on to the next job."""
+    (worker,) = lab.fleet(1)
+    hung = lab.noop(IGNORE_STOP_DURATION_S, max_runtime_s=max_runtime_s)
+    lab.wait(hung["id"], ("running",), 60)
+    following = lab.noop(0.1)
+    done = lab.settle([hung["id"], following["id"]], IGNORE_STOP_DURATION_S + 60)
+    found = lab.audit([hung["id"], following["id"]])
+    ended = done[hung["id"]]
+    ran_s = None
+    if ended["started_at"] and ended["finished_at"]:
+        ran_s = (
+            datetime.fromisoformat(ended["finished_at"])
+            - datetime.fromisoformat(ended["started_at"])
+        ).total_seconds()
+    grace = float(FAULT_SETTINGS["stop_grace_s"])
+    return Outcome(
+        Figures.of(
+            f"19. runner ignores its stop flag past max_runtime_s {max_runtime_s:g}s "
+            f"(stop_grace_s {grace:g})",
+            found,
+            ran_s,
+            note="recover: start -> failed",
+        ),
+        found,
+        {
+            "hung": ended,
+            "next": done[following["id"]],
+            "ran_s": ran_s,
+            "runner_s": IGNORE_STOP_DURATION_S,
+            "worker": worker.identity,
+            "worker_alive": worker.alive(),
+            "next_claims": found.claims(following["id"]),
+        },
+    )
+
+
 @contextmanager
 def lab_stack(
     workdir: Path, tiny_model_dir: Path, *, pg: PostgresCluster, broker: RedisServer, name: str
 ) -> Iterator[Lab]:
-    """A fault lab over a fresh database in `pg`: API, beat and two workers."""
+    """A fault lab over a fresh database in `pg`: API, beat and two workers, sharing
+    artifacts through a file:// store under `workdir` (so stale files are looked for there
+    too)."""
     from tests.conftest import install_tiny_model
 
     database_url = pg.create_database(name)
-    stack = Stack(workdir, database_url, broker.url, **FAULT_SETTINGS)
+    store = workdir / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    stack = Stack(
+        workdir, database_url, broker.url, storage_url=f"file://{store}", **FAULT_SETTINGS
+    )
     stack.env.update(fault_env())
     install_tiny_model(tiny_model_dir, workdir / "data")
-    lab = Lab(stack, broker, database_url, workdir, pg)
+    lab = Lab(stack, broker, database_url, workdir, pg, store_dir=store)
     try:
         stack.start_api()
         stack.start_beat()
@@ -833,4 +1310,13 @@ ALL: dict[str, Callable[..., Any]] = {
     "cancel_then_restart_workers": cancel_then_restart_workers,
     "concurrent_idempotent_posts": concurrent_idempotent_posts,
     "poison_job": poison_job,
+    "sigstop_past_lease_mid_finetune": sigstop_past_lease_mid_finetune,
+    "sigstop_past_lease_mid_decode": sigstop_past_lease_mid_decode,
+    "cancel_races_transient_error": cancel_races_transient_error,
+    "cancel_races_sigterm": cancel_races_sigterm,
+    "cancel_races_disk_full": cancel_races_disk_full,
+    "cancel_just_after_claim": cancel_just_after_claim,
+    "db_error_in_decode_group": db_error_in_decode_group,
+    "bad_adapter_in_decode_group": bad_adapter_in_decode_group,
+    "runner_ignores_stop": runner_ignores_stop,
 }

@@ -12,11 +12,17 @@ pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.slow]
 
 
 def assert_clean(outcome: scenarios.Outcome) -> None:
-    figures = outcome.figures
-    assert (figures.lost, figures.concurrent, figures.duplicate_effects) == (0, 0, 0), (
+    """Nothing lost or stuck, no attempt overlapping another, nothing written twice, no
+    stale write surviving (rows after the final commit, files no live row names, live
+    files changed after it or gone)."""
+    figures, found = outcome.figures, outcome.audit
+    assert (figures.lost, figures.stuck, figures.concurrent) == (0, 0, 0), (
         figures,
-        outcome.audit.duplicates,
+        found.statuses,
+        found.attempts,
     )
+    assert figures.duplicate_effects == 0, found.duplicates
+    assert figures.stale_writes == 0, (found.stale_rows, found.stale_files, found.live_missing)
 
 
 def test_worker_refuses_a_visibility_timeout_shorter_than_the_job_time_limit(lab: Lab) -> None:

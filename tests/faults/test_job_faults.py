@@ -1,5 +1,6 @@
-"""Scenarios 8, 10, 13 and the per-job deadlines: out of memory, disk full while
-checkpointing, a poison job, expires_at and max_runtime_s."""
+"""Scenarios 8, 10, 13, 19 and the per-job deadlines: out of memory, disk full while
+checkpointing, a poison job, expires_at, max_runtime_s, and a runner that ignores its stop
+flag past max_runtime_s."""
 
 from __future__ import annotations
 
@@ -77,4 +78,20 @@ def test_job_past_max_runtime_checkpoints_and_times_out(lab: Lab) -> None:
     assert noop["max_runtime_s"] == 1.0
     assert "training started" in outcome.details["events"]
     assert len(outcome.details["checkpoints"]) == 1  # saved as it stopped
+    assert_clean(outcome)
+
+
+def test_runner_ignoring_its_stop_flag_is_stopped_by_force_and_the_worker_goes_on(
+    lab: Lab,
+) -> None:
+    outcome = scenarios.runner_ignores_stop(lab, max_runtime_s=1.0)
+    hung, following = outcome.details["hung"], outcome.details["next"]
+    assert hung["status"] == "failed", hung
+    assert hung["error"]["type"] == "timed_out", hung["error"]
+    assert hung["attempts"] == 1
+    # stopped by force: it ended long before the runner would have returned by itself
+    assert outcome.details["ran_s"] < outcome.details["runner_s"], outcome.details["ran_s"]
+    assert following["status"] == "succeeded", following
+    assert outcome.details["next_claims"] == [outcome.details["worker"]]
+    assert outcome.details["worker_alive"]
     assert_clean(outcome)

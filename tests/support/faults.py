@@ -1,11 +1,30 @@
-"""Counting what a fault did to jobs, from the database: the figures of tests/faults and
-bench/faults.py (lost, concurrent duplicate executions, duplicate effects, steps redone).
+"""Counting what a fault did to jobs, from the database and the files: the figures of
+tests/faults and bench/faults.py (lost, stuck, concurrent duplicate executions, duplicate
+effects, stale writes surviving, steps redone).
 
-Attempts are read from job events: a claim (`running`, data.worker) opens one; an event
-that the same worker wrote when its attempt ended (data.by: finished, retried, handed
-back, stopped after losing its lease) closes it. An attempt that never closed ended when
-its process died (`deaths`), or is counted as still running. Two attempts of one job by
-different workers whose spans overlap are a concurrent duplicate execution.
+Attempts are read from job events, one per claim (`running`, data.worker), numbered by the
+claim (data.attempt when the claim names it, else the claims counted in order: each claim
+adds one to the job's `attempts`). Worker identities are not attempts: `host:pid` repeats
+across container restarts and an in-place restart (exec) keeps the pid. An attempt ends at
+the first of: an event its worker wrote when it ended (data.by: finished, retried, handed
+back, stopped after losing its lease), the job's next status change (the reconciler taking
+the job back from a lost or stalled worker ends that attempt's hold on it), its worker's
+next claim (a process runs one attempt at a time) or its process's death (`deaths`); an
+attempt with none of these is still running. Two attempts of one job whose spans overlap
+are a concurrent duplicate execution.
+
+Stale writes are what an attempt that does not hold the job wrote and kept: rows (metrics,
+checkpoints, outputs) written after the job's final commit, and files. A job's files live
+under `<data dir>/tenants/<t>/jobs/<job>/` (checkpoint dirs, the model dir, staging dirs,
+and `attempts/<n>/...` where attempts have directories of their own) and, with a shared
+store, under the same paths there. The live files are the ones the job's rows name: the
+registered model's path and the recorded checkpoints' paths. A file anywhere else in the
+job's tree (other than the step marker a resume reads) survived from an attempt that did
+not win; a file inside a live path changed after the final commit was overwritten by one.
+A live path that a resume or a reader needs (the registered model, the newest recorded
+checkpoint) that is missing was removed by one (`live_missing`); older checkpoints go by
+rotation. Where rows carry the attempt that wrote them (an `attempt` column), a row written
+after its attempt's span ended is stale too, and names no live file.
 """
 
 from __future__ import annotations
@@ -27,11 +46,25 @@ from db.session import session_scope
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
 
 
+# Files a job's tree may hold outside the live paths: the step marker the runner rewrites
+# after every step (a resuming attempt reads it to count the steps it redoes).
+BOOKKEEPING = frozenset({"last_step"})
+
+
 @dataclass(frozen=True)
 class Attempt:
+    number: int  # the fencing token: the job's `attempts` after this claim
     worker: str
     start: datetime
     end: datetime | None  # None: still running when audited
+
+
+@dataclass(frozen=True)
+class StaleFile:
+    job_id: str
+    where: str  # "disk" | "store"
+    path: str  # relative to the data dir (or the store's root)
+    why: str  # "not live" | "changed after the final commit"
 
 
 @dataclass
@@ -43,10 +76,18 @@ class Audit:
     duplicates: dict[str, int]
     steps_redone: int | None
     drops: dict[str, int] = field(default_factory=dict)  # duplicate deliveries dropped per job
+    stuck: int = 0  # not finished, and nothing will move it: queued with a cancel, lease expired
+    stale_rows: dict[str, int] = field(default_factory=dict)  # rows written after the final commit
+    stale_files: list[StaleFile] = field(default_factory=list)
+    live_missing: list[str] = field(default_factory=list)  # live paths (rows name them) gone
 
     @property
     def duplicate_effects(self) -> int:
         return sum(self.duplicates.values())
+
+    @property
+    def stale_writes(self) -> int:
+        return sum(self.stale_rows.values()) + len(self.stale_files) + len(self.live_missing)
 
     def claims(self, job_id: str) -> list[str]:
         return [a.worker for a in self.attempts.get(job_id, [])]
@@ -61,6 +102,8 @@ class Figures:
     lost: int
     concurrent: int
     duplicate_effects: int
+    stuck: int = 0
+    stale_writes: int = 0
     steps_redone: int | None = None
     recover_s: float | None = None
     note: str = ""
@@ -75,6 +118,8 @@ class Figures:
             lost=audit.lost,
             concurrent=audit.concurrent,
             duplicate_effects=audit.duplicate_effects,
+            stuck=audit.stuck,
+            stale_writes=audit.stale_writes,
             steps_redone=audit.steps_redone,
             recover_s=recover_s,
             note=note,
@@ -82,30 +127,113 @@ class Figures:
 
 
 def _attempts(events: list[JobEvent], deaths: Mapping[str, datetime]) -> list[Attempt]:
-    open_: dict[str, datetime] = {}
-    done: list[Attempt] = []
-    for event in events:
+    claims: list[tuple[int, str, datetime, int]] = []  # (attempt, worker, start, event index)
+    for index, event in enumerate(events):
         data = event.data or {}
         if event.type == "status" and data.get("status") == "running" and data.get("worker"):
-            open_[str(data["worker"])] = event.created_at
-            continue
-        by = data.get("by")
-        if by and by in open_:
-            done.append(Attempt(str(by), open_.pop(str(by)), event.created_at))
-    for worker, start in open_.items():
-        done.append(Attempt(worker, start, deaths.get(worker)))
-    return sorted(done, key=lambda a: a.start)
+            number = int(data.get("attempt") or len(claims) + 1)
+            claims.append((number, str(data["worker"]), event.created_at, index))
+    found: list[Attempt] = []
+    for number, worker, start, index in claims:
+        end: datetime | None = None
+        for event in events[index + 1 :]:
+            data = event.data or {}
+            # its worker's own end event, naming this attempt where events carry one
+            own_end = data.get("by") == worker and data.get("attempt", number) == number
+            next_claim = event.type == "status" and data.get("worker") == worker
+            if event.type == "status" or own_end or next_claim:
+                end = event.created_at
+                break
+        died = deaths.get(worker)
+        if died is not None and died >= start and (end is None or died < end):
+            end = died
+        found.append(Attempt(number, worker, start, end))
+    return sorted(found, key=lambda a: a.start)
 
 
 def _overlaps(attempts: list[Attempt], now: datetime) -> int:
     count = 0
     for i, a in enumerate(attempts):
         for b in attempts[i + 1 :]:
-            if a.worker == b.worker:
-                continue
             if max(a.start, b.start) < min(a.end or now, b.end or now):
                 count += 1
     return count
+
+
+def _inside(path: Path, roots: Collection[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def _job_trees(root: Path, job: Job) -> list[Path]:
+    return [
+        tree
+        for tree in (root / "tenants" / job.tenant_id / "jobs" / job.id, root / "jobs" / job.id)
+        if tree.is_dir()
+    ]
+
+
+def _stale_in(
+    where: str, root: Path, job: Job, live: Collection[str], finished: datetime | None
+) -> list[StaleFile]:
+    """Files of `job` under `root` (the data dir or the store) that no live path names, or
+    that changed after the job's final commit."""
+    live_paths = [root / p for p in live]
+    stale: list[StaleFile] = []
+    for tree in _job_trees(root, job):
+        for file in sorted(p for p in tree.rglob("*") if p.is_file() or p.is_symlink()):
+            relative = file.relative_to(root).as_posix()
+            if not _inside(file, live_paths):
+                if file.name not in BOOKKEEPING:
+                    stale.append(StaleFile(job.id, where, relative, "not live"))
+                continue
+            changed = datetime.fromtimestamp(file.lstat().st_mtime, UTC)
+            if finished is not None and changed > finished:
+                stale.append(StaleFile(job.id, where, relative, "changed after the final commit"))
+    return stale
+
+
+ROW_TABLES: tuple[tuple[str, Any], ...] = (
+    ("metrics", Metric),
+    ("checkpoints", Checkpoint),
+    ("outputs", Output),
+)
+
+
+def _stale_row(row: Any, job: Job, spans: Mapping[int, Attempt]) -> bool:
+    """Written after the job's final commit, or (rows that name their attempt) by an
+    attempt after it had lost the job."""
+    if job.finished_at is not None and row.created_at > job.finished_at:
+        return True
+    attempt = getattr(row, "attempt", None)
+    if attempt is None:
+        return False
+    span = spans.get(int(attempt))
+    return span is None or (span.end is not None and row.created_at > span.end)
+
+
+def _stale_rows(
+    session: Any, jobs: Mapping[str, Job], attempts: Mapping[str, list[Attempt]]
+) -> tuple[dict[str, int], set[int]]:
+    """Stale rows per table, and the ids of the stale checkpoint rows."""
+    counts = {name: 0 for name, _ in ROW_TABLES}
+    stale_checkpoints: set[int] = set()
+    for job in jobs.values():
+        spans = {a.number: a for a in attempts.get(job.id, [])}
+        for name, table in ROW_TABLES:
+            for row in session.scalars(select(table).where(table.job_id == job.id)):
+                if _stale_row(row, job, spans):
+                    counts[name] += 1
+                    if table is Checkpoint:
+                        stale_checkpoints.add(row.id)
+    return counts, stale_checkpoints
+
+
+def _stuck(job: Job, now: datetime) -> bool:
+    if job.status == "queued":
+        return bool(job.cancel_requested)
+    if job.status == "running":
+        return job.lease_expires_at is None or job.lease_expires_at < now
+    return False
 
 
 def _dup_groups(session: Any, columns: tuple[Any, ...], job_ids: list[str]) -> int:
@@ -127,7 +255,11 @@ def audit(
     *,
     deaths: Mapping[str, datetime] | None = None,
     idempotency_keys: Collection[str] = (),
+    data_dir: Path | None = None,
+    store_dir: Path | None = None,
 ) -> Audit:
+    """What happened to `job_ids`; with `data_dir` (and `store_dir`, a file:// store's
+    root) the job trees on disk (and in the store) are checked for stale files."""
     ids = list(job_ids)
     now = datetime.now(UTC)
     with session_scope(database_url, readonly=True) as s:
@@ -169,7 +301,33 @@ def audit(
             i: sum(1 for e in evs if e.message.startswith("delivery dropped"))
             for i, evs in events.items()
         }
-    attempts = {i: _attempts(evs, deaths or {}) for i, evs in events.items()}
+        attempts = {i: _attempts(evs, deaths or {}) for i, evs in events.items()}
+        stale_rows, stale_checkpoints = _stale_rows(s, jobs, attempts)
+        stale_files: list[StaleFile] = []
+        live_missing: list[str] = []
+        if data_dir is not None:
+            for job in jobs.values():
+                if job.status not in TERMINAL:
+                    continue
+                checkpoints = [
+                    c
+                    for c in s.scalars(
+                        select(Checkpoint)
+                        .where(Checkpoint.job_id == job.id)
+                        .order_by(Checkpoint.step)
+                    )
+                    if c.id not in stale_checkpoints
+                ]
+                models = list(
+                    s.scalars(select(RegisteredModel.path).where(RegisteredModel.job_id == job.id))
+                )
+                needed = [*models, *(c.path for c in checkpoints[-1:])]
+                live_missing += [p for p in needed if not (data_dir / p).exists()]
+                live = [*models, *(c.path for c in checkpoints)]
+                stale_files += _stale_in("disk", data_dir, job, live, job.finished_at)
+                if store_dir is not None:
+                    stale_files += _stale_in("store", store_dir, job, live, job.finished_at)
+        stuck = sum(1 for j in jobs.values() if _stuck(j, now))
     return Audit(
         statuses=statuses,
         attempts=attempts,
@@ -178,6 +336,10 @@ def audit(
         duplicates=duplicates,
         steps_redone=max(redone) if redone else None,
         drops=drops,
+        stuck=stuck,
+        stale_rows=stale_rows,
+        stale_files=stale_files,
+        live_missing=live_missing,
     )
 
 

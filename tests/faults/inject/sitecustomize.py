@@ -1,23 +1,87 @@
 """Fault injection for tests/faults, loaded at start by processes whose PYTHONPATH holds this
-directory: a no-op job whose duration_s equals MODELYARD_TEST_POISON_DURATION_S kills its
-worker process with SIGKILL, as a job that crashes the interpreter every time would."""
+directory. Each hook is keyed by an environment variable (set by tests/faults/scenarios.py's
+fault_env) and fires only for the job that asks for it:
+
+- MODELYARD_TEST_POISON_DURATION_S: a no-op job of exactly this duration_s kills its worker
+  process with SIGKILL, as a job that crashes the interpreter every time would.
+- MODELYARD_TEST_TRANSIENT_ON_CANCEL_DURATION_S: a no-op job of this duration_s waits until
+  its cancel is asked (read from the database) and then fails with a transient error at
+  once, before its heartbeat can see the cancel: a cancel racing a transient error.
+- MODELYARD_TEST_IGNORE_STOP_DURATION_S: a no-op job of this duration_s sleeps that long
+  and never looks at its stop flag, as a runner hung in native code would.
+- MODELYARD_TEST_DB_ERROR_MARKER: recording the outputs of a job whose spec holds this text
+  fails with a database error (DataError: a row the database refuses).
+"""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any
 
 _POISON = os.environ.get("MODELYARD_TEST_POISON_DURATION_S")
+_TRANSIENT_ON_CANCEL = os.environ.get("MODELYARD_TEST_TRANSIENT_ON_CANCEL_DURATION_S")
+_IGNORE_STOP = os.environ.get("MODELYARD_TEST_IGNORE_STOP_DURATION_S")
+_DB_ERROR_MARKER = os.environ.get("MODELYARD_TEST_DB_ERROR_MARKER")
 
-if _POISON:
+
+def _is(value: float, wanted: str | None) -> bool:
+    return wanted is not None and value == float(wanted)
+
+
+def _cancel_requested(job_id: str) -> bool:
+    from core.settings import Settings
+    from db.models import Job
+    from db.session import session_scope
+
+    with session_scope(Settings().database_url, readonly=True) as session:
+        job = session.get(Job, job_id)
+        return bool(job is not None and job.cancel_requested)
+
+
+if _POISON or _TRANSIENT_ON_CANCEL or _IGNORE_STOP:
     import workers.noop as _noop
 
     _original_run = _noop.NoopRunner.run
 
-    def _poisoned_run(self: Any, spec: dict[str, Any], ctx: Any) -> Any:
-        if float(spec.get("duration_s", 0.0)) == float(_POISON or "nan"):
+    def _injected_run(self: Any, spec: dict[str, Any], ctx: Any) -> Any:
+        duration = float(spec.get("duration_s", 0.0))
+        if _is(duration, _POISON):
             os.kill(os.getpid(), signal.SIGKILL)
+        if _is(duration, _TRANSIENT_ON_CANCEL):
+            from core.errors import TransientJobError
+
+            deadline = time.monotonic() + duration
+            while time.monotonic() < deadline and not _cancel_requested(ctx.job_id):
+                time.sleep(0.01)
+            raise TransientJobError("injected transient error (raced with a cancel)")
+        if _is(duration, _IGNORE_STOP):
+            time.sleep(duration)
+            from workers.runners import RunResult
+
+            return RunResult()
         return _original_run(self, spec, ctx)
 
-    _noop.NoopRunner.run = _poisoned_run  # type: ignore[method-assign]
+    _noop.NoopRunner.run = _injected_run  # type: ignore[method-assign]
+
+if _DB_ERROR_MARKER:
+    import json
+
+    import db.outputs as _outputs
+
+    _original_add_outputs = _outputs.add_outputs
+
+    def _failing_add_outputs(session: Any, job_id: str, *args: Any, **kwargs: Any) -> Any:
+        from sqlalchemy.exc import DataError
+
+        from db.models import Job
+
+        job = session.get(Job, job_id)
+        if job is not None and str(_DB_ERROR_MARKER) in json.dumps(job.spec):
+            raise DataError(
+                "INSERT INTO outputs", {}, Exception("injected: the database refused the row")
+            )
+        return _original_add_outputs(session, job_id, *args, **kwargs)
+
+    _outputs.add_outputs = _failing_add_outputs
