@@ -2,7 +2,7 @@
 
 For a tiny local GPT-2 and SmolLM2-135M-Instruct, 16 different short prompts x 64
 new tokens, greedy, measured side by side in one run on a private stack (SQLite,
-Redis, API, one worker with MODELYARD_GENERATION_MAX_BATCH=16):
+Redis, API, one worker with MODELYARD_GENERATION_MAX_SEQUENCES=16):
 
   A  16 single-prompt jobs submitted at once through the API, timed from the first
      submit until all 16 succeeded (the worker batches them);
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures = {name: ModelFigures(rounds=n) for name, n in rounds.items()}
     started = time.perf_counter()
 
-    with private_stack(generation_max_batch=str(JOBS)) as (stack, base):
+    with private_stack(generation_max_sequences=str(JOBS)) as (stack, base):
         database_url = stack.env["MODELYARD_DATABASE_URL"]
         models_dir = stack.settings.models_dir
         sources[TINY] = build_tiny_gpt2(models_dir / TINY)

@@ -1,16 +1,18 @@
-"""Batch job repository: lines stored under the job's lease, file downloads, queued expiry."""
+"""Batch job repository: lines stored by the attempt that holds the job (fenced by its
+attempt number), file downloads, queued and running expiry."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.enums import FailureType, JobKind, JobStatus
 from db.base import utcnow
-from db.jobs import finish_job, held_by, transition
+from db.fencing import current_attempt, fence
+from db.jobs import transition
 from db.models import Job, Output
 from db.outputs import GeneratedText, add_outputs
 
@@ -18,22 +20,13 @@ ERROR_FINISH_REASON = "error"
 """finish_reason of a stored line that failed; its `data` is an OpenAI error line."""
 
 
-def hold_lease(session: Session, job_id: str, worker: str) -> bool:
-    """True while `worker` holds the running job's lease; the job row stays locked by this
-    transaction, so a requeue or finish by someone else waits until it ends."""
-    stmt = (
-        update(Job)
-        .where(*held_by(job_id, worker))
-        .values(updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    rowcount: int = session.execute(stmt).rowcount  # type: ignore[attr-defined]
-    return rowcount == 1
-
-
-def store_lines(session: Session, job_id: str, worker: str, lines: Iterable[GeneratedText]) -> bool:
-    """Add finished lines (one row each) if `worker` holds the lease; False adds nothing."""
-    if not hold_lease(session, job_id, worker):
+def store_lines(
+    session: Session, job_id: str, attempt: int, lines: Iterable[GeneratedText]
+) -> bool:
+    """Add finished lines (one row each) while `attempt` holds the running job; False (nothing
+    added) when a newer attempt has it or the job ended. The job row stays locked until the
+    caller's transaction ends (db/fencing.py)."""
+    if not fence(session, job_id, attempt):
         return False
     add_outputs(session, job_id, lines)
     return True
@@ -116,22 +109,32 @@ def expire_queued(
 def expire_running(
     session: Session,
     job_id: str,
-    worker: str,
+    attempt: int,
     lines: Iterable[GeneratedText],
     *,
     result: dict[str, Any],
     message: str,
 ) -> bool:
-    """running -> expired while `worker` holds the lease, adding the unfinished lines'
-    error rows; False (nothing written) when it does not hold it."""
-    if not finish_job(
+    """running -> expired while `attempt` holds the job, adding the unfinished lines' error
+    rows; False (nothing written) when it no longer does."""
+    expired = FailureType.BATCH_EXPIRED.value
+    if not transition(
         session,
         job_id,
-        worker,
+        JobStatus.RUNNING,
         JobStatus.EXPIRED,
-        error_type=FailureType.BATCH_EXPIRED.value,
-        error_message=message,
-        result=result,
+        where=current_attempt(job_id, attempt),
+        values={
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "pause_requested": False,
+            "finished_at": utcnow(),
+            "result": result,
+            "error_type": expired,
+            "error_message": message,
+        },
+        message=message,
+        data={"error_type": expired, "attempt": attempt},
     ):
         return False
     add_outputs(session, job_id, lines)

@@ -8,7 +8,6 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -34,7 +33,7 @@ from workers.context import RunContext
 from workers.failures import classify, jittered_delay, retry_delay
 from workers.heartbeat import Heartbeat
 from workers.leases import broker_leases
-from workers.runners import RunResult, TrainedModel, runner_for
+from workers.runners import ClaimedJob, RunResult, TrainedModel, runner_for
 
 logger = logging.getLogger(__name__)
 
@@ -47,16 +46,48 @@ class LeaseLost(Exception):
     """The final compare-and-set found another owner: nothing of ours is kept."""
 
 
-@dataclass(frozen=True)
-class ClaimedJob:
-    kind: JobKind
-    spec: dict[str, Any]
-    ctx: RunContext
-    model: str | None = None  # generation jobs: the base model they are served on
-
-
 def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class ExecutorAttempt:
+    """The `Attempt` (workers/runners.py) of one job that a decode group serves."""
+
+    def __init__(self, executor: JobExecutor, claimed: ClaimedJob, heartbeat: Heartbeat) -> None:
+        self._executor = executor
+        self._claimed = claimed
+        self._heartbeat = heartbeat
+
+    @property
+    def claimed(self) -> ClaimedJob:
+        return self._claimed
+
+    def end_heartbeat(self) -> None:
+        self._heartbeat.stop()
+        self._executor._release_lease(self._claimed.ctx.job_id)
+
+    def succeed(self, result: RunResult) -> JobStatus | None:
+        self.end_heartbeat()
+        won = self._executor.succeed(self._claimed.ctx.job_id, self._claimed.spec, result)
+        return JobStatus.SUCCEEDED if won else None
+
+    def fail(self, failure: FailureType, message: str) -> JobStatus | None:
+        self.end_heartbeat()
+        self._executor.fail(self._claimed.ctx.job_id, failure, message)
+        return JobStatus.FAILED
+
+    def failed(self, exc: BaseException) -> JobStatus | None:
+        self.end_heartbeat()
+        error = classify(exc, self._executor.settings, self._executor.device)
+        if isinstance(error, TransientJobError):
+            self._executor._retry(self._claimed.ctx.job_id, self._claimed.ctx.attempt, error)
+            return None
+        self._executor.fail(self._claimed.ctx.job_id, error.failure, error.message)
+        return JobStatus.FAILED
+
+    def stopped(self) -> JobStatus | None:
+        self.end_heartbeat()
+        return self._executor.stopped(self._claimed.ctx)
 
 
 class JobExecutor:
@@ -85,16 +116,13 @@ class JobExecutor:
         if claimed is None:
             return
         if claimed.kind is JobKind.GENERATE:
-            from workers.generation.jobs import GenerationBatchRun
+            from workers.generation.group import serve_generation
 
-            # Keeps the lease while the batch loads its model (which may take longer than a
-            # lease TTL); the batch's own heartbeat for the job takes over once it starts.
-            loading = Heartbeat(self._settings, claimed.ctx, self.worker, self._leases)
-            loading.start()
+            first = self._begin(claimed)
             try:
-                GenerationBatchRun(self, claimed).run()
+                serve_generation(self, first)
             finally:
-                loading.stop()
+                first.end_heartbeat()
             return
         run_ctx = claimed.ctx
         heartbeat = Heartbeat(self._settings, run_ctx, self.worker, self._leases)
@@ -122,6 +150,16 @@ class JobExecutor:
         finally:
             heartbeat.stop()
             self._release_lease(job_id)
+
+    def _begin(self, claimed: ClaimedJob) -> ExecutorAttempt:
+        heartbeat = Heartbeat(self._settings, claimed.ctx, self.worker, self._leases)
+        heartbeat.start()
+        return ExecutorAttempt(self, claimed, heartbeat)
+
+    def claim_and_begin(self, job_id: str) -> ExecutorAttempt | None:
+        """A job a decode group takes in: claimed without a message, heartbeat started."""
+        claimed = self.claim(job_id, from_message=False)
+        return self._begin(claimed) if claimed is not None else None
 
     def _record_success(self, job_id: str, spec: dict[str, Any], result: RunResult) -> None:
         try:

@@ -217,13 +217,13 @@ def test_files_stream_stored_lines_in_order_while_running(
     req = {"a": request("a"), "c": request("c")}
     text = GeneratedText(0, 0, "ünïcode ok", "length", 3, 4)
     with session_scope(settings.database_url) as s:
-        assert store_lines(s, job_id, "w1", [stored_output(2, req["c"], [text])])
-        assert store_lines(s, job_id, "w1", [stored_error(1, "b", "invalid_request", "no")])
+        assert store_lines(s, job_id, 1, [stored_output(2, req["c"], [text])])
+        assert store_lines(s, job_id, 1, [stored_error(1, "b", "invalid_request", "no")])
     with session_scope(settings.database_url) as s:
-        # only the lease owner writes
-        assert not store_lines(s, job_id, "w2", [stored_output(0, req["a"], [text])])
+        # only the attempt that holds the job writes
+        assert not store_lines(s, job_id, 2, [stored_output(0, req["a"], [text])])
     with session_scope(settings.database_url) as s:
-        assert store_lines(s, job_id, "w1", [stored_output(0, req["a"], [text])])
+        assert store_lines(s, job_id, 1, [stored_output(0, req["a"], [text])])
     resp = client.get(f"/v1/jobs/{job_id}/files/output")
     out = lines(resp)
     assert resp.headers["content-disposition"] == f'attachment; filename="{job_id}_output.jsonl"'

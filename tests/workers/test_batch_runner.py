@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import threading
+from functools import lru_cache
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -22,7 +23,7 @@ from core.enums import JobKind
 from core.errors import JobExpired, JobStopped
 from core.settings import Settings
 from db.base import utcnow
-from db.batch import store_lines
+from db.batch import expire_running, store_lines
 from db.datasets import create_dataset
 from db.jobs import claim_job, create_job, request_cancel, requeue_job
 from db.models import Job, Output
@@ -32,10 +33,11 @@ from tests.conftest import TINY_MODEL
 from tests.support.harness import wait_for
 from tests.support.jobs import insert_job, load_job
 from tests.support.services import redis_db_index
-from workers.batch.lines import stored_output
+from workers.batch.lines import stored_error, stored_output
 from workers.batch.runner import BatchRunner
 from workers.context import RunContext
 from workers.executor import JobExecutor
+from workers.generation.cache import ModelCache
 from workers.reconciler import reconcile
 
 COMPLETIONS = "/v1/completions"
@@ -87,11 +89,11 @@ def settings(
 
 @pytest.fixture(scope="module", autouse=True)
 def own_engine() -> Iterator[None]:
-    """The engine is one per process and keeps the settings it was first made with (a
-    worker has one data dir); this module's models are in its own data dir, so it gets
-    an engine of its own, and the modules after it do not inherit it."""
+    """The model cache is one per process (a worker has one data dir); this module's models
+    are in its own data dir, so it gets a cache of its own, and the modules after it do not
+    inherit it."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("workers.generation.engine._ENGINES", {})
+        patch.setattr("workers.generation.engine._process_cache", lru_cache(maxsize=1)(ModelCache))
         yield
 
 
@@ -154,8 +156,8 @@ def stored(settings: Settings, job_id: str) -> dict[str, dict[str, Any]]:
     return lines
 
 
-def run(settings: Settings, job_id: str, worker: str = "w1", **kwargs: Any) -> RunContext:
-    ctx = RunContext(job_id=job_id, attempt=1, device="cpu", worker=worker)
+def run(settings: Settings, job_id: str, attempt: int = 1, **kwargs: Any) -> RunContext:
+    ctx = RunContext(job_id=job_id, attempt=attempt, device="cpu", worker="w1")
     job = load_job(settings.database_url, job_id)
     result = BatchRunner(settings, **kwargs).run(dict(job.spec), ctx)
     assert result.outputs == []
@@ -218,7 +220,7 @@ def test_a_retried_attempt_skips_stored_lines(settings: Settings) -> None:
     job_id = claimed_batch(settings, rows)
     earlier = stored_output(0, rows[0], [GeneratedText(0, 0, "from attempt 1", "length", 5, 4)])
     with session_scope(settings.database_url) as s:
-        assert store_lines(s, job_id, "w1", [earlier])
+        assert store_lines(s, job_id, 1, [earlier])
     ctx = run(settings, job_id)
     assert ctx.detail["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
     lines = stored(settings, job_id)
@@ -226,11 +228,20 @@ def test_a_retried_attempt_skips_stored_lines(settings: Settings) -> None:
     assert lines["two-choices"]["error"] is None
 
 
-def test_only_the_lease_owner_writes(settings: Settings) -> None:
+def test_only_the_attempt_holding_the_job_writes(settings: Settings) -> None:
     job_id = claimed_batch(settings, MIXED[:1], worker="w1")
     with pytest.raises(JobStopped):
-        run(settings, job_id, worker="w2")
+        run(settings, job_id, attempt=2)  # not the attempt the claim made (1)
+    with session_scope(settings.database_url) as s:
+        assert not store_lines(s, job_id, 0, [stored_error(0, "greedy", "x", "stale")])
     assert stored(settings, job_id) == {}
+    assert load_job(settings.database_url, job_id).status == "running"
+
+
+def test_a_stale_attempt_cannot_expire_the_job(settings: Settings) -> None:
+    job_id = claimed_batch(settings, MIXED[:1])
+    with session_scope(settings.database_url) as s:
+        assert not expire_running(s, job_id, 2, [], result={}, message="stale")
     assert load_job(settings.database_url, job_id).status == "running"
 
 
@@ -319,7 +330,7 @@ def test_reconciler_expires_queued_batches_past_their_window(settings: Settings)
     requeued = claimed_batch(settings, MIXED[:3])
     earlier = stored_output(0, MIXED[0], [GeneratedText(0, 0, "kept", "length", 5, 4)])
     with session_scope(settings.database_url) as s:
-        assert store_lines(s, requeued, "w1", [earlier])
+        assert store_lines(s, requeued, 1, [earlier])
         s.execute(
             update(Job)
             .where(Job.id.in_([overdue, requeued, generate]))
