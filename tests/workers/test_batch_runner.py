@@ -7,9 +7,9 @@ import hashlib
 import json
 import shutil
 import threading
-from functools import lru_cache
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
