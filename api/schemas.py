@@ -28,8 +28,15 @@ class JobOut(BaseModel):
     priority: int
     spec: dict[str, Any]
     metadata: dict[str, Any]
-    attempts: int
+    attempts: int = Field(
+        description="Attempts started; the newest one's number fences its writes."
+    )
     max_attempts: int
+    handbacks: int = Field(
+        default=0,
+        description="Attempts that do not count toward max_attempts: handed back by a worker "
+        "shutting down, or paused.",
+    )
     progress: float
     progress_detail: dict[str, Any] | None
     cancel_requested: bool
@@ -61,6 +68,7 @@ class JobOut(BaseModel):
             metadata=job.metadata_,
             attempts=job.attempts,
             max_attempts=job.max_attempts,
+            handbacks=job.handbacks,
             progress=job.progress,
             progress_detail=job.progress_detail,
             cancel_requested=job.cancel_requested,

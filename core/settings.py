@@ -60,6 +60,14 @@ class Settings(BaseSettings):
         description="Retry a job that ran out of memory (with backoff, up to max_attempts) "
         "instead of failing it once: for devices shared with other processes.",
     )
+    stop_grace_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long a running job may take to stop after its run time limit or a "
+        "lost lease; past it the worker records the outcome and restarts its process in place "
+        "(a prefork child exits and is replaced), so a runner that ignores its stop flag "
+        "cannot hold the worker.",
+    )
     job_time_limit_s: float = Field(
         default=86_400.0,
         gt=0,

@@ -1,5 +1,4 @@
-"""Batch job repository: lines stored by the attempt that holds the job (fenced by its
-attempt number), file downloads, queued and running expiry."""
+"""Batch job repository: lines stored under the attempt's fence, file downloads, queued expiry."""
 
 from __future__ import annotations
 
@@ -10,8 +9,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.enums import FailureType, JobKind, JobStatus
+from db.attempts import finish_job
 from db.base import utcnow
-from db.fencing import current_attempt, fence
+from db.fencing import fence
 from db.jobs import transition
 from db.models import Job, Output
 from db.outputs import GeneratedText, add_outputs
@@ -23,9 +23,8 @@ ERROR_FINISH_REASON = "error"
 def store_lines(
     session: Session, job_id: str, attempt: int, lines: Iterable[GeneratedText]
 ) -> bool:
-    """Add finished lines (one row each) while `attempt` holds the running job; False (nothing
-    added) when a newer attempt has it or the job ended. The job row stays locked until the
-    caller's transaction ends (db/fencing.py)."""
+    """Add finished lines (one row each) if `attempt` still holds the running job (the row
+    stays locked until commit, see db/fencing.py); False adds nothing."""
     if not fence(session, job_id, attempt):
         return False
     add_outputs(session, job_id, lines)
@@ -115,26 +114,16 @@ def expire_running(
     result: dict[str, Any],
     message: str,
 ) -> bool:
-    """running -> expired while `attempt` holds the job, adding the unfinished lines' error
-    rows; False (nothing written) when it no longer does."""
-    expired = FailureType.BATCH_EXPIRED.value
-    if not transition(
+    """running -> expired while `attempt` holds the job, adding the unfinished lines'
+    error rows; False (nothing written) when it does not hold it."""
+    if not finish_job(
         session,
         job_id,
-        JobStatus.RUNNING,
         JobStatus.EXPIRED,
-        where=current_attempt(job_id, attempt),
-        values={
-            "lease_owner": None,
-            "lease_expires_at": None,
-            "pause_requested": False,
-            "finished_at": utcnow(),
-            "result": result,
-            "error_type": expired,
-            "error_message": message,
-        },
-        message=message,
-        data={"error_type": expired, "attempt": attempt},
+        attempt=attempt,
+        error_type=FailureType.BATCH_EXPIRED.value,
+        error_message=message,
+        result=result,
     ):
         return False
     add_outputs(session, job_id, lines)

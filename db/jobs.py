@@ -16,6 +16,7 @@ from core.states import can_transition
 from core.webhooks import event_for_status
 from db.base import newer_first_before, utcnow
 from db.events import append_event
+from db.fencing import current_attempt
 from db.models import DEFAULT_TENANT, Job, Tenant
 from db.webhooks import queue_delivery
 
@@ -280,15 +281,10 @@ class LeaseState:
     pause_requested: bool = False
 
 
-def held_by(job_id: str, worker: str) -> list[ColumnElement[bool]]:
-    """The conditions under which `worker` holds the running job's lease."""
-    return [Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.lease_owner == worker]
-
-
 def renew_lease(
     session: Session,
     job_id: str,
-    worker: str,
+    attempt: int,
     lease_ttl: timedelta,
     progress: float | None,
     detail: dict[str, Any] | None = None,
@@ -300,7 +296,7 @@ def renew_lease(
         values["progress_detail"] = detail
     stmt = (
         update(Job)
-        .where(*held_by(job_id, worker))
+        .where(*current_attempt(job_id, attempt))
         .values(**values)
         .returning(Job.cancel_requested, Job.pause_requested)
         .execution_options(synchronize_session=False)
@@ -309,108 +305,6 @@ def renew_lease(
     if row is None:
         return LeaseState(held=False, cancel_requested=False)
     return LeaseState(held=True, cancel_requested=bool(row[0]), pause_requested=bool(row[1]))
-
-
-def finish_job(
-    session: Session,
-    job_id: str,
-    worker: str,
-    target: JobStatus,
-    *,
-    error_type: str | None = None,
-    error_message: str | None = None,
-    result: dict[str, Any] | None = None,
-) -> bool:
-    """running -> succeeded|failed|cancelled, only while `worker` holds the lease (a pause
-    asked too late to be seen is dropped)."""
-    values: dict[str, Any] = {
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "pause_requested": False,
-        "finished_at": utcnow(),
-        "error_type": error_type,
-        "error_message": error_message,
-    }
-    if result is not None:
-        values["result"] = result
-    if target is JobStatus.SUCCEEDED:
-        values["progress"] = 1.0
-    data: dict[str, Any] = {"by": worker}
-    if error_type:
-        data["error_type"] = error_type
-    return transition(
-        session,
-        job_id,
-        JobStatus.RUNNING,
-        target,
-        where=[Job.lease_owner == worker],
-        values=values,
-        message=error_message or "",
-        data=data,
-    )
-
-
-def requeue_job(
-    session: Session,
-    job_id: str,
-    *,
-    available_at: datetime,
-    reason: str,
-    error_type: str,
-    where: Sequence[ColumnElement[bool]],
-    by: str | None = None,
-) -> bool:
-    """running -> queued (retry or worker lost); the caller says whose lease it is, and
-    `by` names the worker when it gives the job back itself."""
-    now = utcnow()
-    return transition(
-        session,
-        job_id,
-        JobStatus.RUNNING,
-        JobStatus.QUEUED,
-        where=where,
-        values={
-            "lease_owner": None,
-            "lease_expires_at": None,
-            "queued_at": now,
-            "available_at": available_at,
-            "error_type": error_type,
-            "error_message": reason,
-        },
-        message=reason,
-        data={"error_type": error_type, **({"by": by} if by else {})},
-    )
-
-
-def give_back(session: Session, job_id: str, worker: str) -> tuple[JobKind, int] | None:
-    """running -> queued by its own worker (shutting down), due now; the attempt does not
-    count toward max_attempts. Returns (kind, priority) to publish, None when the lease
-    was not held."""
-    now = utcnow()
-    row = _transition(
-        session,
-        job_id,
-        JobStatus.RUNNING,
-        JobStatus.QUEUED,
-        [Job.lease_owner == worker],
-        {
-            "lease_owner": None,
-            "lease_expires_at": None,
-            "queued_at": now,
-            "available_at": now,
-            "max_attempts": Job.max_attempts + 1,
-            "error_type": None,
-            "error_message": None,
-        },
-        f"given back by {worker} (worker shutting down); this attempt does not count "
-        "toward max_attempts",
-        {"by": worker, "reason": "worker_shutdown"},
-        (Job.kind, Job.priority),
-    )
-    if row is None:
-        return None
-    kind, priority = tuple(row)
-    return JobKind(kind), int(priority)
 
 
 def expire_overdue(session: Session, job_id: str, now: datetime) -> bool:

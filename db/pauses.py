@@ -1,15 +1,14 @@
 """Pausing and resuming fine-tune jobs: the state changes, as compare-and-set updates.
 
 A queued fine-tune pauses at once; a running one is flagged, and its worker checkpoints,
-stops and records `paused` (holding no lease). Resuming queues it again: the next attempt
-continues from its latest checkpoint, under the same job id and events.
+stops and records `paused` (holding no lease: db/attempts.py `pause_attempt`). Resuming
+queues it again: the next attempt continues from its latest checkpoint, under the same job
+id and events.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from sqlalchemy import ColumnElement, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from core.enums import EventType, JobKind, JobStatus
@@ -70,42 +69,6 @@ def request_pause(session: Session, job_id: str, *, tenant_id: str | None) -> Jo
         state = "being cancelled" if job.cancel_requested else status.value
         raise InvalidStateError(f"job {job_id} is {state}; it cannot be paused", param="job_id")
     raise InvalidStateError(f"job {job_id} kept changing state; try again", param="job_id")
-
-
-def pause_running(session: Session, job_id: str, worker: str) -> bool:
-    """running -> paused by the worker holding the lease, after it checkpointed; the
-    attempt does not count toward max_attempts."""
-    return transition(
-        session,
-        job_id,
-        JobStatus.RUNNING,
-        JobStatus.PAUSED,
-        where=[Job.lease_owner == worker],
-        values={
-            "lease_owner": None,
-            "lease_expires_at": None,
-            "pause_requested": False,
-            "max_attempts": Job.max_attempts + 1,
-        },
-        message=f"paused by {worker} at its latest checkpoint",
-        data={"by": worker},
-    )
-
-
-def pause_lost(
-    session: Session, job_id: str, *, where: Sequence[ColumnElement[bool]], reason: str
-) -> bool:
-    """running -> paused by the reconciler: the worker was lost after a pause was asked, so
-    the job rests at its last recorded checkpoint instead of being queued again."""
-    return transition(
-        session,
-        job_id,
-        JobStatus.RUNNING,
-        JobStatus.PAUSED,
-        where=where,
-        values={"lease_owner": None, "lease_expires_at": None, "pause_requested": False},
-        message=f"{reason}; pause was requested",
-    )
 
 
 def resume(session: Session, job_id: str, *, tenant_id: str | None) -> Job:

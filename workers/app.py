@@ -41,7 +41,7 @@ def _refuse_unsafe_timeouts(**_: Any) -> None:
 @signals.worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
     from workers.status import WorkerStatusReporter
-    from workers.tasks import prepare_executor, run_reconcile
+    from workers.tasks import prepare_lifecycle, run_reconcile
 
     global _status
     settings = get_settings()
@@ -50,7 +50,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
         settings.broker_url, str(sender.hostname), queues, settings.heartbeat_interval_s
     )
     _status.start()
-    prepare_executor()  # imports torch now, not when the first job (or a recovery) arrives
+    prepare_lifecycle()  # imports torch now, not when the first job (or a recovery) arrives
     try:
         run_reconcile()
     except Exception:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import JobStopped
+
+
+def worker_identity() -> str:
+    """This process's name as a lease owner (host:pid; it repeats across container
+    restarts, so fencing uses the attempt number, never this)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass

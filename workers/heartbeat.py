@@ -3,6 +3,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import redis
@@ -31,7 +32,13 @@ class Heartbeat:
     tells the reconciler the worker is alive while the database is unreachable or slow.
     Each is renewed by its own thread, so a database write that waits (an outage, a busy
     SQLite file) never holds up the broker lease. A worker that can renew neither for a
-    lease TTL stops the job itself (it must assume another worker may take it over)."""
+    lease TTL stops the job itself (it must assume another worker may take it over).
+
+    Both leases are held for the attempt (the fencing token): a renewal of an attempt that
+    is no longer the job's live one fails, and the runner is told to stop. A runner that
+    has not stopped `stop_grace_s` after its run time limit or its lost lease is overdue:
+    `on_overdue` is called once (the lifecycle records the outcome and restarts the worker
+    process, see workers/lifecycle.py)."""
 
     def __init__(
         self,
@@ -39,11 +46,15 @@ class Heartbeat:
         ctx: RunContext,
         worker: str,
         leases: BrokerLeases | None = None,
+        on_overdue: Callable[[RunContext], None] | None = None,
     ) -> None:
         self._settings = settings
         self._ctx = ctx
         self._worker = worker
         self._leases = leases if leases is not None else broker_leases(settings.broker_url)
+        self._on_overdue = on_overdue
+        self._stop_asked: float | None = None  # when the limit was reached or the lease lost
+        self._overdue_called = False
         self._done = threading.Event()
         self._last_progress = -1.0
         self._broker_renewed = self._db_renewed = time.monotonic()
@@ -83,8 +94,11 @@ class Heartbeat:
             untrack(self._ctx)
 
     def _renew_broker_lease(self) -> bool:
+        ctx = self._ctx
         try:
-            self._leases.renew(self._ctx.job_id, self._worker, self._settings.lease_ttl_s)
+            held = self._leases.renew(
+                ctx.job_id, self._worker, ctx.attempt, self._settings.lease_ttl_s
+            )
         except redis.RedisError as exc:
             if not self._broker_down:
                 logger.warning(
@@ -93,8 +107,24 @@ class Heartbeat:
             self._broker_down = True
             return False
         self._broker_down = False
+        if not held:
+            logger.warning(
+                "job %s: a newer attempt than %d holds the broker lease, stopping",
+                ctx.job_id,
+                ctx.attempt,
+            )
+            self._lose_lease()
+            return False
         self._broker_renewed = time.monotonic()
         return True
+
+    def _lose_lease(self) -> None:
+        ctx = self._ctx
+        if not ctx.lease_lost:
+            ctx.lease_lost = True
+            ctx.stop_event.set()
+        if self._stop_asked is None:
+            self._stop_asked = time.monotonic()
 
     def _broker_loop(self) -> None:
         while not self._done.wait(self._settings.heartbeat_interval_s):
@@ -112,7 +142,7 @@ class Heartbeat:
                 state = renew_lease(
                     session,
                     ctx.job_id,
-                    self._worker,
+                    ctx.attempt,
                     timedelta(seconds=self._settings.lease_ttl_s),
                     progress if changed else None,
                     detail if changed else None,
@@ -143,9 +173,14 @@ class Heartbeat:
         if changed:
             self._last_progress = progress
         if not state.held:
-            logger.warning("job %s: lease lost by %s, stopping", ctx.job_id, self._worker)
-            ctx.lease_lost = True
-            ctx.stop_event.set()
+            logger.warning(
+                "job %s: attempt %d of %s lost its lease (compare-and-set on the attempt "
+                "failed), stopping",
+                ctx.job_id,
+                ctx.attempt,
+                self._worker,
+            )
+            self._lose_lease()
         elif state.cancel_requested and not ctx.cancelled:
             logger.info("job %s: cancel requested, stopping", ctx.job_id)
             ctx.cancelled = True
@@ -159,7 +194,7 @@ class Heartbeat:
     def beat(self) -> None:
         """One database renewal (the broker lease has its own thread), then the checks."""
         ctx = self._ctx
-        if self._renew_database_lease():
+        if not ctx.lease_lost and self._renew_database_lease():
             self._db_renewed = time.monotonic()
         now = time.monotonic()
         silent = now - max(self._db_renewed, self._broker_renewed)
@@ -169,12 +204,30 @@ class Heartbeat:
                 ctx.job_id,
                 silent,
             )
-            ctx.lease_lost = True
-            ctx.stop_event.set()
+            self._lose_lease()
         if ctx.deadline is not None and now >= ctx.deadline and not ctx.timed_out:
             logger.info("job %s: run time limit reached, stopping", ctx.job_id)
             ctx.timed_out = True
             ctx.stop_event.set()
+        self._check_overdue(now)
+
+    def _check_overdue(self, now: float) -> None:
+        if self._stop_asked is None and (self._ctx.lease_lost or self._ctx.timed_out):
+            self._stop_asked = now  # a write the fence refused marked the lease lost
+        asked = self._stop_asked
+        if asked is None or self._overdue_called or self._on_overdue is None:
+            return
+        if now - asked < self._settings.stop_grace_s:
+            return
+        self._overdue_called = True
+        logger.error(
+            "job %s: attempt %d has not stopped %.0fs after it was told to (%s)",
+            self._ctx.job_id,
+            self._ctx.attempt,
+            now - asked,
+            self._ctx.stop_reason,
+        )
+        self._on_overdue(self._ctx)
 
     def _loop(self) -> None:
         while not self._done.wait(self._settings.heartbeat_interval_s):
@@ -182,5 +235,3 @@ class Heartbeat:
                 self.beat()
             except Exception:
                 logger.exception("job %s: heartbeat failed", self._ctx.job_id)
-            if self._ctx.lease_lost:
-                return

@@ -16,23 +16,16 @@ from datetime import timedelta
 import redis
 
 from core.dispatch import JobPublisher
-from core.enums import EventType, FailureType, JobKind, JobStatus
+from core.enums import EventType, JobKind, JobStatus
 from core.settings import Settings
+from db.attempts import recover_lost
 from db.base import utcnow
 from db.events import append_event
-from db.jobs import (
-    due_queued,
-    expire_overdue,
-    expired_leases,
-    overdue_queued,
-    requeue_job,
-    transition,
-)
+from db.jobs import due_queued, expire_overdue, expired_leases, overdue_queued
 from db.models import Job
-from db.pauses import pause_lost
 from db.session import session_scope
 from workers.batch.expiry import expire_overdue_batches
-from workers.leases import BrokerLeases, broker_leases
+from workers.leases import BrokerLeases, broker_leases, lease_value
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +42,26 @@ class ReconcileReport:
 
 
 def _alive_in_broker(leases: BrokerLeases, jobs: list[Job]) -> set[str]:
-    """Jobs whose owner still renews its broker lease: the database was unreachable to it,
-    it did not die. When Redis cannot say, the database lease decides alone."""
+    """Jobs whose attempt still renews its broker lease: the database was unreachable to
+    it, it did not die. When Redis cannot say, the database lease decides alone."""
     try:
         holders = leases.holders([job.id for job in jobs])
     except redis.RedisError as exc:
         logger.warning("reconcile: broker leases unreadable (%s)", type(exc).__name__)
         return set()
-    return {job.id for job in jobs if job.lease_owner and holders.get(job.id) == job.lease_owner}
+    return {
+        job.id
+        for job in jobs
+        if job.lease_owner and holders.get(job.id) == lease_value(job.lease_owner, job.attempts)
+    }
+
+
+_COUNTERS = {
+    JobStatus.QUEUED: "requeued",
+    JobStatus.FAILED: "failed",
+    JobStatus.CANCELLED: "cancelled",
+    JobStatus.PAUSED: "paused",
+}
 
 
 def _expire_leases(
@@ -71,49 +76,17 @@ def _expire_leases(
             if job.id in alive:
                 report.alive += 1
                 continue
-            same_lease = [Job.lease_owner == job.lease_owner, Job.lease_expires_at < now]
-            reason = f"lease of {job.lease_owner} expired (worker lost)"
-            if job.cancel_requested:
-                if transition(
-                    session,
+            status = recover_lost(session, job, now)
+            if status is None:
+                logger.info(
+                    "reconcile: job %s attempt %d changed meanwhile (compare-and-set lost)",
                     job.id,
-                    JobStatus.RUNNING,
-                    JobStatus.CANCELLED,
-                    where=same_lease,
-                    values={"lease_owner": None, "lease_expires_at": None, "finished_at": now},
-                    message=f"{reason}; cancel was requested",
-                ):
-                    report.cancelled += 1
-            elif job.pause_requested:
-                if pause_lost(session, job.id, where=same_lease, reason=reason):
-                    report.paused += 1
-            elif job.attempts >= job.max_attempts:
-                if transition(
-                    session,
-                    job.id,
-                    JobStatus.RUNNING,
-                    JobStatus.FAILED,
-                    where=same_lease,
-                    values={
-                        "lease_owner": None,
-                        "lease_expires_at": None,
-                        "finished_at": now,
-                        "error_type": FailureType.WORKER_LOST.value,
-                        "error_message": f"{reason} after {job.attempts} attempts",
-                    },
-                    message=f"{reason}; out of attempts",
-                    data={"error_type": FailureType.WORKER_LOST.value},
-                ):
-                    report.failed += 1
-            elif requeue_job(
-                session,
-                job.id,
-                available_at=now,
-                reason=reason,
-                error_type=FailureType.WORKER_LOST.value,
-                where=same_lease,
-            ):
-                report.requeued += 1
+                    job.attempts,
+                )
+                continue
+            counter = _COUNTERS[status]
+            setattr(report, counter, getattr(report, counter) + 1)
+            if status is JobStatus.QUEUED:
                 to_publish.append((job.id, JobKind(job.kind), job.priority))
     return to_publish
 

@@ -1,4 +1,4 @@
-"""Thin Celery tasks: they take a job id and hand it to the executor."""
+"""Thin Celery tasks: they take a job id and hand it to the lifecycle."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from functools import lru_cache
 from core.dispatch import TASK_RECONCILE, TASK_RUN_JOB, JobPublisher
 from core.settings import get_settings
 from workers.app import celery_app
-from workers.executor import JobExecutor
+from workers.lifecycle import JobLifecycle
 from workers.reconciler import ReconcileReport, reconcile
 
 
@@ -17,15 +17,15 @@ def _publisher() -> JobPublisher:
 
 
 @lru_cache(maxsize=1)
-def _executor() -> JobExecutor:
+def _lifecycle() -> JobLifecycle:
     from workers.device import resolve_device
 
     settings = get_settings()
-    return JobExecutor(settings, _publisher(), resolve_device(settings.device))
+    return JobLifecycle(settings, _publisher(), resolve_device(settings.device))
 
 
-def prepare_executor() -> None:
-    _executor()
+def prepare_lifecycle() -> None:
+    _lifecycle()
 
 
 def run_reconcile() -> ReconcileReport:
@@ -34,7 +34,7 @@ def run_reconcile() -> ReconcileReport:
 
 @celery_app.task(name=TASK_RUN_JOB, ignore_result=True)
 def run_job(job_id: str) -> None:
-    _executor().execute(job_id)
+    _lifecycle().execute(job_id)
 
 
 @celery_app.task(name=TASK_RECONCILE, ignore_result=True)

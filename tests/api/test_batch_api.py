@@ -220,7 +220,7 @@ def test_files_stream_stored_lines_in_order_while_running(
         assert store_lines(s, job_id, 1, [stored_output(2, req["c"], [text])])
         assert store_lines(s, job_id, 1, [stored_error(1, "b", "invalid_request", "no")])
     with session_scope(settings.database_url) as s:
-        # only the attempt that holds the job writes
+        # only the live attempt writes
         assert not store_lines(s, job_id, 2, [stored_output(0, req["a"], [text])])
     with session_scope(settings.database_url) as s:
         assert store_lines(s, job_id, 1, [stored_output(0, req["a"], [text])])

@@ -12,7 +12,8 @@ from sqlalchemy import func, select
 
 from core.enums import JobKind, JobStatus
 from core.settings import Settings
-from db.jobs import claim_job, create_job, finish_job
+from db.attempts import finish_job
+from db.jobs import claim_job, create_job
 from db.models import Job
 from db.registry import register_model
 from db.session import session_scope
@@ -165,7 +166,7 @@ def _finished_job_with_model(settings: Settings, task: str) -> tuple[str, str]:
             labels=["neg", "pos"],
             metrics={"eval_accuracy": 0.9},
         )
-        finish_job(s, job.id, "w", JobStatus.SUCCEEDED, result={"model": name})
+        finish_job(s, job.id, JobStatus.SUCCEEDED, attempt=1, result={"model": name})
         return job.id, name
 
 

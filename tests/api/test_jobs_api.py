@@ -15,7 +15,8 @@ from sqlalchemy import func, select
 from core.dispatch import marker_key
 from core.enums import JobStatus
 from core.settings import Settings
-from db.jobs import claim_job, finish_job
+from db.attempts import finish_job
+from db.jobs import claim_job
 from db.models import Job, JobEvent
 from db.session import session_scope
 from tests.api.conftest import MAX_BODY
@@ -190,7 +191,7 @@ def test_cancel_queued_then_again_then_finished(client: TestClient, settings: Se
 
     with session_scope(settings.database_url) as s:
         assert claim_job(s, done["id"], "w1", timedelta(seconds=30))
-        assert finish_job(s, done["id"], "w1", JobStatus.SUCCEEDED)
+        assert finish_job(s, done["id"], JobStatus.SUCCEEDED, attempt=1)
     assert_error(client.post(f"/v1/jobs/{done['id']}/cancel"), 409, "invalid_state")
 
 

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from core.enums import JobStatus
 from core.settings import Settings
 from db import jobs as jobs_repo
+from db.attempts import finish_job
 from db.session import session_scope
 
 
@@ -47,7 +48,7 @@ def test_values_change_as_jobs_move(client: TestClient, settings: Settings) -> N
         with session_scope(settings.database_url) as session:
             assert jobs_repo.claim(session, job_id, "w1", timedelta(seconds=30))
         with session_scope(settings.database_url) as session:
-            assert jobs_repo.finish_job(session, job_id, "w1", JobStatus.SUCCEEDED)
+            assert finish_job(session, job_id, JobStatus.SUCCEEDED, attempt=1)
     done = scrape(client)
     assert value(done, "modelyard_jobs", kind="noop", status="succeeded") == (
         value(before, "modelyard_jobs", kind="noop", status="succeeded") + 2
@@ -67,11 +68,11 @@ def test_values_change_as_jobs_move(client: TestClient, settings: Settings) -> N
         assert jobs_repo.claim(session, ids[2], "w1", timedelta(seconds=30))
     with session_scope(settings.database_url) as session:
         detail = {"step": 3, "total_steps": 10, "samples_per_s": 12.5}
-        jobs_repo.renew_lease(session, ids[2], "w1", timedelta(seconds=30), 0.3, detail)
+        jobs_repo.renew_lease(session, ids[2], 1, timedelta(seconds=30), 0.3, detail)
     training = scrape(client)
     rate = value(training, "modelyard_training_samples_per_second", job_id=ids[2], tenant="default")
     assert rate == 12.5
     with session_scope(settings.database_url) as session:
-        assert jobs_repo.finish_job(session, ids[2], "w1", JobStatus.SUCCEEDED)
+        assert finish_job(session, ids[2], JobStatus.SUCCEEDED, attempt=1)
     finished = {labels for name, labels in scrape(client) if "samples_per_second" in name}
     assert not finished  # only running jobs report a rate

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from core.enums import JobStatus
 from core.settings import Settings
+from db.attempts import pause_attempt
 from db.jobs import claim_job, due_queued, get_job
-from db.pauses import pause_running
 from db.registry import register_model
 from db.session import session_scope
 from tests.support.auth import bearer, make_key
@@ -259,8 +260,8 @@ def test_pause_and_resume_rules(client: TestClient, settings: Settings, chat_fil
     assert flagged["status"] == "running"
     assert client.get(f"/v1/jobs/{running}").json()["pause_requested"] is True
     with session_scope(settings.database_url) as s:
-        assert not pause_running(s, running, "someone-else")
-        assert pause_running(s, running, "w1")
+        assert pause_attempt(s, running, attempt=2, by="someone-else") is None
+        assert pause_attempt(s, running, attempt=1, by="w1") is JobStatus.PAUSED
     with session_scope(settings.database_url) as s:
         job = get_job(s, running)
         assert job is not None

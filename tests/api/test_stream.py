@@ -17,7 +17,8 @@ from api.routes import stream as stream_route
 from core.enums import JobKind, JobStatus
 from core.settings import Settings
 from core.token_stream import TokenDelta, TokenStreamWriter, stream_key
-from db.jobs import claim_job, create_job, finish_job, request_cancel
+from db.attempts import finish_job
+from db.jobs import claim_job, create_job, request_cancel
 from db.outputs import GeneratedText, add_outputs
 from db.session import session_scope
 from tests.support.harness import wait_for
@@ -95,7 +96,7 @@ def finish(settings: Settings, job_id: str, texts: dict[tuple[int, int], str]) -
             job_id,
             [GeneratedText(p, q, text, "length", 1, 1) for (p, q), text in sorted(texts.items())],
         )
-        assert finish_job(s, job_id, WORKER, JobStatus.SUCCEEDED)
+        assert finish_job(s, job_id, JobStatus.SUCCEEDED, attempt=1)
 
 
 def tokens(events: list[Sse]) -> list[tuple[int, int, str]]:

@@ -14,6 +14,7 @@ from core.enums import JobStatus, WebhookEvent
 from core.settings import Settings
 from db import jobs as jobs_repo
 from db import webhooks as webhooks_repo
+from db.attempts import finish_job
 from db.session import session_scope
 from tests.support.auth import bearer, make_key
 
@@ -47,7 +48,7 @@ def run_job(settings: Settings, job_id: str, target: JobStatus = JobStatus.SUCCE
     with session_scope(settings.database_url) as session:
         assert jobs_repo.claim(session, job_id, "w1", timedelta(seconds=30)) is not None
     with session_scope(settings.database_url) as session:
-        assert jobs_repo.finish_job(session, job_id, "w1", target)
+        assert finish_job(session, job_id, target, attempt=1)
 
 
 def test_a_webhook_needs_a_signing_secret_first(hook_client: TestClient) -> None:

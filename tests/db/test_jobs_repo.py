@@ -9,7 +9,8 @@ import pytest
 
 from core.enums import JobStatus
 from core.errors import InvalidStateError
-from db.jobs import claim_job, finish_job, get_job, renew_lease, transition
+from db.attempts import finish_job
+from db.jobs import claim_job, get_job, renew_lease, transition
 from db.session import migrate, session_scope
 from tests.support.jobs import insert_job
 
@@ -57,13 +58,13 @@ def test_only_the_lease_owner_can_finish_or_renew(url: str) -> None:
     with session_scope(url) as s:
         assert claim_job(s, job_id, "owner", TTL)
     with session_scope(url) as s:
-        assert not finish_job(s, job_id, "intruder", JobStatus.SUCCEEDED)
-        assert not renew_lease(s, job_id, "intruder", TTL, 0.5).held
-        state = renew_lease(s, job_id, "owner", TTL, 0.5)
+        assert not finish_job(s, job_id, JobStatus.SUCCEEDED, attempt=2)
+        assert not renew_lease(s, job_id, 2, TTL, 0.5).held
+        state = renew_lease(s, job_id, 1, TTL, 0.5)
         assert state.held
         assert not state.cancel_requested
     with session_scope(url) as s:
-        assert finish_job(s, job_id, "owner", JobStatus.SUCCEEDED)
+        assert finish_job(s, job_id, JobStatus.SUCCEEDED, attempt=1)
         job = get_job(s, job_id)
         assert job is not None
         assert job.status == "succeeded"
@@ -103,7 +104,7 @@ def test_non_finite_numbers_in_json_columns_are_stored_as_null(url: str) -> None
     with session_scope(url) as s:
         assert claim_job(s, job_id, "w", TTL)
         result = {"eval": {"perplexity": float("inf"), "loss": float("nan"), "ok": [1.5]}}
-        assert finish_job(s, job_id, "w", JobStatus.SUCCEEDED, result=result)
+        assert finish_job(s, job_id, JobStatus.SUCCEEDED, attempt=1, result=result)
     with session_scope(url) as s:
         job = get_job(s, job_id)
         assert job is not None

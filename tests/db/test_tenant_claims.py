@@ -11,8 +11,9 @@ import pytest
 
 from core.enums import JobStatus
 from db import tenants as tenants_repo
+from db.attempts import finish_job
 from db.base import utcnow
-from db.jobs import claim, due_queued, finish_job
+from db.jobs import claim, due_queued
 from db.models import Job
 from db.session import migrate, session_scope
 from tests.support.jobs import insert_job, load_job
@@ -47,7 +48,7 @@ def test_capped_tenant_keeps_extra_jobs_queued_until_one_ends(url: str) -> None:
         with session_scope(url) as s:
             assert claim(s, job_id, "w3", TTL) is not None
     with session_scope(url) as s:
-        assert finish_job(s, first, "w1", JobStatus.SUCCEEDED)
+        assert finish_job(s, first, JobStatus.SUCCEEDED, attempt=1)
     with session_scope(url) as s:
         row = claim(s, second, "w2", TTL)
     assert row is not None and row.tenant_id == capped

@@ -47,7 +47,7 @@ class Proc:
 
     @property
     def identity(self) -> str:
-        """The lease owner name a worker process uses (workers.executor.worker_identity)."""
+        """The lease owner name a worker process uses (workers.context.worker_identity)."""
         return f"{socket.gethostname()}:{self.popen.pid}"
 
     @property

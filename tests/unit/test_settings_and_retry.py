@@ -10,7 +10,7 @@ from sqlalchemy.exc import OperationalError
 from core.enums import FailureType
 from core.errors import ConfigurationError, PermanentJobError, TransientJobError
 from core.settings import Settings
-from workers.executor import retry_delay
+from workers.failures import retry_delay
 
 
 def test_database_defaults_to_sqlite_in_data_dir(tmp_path: Path) -> None:

@@ -19,13 +19,14 @@ from transformers import AutoTokenizer
 
 from core.datasets import parse_dataset
 from core.dispatch import JobPublisher
-from core.enums import JobKind
+from core.enums import FailureType, JobKind, JobStatus
 from core.errors import JobExpired, JobStopped
 from core.settings import Settings
+from db.attempts import retry_attempt
 from db.base import utcnow
 from db.batch import expire_running, store_lines
 from db.datasets import create_dataset
-from db.jobs import claim_job, create_job, request_cancel, requeue_job
+from db.jobs import claim_job, create_job, request_cancel
 from db.models import Job, Output
 from db.outputs import GeneratedText, list_outputs
 from db.session import migrate, session_scope
@@ -36,8 +37,8 @@ from tests.support.services import redis_db_index
 from workers.batch.lines import stored_error, stored_output
 from workers.batch.runner import BatchRunner
 from workers.context import RunContext
-from workers.executor import JobExecutor
 from workers.generation.cache import ModelCache
+from workers.lifecycle import JobLifecycle
 from workers.reconciler import reconcile
 
 COMPLETIONS = "/v1/completions"
@@ -228,10 +229,10 @@ def test_a_retried_attempt_skips_stored_lines(settings: Settings) -> None:
     assert lines["two-choices"]["error"] is None
 
 
-def test_only_the_attempt_holding_the_job_writes(settings: Settings) -> None:
+def test_only_the_live_attempt_writes(settings: Settings) -> None:
     job_id = claimed_batch(settings, MIXED[:1], worker="w1")
     with pytest.raises(JobStopped):
-        run(settings, job_id, attempt=2)  # not the attempt the claim made (1)
+        run(settings, job_id, attempt=2)  # the job is at attempt 1: a stale or forged token
     with session_scope(settings.database_url) as s:
         assert not store_lines(s, job_id, 0, [stored_error(0, "greedy", "x", "stale")])
     assert stored(settings, job_id) == {}
@@ -265,13 +266,13 @@ def test_window_passing_between_chunks_expires_the_rest(settings: Settings) -> N
 
 
 @pytest.fixture
-def executor(settings: Settings) -> Iterator[JobExecutor]:
+def executor(settings: Settings) -> Iterator[JobLifecycle]:
     publisher = JobPublisher(settings)
-    yield JobExecutor(settings, publisher, "cpu")
+    yield JobLifecycle(settings, publisher, "cpu")
     publisher.close()
 
 
-def test_executor_runs_a_batch_to_succeeded(settings: Settings, executor: JobExecutor) -> None:
+def test_executor_runs_a_batch_to_succeeded(settings: Settings, executor: JobLifecycle) -> None:
     job_id = new_batch(settings, MIXED[:2])
     executor.execute(job_id)
     job = load_job(settings.database_url, job_id)
@@ -281,7 +282,7 @@ def test_executor_runs_a_batch_to_succeeded(settings: Settings, executor: JobExe
 
 
 def test_executor_claiming_after_the_window_expires_every_line(
-    settings: Settings, executor: JobExecutor
+    settings: Settings, executor: JobLifecycle
 ) -> None:
     job_id = new_batch(settings, MIXED[:3], window="5s")
     with session_scope(settings.database_url) as s:
@@ -299,7 +300,7 @@ def test_executor_claiming_after_the_window_expires_every_line(
     }
 
 
-def test_cancel_keeps_finished_lines(settings: Settings, executor: JobExecutor) -> None:
+def test_cancel_keeps_finished_lines(settings: Settings, executor: JobLifecycle) -> None:
     rows = [line(f"long-{i}", max_tokens=2000, temperature=0) for i in range(8)]
     job_id = new_batch(settings, rows)
 
@@ -336,13 +337,16 @@ def test_reconciler_expires_queued_batches_past_their_window(settings: Settings)
             .where(Job.id.in_([overdue, requeued, generate]))
             .values(created_at=utcnow() - timedelta(hours=2))
         )
-        assert requeue_job(
-            s,
-            requeued,
-            available_at=utcnow(),
-            reason="worker lost",
-            error_type="worker_lost",
-            where=[Job.lease_owner == "w1"],
+        assert (
+            retry_attempt(
+                s,
+                requeued,
+                attempt=1,
+                available_at=utcnow(),
+                failure=FailureType.WORKER_LOST,
+                message="worker lost",
+            )
+            is JobStatus.QUEUED
         )
     publisher = JobPublisher(settings)
     try:

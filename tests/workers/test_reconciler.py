@@ -141,11 +141,15 @@ def test_expired_lease_of_a_worker_alive_in_the_broker_is_left_alone(
     expire_lease(settings, job_id)
     leases = BrokerLeases(settings.broker_url)
     try:
-        leases.renew(job_id, "dead-worker", 30)
+        assert leases.renew(job_id, "dead-worker", 1, 30)
+        assert not leases.renew(job_id, "stale-worker", 0, 30)  # an older attempt: refused
         report = reconcile(settings, publisher, leases)
         assert (report.alive, report.requeued) == (1, 0)
         assert load_job(settings.database_url, job_id).status == "running"
-        leases.release(job_id, "dead-worker")
+        leases.release(job_id, "stale-worker", 0)  # not its lease: nothing happens
+        report = reconcile(settings, publisher, leases)
+        assert (report.alive, report.requeued) == (1, 0)
+        leases.release(job_id, "dead-worker", 1)
         report = reconcile(settings, publisher, leases)
         assert report.requeued == 1
         assert load_job(settings.database_url, job_id).status == "queued"

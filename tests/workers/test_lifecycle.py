@@ -1,6 +1,6 @@
-"""The executor's outcomes with a stubbed runner, on a real database and Redis.
+"""The lifecycle's outcomes with a stubbed runner, on a real database and Redis.
 
-No-op jobs: generation jobs go through the batching path (tests/workers/test_generation_engine.py
+No-op jobs: generation jobs go through their decode group (tests/workers/test_generation_*.py
 and tests/e2e/test_generation_batching.py).
 """
 
@@ -27,8 +27,9 @@ from db.outputs import GeneratedText, count_outputs
 from db.session import migrate, session_scope
 from tests.support.jobs import insert_job, load_job
 from tests.support.services import redis_db_index
+from workers import lifecycle as lifecycle_module
 from workers.context import RunContext
-from workers.executor import JobExecutor
+from workers.lifecycle import JobLifecycle
 from workers.runners import RunResult
 
 
@@ -46,52 +47,59 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 @pytest.fixture
-def executor(settings: Settings) -> Iterator[JobExecutor]:
+def lifecycle(settings: Settings) -> Iterator[JobLifecycle]:
     publisher = JobPublisher(settings)
-    yield JobExecutor(settings, publisher, "cpu")
+    yield JobLifecycle(settings, publisher, "cpu")
     publisher.close()
 
 
-def stub_runner(monkeypatch: pytest.MonkeyPatch, executor: JobExecutor, behaviour: Any) -> None:
-    def run(kind: JobKind, spec: dict[str, Any], ctx: RunContext) -> RunResult:
-        return RunResult(outputs=behaviour(ctx))
+class _StubRunner:
+    def __init__(self, behaviour: Any) -> None:
+        self._behaviour = behaviour
 
-    monkeypatch.setattr(executor, "_run", run)
+    def run(self, spec: dict[str, Any], ctx: RunContext) -> RunResult:
+        return RunResult(outputs=self._behaviour(ctx))
+
+
+def stub_runner(monkeypatch: pytest.MonkeyPatch, lifecycle: JobLifecycle, behaviour: Any) -> None:
+    monkeypatch.setattr(
+        lifecycle_module, "runner_for", lambda kind, settings: _StubRunner(behaviour)
+    )
 
 
 def test_success_writes_outputs_and_finishes(
-    settings: Settings, executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stub_runner(monkeypatch, executor, lambda ctx: [GeneratedText(0, 0, "hi", "stop", 1, 1)])
+    stub_runner(monkeypatch, lifecycle, lambda ctx: [GeneratedText(0, 0, "hi", "stop", 1, 1)])
     job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
-    executor.execute(job_id)
+    lifecycle.execute(job_id)
     job = load_job(settings.database_url, job_id)
     assert (job.status, job.attempts, job.lease_owner) == ("succeeded", 1, None)
     with session_scope(settings.database_url) as s:
         assert count_outputs(s, job_id) == 1
-    executor.execute(job_id)  # a late duplicate delivery changes nothing
+    lifecycle.execute(job_id)  # a late duplicate delivery changes nothing
     with session_scope(settings.database_url) as s:
         assert count_outputs(s, job_id) == 1
         assert "delivery dropped" in list_events(s, job_id)[-1].message
 
 
 def test_transient_error_requeues_with_backoff_then_fails_at_max(
-    settings: Settings, executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def flaky(ctx: RunContext) -> list[GeneratedText]:
         raise TransientJobError("device busy")
 
-    stub_runner(monkeypatch, executor, flaky)
+    stub_runner(monkeypatch, lifecycle, flaky)
     job_id = insert_job(settings.database_url, max_attempts=2, kind=JobKind.NOOP)
-    executor.execute(job_id)
+    lifecycle.execute(job_id)
     job = load_job(settings.database_url, job_id)
     assert (job.status, job.attempts, job.error_type) == ("queued", 1, "transient_error")
     assert job.available_at > utcnow()
-    executor.execute(job_id)  # not due yet: dropped, nothing runs
+    lifecycle.execute(job_id)  # not due yet: dropped, nothing runs
     assert load_job(settings.database_url, job_id).attempts == 1
     with session_scope(settings.database_url) as s:
         s.query(Job).filter(Job.id == job_id).update({"available_at": utcnow()})
-    executor.execute(job_id)
+    lifecycle.execute(job_id)
     job = load_job(settings.database_url, job_id)
     assert (job.status, job.attempts, job.error_type) == ("failed", 2, "transient_error")
 
@@ -105,7 +113,7 @@ def test_transient_error_requeues_with_backoff_then_fails_at_max(
 )
 def test_other_errors_fail_once_with_a_type(
     settings: Settings,
-    executor: JobExecutor,
+    lifecycle: JobLifecycle,
     monkeypatch: pytest.MonkeyPatch,
     error: Exception,
     expected: str,
@@ -113,20 +121,20 @@ def test_other_errors_fail_once_with_a_type(
     def broken(ctx: RunContext) -> list[GeneratedText]:
         raise error
 
-    stub_runner(monkeypatch, executor, broken)
+    stub_runner(monkeypatch, lifecycle, broken)
     job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
-    executor.execute(job_id)
+    lifecycle.execute(job_id)
     job = load_job(settings.database_url, job_id)
     assert (job.status, job.attempts, job.error_type) == ("failed", 1, expected)
 
 
 def test_failure_to_store_results_fails_the_job(
-    settings: Settings, executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dup = GeneratedText(0, 0, "same position twice", "stop", 1, 1)
-    stub_runner(monkeypatch, executor, lambda ctx: [dup, dup])
+    stub_runner(monkeypatch, lifecycle, lambda ctx: [dup, dup])
     job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
-    executor.execute(job_id)
+    lifecycle.execute(job_id)
     job = load_job(settings.database_url, job_id)
     assert (job.status, job.error_type) == ("failed", "runtime_error")
     with session_scope(settings.database_url) as s:
@@ -134,7 +142,7 @@ def test_failure_to_store_results_fails_the_job(
 
 
 def test_cancel_seen_by_heartbeat_cancels(
-    settings: Settings, executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from db.jobs import request_cancel
 
@@ -145,9 +153,9 @@ def test_cancel_seen_by_heartbeat_cancels(
         ctx.check_stop()
         return []
 
-    stub_runner(monkeypatch, executor, wait_for_cancel)
+    stub_runner(monkeypatch, lifecycle, wait_for_cancel)
     job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
-    executor.execute(job_id)
+    lifecycle.execute(job_id)
     job = load_job(settings.database_url, job_id)
     assert (job.status, job.attempts) == ("cancelled", 1)
 
@@ -164,19 +172,19 @@ def wait_to_be_stopped(ctx: RunContext) -> list[GeneratedText]:
 
 
 def test_run_time_limit_stops_the_job_as_timed_out(
-    settings: Settings, executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stub_runner(monkeypatch, executor, wait_to_be_stopped)
+    stub_runner(monkeypatch, lifecycle, wait_to_be_stopped)
     job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
     set_columns(settings, job_id, max_runtime_s=0.1)
-    executor.execute(job_id)
+    lifecycle.execute(job_id)
     job = load_job(settings.database_url, job_id)
     assert (job.status, job.error_type, job.attempts) == ("failed", "timed_out", 1)
     assert "0.1s" in (job.error_message or "")
 
 
 def test_worker_shutdown_hands_the_job_back_without_spending_an_attempt(
-    settings: Settings, executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from core.dispatch import marker_key
     from workers.context import give_back_running
@@ -185,27 +193,33 @@ def test_worker_shutdown_hands_the_job_back_without_spending_an_attempt(
         assert give_back_running() == [ctx.job_id]
         return wait_to_be_stopped(ctx)
 
-    stub_runner(monkeypatch, executor, shut_down)
+    stub_runner(monkeypatch, lifecycle, shut_down)
     job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
-    executor.execute(job_id)
+    lifecycle.execute(job_id)
     job = load_job(settings.database_url, job_id)
-    assert (job.status, job.attempts, job.max_attempts, job.lease_owner) == ("queued", 1, 4, None)
+    assert (job.status, job.attempts, job.max_attempts, job.handbacks, job.lease_owner) == (
+        "queued",
+        1,
+        3,
+        1,
+        None,
+    )
     assert job.error_type is None
     assert redis.Redis.from_url(settings.broker_url).exists(marker_key(job_id))  # published
     with session_scope(settings.database_url) as s:
         last = list_events(s, job_id)[-1]
-        assert last.data["by"] == executor.worker and "given back" in last.message
+        assert last.data["by"] == lifecycle.worker and "given back" in last.message
 
 
 def test_named_transient_errors_requeue_with_their_type(
-    settings: Settings, executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def database_gone(ctx: RunContext) -> list[GeneratedText]:
         raise OperationalError("SELECT 1", {}, Exception("server closed the connection"))
 
-    stub_runner(monkeypatch, executor, database_gone)
+    stub_runner(monkeypatch, lifecycle, database_gone)
     job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
-    executor.execute(job_id)
+    lifecycle.execute(job_id)
     job = load_job(settings.database_url, job_id)
     assert (job.status, job.error_type) == ("queued", "database_unavailable")
     backoff = (job.available_at - utcnow()).total_seconds()
@@ -213,12 +227,12 @@ def test_named_transient_errors_requeue_with_their_type(
 
 
 def test_message_for_a_job_past_expires_at_expires_it(
-    settings: Settings, executor: JobExecutor, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stub_runner(monkeypatch, executor, lambda ctx: [])
+    stub_runner(monkeypatch, lifecycle, lambda ctx: [])
     job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
     set_columns(settings, job_id, expires_at=utcnow() - timedelta(seconds=1))
-    executor.execute(job_id)
+    lifecycle.execute(job_id)
     job = load_job(settings.database_url, job_id)
     assert (job.status, job.error_type, job.attempts, job.started_at) == (
         "expired",
@@ -228,7 +242,7 @@ def test_message_for_a_job_past_expires_at_expires_it(
     )
 
 
-def test_generation_job_keeps_its_lease_while_its_batch_loads_the_model(
+def test_generation_job_keeps_its_lease_while_its_decode_group_loads_the_model(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from workers.generation import jobs as generation_jobs
@@ -236,19 +250,115 @@ def test_generation_job_keeps_its_lease_while_its_batch_loads_the_model(
 
     short = settings.model_copy(update={"lease_ttl_s": 0.3})
     publisher = JobPublisher(short)
-    executor = JobExecutor(short, publisher, "cpu")
+    lifecycle = JobLifecycle(short, publisher, "cpu")
     seen: dict[str, Any] = {}
 
     def slow_model_load(self: Any) -> None:
         time.sleep(1.0)  # a cold model load, longer than the lease TTL
         seen["report"] = reconcile(short, publisher)
-        seen["job"] = load_job(short.database_url, self._first.ctx.job_id)
+        seen["job"] = load_job(short.database_url, self._first.claimed.ctx.job_id)
 
-    monkeypatch.setattr(generation_jobs.GenerationBatchRun, "run", slow_model_load)
+    monkeypatch.setattr(generation_jobs.DecodeGroupRun, "run", slow_model_load)
     try:
         job_id = insert_job(short.database_url)
-        executor.execute(job_id)
+        lifecycle.execute(job_id)
     finally:
         publisher.close()
     assert seen["report"].requeued == 0
-    assert (seen["job"].status, seen["job"].lease_owner) == ("running", executor.worker)
+    assert (seen["job"].status, seen["job"].lease_owner) == ("running", lifecycle.worker)
+
+
+def request_cancel_now(settings: Settings, job_id: str) -> None:
+    from db.jobs import request_cancel
+
+    with session_scope(settings.database_url) as s:
+        request_cancel(s, job_id, tenant_id=None)
+
+
+def test_a_cancel_asked_before_the_finish_commits_wins(
+    settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def finish_fast(ctx: RunContext) -> list[GeneratedText]:
+        request_cancel_now(settings, ctx.job_id)  # the heartbeat never sees it
+        return [GeneratedText(0, 0, "done", "stop", 1, 1)]
+
+    stub_runner(monkeypatch, lifecycle, finish_fast)
+    job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
+    lifecycle.execute(job_id)
+    job = load_job(settings.database_url, job_id)
+    assert (job.status, job.result) == ("cancelled", None)
+    with session_scope(settings.database_url) as s:
+        assert count_outputs(s, job_id) == 0
+
+
+@pytest.mark.parametrize(
+    "ending",
+    ["transient_error", "hand_back", "disk_full"],
+)
+def test_a_cancel_racing_a_way_back_to_queued_ends_cancelled(
+    settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    from workers.context import give_back_running
+
+    def race(ctx: RunContext) -> list[GeneratedText]:
+        request_cancel_now(settings, ctx.job_id)
+        if ending == "hand_back":
+            give_back_running()
+            ctx.check_stop()
+        if ending == "disk_full":
+            raise OSError(28, "No space left on device")
+        raise TransientJobError("device busy")
+
+    stub_runner(monkeypatch, lifecycle, race)
+    job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
+    lifecycle.execute(job_id)
+    job = load_job(settings.database_url, job_id)
+    assert (job.status, job.lease_owner, job.handbacks) == ("cancelled", None, 0)
+
+
+def test_a_stale_attempt_writes_nothing(
+    settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def taken_over(ctx: RunContext) -> list[GeneratedText]:
+        # another worker claimed the job after this attempt's lease expired
+        set_columns(settings, ctx.job_id, attempts=ctx.attempt + 1, lease_owner="other:1")
+        return [GeneratedText(0, 0, "stale", "stop", 1, 1)]
+
+    stub_runner(monkeypatch, lifecycle, taken_over)
+    job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
+    lifecycle.execute(job_id)
+    job = load_job(settings.database_url, job_id)
+    assert (job.status, job.attempts, job.lease_owner) == ("running", 2, "other:1")
+    with session_scope(settings.database_url) as s:
+        assert count_outputs(s, job_id) == 0
+
+
+def test_a_runner_ignoring_its_stop_flag_is_stopped_by_force(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grace = settings.model_copy(update={"stop_grace_s": 0.2})
+    publisher = JobPublisher(grace)
+    restarts: list[str] = []
+    seen: dict[str, Any] = {}
+    lifecycle = JobLifecycle(grace, publisher, "cpu", restart=restarts.append)
+
+    def stubborn(ctx: RunContext) -> list[GeneratedText]:
+        deadline = time.monotonic() + 10
+        while not restarts and time.monotonic() < deadline:
+            time.sleep(0.05)  # never looks at its stop flag
+        seen["job"] = load_job(grace.database_url, ctx.job_id)
+        return [GeneratedText(0, 0, "too late", "stop", 1, 1)]
+
+    stub_runner(monkeypatch, lifecycle, stubborn)
+    job_id = insert_job(grace.database_url, kind=JobKind.NOOP)
+    set_columns(grace, job_id, max_runtime_s=0.1)
+    try:
+        lifecycle.execute(job_id)
+    finally:
+        publisher.close()
+    assert len(restarts) == 1 and job_id in restarts[0]
+    assert (seen["job"].status, seen["job"].error_type) == ("failed", "timed_out")
+    job = load_job(grace.database_url, job_id)
+    assert (job.status, job.error_type) == ("failed", "timed_out")  # the late result lost
+    with session_scope(grace.database_url) as s:
+        assert count_outputs(s, job_id) == 0

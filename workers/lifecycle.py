@@ -1,0 +1,602 @@
+"""The one lifecycle every job kind goes through: claim, run with a heartbeat, and end the
+attempt (succeed, fail, retry, hand back, pause, stop), each end a compare-and-set on the
+attempt number.
+
+A job is claimed from its message (`execute`) or by a runner that serves several jobs at
+once (`claim_and_begin`: each job of a generation decode group). Either way it becomes an
+`AttemptRun`: the heartbeat renews both leases for that attempt, and exactly one ending call
+records the outcome through the repository functions of db/attempts.py. A runner that
+does not stop within `stop_grace_s` of its run time limit or of a lost lease is overdue:
+its outcome is recorded (failed `timed_out`, or nothing when the lease was lost) and the
+worker process restarts in place (workers/restart.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import redis
+from sqlalchemy.orm import Session
+
+from core.dispatch import JobPublisher
+from core.enums import EventType, FailureType, JobKind, JobStatus
+from core.errors import JobError, JobExpired, JobStopped, StaleAttempt, TransientJobError
+from core.logs import log_context
+from core.settings import Settings
+from core.storage import artifact_store
+from db.attempts import (
+    cancel_attempt,
+    cancel_requested,
+    end_attempt,
+    hand_back,
+    pause_attempt,
+    retry_attempt,
+)
+from db.base import utcnow
+from db.events import append_event
+from db.fencing import fence
+from db.jobs import claim, expire_overdue, get_job
+from db.models import DEFAULT_TENANT
+from db.monitors import record_predictions
+from db.outputs import add_outputs
+from db.registry import model_name, register_model
+from db.session import DATABASE_UNAVAILABLE, session_scope
+from workers.context import RunContext, worker_identity
+from workers.failures import classify, jittered_delay
+from workers.heartbeat import Heartbeat
+from workers.leases import broker_leases
+from workers.restart import restart_process
+from workers.runners import Attempt, ClaimedJob, RunResult, TrainedModel, runner_for
+
+logger = logging.getLogger(__name__)
+
+PREDICTION = "prediction"  # an output's finish_reason in a predict job (may feed a monitor)
+T = TypeVar("T")
+__all__ = ["AttemptRun", "JobLifecycle"]
+
+
+class _Lost(Exception):
+    """The attempt's final compare-and-set found the job held by a newer attempt."""
+
+
+class JobLifecycle:
+    """Claims jobs for this worker and runs each attempt to its recorded end."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        publisher: JobPublisher,
+        device: str,
+        *,
+        restart: Callable[[str], None] = restart_process,
+    ) -> None:
+        self._settings = settings
+        self._publisher = publisher
+        self._device = device
+        self._restart = restart
+        self.leases = broker_leases(settings.broker_url)
+        self._worker = worker_identity()
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @property
+    def worker(self) -> str:
+        return self._worker
+
+    @property
+    def publisher(self) -> JobPublisher:
+        return self._publisher
+
+    # -- entry points --------------------------------------------------------------------
+    def execute(self, job_id: str) -> None:
+        """The task's entry: claim the job of this message and run it to its end."""
+        with log_context(job_id=job_id):
+            self._publisher.take_marker(job_id)
+            claimed = self.claim(job_id)
+            if claimed is None:
+                return
+            self.run(self.begin(claimed))
+
+    def claim_and_begin(self, job_id: str) -> Attempt | None:
+        claimed = self.claim(job_id, from_message=False)
+        return None if claimed is None else self.begin(claimed)
+
+    def begin(self, claimed: ClaimedJob) -> AttemptRun:
+        attempt = AttemptRun(self, claimed)
+        attempt.start()
+        return attempt
+
+    def run(self, attempt: AttemptRun) -> None:
+        """Run a begun attempt with the runner of its kind and record how it ended."""
+        claimed = attempt.claimed
+        if claimed.kind is JobKind.GENERATE:
+            from workers.generation.jobs import serve_generation
+
+            try:
+                serve_generation(self, attempt)
+            finally:
+                attempt.abandon_if_open()
+            return
+        ctx = claimed.ctx
+        try:
+            if attempt.cancelled_before_start():
+                attempt.stopped()
+                return
+            result = runner_for(claimed.kind, self._settings).run(claimed.spec, ctx)
+        except JobExpired:
+            attempt.expired()  # the runner recorded `expired` itself, with its lines
+        except JobStopped as exc:
+            if isinstance(exc, StaleAttempt):
+                ctx.lease_lost = True
+            attempt.stopped()
+        except Exception as exc:
+            attempt.failed(exc)
+        else:
+            attempt.succeed(result)
+
+    def claim(self, job_id: str, *, from_message: bool = True) -> ClaimedJob | None:
+        """queued -> running for this worker, as a new attempt; None when someone else has
+        it (or it ended). A message that finds its job not claimable is recorded as a
+        dropped delivery; a job a runner tried to take (`from_message=False`) is not."""
+        ttl = timedelta(seconds=self._settings.lease_ttl_s)
+        with session_scope(self._settings.database_url) as session:
+            row = claim(session, job_id, self._worker, ttl, self._settings.max_running_jobs)
+            if row is not None:
+                logger.info("job %s claimed by %s (attempt %d)", job_id, self._worker, row.attempts)
+                limit = self._settings.job_time_limit_s
+                if row.max_runtime_s is not None:
+                    limit = min(limit, row.max_runtime_s)
+                return ClaimedJob(
+                    kind=JobKind(row.kind),
+                    spec=row.spec,
+                    ctx=RunContext(
+                        job_id=job_id,
+                        tenant_id=row.tenant_id,
+                        attempt=row.attempts,
+                        device=self._device,
+                        worker=self._worker,
+                        deadline=time.monotonic() + limit,
+                        max_runtime_s=limit,
+                    ),
+                    model=row.model,
+                )
+            if not from_message:
+                return None
+            job = get_job(session, job_id)
+            if job is None:
+                logger.warning("message for unknown job %s dropped", job_id)
+                return None
+            if job.status == JobStatus.QUEUED.value and expire_overdue(session, job_id, utcnow()):
+                logger.info("job %s expired before it started; message dropped", job_id)
+                return None
+            append_event(
+                session,
+                job_id,
+                EventType.LOG,
+                f"delivery dropped by {self._worker}: job is {job.status}",
+                {"worker": self._worker, "reason": "not_claimable", "status": job.status},
+            )
+            logger.info("job %s not claimable (%s); message dropped", job_id, job.status)
+            return None
+
+    # -- what attempts share -------------------------------------------------------------
+    def write(self, job_id: str, what: str, write: Callable[[], T], keep: Callable[[], Any]) -> T:
+        """Run a database write, retrying for up to db_retry_s while the database is
+        unreachable and calling `keep` (renew the broker lease) meanwhile."""
+        deadline = time.monotonic() + self._settings.db_retry_s
+        delay = 0.5
+        warned = False
+        while True:
+            try:
+                return write()
+            except DATABASE_UNAVAILABLE as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                if not warned:
+                    logger.warning(
+                        "job %s: database unreachable while recording %s (%s); retrying for up "
+                        "to %.0fs",
+                        job_id,
+                        what,
+                        type(exc).__name__,
+                        self._settings.db_retry_s,
+                    )
+                    warned = True
+                with contextlib.suppress(redis.RedisError):
+                    keep()
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def register(
+        self, session: Session, ctx: RunContext, spec: dict[str, Any], trained: TrainedModel
+    ) -> str:
+        """Publish the attempt's model directory (its own path) and register it; called
+        inside the finishing transaction, after the fence."""
+        name = model_name(trained.base_model, trained.task, spec.get("suffix"), ctx.job_id)
+        artifact_store(self._settings).publish(trained.path)
+        job = get_job(session, ctx.job_id)
+        register_model(
+            session,
+            tenant_id=job.tenant_id if job is not None else DEFAULT_TENANT,
+            name=name,
+            base_model=trained.base_model,
+            task=trained.task.value,
+            method=trained.method.value,
+            adapter=trained.adapter,
+            job_id=ctx.job_id,
+            path=str(trained.path.resolve().relative_to(self._settings.data_dir.resolve())),
+            labels=list(trained.labels),
+            metrics=dict(trained.metrics),
+        )
+        append_event(
+            session, ctx.job_id, EventType.LOG, f"registered model {name}", {"model": name}
+        )
+        return name
+
+    def overdue(self, ctx: RunContext) -> None:
+        """The heartbeat's call for a runner that ignored its stop flag past the grace:
+        record the outcome, then restart this process (which ends the runner)."""
+        if ctx.timed_out and not ctx.lease_lost:
+            limit = f"{ctx.max_runtime_s:g}s" if ctx.max_runtime_s is not None else "its limit"
+            try:
+                with session_scope(self._settings.database_url) as session:
+                    status = end_attempt(
+                        session,
+                        ctx.job_id,
+                        JobStatus.FAILED,
+                        attempt=ctx.attempt,
+                        by=self._worker,
+                        error_type=FailureType.TIMED_OUT.value,
+                        error_message=f"did not stop within {self._settings.stop_grace_s:g}s "
+                        f"of its run time limit of {limit}; its worker process was restarted",
+                    )
+                logger.error("job %s: overdue runner; recorded %s", ctx.job_id, status)
+            except DATABASE_UNAVAILABLE:
+                logger.exception("job %s: overdue runner; outcome not recorded", ctx.job_id)
+        with contextlib.suppress(redis.RedisError):
+            self.leases.release(ctx.job_id, self._worker, ctx.attempt)
+        self._restart(f"job {ctx.job_id} attempt {ctx.attempt} did not stop ({ctx.stop_reason})")
+
+    def publish(self, job_id: str, kind: JobKind, priority: int) -> None:
+        try:
+            self._publisher.publish(job_id, kind, priority)
+        except Exception as exc:  # the reconciler republishes it once the broker answers
+            logger.warning("job %s queued again but not published: %s", job_id, exc)
+
+
+class AttemptRun:
+    """One attempt of one job (the `Attempt` protocol of workers/runners.py)."""
+
+    def __init__(self, lifecycle: JobLifecycle, claimed: ClaimedJob) -> None:
+        self._lc = lifecycle
+        self._claimed = claimed
+        self._settings = lifecycle.settings
+        self._heartbeat = Heartbeat(
+            lifecycle.settings,
+            claimed.ctx,
+            lifecycle.worker,
+            lifecycle.leases,
+            on_overdue=lifecycle.overdue,
+        )
+        self._ended = False
+
+    @property
+    def claimed(self) -> ClaimedJob:
+        return self._claimed
+
+    @property
+    def ctx(self) -> RunContext:
+        return self._claimed.ctx
+
+    @property
+    def job_id(self) -> str:
+        return self._claimed.ctx.job_id
+
+    def start(self) -> None:
+        self._heartbeat.start()
+
+    def cancelled_before_start(self) -> bool:
+        """Read the cancel flag once more before the runner starts (the claim read it too)."""
+        ctx = self.ctx
+        with session_scope(self._settings.database_url, readonly=True) as session:
+            flag = cancel_requested(session, ctx.job_id, ctx.attempt)
+        if flag is None:
+            ctx.lease_lost = True
+        elif flag:
+            ctx.cancelled = True
+        if flag is not False:
+            ctx.stop_event.set()
+            return True
+        return False
+
+    # -- endings -------------------------------------------------------------------------
+    def succeed(self, result: RunResult) -> JobStatus | None:
+        """Outputs, registry entry and `succeeded` in one transaction behind the fence; a
+        cancel asked before it commits wins (nothing stored, no model registered)."""
+        ctx = self.ctx
+
+        def write() -> JobStatus:
+            summary = dict(result.result) if result.result is not None else None
+            with session_scope(self._settings.database_url) as session:
+                if not fence(session, ctx.job_id, ctx.attempt):
+                    raise _Lost(ctx.job_id)
+                if cancel_requested(session, ctx.job_id, ctx.attempt):
+                    if not cancel_attempt(
+                        session,
+                        ctx.job_id,
+                        attempt=ctx.attempt,
+                        by=self._lc.worker,
+                        message="cancelled before its result was stored",
+                    ):
+                        raise _Lost(ctx.job_id)
+                    return JobStatus.CANCELLED
+                add_outputs(session, ctx.job_id, result.outputs)
+                if any(o.finish_reason == PREDICTION for o in result.outputs):
+                    record_predictions(session, ctx.job_id, result.outputs)
+                if result.trained_model is not None:
+                    name = self._lc.register(session, ctx, self._claimed.spec, result.trained_model)
+                    summary = {**(summary or {}), "model": name}
+                status = end_attempt(
+                    session,
+                    ctx.job_id,
+                    JobStatus.SUCCEEDED,
+                    attempt=ctx.attempt,
+                    by=self._lc.worker,
+                    result=summary,
+                )
+                if status is not JobStatus.SUCCEEDED:
+                    raise _Lost(ctx.job_id)
+                return status
+
+        self._stop_heartbeat()
+        try:
+            status: JobStatus | None = self._write("its result", write)
+        except _Lost:
+            logger.warning(
+                "job %s: attempt %d lost the job before its result committed (compare-and-set "
+                "on the attempt failed); outputs discarded",
+                ctx.job_id,
+                ctx.attempt,
+            )
+            status = None
+        except DATABASE_UNAVAILABLE:
+            logger.exception("job %s: could not record its result", ctx.job_id)
+            status = None
+        except Exception as exc:
+            logger.exception("job %s: storing its result failed", ctx.job_id)
+            return self.fail(FailureType.RUNTIME_ERROR, f"storing the result failed: {exc}")
+        if status is not JobStatus.SUCCEEDED and result.trained_model is not None:
+            shutil.rmtree(result.trained_model.path, ignore_errors=True)  # never registered
+        if status is JobStatus.SUCCEEDED:
+            logger.info("job %s succeeded with %d outputs", ctx.job_id, len(result.outputs))
+        elif status is JobStatus.CANCELLED:
+            logger.info("job %s cancelled before its result was stored", ctx.job_id)
+        self._release()
+        return status
+
+    def fail(self, failure: FailureType, message: str) -> JobStatus | None:
+        return self._end(
+            f"its failure ({failure.value})",
+            lambda session: end_attempt(
+                session,
+                self.job_id,
+                JobStatus.FAILED,
+                attempt=self.ctx.attempt,
+                by=self._lc.worker,
+                error_type=failure.value,
+                error_message=message,
+            ),
+        )
+
+    def failed(self, exc: BaseException) -> JobStatus | None:
+        """Classify an exception out of the runner: retry a transient one, fail the rest."""
+        ctx = self.ctx
+        if isinstance(exc, StaleAttempt):
+            ctx.lease_lost = True
+            return self.stopped()
+        error = classify(exc, self._settings, ctx.device)
+        if not isinstance(exc, JobError):
+            logger.error(
+                "job %s: attempt %d failed (%s)",
+                ctx.job_id,
+                ctx.attempt,
+                error.failure,
+                exc_info=exc,
+            )
+        if not isinstance(error, TransientJobError):
+            return self.fail(error.failure, error.message)
+        delay = jittered_delay(self._settings, ctx.attempt)
+        message = f"{error.failure.value} (transient), retry in {delay:.1f}s: {error.message}"
+        status = self._end(
+            "its retry",
+            lambda session: retry_attempt(
+                session,
+                ctx.job_id,
+                attempt=ctx.attempt,
+                available_at=utcnow() + timedelta(seconds=delay),
+                failure=error.failure,
+                message=message,
+                by=self._lc.worker,
+            ),
+        )
+        if status is JobStatus.QUEUED:
+            logger.info("job %s will retry in %.1fs (%s)", ctx.job_id, delay, error.failure)
+        return status
+
+    def stopped(self) -> JobStatus | None:
+        """Record why the runner stopped: cancelled, timed out (failed), paused, handed back
+        (queued and published), or nothing when the lease was lost. A cancel asked
+        meanwhile wins over all but a lost lease."""
+        ctx = self.ctx
+        by = self._lc.worker
+        if ctx.lease_lost:
+            self._stop_heartbeat()
+            logger.warning("job %s: attempt %d stopped after losing its lease", *self._ids())
+            self._note("stopped its attempt: lease lost", "lease_lost")
+            self._release()
+            return None
+        if ctx.cancelled:
+            return self._end(
+                "its cancel",
+                lambda session: (
+                    cancel_attempt(session, ctx.job_id, attempt=ctx.attempt, by=by, message="")
+                    and JobStatus.CANCELLED
+                ),
+            )
+        if ctx.timed_out:
+            limit = f"{ctx.max_runtime_s:g}s" if ctx.max_runtime_s is not None else "its limit"
+            return self._end(
+                "its timeout",
+                lambda session: end_attempt(
+                    session,
+                    ctx.job_id,
+                    JobStatus.FAILED,
+                    attempt=ctx.attempt,
+                    by=by,
+                    error_type=FailureType.TIMED_OUT.value,
+                    error_message=f"stopped at its run time limit of {limit} (max_runtime_s, "
+                    "or the workers' job_time_limit_s)",
+                ),
+            )
+        if ctx.paused:
+            return self._end(
+                "its pause",
+                lambda session: pause_attempt(session, ctx.job_id, attempt=ctx.attempt, by=by),
+            )
+        if ctx.given_back:
+            return self._hand_back()
+        logger.warning("job %s: attempt %d stopped without a reason", *self._ids())
+        return self._end(
+            "its stop",
+            lambda session: end_attempt(
+                session,
+                ctx.job_id,
+                JobStatus.FAILED,
+                attempt=ctx.attempt,
+                by=by,
+                error_type=FailureType.RUNTIME_ERROR.value,
+                error_message="the runner stopped without a reason",
+            ),
+        )
+
+    def abandon_if_open(self) -> None:
+        """Stop the heartbeat of an attempt its runner left without an end (a bug, or an
+        error the runner could not record): the lease expires and the reconciler decides."""
+        if self._ended:
+            return
+        logger.error(
+            "job %s: attempt %d was left without an end; its lease will expire", *self._ids()
+        )
+        self._stop_heartbeat()
+        self._ended = True
+
+    def expired(self) -> None:
+        """The runner recorded `expired` itself (a batch past its completion window)."""
+        self._stop_heartbeat()
+        self._release()
+
+    # -- helpers -------------------------------------------------------------------------
+    def _ids(self) -> tuple[str, int]:
+        return self.ctx.job_id, self.ctx.attempt
+
+    def _hand_back(self) -> JobStatus | None:
+        ctx = self.ctx
+        self._stop_heartbeat()
+
+        def write() -> Any:
+            with session_scope(self._settings.database_url) as session:
+                return hand_back(session, ctx.job_id, attempt=ctx.attempt, by=self._lc.worker)
+
+        try:
+            back = self._write("its hand-back", write)
+        except DATABASE_UNAVAILABLE:
+            logger.exception("job %s: could not record its hand-back", ctx.job_id)
+            back = None
+        self._release()
+        if back is None:
+            self._lost("its hand-back")
+            return None
+        if back.status is JobStatus.QUEUED:
+            self._lc.publish(ctx.job_id, back.kind, back.priority)
+            logger.info("job %s given back by %s (shutting down)", ctx.job_id, self._lc.worker)
+            return None
+        logger.info("job %s cancelled instead of being given back", ctx.job_id)
+        return JobStatus(back.status)
+
+    def _end(
+        self, what: str, transition: Callable[[Session], JobStatus | bool | None]
+    ) -> JobStatus | None:
+        """Stop the heartbeat, run one ending transition in its own transaction (retried
+        while the database is away), release the broker lease; log a lost CAS as such."""
+        self._stop_heartbeat()
+
+        def write() -> JobStatus | None:
+            with session_scope(self._settings.database_url) as session:
+                status = transition(session)
+            return status if isinstance(status, JobStatus) else None
+
+        try:
+            status = self._write(what, write)
+        except DATABASE_UNAVAILABLE:
+            # Still unreachable after db_retry_s: the leases expire and the reconciler
+            # runs the job again (from its last checkpoint).
+            logger.exception("job %s: could not record %s", self.job_id, what)
+            status = None
+        self._release()
+        if status is None:
+            self._lost(what)
+        else:
+            logger.info("job %s: attempt %d recorded %s", *self._ids(), status.value)
+        return status
+
+    def _lost(self, what: str) -> None:
+        logger.warning(
+            "job %s: attempt %d no longer holds the job; %s not recorded (compare-and-set lost)",
+            *self._ids(),
+            what,
+        )
+
+    def _write(self, what: str, write: Callable[[], T]) -> T:
+        ctx = self.ctx
+        return self._lc.write(
+            ctx.job_id,
+            what,
+            write,
+            lambda: self._lc.leases.renew(
+                ctx.job_id, self._lc.worker, ctx.attempt, self._settings.lease_ttl_s
+            ),
+        )
+
+    def _stop_heartbeat(self) -> None:
+        self._heartbeat.stop()
+        self._ended = True
+
+    def _release(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self._lc.leases.release(self.ctx.job_id, self._lc.worker, self.ctx.attempt)
+
+    def _note(self, message: str, reason: str) -> None:
+        """A best-effort log event that this worker's attempt ended (no status change)."""
+        try:
+            with session_scope(self._settings.database_url) as session:
+                append_event(
+                    session,
+                    self.job_id,
+                    EventType.LOG,
+                    f"{self._lc.worker} {message}",
+                    {"by": self._lc.worker, "reason": reason, "attempt": self.ctx.attempt},
+                )
+        except DATABASE_UNAVAILABLE:
+            logger.warning("job %s: could not record that its attempt ended", self.job_id)
