@@ -1,11 +1,11 @@
-"""P2 and P4: generation batching throughput, and a cold vs a cached model start.
+"""P2 and P4: decode-group throughput of generation jobs, and a cold vs a cached model start.
 
 For a tiny local GPT-2 and SmolLM2-135M-Instruct, 16 different short prompts x 64
 new tokens, greedy, measured side by side in one run on a private stack (SQLite,
 Redis, API, one worker with MODELYARD_GENERATION_MAX_SEQUENCES=16):
 
   A  16 single-prompt jobs submitted at once through the API, timed from the first
-     submit until all 16 succeeded (the worker batches them);
+     submit until all 16 succeeded (the worker decodes them in one decode group);
   B  the same 16 jobs one by one (submit, wait until succeeded, next);
   C  one plain left-padded `model.generate` batch of 16 in this process.
 
