@@ -1,11 +1,11 @@
-"""P2 and P4: generation batching throughput, and a cold vs a cached model start.
+"""P2 and P4: decode-group throughput of generation jobs, and a cold vs a cached model start.
 
 For a tiny local GPT-2 and SmolLM2-135M-Instruct, 16 different short prompts x 64
 new tokens, greedy, measured side by side in one run on a private stack (SQLite,
-Redis, API, one worker with MODELYARD_GENERATION_MAX_BATCH=16):
+Redis, API, one worker with MODELYARD_GENERATION_MAX_SEQUENCES=16):
 
   A  16 single-prompt jobs submitted at once through the API, timed from the first
-     submit until all 16 succeeded (the worker batches them);
+     submit until all 16 succeeded (the worker decodes them in one decode group);
   B  the same 16 jobs one by one (submit, wait until succeeded, next);
   C  one plain left-padded `model.generate` batch of 16 in this process.
 
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures = {name: ModelFigures(rounds=n) for name, n in rounds.items()}
     started = time.perf_counter()
 
-    with private_stack(generation_max_batch=str(JOBS)) as (stack, base):
+    with private_stack(generation_max_sequences=str(JOBS)) as (stack, base):
         database_url = stack.env["MODELYARD_DATABASE_URL"]
         models_dir = stack.settings.models_dir
         sources[TINY] = build_tiny_gpt2(models_dir / TINY)

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -121,25 +121,41 @@ class Settings(BaseSettings):
     auto_migrate: bool = Field(
         default=True, description="Run `alembic upgrade head` when the API starts."
     )
-    generation_max_batch: int = Field(
-        default=32, ge=1, le=1024, description="Most sequences a worker decodes together."
+    generation_max_sequences: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        validation_alias=AliasChoices(
+            "generation_max_sequences",
+            "MODELYARD_GENERATION_MAX_SEQUENCES",
+            "MODELYARD_GENERATION_MAX_BATCH",
+        ),
+        description="Most sequences a worker decodes together (its decode group). "
+        "MODELYARD_GENERATION_MAX_BATCH is the older name.",
     )
-    generation_batch_wait_s: float = Field(
+    generation_group_wait_s: float = Field(
         default=0.02,
         ge=0,
         le=5,
-        description="How long a worker waits for more ready generation jobs before it starts.",
+        validation_alias=AliasChoices(
+            "generation_group_wait_s",
+            "MODELYARD_GENERATION_GROUP_WAIT_S",
+            "MODELYARD_GENERATION_BATCH_WAIT_S",
+        ),
+        description="How long a worker waits for more ready generation jobs to join its "
+        "decode group before the first step. MODELYARD_GENERATION_BATCH_WAIT_S is the older "
+        "name.",
     )
     generation_poll_s: float = Field(
         default=0.05,
         gt=0,
         le=10,
-        description="How often a decoding worker looks for ready jobs to join its batch.",
+        description="How often a decoding worker looks for ready jobs to join its decode group.",
     )
     generation_join_window_s: float = Field(
         default=60.0,
         gt=0,
-        description="A batch takes in newly ready jobs for this long, then drains, so the "
+        description="A decode group takes in newly ready jobs for this long, then drains, so the "
         "worker goes back to its queue (other job kinds) instead of decoding forever.",
     )
     model_cache_mb: int = Field(

@@ -2,7 +2,11 @@
 
 One Redis Stream per job (`modelyard:tokens:<job id>`) holds, per attempt, a
 `start` entry, one `delta` entry per piece of text of one (prompt, sequence),
-and an `end` entry written after the final status was committed. Redis is only
+and an `end` entry written after the final status was committed. Every entry
+carries its attempt (the job's fencing token): a `start` of an attempt older than
+the stream's current one is refused (it would trim the newer attempt's text), and
+readers skip entries of any attempt but the newest they know of, so a stale
+attempt's deltas written after a newer attempt started are never shown. Redis is only
 transport: the database keeps the job's status and outputs, so the writer is best
 effort (it logs and carries on when Redis is away) and the reader re-checks the
 database while it waits.
@@ -39,9 +43,32 @@ def stream_key(job_id: str) -> str:
     return f"{STREAM_PREFIX}{job_id}"
 
 
+# Starts an attempt's stream unless a newer attempt already did: every entry carries its
+# attempt, and the oldest entry left belongs to the current attempt (each start trims what
+# came before it). KEYS[1] the stream; ARGV attempt, max entries, ttl ms. Returns the new
+# entry's id, or false (nothing written) when a newer attempt holds the stream.
+_BEGIN = """
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+if first then
+  local f = first[2]
+  for i = 1, #f, 2 do
+    if f[i] == 'attempt' and tonumber(f[i + 1]) > tonumber(ARGV[1]) then
+      return false
+    end
+  end
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'kind', 'start',
+                      'attempt', ARGV[1])
+redis.call('XTRIM', KEYS[1], 'MINID', id)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return id
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class TokenDelta:
     job_id: str
+    attempt: int  # the fencing token of the attempt that produced it
     prompt_index: int
     sequence_index: int
     text: str  # text added since the previous delta of this (prompt, sequence)
@@ -62,22 +89,28 @@ class TokenStreamWriter:
         )
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._paused_until = 0.0
+        self._begin = self._redis.register_script(_BEGIN)
 
-    def begin(self, job_id: str, attempt: int) -> None:
-        """A new attempt starts: write its start entry, then drop everything before it."""
+    def begin(self, job_id: str, attempt: int) -> bool:
+        """A new attempt starts: write its start entry, then drop everything before it.
+        False when a newer attempt had started the stream (nothing is written then)."""
         key = stream_key(job_id)
         try:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.xadd(key, {"kind": START, "attempt": attempt}, maxlen=MAX_ENTRIES)
-            pipe.pexpire(key, self._ttl_ms)
-            start_id, _ = pipe.execute()
             # Trimming by id (not DEL) keeps the stream's ids increasing, so a reader
             # blocked after an old entry still sees the new start entry.
-            self._redis.xtrim(key, minid=start_id, approximate=False)
+            started = self._begin(keys=[key], args=[attempt, MAX_ENTRIES, self._ttl_ms])
         except Exception as exc:
             self._failed("begin", job_id, exc)
-            return
+            return False
         self._paused_until = 0.0
+        if not started:
+            logger.warning(
+                "token stream of job %s: attempt %d is stale, a newer attempt streams it",
+                job_id,
+                attempt,
+            )
+            return False
+        return True
 
     def publish(self, deltas: Sequence[TokenDelta]) -> None:
         """Append the deltas of one decoding step (any number of jobs) in one round trip."""
@@ -91,6 +124,7 @@ class TokenStreamWriter:
                 keys[key] = None
                 fields: dict[FieldT, EncodableT] = {
                     "kind": DELTA,
+                    "attempt": d.attempt,
                     "prompt": d.prompt_index,
                     "seq": d.sequence_index,
                     "text": d.text,
@@ -102,12 +136,13 @@ class TokenStreamWriter:
         except Exception as exc:
             self._failed("publish", deltas[0].job_id, exc)
 
-    def end(self, job_id: str, status: str) -> None:
+    def end(self, job_id: str, attempt: int, status: str) -> None:
         """The job's final status is committed: tell readers, then let the stream expire soon."""
         key = stream_key(job_id)
         try:
             pipe = self._redis.pipeline(transaction=False)
-            pipe.xadd(key, {"kind": END, "status": status}, maxlen=MAX_ENTRIES)
+            fields: dict[FieldT, EncodableT] = {"kind": END, "attempt": attempt, "status": status}
+            pipe.xadd(key, fields, maxlen=MAX_ENTRIES)
             pipe.pexpire(key, min(self._ttl_ms, int(END_TTL_S * 1000)))
             pipe.execute()
         except Exception as exc:
@@ -144,6 +179,7 @@ class StreamStart:
 @dataclass(frozen=True, slots=True)
 class StreamDelta:
     entry_id: str
+    attempt: int
     prompt_index: int
     sequence_index: int
     text: str
@@ -152,6 +188,7 @@ class StreamDelta:
 @dataclass(frozen=True, slots=True)
 class StreamEnd:
     entry_id: str
+    attempt: int
     status: str
 
 
@@ -163,11 +200,17 @@ def parse_entry(entry_id: str, fields: dict[str, str]) -> StreamEntry | None:
     try:
         kind = fields["kind"]
         if kind == DELTA:
-            return StreamDelta(entry_id, int(fields["prompt"]), int(fields["seq"]), fields["text"])
+            return StreamDelta(
+                entry_id,
+                int(fields["attempt"]),
+                int(fields["prompt"]),
+                int(fields["seq"]),
+                fields["text"],
+            )
         if kind == START:
             return StreamStart(entry_id, int(fields["attempt"]))
         if kind == END:
-            return StreamEnd(entry_id, fields["status"])
+            return StreamEnd(entry_id, int(fields["attempt"]), fields["status"])
     except (KeyError, ValueError):
         pass
     logger.debug("skipping unknown token stream entry %s: %r", entry_id, fields)

@@ -4,6 +4,10 @@ Tokens come from the job's Redis stream (core.token_stream); the final status an
 for a job that had already finished, the texts come from the database. While it
 waits the route re-reads the job's status now and then, so a job that ends without
 an `end` entry (cancelled while queued, Redis flushed) still gets its `done` event.
+
+Only the current attempt is shown: the follower starts from the attempt the database
+names and moves on to any newer one the stream shows; entries of older attempts (a
+stale worker that still writes after another took the job over) are skipped.
 """
 
 from __future__ import annotations
@@ -151,7 +155,7 @@ async def stream_job_tokens(
             yield token_event(out.prompt_index, out.sequence_index, out.text)
         yield done_event(opening.state)
         return
-    follower = _Follower(reader, settings.database_url, job_id, resume)
+    follower = _Follower(reader, settings.database_url, job_id, resume, opening.state.attempts)
     async for event in follower.run():
         yield event
 
@@ -160,7 +164,12 @@ class _Follower:
     """Follows one job's token stream until its end entry or its terminal status."""
 
     def __init__(
-        self, reader: TokenStreamReader, database_url: str, job_id: str, after: str | None
+        self,
+        reader: TokenStreamReader,
+        database_url: str,
+        job_id: str,
+        after: str | None,
+        attempt: int,
     ) -> None:
         self.reader = reader
         self.database_url = database_url
@@ -168,6 +177,7 @@ class _Follower:
         self.last_id = after or "0"
         # A resuming client holds text already: a new attempt must tell it to drop that.
         self.sent_text = after is not None
+        self.attempt = attempt  # the newest attempt known; older ones' entries are skipped
         self.redis_ok = True
 
     async def run(self) -> AsyncIterator[ServerSentEvent]:
@@ -178,6 +188,8 @@ class _Follower:
             for entry in entries:
                 if isinstance(entry, StreamEnd):
                     self.last_id = entry.entry_id
+                    if entry.attempt < self.attempt:
+                        continue  # a stale attempt's end
                     state = await self._state()
                     if state is None or state.terminal:
                         async for final in self._finish(state):
@@ -190,9 +202,8 @@ class _Follower:
                         state.status.value,
                     )
                     continue
-                token = self._event(entry)
-                if token is not None:
-                    yield token
+                for event in self._events(entry):
+                    yield event
                     last_sent = time.monotonic()
             now = time.monotonic()
             if now >= next_check:
@@ -211,26 +222,34 @@ class _Follower:
         ended = False
         while not ended and (entries := await self._read(None)):
             for entry in entries:
-                if isinstance(entry, StreamEnd):
+                if isinstance(entry, StreamEnd) and entry.attempt >= self.attempt:
                     ended = True
                     break
-                event = self._event(entry)
-                if event is not None:
+                for event in self._events(entry):
                     yield event
         if state is None:
             logger.warning("job %s disappeared while its tokens were streamed", self.job_id)
             return
         yield done_event(state)
 
-    def _event(self, entry: StreamEntry) -> ServerSentEvent | None:
+    def _events(self, entry: StreamEntry) -> list[ServerSentEvent]:
+        """What the client gets for one entry of the current (or a newer) attempt."""
         self.last_id = entry.entry_id
+        if isinstance(entry, StreamEnd) or entry.attempt < self.attempt:
+            return []
+        events: list[ServerSentEvent] = []
+        if entry.attempt > self.attempt or isinstance(entry, StreamStart):
+            # a newer attempt starts over (its start entry may have been trimmed)
+            self.attempt = entry.attempt
+            if self.sent_text:
+                self.sent_text = False
+                events.append(restart_event(entry.attempt))
         if isinstance(entry, StreamDelta):
             self.sent_text = True
-            return token_event(entry.prompt_index, entry.sequence_index, entry.text, entry.entry_id)
-        if isinstance(entry, StreamStart) and self.sent_text:
-            self.sent_text = False
-            return restart_event(entry.attempt)
-        return None
+            events.append(
+                token_event(entry.prompt_index, entry.sequence_index, entry.text, entry.entry_id)
+            )
+        return events
 
     async def _read(self, block_ms: int | None) -> list[StreamEntry]:
         try:

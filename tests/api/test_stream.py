@@ -117,17 +117,17 @@ def test_deltas_stream_as_tokens_then_done(
     monkeypatch.setattr(stream_route, "DB_CHECK_S", 3600.0)  # `done` must come from `end`
     job_id = running_job(settings)
     writer.begin(job_id, 1)
-    writer.publish([TokenDelta(job_id, 0, 0, "Hel"), TokenDelta(job_id, 0, 1, 'Say "hi"\n')])
+    writer.publish([TokenDelta(job_id, 1, 0, 0, "Hel"), TokenDelta(job_id, 1, 0, 1, 'Say "hi"\n')])
 
     with client.stream("GET", f"/v1/jobs/{job_id}/stream") as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
         events = sse_events(resp)
         seen = [next(events), next(events)]
-        writer.publish([TokenDelta(job_id, 0, 0, "lo")])  # while the client is attached
+        writer.publish([TokenDelta(job_id, 1, 0, 0, "lo")])  # while the client is attached
         seen.append(next(events))
         finish(settings, job_id, {(0, 0): "Hello", (0, 1): 'Say "hi"\n'})
-        writer.end(job_id, JobStatus.SUCCEEDED)
+        writer.end(job_id, 1, JobStatus.SUCCEEDED)
         seen.extend(events)  # the response ends after `done`
 
     assert tokens(seen) == [(0, 0, "Hel"), (0, 1, 'Say "hi"\n'), (0, 0, "lo")]
@@ -182,21 +182,47 @@ def test_a_new_attempt_sends_restart(
 ) -> None:
     job_id = running_job(settings)
     writer.begin(job_id, 1)
-    writer.publish([TokenDelta(job_id, 0, 0, "from the lost worker")])
+    writer.publish([TokenDelta(job_id, 1, 0, 0, "from the lost worker")])
 
     with client.stream("GET", f"/v1/jobs/{job_id}/stream") as resp:
         events = sse_events(resp)
         seen = [next(events)]
         writer.begin(job_id, 2)
-        writer.publish([TokenDelta(job_id, 0, 0, "again")])
+        writer.publish([TokenDelta(job_id, 2, 0, 0, "again")])
         seen.extend([next(events), next(events)])
         finish(settings, job_id, {(0, 0): "again"})
-        writer.end(job_id, JobStatus.SUCCEEDED)
+        writer.end(job_id, 2, JobStatus.SUCCEEDED)
         seen.extend(events)
 
     assert [e.event for e in seen] == ["token", "restart", "token", "done"]
     assert seen[1].data == {"attempt": 2}
     assert tokens(seen) == [(0, 0, "from the lost worker"), (0, 0, "again")]
+
+
+def test_a_stale_attempt_is_not_shown_after_a_newer_one_started(
+    client: TestClient, settings: Settings, writer: TokenStreamWriter
+) -> None:
+    job_id = running_job(settings)
+    writer.begin(job_id, 1)
+    writer.publish([TokenDelta(job_id, 1, 0, 0, "old")])
+
+    with client.stream("GET", f"/v1/jobs/{job_id}/stream") as resp:
+        events = sse_events(resp)
+        seen = [next(events)]
+        writer.begin(job_id, 2)  # a second worker took the job over
+        writer.publish([TokenDelta(job_id, 2, 0, 0, "new")])
+        # the first worker, paused past its lease, resumes and writes on
+        writer.publish([TokenDelta(job_id, 1, 0, 0, " stale")])
+        writer.end(job_id, 1, JobStatus.FAILED)
+        writer.publish([TokenDelta(job_id, 2, 0, 0, " text")])
+        seen.extend([next(events), next(events), next(events)])
+        finish(settings, job_id, {(0, 0): "new text"})
+        writer.end(job_id, 2, JobStatus.SUCCEEDED)
+        seen.extend(events)
+
+    assert [e.event for e in seen] == ["token", "restart", "token", "token", "done"]
+    assert tokens(seen[2:]) == [(0, 0, "new"), (0, 0, " text")]
+    assert seen[-1].data["status"] == "succeeded"
 
 
 def test_job_that_ends_without_an_end_entry_still_gets_done(
@@ -221,7 +247,7 @@ def test_tokens_written_before_the_status_are_sent_before_done(
     job_id = running_job(settings)
     writer.begin(job_id, 1)
     pieces = [f"{i} " for i in range(700)]  # more than one XREAD returns
-    writer.publish([TokenDelta(job_id, 0, 0, p) for p in pieces])
+    writer.publish([TokenDelta(job_id, 1, 0, 0, p) for p in pieces])
 
     with client.stream("GET", f"/v1/jobs/{job_id}/stream") as resp:
         events = sse_events(resp)
@@ -239,7 +265,7 @@ def test_reconnect_with_last_event_id_continues_after_it(
 ) -> None:
     job_id = running_job(settings)
     writer.begin(job_id, 1)
-    writer.publish([TokenDelta(job_id, 0, 0, t) for t in ("a", "b", "c")])
+    writer.publish([TokenDelta(job_id, 1, 0, 0, t) for t in ("a", "b", "c")])
     second = broker.xrange(stream_key(job_id))[2][0]  # start, a, b <- resume after b
 
     with client.stream(
@@ -248,7 +274,7 @@ def test_reconnect_with_last_event_id_continues_after_it(
         events = sse_events(resp)
         first = next(events)
         finish(settings, job_id, {(0, 0): "abc"})
-        writer.end(job_id, JobStatus.SUCCEEDED)
+        writer.end(job_id, 1, JobStatus.SUCCEEDED)
         rest = list(events)
     assert (first.event, first.data["text"]) == ("token", "c")
     assert [e.event for e in rest] == ["done"]
@@ -273,7 +299,7 @@ def test_keepalive_and_disconnect(
     monkeypatch.setattr(stream_route, "BLOCK_MS", 60_000)  # a read that would outlive the test
     job_id = running_job(settings)
     writer.begin(job_id, 1)
-    writer.publish([TokenDelta(job_id, 0, 0, "x")])
+    writer.publish([TokenDelta(job_id, 1, 0, 0, "x")])
 
     def blocked_readers() -> int:
         return sum(

@@ -1,5 +1,5 @@
-"""Generation jobs batched together on a real worker: same results as alone, cancel of
-one leaves the others, and the token stream adds up to the stored text.
+"""Generation jobs decoded together (one decode group) on a real worker: same results as
+alone, cancel of one leaves the others, and the token stream adds up to the stored text.
 
 Every test runs on SQLite and on PostgreSQL (see the `database_url` fixture).
 """
@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import TINY_MODEL
 from tests.support.harness import Stack, wait_for
+from workers.generation.jobs import JOINED_MESSAGE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -49,13 +50,13 @@ def run_alone(stack: Stack, spec: dict[str, Any]) -> list[tuple[int, int, str, s
 
 
 def joined(stack: Stack, job_id: str) -> bool:
-    return any(e["message"] == "joined a running batch" for e in stack.events(job_id))
+    return any(e["message"] == JOINED_MESSAGE for e in stack.events(job_id))
 
 
-def test_jobs_batched_together_give_the_texts_they_give_alone(one_worker: Stack) -> None:
+def test_jobs_decoded_together_give_the_texts_they_give_alone(one_worker: Stack) -> None:
     stack = one_worker
     expected = [run_alone(stack, spec) for spec in SPECS]
-    # a long job holds the worker's batch open; the others join it as they arrive
+    # a long job holds the worker's decode group open; the others join it as they arrive
     holder = stack.submit({"model": TINY_MODEL, "prompts": ["x"], "max_new_tokens": 1200})
     stack.wait_status(holder["id"], ("running",))
     jobs = [stack.submit({"model": TINY_MODEL, **spec}) for spec in SPECS]
@@ -68,14 +69,14 @@ def test_jobs_batched_together_give_the_texts_they_give_alone(one_worker: Stack)
     assert stack.wait_status(holder["id"], TERMINAL, timeout=120)["status"] == "succeeded"
 
 
-def test_cancel_one_job_inside_a_batch_leaves_the_others_correct(one_worker: Stack) -> None:
+def test_cancel_one_job_inside_a_decode_group_leaves_the_others_correct(one_worker: Stack) -> None:
     stack = one_worker
     keep_spec = {"prompts": ["The quarterly report"], "temperature": 0, "max_new_tokens": 400}
     expected = run_alone(stack, keep_spec)
     doomed = stack.submit({"model": TINY_MODEL, "prompts": ["x"], "max_new_tokens": 3000})
     stack.wait_status(doomed["id"], ("running",))
     keep = stack.submit({"model": TINY_MODEL, **keep_spec})
-    wait_for(lambda: joined(stack, keep["id"]), 30, "second job joined the batch")
+    wait_for(lambda: joined(stack, keep["id"]), 30, "second job joined the decode group")
     with stack.client() as c:
         assert c.post(f"/v1/jobs/{doomed['id']}/cancel").status_code == 202
     assert stack.wait_status(doomed["id"], TERMINAL, timeout=60)["status"] == "cancelled"

@@ -65,10 +65,10 @@ def test_entries_come_back_typed_and_in_order(
 ) -> None:
     job_id = new_job_id()
     writer.begin(job_id, 1)
-    writer.publish([TokenDelta(job_id, 0, 0, "Hel"), TokenDelta(job_id, 0, 1, "Yo\n")])
-    writer.publish([TokenDelta(job_id, 0, 0, "lo ✓")])
+    writer.publish([TokenDelta(job_id, 1, 0, 0, "Hel"), TokenDelta(job_id, 1, 0, 1, "Yo\n")])
+    writer.publish([TokenDelta(job_id, 1, 0, 0, "lo ✓")])
     ttl_running = raw.pttl(stream_key(job_id))
-    writer.end(job_id, "succeeded")
+    writer.end(job_id, 1, "succeeded")
 
     entries = read_all(broker_url, job_id)
     assert [type(e) for e in entries] == [
@@ -83,7 +83,8 @@ def test_entries_come_back_typed_and_in_order(
         (e.prompt_index, e.sequence_index, e.text) for e in entries if isinstance(e, StreamDelta)
     ]
     assert deltas == [(0, 0, "Hel"), (0, 1, "Yo\n"), (0, 0, "lo ✓")]
-    assert entries[-1] == StreamEnd(entries[-1].entry_id, "succeeded")
+    assert entries[-1] == StreamEnd(entries[-1].entry_id, 1, "succeeded")
+    assert {e.attempt for e in entries} == {1}  # every entry carries its attempt
     # The running stream lives ttl_s; once ended only long enough for attached readers.
     assert 0 < ttl_running <= 600_000
     assert 0 < raw.pttl(stream_key(job_id)) <= END_TTL_S * 1000
@@ -94,7 +95,7 @@ def test_entries_come_back_typed_and_in_order(
 def test_one_publish_serves_several_jobs(writer: TokenStreamWriter, broker_url: str) -> None:
     a, b = new_job_id(), new_job_id()
     writer.publish(
-        [TokenDelta(a, 0, 0, "a0"), TokenDelta(b, 1, 0, "b1"), TokenDelta(a, 1, 0, "a1")]
+        [TokenDelta(a, 1, 0, 0, "a0"), TokenDelta(b, 1, 1, 0, "b1"), TokenDelta(a, 1, 1, 0, "a1")]
     )
     assert [
         (e.prompt_index, e.text) for e in read_all(broker_url, a) if isinstance(e, StreamDelta)
@@ -110,10 +111,10 @@ def test_one_publish_serves_several_jobs(writer: TokenStreamWriter, broker_url: 
 def test_a_new_attempt_drops_the_old_text(writer: TokenStreamWriter, broker_url: str) -> None:
     job_id = new_job_id()
     writer.begin(job_id, 1)
-    writer.publish([TokenDelta(job_id, 0, 0, "old")])
+    writer.publish([TokenDelta(job_id, 1, 0, 0, "old")])
     before = read_all(broker_url, job_id)
-    writer.begin(job_id, 2)
-    writer.publish([TokenDelta(job_id, 0, 0, "new")])
+    assert writer.begin(job_id, 2)
+    writer.publish([TokenDelta(job_id, 2, 0, 0, "new")])
 
     fresh = read_all(broker_url, job_id)
     assert isinstance(fresh[0], StreamStart) and fresh[0].attempt == 2
@@ -128,8 +129,8 @@ def test_writer_swallows_a_dead_redis(caplog: pytest.LogCaptureFixture) -> None:
     writer = TokenStreamWriter(f"redis://127.0.0.1:{free_port()}/0")
     with caplog.at_level(logging.WARNING, logger="core.token_stream"):
         writer.begin(job_id, 1)
-        writer.publish([TokenDelta(job_id, 0, 0, "x")])  # dropped: writes pause after an error
-        writer.end(job_id, "succeeded")
+        writer.publish([TokenDelta(job_id, 1, 0, 0, "x")])  # dropped: writes pause after an error
+        writer.end(job_id, 1, "succeeded")
     writer.close()
     warnings = [r for r in caplog.records if r.name == "core.token_stream"]
     assert [r.levelno for r in warnings] == [logging.WARNING, logging.WARNING]
@@ -139,5 +140,26 @@ def test_writer_swallows_a_dead_redis(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_unknown_entries_are_skipped() -> None:
     assert parse_entry("1-0", {"kind": "future-thing"}) is None
-    assert parse_entry("1-1", {"kind": "delta", "prompt": "x", "seq": "0", "text": ""}) is None
-    assert parse_entry("1-2", {"kind": "end", "status": "failed"}) == StreamEnd("1-2", "failed")
+    bad_index = {"kind": "delta", "attempt": "1", "prompt": "x", "seq": "0", "text": ""}
+    assert parse_entry("1-1", bad_index) is None
+    assert parse_entry("1-2", {"kind": "delta", "prompt": "0", "seq": "0", "text": "a"}) is None
+    end = {"kind": "end", "attempt": "2", "status": "failed"}
+    assert parse_entry("1-3", end) == StreamEnd("1-3", 2, "failed")
+
+
+def test_a_stale_attempt_cannot_start_over_a_newer_one(
+    writer: TokenStreamWriter, broker_url: str
+) -> None:
+    job_id = new_job_id()
+    assert writer.begin(job_id, 1)
+    assert writer.begin(job_id, 2)  # another worker took the job over
+    writer.publish([TokenDelta(job_id, 2, 0, 0, "live")])
+    assert not writer.begin(job_id, 1)  # the stale worker starts again: refused, nothing trimmed
+    writer.publish([TokenDelta(job_id, 1, 0, 0, "stale")])
+    entries = read_all(broker_url, job_id)
+    assert [type(e) for e in entries] == [StreamStart, StreamDelta, StreamDelta]
+    assert [(e.attempt, e.text) for e in entries if isinstance(e, StreamDelta)] == [
+        (2, "live"),
+        (1, "stale"),  # written, but readers skip it (tests/api/test_stream.py)
+    ]
+    assert writer.begin(job_id, 2)  # the same attempt may begin again

@@ -9,6 +9,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from core.errors import JobExpired, JobStopped
 from core.settings import Settings
 from db.attempts import retry_attempt
 from db.base import utcnow
-from db.batch import store_lines
+from db.batch import expire_running, store_lines
 from db.datasets import create_dataset
 from db.jobs import claim_job, create_job, request_cancel
 from db.models import Job, Output
@@ -33,9 +34,10 @@ from tests.conftest import TINY_MODEL
 from tests.support.harness import wait_for
 from tests.support.jobs import insert_job, load_job
 from tests.support.services import redis_db_index
-from workers.batch.lines import stored_output
+from workers.batch.lines import stored_error, stored_output
 from workers.batch.runner import BatchRunner
 from workers.context import RunContext
+from workers.generation.cache import ModelCache
 from workers.lifecycle import JobLifecycle
 from workers.reconciler import reconcile
 
@@ -88,11 +90,11 @@ def settings(
 
 @pytest.fixture(scope="module", autouse=True)
 def own_engine() -> Iterator[None]:
-    """The engine is one per process and keeps the settings it was first made with (a
-    worker has one data dir); this module's models are in its own data dir, so it gets
-    an engine of its own, and the modules after it do not inherit it."""
+    """The model cache is one per process (a worker has one data dir); this module's models
+    are in its own data dir, so it gets a cache of its own, and the modules after it do not
+    inherit it."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("workers.generation.engine._ENGINES", {})
+        patch.setattr("workers.generation.engine._process_cache", lru_cache(maxsize=1)(ModelCache))
         yield
 
 
@@ -231,7 +233,16 @@ def test_only_the_live_attempt_writes(settings: Settings) -> None:
     job_id = claimed_batch(settings, MIXED[:1], worker="w1")
     with pytest.raises(JobStopped):
         run(settings, job_id, attempt=2)  # the job is at attempt 1: a stale or forged token
+    with session_scope(settings.database_url) as s:
+        assert not store_lines(s, job_id, 0, [stored_error(0, "greedy", "x", "stale")])
     assert stored(settings, job_id) == {}
+    assert load_job(settings.database_url, job_id).status == "running"
+
+
+def test_a_stale_attempt_cannot_expire_the_job(settings: Settings) -> None:
+    job_id = claimed_batch(settings, MIXED[:1])
+    with session_scope(settings.database_url) as s:
+        assert not expire_running(s, job_id, 2, [], result={}, message="stale")
     assert load_job(settings.database_url, job_id).status == "running"
 
 

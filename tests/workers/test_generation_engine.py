@@ -1,20 +1,23 @@
-"""The generation engine in-process on the tiny GPT-2: batching never changes a result.
+"""The transformers generation engine in-process on the tiny GPT-2, driven step by step as
+the decode group runner drives it: decoding together never changes a result.
 
-Real transformers and peft; no worker process. Requests join a running batch
-through the engine's `more` hook, as jobs do on a worker.
+Real transformers and peft; no worker process. Requests join a running decode group by
+being added between steps.
 """
 
 from __future__ import annotations
 
 import shutil
-import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from core.enums import FailureType
+from core.errors import PermanentJobError
 from core.settings import Settings
 from core.specs import GenerateSpec
 from db.registry import register_model
@@ -22,54 +25,67 @@ from db.session import migrate, session_scope
 from tests.conftest import TINY_MODEL
 from tests.support.jobs import insert_job
 from workers.generation.cache import ModelCache
-from workers.generation.engine import GenerationEngine
-from workers.generation.requests import GenerationRequest, RequestResult
+from workers.generation.engine import TransformersEngine, base_of, open_engine
+from workers.generation.requests import FailedRequest, FinishedRequest, GenerationRequest
+from workers.generation.text import cut_at_stop
 
 Texts = list[tuple[int, int, str, str]]
+Ended = FinishedRequest | FailedRequest
 
 
 @pytest.fixture(scope="module")
 def settings(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     data = tmp_path_factory.mktemp("data")
     shutil.copytree(tiny_model_dir, data / "models" / TINY_MODEL)
-    s = Settings(data_dir=data, generation_max_batch=16, generation_poll_s=1e-4)
+    s = Settings(data_dir=data, generation_max_sequences=16)
     migrate(s.database_url)
     return s
 
 
+def new_engine(settings: Settings, base: str | None = None) -> TransformersEngine:
+    engine, _ = open_engine(
+        settings, "cpu", base or base_of(settings, TINY_MODEL)[0], cache=ModelCache(2**30)
+    )
+    return engine
+
+
 @pytest.fixture
-def engine(settings: Settings) -> Iterator[GenerationEngine]:
-    yield GenerationEngine(settings, "cpu", ModelCache(2**30))
+def engine(settings: Settings) -> Iterator[TransformersEngine]:
+    yield new_engine(settings)
 
 
 def spec(**fields: Any) -> GenerateSpec:
     return GenerateSpec.model_validate({"model": TINY_MODEL, "prompts": ["The blue mug"], **fields})
 
 
-def texts(result: RequestResult) -> Texts:
-    assert result.error is None, result.error
+def texts(result: Ended) -> Texts:
+    assert isinstance(result, FinishedRequest), result
     return [(t.prompt_index, t.sequence_index, t.text, t.finish_reason) for t in result.texts]
 
 
 def run(
-    engine: GenerationEngine,
+    engine: TransformersEngine,
     requests: list[GenerationRequest],
     joining: list[list[GenerationRequest]] | None = None,
-    base: str | None = None,
-) -> dict[str, RequestResult]:
-    """Run `requests`; each later group in `joining` is handed over at the next `more` call."""
-    results: dict[str, RequestResult] = {}
+) -> dict[str, Ended]:
+    """Step until done; each later group in `joining` is added after the next step."""
+    ended: dict[str, Ended] = {}
     pending = list(joining or [])
+    for r in requests:
+        engine.add(r)
+    while engine.has_work:
+        out = engine.step()
+        for f in [*out.finished, *out.failed]:
+            assert f.key not in ended  # a request ends once
+            ended[f.key] = f
+        if pending:
+            for r in pending.pop(0):
+                engine.add(r)
+    assert not engine.active
+    return ended
 
-    def more(room: int) -> list[GenerationRequest]:
-        return pending.pop(0) if pending else []
 
-    entry, _ = engine.load(base or engine.base_of(TINY_MODEL)[0])
-    engine.run(entry, requests, lambda r: results.__setitem__(r.key, r), more=more)
-    return results
-
-
-def alone(engine: GenerationEngine, s: GenerateSpec) -> Texts:
+def alone(engine: TransformersEngine, s: GenerateSpec) -> Texts:
     return texts(run(engine, [GenerationRequest("alone", s)])["alone"])
 
 
@@ -84,18 +100,20 @@ MIXED = {
 }
 
 
-def test_each_result_is_the_same_alone_and_inside_a_mixed_batch(engine: GenerationEngine) -> None:
+def test_each_result_is_the_same_alone_and_inside_a_mixed_group(
+    engine: TransformersEngine,
+) -> None:
     expected = {key: alone(engine, s) for key, s in MIXED.items()}
     keys = list(MIXED)
     first = [GenerationRequest(k, MIXED[k]) for k in keys[:2]]
     later = [[GenerationRequest(k, MIXED[k])] for k in keys[2:]]
     together = run(engine, first, joining=later)
     assert {k: texts(r) for k, r in together.items()} == expected
-    assert engine.stats.joined_mid_batch >= 2  # they really joined a running batch
-    assert engine.stats.peak_rows > 1
+    assert engine.stats.joined_mid_group >= 2  # they really joined a running decode group
+    assert engine.stats.peak_sequences > 1
 
 
-def test_seeded_sampling_is_reproducible_and_seed_dependent(engine: GenerationEngine) -> None:
+def test_seeded_sampling_is_reproducible_and_seed_dependent(engine: TransformersEngine) -> None:
     s = spec(temperature=1.0, seed=3, num_return_sequences=4, max_new_tokens=12)
     a, b = alone(engine, s), alone(engine, s)
     other = alone(engine, s.model_copy(update={"seed": 4}))
@@ -104,16 +122,16 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(engine: GenerationEn
     assert len({t for _, _, t, _ in a}) > 1  # the sequences of one prompt differ
 
 
-def test_stop_strings_cut_and_stream_deltas_add_up_to_the_text(engine: GenerationEngine) -> None:
+def test_stop_strings_cut_and_stream_deltas_add_up_to_the_text(engine: TransformersEngine) -> None:
     full = alone(engine, spec(temperature=0, max_new_tokens=40))[0][2]
     stop = full[20:23]
     deltas: list[str] = []
-    req = GenerationRequest(
-        "s",
-        spec(temperature=0, max_new_tokens=40, stop=[stop]),
-        on_delta=lambda p, s, text: deltas.append(text),
-    )
-    (result,) = run(engine, [req]).values()
+    engine.add(GenerationRequest("s", spec(temperature=0, max_new_tokens=40, stop=[stop]), True))
+    while engine.has_work:
+        step = engine.step()
+        deltas += [d.text for d in step.deltas if (d.key, d.prompt_index) == ("s", 0)]
+        if step.finished:
+            (result,) = step.finished
     out = texts(result)
     assert out[0][2] == full[: full.find(stop)]
     assert out[0][3] == "stop"
@@ -121,42 +139,103 @@ def test_stop_strings_cut_and_stream_deltas_add_up_to_the_text(engine: Generatio
     assert len(deltas) > 1
 
 
-def test_a_stopped_request_leaves_and_the_others_finish_unchanged(
-    engine: GenerationEngine,
+def test_no_deltas_unless_asked(engine: TransformersEngine) -> None:
+    engine.add(GenerationRequest("quiet", spec(temperature=0, max_new_tokens=8)))
+    while engine.has_work:
+        assert engine.step().deltas == []
+
+
+def test_cut_at_stop_takes_the_earliest() -> None:
+    assert cut_at_stop("abc. def\nghi", ["\n", "."]) == ("abc", True)
+    assert cut_at_stop("abc", ["x"]) == ("abc", False)
+
+
+def test_a_cancelled_request_leaves_and_the_others_finish_unchanged(
+    engine: TransformersEngine,
 ) -> None:
     keep = spec(temperature=0, max_new_tokens=60, prompts=["Fresh bread", "Write a short"])
     expected = alone(engine, keep)
-    stop = threading.Event()
-    steps = {"n": 0}
-
-    def progress(fraction: float, detail: dict[str, int]) -> None:
-        steps["n"] += 1
-        if steps["n"] == 5:
-            stop.set()  # as the heartbeat does when the job is cancelled
-
-    doomed = GenerationRequest(
-        "doomed", spec(temperature=0, max_new_tokens=500), stop_event=stop, on_progress=progress
-    )
-    results = run(engine, [doomed, GenerationRequest("keep", keep)])
-    assert results["doomed"].stopped and results["doomed"].texts == []
-    assert texts(results["keep"]) == expected
+    engine.add(GenerationRequest("doomed", spec(temperature=0, max_new_tokens=500)))
+    engine.add(GenerationRequest("keep", keep))
+    for _ in range(5):
+        assert engine.step().finished == []
+    assert engine.cancel("doomed")
+    assert not engine.cancel("doomed")  # it is gone
+    assert engine.active == ["keep"]
+    ended = run(engine, [])
+    assert list(ended) == ["keep"]
+    assert texts(ended["keep"]) == expected
 
 
-def test_a_bad_request_fails_alone(engine: GenerationEngine) -> None:
+def test_a_bad_request_is_refused_alone(engine: TransformersEngine) -> None:
     too_long = spec(prompts=["word " * 3000], max_new_tokens=2000)
-    results = run(engine, [GenerationRequest("bad", too_long), GenerationRequest("ok", spec())])
-    assert results["bad"].error_type == "invalid_spec"
-    assert "context" in (results["bad"].error or "")
-    assert len(texts(results["ok"])) == 1
+    with pytest.raises(PermanentJobError, match="context") as info:
+        engine.add(GenerationRequest("bad", too_long))
+    assert info.value.failure is FailureType.INVALID_SPEC
+    assert not engine.has_work
+    assert len(texts(run(engine, [GenerationRequest("ok", spec())])["ok"])) == 1
 
 
-def test_chat_messages_need_a_chat_template(engine: GenerationEngine) -> None:
+def test_chat_messages_need_a_chat_template(engine: TransformersEngine) -> None:
     chat = GenerateSpec.model_validate(
         {"model": TINY_MODEL, "messages": [[{"role": "user", "content": "hi"}]]}
     )
-    (result,) = run(engine, [GenerationRequest("c", chat)]).values()
-    assert result.error_type == "invalid_spec"
-    assert "chat template" in (result.error or "")
+    with pytest.raises(PermanentJobError, match="chat template") as info:
+        engine.add(GenerationRequest("c", chat))
+    assert info.value.failure is FailureType.INVALID_SPEC
+
+
+def test_an_unknown_model_is_a_permanent_failure(settings: Settings) -> None:
+    with pytest.raises(PermanentJobError) as info:
+        open_engine(settings, "cpu", base_of(settings, "no-such-model-here")[0], ModelCache(2**30))
+    assert info.value.failure is FailureType.MODEL_NOT_FOUND
+
+
+class RowLimitedModel:
+    """The tiny model, out of memory for any forward over more than `limit` sequences (as a
+    GPU runs out of memory when a decode group grows)."""
+
+    def __init__(self, model: Any, limit: int) -> None:
+        self._model = model
+        self.limit = limit
+
+    def __call__(self, **kwargs: Any) -> Any:
+        if kwargs["input_ids"].shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (test limit)")
+        return self._model(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # config, embeddings: the real model's
+        return getattr(self._model, name)
+
+
+def test_out_of_memory_fails_the_newest_request_alone(settings: Settings) -> None:
+    engine = new_engine(settings)
+    first = spec(temperature=0, max_new_tokens=40, prompts=["The quarterly report"])
+    seeded = spec(temperature=1.0, seed=5, max_new_tokens=30, prompts=["Our support"])
+    expected = {"first": alone(engine, first), "seeded": alone(engine, seeded)}
+    entry = engine._entry
+    limited = TransformersEngine(
+        settings,
+        "cpu",
+        engine._cache,
+        replace(entry, model=RowLimitedModel(entry.model, limit=2)),
+        engine.base,
+    )
+    engine = limited
+    engine.add(GenerationRequest("first", first))
+    engine.add(GenerationRequest("seeded", seeded))
+    engine.step()
+    # admitting 4 sequences at once runs out of memory: that request fails, the others go on
+    engine.add(GenerationRequest("wide", spec(prompts=["a", "b", "c", "d"], max_new_tokens=5)))
+    out = engine.step()
+    assert [f.key for f in out.failed] == ["wide"]
+    assert isinstance(out.failed[0].error, torch.OutOfMemoryError)
+    # one more sequence admits (a prefill of 1), but the step over all 3 runs out of memory
+    engine.add(GenerationRequest("late", spec(max_new_tokens=20)))
+    out = engine.step()
+    assert [f.key for f in out.failed] == ["late"]
+    ended = run(engine, [])
+    assert {k: texts(v) for k, v in ended.items()} == expected
 
 
 def test_model_cache_hits_and_evicts_by_budget(settings: Settings, tmp_path: Path) -> None:
@@ -172,7 +251,7 @@ def test_model_cache_hits_and_evicts_by_budget(settings: Settings, tmp_path: Pat
     assert (cache.hits, cache.misses, cache.evictions) == (1, 2, 1)
 
 
-# --- LoRA adapters from the registry, mixed in one batch ----------------------------------
+# --- LoRA adapters from the registry, mixed in one decode group ----------------------------------
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
@@ -205,7 +284,7 @@ def plain_peft_greedy(base_dir: Path, adapter_dir: Path, prompt: str, n: int) ->
     return str(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
-def test_two_adapters_and_the_base_in_one_batch(settings: Settings) -> None:
+def test_two_adapters_and_the_base_in_one_decode_group(settings: Settings) -> None:
     base_dir = settings.models_dir / TINY_MODEL
     names = []
     for seed in (1, 2):
@@ -226,13 +305,13 @@ def test_two_adapters_and_the_base_in_one_batch(settings: Settings) -> None:
                 metrics={},
             )
         names.append(name)
-    engine = GenerationEngine(settings, "cpu", ModelCache(2**30))
+    engine = new_engine(settings, str(base_dir))
     prompt, n = "The blue mug", 15
     reqs = [
         GenerationRequest(key, spec(model=model, temperature=0, max_new_tokens=n, prompts=[prompt]))
         for key, model in [("a1", names[0]), ("base", TINY_MODEL), ("a2", names[1])]
     ]
-    results = run(engine, reqs, base=str(base_dir))
+    results = run(engine, reqs)
     got = {k: texts(r)[0][2] for k, r in results.items()}
     assert got["a1"] == plain_peft_greedy(
         base_dir, settings.data_dir / "models/adapter-1", prompt, n
@@ -240,8 +319,5 @@ def test_two_adapters_and_the_base_in_one_batch(settings: Settings) -> None:
     assert got["a2"] == plain_peft_greedy(
         base_dir, settings.data_dir / "models/adapter-2", prompt, n
     )
-    assert (
-        got["base"]
-        == alone(GenerationEngine(settings, "cpu", ModelCache(2**30)), reqs[1].spec)[0][2]
-    )
+    assert got["base"] == alone(new_engine(settings, str(base_dir)), reqs[1].spec)[0][2]
     assert len(set(got.values())) == 3  # each adapter really changed the text

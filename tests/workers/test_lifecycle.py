@@ -1,6 +1,6 @@
 """The lifecycle's outcomes with a stubbed runner, on a real database and Redis.
 
-No-op jobs: generation jobs go through the batching path (tests/workers/test_generation_engine.py
+No-op jobs: generation jobs go through their decode group (tests/workers/test_generation_*.py
 and tests/e2e/test_generation_batching.py).
 """
 
@@ -242,7 +242,7 @@ def test_message_for_a_job_past_expires_at_expires_it(
     )
 
 
-def test_generation_job_keeps_its_lease_while_its_batch_loads_the_model(
+def test_generation_job_keeps_its_lease_while_its_decode_group_loads_the_model(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from workers.generation import jobs as generation_jobs
@@ -258,7 +258,7 @@ def test_generation_job_keeps_its_lease_while_its_batch_loads_the_model(
         seen["report"] = reconcile(short, publisher)
         seen["job"] = load_job(short.database_url, self._first.claimed.ctx.job_id)
 
-    monkeypatch.setattr(generation_jobs.GenerationBatchRun, "run", slow_model_load)
+    monkeypatch.setattr(generation_jobs.DecodeGroupRun, "run", slow_model_load)
     try:
         job_id = insert_job(short.database_url)
         lifecycle.execute(job_id)

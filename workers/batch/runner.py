@@ -1,7 +1,9 @@
 """Runs a batch job: its request lines through the generation engine, a chunk at a time.
 
-Each line's result (output line or error line) is stored as soon as it is ready, in a
-transaction that holds the job's lease, so only the current lease owner writes and a
+Each chunk's lines are decoded together, one engine per base model, a step at a time
+(this runner owns the loop, see workers/generation/engine.py). The lines that finish
+in a step (output lines or error lines) are stored after it, in a transaction fenced by
+the attempt number (db/fencing.py), so only the attempt that holds the job writes and a
 later attempt (after a worker crash) skips the lines already stored. Between chunks
 the runner reports `request_counts`, notices a cancel, and checks the completion
 window: once it has passed, the unfinished lines get `batch_expired` error lines and
@@ -36,9 +38,10 @@ from workers.batch.lines import (
     stored_error,
     stored_output,
 )
-from workers.context import RunContext, worker_identity
-from workers.generation.engine import run_requests
-from workers.generation.requests import GenerationRequest, RequestResult
+from workers.context import RunContext
+from workers.failures import classify
+from workers.generation.engine import GenerationEngine, base_of, open_engine
+from workers.generation.requests import GenerationRequest, StepOutput
 from workers.model_refs import inside
 from workers.runners import RunResult
 
@@ -78,7 +81,7 @@ class BatchRunner:
     def run(self, raw_spec: dict[str, Any], ctx: RunContext) -> RunResult:
         spec = BatchSpec.model_validate(raw_spec)
         batch = self._load(ctx.job_id, spec)
-        run = _BatchRun(self._settings, ctx, ctx.worker or worker_identity(), batch.requests)
+        run = _BatchRun(self._settings, ctx, batch.requests)
         pending = run.resume()
         deadline = batch.created_at + spec.window
         for start in range(0, len(pending), self._chunk):
@@ -118,12 +121,9 @@ class BatchRunner:
 class _BatchRun:
     """One attempt at one batch: which lines are done, and storing each as it finishes."""
 
-    def __init__(
-        self, settings: Settings, ctx: RunContext, worker: str, requests: list[dict[str, Any]]
-    ) -> None:
+    def __init__(self, settings: Settings, ctx: RunContext, requests: list[dict[str, Any]]) -> None:
         self._settings = settings
         self._ctx = ctx
-        self._worker = worker
         self._requests = requests
         self._index = {r["custom_id"]: i for i, r in enumerate(requests)}
         self._done: set[int] = set()
@@ -151,12 +151,17 @@ class _BatchRun:
         return [i for i in range(len(self._requests)) if i not in stored]
 
     def _lease_lost(self) -> None:
-        logger.warning("batch %s: %s no longer holds the lease", self._ctx.job_id, self._worker)
+        logger.warning(
+            "batch %s: attempt %d (on %s) no longer holds the job",
+            self._ctx.job_id,
+            self._ctx.attempt,
+            self._ctx.worker,
+        )
         self._ctx.lease_lost = True
         self._ctx.stop_event.set()
 
     def _store(self, rows: list[GeneratedText]) -> None:
-        """Store finished lines under the lease; a lost lease stops the run instead."""
+        """Store finished lines, fenced by the attempt; a stale attempt stops the run instead."""
         if not rows or self._ctx.lease_lost:
             return
         with session_scope(self._settings.database_url) as session:
@@ -173,41 +178,70 @@ class _BatchRun:
                     self.counts.completed += 1
 
     def run_chunk(self, indexes: list[int]) -> None:
-        invalid: list[GeneratedText] = []
-        requests: list[GenerationRequest] = []
+        refused: list[GeneratedText] = []
+        by_base: dict[str, list[GenerationRequest]] = {}
         for index in indexes:
             request = self._requests[index]
+            custom_id = request["custom_id"]
             try:
                 spec = generate_spec_for(request)
             except BatchLineError as exc:
-                invalid.append(stored_error(index, request["custom_id"], exc.type, exc.message))
+                refused.append(stored_error(index, custom_id, exc.type, exc.message))
                 continue
-            requests.append(
-                GenerationRequest(
-                    key=request["custom_id"], spec=spec, stop_event=self._ctx.stop_event
-                )
-            )
-        self._store(invalid)
-        if requests:
-            run_requests(self._settings, self._ctx.device, requests, self.on_finished)
+            try:
+                base, _ = base_of(self._settings, spec.model)
+            except PermanentJobError as exc:
+                refused.append(self._error_line(custom_id, exc))
+                continue
+            by_base.setdefault(base, []).append(GenerationRequest(key=custom_id, spec=spec))
+        self._store(refused)
+        for base, requests in by_base.items():
+            try:
+                engine, _ = open_engine(self._settings, self._ctx.device, base)
+            except PermanentJobError as exc:
+                self._store([self._error_line(r.key, exc) for r in requests])
+                continue
+            try:
+                self._decode(engine, requests)
+            finally:
+                engine.close()
         self._ctx.check_stop()
         self._report()
 
-    def on_finished(self, result: RequestResult) -> None:
-        if result.stopped:
-            return  # not finished: the line stays to run by a later attempt, or expires
-        index = self._index[result.key]
-        request = self._requests[index]
-        if result.error is not None:
-            code = result.error_type or FailureType.RUNTIME_ERROR.value
-            row = stored_error(index, result.key, code, result.error)
-        elif not result.texts:
-            row = stored_error(
-                index, result.key, FailureType.RUNTIME_ERROR.value, "no text was generated"
-            )
-        else:
-            row = stored_output(index, request, result.texts)
-        self._store([row])
+    def _decode(self, engine: GenerationEngine, requests: list[GenerationRequest]) -> None:
+        """Step the engine until its lines are done, storing them after each step. On a stop
+        flag the unfinished lines stay unstored (a later attempt runs them, or they expire)."""
+        refused: list[GeneratedText] = []
+        for request in requests:
+            try:
+                engine.add(request)
+            except Exception as exc:
+                refused.append(self._error_line(request.key, exc))
+        self._store(refused)
+        while engine.has_work and not self._ctx.stop_event.is_set():
+            self._store(self._lines(engine.step()))
+
+    def _lines(self, out: StepOutput) -> list[GeneratedText]:
+        rows = [self._error_line(f.key, f.error) for f in out.failed]
+        for finished in out.finished:
+            index = self._index[finished.key]
+            if not finished.texts:
+                rows.append(
+                    stored_error(
+                        index,
+                        finished.key,
+                        FailureType.RUNTIME_ERROR.value,
+                        "no text was generated",
+                    )
+                )
+            else:
+                rows.append(stored_output(index, self._requests[index], finished.texts))
+        return rows
+
+    def _error_line(self, custom_id: str, exc: BaseException) -> GeneratedText:
+        """The error line of one request that failed alone, typed as a job failure would be."""
+        error = classify(exc, self._settings, self._ctx.device)
+        return stored_error(self._index[custom_id], custom_id, error.failure.value, error.message)
 
     def expire(self, window: str) -> None:
         """Give every unfinished line a batch_expired error and end the job expired."""

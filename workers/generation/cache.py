@@ -4,7 +4,7 @@ A model is keyed by its reference and a revision (for a local directory, the
 newest modification time of its weight and config files, so replaced files are
 loaded afresh). LoRA adapters are loaded onto a cached base as named peft
 adapters, so requests for different adapters share one base in memory and in a
-batch; the least recently used adapters are unloaded past `max_adapters`.
+decode group; the least recently used adapters are unloaded past `max_adapters`.
 """
 
 from __future__ import annotations

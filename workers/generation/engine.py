@@ -1,21 +1,24 @@
-"""The generation engine: requests for one base model decoded together, joining and
-leaving the batch between decoding steps (continuous batching).
+"""Generation engines: requests on one base model decoded together, a step at a time.
 
-Each request keeps its own sampling parameters, seeds and stop strings (see
-sampling.py and text.py), so its texts do not depend on what it was batched
-with. A request whose stop event is set leaves the batch at the next step; the
-others go on. LoRA adapters from the registry run in the same batch as their
-base (peft mixed-adapter batches).
+The caller owns the loop, in the shape of text-generation-inference's
+`Model.generate_token(batch)` and vLLM's `LLMEngine.step()`: it adds requests, calls
+`step()`, and records what each step gives back (text deltas, finished requests,
+requests that failed alone) before the next one. An engine writes nothing to the
+database and calls nothing back, so whoever runs it decides what a result means.
+
+`TransformersEngine` is continuous batching on a transformers model: requests join
+and leave the decode group between steps; each keeps its own sampling parameters,
+seeds and stop strings (see sampling.py and text.py), so its texts do not depend on
+what it was decoded with. LoRA adapters from the registry run in the same group as
+their base (peft mixed-adapter forwards).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
+from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -23,22 +26,65 @@ import torch
 
 from core import prompts
 from core.enums import FailureType
-from core.errors import JobError, PermanentJobError
+from core.errors import PermanentJobError
 from core.settings import Settings
 from core.specs import GenerateSpec
 from db.outputs import GeneratedText
-from workers.generation.batch import BASE_ADAPTER, DecodeBatch, Row
 from workers.generation.cache import CachedModel, CacheOutcome, ModelCache
-from workers.generation.requests import GenerationRequest, RequestResult
+from workers.generation.decode_group import BASE_ADAPTER, DecodeGroup, Row
+from workers.generation.requests import (
+    FailedRequest,
+    FinishedRequest,
+    GenerationRequest,
+    RequestProgress,
+    StepOutput,
+    TextDelta,
+)
 from workers.generation.sampling import RowSampling, row_generator
 from workers.generation.text import SequenceText
 from workers.model_refs import resolve_model
 
 logger = logging.getLogger(__name__)
 
-FinishedSink = Callable[[RequestResult], None]
-# Called between steps with room for this many more sequences; returns requests to add.
-MoreRequests = Callable[[int], list[GenerationRequest]]
+
+class GenerationEngine(ABC):
+    """Requests on one base model, decoded together one step at a time."""
+
+    @property
+    @abstractmethod
+    def base(self) -> str:
+        """The base model this engine serves (adapters on it included)."""
+
+    @property
+    @abstractmethod
+    def room(self) -> int:
+        """How many more sequences it would start decoding at the next step."""
+
+    @property
+    @abstractmethod
+    def active(self) -> list[str]:
+        """Keys of the requests added and not yet finished, failed or cancelled."""
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.active)
+
+    @abstractmethod
+    def add(self, request: GenerationRequest) -> None:
+        """Take a request; it starts decoding at a next step. Raises (PermanentJobError, an
+        adapter that does not load, ...) when this request cannot be served; the engine and
+        its other requests are unchanged then."""
+
+    @abstractmethod
+    def step(self) -> StepOutput:
+        """Decode one token for every running sequence (admitting waiting ones first)."""
+
+    @abstractmethod
+    def cancel(self, key: str) -> bool:
+        """Forget a request at once; False when the engine did not know it."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing to free
+        """Free what the engine holds between groups (device memory caches)."""
 
 
 def row_seed(seed: int, prompt_index: int, sequence_index: int) -> int:
@@ -46,21 +92,12 @@ def row_seed(seed: int, prompt_index: int, sequence_index: int) -> int:
     return (seed * 1_000_003 + prompt_index * 10_007 + sequence_index) % (2**63)
 
 
-@dataclass
-class _Slot:
-    request: GenerationRequest
-    rows: list[Row] = field(default_factory=list)
-    texts: list[GeneratedText] = field(default_factory=list)
-    live: int = 0  # rows admitted or waiting that have not finished
-    total_tokens: int = 0
-
-
-@dataclass
-class EngineStats:
-    steps: int = 0
-    admitted: int = 0
-    peak_rows: int = 0
-    joined_mid_batch: int = 0  # requests that joined while others were decoding
+def base_of(settings: Settings, model: str) -> tuple[str, str | None]:
+    """(base model to load, adapter directory or None) for a spec's model."""
+    resolved = resolve_model(settings, model)
+    if resolved.adapter_of is not None:
+        return resolved.adapter_of, resolved.ref
+    return resolved.ref, None
 
 
 def encode_prompts(entry: CachedModel, spec: GenerateSpec) -> list[list[int]]:
@@ -70,98 +107,105 @@ def encode_prompts(entry: CachedModel, spec: GenerateSpec) -> list[list[int]]:
         raise PermanentJobError(exc.message, FailureType.INVALID_SPEC) from exc
 
 
-class GenerationEngine:
-    def __init__(self, settings: Settings, device: str, cache: ModelCache) -> None:
+@dataclass
+class EngineStats:
+    steps: int = 0
+    admitted: int = 0
+    peak_sequences: int = 0
+    joined_mid_group: int = 0  # requests added while others were decoding
+
+
+@dataclass(eq=False)
+class _Slot:
+    request: GenerationRequest
+    rows: list[Row] = field(default_factory=list)
+    texts: list[GeneratedText] = field(default_factory=list)
+    live: int = 0  # rows admitted or waiting that have not finished
+    total_tokens: int = 0
+    admitted_at: int = -1  # order in which requests first got a row into the group
+
+
+class TransformersEngine(GenerationEngine):
+    def __init__(
+        self,
+        settings: Settings,
+        device: str,
+        cache: ModelCache,
+        entry: CachedModel,
+        base: str,
+    ) -> None:
         self._settings = settings
         self._device = device
-        self.cache = cache
-        self.max_rows = settings.generation_max_batch
+        self._cache = cache
+        self._entry = entry
+        self._base = base
+        self.max_sequences = settings.generation_max_sequences
+        self._group = DecodeGroup(entry.model, device, entry.pad_id, entry.vocab_size)
+        self._waiting: deque[Row] = deque()
+        self._slots: dict[str, _Slot] = {}
+        self._admissions = 0
         self.stats = EngineStats()
 
-    def base_of(self, model: str) -> tuple[str, str | None]:
-        """(base model to load, adapter directory or None) for a spec's model."""
-        resolved = resolve_model(self._settings, model)
-        if resolved.adapter_of is not None:
-            return resolved.adapter_of, resolved.ref
-        return resolved.ref, None
+    @property
+    def base(self) -> str:
+        return self._base
 
-    def load(self, base: str) -> tuple[CachedModel, CacheOutcome]:
-        return self.cache.get(base, self._device)
+    @property
+    def room(self) -> int:
+        return max(0, self.max_sequences - len(self._group) - len(self._waiting))
 
-    def run(
-        self,
-        entry: CachedModel,
-        requests: Sequence[GenerationRequest],
-        on_finished: FinishedSink,
-        *,
-        more: MoreRequests | None = None,
-        after_step: Callable[[], None] | None = None,
-    ) -> None:
-        """Decode `requests` (and whatever `more` adds) on a loaded base until none is left."""
-        batch = DecodeBatch(entry.model, self._device, entry.pad_id, entry.vocab_size)
-        waiting: deque[Row] = deque()
-        slots: list[_Slot] = []
+    @property
+    def active(self) -> list[str]:
+        return list(self._slots)
 
-        def add(reqs: Sequence[GenerationRequest]) -> None:
-            for req in reqs:
-                slot = self._prepare(entry, req, batch, on_finished)
-                if slot is not None:
-                    slots.append(slot)
-                    waiting.extend(slot.rows)
-                    if len(batch):
-                        self.stats.joined_mid_batch += 1
+    def add(self, request: GenerationRequest) -> None:
+        if request.key in self._slots:
+            raise ValueError(f"request {request.key} is already in the engine")
+        slot = self._prepare(request)
+        self._slots[request.key] = slot
+        self._waiting.extend(slot.rows)
+        if len(self._group):
+            self.stats.joined_mid_group += 1
 
-        add(requests)
-        last_poll = 0.0
+    def cancel(self, key: str) -> bool:
+        slot = self._slots.pop(key, None)
+        if slot is None:
+            return False
+        self._remove_rows(slot)
+        return True
+
+    def close(self) -> None:
+        if self._device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def step(self) -> StepOutput:
+        out = StepOutput()
         with torch.inference_mode():
-            while True:
-                self._drop_stopped(batch, waiting, slots, on_finished)
-                room = self.max_rows - len(batch)
-                if more is not None and room > len(waiting):
-                    now = time.monotonic()
-                    if not batch.rows or now - last_poll >= self._settings.generation_poll_s:
-                        last_poll = now
-                        add(more(room - len(waiting)))
-                if not waiting and not batch.rows:
-                    break
+            admitted = self._admit(out)
+            touched = self._end_rows(admitted, out)
+            if len(self._group):
                 try:
-                    self._end_rows(batch, self._admit(batch, waiting), slots, on_finished)
-                    self.stats.peak_rows = max(self.stats.peak_rows, len(batch))
-                    self._end_rows(batch, batch.step(), slots, on_finished)
+                    done = self._group.step()
                 except torch.OutOfMemoryError as exc:
-                    self._fail_all(batch, waiting, slots, on_finished, exc)
-                    continue
-                self.stats.steps += 1
-                if after_step is not None:
-                    after_step()
-        torch_empty_cache(self._device)
+                    self._fail_newest(exc, out)
+                else:
+                    touched |= self._end_rows(done, out)
+                    self.stats.steps += 1
+        out.progress = [self._progress(s) for s in touched if s.request.key in self._slots]
+        return out
 
-    def _prepare(
-        self,
-        entry: CachedModel,
-        req: GenerationRequest,
-        batch: DecodeBatch,
-        on_finished: FinishedSink,
-    ) -> _Slot | None:
+    def _prepare(self, req: GenerationRequest) -> _Slot:
         spec = req.spec
-        try:
-            _, adapter_dir = self.base_of(spec.model)
-            adapter = BASE_ADAPTER
-            if adapter_dir is not None:
-                in_use = frozenset(r.adapter for r in batch.rows)
-                adapter = self.cache.adapter(entry, adapter_dir, in_use)
-                batch.refresh_model(entry.model)
-            prompts = encode_prompts(entry, spec)
-        except JobError as exc:
-            failure = (
-                exc.failure if isinstance(exc, PermanentJobError) else FailureType.RUNTIME_ERROR
-            )
-            on_finished(RequestResult(req.key, [], error=str(exc), error_type=failure.value))
-            return None
+        _, adapter_dir = base_of(self._settings, spec.model)
+        adapter = BASE_ADAPTER
+        if adapter_dir is not None:
+            in_use = frozenset(r.adapter for r in self._group.rows)
+            adapter = self._cache.adapter(self._entry, adapter_dir, in_use)
+            self._group.refresh_model(self._entry.model)
+        encoded = encode_prompts(self._entry, spec)
         slot = _Slot(request=req)
         base_seed = spec.seed if spec.seed is not None else int.from_bytes(os.urandom(6), "big")
-        stream = req.on_delta is not None
-        for p_index, ids in enumerate(prompts):
+        for p_index, ids in enumerate(encoded):
             for s_index in range(spec.num_return_sequences):
                 sampling = RowSampling(
                     do_sample=spec.do_sample,
@@ -175,6 +219,9 @@ class GenerationEngine:
                         else None
                     ),
                 )
+                text = SequenceText(
+                    self._entry.tokenizer, spec.stop, self._entry.eos_ids, stream=req.stream
+                )
                 slot.rows.append(
                     Row(
                         owner=slot,
@@ -183,7 +230,7 @@ class GenerationEngine:
                         prompt_ids=ids,
                         sampling=sampling,
                         max_new_tokens=spec.max_new_tokens,
-                        text=SequenceText(entry.tokenizer, spec.stop, entry.eos_ids, stream=stream),
+                        text=text,
                         adapter=adapter,
                     )
                 )
@@ -191,34 +238,62 @@ class GenerationEngine:
         slot.total_tokens = len(slot.rows) * spec.max_new_tokens
         return slot
 
-    def _admit(self, batch: DecodeBatch, waiting: deque[Row]) -> list[Row]:
-        room = self.max_rows - len(batch)
-        if room <= 0 or not waiting:
+    def _admit(self, out: StepOutput) -> list[Row]:
+        """Prefill waiting rows into the group. Out of memory: the most recently added
+        request among them fails, the others wait for the next step."""
+        room = self.max_sequences - len(self._group)
+        if room <= 0 or not self._waiting:
             return []
-        group = [waiting.popleft() for _ in range(min(room, len(waiting)))]
-        self.stats.admitted += len(group)
-        return batch.admit(group)
-
-    def _end_rows(
-        self, batch: DecodeBatch, done: list[Row], slots: list[_Slot], on_finished: FinishedSink
-    ) -> None:
-        self._emit(batch.rows)
-        self._finish_rows(batch, done, slots, on_finished)
-
-    @staticmethod
-    def _emit(rows: list[Row]) -> None:
+        rows = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
         for r in rows:
-            sink = r.owner.request.on_delta
-            if sink is None:
-                continue
-            delta = r.text.delta()
-            if delta:
-                sink(r.prompt_index, r.sequence_index, delta)
+            if r.owner.admitted_at < 0:
+                r.owner.admitted_at = self._admissions
+                self._admissions += 1
+        try:
+            done = self._group.admit(rows)
+        except torch.OutOfMemoryError as exc:
+            self._waiting.extendleft(reversed(rows))
+            newest: _Slot = max((r.owner for r in rows), key=lambda s: s.admitted_at)
+            self._fail(newest, exc, out)
+            return []
+        self.stats.admitted += len(rows)
+        self.stats.peak_sequences = max(self.stats.peak_sequences, len(self._group))
+        return done
 
-    def _finish_rows(
-        self, batch: DecodeBatch, done: list[Row], slots: list[_Slot], on_finished: FinishedSink
-    ) -> None:
-        batch.drop(done)
+    def _fail_newest(self, exc: torch.OutOfMemoryError, out: StepOutput) -> None:
+        newest: _Slot = max((r.owner for r in self._group.rows), key=lambda s: s.admitted_at)
+        self._fail(newest, exc, out)
+
+    def _fail(self, slot: _Slot, exc: BaseException, out: StepOutput) -> None:
+        logger.warning(
+            "request %s ran out of memory in a decode group of %d sequences; it fails alone",
+            slot.request.key,
+            len(self._group),
+        )
+        self._slots.pop(slot.request.key, None)
+        self._remove_rows(slot)
+        out.failed.append(FailedRequest(slot.request.key, exc))
+        self.close()
+
+    def _remove_rows(self, slot: _Slot) -> None:
+        self._group.drop(slot.rows)
+        gone = {id(r) for r in slot.rows}
+        if any(id(r) in gone for r in self._waiting):
+            self._waiting = deque(r for r in self._waiting if id(r) not in gone)
+
+    def _end_rows(self, done: list[Row], out: StepOutput) -> set[_Slot]:
+        """Collect the deltas of every row, then drop the rows that ended and finish the
+        requests with no row left. Returns the requests that moved."""
+        touched: set[_Slot] = set()
+        for r in self._group.rows:
+            touched.add(r.owner)
+            if r.owner.request.stream:
+                delta = r.text.delta()
+                if delta:
+                    out.deltas.append(
+                        TextDelta(r.owner.request.key, r.prompt_index, r.sequence_index, delta)
+                    )
+        self._group.drop(done)
         for r in done:
             slot: _Slot = r.owner
             slot.live -= 1
@@ -234,77 +309,24 @@ class GenerationEngine:
                     completion_tokens=len(r.text.ids),
                 )
             )
-        for slot in {id(r.owner): r.owner for r in [*batch.rows, *done]}.values():
-            self._report_progress(slot)
-        for slot in [s for s in slots if s.live == 0]:
-            slots.remove(slot)
-            slot.texts.sort(key=lambda t: (t.prompt_index, t.sequence_index))
-            on_finished(RequestResult(slot.request.key, slot.texts))
+            if slot.live == 0:
+                self._slots.pop(slot.request.key, None)
+                slot.texts.sort(key=lambda t: (t.prompt_index, t.sequence_index))
+                out.finished.append(FinishedRequest(slot.request.key, slot.texts))
+        return touched
 
     @staticmethod
-    def _report_progress(slot: _Slot) -> None:
-        sink = slot.request.on_progress
-        if sink is None or slot.total_tokens == 0:
-            return
+    def _progress(slot: _Slot) -> RequestProgress:
         finished = sum(r.max_new_tokens for r in slot.rows if r.text.finished)
         running = sum(r.generated for r in slot.rows if not r.text.finished)
-        done = min(finished + running, slot.total_tokens)
-        completion = sum(len(r.text.ids) for r in slot.rows)
-        sink(
-            done / slot.total_tokens,
-            {
-                "sequences": len(slot.rows),
-                "sequences_done": sum(r.text.finished for r in slot.rows),
-                "completion_tokens": completion,
-            },
+        total = max(slot.total_tokens, 1)
+        return RequestProgress(
+            key=slot.request.key,
+            fraction=min(finished + running, total) / total,
+            sequences=len(slot.rows),
+            sequences_done=sum(r.text.finished for r in slot.rows),
+            completion_tokens=sum(len(r.text.ids) for r in slot.rows),
         )
-
-    def _drop_stopped(
-        self,
-        batch: DecodeBatch,
-        waiting: deque[Row],
-        slots: list[_Slot],
-        on_finished: FinishedSink,
-    ) -> None:
-        for slot in [s for s in slots if s.request.stop_event.is_set()]:
-            slots.remove(slot)
-            batch.drop(slot.rows)
-            for r in slot.rows:
-                if r in waiting:
-                    waiting.remove(r)
-            on_finished(RequestResult(slot.request.key, [], stopped=True))
-
-    def _fail_all(
-        self,
-        batch: DecodeBatch,
-        waiting: deque[Row],
-        slots: list[_Slot],
-        on_finished: FinishedSink,
-        exc: BaseException,
-    ) -> None:
-        logger.warning("generation batch of %d sequences ran out of memory", len(batch))
-        batch.drop(list(batch.rows))
-        waiting.clear()
-        for slot in list(slots):
-            slots.remove(slot)
-            on_finished(
-                RequestResult(
-                    slot.request.key,
-                    [],
-                    error=f"out of memory: {exc}",
-                    error_type=FailureType.OUT_OF_MEMORY.value,
-                )
-            )
-        torch_empty_cache(self._device)
-
-
-def torch_empty_cache(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
-_ENGINES: dict[tuple[str, str, str], GenerationEngine] = {}
-_ENGINES_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=1)
@@ -312,40 +334,16 @@ def _process_cache(budget_bytes: int) -> ModelCache:
     return ModelCache(budget_bytes)
 
 
-def engine_for(settings: Settings, device: str) -> GenerationEngine:
-    """The process's engine for these settings and device. Engines share one model cache,
-    which lives as long as the process (a worker keeps its models between jobs)."""
-    key = (device, settings.database_url, str(settings.data_dir.resolve()))
-    with _ENGINES_LOCK:
-        engine = _ENGINES.get(key)
-        if engine is None:
-            cache = _process_cache(settings.model_cache_mb * 2**20)
-            engine = _ENGINES[key] = GenerationEngine(settings, device, cache)
-        return engine
+def model_cache(settings: Settings) -> ModelCache:
+    """The process's model cache: it lives as long as the process (a worker keeps its
+    models between jobs)."""
+    return _process_cache(settings.model_cache_mb * 2**20)
 
 
-def run_requests(
-    settings: Settings,
-    device: str,
-    requests: Sequence[GenerationRequest],
-    on_finished: FinishedSink,
-) -> None:
-    """Run every request (any models); `on_finished` gets each result as soon as it is ready."""
-    engine = engine_for(settings, device)
-    groups: dict[str, list[GenerationRequest]] = {}
-    for req in requests:
-        try:
-            base, _ = engine.base_of(req.spec.model)
-        except PermanentJobError as exc:
-            on_finished(RequestResult(req.key, [], error=str(exc), error_type=exc.failure.value))
-            continue
-        groups.setdefault(base, []).append(req)
-    for base, group in groups.items():
-        try:
-            entry, _ = engine.load(base)
-            engine.run(entry, group, on_finished)
-        except PermanentJobError as exc:
-            for req in group:
-                on_finished(
-                    RequestResult(req.key, [], error=str(exc), error_type=exc.failure.value)
-                )
+def open_engine(
+    settings: Settings, device: str, base: str, cache: ModelCache | None = None
+) -> tuple[TransformersEngine, CacheOutcome]:
+    """An engine for `base` (loaded through the process's model cache unless given one)."""
+    cache = cache if cache is not None else model_cache(settings)
+    entry, outcome = cache.get(base, device)
+    return TransformersEngine(settings, device, cache, entry, base), outcome

@@ -1,17 +1,24 @@
-"""Generation jobs on a worker: one claimed job opens a decoding batch, and ready jobs
-for the same base model are claimed (with the usual compare-and-set) to join it,
-at the start and between decoding steps. Each job keeps its own lease, heartbeat,
-cancel flag, token stream and final state.
+"""Generation jobs on a worker: one claimed job opens a decode group on its base model,
+and ready jobs on the same model are claimed to join it, at the start and between steps.
+
+This module owns the loop around the engine. Between two steps it publishes the token
+deltas, ends the jobs that finished or failed (each through its own `Attempt`, so each
+job goes through the one lifecycle: its lease, heartbeat, stop flags, token stream and
+final state are its own), takes in more jobs through the `Claimer`, and honours stop
+flags. One job's failure (a bad adapter, an out-of-memory, a database error while
+recording it) ends that job alone; the others go on.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.exc import OperationalError
+from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from core.enums import EventType, FailureType, JobKind, JobStatus
 from core.errors import PermanentJobError
@@ -23,99 +30,233 @@ from db.jobs import ready_for_model
 from db.outputs import storable_text
 from db.session import session_scope
 from workers.generation.cache import CacheOutcome
-from workers.generation.engine import GenerationEngine, engine_for
-from workers.generation.requests import GenerationRequest, RequestResult
+from workers.generation.engine import GenerationEngine, base_of, open_engine
+from workers.generation.requests import FinishedRequest, GenerationRequest, StepOutput
 from workers.generation.retrieval import with_retrieval
-from workers.runners import Attempt, ClaimedJob, Claimer, RunResult
+from workers.runners import Attempt, Claimer, RunResult
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class _Running:
-    attempt: Attempt
-    spec: GenerateSpec
-    started: float
-    cache_note: dict[str, Any]
+JOINED_MESSAGE = "joined a running decode group"
 
 
 def serve_generation(claimer: Claimer, first: Attempt) -> None:
-    """Serve a claimed generation job and every ready job that can join its decode group."""
-    GenerationBatchRun(claimer, first).run()
+    """Serve a claimed generation job, and every ready job that can join its decode group,
+    until none is left. Every attempt taken is ended before this returns."""
+    DecodeGroupRun(claimer, first).run()
 
 
-class GenerationBatchRun:
-    """Serves one claimed generation job and every ready job that can join its batch."""
+Ending = Callable[[Attempt], JobStatus | None]
+
+
+def failing(exc: BaseException) -> Ending:
+    """End an attempt after `exc`: classified by the lifecycle (retried or failed)."""
+    return lambda attempt: attempt.failed(exc)
+
+
+@dataclass
+class _Member:
+    """A job decoding in the group."""
+
+    attempt: Attempt
+    started: float
+    cache_note: dict[str, Any]
+
+    @property
+    def job_id(self) -> str:
+        return self.attempt.claimed.ctx.job_id
+
+
+class DecodeGroupRun:
+    """One decode group on one worker, from its first job until it drains."""
 
     def __init__(self, claimer: Claimer, first: Attempt) -> None:
         self._claimer = claimer
         self._settings = claimer.settings
         self._first = first
-        self._engine: GenerationEngine = engine_for(self._settings, claimer.device)
         self._writer = TokenStreamWriter(self._settings.broker_url)
-        self._running: dict[str, _Running] = {}
-        self._deltas: list[TokenDelta] = []
+        self._members: dict[str, _Member] = {}
         self._cache_note: dict[str, Any] = {}
         self._opened = time.monotonic()
+        self._last_poll = 0.0
 
     def run(self) -> None:
-        first_attempt = self._first
-        first = first_attempt.claimed
         try:
-            spec = self._prepared(first, GenerateSpec.model_validate(first.spec))
-            base, _ = self._engine.base_of(spec.model)
-            entry, outcome = self._engine.load(base)
-        except PermanentJobError as exc:
-            first_attempt.fail(exc.failure, exc.message)
-            self._writer.end(first.ctx.job_id, JobStatus.FAILED.value)
-            return
-        except Exception as exc:
-            logger.exception("job %s: loading its model failed", first.ctx.job_id)
-            first_attempt.failed(exc)
-            return
-        self._note_cache(first.ctx.job_id, base, outcome)
-        first_request = self._start(first_attempt, spec)
-        if self._settings.generation_batch_wait_s > 0:
-            time.sleep(self._settings.generation_batch_wait_s)
-        try:
-            self._engine.run(
-                entry,
-                [first_request],
-                self._finished,
-                more=lambda room: self._join(first.model, room),
-                after_step=self._flush,
-            )
-        except Exception as exc:
-            logger.exception("generation batch on %s failed", base)
-            for job_id in list(self._running):
-                self._end(
-                    job_id,
-                    RequestResult(
-                        job_id,
-                        [],
-                        error=f"{type(exc).__name__}: {exc}",
-                        error_type=FailureType.RUNTIME_ERROR.value,
-                    ),
-                )
+            engine = self._open()
+            if engine is None:
+                return
+            try:
+                self._loop(engine)
+            except Exception as exc:
+                # not one request's failure (those come back in a step's output): the group
+                # itself broke, so every job still in it ends with this error
+                logger.exception("decode group on %s failed", engine.base)
+                for job_id in list(self._members):
+                    self._end(job_id, failing(exc))
+            finally:
+                engine.close()
         finally:
-            self._flush()
             self._writer.close()
 
-    def _prepared(self, claimed: ClaimedJob, spec: GenerateSpec) -> GenerateSpec:
+    def _open(self) -> GenerationEngine | None:
+        first = self._first
+        job_id = first.claimed.ctx.job_id
+        try:
+            spec = self._prepared(first)
+            base, _ = base_of(self._settings, spec.model)
+            engine, outcome = open_engine(self._settings, self._claimer.device, base)
+        except Exception as exc:
+            logger.info("job %s: its model could not be opened: %s", job_id, exc)
+            self._finish_alone(first, failing(exc))
+            return None
+        self._note_cache(job_id, base, outcome)
+        if not self._start(engine, first, spec):
+            return None
+        if self._settings.generation_group_wait_s > 0:
+            time.sleep(self._settings.generation_group_wait_s)
+        return engine
+
+    def _loop(self, engine: GenerationEngine) -> None:
+        model = self._first.claimed.model
+        while True:
+            self._drop_stopped(engine)
+            self._take_more(engine, model)
+            if not engine.has_work:
+                return
+            self._record_step(engine.step())
+
+    def _record_step(self, out: StepOutput) -> None:
+        if out.deltas:
+            deltas = []
+            for d in out.deltas:
+                member = self._members.get(d.key)
+                if member is None:
+                    continue
+                # the same character swap as the stored text, so the stream adds up to it
+                deltas.append(
+                    TokenDelta(
+                        d.key,
+                        member.attempt.claimed.ctx.attempt,
+                        d.prompt_index,
+                        d.sequence_index,
+                        storable_text(d.text),
+                    )
+                )
+            self._writer.publish(deltas)
+        for p in out.progress:
+            member = self._members.get(p.key)
+            if member is not None:
+                member.attempt.claimed.ctx.report_progress(p.fraction, **p.detail())
+        for finished in out.finished:
+            self._succeed(finished)
+        for failed in out.failed:
+            self._end(failed.key, failing(failed.error))
+
+    def _succeed(self, finished: FinishedRequest) -> None:
+        member = self._members.get(finished.key)
+        if member is None:
+            return
+        summary = {
+            "usage": {
+                "prompt_tokens": sum(t.prompt_tokens for t in finished.texts),
+                "completion_tokens": sum(t.completion_tokens for t in finished.texts),
+            },
+            "generation_s": round(time.perf_counter() - member.started, 3),
+            **member.cache_note,
+        }
+        result = RunResult(outputs=finished.texts, result=summary)
+        self._end(finished.key, lambda a: a.succeed(result))
+
+    def _drop_stopped(self, engine: GenerationEngine) -> None:
+        for job_id, member in list(self._members.items()):
+            if member.attempt.claimed.ctx.stop_event.is_set():
+                engine.cancel(job_id)
+                self._end(job_id, lambda a: a.stopped())
+
+    def _end(self, job_id: str, how: Ending) -> None:
+        member = self._members.pop(job_id, None)
+        if member is not None:
+            self._finish_alone(member.attempt, how)
+
+    def _finish_alone(self, attempt: Attempt, how: Ending) -> None:
+        """End one attempt; whatever goes wrong recording it stays with that job (its lease
+        then runs out and the reconciler runs it again)."""
+        ctx = attempt.claimed.ctx
+        try:
+            status = how(attempt)
+        except Exception:
+            logger.exception(
+                "job %s: recording the end of attempt %d failed; the reconciler takes it up "
+                "once its lease expires",
+                ctx.job_id,
+                ctx.attempt,
+            )
+            return
+        if status is not None:
+            self._writer.end(ctx.job_id, ctx.attempt, status.value)
+
+    def _start(self, engine: GenerationEngine, attempt: Attempt, spec: GenerateSpec) -> bool:
+        """Add a claimed job's request to the engine; False when it failed (and was ended)."""
+        ctx = attempt.claimed.ctx
+        note = dict(self._cache_note) if not self._members else {"model_cache": "hit"}
+        self._writer.begin(ctx.job_id, ctx.attempt)
+        try:
+            engine.add(GenerationRequest(key=ctx.job_id, spec=spec, stream=True))
+        except Exception as exc:
+            logger.info("job %s: its request was refused: %s", ctx.job_id, exc)
+            self._finish_alone(attempt, failing(exc))
+            return False
+        self._members[ctx.job_id] = _Member(attempt, time.perf_counter(), note)
+        return True
+
+    def _take_more(self, engine: GenerationEngine, model: str | None) -> None:
+        """Claim ready jobs on the same base model while the group has room."""
+        room = engine.room
+        if model is None or room <= 0:
+            return
+        now = time.monotonic()
+        if now - self._opened > self._settings.generation_join_window_s:
+            return  # draining: later jobs wait for their own message
+        if engine.has_work and now - self._last_poll < self._settings.generation_poll_s:
+            return
+        self._last_poll = now
+        try:
+            with session_scope(self._settings.database_url, readonly=True) as session:
+                ids = list(ready_for_model(session, JobKind.GENERATE, model, utcnow(), room))
+        except SQLAlchemyError as exc:
+            logger.warning("could not look for jobs to join the decode group on %s: %s", model, exc)
+            return
+        for job_id in ids:
+            try:
+                attempt = self._claimer.claim_and_begin(job_id)
+            except SQLAlchemyError as exc:
+                logger.warning("job %s: claim failed (%s); it stays queued", job_id, exc)
+                continue
+            if attempt is None:
+                continue
+            try:
+                spec = self._prepared(attempt)
+            except Exception as exc:
+                self._finish_alone(attempt, failing(exc))
+                continue
+            if self._start(engine, attempt, spec):
+                self._record(job_id, JOINED_MESSAGE, {"worker": self._claimer.worker})
+
+    def _prepared(self, attempt: Attempt) -> GenerateSpec:
         """The spec to decode: with retrieval, the past answers put into its messages."""
+        claimed = attempt.claimed
+        try:
+            spec = GenerateSpec.model_validate(claimed.spec)
+        except ValidationError as exc:
+            raise PermanentJobError(str(exc), FailureType.INVALID_SPEC) from exc
         if spec.retrieval is None:
             return spec
-        job_id = claimed.ctx.job_id
-        try:
-            augmented, found = with_retrieval(
-                self._settings, spec, claimed.ctx.tenant_id, self._claimer.device
-            )
-        except (OSError, RuntimeError) as exc:
-            logger.exception("job %s: retrieval failed", job_id)
-            raise PermanentJobError(
-                f"retrieval failed: {type(exc).__name__}: {exc}", FailureType.RUNTIME_ERROR
-            ) from exc
-        self._record(job_id, f"retrieved {spec.retrieval.k} past answers per question", found)
+        augmented, found = with_retrieval(
+            self._settings, spec, claimed.ctx.tenant_id, self._claimer.device
+        )
+        self._record(
+            claimed.ctx.job_id, f"retrieved {spec.retrieval.k} past answers per question", found
+        )
         return augmented
 
     def _note_cache(self, job_id: str, base: str, outcome: CacheOutcome) -> None:
@@ -131,101 +272,9 @@ class GenerationBatchRun:
         self._record(job_id, message, data)
         self._cache_note["load_s"] = round(outcome.load_s, 3)
 
-    def _start(self, attempt: Attempt, spec: GenerateSpec) -> GenerationRequest:
-        claimed = attempt.claimed
-        job_id = claimed.ctx.job_id
-        note = dict(self._cache_note) if not self._running else {"model_cache": "hit"}
-        self._running[job_id] = _Running(attempt, spec, time.perf_counter(), note)
-        self._writer.begin(job_id, claimed.ctx.attempt)
-        ctx = claimed.ctx
-
-        def on_delta(prompt_index: int, sequence_index: int, text: str) -> None:
-            # the same character swap as the stored text, so the stream adds up to it
-            self._deltas.append(
-                TokenDelta(job_id, prompt_index, sequence_index, storable_text(text))
-            )
-
-        def on_progress(fraction: float, detail: dict[str, int]) -> None:
-            ctx.report_progress(fraction, **detail)
-
-        return GenerationRequest(
-            key=job_id,
-            spec=spec,
-            stop_event=ctx.stop_event,
-            on_delta=on_delta,
-            on_progress=on_progress,
-        )
-
-    def _join(self, model: str | None, room: int) -> list[GenerationRequest]:
-        """Claim up to `room` ready jobs on the same base model."""
-        if model is None or room <= 0:
-            return []
-        if time.monotonic() - self._opened > self._settings.generation_join_window_s:
-            return []  # draining: later jobs wait for their own message
-        try:
-            with session_scope(self._settings.database_url, readonly=True) as session:
-                ids = list(ready_for_model(session, JobKind.GENERATE, model, utcnow(), room))
-        except OperationalError:
-            logger.warning("could not look for jobs to join the batch on %s", model)
-            return []
-        joined: list[GenerationRequest] = []
-        for job_id in ids:
-            try:
-                attempt = self._claimer.claim_and_begin(job_id)
-            except OperationalError:
-                logger.warning("job %s: claim failed; it stays queued", job_id)
-                continue
-            if attempt is None:
-                continue
-            try:
-                spec = self._prepared(
-                    attempt.claimed, GenerateSpec.model_validate(attempt.claimed.spec)
-                )
-            except ValueError as exc:
-                attempt.fail(FailureType.INVALID_SPEC, str(exc))
-                continue
-            except PermanentJobError as exc:
-                attempt.fail(exc.failure, exc.message)
-                continue
-            joined.append(self._start(attempt, spec))
-            self._record(job_id, "joined a running batch", {"worker": self._claimer.worker})
-        return joined
-
     def _record(self, job_id: str, message: str, data: dict[str, Any]) -> None:
         try:
             with session_scope(self._settings.database_url) as session:
                 append_event(session, job_id, EventType.LOG, message, data)
-        except OperationalError:
-            logger.warning("job %s: could not record %r", job_id, message)
-
-    def _flush(self) -> None:
-        if self._deltas:
-            self._writer.publish(self._deltas)
-            self._deltas = []
-
-    def _finished(self, result: RequestResult) -> None:
-        self._flush()
-        self._end(result.key, result)
-
-    def _end(self, job_id: str, result: RequestResult) -> None:
-        running = self._running.pop(job_id, None)
-        if running is None:
-            return
-        attempt = running.attempt
-        if result.stopped:
-            status = attempt.stopped()
-        elif result.error is not None:
-            failure = FailureType(result.error_type or FailureType.RUNTIME_ERROR.value)
-            status = attempt.fail(failure, result.error)
-        else:
-            summary = {
-                "usage": {
-                    "prompt_tokens": sum(t.prompt_tokens for t in result.texts),
-                    "completion_tokens": sum(t.completion_tokens for t in result.texts),
-                },
-                "generation_s": round(time.perf_counter() - running.started, 3),
-                **running.cache_note,
-            }
-            status = attempt.succeed(RunResult(outputs=result.texts, result=summary))
-        if status is not None:
-            self._writer.end(job_id, status.value)
+        except SQLAlchemyError as exc:
+            logger.warning("job %s: could not record %r: %s", job_id, message, exc)

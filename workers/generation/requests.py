@@ -1,33 +1,67 @@
-"""What the generation engine takes and gives back, one entry per job (or batch line)."""
+"""What a generation engine takes (a request) and what one step of it gives back."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from core.specs import GenerateSpec
 from db.outputs import GeneratedText
 
-# (prompt_index, sequence_index, text added since the last delta)
-DeltaSink = Callable[[int, int, str], None]
 
-
-@dataclass
+@dataclass(frozen=True)
 class GenerationRequest:
-    """One job's prompts. `key` names it in results (a job id or a batch line's custom_id)."""
+    """One job's prompts. `key` names it in step outputs (a job id or a batch line's
+    custom_id); `stream` asks for text deltas as the sequences grow."""
 
     key: str
     spec: GenerateSpec
-    stop_event: threading.Event = field(default_factory=threading.Event)
-    on_delta: DeltaSink | None = None
-    on_progress: Callable[[float, dict[str, int]], None] | None = None  # fraction, token counts
+    stream: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    key: str
+    prompt_index: int
+    sequence_index: int
+    text: str  # text added to this sequence since its previous delta
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedRequest:
+    key: str
+    texts: list[GeneratedText]  # every sequence, in (prompt_index, sequence_index) order
+
+
+@dataclass(frozen=True, slots=True)
+class FailedRequest:
+    """A request that failed alone (out of memory while it was decoded, ...); the others go on."""
+
+    key: str
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class RequestProgress:
+    key: str
+    fraction: float
+    sequences: int
+    sequences_done: int
+    completion_tokens: int
+
+    def detail(self) -> dict[str, int]:
+        return {
+            "sequences": self.sequences,
+            "sequences_done": self.sequences_done,
+            "completion_tokens": self.completion_tokens,
+        }
 
 
 @dataclass
-class RequestResult:
-    key: str
-    texts: list[GeneratedText]
-    stopped: bool = False  # stop_event was set before every sequence ended
-    error: str | None = None  # why this request failed alone (the others went on)
-    error_type: str | None = None
+class StepOutput:
+    """What one step produced. A request appears in `finished` or `failed` once, at its end;
+    after that the engine no longer knows it."""
+
+    deltas: list[TextDelta] = field(default_factory=list)
+    finished: list[FinishedRequest] = field(default_factory=list)
+    failed: list[FailedRequest] = field(default_factory=list)
+    progress: list[RequestProgress] = field(default_factory=list)

@@ -1,7 +1,7 @@
 """Choosing each row's next token with that row's own sampling parameters.
 
 Every operation here is row-wise, so a row's choice depends only on its own
-logits, parameters and random generator, never on the other rows of the batch.
+logits, parameters and random generator, never on the other rows decoded with it.
 The order follows transformers' `generate`: repetition penalty, temperature,
 top-k, top-p, then a draw (or argmax when greedy).
 """

@@ -1,10 +1,13 @@
-"""A batch of sequences decoded together, that sequences join and leave between steps.
+"""A decode group: sequences decoded together, that join and leave between steps.
 
 Sequences are left-padded into one key/value cache. A joining group is prefilled
 on its own and then merged in (the shorter cache gets padding on the left);
 finished sequences are dropped from the cache, and columns that only padding
 still uses are cut off. Positions and attention masks are kept per row, so each
 row sees exactly the tokens it would see alone.
+
+`admit` and `step` change nothing when they raise (an out-of-memory, say): the caller
+can drop a request's rows and go on with the others.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from transformers import DynamicCache
 from workers.generation.sampling import RowSampling, choose_tokens
 from workers.generation.text import SequenceText
 
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter forward
 
 
 @dataclass
@@ -36,7 +39,7 @@ class Row:
 
 
 class UnsupportedCache(Exception):
-    """The model keeps a cache this batch cannot merge (sliding windows, recurrent state)."""
+    """The model keeps a cache a decode group cannot merge (sliding windows, recurrent state)."""
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int, value: float = 0) -> torch.Tensor:
@@ -46,7 +49,22 @@ def _left_pad(t: torch.Tensor, width: int, dim: int, value: float = 0) -> torch.
     return F.pad(t, pad, value=value)
 
 
-class DecodeBatch:
+class _RandomState:
+    """The sampling rows' generator states, to put back when a step is undone."""
+
+    def __init__(self, rows: list[Row]) -> None:
+        self._saved = [
+            (r.sampling.generator, r.sampling.generator.get_state())
+            for r in rows
+            if r.sampling.generator is not None
+        ]
+
+    def restore(self) -> None:
+        for generator, state in self._saved:
+            generator.set_state(state)
+
+
+class DecodeGroup:
     def __init__(self, model: Any, device: str, pad_id: int, vocab_size: int) -> None:
         self._model = model
         self._device = device
@@ -102,27 +120,52 @@ class DecodeBatch:
             seen[i, torch.tensor(r.prompt_ids, device=self._device).clamp(max=self._vocab - 1)] = (
                 True
             )
-        self._merge(rows, out.cache, mask, mask.sum(-1), seen)
-        return self._choose(out.logits[:, -1, :], first=len(self.rows) - len(rows))
+        draws = _RandomState(rows)
+        try:
+            tokens = choose_tokens(out.logits[:, -1, :], [r.sampling for r in rows], seen)
+            self._merge(rows, out.cache, mask, mask.sum(-1), seen)
+        except BaseException:
+            draws.restore()  # a row admitted again later draws what it would have drawn
+            raise
+        return self._take(tokens, first=len(self.rows) - len(rows))
 
     def step(self) -> list[Row]:
         """Feed every row its last chosen token and choose the next. Returns rows now done."""
         if not self.rows:
             return []
+        width = self.width
         ones = torch.ones((len(self.rows), 1), dtype=torch.long, device=self._device)
-        self._mask = torch.cat([self._mask, ones], dim=1)
-        out = self._forward(
-            self.rows,
-            input_ids=self._pending.unsqueeze(1),
-            attention_mask=self._mask,
-            position_ids=self._positions.unsqueeze(1),
-            cache=self._cache,
-        )
+        mask = torch.cat([self._mask, ones], dim=1)
+        draws = _RandomState(self.rows)
+        try:
+            out = self._forward(
+                self.rows,
+                input_ids=self._pending.unsqueeze(1),
+                attention_mask=mask,
+                position_ids=self._positions.unsqueeze(1),
+                cache=self._cache,
+            )
+            tokens = choose_tokens(
+                out.logits[:, -1, :], [r.sampling for r in self.rows], self._seen
+            )
+        except BaseException:
+            draws.restore()
+            self._cut_cache(width)  # the layers the failed forward had already extended
+            raise
+        self._mask = mask
         self._positions = self._positions + 1
-        return self._choose(out.logits[:, -1, :], first=0)
+        return self._take(tokens, first=0)
+
+    def _cut_cache(self, width: int) -> None:
+        if self._cache is None:
+            return
+        for layer in self._layers(self._cache):
+            if layer.keys.shape[2] > width:
+                layer.keys = layer.keys[:, :, :width, :]
+                layer.values = layer.values[:, :, :width, :]
 
     def drop(self, rows: list[Row]) -> None:
-        """Remove rows (finished or stopped) from the batch and its cache."""
+        """Remove rows (finished, stopped or failed) from the group and its cache."""
         gone = {id(r) for r in rows}
         keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
         if len(keep) == len(self.rows):
@@ -168,32 +211,38 @@ class DecodeBatch:
         positions: torch.Tensor,
         seen: torch.Tensor,
     ) -> None:
+        """Merge a prefilled group in: every new tensor is built before any is kept."""
         if self._cache is None or not self.rows:
             self._layers(cache)
-            self._cache, self._mask = cache, mask
-            self._positions = positions
-            self._pending = torch.zeros((len(rows),), dtype=torch.long, device=self._device)
-            self._seen = seen
+            pending = torch.zeros((len(rows),), dtype=torch.long, device=self._device)
+            self._cache, self._mask, self._positions = cache, mask, positions
+            self._pending, self._seen = pending, seen
             self.rows = list(rows)
             return
         width = max(self.width, int(mask.shape[1]))
         old_pad, new_pad = width - self.width, width - int(mask.shape[1])
-        for old, new in zip(self._layers(self._cache), self._layers(cache), strict=True):
-            old.keys = torch.cat([_left_pad(old.keys, old_pad, 2), _left_pad(new.keys, new_pad, 2)])
-            old.values = torch.cat(
-                [_left_pad(old.values, old_pad, 2), _left_pad(new.values, new_pad, 2)]
+        old_layers, new_layers = self._layers(self._cache), self._layers(cache)
+        merged = [
+            (
+                torch.cat([_left_pad(old.keys, old_pad, 2), _left_pad(new.keys, new_pad, 2)]),
+                torch.cat([_left_pad(old.values, old_pad, 2), _left_pad(new.values, new_pad, 2)]),
             )
-        self._mask = torch.cat([_left_pad(self._mask, old_pad, 1), _left_pad(mask, new_pad, 1)])
-        self._positions = torch.cat([self._positions, positions])
+            for old, new in zip(old_layers, new_layers, strict=True)
+        ]
+        merged_mask = torch.cat([_left_pad(self._mask, old_pad, 1), _left_pad(mask, new_pad, 1)])
+        merged_positions = torch.cat([self._positions, positions])
         filler = torch.zeros((len(rows),), dtype=torch.long, device=self._device)
-        self._pending = torch.cat([self._pending, filler])
-        self._seen = torch.cat([self._seen, seen])
+        merged_pending = torch.cat([self._pending, filler])
+        merged_seen = torch.cat([self._seen, seen])
+        for layer, (keys, values) in zip(old_layers, merged, strict=True):
+            layer.keys, layer.values = keys, values
+        self._mask, self._positions = merged_mask, merged_positions
+        self._pending, self._seen = merged_pending, merged_seen
         self.rows.extend(rows)
 
-    def _choose(self, logits: torch.Tensor, first: int) -> list[Row]:
-        """Choose tokens for rows[first:] (whose logits these are); return rows that ended."""
+    def _take(self, tokens: torch.Tensor, first: int) -> list[Row]:
+        """Keep the tokens chosen for rows[first:]; return the rows that ended."""
         rows = self.rows[first:]
-        tokens = choose_tokens(logits, [r.sampling for r in rows], self._seen[first:])
         self._pending[first:] = tokens
         self._seen[torch.arange(first, len(self.rows), device=self._device), tokens] = True
         done: list[Row] = []
