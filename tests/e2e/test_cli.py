@@ -35,6 +35,19 @@ def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def cli_output(stack: Stack, *args: str) -> str:
+    """What the command wrote, exactly: no newline translation (a generated text may hold
+    a carriage return, which `text=True` would turn into a newline)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "modelyard", *args, "--url", stack.base_url],
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "120", "MODELYARD_API_KEY": stack.api_key},
+        check=True,
+    )
+    return done.stdout.decode()
+
+
 def watch_in_a_terminal(stack: Stack, job_id: str) -> tuple[int, str]:
     """Run `modelyard watch` with a pseudo-terminal as stdout (rich draws live output
     only to terminals); returns its exit code and everything it wrote."""
@@ -111,8 +124,8 @@ def test_submit_jobs_outputs_and_refusals(one_worker: Stack) -> None:
     assert waited.returncode == 0 and json.loads(waited.stdout)["status"] == "succeeded"
     listed = json.loads(cli(one_worker, "jobs", "--kind", "generate", "--json").stdout)
     assert job_id in {j["id"] for j in listed["data"]}
-    table = cli(one_worker, "outputs", job_id, "--format", "csv").stdout
-    rows = list(csv.DictReader(io.StringIO(table)))
+    table = cli_output(one_worker, "outputs", job_id, "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(table, newline="")))
     assert [(r["prompt_index"], r["sequence_index"]) for r in rows] == [("0", "0"), ("1", "0")]
     lines = cli(one_worker, "outputs", job_id).stdout.splitlines()
     assert [json.loads(line)["text"] for line in lines] == [r["text"] for r in rows]

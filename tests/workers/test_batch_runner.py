@@ -309,7 +309,7 @@ def test_cancel_keeps_finished_lines(settings: Settings, executor: JobLifecycle)
             with session_scope(settings.database_url) as s:
                 return s.query(Output).filter(Output.job_id == job_id).count() > 0
 
-        wait_for(first_line_stored, 60, "a first stored line")
+        wait_for(first_line_stored, 240, "a first stored line")
         with session_scope(settings.database_url) as s:
             request_cancel(s, job_id, tenant_id=None)
 
