@@ -14,15 +14,13 @@ from db.base import utcnow
 from db.fencing import fence
 from db.jobs import transition
 from db.models import Job, Output
-from db.outputs import GeneratedText, add_outputs
+from db.outputs import OutputRecord, add_outputs
 
 ERROR_FINISH_REASON = "error"
 """finish_reason of a stored line that failed; its `data` is an OpenAI error line."""
 
 
-def store_lines(
-    session: Session, job_id: str, attempt: int, lines: Iterable[GeneratedText]
-) -> bool:
+def store_lines(session: Session, job_id: str, attempt: int, lines: Iterable[OutputRecord]) -> bool:
     """Add finished lines (one row each) if `attempt` still holds the running job (the row
     stays locked until commit, see db/fencing.py); False adds nothing."""
     if not fence(session, job_id, attempt):
@@ -78,7 +76,7 @@ def queued_batches(session: Session, limit: int = 1000) -> Sequence[Job]:
 def expire_queued(
     session: Session,
     job_id: str,
-    lines: Iterable[GeneratedText],
+    lines: Iterable[OutputRecord],
     *,
     result: dict[str, Any],
     message: str,
@@ -109,7 +107,7 @@ def expire_running(
     session: Session,
     job_id: str,
     attempt: int,
-    lines: Iterable[GeneratedText],
+    lines: Iterable[OutputRecord],
     *,
     result: dict[str, Any],
     message: str,

@@ -29,7 +29,7 @@ from db.models import (
     WebhookDelivery,
     new_delivery_id,
 )
-from db.outputs import GeneratedText
+from db.outputs import OutputRecord
 
 
 def create_monitor(session: Session, **values: Any) -> Monitor:
@@ -186,7 +186,7 @@ def _queue_alert_delivery(
 
 
 def record_predictions(
-    session: Session, job_id: str, outputs: Sequence[GeneratedText]
+    session: Session, job_id: str, outputs: Sequence[OutputRecord]
 ) -> MonitorStat | None:
     """Label the items the predict job `job_id` classified and evaluate their monitor's
     window once; None when the job fed no monitor (or its monitor was deleted)."""

@@ -11,7 +11,11 @@ from db.models import Output
 
 
 @dataclass(frozen=True, slots=True)
-class GeneratedText:
+class OutputRecord:
+    """One stored result of a job, a row of `outputs`: a generated text, a prediction
+    (`data` holds its label and scores or entities) or an OpenAI batch line (`prompt_index`
+    is the line, `data` its output or error line)."""
+
     prompt_index: int
     sequence_index: int
     text: str
@@ -26,7 +30,7 @@ def storable_text(text: str) -> str:
     return text.replace("\x00", "\ufffd")
 
 
-def add_outputs(session: Session, job_id: str, outputs: Iterable[GeneratedText]) -> None:
+def add_outputs(session: Session, job_id: str, outputs: Iterable[OutputRecord]) -> None:
     session.add_all(
         Output(
             job_id=job_id,

@@ -98,7 +98,7 @@ def delete_model(session: Session, name: str, *, tenant_id: str) -> RegisteredMo
 def serving_base(session: Session, ref: str, tenant_id: str | None = None) -> str:
     """The model a worker loads to serve `ref`: a LoRA adapter's base, else `ref` itself.
 
-    Generation jobs with the same serving base can share one decoding batch.
+    Generation jobs with the same serving base can share one decode group.
     """
     seen: set[str] = set()
     while is_registry_name(ref) and ref not in seen:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from core.enums import FailureType, FineTuneMethod, FineTuneTask, JobKind, JobStatus
 from core.settings import Settings
-from db.outputs import GeneratedText
+from db.outputs import OutputRecord
 from workers.context import RunContext
 
 
@@ -33,7 +33,7 @@ class TrainedModel:
 
 @dataclass
 class RunResult:
-    outputs: list[GeneratedText] = field(default_factory=list)
+    outputs: list[OutputRecord] = field(default_factory=list)
     result: dict[str, Any] | None = None  # stored on the job: eval report, summary figures
     trained_model: TrainedModel | None = None
 

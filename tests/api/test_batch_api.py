@@ -20,7 +20,7 @@ from core.settings import Settings
 from db.batch import expire_queued, store_lines
 from db.jobs import claim_job, create_job
 from db.models import Dataset, Job
-from db.outputs import GeneratedText
+from db.outputs import OutputRecord
 from db.registry import register_model
 from db.session import session_scope
 from workers.batch.lines import stored_error, stored_output
@@ -215,7 +215,7 @@ def test_files_stream_stored_lines_in_order_while_running(
 ) -> None:
     job_id = claimed_batch(settings, batches["completions"])
     req = {"a": request("a"), "c": request("c")}
-    text = GeneratedText(0, 0, "ünïcode ok", "length", 3, 4)
+    text = OutputRecord(0, 0, "ünïcode ok", "length", 3, 4)
     with session_scope(settings.database_url) as s:
         assert store_lines(s, job_id, 1, [stored_output(2, req["c"], [text])])
         assert store_lines(s, job_id, 1, [stored_error(1, "b", "invalid_request", "no")])

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from core.settings import Settings
 from db.monitors import record_predictions
-from db.outputs import GeneratedText
+from db.outputs import OutputRecord
 from db.session import session_scope
 from tests.support.auth import bearer, make_key
 
@@ -104,7 +104,7 @@ def feed(api: TestClient, monitor_id: str, texts: list[str], **headers: str) -> 
 def classify(settings: Settings, job_id: str, labels: list[str]) -> None:
     """What the worker does when the batch's predict job succeeds."""
     outputs = [
-        GeneratedText(i, 0, label, "prediction", 3, 0, {"label": label, "score": 0.9})
+        OutputRecord(i, 0, label, "prediction", 3, 0, {"label": label, "score": 0.9})
         for i, label in enumerate(labels)
     ]
     with session_scope(settings.database_url) as session:
@@ -252,6 +252,6 @@ def test_a_batch_of_a_deleted_monitor_is_ignored(api: TestClient, mon_settings: 
     mon = api.post("/v1/monitors", json=body()).json()
     job_id = feed(api, mon["id"], ["late"]).json()["job_id"]
     assert api.delete(f"/v1/monitors/{mon['id']}").status_code == 204
-    output = GeneratedText(0, 0, "negative", "prediction", 1, 0, {"label": "negative", "score": 1})
+    output = OutputRecord(0, 0, "negative", "prediction", 1, 0, {"label": "negative", "score": 1})
     with session_scope(mon_settings.database_url) as session:
         assert record_predictions(session, job_id, [output]) is None

@@ -19,7 +19,7 @@ from core.settings import Settings
 from core.token_stream import TokenDelta, TokenStreamWriter, stream_key
 from db.attempts import finish_job
 from db.jobs import claim_job, create_job, request_cancel
-from db.outputs import GeneratedText, add_outputs
+from db.outputs import OutputRecord, add_outputs
 from db.session import session_scope
 from tests.support.harness import wait_for
 from tests.support.jobs import insert_job
@@ -94,7 +94,7 @@ def finish(settings: Settings, job_id: str, texts: dict[tuple[int, int], str]) -
         add_outputs(
             s,
             job_id,
-            [GeneratedText(p, q, text, "length", 1, 1) for (p, q), text in sorted(texts.items())],
+            [OutputRecord(p, q, text, "length", 1, 1) for (p, q), text in sorted(texts.items())],
         )
         assert finish_job(s, job_id, JobStatus.SUCCEEDED, attempt=1)
 

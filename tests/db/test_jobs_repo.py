@@ -90,11 +90,11 @@ def test_transition_from_wrong_status_changes_nothing(url: str) -> None:
 
 
 def test_outputs_with_nul_characters_are_stored(url: str) -> None:
-    from db.outputs import GeneratedText, add_outputs, list_outputs
+    from db.outputs import OutputRecord, add_outputs, list_outputs
 
     job_id = insert_job(url)
     with session_scope(url) as s:
-        add_outputs(s, job_id, [GeneratedText(0, 0, "a\x00b", "length", 1, 3)])
+        add_outputs(s, job_id, [OutputRecord(0, 0, "a\x00b", "length", 1, 3)])
     with session_scope(url) as s:
         assert [o.text for o in list_outputs(s, job_id)] == ["a\ufffdb"]
 

@@ -90,7 +90,7 @@ def test_cancel_queued_never_runs_and_cancel_running_stops(one_worker: Stack) ->
     stack = one_worker
     running = stack.submit(long_spec(8))
     stack.wait_status(running["id"], ("running",))
-    # a job of another kind: a generation job on the same model would join the running batch
+    # a job of another kind: a generation job on the same model would join the running decode group
     queued = stack.submit({"duration_s": 0.1}, kind="noop")
     assert stack.job(queued["id"])["status"] == "queued"
 

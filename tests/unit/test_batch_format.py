@@ -15,7 +15,7 @@ from core.datasets import load_dataset_rows, parse_dataset
 from core.enums import SCHEMAS_FOR_TASK, BatchEndpoint, DatasetSchema
 from core.errors import BatchLineError, DatasetFormatError
 from core.specs import BatchSpec
-from db.outputs import GeneratedText
+from db.outputs import OutputRecord
 from workers.batch.lines import (
     EXPIRED_CODE,
     error_line,
@@ -208,8 +208,8 @@ def test_values_this_server_cannot_run_are_the_lines_error(
 # --- output and error lines -------------------------------------------------------------
 
 
-def texts(*items: tuple[int, str, str, int]) -> list[GeneratedText]:
-    return [GeneratedText(0, seq, text, reason, 4, n) for seq, text, reason, n in items]
+def texts(*items: tuple[int, str, str, int]) -> list[OutputRecord]:
+    return [OutputRecord(0, seq, text, reason, 4, n) for seq, text, reason, n in items]
 
 
 def test_completion_output_line() -> None:

@@ -28,7 +28,7 @@ from db.batch import expire_running, store_lines
 from db.datasets import create_dataset
 from db.jobs import claim_job, create_job, request_cancel
 from db.models import Job, Output
-from db.outputs import GeneratedText, list_outputs
+from db.outputs import OutputRecord, list_outputs
 from db.session import migrate, session_scope
 from tests.conftest import TINY_MODEL
 from tests.support.harness import wait_for
@@ -219,7 +219,7 @@ def test_chat_lines_answer_with_chat_completions(settings: Settings) -> None:
 def test_a_retried_attempt_skips_stored_lines(settings: Settings) -> None:
     rows = MIXED[:2]
     job_id = claimed_batch(settings, rows)
-    earlier = stored_output(0, rows[0], [GeneratedText(0, 0, "from attempt 1", "length", 5, 4)])
+    earlier = stored_output(0, rows[0], [OutputRecord(0, 0, "from attempt 1", "length", 5, 4)])
     with session_scope(settings.database_url) as s:
         assert store_lines(s, job_id, 1, [earlier])
     ctx = run(settings, job_id)
@@ -329,7 +329,7 @@ def test_reconciler_expires_queued_batches_past_their_window(settings: Settings)
     fresh = new_batch(settings, MIXED[:3], window="1h")
     generate = insert_job(settings.database_url)
     requeued = claimed_batch(settings, MIXED[:3])
-    earlier = stored_output(0, MIXED[0], [GeneratedText(0, 0, "kept", "length", 5, 4)])
+    earlier = stored_output(0, MIXED[0], [OutputRecord(0, 0, "kept", "length", 5, 4)])
     with session_scope(settings.database_url) as s:
         assert store_lines(s, requeued, 1, [earlier])
         s.execute(

@@ -23,7 +23,7 @@ from core.settings import Settings
 from db.base import utcnow
 from db.events import list_events
 from db.models import Job
-from db.outputs import GeneratedText, count_outputs
+from db.outputs import OutputRecord, count_outputs
 from db.session import migrate, session_scope
 from tests.support.jobs import insert_job, load_job
 from tests.support.services import redis_db_index
@@ -70,7 +70,7 @@ def stub_runner(monkeypatch: pytest.MonkeyPatch, lifecycle: JobLifecycle, behavi
 def test_success_writes_outputs_and_finishes(
     settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stub_runner(monkeypatch, lifecycle, lambda ctx: [GeneratedText(0, 0, "hi", "stop", 1, 1)])
+    stub_runner(monkeypatch, lifecycle, lambda ctx: [OutputRecord(0, 0, "hi", "stop", 1, 1)])
     job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
     lifecycle.execute(job_id)
     job = load_job(settings.database_url, job_id)
@@ -86,7 +86,7 @@ def test_success_writes_outputs_and_finishes(
 def test_transient_error_requeues_with_backoff_then_fails_at_max(
     settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def flaky(ctx: RunContext) -> list[GeneratedText]:
+    def flaky(ctx: RunContext) -> list[OutputRecord]:
         raise TransientJobError("device busy")
 
     stub_runner(monkeypatch, lifecycle, flaky)
@@ -118,7 +118,7 @@ def test_other_errors_fail_once_with_a_type(
     error: Exception,
     expected: str,
 ) -> None:
-    def broken(ctx: RunContext) -> list[GeneratedText]:
+    def broken(ctx: RunContext) -> list[OutputRecord]:
         raise error
 
     stub_runner(monkeypatch, lifecycle, broken)
@@ -131,7 +131,7 @@ def test_other_errors_fail_once_with_a_type(
 def test_failure_to_store_results_fails_the_job(
     settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dup = GeneratedText(0, 0, "same position twice", "stop", 1, 1)
+    dup = OutputRecord(0, 0, "same position twice", "stop", 1, 1)
     stub_runner(monkeypatch, lifecycle, lambda ctx: [dup, dup])
     job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
     lifecycle.execute(job_id)
@@ -146,7 +146,7 @@ def test_cancel_seen_by_heartbeat_cancels(
 ) -> None:
     from db.jobs import request_cancel
 
-    def wait_for_cancel(ctx: RunContext) -> list[GeneratedText]:
+    def wait_for_cancel(ctx: RunContext) -> list[OutputRecord]:
         with session_scope(settings.database_url) as s:
             request_cancel(s, ctx.job_id, tenant_id=None)
         assert ctx.stop_event.wait(5)
@@ -165,7 +165,7 @@ def set_columns(settings: Settings, job_id: str, **values: Any) -> None:
         s.query(Job).filter(Job.id == job_id).update(values)
 
 
-def wait_to_be_stopped(ctx: RunContext) -> list[GeneratedText]:
+def wait_to_be_stopped(ctx: RunContext) -> list[OutputRecord]:
     assert ctx.stop_event.wait(5)
     ctx.check_stop()
     return []
@@ -189,7 +189,7 @@ def test_worker_shutdown_hands_the_job_back_without_spending_an_attempt(
     from core.dispatch import marker_key
     from workers.context import give_back_running
 
-    def shut_down(ctx: RunContext) -> list[GeneratedText]:
+    def shut_down(ctx: RunContext) -> list[OutputRecord]:
         assert give_back_running() == [ctx.job_id]
         return wait_to_be_stopped(ctx)
 
@@ -214,7 +214,7 @@ def test_worker_shutdown_hands_the_job_back_without_spending_an_attempt(
 def test_named_transient_errors_requeue_with_their_type(
     settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def database_gone(ctx: RunContext) -> list[GeneratedText]:
+    def database_gone(ctx: RunContext) -> list[OutputRecord]:
         raise OperationalError("SELECT 1", {}, Exception("server closed the connection"))
 
     stub_runner(monkeypatch, lifecycle, database_gone)
@@ -278,9 +278,9 @@ def request_cancel_now(settings: Settings, job_id: str) -> None:
 def test_a_cancel_asked_before_the_finish_commits_wins(
     settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def finish_fast(ctx: RunContext) -> list[GeneratedText]:
+    def finish_fast(ctx: RunContext) -> list[OutputRecord]:
         request_cancel_now(settings, ctx.job_id)  # the heartbeat never sees it
-        return [GeneratedText(0, 0, "done", "stop", 1, 1)]
+        return [OutputRecord(0, 0, "done", "stop", 1, 1)]
 
     stub_runner(monkeypatch, lifecycle, finish_fast)
     job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
@@ -300,7 +300,7 @@ def test_a_cancel_racing_a_way_back_to_queued_ends_cancelled(
 ) -> None:
     from workers.context import give_back_running
 
-    def race(ctx: RunContext) -> list[GeneratedText]:
+    def race(ctx: RunContext) -> list[OutputRecord]:
         request_cancel_now(settings, ctx.job_id)
         if ending == "hand_back":
             give_back_running()
@@ -319,10 +319,10 @@ def test_a_cancel_racing_a_way_back_to_queued_ends_cancelled(
 def test_a_stale_attempt_writes_nothing(
     settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def taken_over(ctx: RunContext) -> list[GeneratedText]:
+    def taken_over(ctx: RunContext) -> list[OutputRecord]:
         # another worker claimed the job after this attempt's lease expired
         set_columns(settings, ctx.job_id, attempts=ctx.attempt + 1, lease_owner="other:1")
-        return [GeneratedText(0, 0, "stale", "stop", 1, 1)]
+        return [OutputRecord(0, 0, "stale", "stop", 1, 1)]
 
     stub_runner(monkeypatch, lifecycle, taken_over)
     job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
@@ -342,12 +342,12 @@ def test_a_runner_ignoring_its_stop_flag_is_stopped_by_force(
     seen: dict[str, Any] = {}
     lifecycle = JobLifecycle(grace, publisher, "cpu", restart=restarts.append)
 
-    def stubborn(ctx: RunContext) -> list[GeneratedText]:
+    def stubborn(ctx: RunContext) -> list[OutputRecord]:
         deadline = time.monotonic() + 10
         while not restarts and time.monotonic() < deadline:
             time.sleep(0.05)  # never looks at its stop flag
         seen["job"] = load_job(grace.database_url, ctx.job_id)
-        return [GeneratedText(0, 0, "too late", "stop", 1, 1)]
+        return [OutputRecord(0, 0, "too late", "stop", 1, 1)]
 
     stub_runner(monkeypatch, lifecycle, stubborn)
     job_id = insert_job(grace.database_url, kind=JobKind.NOOP)

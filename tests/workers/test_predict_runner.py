@@ -18,7 +18,7 @@ from transformers import (
 from core.enums import DatasetSchema, FailureType
 from core.errors import JobStopped, PermanentJobError
 from core.settings import Settings
-from db.outputs import GeneratedText
+from db.outputs import OutputRecord
 from tests.support.tiny_encoder import (
     build_tiny_bert_base,
     build_tiny_bert_classifier,
@@ -249,7 +249,7 @@ def test_registered_labels_name_the_outputs(io: MemoryIO, models: dict[str, Reso
     assert "3 outputs but 2 registered labels" in error.message
 
 
-def entities_of(out: GeneratedText) -> list[dict[str, Any]]:
+def entities_of(out: OutputRecord) -> list[dict[str, Any]]:
     assert out.data is not None
     entities: list[dict[str, Any]] = out.data["entities"]
     return entities

@@ -19,7 +19,7 @@ from core.enums import BatchEndpoint, FailureType
 from core.errors import BatchLineError
 from core.specs import GenerateSpec
 from db.batch import ERROR_FINISH_REASON
-from db.outputs import GeneratedText
+from db.outputs import OutputRecord
 
 EXPIRED_CODE = FailureType.BATCH_EXPIRED.value
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
@@ -110,7 +110,7 @@ def _hex() -> str:
 
 
 def output_line(
-    request: dict[str, Any], texts: Sequence[GeneratedText], created: int | None = None
+    request: dict[str, Any], texts: Sequence[OutputRecord], created: int | None = None
 ) -> dict[str, Any]:
     """The output line of a request whose texts are all generated (one per choice)."""
     body = request["body"]
@@ -170,12 +170,12 @@ def error_line(custom_id: str, code: str, message: str) -> dict[str, Any]:
 
 
 def stored_output(
-    index: int, request: dict[str, Any], texts: Sequence[GeneratedText]
-) -> GeneratedText:
+    index: int, request: dict[str, Any], texts: Sequence[OutputRecord]
+) -> OutputRecord:
     """The outputs-table row of a finished line: its first choice's text, the line in `data`."""
     line = output_line(request, texts)
     first = min(texts, key=lambda t: t.sequence_index)
-    return GeneratedText(
+    return OutputRecord(
         prompt_index=index,
         sequence_index=0,
         text=first.text,
@@ -186,9 +186,9 @@ def stored_output(
     )
 
 
-def stored_error(index: int, custom_id: str, code: str, message: str) -> GeneratedText:
+def stored_error(index: int, custom_id: str, code: str, message: str) -> OutputRecord:
     """The outputs-table row of a failed line: no text, the error line in `data`."""
-    return GeneratedText(
+    return OutputRecord(
         prompt_index=index,
         sequence_index=0,
         text="",

@@ -29,7 +29,7 @@ from db.base import utcnow
 from db.batch import expire_running, store_lines, stored_lines
 from db.datasets import get_dataset
 from db.jobs import get_job
-from db.outputs import GeneratedText
+from db.outputs import OutputRecord
 from db.session import session_scope
 from workers.batch.lines import (
     EXPIRED_CODE,
@@ -160,7 +160,7 @@ class _BatchRun:
         self._ctx.lease_lost = True
         self._ctx.stop_event.set()
 
-    def _store(self, rows: list[GeneratedText]) -> None:
+    def _store(self, rows: list[OutputRecord]) -> None:
         """Store finished lines, fenced by the attempt; a stale attempt stops the run instead."""
         if not rows or self._ctx.lease_lost:
             return
@@ -178,7 +178,7 @@ class _BatchRun:
                     self.counts.completed += 1
 
     def run_chunk(self, indexes: list[int]) -> None:
-        refused: list[GeneratedText] = []
+        refused: list[OutputRecord] = []
         by_base: dict[str, list[GenerationRequest]] = {}
         for index in indexes:
             request = self._requests[index]
@@ -211,7 +211,7 @@ class _BatchRun:
     def _decode(self, engine: GenerationEngine, requests: list[GenerationRequest]) -> None:
         """Step the engine until its lines are done, storing them after each step. On a stop
         flag the unfinished lines stay unstored (a later attempt runs them, or they expire)."""
-        refused: list[GeneratedText] = []
+        refused: list[OutputRecord] = []
         for request in requests:
             try:
                 engine.add(request)
@@ -221,7 +221,7 @@ class _BatchRun:
         while engine.has_work and not self._ctx.stop_event.is_set():
             self._store(self._lines(engine.step()))
 
-    def _lines(self, out: StepOutput) -> list[GeneratedText]:
+    def _lines(self, out: StepOutput) -> list[OutputRecord]:
         rows = [self._error_line(f.key, f.error) for f in out.failed]
         for finished in out.finished:
             index = self._index[finished.key]
@@ -238,7 +238,7 @@ class _BatchRun:
                 rows.append(stored_output(index, self._requests[index], finished.texts))
         return rows
 
-    def _error_line(self, custom_id: str, exc: BaseException) -> GeneratedText:
+    def _error_line(self, custom_id: str, exc: BaseException) -> OutputRecord:
         """The error line of one request that failed alone, typed as a job failure would be."""
         error = classify(exc, self._settings, self._ctx.device)
         return stored_error(self._index[custom_id], custom_id, error.failure.value, error.message)

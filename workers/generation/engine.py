@@ -29,7 +29,7 @@ from core.enums import FailureType
 from core.errors import PermanentJobError
 from core.settings import Settings
 from core.specs import GenerateSpec
-from db.outputs import GeneratedText
+from db.outputs import OutputRecord
 from workers.generation.cache import CachedModel, CacheOutcome, ModelCache
 from workers.generation.decode_group import BASE_ADAPTER, DecodeGroup, Row
 from workers.generation.requests import (
@@ -119,7 +119,7 @@ class EngineStats:
 class _Slot:
     request: GenerationRequest
     rows: list[Row] = field(default_factory=list)
-    texts: list[GeneratedText] = field(default_factory=list)
+    texts: list[OutputRecord] = field(default_factory=list)
     live: int = 0  # rows admitted or waiting that have not finished
     total_tokens: int = 0
     admitted_at: int = -1  # order in which requests first got a row into the group
@@ -300,7 +300,7 @@ class TransformersEngine(GenerationEngine):
             reason = r.text.finish_reason
             assert reason is not None
             slot.texts.append(
-                GeneratedText(
+                OutputRecord(
                     prompt_index=r.prompt_index,
                     sequence_index=r.sequence_index,
                     text=r.text.final_text(),

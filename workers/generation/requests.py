@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from core.specs import GenerateSpec
-from db.outputs import GeneratedText
+from db.outputs import OutputRecord
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class TextDelta:
 @dataclass(frozen=True, slots=True)
 class FinishedRequest:
     key: str
-    texts: list[GeneratedText]  # every sequence, in (prompt_index, sequence_index) order
+    texts: list[OutputRecord]  # every sequence, in (prompt_index, sequence_index) order
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from core.enums import DatasetSchema, FailureType, FineTuneTask, PredictMode
 from core.errors import PermanentJobError
 from core.settings import Settings
 from core.specs import PredictSpec
-from db.outputs import GeneratedText
+from db.outputs import OutputRecord
 from workers.context import RunContext
 from workers.runners import RunResult
 from workers.training.io import TrainingIO
@@ -133,7 +133,7 @@ class PredictRunner:
             len(texts),
             spec.model,
         )
-        outputs: list[GeneratedText] = []
+        outputs: list[OutputRecord] = []
         total = len(texts)
         for start, batch in batches(texts, spec.batch_size):
             ctx.check_stop()
@@ -154,7 +154,7 @@ class PredictRunner:
 
     def _batch(
         self, predictor: Predictor, batch: list[str], start: int, max_length: int
-    ) -> list[GeneratedText]:
+    ) -> list[OutputRecord]:
         tagging = predictor.task is FineTuneTask.TOKEN_CLASSIFICATION
         encoded = predictor.tokenizer(
             batch,
@@ -178,7 +178,7 @@ class PredictRunner:
             else:
                 text_out, data = self._label(predictor, probs[i])
             outputs.append(
-                GeneratedText(
+                OutputRecord(
                     prompt_index=start + i,
                     sequence_index=0,
                     text=text_out,
@@ -225,7 +225,7 @@ class PredictRunner:
         return entities_text(entities), {"entities": entities}
 
 
-def label_counts(predictor: Predictor, outputs: list[GeneratedText]) -> dict[str, int]:
+def label_counts(predictor: Predictor, outputs: list[OutputRecord]) -> dict[str, int]:
     """Predictions per label (classification) or entities per type (tagging), zeros kept."""
     if predictor.task is FineTuneTask.SEQUENCE_CLASSIFICATION:
         counts = Counter(o.data["label"] for o in outputs if o.data)

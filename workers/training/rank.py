@@ -13,7 +13,7 @@ from core.enums import FailureType, FineTuneTask
 from core.errors import PermanentJobError
 from core.ranking import rank_label
 from core.specs import PredictSpec
-from db.outputs import GeneratedText
+from db.outputs import OutputRecord
 from workers.context import RunContext
 from workers.runners import RunResult
 from workers.training.predictor import Predictor, batches
@@ -102,7 +102,7 @@ def run_rank(spec: PredictSpec, predictor: Predictor, ctx: RunContext) -> RunRes
         raise PermanentJobError(str(exc), FailureType.OUT_OF_MEMORY) from exc
     ranked = rank(scores, list(spec.candidates), spec.top_k)
     outputs = [
-        GeneratedText(
+        OutputRecord(
             prompt_index=position,
             sequence_index=0,
             text=item.text,
