@@ -1107,7 +1107,9 @@ def cancel_just_after_claim(lab: Lab, delay_s: float = 0.01) -> Outcome:
         models = [m for m in c.get("/v1/models").json()["data"] if m.get("job_id") == job["id"]]
     return Outcome(
         Figures.of(
-            f"17. cancel {delay_s * 1000:g} ms after claim of a sub-second fine-tune", found
+            f"17. cancel {delay_s * 1000:g} ms after claim of a sub-second fine-tune",
+            found,
+            note=ended(found),
         ),
         found,
         {
