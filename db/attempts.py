@@ -110,11 +110,18 @@ def end_attempt(
         result=result,
     ):
         return target
-    if cancel_attempt(
-        session, job_id, attempt=attempt, by=by, message=f"cancelled (instead of {target.value})"
-    ):
+    if _cancelled_instead(session, job_id, attempt, by, target.value):
         return JobStatus.CANCELLED
     return None
+
+
+def _cancelled_instead(
+    session: Session, job_id: str, attempt: int, by: str | None, ending: str
+) -> bool:
+    """`attempt`'s own ending lost to a pending cancel: record `cancelled` instead."""
+    return cancel_attempt(
+        session, job_id, attempt=attempt, by=by, message=f"cancelled (instead of {ending})"
+    )
 
 
 def cancel_requested(session: Session, job_id: str, attempt: int) -> bool | None:
@@ -174,13 +181,7 @@ def retry_attempt(
         data={"attempt": attempt, "error_type": failure.value, **({"by": by} if by else {})},
     ):
         return JobStatus.QUEUED
-    if cancel_attempt(
-        session,
-        job_id,
-        attempt=attempt,
-        by=by,
-        message=f"cancelled (instead of a retry: {message})",
-    ):
+    if _cancelled_instead(session, job_id, attempt, by, f"a retry: {message}"):
         return JobStatus.CANCELLED
     return None
 
@@ -217,9 +218,7 @@ def hand_back(session: Session, job_id: str, *, attempt: int, by: str) -> Handed
         data={"attempt": attempt, "by": by, "reason": "worker_shutdown"},
     ):
         return HandedBack(JobStatus.QUEUED, kind, priority)
-    if cancel_attempt(
-        session, job_id, attempt=attempt, by=by, message="cancelled (instead of a hand-back)"
-    ):
+    if _cancelled_instead(session, job_id, attempt, by, "a hand-back"):
         return HandedBack(JobStatus.CANCELLED, kind, priority)
     return None
 
@@ -238,9 +237,7 @@ def pause_attempt(session: Session, job_id: str, *, attempt: int, by: str) -> Jo
         data={"attempt": attempt, "by": by},
     ):
         return JobStatus.PAUSED
-    if cancel_attempt(
-        session, job_id, attempt=attempt, by=by, message="cancelled (instead of a pause)"
-    ):
+    if _cancelled_instead(session, job_id, attempt, by, "a pause"):
         return JobStatus.CANCELLED
     return None
 

@@ -92,6 +92,10 @@ def runner_for(kind: JobKind, settings: Settings) -> Runner:
     raise PermanentJobError(f"no runner for kind {kind}", FailureType.INVALID_SPEC)
 
 
+def _run_time_limit(ctx: RunContext) -> str:
+    return f"{ctx.max_runtime_s:g}s" if ctx.max_runtime_s is not None else "its limit"
+
+
 class _Lost(Exception):
     """The attempt's final compare-and-set found the job held by a newer attempt."""
 
@@ -125,10 +129,6 @@ class JobLifecycle:
     @property
     def worker(self) -> str:
         return self._worker
-
-    @property
-    def publisher(self) -> JobPublisher:
-        return self._publisher
 
     # -- entry points --------------------------------------------------------------------
     def execute(self, job_id: str) -> None:
@@ -280,7 +280,7 @@ class JobLifecycle:
         """The heartbeat's call for a runner that ignored its stop flag past the grace:
         record the outcome, then restart this process (which ends the runner)."""
         if ctx.timed_out and not ctx.lease_lost:
-            limit = f"{ctx.max_runtime_s:g}s" if ctx.max_runtime_s is not None else "its limit"
+            limit = _run_time_limit(ctx)
             try:
                 with session_scope(self._settings.database_url) as session:
                     status = end_attempt(
@@ -487,7 +487,7 @@ class AttemptRun:
                 ),
             )
         if ctx.timed_out:
-            limit = f"{ctx.max_runtime_s:g}s" if ctx.max_runtime_s is not None else "its limit"
+            limit = _run_time_limit(ctx)
             return self._end(
                 "its timeout",
                 lambda session: end_attempt(
