@@ -482,24 +482,16 @@ class AttemptRun:
             return self._end(
                 "its cancel",
                 lambda session: (
-                    cancel_attempt(session, ctx.job_id, attempt=ctx.attempt, by=by, message="")
-                    and JobStatus.CANCELLED
+                    JobStatus.CANCELLED
+                    if cancel_attempt(session, ctx.job_id, attempt=ctx.attempt, by=by, message="")
+                    else None
                 ),
             )
         if ctx.timed_out:
-            limit = _run_time_limit(ctx)
-            return self._end(
-                "its timeout",
-                lambda session: end_attempt(
-                    session,
-                    ctx.job_id,
-                    JobStatus.FAILED,
-                    attempt=ctx.attempt,
-                    by=by,
-                    error_type=FailureType.TIMED_OUT.value,
-                    error_message=f"stopped at its run time limit of {limit} (max_runtime_s, "
-                    "or the workers' job_time_limit_s)",
-                ),
+            return self.fail(
+                FailureType.TIMED_OUT,
+                f"stopped at its run time limit of {_run_time_limit(ctx)} (max_runtime_s, or "
+                "the workers' job_time_limit_s)",
             )
         if ctx.paused:
             return self._end(
@@ -509,18 +501,7 @@ class AttemptRun:
         if ctx.given_back:
             return self._hand_back()
         logger.warning("job %s: attempt %d stopped without a reason", *self._ids())
-        return self._end(
-            "its stop",
-            lambda session: end_attempt(
-                session,
-                ctx.job_id,
-                JobStatus.FAILED,
-                attempt=ctx.attempt,
-                by=by,
-                error_type=FailureType.RUNTIME_ERROR.value,
-                error_message="the runner stopped without a reason",
-            ),
-        )
+        return self.fail(FailureType.RUNTIME_ERROR, "the runner stopped without a reason")
 
     def abandon_if_open(self) -> None:
         """Stop the heartbeat of an attempt its runner left without an end (a bug, or an
@@ -567,7 +548,7 @@ class AttemptRun:
         return JobStatus(back.status)
 
     def _end(
-        self, what: str, transition: Callable[[Session], JobStatus | bool | None]
+        self, what: str, transition: Callable[[Session], JobStatus | None]
     ) -> JobStatus | None:
         """Stop the heartbeat, run one ending transition in its own transaction (retried
         while the database is away), release the broker lease; log a lost CAS as such."""
@@ -575,8 +556,7 @@ class AttemptRun:
 
         def write() -> JobStatus | None:
             with session_scope(self._settings.database_url) as session:
-                status = transition(session)
-            return status if isinstance(status, JobStatus) else None
+                return transition(session)
 
         try:
             status = self._write(what, write)
