@@ -24,16 +24,23 @@ def current_attempt(job_id: str, attempt: int) -> list[ColumnElement[bool]]:
     return [Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.attempts == attempt]
 
 
-def fence(session: Session, job_id: str, attempt: int) -> bool:
-    """True when `attempt` still holds the running job; the row stays locked until commit."""
+def fence_reading_cancel(session: Session, job_id: str, attempt: int) -> bool | None:
+    """`fence`, returning the job's cancel flag as it stands under the row lock; None when
+    `attempt` no longer holds the running job."""
     stmt = (
         update(Job)
         .where(*current_attempt(job_id, attempt))
         .values(updated_at=utcnow())
-        .returning(Job.id)
+        .returning(Job.cancel_requested)
         .execution_options(synchronize_session=False)
     )
-    return session.execute(stmt).first() is not None
+    row = session.execute(stmt).first()
+    return None if row is None else bool(row[0])
+
+
+def fence(session: Session, job_id: str, attempt: int) -> bool:
+    """True when `attempt` still holds the running job; the row stays locked until commit."""
+    return fence_reading_cancel(session, job_id, attempt) is not None
 
 
 def require_fence(session: Session, job_id: str, attempt: int) -> None:

@@ -47,7 +47,7 @@ from db.attempts import (
 )
 from db.base import utcnow
 from db.events import append_event
-from db.fencing import fence
+from db.fencing import fence_reading_cancel
 from db.jobs import claim, expire_overdue, get_job
 from db.models import DEFAULT_TENANT
 from db.monitors import record_predictions
@@ -361,9 +361,10 @@ class AttemptRun:
         def write() -> JobStatus:
             summary = dict(result.result) if result.result is not None else None
             with session_scope(self._settings.database_url) as session:
-                if not fence(session, ctx.job_id, ctx.attempt):
+                cancel = fence_reading_cancel(session, ctx.job_id, ctx.attempt)
+                if cancel is None:
                     raise _Lost(ctx.job_id)
-                if cancel_requested(session, ctx.job_id, ctx.attempt):
+                if cancel:
                     if not cancel_attempt(
                         session,
                         ctx.job_id,
