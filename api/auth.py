@@ -73,7 +73,8 @@ class RateLimiter:
         self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
 
     def retry_after(self, key: str, limit: int, now: float | None = None) -> int | None:
-        """Count a request; None when it is within `limit`, else seconds to wait."""
+        """Count a request; None when it is within `limit`, else seconds to wait (and the
+        refused request is not counted)."""
         now = time.time() if now is None else now
         window = int(now // WINDOW_S)
         elapsed = now - window * WINDOW_S
@@ -90,12 +91,21 @@ class RateLimiter:
         cur, prev = int(count), int(previous or 0)
         if prev * (WINDOW_S - elapsed) / WINDOW_S + cur <= limit:
             return None
+        self._uncount(current)
         room = limit - 1  # the estimate must fall to this for one more request to pass
         if cur <= room and prev:
             wait = WINDOW_S - WINDOW_S * (room - cur) / prev - elapsed
         else:
             wait = WINDOW_S - elapsed + WINDOW_S - WINDOW_S * max(room, 0) / cur
         return max(1, math.ceil(wait))
+
+    def _uncount(self, current: str) -> None:
+        """A refused request does not count: a client retrying on 429 gets through as soon
+        as its accepted requests leave the window."""
+        try:
+            self._redis.decr(current)
+        except redis.RedisError as exc:
+            logger.warning("rate limit count not undone: %s", type(exc).__name__)
 
     def close(self) -> None:
         self._redis.close()

@@ -225,7 +225,7 @@ class Checkpoint(Base):
 
 
 class RegisteredModel(Base):
-    """A fine-tuned model (`ft:<base>:<suffix>:<short id>`) usable by later jobs."""
+    """A fine-tuned model (`ft:<base>:<suffix>:<job id>`) usable by later jobs."""
 
     __tablename__ = "models"
     __table_args__ = (Index("ix_models_created_at_name", "created_at", "name"),)

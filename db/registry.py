@@ -24,10 +24,11 @@ def is_registry_name(ref: str) -> bool:
 
 
 def model_name(base_model: str, task: FineTuneTask, suffix: str | None, job_id: str) -> str:
-    """`ft:<base>:<suffix>:<short id>`; the base is its last path component."""
+    """`ft:<base>:<suffix>:<job id>`; the base is its last path component. The whole job
+    id (not a prefix of it) makes the name unique, so registering never collides."""
     base = _UNSAFE.sub("-", base_model.rstrip("/").rsplit("/", 1)[-1]) or "model"
-    short = job_id.removeprefix("job_")[:8]
-    return f"{REGISTRY_PREFIX}{base}:{suffix or task.value.replace('_', '-')}:{short}"
+    unique = _UNSAFE.sub("-", job_id.removeprefix("job_"))
+    return f"{REGISTRY_PREFIX}{base}:{suffix or task.value.replace('_', '-')}:{unique}"
 
 
 def register_model(
