@@ -34,7 +34,20 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="How often a running job renews its lease and reads cancel."
     )
     reconcile_period_s: float = Field(
-        default=30.0, gt=0, description="How often beat runs the reconciler."
+        default=30.0,
+        gt=0,
+        description="How often the recovery leader (a worker or beat holding the recovery "
+        "lease) runs the reconciler; a dead leader is replaced within one period.",
+    )
+    retry_poll_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often the recovery leader publishes retries whose backoff ended.",
+    )
+    recovery_in_workers: bool = Field(
+        default=True,
+        description="Workers run for the recovery lease too (reconciler, webhook sender, due "
+        "retries), not only beat processes; off: only `modelyard beat` processes do.",
     )
     republish_grace_s: float = Field(
         default=10.0,

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from core.enums import FailureType, JobKind, JobStatus
 from db.base import utcnow
+from db.clock import db_now, db_time_after
 from db.fencing import current_attempt
 from db.jobs import transition
 from db.models import Job
@@ -137,7 +138,9 @@ def counted_attempts(job: Job) -> int:
     return job.attempts - job.handbacks
 
 
-def _requeue_values(now: datetime, available_at: datetime) -> dict[str, Any]:
+def _requeue_values(
+    now: datetime | ColumnElement[datetime], available_at: datetime | ColumnElement[datetime]
+) -> dict[str, Any]:
     return {**_RELEASE, "queued_at": now, "available_at": available_at}
 
 
@@ -146,13 +149,14 @@ def retry_attempt(
     job_id: str,
     *,
     attempt: int,
-    available_at: datetime,
+    delay_s: float,
     failure: FailureType,
     message: str,
     by: str | None = None,
 ) -> JobStatus | None:
-    """After a transient error: running -> queued (due at `available_at`), or failed when
-    the counted attempts reached max_attempts, or cancelled when a cancel was asked."""
+    """After a transient error: running -> queued (due `delay_s` from now by the database's
+    clock, so a worker's own clock cannot shift it), or failed when the counted attempts
+    reached max_attempts, or cancelled when a cancel was asked."""
     job = session.get(Job, job_id, populate_existing=True)
     if job is None or job.attempts != attempt:
         return None
@@ -173,7 +177,7 @@ def retry_attempt(
         JobStatus.QUEUED,
         where=_attempt(job_id, attempt, Job.cancel_requested.is_(False)),
         values={
-            **_requeue_values(utcnow(), available_at),
+            **_requeue_values(db_now(), db_time_after(delay_s)),
             "error_type": failure.value,
             "error_message": message,
         },

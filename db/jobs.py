@@ -15,6 +15,7 @@ from core.errors import InvalidStateError, NotFoundError
 from core.states import can_transition
 from core.webhooks import event_for_status
 from db.base import newer_first_before, utcnow
+from db.clock import database_now, db_now, db_time_after
 from db.events import append_event
 from db.fencing import current_attempt
 from db.models import DEFAULT_TENANT, Job, Tenant
@@ -194,7 +195,7 @@ class ClaimedRow:
     tenant_id: str = DEFAULT_TENANT
 
 
-def not_expired(now: datetime) -> ColumnElement[bool]:
+def not_expired(now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]:
     return or_(Job.expires_at.is_(None), Job.expires_at > now)
 
 
@@ -238,7 +239,7 @@ def claim(
     """queued -> running for `worker` (unless cancelled, not yet due, past its expires_at
     or its tenant is at its running-jobs cap), returning what a worker needs to run it."""
     cap = tenant_running_cap(session, job_id, default_running_cap)
-    now = utcnow()
+    now = db_now()  # due, unexpired and the lease's end all by the database's clock
     row = _transition(
         session,
         job_id,
@@ -247,9 +248,9 @@ def claim(
         [Job.cancel_requested.is_(False), Job.available_at <= now, not_expired(now), *cap],
         {
             "lease_owner": worker,
-            "lease_expires_at": now + lease_ttl,
+            "lease_expires_at": db_time_after(lease_ttl.total_seconds()),
             "attempts": Job.attempts + 1,
-            "started_at": now,
+            "started_at": utcnow(),
             "progress": 0.0,
         },
         f"claimed by {worker}",
@@ -289,7 +290,10 @@ def renew_lease(
     progress: float | None,
     detail: dict[str, Any] | None = None,
 ) -> LeaseState:
-    values: dict[str, Any] = {"lease_expires_at": utcnow() + lease_ttl, "updated_at": utcnow()}
+    values: dict[str, Any] = {
+        "lease_expires_at": db_time_after(lease_ttl.total_seconds()),
+        "updated_at": utcnow(),
+    }
     if progress is not None:
         values["progress"] = progress
     if detail:
@@ -499,3 +503,32 @@ def queue_place(session: Session, job: Job) -> QueuePlace | None:
     stmt = select(func.count(Job.id), func.count(Job.id).filter(ahead)).where(*waiting)
     depth, before = session.execute(stmt).one()
     return QueuePlace(queue=queue, position=int(before) + 1, depth=int(depth))
+
+
+@dataclass(frozen=True, slots=True)
+class DueRetries:
+    jobs: list[tuple[str, JobKind, int]]  # (id, kind, priority)
+    until: datetime  # the next call's `since`
+
+
+def due_retries(session: Session, since: datetime, limit: int = 1000) -> DueRetries:
+    """Queued jobs whose deferred start (a retry's backoff) fell due after `since` and by
+    the database's clock now: their message is published when they fall due rather than
+    when the reconciler next passes. Oldest first; `until` is where the next call resumes
+    (the last one taken when `limit` cut the list, else now)."""
+    now = database_now(session)
+    rows = session.execute(
+        select(Job.id, Job.kind, Job.priority, Job.available_at)
+        .where(
+            Job.status == JobStatus.QUEUED.value,
+            Job.available_at > since,
+            Job.available_at <= now,
+            Job.available_at > Job.queued_at,
+            Job.cancel_requested.is_(False),
+        )
+        .order_by(Job.available_at)
+        .limit(limit)
+    ).all()
+    jobs = [(str(job_id), JobKind(kind), int(priority)) for job_id, kind, priority, _ in rows]
+    until = rows[-1][3] if len(rows) == limit else now
+    return DueRetries(jobs, until)

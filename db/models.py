@@ -390,3 +390,16 @@ class MonitorAlert(Base):
     items: Mapped[int] = mapped_column(Integer)
     delivery_id: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class LeaderLease(Base):
+    """Who holds a duty that one process at a time performs (the reconciler, the webhook
+    sender, retry publishing), until when by the database's clock, and for which term: the
+    term grows by one each time another process takes the lease over."""
+
+    __tablename__ = "leader_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    term: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)

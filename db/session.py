@@ -68,6 +68,11 @@ class _WriteGate:
         self._fd: int | None = None
         self._pid = 0
 
+    def after_fork(self) -> None:
+        """In a forked child: a lock another thread of the parent held is free here."""
+        self._lock = threading.Lock()
+        self._fd = None
+
     def _file(self) -> int | None:
         if self._lock_path is None:
             return None
@@ -136,6 +141,22 @@ def dumps_json(value: Any) -> str:
     return json.dumps(_finite(value))
 
 
+_ENGINES: list[Engine] = []
+_GATES: list[_WriteGate] = []
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a prefork pool process) must not use its parent's connections, which
+    background threads of the parent (the recovery lease) keep using."""
+    for engine in _ENGINES:
+        engine.dispose(close=False)
+    for gate in _GATES:
+        gate.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def make_engine(url: str, *, readonly: bool = False) -> Engine:
     """An engine; `readonly` ones (SQLite) begin deferred transactions that never write."""
     parsed = make_url(url)
@@ -161,6 +182,7 @@ def make_engine(url: str, *, readonly: bool = False) -> Engine:
         else:
             on_disk = parsed.database and parsed.database != ":memory:"
             gate = _WriteGate(Path(f"{parsed.database}-writelock") if on_disk else None)
+            _GATES.append(gate)
             event.listen(engine, "begin", gate.begin)
             event.listen(engine, "commit", gate.commit)
             event.listen(engine, "rollback", gate.rollback)
@@ -174,7 +196,9 @@ def make_engine(url: str, *, readonly: bool = False) -> Engine:
 def get_engine(url: str, readonly: bool = False) -> Engine:
     if readonly and make_url(url).get_backend_name() != "sqlite":
         return get_engine(url)  # one pool serves both on a server database
-    return make_engine(url, readonly=readonly)
+    engine = make_engine(url, readonly=readonly)
+    _ENGINES.append(engine)
+    return engine
 
 
 @lru_cache(maxsize=16)

@@ -19,8 +19,7 @@ celery_app.conf.include = ["workers.tasks"]
 celery_app.conf.worker_consumer = "workers.consumer:PromptReconnectConsumer"
 
 _status: Any = None  # this worker's WorkerStatusReporter, once it is ready
-_reconciler: Any = None  # the beat process's ReconcileLoop
-_webhooks: Any = None  # the beat process's webhook sender loop
+_recovery: Any = None  # this process's LeaderDuties (reconciler, webhooks, due retries)
 
 
 @signals.setup_logging.connect
@@ -55,6 +54,8 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
         runtime.run_reconcile()
     except Exception:
         logger.exception("reconcile at worker start failed")
+    if settings.recovery_in_workers:
+        _start_recovery()
 
 
 @signals.task_received.connect
@@ -76,26 +77,41 @@ def _give_back_jobs(**_: Any) -> None:
 def _on_shutdown(**_: Any) -> None:
     if _status is not None:
         _status.stop()
+    if _recovery is not None:
+        _recovery.stop()  # gives the lease up, so another process takes over at once
 
 
 @signals.beat_init.connect
-def _start_reconciler(**_: Any) -> None:
+def _on_beat_init(**_: Any) -> None:
+    _start_recovery()
+
+
+def _start_recovery() -> None:
+    """Run for the recovery lease; while held, reconcile, send webhooks and publish due
+    retries (workers/leader.py). Every worker and every beat does this: any one of them
+    can die without recovery stopping."""
+    import atexit
+
     from workers import runtime
-    from workers.reconciler import ReconcileLoop
-
-    global _reconciler
-    _reconciler = ReconcileLoop(get_settings().reconcile_period_s, runtime.run_reconcile)
-    _reconciler.start()
-    logger.info("reconciler running every %.1fs", get_settings().reconcile_period_s)
-    _start_webhook_sender()
-
-
-def _start_webhook_sender() -> None:
-    from workers.reconciler import ReconcileLoop
+    from workers.leader import Duty, recovery_duties
+    from workers.reconciler import RetryPublisher
     from workers.webhooks import WebhookSender
 
-    global _webhooks
+    global _recovery
+    if _recovery is not None:
+        return
     settings = get_settings()
-    sender = WebhookSender(settings)
-    _webhooks = ReconcileLoop(settings.webhook_poll_s, sender.send_due, name="webhook sender")
-    _webhooks.start()
+    retries = RetryPublisher(settings, runtime.publisher())
+    duties = [
+        Duty("reconcile", settings.reconcile_period_s, runtime.run_reconcile),
+        Duty("webhook sender", settings.webhook_poll_s, WebhookSender(settings).send_due),
+        Duty("due retries", settings.retry_poll_s, retries.publish_due),
+    ]
+    _recovery = recovery_duties(settings, duties)
+    _recovery.start()
+    atexit.register(_recovery.stop)
+    logger.info(
+        "running for the recovery lease (reconcile every %.1fs) as %s",
+        settings.reconcile_period_s,
+        _recovery.election.holder,
+    )

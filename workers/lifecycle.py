@@ -457,7 +457,7 @@ class AttemptRun:
                 session,
                 ctx.job_id,
                 attempt=ctx.attempt,
-                available_at=utcnow() + timedelta(seconds=delay),
+                delay_s=delay,
                 failure=error.failure,
                 message=message,
                 by=self._lc.worker,

@@ -1,17 +1,16 @@
 """Repairs what the broker forgot: lost messages and expired leases; expires queued jobs
 past their expires_at and batches whose completion window passed while they were queued.
 
-Every change is a compare-and-set, so several reconcilers at once are safe. The beat
-process runs it every reconcile period (ReconcileLoop), and each worker once at start.
+Every change is a compare-and-set, so several reconcilers at once are safe. Whichever
+worker or beat process holds the recovery lease (workers/leader.py) runs it every
+reconcile period, and each worker once at start.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis
 
@@ -19,9 +18,9 @@ from core.dispatch import JobPublisher
 from core.enums import EventType, JobKind, JobStatus
 from core.settings import Settings
 from db.attempts import recover_lost
-from db.base import utcnow
+from db.clock import database_now
 from db.events import append_event
-from db.jobs import due_queued, expire_overdue, expired_leases, overdue_queued
+from db.jobs import due_queued, due_retries, expire_overdue, expired_leases, overdue_queued
 from db.models import Job
 from db.session import session_scope
 from workers.batch.expiry import expire_overdue_batches
@@ -67,9 +66,9 @@ _COUNTERS = {
 def _expire_leases(
     settings: Settings, report: ReconcileReport, leases: BrokerLeases
 ) -> list[tuple[str, JobKind, int]]:
-    now = utcnow()
     to_publish: list[tuple[str, JobKind, int]] = []
     with session_scope(settings.database_url) as session:
+        now = database_now(session)  # leases are judged by the database's clock alone
         expired = list(expired_leases(session, now))
         alive = _alive_in_broker(leases, expired) if expired else set()
         for job in expired:
@@ -92,9 +91,9 @@ def _expire_leases(
 
 
 def _expire_overdue_queued(settings: Settings) -> int:
-    now = utcnow()
     expired = 0
     with session_scope(settings.database_url) as session:
+        now = database_now(session)
         for job_id in overdue_queued(session, now):
             if expire_overdue(session, job_id, now):
                 expired += 1
@@ -114,7 +113,7 @@ def reconcile(
             (j.id, JobKind(j.kind), j.priority)
             for j in due_queued(
                 session,
-                utcnow(),
+                database_now(session),
                 timedelta(seconds=settings.republish_grace_s),
                 default_running_cap=settings.max_running_jobs,
             )
@@ -148,43 +147,27 @@ def reconcile(
     return report
 
 
-class ReconcileLoop:
-    """Runs `run_once` every period in a daemon thread (inside the beat process), so
-    recovery never waits for a free worker. Errors (database or broker down) are logged
-    once per outage and the loop goes on. The webhook sender runs in one too."""
+class RetryPublisher:
+    """Publishes each deferred job (a retry after its backoff) when it falls due, by the
+    database's clock, so a retry does not wait for the next reconcile pass. It remembers
+    how far it got; on its first pass it looks one reconcile period back (anything older
+    is the reconciler's, whose republishing covers every due queued job)."""
 
-    def __init__(
-        self, period_s: float, run_once: Callable[[], object], name: str = "reconcile"
-    ) -> None:
-        self._period = period_s
-        self._run_once = run_once
-        self._name = name
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+    def __init__(self, settings: Settings, publisher: JobPublisher) -> None:
+        self._settings = settings
+        self._publisher = publisher
+        self._since: datetime | None = None
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join(timeout=self._period + 5)
-
-    def _loop(self) -> None:
-        failing = False
-        while not self._done.wait(self._period):
-            try:
-                self._run_once()
-            except Exception as exc:
-                if not failing:
-                    logger.warning(
-                        "%s failed (%s: %s); retrying every %.1fs",
-                        self._name,
-                        type(exc).__name__,
-                        exc,
-                        self._period,
-                    )
-                failing = True
-                continue
-            if failing:
-                logger.info("%s works again", self._name)
-            failing = False
+    def publish_due(self) -> int:
+        with session_scope(self._settings.database_url, readonly=True) as session:
+            if self._since is None:
+                self._since = database_now(session) - timedelta(
+                    seconds=self._settings.reconcile_period_s
+                )
+            due = due_retries(session, self._since)
+        for job_id, kind, priority in due.jobs:
+            self._publisher.publish(job_id, kind, priority)
+        self._since = due.until
+        if due.jobs:
+            logger.info("published %d retries that fell due", len(due.jobs))
+        return len(due.jobs)

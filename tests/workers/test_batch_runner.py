@@ -342,7 +342,7 @@ def test_reconciler_expires_queued_batches_past_their_window(settings: Settings)
                 s,
                 requeued,
                 attempt=1,
-                available_at=utcnow(),
+                delay_s=0.0,
                 failure=FailureType.WORKER_LOST,
                 message="worker lost",
             )

@@ -20,7 +20,6 @@ from core.enums import FailureType, JobKind, JobStatus
 from core.errors import TransientJobError
 from core.settings import Settings
 from db.attempts import retry_attempt
-from db.base import utcnow
 from db.events import list_events
 from db.fencing import current_attempt
 from db.jobs import claim
@@ -98,7 +97,7 @@ def requeued(settings: Settings, ctx: RunContext) -> None:
             s,
             ctx.job_id,
             attempt=ctx.attempt,
-            available_at=utcnow(),
+            delay_s=0.0,
             failure=FailureType.WORKER_LOST,
             message="lease expired",
         )
