@@ -46,9 +46,7 @@ def test_an_expired_lease_is_taken_over_with_a_new_term(url: str) -> None:
     assert hold(url, name, "a") == 1
     with session_scope(url) as s:  # as if a's last renewal was long ago
         s.execute(
-            update(LeaderLease)
-            .where(LeaderLease.name == name)
-            .values(expires_at=db_time_after(-1))
+            update(LeaderLease).where(LeaderLease.name == name).values(expires_at=db_time_after(-1))
         )
     assert hold(url, name, "b") == 2
     assert hold(url, name, "a") is None  # the old holder cannot renew what it lost
