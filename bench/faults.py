@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.faults import scenarios
+from tests.faults import message_scenarios, scenarios
 from tests.faults.scenarios import FAULT_SETTINGS, Lab, Outcome
 from tests.support.faults import Figures
 from tests.support.services import PostgresCluster, RedisServer
@@ -81,6 +81,9 @@ def plan(quick: bool) -> list[tuple[str, Callable[[Lab], Outcome]]]:
         ("db_error_in_group", scenarios.db_error_in_decode_group),
         ("bad_adapter_in_group", scenarios.bad_adapter_in_decode_group),
         ("ignores_stop", scenarios.runner_ignores_stop),
+        ("never_published", message_scenarios.crash_between_commit_and_publish),
+        ("killed_before_claim", message_scenarios.consumer_killed_before_claim),
+        ("aof_everysec", message_scenarios.aof_everysec_loses_the_push),
     ]
 
 

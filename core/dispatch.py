@@ -1,20 +1,23 @@
 """Publishing job ids to the broker, shared by the API and the reconciler.
 
-A delivery marker (a Redis key per job, in the broker's own Redis) says "a
-message for this job is in the broker". It is set before a message is sent and
-deleted when a worker takes the message. Losing Redis loses both together, so
-the reconciler republishes exactly the queued jobs whose marker is gone.
+A message is published after the transaction that queued its job committed, and nothing
+else is written with it: whether a job still has a message is read from the broker itself
+(`messages`, core/broker_scan.py), never from bookkeeping of our own that could outlive the
+message (a process dying between the two writes, a Redis that kept one of them on restart).
+The reconciler republishes the due queued jobs the broker holds no message for, and takes
+back a message delivered to a consumer that died before it claimed the job
+(`forget_delivery`), rather than leaving it to the visibility timeout.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import redis
 from celery import Celery
 
+from core.broker_scan import BrokerMessages, BrokerScanner, Delivery
 from core.enums import QUEUE_FOR_KIND, JobKind
 from core.errors import ConfigurationError
 from core.settings import Settings
@@ -23,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 TASK_RUN_JOB = "modelyard.run_job"
 TASK_RECONCILE = "modelyard.reconcile"
-MARKER_PREFIX = "modelyard:delivery:"
 PRIORITY_LEVELS = 10
 
 
@@ -81,50 +83,42 @@ def make_celery(settings: Settings, name: str = "modelyard") -> Celery:
     return app
 
 
-def marker_key(job_id: str) -> str:
-    return f"{MARKER_PREFIX}{job_id}"
-
-
 class JobPublisher:
-    """Sends `run_job(job_id)` messages and keeps the delivery markers."""
+    """Sends `run_job(job_id)` messages and reads which jobs the broker holds messages for."""
 
     def __init__(self, settings: Settings, celery: Celery | None = None) -> None:
         self._celery = celery or make_celery(settings)
         self._redis: redis.Redis = redis.Redis.from_url(settings.broker_url)
+        self._scanner = BrokerScanner(
+            self._redis,
+            set(QUEUE_FOR_KIND.values()),
+            self._celery.conf.broker_transport_options or {},
+            TASK_RUN_JOB,
+        )
 
     def publish(self, job_id: str, kind: JobKind, priority: int) -> None:
         queue = QUEUE_FOR_KIND[kind]
-        key = marker_key(job_id)
-        self._redis.set(key, queue)
-        try:
-            # The default exchange routes by queue name alone, so publishing does
-            # not depend on kombu's binding keys, which a FLUSHALL also erases.
-            self._celery.send_task(
-                TASK_RUN_JOB,
-                args=[job_id],
-                queue=queue,
-                exchange="",
-                routing_key=queue,
-                priority=PRIORITY_LEVELS - 1 - priority,
-                # Flower and worker logs name the task by what it runs, not run_job.
-                shadow=f"modelyard.{kind.value} {job_id}",
-            )
-        except Exception:
-            self._redis.delete(key)
-            raise
+        # The default exchange routes by queue name alone, so publishing does
+        # not depend on kombu's binding keys, which a FLUSHALL also erases.
+        self._celery.send_task(
+            TASK_RUN_JOB,
+            args=[job_id],
+            queue=queue,
+            exchange="",
+            routing_key=queue,
+            priority=PRIORITY_LEVELS - 1 - priority,
+            # Flower and worker logs name the task by what it runs, not run_job.
+            shadow=f"modelyard.{kind.value} {job_id}",
+        )
         logger.debug("published job %s to %s", job_id, queue)
 
-    def take_marker(self, job_id: str) -> None:
-        self._redis.delete(marker_key(job_id))
+    def messages(self) -> BrokerMessages:
+        """Every job message in the broker: on the job queues, or delivered and unacked."""
+        return self._scanner.scan()
 
-    def missing_markers(self, job_ids: Sequence[str]) -> list[str]:
-        if not job_ids:
-            return []
-        pipe = self._redis.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.exists(marker_key(job_id))
-        found = pipe.execute()
-        return [job_id for job_id, n in zip(job_ids, found, strict=True) if not n]
+    def forget_delivery(self, delivery: Delivery) -> bool:
+        """Drop an unacked delivery (its consumer is gone); False if it went meanwhile."""
+        return self._scanner.forget(delivery)
 
     def ping(self) -> bool:
         return bool(self._redis.ping())

@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     )
     broker_url: str = Field(
         default="redis://127.0.0.1:6379/0",
-        description="Redis URL used by Celery as broker and for delivery markers.",
+        description="Redis URL used by Celery as broker and for the workers' broker leases.",
     )
     lease_ttl_s: float = Field(
         default=60.0, gt=0, description="How long a worker's claim on a job lasts unrenewed."

@@ -134,7 +134,6 @@ class JobLifecycle:
     def execute(self, job_id: str) -> None:
         """The task's entry: claim the job of this message and run it to its end."""
         with log_context(job_id=job_id):
-            self._publisher.take_marker(job_id)
             claimed = self.claim(job_id)
             if claimed is None:
                 return

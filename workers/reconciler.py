@@ -1,5 +1,7 @@
-"""Repairs what the broker forgot: lost messages and expired leases; expires queued jobs
-past their expires_at and batches whose completion window passed while they were queued.
+"""Repairs what the broker forgot: lost messages (a due queued job the broker itself holds
+no message for: core/broker_scan.py), messages a dead consumer took and never claimed, and
+expired leases; expires queued jobs past their expires_at and batches whose completion
+window passed while they were queued.
 
 Every change is a compare-and-set, so several reconcilers at once are safe. Whichever
 worker or beat process holds the recovery lease (workers/leader.py) runs it every
@@ -9,11 +11,13 @@ reconcile period, and each worker once at start.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import redis
 
+from core.broker_scan import BrokerMessages, Presence
 from core.dispatch import JobPublisher
 from core.enums import EventType, JobKind, JobStatus
 from core.settings import Settings
@@ -38,6 +42,7 @@ class ReconcileReport:
     expired: int = 0
     alive: int = 0  # database lease expired, but the worker still renews its broker lease
     paused: int = 0  # worker lost while a pause was asked: it rests paused, not requeued
+    abandoned: int = 0  # of those republished: delivered to a consumer that died unclaimed
 
 
 def _alive_in_broker(leases: BrokerLeases, jobs: list[Job]) -> set[str]:
@@ -100,6 +105,34 @@ def _expire_overdue_queued(settings: Settings) -> int:
     return expired
 
 
+LOST = "message lost by the broker; republished"
+ABANDONED = "message taken by a consumer that never claimed the job; republished"
+
+
+def _why_republish(
+    settings: Settings, publisher: JobPublisher, found: BrokerMessages, job_id: str, now_s: float
+) -> str | None:
+    """Why a due queued job needs a new message, or None when the broker holds one for it.
+
+    A message on a queue is on its way. A delivery not acknowledged is a consumer taking the
+    job right now, unless it is older than the grace: its consumer died between receiving
+    it and claiming the job (a claim makes the job running), and kombu would wait out the
+    visibility timeout before delivering it again. That delivery is removed and the job
+    republished; should its consumer be alive after all, the claim compare-and-set lets one
+    of the two messages run the job and the other is dropped."""
+    where = found.presence(job_id)
+    if where is Presence.QUEUED:
+        return None
+    if where is Presence.ABSENT:
+        return LOST
+    deliveries = found.deliveries(job_id)
+    if not all(d.older_than(settings.republish_grace_s, now_s) for d in deliveries):
+        return None
+    forgotten = [d for d in deliveries if publisher.forget_delivery(d)]
+    # none removed: acked or restored to its queue meanwhile; the next pass looks again
+    return ABANDONED if forgotten else None
+
+
 def reconcile(
     settings: Settings, publisher: JobPublisher, leases: BrokerLeases | None = None
 ) -> ReconcileReport:
@@ -118,29 +151,33 @@ def reconcile(
                 default_running_cap=settings.max_running_jobs,
             )
         ]
-    missing = set(publisher.missing_markers([job_id for job_id, _, _ in due]))
-    republished: list[str] = []
+    republished: dict[str, str] = {}
+    found = publisher.messages() if due else None
+    now_s = time.time()
     for job_id, kind, priority in due:
-        if job_id in missing:
+        assert found is not None
+        why = _why_republish(settings, publisher, found, job_id, now_s)
+        if why is not None:
             publisher.publish(job_id, kind, priority)
-            republished.append(job_id)
+            republished[job_id] = why
+            if why is ABANDONED:
+                report.abandoned += 1
     if republished:
         with session_scope(settings.database_url) as session:
-            for job_id in republished:
-                append_event(
-                    session, job_id, EventType.LOG, "message lost by the broker; republished"
-                )
+            for job_id, why in republished.items():
+                append_event(session, job_id, EventType.LOG, why)
     report.republished = len(republished)
     if any((report.requeued, report.failed, report.cancelled, report.republished)) or any(
         (report.expired, report.alive)
     ):
         logger.info(
-            "reconciled: requeued=%d failed=%d cancelled=%d republished=%d expired=%d "
-            "left-alive=%d",
+            "reconciled: requeued=%d failed=%d cancelled=%d republished=%d (abandoned=%d) "
+            "expired=%d left-alive=%d",
             report.requeued,
             report.failed,
             report.cancelled,
             report.republished,
+            report.abandoned,
             report.expired,
             report.alive,
         )

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from core.dispatch import MARKER_PREFIX, marker_key
+from core.broker_scan import Presence
+from core.dispatch import JobPublisher
 from core.enums import JobKind, JobStatus
 from core.settings import Settings
 from db.batch import expire_queued, store_lines
@@ -63,8 +63,14 @@ def count(settings: Settings, model: type[Job] | type[Dataset]) -> int:
         return s.scalar(select(func.count()).select_from(model)) or 0
 
 
-def markers(settings: Settings) -> int:
-    return len(redis.Redis.from_url(settings.broker_url).keys(f"{MARKER_PREFIX}*"))
+def messages(settings: Settings) -> int:
+    """Job messages in the broker (on a queue or unacknowledged)."""
+    publisher = JobPublisher(settings)
+    try:
+        found = publisher.messages()
+    finally:
+        publisher.close()
+    return found.scanned - found.unreadable
 
 
 def batch(dataset: str, endpoint: str = COMPLETIONS, **spec: Any) -> dict[str, Any]:
@@ -143,8 +149,9 @@ def test_create_batch_job_commits_and_publishes(
         "endpoint": COMPLETIONS,
         "completion_window": "24h",
     }
-    broker = redis.Redis.from_url(settings.broker_url)
-    assert broker.get(marker_key(job["id"])) == b"generate"
+    publisher = JobPublisher(settings)
+    assert publisher.messages().presence(job["id"]) is Presence.QUEUED
+    publisher.close()
     chat = client.post("/v1/jobs", json=batch(batches["chat"], CHAT, completion_window="5s"))
     assert chat.status_code == 202, chat.text
 
@@ -170,12 +177,12 @@ def test_refused_batches_create_and_publish_nothing(
         (batch("not-an-id"), "spec.input_dataset", ""),
         (batch(batches["completions"], model="m"), "spec.model", ""),
     ]
-    jobs_before, markers_before = count(settings, Job), markers(settings)
+    jobs_before, messages_before = count(settings, Job), messages(settings)
     for body, param, words in cases:
         message = assert_error(client.post("/v1/jobs", json=body), 422, "invalid_request", param)
         assert words in message
     assert count(settings, Job) == jobs_before
-    assert markers(settings) == markers_before
+    assert messages(settings) == messages_before
 
 
 def test_a_batch_file_cannot_be_trained_on(

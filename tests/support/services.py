@@ -98,12 +98,15 @@ class RedisServer:
         auth = f":{password}@" if password else ""
         self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, *, aof: bool = False) -> None:
+        """Start the server; `aof` turns on the append-only file, fsynced every second."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        persistence = ("--appendonly", "yes", "--appendfsync", "everysec") if aof else ()
         self.proc = subprocess.Popen(
             [
                 *(self.binary, "--port", str(self.port), "--bind", "127.0.0.1"),
                 *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
+                *persistence,
                 *(("--requirepass", self.password) if self.password else ()),
             ],
             stdout=subprocess.DEVNULL,
@@ -127,6 +130,13 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def kill9(self) -> None:
+        """SIGKILL: the server writes nothing more (its files hold what it wrote so far)."""
+        if self.proc is not None:
+            self.proc.kill()
             self.proc.wait(10)
         self.proc = None
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from sqlalchemy.exc import OperationalError
 
 from core.dispatch import JobPublisher
@@ -186,7 +185,7 @@ def test_run_time_limit_stops_the_job_as_timed_out(
 def test_worker_shutdown_hands_the_job_back_without_spending_an_attempt(
     settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from core.dispatch import marker_key
+    from core.broker_scan import Presence
     from workers.context import give_back_running
 
     def shut_down(ctx: RunContext) -> list[OutputRecord]:
@@ -205,7 +204,9 @@ def test_worker_shutdown_hands_the_job_back_without_spending_an_attempt(
         None,
     )
     assert job.error_type is None
-    assert redis.Redis.from_url(settings.broker_url).exists(marker_key(job_id))  # published
+    publisher = JobPublisher(settings)
+    assert publisher.messages().presence(job_id) is Presence.QUEUED  # published
+    publisher.close()
     with session_scope(settings.database_url) as s:
         last = list_events(s, job_id)[-1]
         assert last.data["by"] == lifecycle.worker and "given back" in last.message

@@ -10,7 +10,8 @@ import pytest
 import redis
 from sqlalchemy import update
 
-from core.dispatch import JobPublisher, marker_key
+from core.broker_scan import Presence
+from core.dispatch import JobPublisher, make_celery
 from core.enums import JobKind
 from core.settings import Settings
 from db.base import utcnow
@@ -19,6 +20,7 @@ from db.jobs import claim_job, request_cancel
 from db.models import Job
 from db.pauses import request_pause
 from db.session import migrate, session_scope
+from tests.support.broker import receive_and_vanish
 from tests.support.jobs import insert_job, load_job
 from tests.support.services import redis_db_index
 from workers.reconciler import reconcile
@@ -54,18 +56,60 @@ def expire_lease(settings: Settings, job_id: str) -> None:
         )
 
 
-def test_republishes_only_jobs_whose_marker_is_gone(
+def presence(publisher: JobPublisher, job_id: str) -> Presence:
+    return publisher.messages().presence(job_id)
+
+
+def test_republishes_only_jobs_the_broker_has_no_message_for(
     settings: Settings, publisher: JobPublisher
 ) -> None:
     published, lost = insert_job(settings.database_url), insert_job(settings.database_url)
     publisher.publish(published, JobKind.GENERATE, 0)
     report = reconcile(settings, publisher)
-    assert report.republished == 1
-    broker = redis.Redis.from_url(settings.broker_url)
-    assert broker.exists(marker_key(lost))
-    # a second pass finds every marker in place: nothing piles up
+    assert (report.republished, report.abandoned) == (1, 0)
+    assert presence(publisher, lost) is Presence.QUEUED
+    # a second pass finds every message in place: nothing piles up
     assert reconcile(settings, publisher).republished == 0
-    assert broker.llen("generate:9") == 2
+    assert redis.Redis.from_url(settings.broker_url).llen("generate:9") == 2
+    with session_scope(settings.database_url) as s:
+        assert any("lost by the broker" in e.message for e in list_events(s, lost))
+        assert not any("republished" in e.message for e in list_events(s, published))
+
+
+def test_a_delivery_a_dead_consumer_never_claimed_is_taken_back_and_republished(
+    settings: Settings, publisher: JobPublisher
+) -> None:
+    job_id = insert_job(settings.database_url)
+    publisher.publish(job_id, JobKind.GENERATE, 0)
+    tag = receive_and_vanish(make_celery(settings), "generate")
+    broker = redis.Redis.from_url(settings.broker_url)
+    with session_scope(settings.database_url) as s:
+        s.execute(
+            update(Job).where(Job.id == job_id).values(queued_at=utcnow() - timedelta(hours=1))
+        )
+    # a delivery within the grace may be its consumer claiming it right now: left alone
+    patient = settings.model_copy(update={"republish_grace_s": 600})
+    assert reconcile(patient, publisher).abandoned == 0
+    assert presence(publisher, job_id) is Presence.UNACKED
+    assert reconcile(settings, publisher).abandoned == 1
+    assert not broker.hexists("unacked", tag)
+    assert broker.zscore("unacked_index", tag) is None
+    assert presence(publisher, job_id) is Presence.QUEUED
+    assert reconcile(settings, publisher).abandoned == 0
+    assert len(broker.lrange("generate:9", 0, -1)) == len(set(broker.lrange("generate:9", 0, -1)))
+    with session_scope(settings.database_url) as s:
+        assert any("never claimed" in e.message for e in list_events(s, job_id))
+
+
+def test_a_running_jobs_delivery_is_left_alone(settings: Settings, publisher: JobPublisher) -> None:
+    job_id = insert_job(settings.database_url)
+    publisher.publish(job_id, JobKind.GENERATE, 0)
+    tag = receive_and_vanish(make_celery(settings), "generate")
+    with session_scope(settings.database_url) as s:
+        assert claim_job(s, job_id, "live-worker", timedelta(seconds=60))
+    assert reconcile(settings, publisher).abandoned == 0
+    assert redis.Redis.from_url(settings.broker_url).hexists("unacked", tag)
+    assert presence(publisher, job_id) is Presence.UNACKED
 
 
 def test_expired_lease_goes_back_to_queued_and_is_published(
@@ -80,7 +124,7 @@ def test_expired_lease_goes_back_to_queued_and_is_published(
     assert job.attempts == 1
     assert job.lease_owner is None
     assert job.error_type == "worker_lost"
-    assert redis.Redis.from_url(settings.broker_url).exists(marker_key(job_id))
+    assert presence(publisher, job_id) is Presence.QUEUED
 
 
 def test_expired_lease_after_max_attempts_fails(
@@ -119,7 +163,7 @@ def test_expired_lease_with_pause_requested_rests_paused_and_is_not_republished(
     assert (job.status, job.lease_owner, job.pause_requested) == ("paused", None, False)
     reconcile(settings, publisher)
     assert load_job(settings.database_url, job_id).status == "paused"
-    assert not redis.Redis.from_url(settings.broker_url).exists(marker_key(job_id))
+    assert presence(publisher, job_id) is Presence.ABSENT
 
 
 def test_live_lease_is_left_alone(settings: Settings, publisher: JobPublisher) -> None:

@@ -9,6 +9,9 @@ fault_env) and fires only for the job that asks for it:
   once, before its heartbeat can see the cancel: a cancel racing a transient error.
 - MODELYARD_TEST_IGNORE_STOP_DURATION_S: a no-op job of this duration_s sleeps that long
   and never looks at its stop flag, as a runner hung in native code would.
+- MODELYARD_TEST_DIE_BEFORE_CLAIM: (set on one worker only) the worker kills itself with
+  SIGKILL when a job's message reaches it, after kombu took the message into `unacked` and
+  before the claim: a consumer killed between receive and claim.
 - MODELYARD_TEST_DB_ERROR_MARKER: recording the outputs of a job whose spec holds this text
   fails with a database error (DataError: a row the database refuses).
 """
@@ -24,6 +27,7 @@ _POISON = os.environ.get("MODELYARD_TEST_POISON_DURATION_S")
 _TRANSIENT_ON_CANCEL = os.environ.get("MODELYARD_TEST_TRANSIENT_ON_CANCEL_DURATION_S")
 _IGNORE_STOP = os.environ.get("MODELYARD_TEST_IGNORE_STOP_DURATION_S")
 _DB_ERROR_MARKER = os.environ.get("MODELYARD_TEST_DB_ERROR_MARKER")
+_DIE_BEFORE_CLAIM = os.environ.get("MODELYARD_TEST_DIE_BEFORE_CLAIM")
 
 
 def _is(value: float, wanted: str | None) -> bool:
@@ -85,3 +89,11 @@ if _DB_ERROR_MARKER:
         return _original_add_outputs(session, job_id, *args, **kwargs)
 
     _outputs.add_outputs = _failing_add_outputs
+
+if _DIE_BEFORE_CLAIM:
+    import workers.lifecycle as _lifecycle
+
+    def _die_before_claim(self: Any, job_id: str) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    _lifecycle.JobLifecycle.execute = _die_before_claim  # type: ignore[method-assign]
