@@ -52,7 +52,9 @@ def test_published_messages_are_found_on_every_priority_list(
     assert (found.scanned, found.unreadable) == (len(jobs), 0)
     assert found.presence(new_id()) is Presence.ABSENT
     # the scanner reads the very keys kombu wrote
-    keys = {str(k) for k in redis.Redis.from_url(settings.broker_url, decode_responses=True).keys()}
+    keys = {
+        str(k) for k in redis.Redis.from_url(settings.broker_url, decode_responses=True).scan_iter()
+    }
     scanner = BrokerScanner(
         redis.Redis.from_url(settings.broker_url),
         set(QUEUE_FOR_KIND.values()),
