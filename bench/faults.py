@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.faults import message_scenarios, scenarios
+from tests.faults import clock_scenarios, leader_scenarios, message_scenarios, scenarios
 from tests.faults.scenarios import FAULT_SETTINGS, Lab, Outcome
 from tests.support.faults import Figures
 from tests.support.services import PostgresCluster, RedisServer
@@ -84,6 +84,8 @@ def plan(quick: bool) -> list[tuple[str, Callable[[Lab], Outcome]]]:
         ("never_published", message_scenarios.crash_between_commit_and_publish),
         ("killed_before_claim", message_scenarios.consumer_killed_before_claim),
         ("aof_everysec", message_scenarios.aof_everysec_loses_the_push),
+        ("kill_leader", leader_scenarios.kill_recovery_leader),
+        ("clock_skew", clock_scenarios.skewed_workers),
     ]
 
 
