@@ -27,6 +27,19 @@ class Settings(BaseSettings):
         default="redis://127.0.0.1:6379/0",
         description="Redis URL used by Celery as broker and for the workers' broker leases.",
     )
+    database_connect_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="PostgreSQL: longest wait to open a connection, and how long an "
+        "unanswered connection may stay open (TCP user timeout and keepalives) before it "
+        "counts as lost, so a database that drops packets fails writers within this long.",
+    )
+    database_statement_timeout_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="PostgreSQL: longest a statement may run before the server cancels it "
+        "(0: no limit).",
+    )
     lease_ttl_s: float = Field(
         default=60.0, gt=0, description="How long a worker's claim on a job lasts unrenewed."
     )

@@ -21,6 +21,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.settings import Settings, get_settings
+
 logger = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -188,8 +190,33 @@ def make_engine(url: str, *, readonly: bool = False) -> Engine:
             event.listen(engine, "rollback", gate.rollback)
         return engine
     return create_engine(
-        url, pool_pre_ping=True, pool_size=10, max_overflow=20, json_serializer=dumps_json
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=20,
+        json_serializer=dumps_json,
+        connect_args=postgres_connect_args(get_settings()),
     )
+
+
+def postgres_connect_args(settings: Settings) -> dict[str, Any]:
+    """libpq options: a connect timeout; keepalives and a TCP user timeout, so a connection
+    to a database that went silent (packets dropped, not refused) fails within the connect
+    timeout instead of the kernel's many minutes; a server-side statement timeout."""
+    limit = settings.database_connect_timeout_s
+    idle = max(1, int(limit / 2))
+    args: dict[str, Any] = {
+        "connect_timeout": max(1, math.ceil(limit)),
+        "keepalives": 1,
+        "keepalives_idle": idle,
+        "keepalives_interval": max(1, int(limit / 6)),
+        "keepalives_count": 3,
+        "tcp_user_timeout": int(limit * 1000),
+    }
+    if settings.database_statement_timeout_s > 0:
+        ms = int(settings.database_statement_timeout_s * 1000)
+        args["options"] = f"-c statement_timeout={ms}"
+    return args
 
 
 @lru_cache(maxsize=16)
