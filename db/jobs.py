@@ -344,19 +344,45 @@ def overdue_queued(session: Session, now: datetime, limit: int = 1000) -> Sequen
     return session.scalars(stmt).all()
 
 
-def count_waiting(session: Session, kinds: Sequence[JobKind], waiting_since: datetime) -> int:
+def capped_tenants(default_running_cap: int | None) -> Any:
+    """Ids of tenants at their running-jobs cap (their own, else `default_running_cap`):
+    no worker may claim their queued jobs until one of their running jobs ends."""
+    other = aliased(Job)
+    running = (
+        select(other.tenant_id, func.count(other.id).label("n"))
+        .where(other.status == JobStatus.RUNNING.value)
+        .group_by(other.tenant_id)
+        .subquery()
+    )
+    cap: ColumnElement[Any] = (
+        Tenant.max_running_jobs.expression
+        if default_running_cap is None
+        else func.coalesce(Tenant.max_running_jobs, default_running_cap)
+    )
+    return (
+        select(Tenant.id).join(running, running.c.tenant_id == Tenant.id).where(running.c.n >= cap)
+    )
+
+
+def count_waiting(
+    session: Session,
+    kinds: Sequence[JobKind],
+    waiting_since: datetime,
+    default_running_cap: int | None = None,
+) -> int:
     """Queued jobs of `kinds` that have been due, uncancelled and unexpired since
-    `waiting_since` or longer: work an idle worker on their queue should have taken."""
+    `waiting_since` or longer and that a worker may claim (their tenant is below its
+    running cap): work an idle worker on their queue should have taken."""
     if not kinds:
         return 0
-    now = utcnow()
     stmt = select(func.count(Job.id)).where(
         Job.status == JobStatus.QUEUED.value,
         Job.kind.in_([k.value for k in kinds]),
         Job.cancel_requested.is_(False),
         Job.available_at <= waiting_since,
         Job.queued_at <= waiting_since,
-        not_expired(now),
+        not_expired(db_now()),
+        Job.tenant_id.not_in(capped_tenants(default_running_cap)),
     )
     return int(session.scalar(stmt) or 0)
 

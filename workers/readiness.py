@@ -75,6 +75,9 @@ def check_workers(settings: Settings) -> list[WorkerHealth]:
         for report in reports:
             if report.queues not in waiting_by_queues:
                 waiting_by_queues[report.queues] = count_waiting(
-                    session, kinds_for(report.queues), utcnow() - stall
+                    session,
+                    kinds_for(report.queues),
+                    utcnow() - stall,
+                    default_running_cap=settings.max_running_jobs,
                 )
     return [judge(r, waiting_by_queues[r.queues], settings.worker_stall_s, now) for r in reports]

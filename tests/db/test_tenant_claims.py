@@ -9,11 +9,11 @@ from datetime import timedelta
 
 import pytest
 
-from core.enums import JobStatus
+from core.enums import JobKind, JobStatus
 from db import tenants as tenants_repo
 from db.attempts import finish_job
 from db.base import utcnow
-from db.jobs import claim, due_queued
+from db.jobs import claim, count_waiting, due_queued
 from db.models import Job
 from db.session import migrate, session_scope
 from tests.support.jobs import insert_job, load_job
@@ -122,3 +122,26 @@ def test_due_queued_leaves_out_jobs_of_a_tenant_at_its_cap(url: str) -> None:
     with session_scope(url) as s:
         assert claim(s, jobs[1], "w", TTL) is not None
     assert due_of_t() == []
+
+
+def test_jobs_of_a_capped_tenant_are_not_waiting_for_an_idle_worker(url: str) -> None:
+    """The liveness check counts only work some worker may take: a tenant at its running
+    cap with a backlog does not make an idle worker look stalled."""
+
+    def waiting() -> int:
+        with session_scope(url) as s:
+            return count_waiting(s, [JobKind.GENERATE], utcnow() + timedelta(seconds=5))
+
+    capped = tenant(url, max_running_jobs=1)
+    first = insert_job(url, tenant_id=capped)
+    with session_scope(url) as s:
+        assert claim(s, first, "w1", TTL) is not None
+    base = waiting()
+    insert_job(url, tenant_id=capped)
+    insert_job(url, tenant_id=capped)
+    assert waiting() == base  # the capped tenant's backlog: nobody may take it
+    insert_job(url, tenant_id=tenant(url))
+    assert waiting() == base + 1  # an uncapped tenant's job counts
+    with session_scope(url) as s:
+        assert finish_job(s, first, JobStatus.SUCCEEDED, attempt=1)
+    assert waiting() == base + 3  # below its cap again: its backlog counts
