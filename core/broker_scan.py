@@ -13,7 +13,10 @@ hash, so a message moving from a list to `unacked` while the scan runs is seen i
 the other (a list read left to right never misses an element that stays in it: pushes on
 the left only move it right, pops on the right do not move it). The job id is the first
 argument of the task message, read from the base64 JSON body of kombu's envelope; messages
-of other tasks or that cannot be read are counted and skipped.
+of other tasks or that cannot be read are counted and skipped. Delivery times are read
+with ZMSCORE (Redis 6.2 or later) and are the consumer's clock, compared by the reader with
+its own: a grace of seconds absorbs ordinary skew, and a delivery judged old too early only
+costs a duplicate message, which the claim's compare-and-set drops.
 """
 
 from __future__ import annotations
