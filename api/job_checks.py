@@ -39,7 +39,7 @@ from db.datasets import get_dataset
 from db.jobs import count_queued, get_job
 from db.models import Dataset
 from db.registry import get_model, is_registry_name, serving_base
-from db.tenants import get_tenant
+from db.tenants import lock_tenant
 from db.training import list_checkpoints
 from db.webhooks import signing_secrets
 
@@ -298,8 +298,10 @@ def check_job_request(
 
 
 def check_queued_quota(session: Session, settings: Settings, tenant_id: str) -> None:
-    """429 `quota_exceeded` when the tenant already has its quota of queued jobs."""
-    tenant = get_tenant(session, tenant_id)
+    """429 `quota_exceeded` when the tenant already has its quota of queued jobs. The
+    tenant's row stays locked until the caller's transaction (which inserts the job) ends,
+    so concurrent submits cannot all count the same number and overshoot the quota."""
+    tenant = lock_tenant(session, tenant_id)
     limit = settings.max_queued_jobs
     if tenant is not None and tenant.max_queued_jobs is not None:
         limit = tenant.max_queued_jobs

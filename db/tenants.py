@@ -65,6 +65,15 @@ def get_tenant(session: Session, tenant_id: str) -> Tenant | None:
     return session.get(Tenant, tenant_id)
 
 
+def lock_tenant(session: Session, tenant_id: str) -> Tenant | None:
+    """The tenant's row, locked until the transaction ends (SELECT ... FOR UPDATE on
+    PostgreSQL; SQLite serializes writers anyway): checks of a quota made under it and the
+    insert after them count each other's jobs."""
+    return session.scalars(
+        select(Tenant).where(Tenant.id == tenant_id).with_for_update()
+    ).one_or_none()
+
+
 def require_tenant(session: Session, ref: str) -> Tenant:
     """A tenant by id or by name."""
     tenant = (
