@@ -258,7 +258,19 @@ class Settings(BaseSettings):
         description="At most one `progress` delivery per job in this many seconds.",
     )
     webhook_poll_s: float = Field(
-        default=1.0, gt=0, description="How often the beat process sends due webhook deliveries."
+        default=1.0,
+        gt=0,
+        description="How often the recovery leader starts attempts for due webhook deliveries.",
+    )
+    webhook_dns_timeout_s: float = Field(
+        default=5.0, gt=0, le=60, description="Time limit of a webhook destination's DNS look-up."
+    )
+    webhook_per_destination: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Attempts in flight at once to one destination (host and port), so one "
+        "slow endpoint holds up only its own deliveries.",
     )
     webhook_secret_overlap_s: float = Field(
         default=86_400.0,

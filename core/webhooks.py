@@ -80,6 +80,8 @@ def check_destination(
     except ValueError:
         try:
             addresses = [ipaddress.ip_address(a) for a in resolver(host, port)]
+        except TimeoutError:
+            raise WebhookDestinationError(f"DNS look-up of {host} timed out") from None
         except (OSError, UnicodeError):
             raise WebhookDestinationError(f"webhook_url host {host} does not resolve") from None
     if not addresses:

@@ -270,6 +270,8 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # set when a sender takes the delivery for an attempt; only that sender may record it
+    take_token: Mapped[str | None] = mapped_column(String(32))
 
 
 class WebhookAttempt(Base):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -14,6 +15,7 @@ from core.enums import DeliveryStatus, WebhookEvent
 from core.errors import NotFoundError
 from core.webhooks import new_secret
 from db.base import newer_first_before, utcnow
+from db.clock import db_now, db_time_after
 from db.models import Job, WebhookAttempt, WebhookDelivery, WebhookSecret, new_delivery_id
 
 DEFAULT_TENANT = "default"
@@ -89,12 +91,13 @@ def queue_delivery(
     )
 
 
-def due_deliveries(session: Session, now: datetime, limit: int) -> Sequence[WebhookDelivery]:
+def due_deliveries(session: Session, limit: int) -> Sequence[WebhookDelivery]:
+    """Pending deliveries due by the database's clock, oldest first."""
     stmt = (
         select(WebhookDelivery)
         .where(
             WebhookDelivery.status == DeliveryStatus.PENDING.value,
-            WebhookDelivery.next_attempt_at <= now,
+            WebhookDelivery.next_attempt_at <= db_now(),
         )
         .order_by(WebhookDelivery.next_attempt_at)
         .limit(limit)
@@ -103,10 +106,12 @@ def due_deliveries(session: Session, now: datetime, limit: int) -> Sequence[Webh
 
 
 def take_delivery(
-    session: Session, delivery_id: str, seen_next: datetime, hold_until: datetime
-) -> bool:
-    """Compare-and-set: hold a due delivery until `hold_until` for one sender; False when
-    another sender (or a redeliver) changed it since it was read."""
+    session: Session, delivery_id: str, seen_next: datetime, hold_s: float
+) -> str | None:
+    """Compare-and-set: hold a due delivery for `hold_s` seconds (database clock) for one
+    sender, under a fresh take token; None when another sender (or a redeliver) changed
+    it since it was read. Only the holder of the token may record the attempt."""
+    token = uuid.uuid4().hex
     stmt = (
         update(WebhookDelivery)
         .where(
@@ -114,11 +119,11 @@ def take_delivery(
             WebhookDelivery.status == DeliveryStatus.PENDING.value,
             WebhookDelivery.next_attempt_at == seen_next,
         )
-        .values(next_attempt_at=hold_until)
+        .values(next_attempt_at=db_time_after(hold_s), take_token=token)
         .execution_options(synchronize_session=False)
     )
-    won: bool = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
-    return won
+    won = session.execute(stmt).rowcount == 1  # type: ignore[attr-defined]
+    return token if won else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,12 +140,15 @@ class AttemptResult:
 def record_attempt(
     session: Session,
     delivery_id: str,
+    token: str,
     result: AttemptResult,
     *,
-    retry_at: datetime | None,
-) -> DeliveryStatus:
-    """Store one attempt; the delivery becomes delivered (2xx), pending until `retry_at`,
-    or failed (no `retry_at`: out of attempts)."""
+    retry_in_s: float | None,
+) -> DeliveryStatus | None:
+    """Store one attempt in the log; the delivery becomes delivered (2xx), pending again in
+    `retry_in_s` seconds, or failed (no `retry_in_s`: out of attempts) -- a compare-and-set
+    on the take token, so a redeliver asked meanwhile (or a sender that took over after the
+    hold ran out) wins and this attempt changes nothing but the log: None then."""
     now = utcnow()
     session.execute(
         insert(WebhookAttempt).values(
@@ -153,24 +161,25 @@ def record_attempt(
     )
     if result.ok:
         status = DeliveryStatus.DELIVERED
-    elif retry_at is not None:
+    elif retry_in_s is not None:
         status = DeliveryStatus.PENDING
     else:
         status = DeliveryStatus.FAILED
-    session.execute(
+    recorded = session.execute(
         update(WebhookDelivery)
-        .where(WebhookDelivery.id == delivery_id)
+        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.take_token == token)
         .values(
             status=status.value,
             attempts=WebhookDelivery.attempts + 1,
             last_status_code=result.status_code,
             last_error=result.error,
-            next_attempt_at=retry_at or now,
+            next_attempt_at=db_time_after(retry_in_s or 0.0),
             delivered_at=now if result.ok else None,
+            take_token=None,
         )
         .execution_options(synchronize_session=False)
     )
-    return status
+    return status if recorded.rowcount == 1 else None  # type: ignore[attr-defined]
 
 
 def list_deliveries(
@@ -219,6 +228,7 @@ def redeliver(session: Session, tenant_id: str, delivery_id: str) -> WebhookDeli
     delivery.status = DeliveryStatus.PENDING.value
     delivery.attempts = 0
     delivery.next_attempt_at = utcnow()
+    delivery.take_token = None  # an attempt in flight records nothing over this
     session.flush()
     return delivery
 

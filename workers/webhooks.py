@@ -1,23 +1,32 @@
-"""Sends due webhook deliveries (in the beat process, every webhook_poll_s).
+"""Sends due webhook deliveries (in the recovery leader, every webhook_poll_s).
 
-Each delivery is taken with a compare-and-set before it is sent, so two senders never
-send the same attempt. Redirects are not followed; the destination is checked again
-before every attempt (DNS may have changed since the job was submitted).
+Each attempt takes its delivery with a compare-and-set and a fresh take token just
+before sending, and records its result only while it still holds that token: two senders
+never send one delivery's attempt twice, and a redeliver asked during an attempt wins.
+Attempts run in a thread pool with at most `webhook_per_destination` in flight per
+destination, and `send_due` never waits for them, so one slow endpoint holds up only its
+own deliveries. The destination is checked before every attempt (DNS may have changed
+since the job was submitted), with a time limit on the look-up, and the connection goes
+to the address that was checked (Host header and TLS server name kept): a name that
+answers differently the second time (DNS rebinding) cannot redirect it. Redirects are not
+followed.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from concurrent.futures import TimeoutError as FutureTimeout
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
 from core.settings import Settings
-from core.webhooks import backoff_s, check_destination, signature_headers
-from db.base import utcnow
+from core.webhooks import Resolver, backoff_s, check_destination, resolve, signature_headers
 from db.models import WebhookDelivery
 from db.session import session_scope
 from db.webhooks import (
@@ -30,47 +39,102 @@ from db.webhooks import (
 
 logger = logging.getLogger(__name__)
 
-BATCH = 50
+BATCH = 200
 SENDERS = 8
 USER_AGENT = "Modelyard-Webhooks/1"
 
 
+def destination(url: str) -> str:
+    """What per-destination slots are counted by: scheme, host and port."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{parts.port or ''}"
+
+
+def pinned_url(url: str, address: str) -> str:
+    """`url` with its host replaced by the checked `address` (port and path kept)."""
+    parts = urlsplit(url)
+    host = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 class WebhookSender:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, resolver: Resolver = resolve) -> None:
         self._settings = settings
+        self._resolver = resolver
         self._http = httpx.Client(
             timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False
         )
         self._pool = ThreadPoolExecutor(max_workers=SENDERS, thread_name_prefix="webhook")
+        self._dns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook-dns")
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._in_flight: set[str] = set()
+        self._per_destination: dict[str, int] = {}
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._dns.shutdown(wait=False, cancel_futures=True)
         self._http.close()
 
-    def send_due(self) -> int:
-        """Send every delivery that is due now; returns how many were attempted."""
-        hold = timedelta(seconds=self._settings.webhook_timeout_s * 2 + 5)
-        taken: list[tuple[WebhookDelivery, list[str]]] = []
-        with session_scope(self._settings.database_url) as session:
-            now = utcnow()
-            for delivery in due_deliveries(session, now, BATCH):
-                if take_delivery(session, delivery.id, delivery.next_attempt_at, now + hold):
-                    session.expunge(delivery)
-                    taken.append((delivery, signing_secrets(session, delivery.tenant_id)))
-        for _ in self._pool.map(lambda pair: self._attempt(*pair), taken):
-            pass
-        return len(taken)
+    @property
+    def hold_s(self) -> float:
+        """How long an attempt holds its delivery: its look-up, then connect, write and
+        read each within the timeout, and a margin."""
+        return self._settings.webhook_dns_timeout_s + 3 * self._settings.webhook_timeout_s + 5
 
-    def _attempt(self, delivery: WebhookDelivery, secrets: list[str]) -> None:
+    def send_due(self) -> int:
+        """Start an attempt for each due delivery whose destination has a free slot, without
+        waiting for any; returns how many were started."""
+        with session_scope(self._settings.database_url, readonly=True) as session:
+            due = list(due_deliveries(session, BATCH))
+        started = 0
+        for delivery in due:
+            where = destination(delivery.url)
+            with self._lock:
+                if (
+                    delivery.id in self._in_flight
+                    or len(self._in_flight) >= SENDERS
+                    or self._per_destination.get(where, 0) >= self._settings.webhook_per_destination
+                ):
+                    continue
+                self._in_flight.add(delivery.id)
+                self._per_destination[where] = self._per_destination.get(where, 0) + 1
+            self._pool.submit(self._run, delivery, where)
+            started += 1
+        return started
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Until no attempt is in flight (tests, shutdown); False when `timeout` passed."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._in_flight, timeout)
+
+    def _run(self, delivery: WebhookDelivery, where: str) -> None:
+        try:
+            self._attempt(delivery)
+        except Exception:
+            logger.exception("webhook %s: attempt failed unexpectedly", delivery.id)
+        finally:
+            with self._idle:
+                self._in_flight.discard(delivery.id)
+                self._per_destination[where] -= 1
+                if not self._per_destination[where]:
+                    del self._per_destination[where]
+                self._idle.notify_all()
+
+    def _attempt(self, delivery: WebhookDelivery) -> None:
+        with session_scope(self._settings.database_url) as session:
+            token = take_delivery(session, delivery.id, delivery.next_attempt_at, self.hold_s)
+            if token is None:
+                return  # another sender took it, or it was redelivered, since it was read
+            secrets = signing_secrets(session, delivery.tenant_id)
         result = self._post(delivery, secrets)
         attempts = delivery.attempts + 1
-        retry_at = None
+        retry_in_s = None
         if not result.ok and attempts < self._settings.webhook_max_attempts:
-            retry_at = utcnow() + timedelta(
-                seconds=backoff_s(attempts, self._settings.webhook_backoff_s)
-            )
+            retry_in_s = backoff_s(attempts, self._settings.webhook_backoff_s)
         with session_scope(self._settings.database_url) as session:
-            status = record_attempt(session, delivery.id, result, retry_at=retry_at)
+            status = record_attempt(session, delivery.id, token, result, retry_in_s=retry_in_s)
         logger.info(
             "webhook %s (job %s, %s) attempt %d: %s -> %s",
             delivery.id,
@@ -78,8 +142,15 @@ class WebhookSender:
             delivery.event,
             attempts,
             result.status_code if result.status_code is not None else result.error,
-            status.value,
+            "superseded (redelivered or taken over)" if status is None else status.value,
         )
+
+    def _resolve(self, host: str, port: int) -> list[str]:
+        future = self._dns.submit(self._resolver, host, port)
+        try:
+            return list(future.result(timeout=self._settings.webhook_dns_timeout_s))
+        except FutureTimeout:
+            raise TimeoutError(f"DNS look-up of {host} timed out") from None
 
     def _post(self, delivery: WebhookDelivery, secrets: list[str]) -> AttemptResult:
         start = time.monotonic()
@@ -90,15 +161,25 @@ class WebhookSender:
         if not secrets:
             return done(None, "no signing secret: create one with POST /v1/webhooks/secret")
         try:
-            check_destination(delivery.url, self._settings.webhook_allowed_destinations)
+            addresses = check_destination(
+                delivery.url, self._settings.webhook_allowed_destinations, self._resolve
+            )
         except Exception as exc:
             return done(None, f"destination refused: {getattr(exc, 'message', exc)}")
+        parts = urlsplit(delivery.url)
         body = json.dumps(delivery.payload, separators=(",", ":")).encode()
         headers = signature_headers(secrets, delivery.id, int(time.time()), body)
         headers["content-type"] = "application/json"
         headers["user-agent"] = USER_AGENT
+        headers["host"] = parts.netloc
+        extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
         try:
-            response = self._http.post(delivery.url, content=body, headers=headers)
+            response = self._http.post(
+                pinned_url(delivery.url, addresses[0]),
+                content=body,
+                headers=headers,
+                extensions=extensions,
+            )
         except httpx.HTTPError as exc:
             return done(None, f"{type(exc).__name__}: {exc}"[:500])
         if response.is_redirect:

@@ -15,6 +15,7 @@ from core.settings import Settings
 from db import jobs as jobs_repo
 from db import webhooks as webhooks_repo
 from db.attempts import finish_job
+from db.models import WebhookDelivery
 from db.session import session_scope
 from tests.support.auth import bearer, make_key
 
@@ -148,8 +149,12 @@ def test_redeliver_and_unknown_deliveries(hook_client: TestClient, settings: Set
     run_job(settings, job["id"])
     (delivery,) = deliveries(hook_client, job["id"])
     with session_scope(settings.database_url) as session:
+        row = session.get(WebhookDelivery, delivery["id"])
+        assert row is not None
+        token = webhooks_repo.take_delivery(session, row.id, row.next_attempt_at, 30)
+        assert token is not None
         result = webhooks_repo.AttemptResult(500, "boom", 3.0)
-        webhooks_repo.record_attempt(session, delivery["id"], result, retry_at=None)
+        assert webhooks_repo.record_attempt(session, row.id, token, result, retry_in_s=None)
     failed = hook_client.get(f"/v1/webhooks/deliveries/{delivery['id']}").json()
     assert failed["status"] == "failed" and failed["attempts"] == 1
     assert failed["attempt_log"][0]["status_code"] == 500
