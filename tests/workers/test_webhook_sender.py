@@ -1,0 +1,296 @@
+"""The webhook sender against real HTTP servers on loopback, on SQLite and PostgreSQL: two
+senders at once send each delivery once, a slow destination holds up only itself, a
+redeliver during an attempt wins, and a rebinding name cannot redirect the connection."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from core.enums import DeliveryStatus, JobKind
+from core.settings import Settings
+from db import tenants as tenants_repo
+from db import webhooks as webhooks_repo
+from db.base import utcnow
+from db.jobs import create_job
+from db.models import WebhookDelivery
+from db.session import migrate, session_scope
+from tests.support.harness import wait_for
+from workers.webhooks import WebhookSender
+
+
+class Receiver:
+    """An HTTP server that records each request's webhook-id and Host, answering 200; with
+    a gate, each request waits for it first."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.seen: list[tuple[str, str]] = []
+        self.gate: threading.Event | None = None
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                with lock:
+                    receiver.seen.append(
+                        (self.headers.get("webhook-id", ""), self.headers.get("host", ""))
+                    )
+                if receiver.gate is not None:
+                    receiver.gate.wait(30)
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        lock = threading.Lock()
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://{host}:{self.port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def ids(self) -> Counter[str]:
+        return Counter(i for i, _ in self.seen)
+
+    def close(self) -> None:
+        if self.gate is not None:
+            self.gate.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receivers() -> Iterator[Callable[..., Receiver]]:
+    made: list[Receiver] = []
+
+    def make(host: str = "127.0.0.1", port: int = 0) -> Receiver:
+        made.append(Receiver(host, port))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+@pytest.fixture(scope="module")
+def url(database_url: str) -> str:
+    migrate(database_url)
+    return database_url
+
+
+def settings_for(url: str, tmp_path: Path, **kw: Any) -> Settings:
+    return Settings(
+        data_dir=tmp_path,
+        database_url=url,
+        webhook_allowed_destinations=kw.pop("allow", ["127.0.0.0/8"]),
+        webhook_timeout_s=10,
+        **kw,
+    )
+
+
+def tenant_with_secret(url: str) -> str:
+    with session_scope(url) as s:
+        tenant = tenants_repo.create_tenant(s, f"hooks-{uuid.uuid4().hex[:8]}")
+        webhooks_repo.rotate_secret(s, tenant.id, timedelta(0))
+        return tenant.id
+
+
+def deliveries(url: str, tenant_id: str, urls: list[str]) -> list[str]:
+    """One pending delivery per url (each of its own job), due now in this order."""
+    ids: list[str] = []
+    with session_scope(url) as s:
+        base = utcnow() - timedelta(seconds=60)
+        for n, target in enumerate(urls):
+            job = create_job(
+                s,
+                tenant_id=tenant_id,
+                kind=JobKind.NOOP,
+                spec={},
+                priority=0,
+                max_attempts=1,
+                metadata={},
+            )
+            row = WebhookDelivery(
+                tenant_id=tenant_id,
+                job_id=job.id,
+                event="completed",
+                url=target,
+                payload={"type": "job.completed", "data": {"job_id": job.id}},
+                status=DeliveryStatus.PENDING.value,
+                attempts=0,
+                next_attempt_at=base + timedelta(milliseconds=n),
+                created_at=base,
+            )
+            s.add(row)
+            s.flush()
+            ids.append(row.id)
+    return ids
+
+
+def rows(url: str, ids: list[str]) -> dict[str, WebhookDelivery]:
+    with session_scope(url) as s:
+        found = s.scalars(select(WebhookDelivery).where(WebhookDelivery.id.in_(ids))).all()
+        return {r.id: r for r in found}
+
+
+def test_two_senders_send_each_of_200_deliveries_once(
+    url: str, tmp_path: Path, receivers: Callable[..., Receiver]
+) -> None:
+    """Fault 2 of issue 16 at test size: two senders polling at once (as two leaders
+    overlapping at a hand-over would), 200 deliveries, 40 of them to a slow endpoint."""
+    fast, slow = receivers(), receivers()
+    slow_gate = threading.Event()
+    slow.gate = slow_gate
+    tenant = tenant_with_secret(url)
+    ids = deliveries(url, tenant, [slow.url if n % 5 == 0 else fast.url for n in range(200)])
+    settings = settings_for(url, tmp_path)
+    senders = [WebhookSender(settings), WebhookSender(settings)]
+    stop = threading.Event()
+
+    def poll(sender: WebhookSender) -> None:
+        while not stop.is_set():
+            sender.send_due()
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=poll, args=(s,)) for s in senders]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(fast.seen) >= 160, 120, "the fast deliveries")
+        slow_gate.set()  # the slow endpoint answers from now on
+        wait_for(
+            lambda: all(r.status == "delivered" for r in rows(url, ids).values()),
+            120,
+            "every delivery delivered",
+        )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        for s in senders:
+            s.wait_idle(30)
+            s.close()
+    received = fast.ids() + slow.ids()
+    assert set(received) == set(ids)  # none lost
+    assert max(received.values()) == 1, received.most_common(3)  # none sent twice
+    assert {r.attempts for r in rows(url, ids).values()} == {1}
+
+
+def test_a_slow_destination_holds_up_only_itself(
+    url: str, tmp_path: Path, receivers: Callable[..., Receiver]
+) -> None:
+    fast, slow = receivers(), receivers()
+    slow.gate = threading.Event()
+    tenant = tenant_with_secret(url)
+    # the slow endpoint's deliveries are due first
+    ids = deliveries(url, tenant, [slow.url] * 10 + [fast.url] * 10)
+    sender = WebhookSender(settings_for(url, tmp_path, webhook_per_destination=2))
+    try:
+        wait_for(lambda: sender.send_due() >= 0 and len(fast.seen) == 10, 60, "fast ones")
+        assert len(slow.seen) == 2  # its two slots, still waiting for answers
+        slow.gate.set()
+        wait_for(lambda: sender.send_due() >= 0 and len(slow.seen) == 10, 60, "the slow ones too")
+        sender.wait_idle(30)
+    finally:
+        sender.close()
+    assert {r.status for r in rows(url, ids).values()} == {"delivered"}
+
+
+def test_a_redeliver_during_an_attempt_wins(
+    url: str, tmp_path: Path, receivers: Callable[..., Receiver]
+) -> None:
+    slow = receivers()
+    slow.gate = threading.Event()
+    tenant = tenant_with_secret(url)
+    (delivery_id,) = deliveries(url, tenant, [slow.url])
+    sender = WebhookSender(settings_for(url, tmp_path))
+    try:
+        assert sender.send_due() == 1
+        wait_for(lambda: len(slow.seen) == 1, 30, "the attempt in flight")
+        with session_scope(url) as s:
+            webhooks_repo.redeliver(s, tenant, delivery_id)
+        slow.gate.set()
+        sender.wait_idle(30)
+        row = rows(url, [delivery_id])[delivery_id]
+        # the in-flight attempt is logged but did not overwrite the redeliver
+        assert (row.status, row.attempts) == ("pending", 0)
+        with session_scope(url) as s:
+            assert len(webhooks_repo.list_attempts(s, delivery_id)) == 1
+        wait_for(lambda: sender.send_due() >= 0 and len(slow.seen) == 2, 30, "sent again")
+        sender.wait_idle(30)
+    finally:
+        sender.close()
+    row = rows(url, [delivery_id])[delivery_id]
+    assert (row.status, row.attempts) == ("delivered", 1)
+
+
+def test_a_rebinding_name_cannot_redirect_the_connection(
+    url: str,
+    tmp_path: Path,
+    receivers: Callable[..., Receiver],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`rebind.test` answers 127.0.0.2 (allowed) to the check and 127.0.0.1 (refused: the
+    "internal" service) to any later look-up. The request reaches 127.0.0.2 with the
+    name in its Host header, and the internal service sees nothing."""
+    internal = receivers("127.0.0.1")
+    public = receivers("127.0.0.2", internal.port)
+    answers = iter([["127.0.0.2"]])
+
+    def rebinding(host: str, port: int) -> list[str]:
+        assert host == "rebind.test"
+        return next(answers, ["127.0.0.1"])
+
+    real = socket.getaddrinfo
+
+    def later_lookups(host: Any, *args: Any, **kw: Any) -> Any:
+        if host == "rebind.test":
+            return real("127.0.0.1", *args, **kw)
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", later_lookups)
+    tenant = tenant_with_secret(url)
+    target = f"http://rebind.test:{internal.port}/hook"
+    (delivery_id,) = deliveries(url, tenant, [target])
+    sender = WebhookSender(settings_for(url, tmp_path, allow=["127.0.0.2/32"]), rebinding)
+    try:
+        assert sender.send_due() == 1
+        sender.wait_idle(30)
+    finally:
+        sender.close()
+    assert internal.seen == []
+    assert public.seen == [(delivery_id, f"rebind.test:{internal.port}")]
+    assert rows(url, [delivery_id])[delivery_id].status == "delivered"
+
+
+def test_a_hung_dns_look_up_fails_the_attempt(url: str, tmp_path: Path) -> None:
+    hang = threading.Event()
+
+    def hung(host: str, port: int) -> list[str]:
+        hang.wait(30)
+        return ["127.0.0.1"]
+
+    tenant = tenant_with_secret(url)
+    (delivery_id,) = deliveries(url, tenant, ["http://slow-dns.test/hook"])
+    sender = WebhookSender(settings_for(url, tmp_path, webhook_dns_timeout_s=0.3), hung)
+    try:
+        assert sender.send_due() == 1
+        assert sender.wait_idle(20)
+    finally:
+        hang.set()
+        sender.close()
+    row = rows(url, [delivery_id])[delivery_id]
+    assert row.attempts == 1 and "DNS look-up of slow-dns.test timed out" in (row.last_error or "")
