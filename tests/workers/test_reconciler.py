@@ -12,7 +12,7 @@ from sqlalchemy import update
 
 from core.broker_scan import Presence
 from core.dispatch import JobPublisher, make_celery
-from core.enums import JobKind
+from core.enums import JobKind, JobStatus
 from core.settings import Settings
 from db.base import utcnow
 from db.events import list_events
@@ -21,6 +21,7 @@ from db.models import Job
 from db.pauses import request_pause
 from db.session import migrate, session_scope
 from tests.support.broker import receive_and_vanish
+from tests.support.harness import wait_for
 from tests.support.jobs import insert_job, load_job
 from tests.support.services import redis_db_index
 from workers.reconciler import reconcile
@@ -213,3 +214,34 @@ def test_queued_job_past_expires_at_is_expired(settings: Settings, publisher: Jo
     assert (job.status, job.error_type, job.attempts) == ("expired", "expired", 0)
     with session_scope(settings.database_url) as s:
         assert not [e for e in list_events(s, job_id) if "republished" in e.message]
+
+
+def test_a_retry_is_published_when_its_backoff_ends(
+    settings: Settings, publisher: JobPublisher
+) -> None:
+    """RetryPublisher: a retried job gets its message once it falls due (by the database's
+    clock), not before, and only once."""
+    from core.enums import FailureType
+    from db.attempts import retry_attempt
+    from workers.reconciler import RetryPublisher
+
+    job_id = insert_job(settings.database_url)
+    with session_scope(settings.database_url) as s:
+        assert claim_job(s, job_id, "w", timedelta(seconds=30))
+    retries = RetryPublisher(settings, publisher)
+    assert retries.publish_due() == 0  # primes its starting point
+    with session_scope(settings.database_url) as s:
+        status = retry_attempt(
+            s,
+            job_id,
+            attempt=1,
+            delay_s=0.5,
+            failure=FailureType.WORKER_LOST,
+            message="transient",
+        )
+    assert status is JobStatus.QUEUED
+    assert retries.publish_due() == 0
+    assert presence(publisher, job_id) is Presence.ABSENT
+    wait_for(lambda: retries.publish_due() == 1, 10, "the retry published when due")
+    assert presence(publisher, job_id) is Presence.QUEUED
+    assert retries.publish_due() == 0  # not again
