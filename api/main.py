@@ -29,6 +29,7 @@ from api.routes import (
     ui,
     webhooks,
 )
+from api.routes.metrics import ScrapeCache
 from core.dispatch import JobPublisher
 from core.settings import Settings, get_settings
 from core.token_stream import TokenStreamReader
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = RateLimiter(settings.broker_url)
     app.state.metrics_registry = CollectorRegistry(auto_describe=False)
     app.state.metrics_registry.register(ModelyardCollector(settings))
+    app.state.metrics_cache = ScrapeCache(app.state.metrics_registry)
     install_error_handlers(app)
     app.add_middleware(
         BodySizeLimit,

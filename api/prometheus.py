@@ -84,14 +84,7 @@ class ModelyardCollector(Collector):
                 stats.duration_histograms(session, Job.started_at, Job.finished_at, RUN_BUCKETS),
             )
 
-            rates = GaugeMetricFamily(
-                "modelyard_training_samples_per_second",
-                "Training throughput of each running fine-tune (since its attempt started).",
-                labels=["job_id", "tenant"],
-            )
-            for job_id, tenant_id, rate in stats.training_throughput(session):
-                rates.add_metric([job_id, tenant_id], rate)
-            yield rates
+            yield self._throughput(stats.training_throughput(session))
 
             tokens = CounterMetricFamily(
                 "modelyard_generated_tokens", "Tokens generated in stored outputs."
@@ -112,6 +105,21 @@ class ModelyardCollector(Collector):
             failures.add_metric([], stats.failed_attempts(session))
             yield failures
         yield from self._workers()
+
+    def _throughput(self, found: list[tuple[str, str, float]]) -> Metric:
+        """Per job (with its id and tenant) only when the operator asked for such labels:
+        they name tenants and grow one series per fine-tune."""
+        doc = "Training throughput of running fine-tunes (since their attempt started)."
+        if not self._settings.metrics_job_labels:
+            total = GaugeMetricFamily("modelyard_training_samples_per_second", doc)
+            total.add_metric([], sum(rate for _, _, rate in found))
+            return total
+        rates = GaugeMetricFamily(
+            "modelyard_training_samples_per_second", doc, labels=["job_id", "tenant"]
+        )
+        for job_id, tenant_id, rate in found:
+            rates.add_metric([job_id, tenant_id], rate)
+        return rates
 
     def _workers(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(

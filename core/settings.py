@@ -262,6 +262,17 @@ class Settings(BaseSettings):
         gt=0,
         description="How often the recovery leader starts attempts for due webhook deliveries.",
     )
+    metrics_job_labels: bool = Field(
+        default=False,
+        description="/metrics labels per-job series (running fine-tunes' throughput) with "
+        "their job id and tenant; off: one unlabelled total.",
+    )
+    metrics_cache_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="/metrics answers from a copy at most this old, so scrapes (from any "
+        "number of scrapers) query the database at most once per period (0: every scrape).",
+    )
     webhook_dns_timeout_s: float = Field(
         default=5.0, gt=0, le=60, description="Time limit of a webhook destination's DNS look-up."
     )

@@ -23,7 +23,7 @@ from db.models import DEFAULT_TENANT, ApiKey, AuditEntry, Tenant
 
 KEY_PREFIX = "my_"
 SHOWN_CHARS = 8  # of the random part, after KEY_PREFIX
-SCOPES = ("jobs:read", "jobs:write", "models:write", "admin")
+SCOPES = ("jobs:read", "jobs:write", "models:write", "metrics", "admin")
 LAST_USED_EVERY = timedelta(minutes=1)
 
 
