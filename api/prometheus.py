@@ -4,6 +4,7 @@ history lives in the database, so they survive restarts and agree across API pro
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 
@@ -15,6 +16,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from sqlalchemy.orm import Session
 
 from core.enums import QUEUE_FOR_KIND, JobKind
 from core.settings import Settings
@@ -40,8 +42,52 @@ def _histogram(name: str, doc: str, found: dict[str, stats.Histogram]) -> Histog
 
 
 class ModelyardCollector(Collector):
+    """Counts by status, queue depths, throughput and workers are read on every
+    collection; the figures that scan the whole history (wait and run histograms, tokens,
+    failed webhook attempts) at most every `metrics_history_refresh_s`, since they move slowly
+    and cost most with a long history (bench/metrics_scrape.py)."""
+
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._lock = threading.Lock()
+        self._history_made = float("-inf")
+        self._history_cached: list[Metric] = []
+
+    def _history(self, session: Session) -> list[Metric]:
+        with self._lock:
+            if time.monotonic() - self._history_made < self._history_refresh_s:
+                return self._history_cached
+            families: list[Metric] = [
+                _histogram(
+                    "modelyard_job_wait_seconds",
+                    "Time from queued to started (the last attempt's).",
+                    stats.duration_histograms(session, Job.queued_at, Job.started_at, WAIT_BUCKETS),
+                ),
+                _histogram(
+                    "modelyard_job_run_seconds",
+                    "Time from started to finished.",
+                    stats.duration_histograms(
+                        session, Job.started_at, Job.finished_at, RUN_BUCKETS
+                    ),
+                ),
+            ]
+            tokens = CounterMetricFamily(
+                "modelyard_generated_tokens", "Tokens generated in stored outputs."
+            )
+            tokens.add_metric([], stats.generated_tokens(session))
+            failures = CounterMetricFamily(
+                "modelyard_webhook_failed_attempts",
+                "Webhook delivery attempts without a 2xx answer.",
+            )
+            failures.add_metric([], stats.failed_attempts(session))
+            families += [tokens, failures]
+            self._history_cached = families
+            self._history_made = time.monotonic()
+            return families
+
+    @property
+    def _history_refresh_s(self) -> float:
+        return self._settings.metrics_history_refresh_s
 
     def collect(self) -> Iterator[Metric]:
         with session_scope(self._settings.database_url, readonly=True) as session:
@@ -73,37 +119,14 @@ class ModelyardCollector(Collector):
             yield depth
             yield oldest
 
-            yield _histogram(
-                "modelyard_job_wait_seconds",
-                "Time from queued to started (the last attempt's).",
-                stats.duration_histograms(session, Job.queued_at, Job.started_at, WAIT_BUCKETS),
-            )
-            yield _histogram(
-                "modelyard_job_run_seconds",
-                "Time from started to finished.",
-                stats.duration_histograms(session, Job.started_at, Job.finished_at, RUN_BUCKETS),
-            )
-
+            yield from self._history(session)
             yield self._throughput(stats.training_throughput(session))
-
-            tokens = CounterMetricFamily(
-                "modelyard_generated_tokens", "Tokens generated in stored outputs."
-            )
-            tokens.add_metric([], stats.generated_tokens(session))
-            yield tokens
-
             deliveries = GaugeMetricFamily(
                 "modelyard_webhook_deliveries", "Webhook deliveries by status.", labels=["status"]
             )
             for status, n in stats.delivery_counts(session):
                 deliveries.add_metric([status], n)
             yield deliveries
-            failures = CounterMetricFamily(
-                "modelyard_webhook_failed_attempts",
-                "Webhook delivery attempts without a 2xx answer.",
-            )
-            failures.add_metric([], stats.failed_attempts(session))
-            yield failures
         yield from self._workers()
 
     def _throughput(self, found: list[tuple[str, str, float]]) -> Metric:

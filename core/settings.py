@@ -273,6 +273,12 @@ class Settings(BaseSettings):
         description="/metrics answers from a copy at most this old, so scrapes (from any "
         "number of scrapers) query the database at most once per period (0: every scrape).",
     )
+    metrics_history_refresh_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="/metrics figures that scan the whole job history (wait and run time "
+        "histograms, generated tokens, failed webhook attempts) are read at most this often.",
+    )
     webhook_dns_timeout_s: float = Field(
         default=5.0, gt=0, le=60, description="Time limit of a webhook destination's DNS look-up."
     )

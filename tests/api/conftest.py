@@ -25,6 +25,7 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
             max_body_bytes=MAX_BODY,
             requests_per_minute=int(TEST_RPM),
             metrics_cache_s=0,  # tests scrape right after each change
+            metrics_history_refresh_s=0,
         )
 
 
