@@ -15,8 +15,9 @@ from sqlalchemy.orm import Session
 
 from api.tokenizers import local_tokenizer
 from core.enums import SCHEMAS_FOR_TASK, DatasetSchema, FineTuneTask, PredictMode
-from core.errors import InvalidRequestError, QuotaExceededError
+from core.errors import InvalidRequestError, ModelNotInstalledError, QuotaExceededError
 from core.model_files import custom_code_reason
+from core.model_sources import hub_allowed, not_installed
 from core.prompts import PromptError, encode_prompts
 from core.ranking import rank_label
 from core.settings import Settings
@@ -76,6 +77,10 @@ def check_model(
         return
     local = settings.models_dir / ref
     if not local.is_dir():
+        # Without shared storage this host sees every installed model; with it, the model
+        # may be in the store only, and the worker refuses it at once if it is not.
+        if not settings.storage_url and not Path(ref).is_dir() and not hub_allowed(settings, ref):
+            raise ModelNotInstalledError(not_installed(settings, ref), param=param)
         return
     if not any(Path(local).glob("*.safetensors")):
         raise InvalidRequestError(

@@ -22,6 +22,12 @@ class InvalidRequestError(ModelyardError):
     type = "invalid_request"
 
 
+class ModelNotInstalledError(InvalidRequestError):
+    """Raised at submit when a model is neither installed, registered, nor an allowed hub repo."""
+
+    type = "model_not_installed"
+
+
 class DatasetFormatError(InvalidRequestError):
     """Raised when an uploaded dataset file is broken; the message starts with its line."""
 

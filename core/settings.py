@@ -262,6 +262,17 @@ class Settings(BaseSettings):
         gt=0,
         description="How often the recovery leader starts attempts for due webhook deliveries.",
     )
+    hub_downloads: bool = Field(
+        default=False,
+        description="Models not installed under the data dir may be downloaded from the "
+        "Hugging Face hub, when their repository is in hub_allowed_models. Off: a model "
+        "that is not installed fails at once, naming it.",
+    )
+    hub_allowed_models: list[str] = Field(
+        default_factory=list,
+        description="Hub repositories that may be downloaded with hub_downloads on: exact ids "
+        '("org/name"), whole organisations ("org/*"), or "*" for any.',
+    )
     metrics_job_labels: bool = Field(
         default=False,
         description="/metrics labels per-job series (running fine-tunes' throughput) with "

@@ -70,7 +70,7 @@ def lock_tenant(session: Session, tenant_id: str) -> Tenant | None:
     PostgreSQL; SQLite serializes writers anyway): checks of a quota made under it and the
     insert after them count each other's jobs."""
     return session.scalars(
-        select(Tenant).where(Tenant.id == tenant_id).with_for_update()
+        select(Tenant).where(Tenant.id == tenant_id).with_for_update(key_share=True)
     ).one_or_none()
 
 

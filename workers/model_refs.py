@@ -13,6 +13,7 @@ from pathlib import Path
 from core.enums import FailureType
 from core.errors import PermanentJobError
 from core.model_files import custom_code_reason
+from core.model_sources import hub_allowed, not_installed
 from core.settings import Settings
 from core.storage import ArtifactStore, artifact_store
 from db.registry import get_model, is_registry_name
@@ -36,9 +37,16 @@ def inside(root: Path, relative: str) -> Path:
     return path
 
 
-def resolve_local(ref: str, models_dir: Path, store: ArtifactStore | None = None) -> str:
+def resolve_local(
+    ref: str,
+    models_dir: Path,
+    store: ArtifactStore | None = None,
+    settings: Settings | None = None,
+) -> str:
     """A model directory under models_dir (fetched from shared storage when this host has
-    no copy), another local directory, or else a hub id."""
+    no copy), another local directory, or else a hub id; with `settings`, only a hub id
+    they allow (core/model_sources.py): anything else fails at once (`model_not_found`,
+    naming it), before any download is tried."""
     local = models_dir / ref
     if store is not None and local.resolve().is_relative_to(models_dir.resolve()):
         store.fetch(local)
@@ -47,6 +55,9 @@ def resolve_local(ref: str, models_dir: Path, store: ArtifactStore | None = None
         return str(local)
     if Path(ref).is_dir():
         refuse_custom_code(Path(ref))
+        return ref
+    if settings is not None and not hub_allowed(settings, ref):
+        raise PermanentJobError(not_installed(settings, ref), FailureType.MODEL_NOT_FOUND)
     return ref
 
 
@@ -64,7 +75,8 @@ def resolve_model(settings: Settings, ref: str, tenant_id: str | None = None) ->
     """`tenant_id`: the job's tenant, whose registered models alone it may use (None: any,
     for a model already checked, e.g. one a batch of several tenants' jobs shares)."""
     if not is_registry_name(ref):
-        return ResolvedModel(ref=resolve_local(ref, settings.models_dir, artifact_store(settings)))
+        local = resolve_local(ref, settings.models_dir, artifact_store(settings), settings)
+        return ResolvedModel(ref=local)
     with session_scope(settings.database_url, readonly=True) as session:
         model = get_model(session, ref, tenant_id)
         if model is None:

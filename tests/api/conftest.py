@@ -26,6 +26,10 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
             requests_per_minute=int(TEST_RPM),
             metrics_cache_s=0,  # tests scrape right after each change
             metrics_history_refresh_s=0,
+            # route tests name models no worker will load; the submit-time check of
+            # model sources has tests of its own (test_model_sources.py)
+            hub_downloads=True,
+            hub_allowed_models=["*"],
         )
 
 

@@ -77,13 +77,17 @@ def test_same_seed_gives_identical_texts(one_worker: Stack) -> None:
     assert texts[0] != texts[2]
 
 
-def test_unloadable_model_fails_once_with_typed_error(one_worker: Stack) -> None:
-    job = one_worker.submit({**SHORT, "model": "missing-model"})
-    done = one_worker.wait_status(job["id"], ("succeeded", "failed"))
-    assert done["status"] == "failed"
-    assert done["attempts"] == 1
-    assert done["error"]["type"] == "model_not_found"
-    assert one_worker.outputs(job["id"]) == []
+def test_a_model_that_is_not_installed_is_refused_at_submit(one_worker: Stack) -> None:
+    """Hub downloads are off by default: a model neither installed nor registered is a
+    typed 422 naming it, not a job that spends its time in hub retries."""
+    with one_worker.client() as c:
+        resp = c.post(
+            "/v1/jobs", json={"kind": "generate", "spec": {**SHORT, "model": "missing-model"}}
+        )
+    assert resp.status_code == 422, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "model_not_installed" and "'missing-model'" in error["message"]
+    assert error["param"] == "spec.model"
 
 
 def test_cancel_queued_never_runs_and_cancel_running_stops(one_worker: Stack) -> None:
