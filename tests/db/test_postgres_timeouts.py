@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from core.settings import Settings
+from core.settings import Settings, get_settings
 from db.session import make_engine, postgres_connect_args
 
 
@@ -18,7 +18,9 @@ from db.session import make_engine, postgres_connect_args
 def short_limits(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("MODELYARD_DATABASE_CONNECT_TIMEOUT_S", "1")
     monkeypatch.setenv("MODELYARD_DATABASE_STATEMENT_TIMEOUT_S", "0.5")
+    get_settings.cache_clear()  # engines read the process's settings
     yield
+    get_settings.cache_clear()
 
 
 def test_connect_args_follow_the_settings() -> None:

@@ -429,6 +429,7 @@ def redis_restart_without_persistence(lab: Lab, queued: int = 50) -> Outcome:
     for b in blockers:
         lab.wait(b["id"], ("running",), 60)
     waiting = [lab.noop(0.0) for _ in range(queued)]
+    lost = now()
     lab.broker.shutdown(keep_data=False)
     lab.broker.start()
     back = now()
@@ -439,7 +440,7 @@ def redis_restart_without_persistence(lab: Lab, queued: int = 50) -> Outcome:
     claims = [claimed_at(lab.database_url, j["id"], back) for j in waiting]
     last = max((c for c in claims if c is not None), default=None)
     republished = sum(
-        1 for j in waiting if event_time(lab.database_url, j["id"], "republished", back) is not None
+        1 for j in waiting if event_time(lab.database_url, j["id"], "republished", lost) is not None
     )
     return Outcome(
         Figures.of(
