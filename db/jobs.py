@@ -344,9 +344,8 @@ def overdue_queued(session: Session, now: datetime, limit: int = 1000) -> Sequen
     return session.scalars(stmt).all()
 
 
-def capped_tenants(default_running_cap: int | None) -> Any:
-    """Ids of tenants at their running-jobs cap (their own, else `default_running_cap`):
-    no worker may claim their queued jobs until one of their running jobs ends."""
+def _running_and_cap(default_running_cap: int | None) -> tuple[Any, ColumnElement[Any]]:
+    """Running jobs per tenant (a subquery: tenant_id, n) and each tenant's cap on them."""
     other = aliased(Job)
     running = (
         select(other.tenant_id, func.count(other.id).label("n"))
@@ -359,6 +358,13 @@ def capped_tenants(default_running_cap: int | None) -> Any:
         if default_running_cap is None
         else func.coalesce(Tenant.max_running_jobs, default_running_cap)
     )
+    return running, cap
+
+
+def capped_tenants(default_running_cap: int | None) -> Any:
+    """Ids of tenants at their running-jobs cap (their own, else `default_running_cap`):
+    no worker may claim their queued jobs until one of their running jobs ends."""
+    running, cap = _running_and_cap(default_running_cap)
     return (
         select(Tenant.id).join(running, running.c.tenant_id == Tenant.id).where(running.c.n >= cap)
     )
@@ -482,18 +488,7 @@ def due_queued(
         )
         .subquery()
     )
-    other = aliased(Job)
-    running = (
-        select(other.tenant_id, func.count(other.id).label("n"))
-        .where(other.status == JobStatus.RUNNING.value)
-        .group_by(other.tenant_id)
-        .subquery()
-    )
-    cap: ColumnElement[Any] = (
-        Tenant.max_running_jobs.expression
-        if default_running_cap is None
-        else func.coalesce(Tenant.max_running_jobs, default_running_cap)
-    )
+    running, cap = _running_and_cap(default_running_cap)
     stmt = (
         select(Job)
         .join(ranked, ranked.c.id == Job.id)
