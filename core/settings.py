@@ -40,6 +40,13 @@ class Settings(BaseSettings):
         description="PostgreSQL: longest a statement may run before the server cancels it "
         "(0: no limit).",
     )
+    database_idle_in_transaction_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="PostgreSQL: the server ends a session left idle inside a transaction "
+        "this long (a process paused or cut off mid-transaction), so the row locks it held "
+        "(a lease row, a job row) do not block every other process (0: never).",
+    )
     lease_ttl_s: float = Field(
         default=60.0, gt=0, description="How long a worker's claim on a job lasts unrenewed."
     )

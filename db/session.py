@@ -213,9 +213,14 @@ def postgres_connect_args(settings: Settings) -> dict[str, Any]:
         "keepalives_count": 3,
         "tcp_user_timeout": int(limit * 1000),
     }
+    options = []
     if settings.database_statement_timeout_s > 0:
-        ms = int(settings.database_statement_timeout_s * 1000)
-        args["options"] = f"-c statement_timeout={ms}"
+        options.append(f"-c statement_timeout={int(settings.database_statement_timeout_s * 1000)}")
+    if settings.database_idle_in_transaction_s > 0:
+        ms = int(settings.database_idle_in_transaction_s * 1000)
+        options.append(f"-c idle_in_transaction_session_timeout={ms}")
+    if options:
+        args["options"] = " ".join(options)
     return args
 
 

@@ -29,8 +29,12 @@ def test_connect_args_follow_the_settings() -> None:
     )
     assert args["connect_timeout"] == 12 and args["tcp_user_timeout"] == 12_000
     assert args["keepalives"] == 1 and args["keepalives_idle"] == 6
-    assert args["options"] == "-c statement_timeout=30000"
-    assert "options" not in postgres_connect_args(Settings(database_statement_timeout_s=0))
+    assert args["options"] == (
+        "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=30000"
+    )
+    assert "options" not in postgres_connect_args(
+        Settings(database_statement_timeout_s=0, database_idle_in_transaction_s=0)
+    )
 
 
 def test_a_silent_server_fails_the_connect(short_limits: None) -> None:
