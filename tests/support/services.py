@@ -269,3 +269,31 @@ class PostgresCluster:
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+IPTABLES_COMMENT = "modelyard-test-packet-drop"
+
+
+@contextmanager
+def packets_dropped(port: int) -> Iterator[None]:
+    """Every TCP packet to or from `port` on loopback dropped while inside: a server
+    black-holed by the network (no refusal, no reset), not a stopped one. iptables rules
+    on INPUT for that port only, removed on the way out whatever happened; needs root."""
+    iptables = shutil.which("iptables")
+    if iptables is None or os.geteuid() != 0:
+        missing_service("iptables as root (apt-get install iptables)")
+    assert iptables is not None
+    comment = ("-m", "comment", "--comment", IPTABLES_COMMENT)
+    rules = [
+        ["INPUT", "-i", "lo", "-p", "tcp", f"--{end}", str(port), *comment, "-j", "DROP"]
+        for end in ("dport", "sport")
+    ]
+    added: list[list[str]] = []
+    try:
+        for rule in rules:
+            subprocess.run([iptables, "-I", *rule], check=True, capture_output=True)
+            added.append(rule)
+        yield
+    finally:
+        for rule in added:
+            subprocess.run([iptables, "-D", *rule], check=True, capture_output=True)

@@ -590,6 +590,27 @@ def test_refused_write_in_a_step_stops_training_before_its_save(io: MemoryTraini
     assert not (io.work_dir / "model").exists()
 
 
+class UnwritableAtClose(MemoryTrainingIO):
+    """A TrainingIO whose buffered records cannot be written when the run ends, as
+    DbTrainingIO's close once the database has been away longer than db_retry_s."""
+
+    def __init__(self, base: MemoryTrainingIO) -> None:
+        super().__init__(work_dir=base.work_dir, job_id=base.job_id, datasets=base.datasets)
+        self.models = base.models
+
+    def close(self) -> None:
+        raise TransientJobError("database unreachable", FailureType.DATABASE_UNAVAILABLE)
+
+
+def test_records_unwritable_at_the_end_leave_no_saved_model(io: MemoryTrainingIO) -> None:
+    unwritable = UnwritableAtClose(io)
+    with pytest.raises(TransientJobError, match="database unreachable"):
+        run(unwritable, training_dataset=text_dataset(unwritable))
+    # trained to the end and saved, but no row will ever name that model: it is removed
+    assert max(p.step for p in unwritable.metrics) == 30
+    assert not (io.work_dir / "model").exists()
+
+
 def test_resume_continues_from_the_latest_checkpoint(io: MemoryTrainingIO) -> None:
     data = text_dataset(io)
     with pytest.raises(JobStopped):

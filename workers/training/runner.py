@@ -75,6 +75,12 @@ def select_device(device: str) -> None:
         torch.cuda.set_device(int(device.split(":", 1)[1]))
 
 
+def _discard_model(result: RunResult) -> None:
+    """Remove the attempt's saved model directory, which will never be registered."""
+    if result.trained_model is not None:
+        shutil.rmtree(result.trained_model.path, ignore_errors=True)
+
+
 def save_final_model(model: torch.nn.Module, tokenizer: Any, model_dir: Path) -> None:
     """The model (or only its adapter) and tokenizer, safetensors only: Trainer.save_model
     would add a pickled training_args.bin."""
@@ -111,10 +117,13 @@ class FineTuneRunner:
                     f"out of memory on {ctx.device}: {exc}", FailureType.OUT_OF_MEMORY
                 ) from exc
             raise
-        io.close()
+        try:
+            io.close()
+        except BaseException:  # the records were not all written: no row will name the model
+            _discard_model(result)
+            raise
         if ctx.lease_lost:  # the last buffered records were refused: the model is not kept
-            if result.trained_model is not None:
-                shutil.rmtree(result.trained_model.path, ignore_errors=True)
+            _discard_model(result)
             raise StaleAttempt(f"job {ctx.job_id}: attempt {ctx.attempt} lost the job")
         return result
 
