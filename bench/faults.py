@@ -9,8 +9,9 @@ recover. Rows 14-19 are the faults of issue 15.
 
     python -m bench.faults [--quick] [--only NAME,...] [--json PATH]
 
-Without --quick, Redis is unreachable for 30 s and PostgreSQL stopped for 60 s, as the
-issue asks; --quick uses the test suite's 5 s and 8 s. Not a test: nothing is asserted.
+Without --quick, Redis is unreachable for 30 s, PostgreSQL stopped (and, in the rows of
+issue 16, black-holed) for 60 s and two recovery leaders overlap for 60 s, as the issues
+ask; --quick uses 5 s, 8 s and 15 s. Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.faults import clock_scenarios, leader_scenarios, message_scenarios, scenarios
+from tests.faults import (
+    clock_scenarios,
+    leader_scenarios,
+    message_scenarios,
+    outage_scenarios,
+    scenarios,
+    webhook_scenarios,
+)
 from tests.faults.scenarios import FAULT_SETTINGS, Lab, Outcome
 from tests.support.faults import Figures
 from tests.support.services import PostgresCluster, RedisServer
@@ -56,6 +64,7 @@ def _scenario_one(lab: Lab) -> Outcome:
 def plan(quick: bool) -> list[tuple[str, Callable[[Lab], Outcome]]]:
     redis_down = 5.0 if quick else 30.0
     pg_down = 8.0 if quick else 60.0
+    leaders_s = 15.0 if quick else 60.0
     return [
         ("kill_worker", _scenario_one),
         ("kill_pool_child", scenarios.kill_pool_child),
@@ -86,6 +95,18 @@ def plan(quick: bool) -> list[tuple[str, Callable[[Lab], Outcome]]]:
         ("aof_everysec", message_scenarios.aof_everysec_loses_the_push),
         ("kill_leader", leader_scenarios.kill_recovery_leader),
         ("clock_skew", clock_scenarios.skewed_workers),
+        (
+            "pg_stopped_past_retries",
+            lambda lab: outage_scenarios.postgres_outage(lab, "stopped", pg_down),
+        ),
+        (
+            "pg_blackholed_past_retries",
+            lambda lab: outage_scenarios.postgres_outage(lab, "blackholed", pg_down),
+        ),
+        (
+            "two_leaders",
+            lambda lab: webhook_scenarios.two_leaders_at_once(lab, leaders_s, slow_s=1.0),
+        ),
     ]
 
 

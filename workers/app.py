@@ -93,20 +93,14 @@ def _start_recovery() -> None:
     import atexit
 
     from workers import runtime
-    from workers.leader import Duty, recovery_duties
-    from workers.reconciler import RetryPublisher
+    from workers.leader import recovery_duties
     from workers.webhooks import WebhookSender
 
     global _recovery
     if _recovery is not None:
         return
     settings = get_settings()
-    retries = RetryPublisher(settings, runtime.publisher())
-    duties = [
-        Duty("reconcile", settings.reconcile_period_s, runtime.run_reconcile),
-        Duty("webhook sender", settings.webhook_poll_s, WebhookSender(settings).send_due),
-        Duty("due retries", settings.retry_poll_s, retries.publish_due),
-    ]
+    duties = runtime.recovery_duty_list(settings, WebhookSender(settings))
     _recovery = recovery_duties(settings, duties)
     _recovery.start()
     atexit.register(_recovery.stop)

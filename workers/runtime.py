@@ -6,9 +6,11 @@ from __future__ import annotations
 from functools import lru_cache
 
 from core.dispatch import JobPublisher
-from core.settings import get_settings
+from core.settings import Settings, get_settings
+from workers.leader import Duty
 from workers.lifecycle import JobLifecycle
-from workers.reconciler import ReconcileReport, reconcile
+from workers.reconciler import ReconcileReport, RetryPublisher, reconcile
+from workers.webhooks import WebhookSender
 
 
 @lru_cache(maxsize=1)
@@ -26,3 +28,14 @@ def lifecycle() -> JobLifecycle:
 
 def run_reconcile() -> ReconcileReport:
     return reconcile(get_settings(), publisher())
+
+
+def recovery_duty_list(settings: Settings, sender: WebhookSender) -> list[Duty]:
+    """What the holder of the recovery lease does, each at its own period: reconcile,
+    start due webhook attempts (through `sender`), publish retries as they fall due."""
+    retries = RetryPublisher(settings, publisher())
+    return [
+        Duty("reconcile", settings.reconcile_period_s, run_reconcile),
+        Duty("webhook sender", settings.webhook_poll_s, sender.send_due),
+        Duty("due retries", settings.retry_poll_s, retries.publish_due),
+    ]

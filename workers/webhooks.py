@@ -3,13 +3,15 @@
 Each attempt takes its delivery with a compare-and-set and a fresh take token just
 before sending, and records its result only while it still holds that token: two senders
 never send one delivery's attempt twice, and a redeliver asked during an attempt wins.
-Attempts run in a thread pool with at most `webhook_per_destination` in flight per
-destination, and `send_due` never waits for them, so one slow endpoint holds up only its
-own deliveries. The destination is checked before every attempt (DNS may have changed
-since the job was submitted), with a time limit on the look-up, and the connection goes
-to the address that was checked (Host header and TLS server name kept): a name that
-answers differently the second time (DNS rebinding) cannot redirect it. Redirects are not
-followed.
+Due deliveries wait in a backlog per destination; pool threads work through them with at
+most `webhook_per_destination` threads per destination, each going on to the next due
+delivery as soon as an attempt ends, and `send_due` never waits for them, so one slow
+endpoint holds up only its own deliveries and a fast one is not held to a poll's pace.
+
+The destination is checked before every attempt (DNS may have changed since the job was
+submitted), with a time limit on the look-up, and the connection goes to the address that
+was checked (Host header and TLS server name kept): a name that answers differently the
+second time (DNS rebinding) cannot redirect it. Redirects are not followed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from urllib.parse import urlsplit, urlunsplit
@@ -69,8 +72,12 @@ class WebhookSender:
         self._dns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook-dns")
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self._in_flight: set[str] = set()
+        # deliveries read as due and not yet finished, per destination: waiting in its
+        # backlog or in an attempt; and how many pool threads work each destination
+        self._backlog: dict[str, deque[WebhookDelivery]] = {}
+        self._taken: set[str] = set()
         self._per_destination: dict[str, int] = {}
+        self._threads = 0
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -84,43 +91,72 @@ class WebhookSender:
         return self._settings.webhook_dns_timeout_s + 3 * self._settings.webhook_timeout_s + 5
 
     def send_due(self) -> int:
-        """Start an attempt for each due delivery whose destination has a free slot, without
-        waiting for any; returns how many were started."""
+        """Queue each due delivery on its destination's backlog and start pool threads for
+        destinations with a free slot, without waiting for any; returns how many threads
+        were started. A thread goes on with its destination's backlog (then another's)
+        until none is left, so a fast endpoint is not held to one poll's worth of slots."""
         with session_scope(self._settings.database_url, readonly=True) as session:
             due = list(due_deliveries(session, BATCH))
-        started = 0
-        for delivery in due:
-            where = destination(delivery.url)
-            with self._lock:
-                if (
-                    delivery.id in self._in_flight
-                    or len(self._in_flight) >= SENDERS
-                    or self._per_destination.get(where, 0) >= self._settings.webhook_per_destination
-                ):
-                    continue
-                self._in_flight.add(delivery.id)
+        with self._lock:
+            for delivery in due:
+                if delivery.id not in self._taken:
+                    self._taken.add(delivery.id)
+                    self._backlog.setdefault(destination(delivery.url), deque()).append(delivery)
+            started = 0
+            while self._threads < SENDERS and (where := self._free_destination()) is not None:
                 self._per_destination[where] = self._per_destination.get(where, 0) + 1
-            self._pool.submit(self._run, delivery, where)
-            started += 1
+                self._threads += 1
+                self._pool.submit(self._work, where, self._backlog[where].popleft())
+                started += 1
         return started
 
     def wait_idle(self, timeout: float) -> bool:
-        """Until no attempt is in flight (tests, shutdown); False when `timeout` passed."""
+        """Until no delivery is waiting or in an attempt (tests, shutdown); False when
+        `timeout` passed."""
         with self._idle:
-            return self._idle.wait_for(lambda: not self._in_flight, timeout)
+            return self._idle.wait_for(lambda: not self._taken, timeout)
 
-    def _run(self, delivery: WebhookDelivery, where: str) -> None:
-        try:
-            self._attempt(delivery)
-        except Exception:
-            logger.exception("webhook %s: attempt failed unexpectedly", delivery.id)
-        finally:
-            with self._idle:
-                self._in_flight.discard(delivery.id)
+    def _free_destination(self) -> str | None:
+        """A destination with deliveries waiting and fewer threads than its slots (under
+        the lock)."""
+        limit = self._settings.webhook_per_destination
+        for where, backlog in self._backlog.items():
+            if backlog and self._per_destination.get(where, 0) < limit:
+                return where
+        return None
+
+    def _next(self, where: str) -> tuple[str, WebhookDelivery] | None:
+        """The next delivery for a thread working `where`: from its backlog, or else from
+        another destination with a free slot (the thread moves there); None: it stops."""
+        with self._lock:
+            backlog = self._backlog.get(where)
+            if not backlog:
+                self._backlog.pop(where, None)
                 self._per_destination[where] -= 1
                 if not self._per_destination[where]:
                     del self._per_destination[where]
-                self._idle.notify_all()
+                moved = self._free_destination()
+                if moved is None:
+                    self._threads -= 1
+                    self._idle.notify_all()
+                    return None
+                where = moved
+                self._per_destination[where] = self._per_destination.get(where, 0) + 1
+            return where, self._backlog[where].popleft()
+
+    def _work(self, where: str, delivery: WebhookDelivery) -> None:
+        taken: tuple[str, WebhookDelivery] | None = (where, delivery)
+        while taken is not None:
+            where, delivery = taken
+            try:
+                self._attempt(delivery)
+            except Exception:
+                logger.exception("webhook %s: attempt failed unexpectedly", delivery.id)
+            finally:
+                with self._idle:
+                    self._taken.discard(delivery.id)
+                    self._idle.notify_all()
+            taken = self._next(where)
 
     def _attempt(self, delivery: WebhookDelivery) -> None:
         with session_scope(self._settings.database_url) as session:

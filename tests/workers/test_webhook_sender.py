@@ -7,69 +7,18 @@ from __future__ import annotations
 import socket
 import threading
 import time
-import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator
-from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 
-from core.enums import DeliveryStatus, JobKind
 from core.settings import Settings
-from db import tenants as tenants_repo
 from db import webhooks as webhooks_repo
-from db.base import utcnow
-from db.jobs import create_job
-from db.models import WebhookDelivery
 from db.session import migrate, session_scope
 from tests.support.harness import wait_for
+from tests.support.webhooks import Receiver, deliveries, rows, tenant_with_secret
 from workers.webhooks import WebhookSender
-
-
-class Receiver:
-    """An HTTP server that records each request's webhook-id and Host, answering 200; with
-    a gate, each request waits for it first."""
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.seen: list[tuple[str, str]] = []
-        self.gate: threading.Event | None = None
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("content-length", 0)))
-                with lock:
-                    receiver.seen.append(
-                        (self.headers.get("webhook-id", ""), self.headers.get("host", ""))
-                    )
-                if receiver.gate is not None:
-                    receiver.gate.wait(30)
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        lock = threading.Lock()
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.url = f"http://{host}:{self.port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def ids(self) -> Counter[str]:
-        return Counter(i for i, _ in self.seen)
-
-    def close(self) -> None:
-        if self.gate is not None:
-            self.gate.set()
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -99,51 +48,6 @@ def settings_for(url: str, tmp_path: Path, **kw: Any) -> Settings:
         webhook_timeout_s=10,
         **kw,
     )
-
-
-def tenant_with_secret(url: str) -> str:
-    with session_scope(url) as s:
-        tenant = tenants_repo.create_tenant(s, f"hooks-{uuid.uuid4().hex[:8]}")
-        webhooks_repo.rotate_secret(s, tenant.id, timedelta(0))
-        return tenant.id
-
-
-def deliveries(url: str, tenant_id: str, urls: list[str]) -> list[str]:
-    """One pending delivery per url (each of its own job), due now in this order."""
-    ids: list[str] = []
-    with session_scope(url) as s:
-        base = utcnow() - timedelta(seconds=60)
-        for n, target in enumerate(urls):
-            job = create_job(
-                s,
-                tenant_id=tenant_id,
-                kind=JobKind.NOOP,
-                spec={},
-                priority=0,
-                max_attempts=1,
-                metadata={},
-            )
-            row = WebhookDelivery(
-                tenant_id=tenant_id,
-                job_id=job.id,
-                event="completed",
-                url=target,
-                payload={"type": "job.completed", "data": {"job_id": job.id}},
-                status=DeliveryStatus.PENDING.value,
-                attempts=0,
-                next_attempt_at=base + timedelta(milliseconds=n),
-                created_at=base,
-            )
-            s.add(row)
-            s.flush()
-            ids.append(row.id)
-    return ids
-
-
-def rows(url: str, ids: list[str]) -> dict[str, WebhookDelivery]:
-    with session_scope(url) as s:
-        found = s.scalars(select(WebhookDelivery).where(WebhookDelivery.id.in_(ids))).all()
-        return {r.id: r for r in found}
 
 
 def test_two_senders_send_each_of_200_deliveries_once(
@@ -206,6 +110,24 @@ def test_a_slow_destination_holds_up_only_itself(
         sender.wait_idle(30)
     finally:
         sender.close()
+    assert {r.status for r in rows(url, ids).values()} == {"delivered"}
+
+
+def test_one_poll_sends_every_due_delivery_of_a_fast_destination(
+    url: str, tmp_path: Path, receivers: Callable[..., Receiver]
+) -> None:
+    """Its two slots go on to the next due delivery as each attempt ends, instead of
+    waiting for the next poll: a poll's pace (two a second) would not keep up."""
+    fast = receivers()
+    tenant = tenant_with_secret(url)
+    ids = deliveries(url, tenant, [fast.url] * 30)
+    sender = WebhookSender(settings_for(url, tmp_path, webhook_per_destination=2))
+    try:
+        assert sender.send_due() == 2  # one thread per slot
+        assert sender.wait_idle(60)
+    finally:
+        sender.close()
+    assert fast.ids() == dict.fromkeys(ids, 1)
     assert {r.status for r in rows(url, ids).values()} == {"delivered"}
 
 
