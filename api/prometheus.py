@@ -55,7 +55,7 @@ class ModelyardCollector(Collector):
 
     def _history(self, session: Session) -> list[Metric]:
         with self._lock:
-            if time.monotonic() - self._history_made < self._history_refresh_s:
+            if time.monotonic() - self._history_made < self._settings.metrics_history_refresh_s:
                 return self._history_cached
             families: list[Metric] = [
                 _histogram(
@@ -84,10 +84,6 @@ class ModelyardCollector(Collector):
             self._history_cached = families
             self._history_made = time.monotonic()
             return families
-
-    @property
-    def _history_refresh_s(self) -> float:
-        return self._settings.metrics_history_refresh_s
 
     def collect(self) -> Iterator[Metric]:
         with session_scope(self._settings.database_url, readonly=True) as session:

@@ -36,6 +36,32 @@ def holder_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+class FailureLog:
+    """Logs the first failure of a run of them and the success that ends it, not every
+    retry in between (a database outage would otherwise log every tick)."""
+
+    def __init__(self, what: str, retry_s: float) -> None:
+        self._what = what
+        self._retry_s = retry_s
+        self._failing = False
+
+    def failed(self, exc: Exception) -> None:
+        if not self._failing:
+            logger.warning(
+                "%s failed (%s: %s); retrying every %.1fs",
+                self._what,
+                type(exc).__name__,
+                exc,
+                self._retry_s,
+            )
+        self._failing = True
+
+    def worked(self) -> None:
+        if self._failing:
+            logger.info("%s works again", self._what)
+        self._failing = False
+
+
 class LeaderElection:
     """Takes and renews one named lease in a daemon thread; `is_leader()` says whether
     this process may act on it now."""
@@ -73,7 +99,6 @@ class LeaderElection:
     def try_once(self) -> bool:
         """One round: renew or take the lease when it is ours or free. True when held."""
         asked = time.monotonic()
-        term: int | None = None
         if self.term is None:
             with session_scope(self._url, readonly=True) as session:
                 view = read_lease(session, self.name)
@@ -97,23 +122,16 @@ class LeaderElection:
         self._valid_until = 0.0
 
     def _loop(self) -> None:
-        failing = False
+        failures = FailureLog(f"{self.name} lease", self._tick)
         while not self._done.is_set():
             try:
                 self.try_once()
             except Exception as exc:
-                if not failing:
-                    logger.warning(
-                        "%s lease: database unreachable (%s); trying every %.1fs",
-                        self.name,
-                        type(exc).__name__,
-                        self._tick,
-                    )
-                failing = True
+                failures.failed(exc)
                 if not self.is_leader():
                     self._lose("database unreachable")
             else:
-                failing = False
+                failures.worked()
             self._done.wait(self._tick)
 
 
@@ -152,7 +170,7 @@ class LeaderDuties:
         self.election.stop()
 
     def _loop(self, duty: Duty) -> None:
-        failing = False
+        failures = FailureLog(duty.name, duty.period_s)
         was_leader = False
         last_run = 0.0
         poll = max(MIN_TICK_S, min(duty.period_s, 1.0))
@@ -165,19 +183,9 @@ class LeaderDuties:
                 try:
                     duty.run_once()
                 except Exception as exc:
-                    if not failing:
-                        logger.warning(
-                            "%s failed (%s: %s); retrying every %.1fs",
-                            duty.name,
-                            type(exc).__name__,
-                            exc,
-                            duty.period_s,
-                        )
-                    failing = True
+                    failures.failed(exc)
                 else:
-                    if failing:
-                        logger.info("%s works again", duty.name)
-                    failing = False
+                    failures.worked()
             self._done.wait(poll)
 
 
