@@ -30,6 +30,7 @@ from typing import Any
 
 from tests.faults import (
     clock_scenarios,
+    guard_scenarios,
     leader_scenarios,
     message_scenarios,
     outage_scenarios,
@@ -103,6 +104,9 @@ def plan(quick: bool) -> list[tuple[str, Callable[[Lab], Outcome]]]:
             "pg_blackholed_past_retries",
             lambda lab: outage_scenarios.postgres_outage(lab, "blackholed", pg_down),
         ),
+        ("rebinding", guard_scenarios.rebinding_webhook_destination),
+        ("capped_liveness", guard_scenarios.capped_tenant_liveness),
+        ("quota_posts", guard_scenarios.concurrent_posts_against_quota),
         (
             "two_leaders",
             lambda lab: webhook_scenarios.two_leaders_at_once(lab, leaders_s, slow_s=1.0),

@@ -42,9 +42,7 @@ def unreachable(lab: Lab, how: str) -> Iterator[None]:
         raise ValueError(f"unknown outage {how!r}")
 
 
-def postgres_outage(
-    lab: Lab, how: str, down_s: float = 10.0, max_new_tokens: int = 1000
-) -> Outcome:
+def postgres_outage(lab: Lab, how: str, down_s: float = 6.0, max_new_tokens: int = 1000) -> Outcome:
     """PostgreSQL `how` (see `unreachable`) for `down_s` while a fine-tune trains on one
     worker and three generation jobs decode as one group on the other, both workers with
     `db_retry_s` 2 s. Every job ends `succeeded`, whichever attempt finishes it."""

@@ -38,7 +38,7 @@ def _overlapping_leader(lab: Lab, n: int, seconds: float) -> Proc:
 
 
 def two_leaders_at_once(
-    lab: Lab, seconds: float = 15.0, count: int = 200, slow_s: float = 0.5
+    lab: Lab, seconds: float = 10.0, count: int = 200, slow_s: float = 0.5
 ) -> Outcome:
     """The lab's own recovery is stopped (no beat; one worker that does not run for the
     lease), then two overlapping leaders run for `seconds` while 200 deliveries are due."""
