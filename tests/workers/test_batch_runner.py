@@ -301,7 +301,9 @@ def test_executor_claiming_after_the_window_expires_every_line(
 
 
 def test_cancel_keeps_finished_lines(settings: Settings, executor: JobLifecycle) -> None:
-    rows = [line(f"long-{i}", max_tokens=2000, temperature=0) for i in range(8)]
+    # one short line, stored while the long ones are still decoding; then the cancel
+    rows = [line("short", max_tokens=16, temperature=0)]
+    rows += [line(f"long-{i}", max_tokens=2000, temperature=0) for i in range(7)]
     job_id = new_batch(settings, rows)
 
     def cancel_after_first_line() -> None:
