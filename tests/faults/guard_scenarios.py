@@ -61,7 +61,7 @@ def concurrent_posts_against_quota(lab: Lab, posts: int = 50, quota: int = 10) -
     found = _settled(lab, accepted)
     return Outcome(
         Figures.of(
-            f"6c. {posts} concurrent POSTs against a queued quota of {quota} (PostgreSQL)",
+            f"24c. {posts} concurrent POSTs against a queued quota of {quota} (PostgreSQL)",
             found,
             note=f"accepted {codes.count(202)}, refused 429 {codes.count(429)}; {ended(found)}",
         ),
@@ -112,7 +112,7 @@ def capped_tenant_liveness(lab: Lab, stall_s: float = 3.0) -> Outcome:
     found = _settled(lab, jobs)
     return Outcome(
         Figures.of(
-            "6b. tenant at its running cap with a backlog, an idle worker",
+            "24b. tenant at its running cap with a backlog, an idle worker",
             found,
             note=f"liveness check exit {code}; {ended(found)}",
         ),
@@ -176,7 +176,7 @@ def rebinding_webhook_destination(lab: Lab) -> Outcome:
     found = _settled(lab, [row.job_id])
     return Outcome(
         Figures.of(
-            "6a. webhook name rebinding to an internal address after its check",
+            "24a. webhook name rebinding to an internal address after its check",
             found,
             note=(
                 f"internal service reached {len(reached['internal'])} times, checked address"

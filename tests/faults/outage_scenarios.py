@@ -82,7 +82,7 @@ def postgres_outage(lab: Lab, how: str, down_s: float = 6.0, max_new_tokens: int
         worker_logs = lab.stack.logs()
     return Outcome(
         Figures.of(
-            f"4{'a' if how == 'stopped' else 'b'}. PostgreSQL {how} {down_s:g}s (> db_retry_s 2s)"
+            f"23{'a' if how == 'stopped' else 'b'}. PostgreSQL {how} {down_s:g}s (> db_retry_s 2s)"
             " mid fine-tune and mid decode group of 3",
             found,
             seconds(back, settled),

@@ -74,7 +74,7 @@ def two_leaders_at_once(
     twice = sum(n - 1 for n in received.values() if n > 1)
     undelivered = count - len(set(received) & set(ids))
     figures = Figures.of(
-        f"2. two recovery leaders at once for {seconds:g}s, {count} webhook deliveries"
+        f"22. two recovery leaders at once for {seconds:g}s, {count} webhook deliveries"
         f" (1 in 5 to a {slow_s:g}s endpoint) and their {count} unpublished jobs",
         found,
         note=f"delivered {delivered}, received twice {twice}; jobs {ended(found)}",
