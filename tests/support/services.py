@@ -62,24 +62,33 @@ def postgres_database() -> Iterator[str]:
 
 @contextmanager
 def redis_db_index() -> Iterator[str]:
-    """An unused db index on the shared Redis, reserved for this test run."""
+    """An unused db index on the shared Redis, reserved for this test run. The reservation
+    is a key in db 0, which no test uses: tests FLUSHDB their own index, and a reservation
+    kept there would go with it, letting another process take the same index."""
     owner = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    for index in range(1, 16):
-        client = redis.Redis.from_url(f"{SHARED_REDIS}/{index}", socket_connect_timeout=2)
-        try:
-            if client.set("modelyard:test:owner", owner, nx=True, ex=3600):
+    registry = redis.Redis.from_url(f"{SHARED_REDIS}/0", socket_connect_timeout=2)
+    try:
+        for index in range(1, 16):
+            reservation = f"modelyard:test:db-index:{index}"
+            try:
+                taken = registry.set(reservation, owner, nx=True, ex=3600)
+            except redis.ConnectionError:
+                missing_service("Redis at " + SHARED_REDIS)
+            if not taken:
+                continue
+            client = redis.Redis.from_url(f"{SHARED_REDIS}/{index}", socket_connect_timeout=2)
+            try:
                 client.flushdb()
-                client.set("modelyard:test:owner", owner, ex=3600)
-                try:
-                    yield f"{SHARED_REDIS}/{index}"
-                finally:
-                    client.flushdb()
-                return
-        except redis.ConnectionError:
-            missing_service("Redis at " + SHARED_REDIS)
-        finally:
-            client.close()
-    pytest.fail("every Redis db index 1-15 is reserved by another test run")
+                yield f"{SHARED_REDIS}/{index}"
+            finally:
+                client.flushdb()
+                client.close()
+                if registry.get(reservation) == owner.encode():
+                    registry.delete(reservation)
+            return
+        pytest.fail("every Redis db index 1-15 is reserved by another test run")
+    finally:
+        registry.close()
 
 
 class RedisServer:
