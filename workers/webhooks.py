@@ -77,7 +77,6 @@ class WebhookSender:
         self._backlog: dict[str, deque[WebhookDelivery]] = {}
         self._taken: set[str] = set()
         self._per_destination: dict[str, int] = {}
-        self._threads = 0
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -103,9 +102,11 @@ class WebhookSender:
                     self._taken.add(delivery.id)
                     self._backlog.setdefault(destination(delivery.url), deque()).append(delivery)
             started = 0
-            while self._threads < SENDERS and (where := self._free_destination()) is not None:
+            while (
+                sum(self._per_destination.values()) < SENDERS
+                and (where := self._free_destination()) is not None
+            ):
                 self._per_destination[where] = self._per_destination.get(where, 0) + 1
-                self._threads += 1
                 self._pool.submit(self._work, where, self._backlog[where].popleft())
                 started += 1
         return started
@@ -137,8 +138,6 @@ class WebhookSender:
                     del self._per_destination[where]
                 moved = self._free_destination()
                 if moved is None:
-                    self._threads -= 1
-                    self._idle.notify_all()
                     return None
                 where = moved
                 self._per_destination[where] = self._per_destination.get(where, 0) + 1
