@@ -7,13 +7,8 @@ tests/faults/test_guard_faults.py runs them; bench/faults.py puts them in the ta
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import timedelta
-from typing import Any
 
 import httpx
 from sqlalchemy import select
@@ -21,15 +16,20 @@ from sqlalchemy import select
 from db import tenants as tenants_repo
 from db.models import DEFAULT_TENANT, Job
 from db.session import session_scope
-from db.webhooks import rotate_secret
 from tests.faults.scenarios import Lab, Outcome, ended
 from tests.support.auth import bearer
 from tests.support.faults import Audit, Figures
 from tests.support.harness import TERMINAL, wait_for
-from tests.support.webhooks import Receiver, deliveries, rows
+from tests.support.webhooks import (
+    REBINDING_NAME,
+    Receiver,
+    deliveries,
+    give_secret,
+    later_lookups_answer,
+    rebinding_resolver,
+    rows,
+)
 from workers.webhooks import WebhookSender
-
-REBINDING_NAME = "rebind.test"
 
 
 def tenant_key(lab: Lab, **quotas: int) -> str:
@@ -121,46 +121,21 @@ def capped_tenant_liveness(lab: Lab, stall_s: float = 3.0) -> Outcome:
     )
 
 
-@contextmanager
-def later_lookups_answer(name: str, address: str) -> Iterator[None]:
-    """Every look-up of `name` through the system resolver (what an HTTP client would do
-    on its own) answers `address` while inside."""
-    real = socket.getaddrinfo
-
-    def lookup(host: Any, *args: Any, **kw: Any) -> Any:
-        return real(address if host == name else host, *args, **kw)
-
-    socket.getaddrinfo = lookup  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        socket.getaddrinfo = real
-
-
 def rebinding_webhook_destination(lab: Lab) -> Outcome:
     """A webhook to `rebind.test`, a name that answers 127.0.0.2 (allowed) to the sender's
     check and 127.0.0.1 (an internal service, refused) to every later look-up. The lab's
     own recovery is stopped meanwhile; a sender in this process (the leader's code) sends
     the delivery, then the lab runs its job."""
-    if lab.stack.beat is not None:
-        lab.stack.beat.stop()
-        lab.stack.beat = None
-    lab.fleet(0)
+    lab.stop_recovery()
     internal = Receiver("127.0.0.1")
     public = Receiver("127.0.0.2", internal.port)
-    answers = iter([["127.0.0.2"]])
-
-    def rebinding(host: str, port: int) -> list[str]:
-        return next(answers, ["127.0.0.1"]) if host == REBINDING_NAME else []
-
     settings = lab.settings().model_copy(update={"webhook_allowed_destinations": ["127.0.0.2/32"]})
     try:
-        with session_scope(lab.database_url) as s:
-            rotate_secret(s, DEFAULT_TENANT, timedelta(0))
+        give_secret(lab.database_url, DEFAULT_TENANT)
         target = f"http://{REBINDING_NAME}:{internal.port}/hook"
         (delivery_id,) = deliveries(lab.database_url, DEFAULT_TENANT, [target])
-        sender = WebhookSender(settings, rebinding)
-        with later_lookups_answer(REBINDING_NAME, "127.0.0.1"):
+        sender = WebhookSender(settings, rebinding_resolver("127.0.0.2", "127.0.0.1"))
+        with later_lookups_answer("127.0.0.1"):
             try:
                 sender.send_due()
                 sender.wait_idle(30)

@@ -135,6 +135,14 @@ class Lab:
             self._plain.add(self.stack.start_worker().pid)
         return list(self.stack.workers)
 
+    def stop_recovery(self) -> None:
+        """No process runs for the recovery lease: the beat and every worker stopped (the
+        next fleet() starts plain workers, start_beat() the beat again)."""
+        if self.stack.beat is not None:
+            self.stack.beat.stop()
+            self.stack.beat = None
+        self.fleet(0)
+
     def special_worker(self, pool: str | None = None, **settings: str) -> Proc:
         """A worker with its own settings; the next fleet() stops it."""
         env = {f"MODELYARD_{k.upper()}": v for k, v in settings.items()}

@@ -11,17 +11,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 from db.models import DEFAULT_TENANT
-from db.session import session_scope
-from db.webhooks import rotate_secret
 from tests.faults import overlapping_leader
 from tests.faults.scenarios import Lab, Outcome, ended
 from tests.support.faults import Figures
 from tests.support.harness import Proc, wait_for
-from tests.support.webhooks import Receiver, deliveries, rows
+from tests.support.webhooks import Receiver, deliveries, give_secret, rows
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,17 +39,12 @@ def two_leaders_at_once(
 ) -> Outcome:
     """The lab's own recovery is stopped (no beat; one worker that does not run for the
     lease), then two overlapping leaders run for `seconds` while 200 deliveries are due."""
-    if lab.stack.beat is not None:
-        lab.stack.beat.stop()
-        lab.stack.beat = None
-    lab.fleet(0)
+    lab.stop_recovery()
     lab.special_worker(recovery_in_workers="false")
     fast, slow = Receiver(), Receiver(delay_s=slow_s)
     try:
         # the lab's key is the default tenant's: it reads the jobs through the API
-        with session_scope(lab.database_url) as session:
-            rotate_secret(session, DEFAULT_TENANT, timedelta(0))
-        tenant = DEFAULT_TENANT
+        tenant = give_secret(lab.database_url, DEFAULT_TENANT)
         targets = [slow.url if n % 5 == 0 else fast.url for n in range(count)]
         ids = deliveries(lab.database_url, tenant, targets)
         leaders = [_overlapping_leader(lab, n, seconds) for n in (1, 2)]

@@ -3,10 +3,13 @@ delivery rows due now (each of its own queued job, never published)."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -67,11 +70,48 @@ class Receiver:
         self.server.server_close()
 
 
+def give_secret(url: str, tenant_id: str) -> str:
+    """A signing secret for `tenant_id`, so its deliveries can be sent; returns the id."""
+    with session_scope(url) as s:
+        webhooks_repo.rotate_secret(s, tenant_id, timedelta(0))
+    return tenant_id
+
+
 def tenant_with_secret(url: str) -> str:
     with session_scope(url) as s:
-        tenant = tenants_repo.create_tenant(s, f"hooks-{uuid.uuid4().hex[:8]}")
-        webhooks_repo.rotate_secret(s, tenant.id, timedelta(0))
-        return tenant.id
+        tenant_id = tenants_repo.create_tenant(s, f"hooks-{uuid.uuid4().hex[:8]}").id
+    return give_secret(url, tenant_id)
+
+
+REBINDING_NAME = "rebind.test"
+
+
+def rebinding_resolver(checked: str, later: str) -> Callable[[str, int], list[str]]:
+    """A resolver for the sender in which `rebind.test` answers `checked` to its first
+    look-up (the destination check) and `later` to every one after it."""
+    answers = iter([[checked]])
+
+    def resolve(host: str, port: int) -> list[str]:
+        assert host == REBINDING_NAME, host
+        return next(answers, [later])
+
+    return resolve
+
+
+@contextmanager
+def later_lookups_answer(address: str) -> Iterator[None]:
+    """While inside, every look-up of `rebind.test` through the system resolver (what an
+    HTTP client would do on its own) answers `address`."""
+    real = socket.getaddrinfo
+
+    def lookup(host: Any, *args: Any, **kw: Any) -> Any:
+        return real(address if host == REBINDING_NAME else host, *args, **kw)
+
+    socket.getaddrinfo = lookup  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        socket.getaddrinfo = real
 
 
 def deliveries(url: str, tenant_id: str, urls: list[str]) -> list[str]:

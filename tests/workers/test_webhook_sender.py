@@ -4,7 +4,6 @@ redeliver during an attempt wins, and a rebinding name cannot redirect the conne
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +16,14 @@ from core.settings import Settings
 from db import webhooks as webhooks_repo
 from db.session import migrate, session_scope
 from tests.support.harness import wait_for
-from tests.support.webhooks import Receiver, deliveries, rows, tenant_with_secret
+from tests.support.webhooks import (
+    Receiver,
+    deliveries,
+    later_lookups_answer,
+    rebinding_resolver,
+    rows,
+    tenant_with_secret,
+)
 from workers.webhooks import WebhookSender
 
 
@@ -170,27 +176,15 @@ def test_a_rebinding_name_cannot_redirect_the_connection(
     name in its Host header, and the internal service sees nothing."""
     internal = receivers("127.0.0.1")
     public = receivers("127.0.0.2", internal.port)
-    answers = iter([["127.0.0.2"]])
-
-    def rebinding(host: str, port: int) -> list[str]:
-        assert host == "rebind.test"
-        return next(answers, ["127.0.0.1"])
-
-    real = socket.getaddrinfo
-
-    def later_lookups(host: Any, *args: Any, **kw: Any) -> Any:
-        if host == "rebind.test":
-            return real("127.0.0.1", *args, **kw)
-        return real(host, *args, **kw)
-
-    monkeypatch.setattr(socket, "getaddrinfo", later_lookups)
+    rebinding = rebinding_resolver("127.0.0.2", "127.0.0.1")
     tenant = tenant_with_secret(url)
     target = f"http://rebind.test:{internal.port}/hook"
     (delivery_id,) = deliveries(url, tenant, [target])
     sender = WebhookSender(settings_for(url, tmp_path, allow=["127.0.0.2/32"]), rebinding)
     try:
-        assert sender.send_due() == 1
-        sender.wait_idle(30)
+        with later_lookups_answer("127.0.0.1"):
+            assert sender.send_due() == 1
+            sender.wait_idle(30)
     finally:
         sender.close()
     assert internal.seen == []
