@@ -53,7 +53,6 @@ def postgres_outage(lab: Lab, how: str, down_s: float = 6.0, max_new_tokens: int
     steps = max(400, int(down_s * 60))
     finetune = lab.submit("finetune", finetune_spec(dataset, steps, every=50))
     lab.wait_step(finetune["id"], 10, 120)
-    trainer = lab.owner(finetune["id"])
     generations = [
         lab.submit(
             "generate",
@@ -92,7 +91,6 @@ def postgres_outage(lab: Lab, how: str, down_s: float = 6.0, max_new_tokens: int
         {
             "done": done,
             "ids": ids,
-            "trainer": trainer.identity,
             "decoding_at_outage": decoding,
             "outage_s": seconds(went, back),
             "steps": steps,
