@@ -1,35 +1,26 @@
 """`GET /v1/jobs/{id}/stream`: a generation job's tokens as server-sent events.
 
-Tokens come from the job's Redis stream (core.token_stream); the final status and,
-for a job that had already finished, the texts come from the database. While it
-waits the route re-reads the job's status now and then, so a job that ends without
-an `end` entry (cancelled while queued, Redis flushed) still gets its `done` event.
-
-Only the current attempt is shown: the follower starts from the attempt the database
-names and moves on to any newer one the stream shows; entries of older attempts (a
-stale worker that still writes after another took the job over) are skipped.
+The tokens and the final status come from following the job (api.job_follow); for a
+job that had already finished, the texts come from the database.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from redis import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import JobsRead, SettingsDep
+from api.job_follow import Done, Follower, JobState, Quiet, Restart, Token
 from core.enums import JobKind, JobStatus
 from core.errors import InvalidRequestError
-from core.states import TERMINAL
-from core.token_stream import StreamDelta, StreamEnd, StreamEntry, StreamStart, TokenStreamReader
+from core.token_stream import TokenStreamReader
 from db import jobs as jobs_repo
 from db import outputs as outputs_repo
 from db.session import session_scope
@@ -37,24 +28,7 @@ from db.session import session_scope
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-# Module constants rather than settings: tests shorten them.
-BLOCK_MS = 1000  # one XREAD waits this long for new entries
-DB_CHECK_S = 3.0  # how often a waiting stream re-reads the job's status
-KEEPALIVE_S = 14.0  # below FastAPI's own 15 s ping, which then only fires if a loop stalls
-REDIS_RETRY_S = 1.0  # pause between reads while Redis is unreachable
 _ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
-
-
-@dataclass(frozen=True, slots=True)
-class JobState:
-    status: JobStatus
-    attempts: int
-    error_type: str | None
-    error_message: str | None
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +44,6 @@ class StreamOpening:
 
     state: JobState
     outputs: list[StoredText]  # filled only when the job is already terminal
-
-
-def _job_state(database_url: str, job_id: str) -> JobState | None:
-    with session_scope(database_url, readonly=True) as session:
-        job = jobs_repo.get_job(session, job_id)
-        if job is None:
-            return None
-        return JobState(JobStatus(job.status), job.attempts, job.error_type, job.error_message)
 
 
 def _open(database_url: str, job_id: str, tenant_id: str) -> StreamOpening:
@@ -155,121 +121,13 @@ async def stream_job_tokens(
             yield token_event(out.prompt_index, out.sequence_index, out.text)
         yield done_event(opening.state)
         return
-    follower = _Follower(reader, settings.database_url, job_id, resume, opening.state.attempts)
+    follower = Follower(reader, settings.database_url, job_id, opening.state.attempts, resume)
     async for event in follower.run():
-        yield event
-
-
-class _Follower:
-    """Follows one job's token stream until its end entry or its terminal status."""
-
-    def __init__(
-        self,
-        reader: TokenStreamReader,
-        database_url: str,
-        job_id: str,
-        after: str | None,
-        attempt: int,
-    ) -> None:
-        self.reader = reader
-        self.database_url = database_url
-        self.job_id = job_id
-        self.last_id = after or "0"
-        # A resuming client holds text already: a new attempt must tell it to drop that.
-        self.sent_text = after is not None
-        self.attempt = attempt  # the newest attempt known; older ones' entries are skipped
-        self.redis_ok = True
-
-    async def run(self) -> AsyncIterator[ServerSentEvent]:
-        next_check = time.monotonic() + DB_CHECK_S
-        last_sent = time.monotonic()
-        while True:
-            entries = await self._read(BLOCK_MS)
-            for entry in entries:
-                if isinstance(entry, StreamEnd):
-                    self.last_id = entry.entry_id
-                    if entry.attempt < self.attempt:
-                        continue  # a stale attempt's end
-                    state = await self._state()
-                    if state is None or state.terminal:
-                        async for final in self._finish(state):
-                            yield final
-                        return
-                    logger.warning(
-                        "job %s: token stream ended (%s) but the job is %s; still waiting",
-                        self.job_id,
-                        entry.status,
-                        state.status.value,
-                    )
-                    continue
-                for event in self._events(entry):
-                    yield event
-                    last_sent = time.monotonic()
-            now = time.monotonic()
-            if now >= next_check:
-                next_check = now + DB_CHECK_S
-                state = await self._state()
-                if state is None or state.terminal:
-                    async for final in self._finish(state):
-                        yield final
-                    return
-            if now - last_sent >= KEEPALIVE_S:
-                yield ServerSentEvent(comment="keepalive")
-                last_sent = now
-
-    async def _finish(self, state: JobState | None) -> AsyncIterator[ServerSentEvent]:
-        """The job ended in the database: send what the stream still holds, then `done`."""
-        ended = False
-        while not ended and (entries := await self._read(None)):
-            for entry in entries:
-                if isinstance(entry, StreamEnd) and entry.attempt >= self.attempt:
-                    ended = True
-                    break
-                for event in self._events(entry):
-                    yield event
-        if state is None:
-            logger.warning("job %s disappeared while its tokens were streamed", self.job_id)
-            return
-        yield done_event(state)
-
-    def _events(self, entry: StreamEntry) -> list[ServerSentEvent]:
-        """What the client gets for one entry of the current (or a newer) attempt."""
-        self.last_id = entry.entry_id
-        if isinstance(entry, StreamEnd) or entry.attempt < self.attempt:
-            return []
-        events: list[ServerSentEvent] = []
-        if entry.attempt > self.attempt or isinstance(entry, StreamStart):
-            # a newer attempt starts over (its start entry may have been trimmed)
-            self.attempt = entry.attempt
-            if self.sent_text:
-                self.sent_text = False
-                events.append(restart_event(entry.attempt))
-        if isinstance(entry, StreamDelta):
-            self.sent_text = True
-            events.append(
-                token_event(entry.prompt_index, entry.sequence_index, entry.text, entry.entry_id)
-            )
-        return events
-
-    async def _read(self, block_ms: int | None) -> list[StreamEntry]:
-        try:
-            entries = await self.reader.read(self.job_id, self.last_id, block_ms=block_ms)
-        except RedisError as exc:
-            if self.redis_ok:
-                logger.warning(
-                    "job %s: token stream unreadable (%s: %s); watching the database only",
-                    self.job_id,
-                    type(exc).__name__,
-                    exc,
-                )
-            self.redis_ok = False
-            if block_ms is not None:
-                await anyio.sleep(REDIS_RETRY_S)
-            return []
-        if not self.redis_ok:
-            logger.info("job %s: token stream readable again", self.job_id)
-            self.redis_ok = True
-        return entries
-
-    async def _state(self) -> JobState | None:
-        return await run_in_threadpool(_job_state, self.database_url, self.job_id)
+        if isinstance(event, Token):
+            yield token_event(event.prompt_index, event.sequence_index, event.text, event.entry_id)
+        elif isinstance(event, Restart):
+            yield restart_event(event.attempt)
+        elif isinstance(event, Quiet):
+            yield ServerSentEvent(comment="keepalive")
+        elif isinstance(event, Done) and event.state is not None:
+            yield done_event(event.state)

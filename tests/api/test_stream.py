@@ -13,7 +13,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from api.routes import stream as stream_route
+from api import job_follow
 from core.enums import JobKind, JobStatus
 from core.settings import Settings
 from core.token_stream import TokenDelta, TokenStreamWriter, stream_key
@@ -78,8 +78,8 @@ def broker(settings: Settings) -> Iterator[redis.Redis]:
 @pytest.fixture
 def fast_polling(monkeypatch: pytest.MonkeyPatch) -> None:
     """Short XREAD blocks and a database check on every loop."""
-    monkeypatch.setattr(stream_route, "BLOCK_MS", 50)
-    monkeypatch.setattr(stream_route, "DB_CHECK_S", 0.0)
+    monkeypatch.setattr(job_follow, "BLOCK_MS", 50)
+    monkeypatch.setattr(job_follow, "DB_CHECK_S", 0.0)
 
 
 def running_job(settings: Settings) -> str:
@@ -114,7 +114,7 @@ def test_deltas_stream_as_tokens_then_done(
     broker: redis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(stream_route, "DB_CHECK_S", 3600.0)  # `done` must come from `end`
+    monkeypatch.setattr(job_follow, "DB_CHECK_S", 3600.0)  # `done` must come from `end`
     job_id = running_job(settings)
     writer.begin(job_id, 1)
     writer.publish([TokenDelta(job_id, 1, 0, 0, "Hel"), TokenDelta(job_id, 1, 0, 1, 'Say "hi"\n')])
@@ -295,8 +295,8 @@ def test_keepalive_and_disconnect(
     broker: redis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(stream_route, "KEEPALIVE_S", 0.0)
-    monkeypatch.setattr(stream_route, "BLOCK_MS", 60_000)  # a read that would outlive the test
+    monkeypatch.setattr(job_follow, "KEEPALIVE_S", 0.0)
+    monkeypatch.setattr(job_follow, "BLOCK_MS", 60_000)  # a read that would outlive the test
     job_id = running_job(settings)
     writer.begin(job_id, 1)
     writer.publish([TokenDelta(job_id, 1, 0, 0, "x")])
