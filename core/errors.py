@@ -53,6 +53,24 @@ class WebhookDestinationError(InvalidRequestError):
         super().__init__(message, param="webhook_url")
 
 
+class BadRequestError(ModelyardError):
+    """Raised when a request to an OpenAI-compatible serving route is invalid (OpenAI: 400)."""
+
+    type = "invalid_request_error"
+
+
+class UnsupportedParameterError(BadRequestError):
+    """Raised when a serving request sets a parameter this server does not honour."""
+
+    type = "unsupported_parameter"
+
+
+class ContextLengthExceededError(BadRequestError):
+    """Raised when a serving request's prompt (and its max tokens) exceeds the model's context."""
+
+    type = "context_length_exceeded"
+
+
 class StorageError(ModelyardError):
     """Raised when an artifact path lies outside the data dir (shared storage, core/storage.py)."""
 
@@ -75,6 +93,24 @@ class NotFoundError(ModelyardError):
     """Raised when a resource id does not exist (or is not visible to the caller)."""
 
     type = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    """Raised when a serving request names a model that is not installed or registered."""
+
+    type = "model_not_found"
+
+
+class JobCancelledError(ModelyardError):
+    """Raised when a serving request's job was cancelled before it answered."""
+
+    type = "job_cancelled"
+
+
+class JobFailedError(ModelyardError):
+    """Raised when a serving request's job failed; the message carries the job's error."""
+
+    type = "server_error"
 
 
 class AuthenticationError(ModelyardError):

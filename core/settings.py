@@ -191,6 +191,13 @@ class Settings(BaseSettings):
         description="A decode group takes in newly ready jobs for this long, then drains, so the "
         "worker goes back to its queue (other job kinds) instead of decoding forever.",
     )
+    chat_default_max_tokens: int = Field(
+        default=1024,
+        ge=1,
+        le=4096,
+        description="Most new tokens of a /v1/chat/completions answer that sets neither "
+        "max_completion_tokens nor max_tokens (it may end sooner, at the model's end of text).",
+    )
     model_cache_mb: int = Field(
         default=8192, ge=1, description="Memory budget of each worker's loaded-model cache (MiB)."
     )
