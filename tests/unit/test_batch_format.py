@@ -234,7 +234,12 @@ def test_chat_output_line() -> None:
     body = output_line(chat("c"), texts((0, "Hello!", "stop", 2)))["response"]["body"]
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["choices"] == [
-        {"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello!", "refusal": None},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
     ]
 
 
