@@ -249,7 +249,7 @@ _SPEC_PARAMS = {
 
 def openai_param(ours: str | None, chat: bool) -> str | None:
     """The OpenAI body field a job-request field path (spec.messages[0][1].content) came from."""
-    if ours is None:
+    if ours in (None, "spec"):
         return None
     if ours.startswith("spec.messages"):  # one conversation per request
         return "messages" + ours.removeprefix("spec.messages").removeprefix("[0]")
@@ -275,6 +275,8 @@ def _job_request(
         ours = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc).replace(".[", "[")
         param = openai_param(ours, chat)
         message = str(first["msg"]).removeprefix("Value error, ")
+        for spec_name, theirs in (("num_return_sequences", "n"), ("max_new_tokens", "max_tokens")):
+            message = message.replace(spec_name, theirs)
         raise BadRequestError(f"{param or 'body'}: {message}", param=param) from None
 
 
