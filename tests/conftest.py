@@ -16,10 +16,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BACKENDS = ["sqlite", "postgresql"]
 TINY_MODEL = "tiny-gpt2"
 TINY_CHAT_MODEL = "tiny-gpt2-chat"
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
 @pytest.fixture(scope="session")
@@ -36,13 +32,9 @@ def install_tiny_model(tiny_model_dir: Path, data_dir: Path) -> None:
 
 def install_tiny_chat_model(tiny_model_dir: Path, data_dir: Path) -> None:
     """The tiny model with a chat template, where `model: tiny-gpt2-chat` resolves."""
-    from transformers import AutoTokenizer
+    from tests.support.tiny_model import with_chat_template
 
-    target = data_dir / "models" / TINY_CHAT_MODEL
-    shutil.copytree(tiny_model_dir, target, dirs_exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(target)
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    tokenizer.save_pretrained(target)
+    with_chat_template(tiny_model_dir, data_dir / "models" / TINY_CHAT_MODEL)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
