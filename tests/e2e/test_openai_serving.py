@@ -258,3 +258,28 @@ def test_a_worker_lost_mid_stream_ends_it_with_an_error_and_the_retry_gets_the_a
     assert job["status"] == "succeeded" and job["attempts"] == 2
     [stored] = serving.outputs(job_id)
     assert resp2.json()["choices"][0]["message"]["content"] == stored["text"]
+
+
+def test_langchain_chat_openai_invokes_and_streams(serving: Stack) -> None:
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(
+        model=TINY_CHAT_MODEL,
+        base_url=f"{serving.base_url}/v1",
+        api_key=serving.api_key,  # type: ignore[arg-type]
+        max_completion_tokens=12,
+        temperature=0,
+        max_retries=0,
+    )
+    whole = chat.invoke("Where is my parcel?")
+    assert isinstance(whole.content, str) and whole.content
+    job_ids = {job["id"] for job in list_jobs(serving)}
+    assert str(whole.response_metadata["id"]).removeprefix("chatcmpl-") in job_ids
+    streamed = "".join(str(piece.content) for piece in chat.stream("Where is my parcel?"))
+    assert streamed == whole.content
+
+
+def list_jobs(stack: Stack) -> list[dict[str, Any]]:
+    with stack.client() as http:
+        data: list[dict[str, Any]] = http.get("/v1/jobs", params={"limit": 100}).json()["data"]
+        return data
