@@ -2,7 +2,7 @@
 
 `POST /v1/chat/completions` and `POST /v1/completions` take OpenAI's bodies. Every field
 is either honoured (mapped onto a GenerateSpec or the job), accepted because it changes
-nothing here (`user`, `metadata`, `store: true`), accepted only with its no-op value
+nothing here (`user`, `metadata`), accepted only with its no-op value
 (`logprobs: false`, `echo: false`, ...), or refused with a 400 that names it: a client is
 never answered as if a parameter it set had been applied.
 """
@@ -33,7 +33,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "parallel_tool_calls": (False, True),
     "best_of": (1,),
     "suffix": ("",),
-    "store": (True,),
     "modalities": (["text"],),
     "service_tier": ("auto", "default"),
 }
@@ -51,7 +50,6 @@ _WHY_NOT: dict[str, str] = {
     "tool_choice": "tool calling is not supported",
     "best_of": "best_of is not supported; use n",
     "suffix": "suffixes (fill in the middle) are not supported",
-    "store": "every completion is stored as a job here; store=false is not supported",
     "modalities": "only text is generated",
     "service_tier": "there is one service tier",
     "response_format": "structured output is not supported yet",
@@ -125,7 +123,11 @@ class _SamplingBody(BaseModel):
     frequency_penalty: Any = None
     presence_penalty: Any = None
     logit_bias: Any = None
-    store: Any = None
+    store: bool | None = Field(
+        default=None,
+        description="Keep the generated text in the database (default: the server's "
+        "SERVING_STORE_TEXT). false: the answer reaches the client only as it is decoded.",
+    )
     service_tier: Any = None
 
 
@@ -212,8 +214,14 @@ def _metadata(parsed: _SamplingBody) -> dict[str, Any]:
     return metadata
 
 
-def _spec_fields(parsed: _SamplingBody, default_max_tokens: int) -> dict[str, Any]:
-    fields: dict[str, Any] = {"model": parsed.model, "max_new_tokens": default_max_tokens}
+def _spec_fields(
+    parsed: _SamplingBody, default_max_tokens: int, store_text: bool
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "model": parsed.model,
+        "max_new_tokens": default_max_tokens,
+        "store_text": store_text if parsed.store is None else parsed.store,
+    }
     for source, target in (
         ("temperature", "temperature"),
         ("top_p", "top_p"),
@@ -280,11 +288,11 @@ def _job_request(
         raise BadRequestError(f"{param or 'body'}: {message}", param=param) from None
 
 
-def chat_request(body: Any, default_max_tokens: int) -> ServingRequest:
+def chat_request(body: Any, default_max_tokens: int, store_text: bool = True) -> ServingRequest:
     parsed = _validated(ChatCompletionBody, body)
     assert isinstance(parsed, ChatCompletionBody)
     _refuse_unsupported(parsed)
-    fields = _spec_fields(parsed, default_max_tokens)
+    fields = _spec_fields(parsed, default_max_tokens, store_text)
     max_tokens = parsed.max_completion_tokens or parsed.max_tokens
     if max_tokens is not None:
         fields["max_new_tokens"] = max_tokens
@@ -297,11 +305,11 @@ def chat_request(body: Any, default_max_tokens: int) -> ServingRequest:
     return _serving(parsed, _job_request(fields, _metadata(parsed), chat=True), chat=True)
 
 
-def completion_request(body: Any) -> ServingRequest:
+def completion_request(body: Any, store_text: bool = True) -> ServingRequest:
     parsed = _validated(CompletionBody, body)
     assert isinstance(parsed, CompletionBody)
     _refuse_unsupported(parsed)
-    fields = _spec_fields(parsed, COMPLETIONS_DEFAULT_MAX_TOKENS)
+    fields = _spec_fields(parsed, COMPLETIONS_DEFAULT_MAX_TOKENS, store_text)
     if parsed.max_tokens is not None:
         fields["max_new_tokens"] = parsed.max_tokens
     prompts = [parsed.prompt] if isinstance(parsed.prompt, str) else parsed.prompt

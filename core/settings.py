@@ -191,6 +191,13 @@ class Settings(BaseSettings):
         description="A decode group takes in newly ready jobs for this long, then drains, so the "
         "worker goes back to its queue (other job kinds) instead of decoding forever.",
     )
+    serving_store_text: bool = Field(
+        default=True,
+        description="Whether /v1/chat/completions and /v1/completions keep the generated text "
+        "in the database (a request's OpenAI `store` field decides for itself). Without it the "
+        "answer reaches the client from the token stream only, and an Idempotency-Key retry "
+        "cannot replay it.",
+    )
     chat_default_max_tokens: int = Field(
         default=1024,
         ge=1,

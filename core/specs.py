@@ -87,6 +87,12 @@ class GenerateSpec(BaseModel):
     chat: bool = Field(
         default=False, description="Wrap each prompt as a user message with the chat template."
     )
+    store_text: bool = Field(
+        default=True,
+        description="Keep the generated texts in the outputs table. False: only their token "
+        "counts, lengths and finish reasons are kept; the text reaches readers only over the "
+        "job's token stream, so it is not durable (a reader that misses it cannot get it back).",
+    )
     max_new_tokens: int = Field(default=64, ge=1, le=4096)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -38,6 +38,7 @@ from api.job_follow import (
     ClientDisconnected,
     Done,
     Follower,
+    FollowEvent,
     JobState,
     Quiet,
     Requeued,
@@ -74,7 +75,7 @@ from core.settings import Settings
 from core.token_stream import TokenStreamReader
 from db import jobs as jobs_repo
 from db import outputs as outputs_repo
-from db.outputs import OutputRecord
+from db.outputs import TEXT_CHARS, OutputRecord
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -136,7 +137,9 @@ async def create_chat_completion(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """OpenAI's chat completions; the answer is a generation job (see `Modelyard-Job-Id`)."""
-    serving = chat_request(await _json_body(request), settings.chat_default_max_tokens)
+    serving = chat_request(
+        await _json_body(request), settings.chat_default_max_tokens, settings.serving_store_text
+    )
     return await _serve(request, serving, settings, publisher, reader, who, idempotency_key)
 
 
@@ -154,7 +157,7 @@ async def create_completion(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """OpenAI's (legacy) text completions; the answer is a generation job."""
-    serving = completion_request(await _json_body(request))
+    serving = completion_request(await _json_body(request), settings.serving_store_text)
     return await _serve(request, serving, settings, publisher, reader, who, idempotency_key)
 
 
@@ -178,11 +181,12 @@ async def _serve(
         )
     state: JobState | None = created.state
     if not created.state.terminal:
+        stored = serving.job.spec.store_text
         follower = Follower(
-            reader, settings.database_url, created.job_id, created.state.attempts, tokens=False
+            reader, settings.database_url, created.job_id, created.state.attempts, tokens=not stored
         )
         try:
-            state = await follow_to_end(follower, request.is_disconnected)
+            state = await follow_to_end(follower, request.is_disconnected, answer.take)
         except ClientDisconnected:
             await answer.abandon()
             return Response(status_code=499)
@@ -244,6 +248,30 @@ class _Answer:
         self.who = who
         self.created = created
         self.completion_id = completion_id
+        self.streamed: dict[int, str] = {}  # choice index -> text the token stream gave
+
+    def take(self, event: FollowEvent) -> None:
+        """Assemble the text of a job that does not store it from its token stream."""
+        if isinstance(event, Token):
+            index = self._index(event.prompt_index, event.sequence_index)
+            self.streamed[index] = self.streamed.get(index, "") + event.text
+        elif isinstance(event, Restart):
+            self.streamed.clear()
+
+    def _index(self, prompt_index: int, sequence_index: int) -> int:
+        return choice_index(prompt_index, sequence_index, self.serving.choices_per_prompt)
+
+    def _streamed_text(self, text: OutputRecord) -> str:
+        """A stored text, or the streamed one of a text not stored, which must be whole."""
+        if text.data is None or TEXT_CHARS not in text.data:
+            return text.text
+        streamed = self.streamed.get(self._index(text.prompt_index, text.sequence_index), "")
+        if len(streamed) != text.data[TEXT_CHARS]:
+            raise JobFailedError(
+                f"job {self.job_id} did not store its text (store: false) and its token stream "
+                "was not read whole; the answer cannot be given again"
+            )
+        return streamed
 
     @property
     def job_id(self) -> str:
@@ -259,6 +287,7 @@ class _Answer:
                     finish_reason=o.finish_reason,
                     prompt_tokens=o.prompt_tokens,
                     completion_tokens=o.completion_tokens,
+                    data=o.data,
                 )
                 for o in outputs_repo.list_outputs(session, self.job_id)
             ]
@@ -279,7 +308,7 @@ class _Answer:
         raise JobFailedError(message)
 
     def completion(self, state: JobState | None) -> dict[str, Any]:
-        texts = self._final(state)
+        texts = [replace(t, text=self._streamed_text(t)) for t in self._final(state)]
         return completion_object(
             chat=self.serving.chat,
             completion_id=self.completion_id,
@@ -323,17 +352,16 @@ class _Answer:
         if self.serving.chat:
             for index in range(choices):
                 yield self._chunk(index, role=True)
-        sent: dict[int, str] = {}
+        sent = self.streamed
         state: JobState | None = self.created.state
         if state is not None and not state.terminal:
             follower = Follower(reader, self.settings.database_url, self.job_id, state.attempts)
             async for event in follower.run():
                 if isinstance(event, Token):
-                    index = choice_index(
-                        event.prompt_index, event.sequence_index, self.serving.choices_per_prompt
+                    self.take(event)
+                    yield self._chunk(
+                        self._index(event.prompt_index, event.sequence_index), text=event.text
                     )
-                    sent[index] = sent.get(index, "") + event.text
-                    yield self._chunk(index, text=event.text)
                 elif isinstance(event, Restart | Requeued):
                     if sent:
                         yield self._error(_worker_lost(self.job_id))
@@ -348,15 +376,18 @@ class _Answer:
             yield self._error(exc)
             return
         for text in sorted(texts, key=lambda t: (t.prompt_index, t.sequence_index)):
-            index = choice_index(
-                text.prompt_index, text.sequence_index, self.serving.choices_per_prompt
-            )
+            index = self._index(text.prompt_index, text.sequence_index)
             given = sent.get(index, "")
-            if not text.text.startswith(given):
+            try:
+                whole = self._streamed_text(text)
+            except JobFailedError as exc:
+                yield self._error(exc)
+                return
+            if not whole.startswith(given):
                 yield self._error(_worker_lost(self.job_id))
                 return
-            if len(text.text) > len(given):
-                yield self._chunk(index, text=text.text[len(given) :])
+            if len(whole) > len(given):
+                yield self._chunk(index, text=whole[len(given) :])
             yield self._chunk(index, finish_reason=text.finish_reason)
         if self.serving.include_usage:
             data = usage_chunk(

@@ -122,6 +122,23 @@ def test_stop_ends_the_text_before_the_stop_string(serving: Stack, client: OpenA
     assert cut.choices[0].text == text[: text.index(stop)]
 
 
+def test_store_false_answers_without_keeping_the_text(serving: Stack, client: OpenAI) -> None:
+    ask = {"model": TINY_CHAT_MODEL, "messages": QUESTION, "max_tokens": 16, "temperature": 0}
+    kept = client.chat.completions.create(**ask)  # type: ignore[call-overload]
+    raw = client.chat.completions.with_raw_response.create(**ask, store=False)
+    unkept = raw.parse()
+    assert unkept.choices[0].message.content == kept.choices[0].message.content
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**ask, store=False, stream=True)
+        if c.choices
+    )
+    assert streamed == kept.choices[0].message.content
+    [stored] = serving.outputs(raw.headers["Modelyard-Job-Id"])
+    assert stored["text"] == ""
+    assert stored["completion_tokens"] == unkept.usage.completion_tokens  # type: ignore[union-attr]
+
+
 def test_completions_number_choices_prompt_by_prompt(client: OpenAI) -> None:
     out = client.completions.create(
         model=TINY_MODEL, prompt=["The blue mug", "Fresh bread"], max_tokens=5, n=2, seed=3

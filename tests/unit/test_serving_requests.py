@@ -65,6 +65,16 @@ def test_chat_body_maps_onto_the_spec() -> None:
     )
 
 
+def test_store_decides_whether_the_text_is_kept() -> None:
+    assert chat().job.spec.store_text is True
+    assert chat(store=False).job.spec.store_text is False
+    not_by_default = chat_request({"model": "m", "messages": MESSAGES}, 10, store_text=False)
+    assert not_by_default.job.spec.store_text is False
+    assert chat_request(
+        {"model": "m", "messages": MESSAGES, "store": True}, 10, store_text=False
+    ).job.spec.store_text
+
+
 def test_defaults_are_openais() -> None:
     assert chat().job.spec.max_new_tokens == 100
     req = completion_request({"model": "m", "prompt": ["a", "b"]})
@@ -80,7 +90,6 @@ def test_defaults_are_openais() -> None:
         {"presence_penalty": 0.0},
         {"logit_bias": {}},
         {"tools": []},
-        {"store": True},
         {"response_format": {"type": "text"}},
         {"parallel_tool_calls": True},
         {"service_tier": "auto"},
@@ -97,7 +106,6 @@ def test_no_op_values_of_unsupported_parameters_are_accepted(body: dict[str, Any
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logit_bias": {"1": 3}}, "logit_bias"),
         ({"tools": [{"type": "function"}]}, "tools"),
-        ({"store": False}, "store"),
         ({"beam_width": 2}, "beam_width"),
     ],
 )

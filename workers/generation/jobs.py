@@ -27,7 +27,7 @@ from core.token_stream import TokenDelta, TokenStreamWriter
 from db.base import utcnow
 from db.events import append_event
 from db.jobs import ready_for_model
-from db.outputs import storable_text
+from db.outputs import storable_text, without_text
 from db.session import session_scope
 from workers.generation.cache import CacheOutcome
 from workers.generation.engine import GenerationEngine, base_of, open_engine
@@ -164,7 +164,10 @@ class DecodeGroupRun:
             "generation_s": round(time.perf_counter() - member.started, 3),
             **member.cache_note,
         }
-        result = RunResult(outputs=finished.texts, result=summary)
+        texts = finished.texts
+        if not member.attempt.claimed.spec.get("store_text", True):
+            texts = [without_text(t) for t in texts]  # readers had it from the token stream
+        result = RunResult(outputs=texts, result=summary)
         self._end(finished.key, lambda a: a.succeed(result))
 
     def _drop_stopped(self, engine: GenerationEngine) -> None:
