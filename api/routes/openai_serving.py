@@ -173,7 +173,7 @@ async def _serve(
     created = await run_in_threadpool(_create, serving, settings, publisher, who, idempotency_key)
     completion_id = f"{'chatcmpl' if serving.chat else 'cmpl'}-{created.job_id}"
     headers = {JOB_ID_HEADER: created.job_id}
-    answer = _Answer(serving, settings, who, created, completion_id)
+    answer = _Answer(serving, settings, publisher, who, created, completion_id)
     if serving.stream:
         headers["Cache-Control"] = "no-cache"
         return StreamingResponse(
@@ -239,12 +239,14 @@ class _Answer:
         self,
         serving: ServingRequest,
         settings: Settings,
+        publisher: JobPublisher,
         who: Principal,
         created: Created,
         completion_id: str,
     ) -> None:
         self.serving = serving
         self.settings = settings
+        self.publisher = publisher
         self.who = who
         self.created = created
         self.completion_id = completion_id
@@ -416,6 +418,8 @@ class _Answer:
             job = jobs_repo.request_cancel(session, self.job_id, tenant_id=self.who.tenant_id)
             self.who.audit(session, "job.cancel", "job", self.job_id)
             session.commit()
+        if job.status == JobStatus.RUNNING.value:
+            self.publisher.notify_cancel(self.job_id)
         logger.info("job %s: client left; cancel requested (now %s)", self.job_id, job.status)
 
 
