@@ -279,3 +279,9 @@ def test_spec_defaults_and_refusals() -> None:
     for bad in ({"endpoint": "/v1/embeddings"}, {"input_dataset": "x"}, {"model": "m"}):
         with pytest.raises(ValidationError):
             BatchSpec.model_validate({"input_dataset": DS, "endpoint": CHAT, **bad})
+
+
+def test_frequency_and_presence_penalties_are_mapped() -> None:
+    spec = generate_spec_for(completion(frequency_penalty=0.5, presence_penalty=-1.25))
+    assert (spec.frequency_penalty, spec.presence_penalty) == (0.5, -1.25)
+    assert "body.presence_penalty is 2.5" in refused(jsonl(completion(presence_penalty=2.5)))

@@ -91,6 +91,8 @@ def generate_spec_for(request: dict[str, Any]) -> GenerateSpec:
         ("n", "num_return_sequences"),
         ("seed", "seed"),
         ("repetition_penalty", "repetition_penalty"),
+        ("frequency_penalty", "frequency_penalty"),
+        ("presence_penalty", "presence_penalty"),
     ):
         if body.get(source) is not None:
             fields[target] = body[source]

@@ -23,6 +23,7 @@ from workers.generation.sampling import RowSampling, choose_tokens
 from workers.generation.text import SequenceText
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter forward
+_COUNT_DTYPE = torch.int16  # max_new_tokens is at most 4096
 
 
 @dataclass
@@ -77,6 +78,7 @@ class DecodeGroup:
         self._positions = torch.zeros((0,), dtype=torch.long, device=device)
         self._pending = torch.zeros((0,), dtype=torch.long, device=device)
         self._seen = torch.zeros((0, vocab_size), dtype=torch.bool, device=device)
+        self._counts = torch.zeros((0, vocab_size), dtype=_COUNT_DTYPE, device=device)
 
     def refresh_model(self, model: Any) -> None:
         """Use `model` from now on (the cache wrapped the base in a peft model)."""
@@ -120,10 +122,16 @@ class DecodeGroup:
             seen[i, torch.tensor(r.prompt_ids, device=self._device).clamp(max=self._vocab - 1)] = (
                 True
             )
+        counts = torch.zeros((len(rows), self._vocab), dtype=_COUNT_DTYPE, device=self._device)
         draws = _RandomState(rows)
         try:
-            tokens = choose_tokens(out.logits[:, -1, :], [r.sampling for r in rows], seen)
-            self._merge(rows, out.cache, mask, mask.sum(-1), seen)
+            tokens = choose_tokens(
+                out.logits[:, -1, :],
+                [r.sampling for r in rows],
+                seen,
+                counts,
+            )
+            self._merge(rows, out.cache, mask, mask.sum(-1), seen, counts)
         except BaseException:
             draws.restore()  # a row admitted again later draws what it would have drawn
             raise
@@ -146,7 +154,10 @@ class DecodeGroup:
                 cache=self._cache,
             )
             tokens = choose_tokens(
-                out.logits[:, -1, :], [r.sampling for r in self.rows], self._seen
+                out.logits[:, -1, :],
+                [r.sampling for r in self.rows],
+                self._seen,
+                self._counts,
             )
         except BaseException:
             draws.restore()
@@ -174,10 +185,11 @@ class DecodeGroup:
         if not keep:
             self._cache = None
             self._mask = self._mask[:0, :0]
-            self._positions, self._pending, self._seen = (
+            self._positions, self._pending, self._seen, self._counts = (
                 self._positions[:0],
                 self._pending[:0],
                 self._seen[:0],
+                self._counts[:0],
             )
             return
         index = torch.tensor(keep, dtype=torch.long, device=self._device)
@@ -187,6 +199,7 @@ class DecodeGroup:
         self._positions = self._positions[index]
         self._pending = self._pending[index]
         self._seen = self._seen[index]
+        self._counts = self._counts[index]
         used = self._mask.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else 0
         if start > 0:
@@ -210,13 +223,14 @@ class DecodeGroup:
         mask: torch.Tensor,
         positions: torch.Tensor,
         seen: torch.Tensor,
+        counts: torch.Tensor,
     ) -> None:
         """Merge a prefilled group in: every new tensor is built before any is kept."""
         if self._cache is None or not self.rows:
             self._layers(cache)
             pending = torch.zeros((len(rows),), dtype=torch.long, device=self._device)
             self._cache, self._mask, self._positions = cache, mask, positions
-            self._pending, self._seen = pending, seen
+            self._pending, self._seen, self._counts = pending, seen, counts
             self.rows = list(rows)
             return
         width = max(self.width, int(mask.shape[1]))
@@ -234,17 +248,21 @@ class DecodeGroup:
         filler = torch.zeros((len(rows),), dtype=torch.long, device=self._device)
         merged_pending = torch.cat([self._pending, filler])
         merged_seen = torch.cat([self._seen, seen])
+        merged_counts = torch.cat([self._counts, counts])
         for layer, (keys, values) in zip(old_layers, merged, strict=True):
             layer.keys, layer.values = keys, values
         self._mask, self._positions = merged_mask, merged_positions
         self._pending, self._seen = merged_pending, merged_seen
+        self._counts = merged_counts
         self.rows.extend(rows)
 
     def _take(self, tokens: torch.Tensor, first: int) -> list[Row]:
         """Keep the tokens chosen for rows[first:]; return the rows that ended."""
         rows = self.rows[first:]
         self._pending[first:] = tokens
-        self._seen[torch.arange(first, len(self.rows), device=self._device), tokens] = True
+        index = torch.arange(first, len(self.rows), device=self._device)
+        self._seen[index, tokens] = True
+        self._counts[index, tokens] += 1
         done: list[Row] = []
         for r, token in zip(rows, tokens.tolist(), strict=True):
             r.generated += 1

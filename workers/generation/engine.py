@@ -213,6 +213,8 @@ class TransformersEngine(GenerationEngine):
                     top_p=spec.top_p,
                     top_k=spec.top_k,
                     repetition_penalty=spec.repetition_penalty,
+                    frequency_penalty=spec.frequency_penalty,
+                    presence_penalty=spec.presence_penalty,
                     generator=(
                         row_generator(row_seed(base_seed, p_index, s_index))
                         if spec.do_sample
