@@ -24,6 +24,7 @@ from core.enums import (
     PredictMode,
     WebhookEvent,
 )
+from core.response_format import ResponseFormat
 
 MAX_SEQUENCES_PER_JOB = 1024
 MODEL_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-/:]{0,254}$"
@@ -110,6 +111,10 @@ class GenerateSpec(BaseModel):
     retrieval: RetrievalSpec | None = Field(
         default=None,
         description="Put the most similar past answers into the prompt (chat template only).",
+    )
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="OpenAI's: json_object or json_schema output, enforced while decoding.",
     )
 
     @field_validator("model")
