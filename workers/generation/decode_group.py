@@ -13,7 +13,7 @@ can drop a request's rows and go on with the others.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,18 @@ from workers.generation.text import SequenceText
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter forward
 _COUNT_DTYPE = torch.int16  # max_new_tokens is at most 4096
+
+
+class TokenConstraint(Protocol):
+    """What a row's output must match (a grammar), as the decode group needs it."""
+
+    def allowed(self, vocab_size: int) -> torch.Tensor:
+        """The tokens this row may choose next: [vocab_size] bool on the CPU; never all False."""
+        ...
+
+    def accept(self, token_id: int) -> bool:
+        """Advance past the chosen token; True when the output is now complete."""
+        ...
 
 
 @dataclass
@@ -37,6 +49,7 @@ class Row:
     text: SequenceText
     adapter: str = BASE_ADAPTER
     generated: int = 0  # tokens chosen so far, end-of-text included
+    constraint: TokenConstraint | None = None  # a response format's grammar
 
 
 class UnsupportedCache(Exception):
@@ -130,6 +143,7 @@ class DecodeGroup:
                 [r.sampling for r in rows],
                 seen,
                 counts,
+                self._allowed(rows),
             )
             self._merge(rows, out.cache, mask, mask.sum(-1), seen, counts)
         except BaseException:
@@ -158,6 +172,7 @@ class DecodeGroup:
                 [r.sampling for r in self.rows],
                 self._seen,
                 self._counts,
+                self._allowed(self.rows),
             )
         except BaseException:
             draws.restore()
@@ -166,6 +181,18 @@ class DecodeGroup:
         self._mask = mask
         self._positions = self._positions + 1
         return self._take(tokens, first=0)
+
+    def _allowed(self, rows: list[Row]) -> torch.Tensor | None:
+        """[len(rows), vocab] bool: what each row's constraint allows (None when no row has
+        one). Reading a constraint does not advance it, so a step that fails after this
+        leaves every row as it was."""
+        if all(r.constraint is None for r in rows):
+            return None
+        allowed = torch.ones((len(rows), self._vocab), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            if r.constraint is not None:
+                allowed[i] = r.constraint.allowed(self._vocab)
+        return allowed.to(self._device)
 
     def _cut_cache(self, width: int) -> None:
         if self._cache is None:
@@ -266,7 +293,8 @@ class DecodeGroup:
         done: list[Row] = []
         for r, token in zip(rows, tokens.tolist(), strict=True):
             r.generated += 1
-            r.text.add(token, last_allowed=r.generated >= r.max_new_tokens)
+            complete = r.constraint is not None and r.constraint.accept(token)
+            r.text.add(token, last_allowed=r.generated >= r.max_new_tokens, complete=complete)
             if r.text.finished:
                 done.append(r)
         return done

@@ -4,7 +4,8 @@ Every operation here is row-wise, so a row's choice depends only on its own
 logits, parameters and random generator, never on the other rows decoded with it.
 The order follows transformers' `generate`: repetition penalty, then OpenAI's
 frequency and presence penalties (on the tokens the row generated, not its prompt),
-then temperature, top-k, top-p, and a draw (or argmax when greedy).
+then the grammar's allowed set for rows with a response format, temperature, top-k,
+top-p, and a draw (or argmax when greedy).
 """
 
 from __future__ import annotations
@@ -83,11 +84,13 @@ def choose_tokens(
     rows: list[RowSampling],
     seen: torch.Tensor | None,
     counts: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next token id per row ([B] long, on logits' device) from last-position logits [B, V].
 
     `counts` [B, V] holds how often each row generated each token so far (None skips the
-    frequency and presence penalties).
+    frequency and presence penalties); `allowed` [B, V] bool, where given, is the set of tokens
+    each row may choose (all True for rows without a constraint) and must allow at least one.
     """
     logits = logits.float()
     if seen is not None:
@@ -98,6 +101,8 @@ def choose_tokens(
         frequency = torch.tensor([r.frequency_penalty for r in rows], device=logits.device)
         presence = torch.tensor([r.presence_penalty for r in rows], device=logits.device)
         logits = penalize_counts(logits, counts, frequency, presence)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     chosen = torch.argmax(logits, dim=-1)
     sampled = [i for i, r in enumerate(rows) if r.do_sample]
     if sampled:
