@@ -45,6 +45,7 @@ SUPPORTED_BODY_KEYS = frozenset(
         "repetition_penalty",
         "frequency_penalty",
         "presence_penalty",
+        "response_format",
     }
 )
 """Body fields that change what is generated here (top_k and repetition_penalty as in vLLM)."""

@@ -98,6 +98,8 @@ def generate_spec_for(request: dict[str, Any]) -> GenerateSpec:
             fields[target] = body[source]
     if body.get("top_k") is not None:
         fields["top_k"] = max(body["top_k"], 0)  # vLLM's -1 means "off", which is 0 here
+    if body.get("response_format") is not None:
+        fields["response_format"] = body["response_format"]
     stop = body.get("stop")
     if stop is not None:
         fields["stop"] = [stop] if isinstance(stop, str) else stop
