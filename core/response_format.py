@@ -8,6 +8,10 @@ submit, against what that enforcement supports: a schema that asks for something
 cannot guarantee (`patternProperties`, `not`, `uniqueItems`, a remote `$ref`, ...) is
 refused with the keyword and where it is, instead of being quietly ignored and
 producing output that does not validate. Pure Python: core/ imports no grammar library.
+
+One known gap: `oneOf` is accepted here, but llguidance compiles it only when its
+branches cannot match the same value; overlapping branches fail the job at the worker
+(invalid_spec) rather than at submit, since telling them apart means compiling.
 """
 
 from __future__ import annotations

@@ -19,12 +19,15 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from transformers import AutoTokenizer
 
 from core.enums import FailureType
 from core.errors import PermanentJobError
+from core.response_format import FORMATS, check_schema
 from core.settings import Settings
 from core.specs import GenerateSpec
 from tests.conftest import TINY_MODEL
+from tests.unit.test_response_format import ORDER
 from workers.generation import grammar as grammar_module
 from workers.generation.cache import ModelCache
 from workers.generation.engine import TransformersEngine, base_of, open_engine
@@ -183,6 +186,34 @@ def test_a_schema_the_grammar_library_refuses_fails_the_request_alone(
         engine.add(GenerationRequest("bad", bad))
     assert info.value.failure is FailureType.INVALID_SPEC
     assert not engine.has_work
+
+
+ACCEPTED = [
+    {"oneOf": [{"type": "string"}, {"type": "integer"}]},  # disjoint branches only
+    {"type": "object", "properties": {"child": {"$ref": "#"}}},
+    {"definitions": {"n": {"type": "integer"}}, "$ref": "#/definitions/n"},
+    {"type": "array", "prefixItems": [{"type": "string"}], "items": False},
+    {"type": "object", "properties": {"a": True, "b": False}},
+    {"type": "string", "title": "t", "default": "x", "examples": ["a"], "deprecated": True},
+    {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 5},
+    {"const": {"a": [1, 2]}},
+    *({"type": "string", "format": f} for f in sorted(FORMATS)),
+]
+
+
+def test_what_the_submit_checker_accepts_the_grammar_library_compiles(
+    tiny_model_dir: Path,
+) -> None:
+    """core/response_format.py mirrors llguidance: a schema that passes it compiles."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    grammars = grammar_module.Grammars(tokenizer, len(tokenizer), frozenset(), 0)
+    for schema in [ORDER, *ACCEPTED]:
+        check_schema(schema)
+        grammars.matcher(schema)
+    overlapping = {"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]}
+    check_schema(overlapping)  # the one known gap: refused when the worker compiles it
+    with pytest.raises(grammar_module.GrammarError, match="oneOf"):
+        grammars.matcher(overlapping)
 
 
 # --- property: any bounded schema of the supported kinds stops and validates --------------
