@@ -24,6 +24,7 @@ from core.enums import (
     PredictMode,
     WebhookEvent,
 )
+from core.response_format import ResponseFormat
 
 MAX_SEQUENCES_PER_JOB = 1024
 MODEL_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-/:]{0,254}$"
@@ -98,12 +99,28 @@ class GenerateSpec(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=1000, description="0 disables top-k filtering.")
     repetition_penalty: float = Field(default=1.0, ge=0.5, le=2.0)
+    frequency_penalty: float = Field(
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        description="OpenAI's: subtracted from a token's logit once per time it was generated.",
+    )
+    presence_penalty: float = Field(
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        description="OpenAI's: subtracted from a token's logit once it was generated at all.",
+    )
     num_return_sequences: int = Field(default=1, ge=1, le=16)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     stop: list[StopSequence] = Field(default_factory=list, max_length=8)
     retrieval: RetrievalSpec | None = Field(
         default=None,
         description="Put the most similar past answers into the prompt (chat template only).",
+    )
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="OpenAI's: json_object or json_schema output, enforced while decoding.",
     )
 
     @field_validator("model")

@@ -92,11 +92,15 @@ def generate_spec_for(request: dict[str, Any]) -> GenerateSpec:
         ("n", "num_return_sequences"),
         ("seed", "seed"),
         ("repetition_penalty", "repetition_penalty"),
+        ("frequency_penalty", "frequency_penalty"),
+        ("presence_penalty", "presence_penalty"),
     ):
         if body.get(source) is not None:
             fields[target] = body[source]
     if body.get("top_k") is not None:
         fields["top_k"] = max(body["top_k"], 0)  # vLLM's -1 means "off", which is 0 here
+    if body.get("response_format") is not None:
+        fields["response_format"] = body["response_format"]
     stop = body.get("stop")
     if stop is not None:
         fields["stop"] = [stop] if isinstance(stop, str) else stop
