@@ -24,8 +24,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "logprobs": (False,),
     "top_logprobs": (0,),
     "echo": (False,),
-    "frequency_penalty": (0, 0.0),
-    "presence_penalty": (0, 0.0),
     "logit_bias": ({},),
     "tools": ([],),
     "functions": ([],),
@@ -42,8 +40,6 @@ _WHY_NOT: dict[str, str] = {
     "logprobs": "log probabilities are not returned yet",
     "top_logprobs": "log probabilities are not returned yet",
     "echo": "echoing the prompt is not supported",
-    "frequency_penalty": "the engine does not apply frequency penalties yet",
-    "presence_penalty": "the engine does not apply presence penalties yet",
     "logit_bias": "logit biases are not supported",
     "tools": "tool calling is not supported",
     "functions": "function calling is not supported",
@@ -52,7 +48,6 @@ _WHY_NOT: dict[str, str] = {
     "suffix": "suffixes (fill in the middle) are not supported",
     "modalities": "only text is generated",
     "service_tier": "there is one service tier",
-    "response_format": "structured output is not supported yet",
 }
 
 Role = Literal["system", "developer", "user", "assistant"]
@@ -120,8 +115,8 @@ class _SamplingBody(BaseModel):
     repetition_penalty: float | None = Field(default=None, ge=0.5, le=2.0)
     logprobs: Any = None
     top_logprobs: Any = None
-    frequency_penalty: Any = None
-    presence_penalty: Any = None
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: Any = None
     store: bool | None = Field(
         default=None,
@@ -136,7 +131,10 @@ class ChatCompletionBody(_SamplingBody):
 
     messages: list[RequestMessage] = Field(min_length=1, max_length=1024)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    response_format: Any = None
+    response_format: dict[str, Any] | None = Field(
+        default=None,
+        description="OpenAI's text, json_object or json_schema, enforced while decoding.",
+    )
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -200,8 +198,6 @@ def _refuse_unsupported(parsed: _SamplingBody) -> None:
             type(value) is type(neutral) and value == neutral for neutral in _NEUTRAL.get(name, ())
         ):
             continue
-        if name == "response_format" and value == {"type": "text"}:
-            continue
         raise UnsupportedParameterError(f"{name}: {why}", param=name)
 
 
@@ -228,6 +224,8 @@ def _spec_fields(
         ("n", "num_return_sequences"),
         ("seed", "seed"),
         ("repetition_penalty", "repetition_penalty"),
+        ("frequency_penalty", "frequency_penalty"),
+        ("presence_penalty", "presence_penalty"),
     ):
         value = getattr(parsed, source)
         if value is not None:
@@ -252,6 +250,9 @@ _SPEC_PARAMS = {
     "spec.stop": "stop",
     "spec.model": "model",
     "metadata": "metadata",
+    "spec.frequency_penalty": "frequency_penalty",
+    "spec.presence_penalty": "presence_penalty",
+    "spec.response_format": "response_format",
 }
 
 
@@ -267,7 +268,9 @@ def openai_param(ours: str | None, chat: bool) -> str | None:
         if ours == prefix or ours.startswith(prefix + ".") or ours.startswith(prefix + "["):
             if theirs == "max_tokens" and chat:
                 return "max_completion_tokens"
-            return theirs + ours.removeprefix(prefix)
+            # a union's tag (response_format's json_schema) is not a field of the body
+            rest = ours.removeprefix(prefix).replace(".json_schema.json_schema", ".json_schema")
+            return theirs + rest
     return ours
 
 
@@ -296,6 +299,8 @@ def chat_request(body: Any, default_max_tokens: int, store_text: bool = True) ->
     max_tokens = parsed.max_completion_tokens or parsed.max_tokens
     if max_tokens is not None:
         fields["max_new_tokens"] = max_tokens
+    if parsed.response_format is not None:
+        fields["response_format"] = parsed.response_format
     fields["messages"] = [
         [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text}

@@ -7,12 +7,13 @@ import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
+from pydantic import BaseModel
 
 from tests.conftest import TINY_CHAT_MODEL, TINY_MODEL, install_tiny_chat_model
 from tests.support.harness import Stack
@@ -300,3 +301,62 @@ def list_jobs(stack: Stack) -> list[dict[str, Any]]:
     with stack.client() as http:
         data: list[dict[str, Any]] = http.get("/v1/jobs", params={"limit": 100}).json()["data"]
         return data
+
+
+class Verdict(BaseModel):
+    """A bounded shape: a random-weight model completes it within a few tokens."""
+
+    answer: Literal["yes", "no", "maybe"]
+    urgent: bool
+
+
+def test_sdk_parse_returns_the_pydantic_model_the_schema_names(client: OpenAI) -> None:
+    for seed in range(3):
+        parsed = client.chat.completions.parse(
+            model=TINY_CHAT_MODEL,
+            messages=QUESTION,
+            response_format=Verdict,
+            max_completion_tokens=40,
+            seed=seed,
+        )
+        choice = parsed.choices[0]
+        assert choice.finish_reason == "stop"
+        assert isinstance(choice.message.parsed, Verdict)
+        assert Verdict.model_validate_json(choice.message.content or "") == choice.message.parsed
+
+
+def test_json_object_streams_a_json_object(client: OpenAI) -> None:
+    chunks = client.chat.completions.create(
+        model=TINY_CHAT_MODEL,
+        messages=QUESTION,
+        response_format={"type": "json_object"},
+        max_tokens=60,
+        temperature=0,
+        stream=True,
+    )
+    pieces, reasons = [], []
+    for c in chunks:
+        if c.choices:
+            pieces.append(c.choices[0].delta.content or "")
+            reasons.append(c.choices[0].finish_reason)
+    text = "".join(pieces)
+    assert text.startswith("{")
+    if reasons[-1] == "stop":
+        assert isinstance(json.loads(text), dict)
+
+
+def test_langchain_with_structured_output_gives_the_model(serving: Stack) -> None:
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(
+        model=TINY_CHAT_MODEL,
+        base_url=f"{serving.base_url}/v1",
+        api_key=serving.api_key,  # type: ignore[arg-type]
+        max_completion_tokens=40,
+        temperature=0,
+        max_retries=0,
+    )
+    verdict = chat.with_structured_output(Verdict, method="json_schema").invoke(
+        "Is my parcel late?"
+    )
+    assert isinstance(verdict, Verdict)

@@ -75,6 +75,29 @@ def test_store_decides_whether_the_text_is_kept() -> None:
     ).job.spec.store_text
 
 
+def test_penalties_and_response_format_reach_the_spec() -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    spec = chat(
+        frequency_penalty=0.5,
+        presence_penalty=-1,
+        response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}},
+    ).job.spec
+    assert (spec.frequency_penalty, spec.presence_penalty) == (0.5, -1.0)
+    assert spec.response_format is not None
+    assert spec.response_format.model_dump(by_alias=True)["json_schema"]["schema"] == schema
+
+
+def test_a_schema_decoding_cannot_enforce_is_a_400_naming_where() -> None:
+    schema = {"type": "object", "patternProperties": {"^a": {"type": "string"}}}
+    with pytest.raises(BadRequestError) as refused:
+        chat(
+            response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}
+        )
+    assert refused.value.param is not None
+    assert refused.value.param.startswith("response_format.json_schema")
+    assert "patternProperties" in refused.value.message
+
+
 def test_defaults_are_openais() -> None:
     assert chat().job.spec.max_new_tokens == 100
     req = completion_request({"model": "m", "prompt": ["a", "b"]})
@@ -86,11 +109,8 @@ def test_defaults_are_openais() -> None:
     "body",
     [
         {"logprobs": False},
-        {"frequency_penalty": 0},
-        {"presence_penalty": 0.0},
         {"logit_bias": {}},
         {"tools": []},
-        {"response_format": {"type": "text"}},
         {"parallel_tool_calls": True},
         {"service_tier": "auto"},
     ],
