@@ -77,6 +77,31 @@ class NotFoundError(ModelyardError):
     type = "not_found"
 
 
+class ModelNotFoundError(NotFoundError):
+    """Raised when an OpenAI-compatible route names a model that is not installed, registered
+    or an allowed hub repository."""
+
+    type = "model_not_found"
+
+
+class UnsupportedParameterError(ModelyardError):
+    """Raised when a request sets a parameter the model or route does not support."""
+
+    type = "unsupported_parameter"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    """Raised when an input has more tokens than the model takes; the message names it."""
+
+    type = "context_length_exceeded"
+
+
+class JobFailedError(ModelyardError):
+    """Raised by a route that waited for its job when the job failed; carries its error."""
+
+    type = "job_failed"
+
+
 class AuthenticationError(ModelyardError):
     """Raised when a request has no API key, or one that is unknown or revoked."""
 
