@@ -18,9 +18,11 @@ from starlette.routing import Match
 from core.enums import JobKind
 from core.errors import (
     AuthenticationError,
+    ContextLengthExceededError,
     IdempotencyConflictError,
     InvalidRequestError,
     InvalidStateError,
+    JobFailedError,
     MalformedBodyError,
     ModelyardError,
     NotFoundError,
@@ -29,6 +31,7 @@ from core.errors import (
     QuotaExceededError,
     RateLimitedError,
     ServiceUnavailableError,
+    UnsupportedParameterError,
 )
 from db.session import DATABASE_UNAVAILABLE
 
@@ -49,6 +52,9 @@ STATUS_FOR_ERROR: dict[type[ModelyardError], int] = {
     IdempotencyConflictError: 409,
     InvalidStateError: 409,
     ServiceUnavailableError: 503,
+    UnsupportedParameterError: 400,
+    ContextLengthExceededError: 400,
+    JobFailedError: 500,
 }
 
 TYPE_FOR_HTTP_STATUS: dict[int, str] = {
