@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from api.auth import Principal, require
 from core.dispatch import JobPublisher
 from core.settings import Settings
+from core.token_stream import TokenStreamReader
 from db.session import get_sessionmaker
 
 
@@ -25,8 +26,14 @@ async def get_publisher(request: Request) -> JobPublisher:
     return publisher
 
 
+async def get_token_reader(request: Request) -> TokenStreamReader:
+    reader: TokenStreamReader = request.app.state.token_reader
+    return reader
+
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 PublisherDep = Annotated[JobPublisher, Depends(get_publisher)]
+TokenReaderDep = Annotated[TokenStreamReader, Depends(get_token_reader)]
 
 
 @contextmanager

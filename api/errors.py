@@ -18,10 +18,11 @@ from starlette.routing import Match
 from core.enums import JobKind
 from core.errors import (
     AuthenticationError,
-    ContextLengthExceededError,
+    BadRequestError,
     IdempotencyConflictError,
     InvalidRequestError,
     InvalidStateError,
+    JobCancelledError,
     JobFailedError,
     MalformedBodyError,
     ModelyardError,
@@ -31,7 +32,6 @@ from core.errors import (
     QuotaExceededError,
     RateLimitedError,
     ServiceUnavailableError,
-    UnsupportedParameterError,
 )
 from db.session import DATABASE_UNAVAILABLE
 
@@ -42,6 +42,7 @@ _KIND_TAGS = frozenset(k.value for k in JobKind)
 
 STATUS_FOR_ERROR: dict[type[ModelyardError], int] = {
     InvalidRequestError: 422,
+    BadRequestError: 400,
     MalformedBodyError: 400,
     PayloadTooLargeError: 413,
     NotFoundError: 404,
@@ -52,8 +53,7 @@ STATUS_FOR_ERROR: dict[type[ModelyardError], int] = {
     IdempotencyConflictError: 409,
     InvalidStateError: 409,
     ServiceUnavailableError: 503,
-    UnsupportedParameterError: 400,
-    ContextLengthExceededError: 400,
+    JobCancelledError: 409,
     JobFailedError: 500,
 }
 
@@ -92,7 +92,10 @@ def _documented(description: str) -> dict[str, Any]:
 
 # What any operation may answer besides its success; documented on every route.
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: _documented("The body is not valid JSON (or not a form where one is expected)."),
+    400: _documented(
+        "The body is not valid JSON (or not a form where one is expected), or an "
+        "OpenAI-compatible serving request is invalid."
+    ),
     401: _documented("No API key, or one that is unknown or revoked (/v1 routes)."),
     403: _documented("The API key lacks the scope this route needs."),
     404: _documented("No such resource (or not visible to the caller)."),
@@ -131,7 +134,7 @@ async def _modelyard_error(_: Request, exc: Exception) -> JSONResponse:
         headers["Retry-After"] = str(exc.retry_after_s)
     elif isinstance(exc, QuotaExceededError):
         headers["Retry-After"] = str(RETRY_AFTER_S)
-    elif isinstance(exc, InvalidStateError | IdempotencyConflictError):
+    elif isinstance(exc, InvalidStateError | IdempotencyConflictError | JobCancelledError):
         # OpenAI's SDKs retry a 409 (a lock timeout there) unless told this: ours are final.
         headers["x-should-retry"] = "false"
     return JSONResponse(

@@ -239,16 +239,21 @@ DISCONNECT_POLL_S = 0.25
 
 
 async def follow_to_end(
-    follower: Follower, disconnected: Callable[[], Awaitable[bool]]
+    follower: Follower,
+    disconnected: Callable[[], Awaitable[bool]],
+    on_event: Callable[[FollowEvent], None] | None = None,
 ) -> JobState | None:
-    """The job's final state once it ends; ClientDisconnected as soon as `disconnected()`
-    says the client is gone (the caller decides what becomes of the job)."""
+    """The job's final state once it ends (every event before it handed to `on_event`);
+    ClientDisconnected as soon as `disconnected()` says the client is gone (the caller
+    decides what becomes of the job)."""
     final: list[JobState | None] = []
 
     async def follow(scope: anyio.CancelScope) -> None:
         async for event in follower.run():
             if isinstance(event, Done):
                 final.append(event.state)
+            elif on_event is not None:
+                on_event(event)
         scope.cancel()
 
     async with anyio.create_task_group() as group:

@@ -26,6 +26,7 @@ from api.routes import (
     openai_embeddings,
     openai_files,
     openai_fine_tuning,
+    openai_serving,
     stream,
     ui,
     webhooks,
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_fine_tuning.router)
     app.include_router(openai_batches.router)
     app.include_router(openai_embeddings.router)
+    app.include_router(openai_serving.router)
     app.include_router(admin.router)
     app.include_router(metrics.router)
     app.include_router(ui.router)

@@ -119,11 +119,19 @@ def p5_rows(quick: bool) -> list[Row]:
     ]
 
 
+def p6_rows(quick: bool) -> list[Row]:
+    from bench import serving
+
+    r = serving.main(["--quick"] if quick else [])
+    return serving.table_rows(r, Row)
+
+
 SECTIONS: list[tuple[str, Callable[[bool], list[Row]]]] = [
     ("P1 overhead", p1_rows),
     ("P2/P4 generation", p2_p4_rows),
     ("P3 fine-tuning", p3_rows),
     ("P5 history", p5_rows),
+    ("P6 serving", p6_rows),
 ]
 
 

@@ -43,6 +43,9 @@ SUPPORTED_BODY_KEYS = frozenset(
         "seed",
         "top_k",
         "repetition_penalty",
+        "frequency_penalty",
+        "presence_penalty",
+        "response_format",
     }
 )
 """Body fields that change what is generated here (top_k and repetition_penalty as in vLLM)."""
@@ -54,8 +57,6 @@ NEUTRAL_BODY_VALUES: dict[str, Any] = {
     "stream": False,
     "logprobs": False,
     "echo": False,
-    "frequency_penalty": 0,
-    "presence_penalty": 0,
 }
 """Fields this server does not implement, accepted only with their no-op value (or null)."""
 
@@ -78,6 +79,8 @@ PARAM_RANGES: dict[str, _Range] = {
     "seed": _Range(integer=True),
     "top_k": _Range(low=-1, integer=True),
     "repetition_penalty": _Range(low=0),
+    "frequency_penalty": _Range(low=-2, high=2),
+    "presence_penalty": _Range(low=-2, high=2),
 }
 
 

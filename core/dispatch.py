@@ -17,6 +17,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from core import cancel_notices
 from core.broker_scan import BrokerMessages, BrokerScanner, Delivery
 from core.enums import QUEUE_FOR_KIND, JobKind
 from core.errors import ConfigurationError
@@ -119,6 +120,14 @@ class JobPublisher:
     def forget_delivery(self, delivery: Delivery) -> bool:
         """Drop an unacked delivery (its consumer is gone); False if it went meanwhile."""
         return self._scanner.forget(delivery)
+
+    def notify_cancel(self, job_id: str) -> None:
+        """After a cancel committed: tell a decoding worker at once (best effort; its
+        heartbeat reads the database's flag anyway)."""
+        try:
+            cancel_notices.notify(self._redis, job_id)
+        except redis.RedisError as exc:
+            logger.warning("cancel notice for job %s not sent: %s", job_id, type(exc).__name__)
 
     def ping(self) -> bool:
         return bool(self._redis.ping())

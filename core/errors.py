@@ -53,6 +53,24 @@ class WebhookDestinationError(InvalidRequestError):
         super().__init__(message, param="webhook_url")
 
 
+class BadRequestError(ModelyardError):
+    """Raised when a request to an OpenAI-compatible serving route is invalid (OpenAI: 400)."""
+
+    type = "invalid_request_error"
+
+
+class UnsupportedParameterError(BadRequestError):
+    """Raised when a serving request sets a parameter this server does not honour."""
+
+    type = "unsupported_parameter"
+
+
+class ContextLengthExceededError(BadRequestError):
+    """Raised when a serving request's prompt (and its max tokens) exceeds the model's context."""
+
+    type = "context_length_exceeded"
+
+
 class StorageError(ModelyardError):
     """Raised when an artifact path lies outside the data dir (shared storage, core/storage.py)."""
 
@@ -78,28 +96,21 @@ class NotFoundError(ModelyardError):
 
 
 class ModelNotFoundError(NotFoundError):
-    """Raised when an OpenAI-compatible route names a model that is not installed, registered
-    or an allowed hub repository."""
+    """Raised when a serving request names a model that is not installed or registered."""
 
     type = "model_not_found"
 
 
-class UnsupportedParameterError(ModelyardError):
-    """Raised when a request sets a parameter the model or route does not support."""
+class JobCancelledError(ModelyardError):
+    """Raised when a serving request's job was cancelled before it answered."""
 
-    type = "unsupported_parameter"
-
-
-class ContextLengthExceededError(InvalidRequestError):
-    """Raised when an input has more tokens than the model takes; the message names it."""
-
-    type = "context_length_exceeded"
+    type = "job_cancelled"
 
 
 class JobFailedError(ModelyardError):
-    """Raised by a route that waited for its job when the job failed; carries its error."""
+    """Raised when a serving request's job failed; the message carries the job's error."""
 
-    type = "job_failed"
+    type = "server_error"
 
 
 class AuthenticationError(ModelyardError):

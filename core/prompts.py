@@ -14,10 +14,11 @@ from core.specs import GenerateSpec
 
 
 class PromptError(ValueError):
-    def __init__(self, message: str, param: str) -> None:
+    def __init__(self, message: str, param: str, *, too_long: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.too_long = too_long  # the prompt and its max new tokens exceed the context
 
 
 def context_length(config: Any) -> int | None:
@@ -61,5 +62,6 @@ def encode_prompts(tokenizer: Any, spec: GenerateSpec, limit: int | None) -> lis
                 f"prompt {index} is {len(ids)} tokens; with max_new_tokens "
                 f"{spec.max_new_tokens} it exceeds the model's context of {limit} tokens",
                 f"spec.{field}[{index}]",
+                too_long=True,
             )
     return encoded

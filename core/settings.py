@@ -210,6 +210,20 @@ class Settings(BaseSettings):
         description="How long a worker that claimed an embedding job waits for more ready jobs "
         "on the same model before it encodes (requests sent together share passes).",
     )
+    serving_store_text: bool = Field(
+        default=True,
+        description="Whether /v1/chat/completions and /v1/completions keep the generated text "
+        "in the database (a request's OpenAI `store` field decides for itself). Without it the "
+        "answer reaches the client from the token stream only, and an Idempotency-Key retry "
+        "cannot replay it.",
+    )
+    chat_default_max_tokens: int = Field(
+        default=1024,
+        ge=1,
+        le=4096,
+        description="Most new tokens of a /v1/chat/completions answer that sets neither "
+        "max_completion_tokens nor max_tokens (it may end sooner, at the model's end of text).",
+    )
     model_cache_mb: int = Field(
         default=8192, ge=1, description="Memory budget of each worker's loaded-model cache (MiB)."
     )

@@ -24,6 +24,7 @@ from core.enums import (
     PredictMode,
     WebhookEvent,
 )
+from core.response_format import ResponseFormat
 
 MAX_SEQUENCES_PER_JOB = 1024
 MODEL_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-/:]{0,254}$"
@@ -87,17 +88,39 @@ class GenerateSpec(BaseModel):
     chat: bool = Field(
         default=False, description="Wrap each prompt as a user message with the chat template."
     )
+    store_text: bool = Field(
+        default=True,
+        description="Keep the generated texts in the outputs table. False: only their token "
+        "counts, lengths and finish reasons are kept; the text reaches readers only over the "
+        "job's token stream, so it is not durable (a reader that misses it cannot get it back).",
+    )
     max_new_tokens: int = Field(default=64, ge=1, le=4096)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=1000, description="0 disables top-k filtering.")
     repetition_penalty: float = Field(default=1.0, ge=0.5, le=2.0)
+    frequency_penalty: float = Field(
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        description="OpenAI's: subtracted from a token's logit once per time it was generated.",
+    )
+    presence_penalty: float = Field(
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        description="OpenAI's: subtracted from a token's logit once it was generated at all.",
+    )
     num_return_sequences: int = Field(default=1, ge=1, le=16)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     stop: list[StopSequence] = Field(default_factory=list, max_length=8)
     retrieval: RetrievalSpec | None = Field(
         default=None,
         description="Put the most similar past answers into the prompt (chat template only).",
+    )
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="OpenAI's: json_object or json_schema output, enforced while decoding.",
     )
 
     @field_validator("model")

@@ -30,6 +30,23 @@ def storable_text(text: str) -> str:
     return text.replace("\x00", "\ufffd")
 
 
+TEXT_CHARS = "text_chars"  # in `data` of a text that was not stored: how long it was
+
+
+def without_text(record: OutputRecord) -> OutputRecord:
+    """The record of a text that is not to be stored: its length instead of it (a reader
+    that assembled it from the token stream checks it is whole)."""
+    return OutputRecord(
+        prompt_index=record.prompt_index,
+        sequence_index=record.sequence_index,
+        text="",
+        finish_reason=record.finish_reason,
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens,
+        data={**(record.data or {}), TEXT_CHARS: len(storable_text(record.text))},
+    )
+
+
 def add_outputs(session: Session, job_id: str, outputs: Iterable[OutputRecord]) -> None:
     session.add_all(
         Output(

@@ -158,7 +158,7 @@ def demo(
         with Client(base, api_key=demo_key) as client:
             dataset = client.upload_dataset(_demo_dataset(settings.data_dir / "demo-support.jsonl"))
             console.print(f"uploaded [bold]{dataset['id']}[/bold]: {dataset['rows']} chat examples")
-            before = _demo_answers(client, DEMO_MODEL)
+            before = _demo_answers(base, demo_key, DEMO_MODEL)
             job = client.submit(
                 "finetune",
                 {
@@ -202,7 +202,7 @@ def demo(
             console.print(
                 f"registered [bold]{model}[/bold]; train loss {losses[0]:.3f} -> {losses[-1]:.3f}"
             )
-            after = _demo_answers(client, model)
+            after = _demo_answers(base, demo_key, model)
             for question, old, new in zip(DEMO_QUESTIONS, before, after, strict=True):
                 console.print(
                     Panel(f"[dim]before:[/dim] {old}\n[bold]after:[/bold]  {new}", title=question)
@@ -212,21 +212,29 @@ def demo(
     console.print(f"demo finished in {time.monotonic() - started:.1f}s (logs in {log_dir})")
 
 
-def _demo_answers(client: Any, model: str) -> list[str]:
-    spec = {
-        "model": model,
-        "prompts": DEMO_QUESTIONS,
-        "chat": True,
-        "max_new_tokens": 40,
-        "temperature": 0,
-    }
-    job = client.submit("generate", spec, metadata={"source": "demo"})
-    with console.status(f"generating with {model}..."):
-        job = client.wait(job["id"], timeout=900)
-    if job["status"] != "succeeded":
-        console.print(f"[red]generation ended {job['status']}: {job['error']}[/red]")
-        raise typer.Exit(1)
-    return [o["text"].strip() for o in client.outputs(job["id"])]
+def _demo_answers(base_url: str, api_key: str, model: str) -> list[str]:
+    """The demo questions asked through OpenAI's SDK (`/v1/chat/completions`), all at once:
+    each is a generation job, and the worker decodes them together."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    with (
+        OpenAI(base_url=f"{base_url}/v1", api_key=api_key, timeout=900) as openai_client,
+        console.status(f"asking {model} through openai.OpenAI(base_url=...)..."),
+        ThreadPoolExecutor(len(DEMO_QUESTIONS)) as pool,
+    ):
+
+        def ask(question: str) -> str:
+            answer = openai_client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": question}],
+                max_tokens=40,
+                temperature=0,
+            )
+            return (answer.choices[0].message.content or "").strip()
+
+        return list(pool.map(ask, DEMO_QUESTIONS))
 
 
 register_job_commands(app)

@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 BACKENDS = ["sqlite", "postgresql"]
 TINY_MODEL = "tiny-gpt2"
+TINY_CHAT_MODEL = "tiny-gpt2-chat"
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +28,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def install_tiny_model(tiny_model_dir: Path, data_dir: Path) -> None:
     """Copy the tiny model where `model: tiny-gpt2` resolves for a stack using `data_dir`."""
     shutil.copytree(tiny_model_dir, data_dir / "models" / TINY_MODEL, dirs_exist_ok=True)
+
+
+def install_tiny_chat_model(tiny_model_dir: Path, data_dir: Path) -> None:
+    """The tiny model with a chat template, where `model: tiny-gpt2-chat` resolves."""
+    from tests.support.tiny_model import with_chat_template
+
+    with_chat_template(tiny_model_dir, data_dir / "models" / TINY_CHAT_MODEL)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

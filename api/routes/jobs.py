@@ -256,10 +256,12 @@ def get_job(job_id: str, session: ReadSessionDep, who: JobsRead) -> JobOut:
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
-def cancel_job(job_id: str, session: SessionDep, who: JobsWrite) -> JobOut:
+def cancel_job(job_id: str, session: SessionDep, publisher: PublisherDep, who: JobsWrite) -> JobOut:
     job = jobs_repo.request_cancel(session, job_id, tenant_id=who.tenant_id)
     who.audit(session, "job.cancel", "job", job_id)
     session.commit()
+    if job.status == JobStatus.RUNNING.value:
+        publisher.notify_cancel(job_id)
     logger.info("job %s cancel requested (now %s)", job_id, job.status)
     return JobOut.of(job)
 

@@ -21,17 +21,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal
-from api.deps import JobsWrite, PublisherDep, SettingsDep, request_session
+from api.deps import JobsWrite, PublisherDep, SettingsDep, TokenReaderDep, request_session
 from api.job_follow import ClientDisconnected, Follower, JobState, follow_to_end, job_state
 from api.openai_jobs import create_openai_job, openai_request
 from api.routes.jobs import IdempotencyKey
-from api.routes.stream import TokenReaderDep
 from core.dispatch import JobPublisher
 from core.embeddings import EMBEDDING_KEY, base64_to_vector
 from core.enums import FailureType, JobKind, JobStatus
 from core.errors import (
-    InvalidRequestError,
-    InvalidStateError,
+    BadRequestError,
+    JobCancelledError,
     JobFailedError,
     ModelNotFoundError,
     ModelNotInstalledError,
@@ -206,12 +205,12 @@ def _failure(job_id: str, state: JobState | None) -> ModelyardError:
     if state is None:
         return JobFailedError(f"job {job_id} disappeared while it ran")
     if state.status in (JobStatus.CANCELLED, JobStatus.EXPIRED):
-        return InvalidStateError(f"job {job_id} ended {state.status.value} before it was done")
+        return JobCancelledError(f"job {job_id} ended {state.status.value} before it answered")
     message = state.error_message or "the job failed"
     if state.error_type == FailureType.MODEL_NOT_FOUND.value:
         return ModelNotFoundError(message, param="model")
     if state.error_type == FailureType.INVALID_SPEC.value:
-        return InvalidRequestError(message, param="input")
+        return BadRequestError(message, param="input")
     return JobFailedError(f"job {job_id} failed ({state.error_type}): {message}")
 
 

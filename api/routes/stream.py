@@ -12,15 +12,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import JobsRead, SettingsDep
+from api.deps import JobsRead, SettingsDep, TokenReaderDep
 from api.job_follow import Done, Follower, JobState, Quiet, Restart, Token
 from core.enums import JobKind, JobStatus
 from core.errors import InvalidRequestError
-from core.token_stream import TokenStreamReader
 from db import jobs as jobs_repo
 from db import outputs as outputs_repo
 from db.session import session_scope
@@ -71,13 +70,7 @@ async def open_stream(job_id: str, settings: SettingsDep, who: JobsRead) -> Stre
     return await run_in_threadpool(_open, settings.database_url, job_id, who.tenant_id)
 
 
-async def get_token_reader(request: Request) -> TokenStreamReader:
-    reader: TokenStreamReader = request.app.state.token_reader
-    return reader
-
-
 StreamOpeningDep = Annotated[StreamOpening, Depends(open_stream)]
-TokenReaderDep = Annotated[TokenStreamReader, Depends(get_token_reader)]
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)]
 
 

@@ -70,6 +70,7 @@ def test_create_returns_202_commits_and_publishes(client: TestClient, settings: 
     assert [e["data"]["status"] for e in events] == ["queued"]
 
 
+PATTERN_PROPS = {"name": "o", "schema": {"properties": {"a": {"patternProperties": {}}}}}
 BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
     ("unknown kind", {"kind": "transmogrify", "spec": SPEC}, "kind"),
     ("temperature out of range", body(spec={"temperature": 9}), "spec.temperature"),
@@ -81,6 +82,12 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
     ("priority", body(priority=11), "priority"),
     ("model escapes", body(spec={"model": "a/../../etc"}), "spec.model"),
     ("missing spec", {"kind": "generate"}, "spec"),
+    ("penalty out of range", body(spec={"presence_penalty": 2.5}), "spec.presence_penalty"),
+    (
+        "unenforceable schema",
+        body(spec={"response_format": {"type": "json_schema", "json_schema": PATTERN_PROPS}}),
+        "spec.response_format.json_schema.json_schema.schema",
+    ),
 ]
 
 
@@ -91,6 +98,17 @@ def test_invalid_specs_are_422_and_insert_nothing(
     resp = client.post("/v1/jobs", json=payload)
     assert_error(resp, 422, "invalid_request", param)
     assert count_rows(settings) == 0
+
+
+def test_an_unenforceable_schema_names_the_keyword_and_its_path(client: TestClient) -> None:
+    rf = {"type": "json_schema", "json_schema": PATTERN_PROPS}
+    resp = client.post("/v1/jobs", json=body(spec={"response_format": rf}))
+    assert resp.status_code == 422, resp.text
+    message = resp.json()["error"]["message"]
+    assert "response_format.json_schema.schema.properties.a: 'patternProperties'" in message
+    ok = client.post("/v1/jobs", json=body(spec={"response_format": {"type": "json_object"}}))
+    assert ok.status_code == 202, ok.text
+    assert ok.json()["spec"]["response_format"] == {"type": "json_object"}
 
 
 def test_non_json_body_is_400(client: TestClient, settings: Settings) -> None:

@@ -7,12 +7,12 @@ SQLite adds nothing to these paths that the other e2e modules don't cover.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import TINY_CHAT_MODEL, install_tiny_chat_model
 from tests.support.harness import Stack
 
 pytestmark = [
@@ -21,12 +21,8 @@ pytestmark = [
     pytest.mark.parametrize("database_url", ["postgresql"], indirect=True),
 ]
 
-CHAT_MODEL = "tiny-gpt2-chat"
+CHAT_MODEL = TINY_CHAT_MODEL
 ENCODER = "tiny-encoder"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 QA = [
     ("Where is my order?", "Your parcel is on its way."),
     ("Can I return a mug?", "Yes, within thirty days."),
@@ -50,15 +46,10 @@ DONE = ("succeeded", "failed", "cancelled")
 @pytest.fixture(scope="module")
 def apps(stack: Stack, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Stack:
     """The stack with a chat-templated tiny GPT-2 and a tiny BERT encoder in its models dir."""
-    from transformers import AutoTokenizer
-
     from tests.support.tiny_encoder import build_tiny_bert_base
 
     models = stack.workdir / "data" / "models"
-    shutil.copytree(tiny_model_dir, models / CHAT_MODEL, dirs_exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(models / CHAT_MODEL)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(models / CHAT_MODEL)
+    install_tiny_chat_model(tiny_model_dir, stack.workdir / "data")
     build_tiny_bert_base(models / ENCODER)
     return stack
 

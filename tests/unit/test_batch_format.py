@@ -234,7 +234,12 @@ def test_chat_output_line() -> None:
     body = output_line(chat("c"), texts((0, "Hello!", "stop", 2)))["response"]["body"]
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["choices"] == [
-        {"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello!", "refusal": None},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
     ]
 
 
@@ -279,3 +284,23 @@ def test_spec_defaults_and_refusals() -> None:
     for bad in ({"endpoint": "/v1/embeddings"}, {"input_dataset": "x"}, {"model": "m"}):
         with pytest.raises(ValidationError):
             BatchSpec.model_validate({"input_dataset": DS, "endpoint": CHAT, **bad})
+
+
+def test_frequency_and_presence_penalties_are_mapped() -> None:
+    spec = generate_spec_for(completion(frequency_penalty=0.5, presence_penalty=-1.25))
+    assert (spec.frequency_penalty, spec.presence_penalty) == (0.5, -1.25)
+    assert "body.presence_penalty is 2.5" in refused(jsonl(completion(presence_penalty=2.5)))
+
+
+def test_response_format_is_mapped_and_an_unenforceable_schema_is_the_lines_error() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    rf = {"type": "json_schema", "json_schema": {"name": "out", "schema": schema, "strict": True}}
+    spec = generate_spec_for(chat(response_format=rf))
+    assert spec.response_format is not None
+    assert spec.response_format.model_dump(mode="json")["json_schema"]["schema"] == schema
+    assert generate_spec_for(chat(response_format={"type": "json_object"})).response_format
+    parsed = parse_dataset(jsonl(chat("a", response_format=rf)), "x.jsonl")
+    assert parsed.report["warnings"] == []
+    bad = {"type": "json_schema", "json_schema": {"name": "o", "schema": {"not": {}}}}
+    with pytest.raises(BatchLineError, match="'not' is not supported"):
+        generate_spec_for(chat(response_format=bad))

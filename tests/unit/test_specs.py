@@ -15,6 +15,8 @@ def test_defaults() -> None:
     assert spec.max_new_tokens == 64
     assert spec.do_sample
     assert spec.stop == []
+    assert (spec.frequency_penalty, spec.presence_penalty) == (0.0, 0.0)
+    assert spec.response_format is None
 
 
 @pytest.mark.parametrize(
@@ -39,6 +41,8 @@ def test_defaults() -> None:
         {"model": "models/../../secret"},
         {"temperature": 0, "num_return_sequences": 2},
         {"unknown_field": 1},
+        {"frequency_penalty": 2.1},
+        {"presence_penalty": -2.5},
     ],
 )
 def test_rejected(change: dict[str, Any]) -> None:

@@ -113,6 +113,26 @@ def test_each_result_is_the_same_alone_and_inside_a_mixed_group(
     assert engine.stats.peak_sequences > 1
 
 
+def test_penalised_requests_give_their_alone_texts_in_a_mixed_group(
+    engine: TransformersEngine,
+) -> None:
+    penalised = {
+        "presence": spec(temperature=0, max_new_tokens=30, presence_penalty=2.0),
+        "frequency": spec(temperature=0.8, seed=4, max_new_tokens=25, frequency_penalty=1.0),
+        "both": spec(temperature=0, max_new_tokens=12, frequency_penalty=-1, presence_penalty=1),
+        "plain": spec(temperature=0, max_new_tokens=30),
+    }
+    expected = {key: alone(engine, s) for key, s in penalised.items()}
+    assert expected["presence"] != expected["plain"]
+    keys = list(penalised)
+    together = run(
+        engine,
+        [GenerationRequest(k, penalised[k]) for k in keys[:2]],
+        joining=[[GenerationRequest(k, penalised[k])] for k in keys[2:]],
+    )
+    assert {k: texts(r) for k, r in together.items()} == expected
+
+
 def test_seeded_sampling_is_reproducible_and_seed_dependent(engine: TransformersEngine) -> None:
     s = spec(temperature=1.0, seed=3, num_return_sequences=4, max_new_tokens=12)
     a, b = alone(engine, s), alone(engine, s)

@@ -5,7 +5,9 @@ database (SQLite and PostgreSQL) and Redis; no worker process (tests/e2e has tho
 
 from __future__ import annotations
 
+import logging
 import shutil
+import threading
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -21,11 +23,12 @@ from core.enums import JobKind
 from core.settings import Settings
 from core.token_stream import StreamDelta, parse_entry, stream_key
 from db.events import list_events
-from db.jobs import create_job
+from db.jobs import create_job, request_cancel
 from db.outputs import list_outputs
 from db.registry import register_model
 from db.session import migrate, session_scope
 from tests.conftest import TINY_MODEL
+from tests.support.harness import wait_for
 from tests.support.jobs import insert_job, load_job
 from tests.support.services import redis_db_index
 from workers import lifecycle as lifecycle_module
@@ -225,3 +228,29 @@ def test_an_unknown_model_fails_permanently(settings: Settings, lifecycle: JobLi
     lifecycle.execute(job_id)
     job = load_job(settings.database_url, job_id)
     assert (job.status, job.error_type, job.attempts) == ("failed", "model_not_found", 1)
+
+
+def test_a_cancel_notice_stops_a_decoding_job_long_before_its_heartbeat(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    slow_beat = settings.model_copy(update={"heartbeat_interval_s": 60.0, "lease_ttl_s": 120.0})
+    publisher = JobPublisher(slow_beat)
+    lifecycle = JobLifecycle(slow_beat, publisher, "cpu")
+    job_id = submit(slow_beat, temperature=0, max_new_tokens=4000)
+    runner = threading.Thread(target=lifecycle.execute, args=(job_id,))
+    caplog.set_level(logging.INFO, logger="workers.generation.jobs")
+    runner.start()
+    try:
+        wait_for(lambda: streamed(slow_beat, job_id), 30, "the job's first tokens")
+        with session_scope(slow_beat.database_url) as s:
+            request_cancel(s, job_id, tenant_id=None)
+        publisher.notify_cancel(job_id)
+        runner.join(timeout=30)
+        assert not runner.is_alive()
+    finally:
+        runner.join()
+        publisher.close()
+    job = load_job(slow_beat.database_url, job_id)
+    assert job.status == "cancelled"
+    assert "cancel noticed between decoding steps" in caplog.text
+    assert texts(slow_beat, job_id) == []

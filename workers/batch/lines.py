@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from core.batch import IGNORED_BODY_KEYS, NEUTRAL_BODY_VALUES, SUPPORTED_BODY_KEYS
+from core.completions import completion_object
 from core.enums import BatchEndpoint, FailureType
 from core.errors import BatchLineError
 from core.specs import GenerateSpec
@@ -91,11 +92,15 @@ def generate_spec_for(request: dict[str, Any]) -> GenerateSpec:
         ("n", "num_return_sequences"),
         ("seed", "seed"),
         ("repetition_penalty", "repetition_penalty"),
+        ("frequency_penalty", "frequency_penalty"),
+        ("presence_penalty", "presence_penalty"),
     ):
         if body.get(source) is not None:
             fields[target] = body[source]
     if body.get("top_k") is not None:
         fields["top_k"] = max(body["top_k"], 0)  # vLLM's -1 means "off", which is 0 here
+    if body.get("response_format") is not None:
+        fields["response_format"] = body["response_format"]
     stop = body.get("stop")
     if stop is not None:
         fields["stop"] = [stop] if isinstance(stop, str) else stop
@@ -113,49 +118,19 @@ def output_line(
     request: dict[str, Any], texts: Sequence[OutputRecord], created: int | None = None
 ) -> dict[str, Any]:
     """The output line of a request whose texts are all generated (one per choice)."""
-    body = request["body"]
     chat = BatchEndpoint(request["url"]) is BatchEndpoint.CHAT_COMPLETIONS
-    ordered = sorted(texts, key=lambda t: t.sequence_index)
-    choices: list[dict[str, Any]] = []
-    for index, text in enumerate(ordered):
-        if chat:
-            choices.append(
-                {
-                    "index": index,
-                    "message": {"role": "assistant", "content": text.text},
-                    "finish_reason": text.finish_reason,
-                }
-            )
-        else:
-            choices.append(
-                {
-                    "index": index,
-                    "text": text.text,
-                    "logprobs": None,
-                    "finish_reason": text.finish_reason,
-                }
-            )
-    prompt_tokens = ordered[0].prompt_tokens if ordered else 0
-    completion_tokens = sum(t.completion_tokens for t in ordered)
+    body = completion_object(
+        chat=chat,
+        completion_id=f"{'chatcmpl' if chat else 'cmpl'}-{_hex()}",
+        model=request["body"]["model"],
+        created=int(time.time()) if created is None else created,
+        texts=texts,
+        per_prompt=max(len(texts), 1),
+    )
     return {
         "id": f"batch_req_{_hex()}",
         "custom_id": request["custom_id"],
-        "response": {
-            "status_code": 200,
-            "request_id": _hex(),
-            "body": {
-                "id": f"{'chatcmpl' if chat else 'cmpl'}-{_hex()}",
-                "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()) if created is None else created,
-                "model": body["model"],
-                "choices": choices,
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
-            },
-        },
+        "response": {"status_code": 200, "request_id": _hex(), "body": body},
         "error": None,
     }
 

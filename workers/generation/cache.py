@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from core.enums import FailureType
 from core.errors import PermanentJobError
 from core.prompts import context_length
+from workers.generation.grammar import Grammars
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,13 @@ class CachedModel:
     size_bytes: int
     load_s: float
     adapters: OrderedDict[str, str] = field(default_factory=OrderedDict)  # path -> name
+    _grammars: Grammars | None = field(default=None, repr=False)
+
+    def grammars(self) -> Grammars:
+        """This model's compiled response-format grammars, kept as long as the model is."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids, self.pad_id)
+        return self._grammars
 
     @property
     def pad_id(self) -> int:

@@ -13,7 +13,7 @@ can drop a request's rows and go on with the others.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,19 @@ from workers.generation.sampling import RowSampling, choose_tokens
 from workers.generation.text import SequenceText
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter forward
+_COUNT_DTYPE = torch.int16  # max_new_tokens is at most 4096
+
+
+class TokenConstraint(Protocol):
+    """What a row's output must match (a grammar), as the decode group needs it."""
+
+    def allowed(self, vocab_size: int) -> torch.Tensor:
+        """The tokens this row may choose next: [vocab_size] bool on the CPU; never all False."""
+        ...
+
+    def accept(self, token_id: int) -> bool:
+        """Advance past the chosen token; True when the output is now complete."""
+        ...
 
 
 @dataclass
@@ -36,6 +49,7 @@ class Row:
     text: SequenceText
     adapter: str = BASE_ADAPTER
     generated: int = 0  # tokens chosen so far, end-of-text included
+    constraint: TokenConstraint | None = None  # a response format's grammar
 
 
 class UnsupportedCache(Exception):
@@ -77,6 +91,7 @@ class DecodeGroup:
         self._positions = torch.zeros((0,), dtype=torch.long, device=device)
         self._pending = torch.zeros((0,), dtype=torch.long, device=device)
         self._seen = torch.zeros((0, vocab_size), dtype=torch.bool, device=device)
+        self._counts = torch.zeros((0, vocab_size), dtype=_COUNT_DTYPE, device=device)
 
     def refresh_model(self, model: Any) -> None:
         """Use `model` from now on (the cache wrapped the base in a peft model)."""
@@ -120,10 +135,17 @@ class DecodeGroup:
             seen[i, torch.tensor(r.prompt_ids, device=self._device).clamp(max=self._vocab - 1)] = (
                 True
             )
+        counts = torch.zeros((len(rows), self._vocab), dtype=_COUNT_DTYPE, device=self._device)
         draws = _RandomState(rows)
         try:
-            tokens = choose_tokens(out.logits[:, -1, :], [r.sampling for r in rows], seen)
-            self._merge(rows, out.cache, mask, mask.sum(-1), seen)
+            tokens = choose_tokens(
+                out.logits[:, -1, :],
+                [r.sampling for r in rows],
+                seen,
+                counts,
+                self._allowed(rows),
+            )
+            self._merge(rows, out.cache, mask, mask.sum(-1), seen, counts)
         except BaseException:
             draws.restore()  # a row admitted again later draws what it would have drawn
             raise
@@ -146,7 +168,11 @@ class DecodeGroup:
                 cache=self._cache,
             )
             tokens = choose_tokens(
-                out.logits[:, -1, :], [r.sampling for r in self.rows], self._seen
+                out.logits[:, -1, :],
+                [r.sampling for r in self.rows],
+                self._seen,
+                self._counts,
+                self._allowed(self.rows),
             )
         except BaseException:
             draws.restore()
@@ -155,6 +181,18 @@ class DecodeGroup:
         self._mask = mask
         self._positions = self._positions + 1
         return self._take(tokens, first=0)
+
+    def _allowed(self, rows: list[Row]) -> torch.Tensor | None:
+        """[len(rows), vocab] bool: what each row's constraint allows (None when no row has
+        one). Reading a constraint does not advance it, so a step that fails after this
+        leaves every row as it was."""
+        if all(r.constraint is None for r in rows):
+            return None
+        allowed = torch.ones((len(rows), self._vocab), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            if r.constraint is not None:
+                allowed[i] = r.constraint.allowed(self._vocab)
+        return allowed.to(self._device)
 
     def _cut_cache(self, width: int) -> None:
         if self._cache is None:
@@ -174,10 +212,11 @@ class DecodeGroup:
         if not keep:
             self._cache = None
             self._mask = self._mask[:0, :0]
-            self._positions, self._pending, self._seen = (
+            self._positions, self._pending, self._seen, self._counts = (
                 self._positions[:0],
                 self._pending[:0],
                 self._seen[:0],
+                self._counts[:0],
             )
             return
         index = torch.tensor(keep, dtype=torch.long, device=self._device)
@@ -187,6 +226,7 @@ class DecodeGroup:
         self._positions = self._positions[index]
         self._pending = self._pending[index]
         self._seen = self._seen[index]
+        self._counts = self._counts[index]
         used = self._mask.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else 0
         if start > 0:
@@ -210,13 +250,14 @@ class DecodeGroup:
         mask: torch.Tensor,
         positions: torch.Tensor,
         seen: torch.Tensor,
+        counts: torch.Tensor,
     ) -> None:
         """Merge a prefilled group in: every new tensor is built before any is kept."""
         if self._cache is None or not self.rows:
             self._layers(cache)
             pending = torch.zeros((len(rows),), dtype=torch.long, device=self._device)
             self._cache, self._mask, self._positions = cache, mask, positions
-            self._pending, self._seen = pending, seen
+            self._pending, self._seen, self._counts = pending, seen, counts
             self.rows = list(rows)
             return
         width = max(self.width, int(mask.shape[1]))
@@ -234,21 +275,26 @@ class DecodeGroup:
         filler = torch.zeros((len(rows),), dtype=torch.long, device=self._device)
         merged_pending = torch.cat([self._pending, filler])
         merged_seen = torch.cat([self._seen, seen])
+        merged_counts = torch.cat([self._counts, counts])
         for layer, (keys, values) in zip(old_layers, merged, strict=True):
             layer.keys, layer.values = keys, values
         self._mask, self._positions = merged_mask, merged_positions
         self._pending, self._seen = merged_pending, merged_seen
+        self._counts = merged_counts
         self.rows.extend(rows)
 
     def _take(self, tokens: torch.Tensor, first: int) -> list[Row]:
         """Keep the tokens chosen for rows[first:]; return the rows that ended."""
         rows = self.rows[first:]
         self._pending[first:] = tokens
-        self._seen[torch.arange(first, len(self.rows), device=self._device), tokens] = True
+        index = torch.arange(first, len(self.rows), device=self._device)
+        self._seen[index, tokens] = True
+        self._counts[index, tokens] += 1
         done: list[Row] = []
         for r, token in zip(rows, tokens.tolist(), strict=True):
             r.generated += 1
-            r.text.add(token, last_allowed=r.generated >= r.max_new_tokens)
+            complete = r.constraint is not None and r.constraint.accept(token)
+            r.text.add(token, last_allowed=r.generated >= r.max_new_tokens, complete=complete)
             if r.text.finished:
                 done.append(r)
         return done

@@ -27,11 +27,13 @@ import torch
 from core import prompts
 from core.enums import FailureType
 from core.errors import PermanentJobError
+from core.response_format import grammar_schema
 from core.settings import Settings
 from core.specs import GenerateSpec
 from db.outputs import OutputRecord
 from workers.generation.cache import CachedModel, CacheOutcome, ModelCache
 from workers.generation.decode_group import BASE_ADAPTER, DecodeGroup, Row
+from workers.generation.grammar import GrammarError, RowMatcher
 from workers.generation.requests import (
     FailedRequest,
     FinishedRequest,
@@ -203,6 +205,7 @@ class TransformersEngine(GenerationEngine):
             adapter = self._cache.adapter(self._entry, adapter_dir, in_use)
             self._group.refresh_model(self._entry.model)
         encoded = encode_prompts(self._entry, spec)
+        schema = grammar_schema(spec.response_format)
         slot = _Slot(request=req)
         base_seed = spec.seed if spec.seed is not None else int.from_bytes(os.urandom(6), "big")
         for p_index, ids in enumerate(encoded):
@@ -213,6 +216,8 @@ class TransformersEngine(GenerationEngine):
                     top_p=spec.top_p,
                     top_k=spec.top_k,
                     repetition_penalty=spec.repetition_penalty,
+                    frequency_penalty=spec.frequency_penalty,
+                    presence_penalty=spec.presence_penalty,
                     generator=(
                         row_generator(row_seed(base_seed, p_index, s_index))
                         if spec.do_sample
@@ -232,11 +237,18 @@ class TransformersEngine(GenerationEngine):
                         max_new_tokens=spec.max_new_tokens,
                         text=text,
                         adapter=adapter,
+                        constraint=self._matcher(schema) if schema is not None else None,
                     )
                 )
         slot.live = len(slot.rows)
         slot.total_tokens = len(slot.rows) * spec.max_new_tokens
         return slot
+
+    def _matcher(self, schema: dict[str, object]) -> RowMatcher:
+        try:
+            return self._entry.grammars().matcher(schema)
+        except GrammarError as exc:
+            raise PermanentJobError(str(exc), FailureType.INVALID_SPEC) from exc
 
     def _admit(self, out: StepOutput) -> list[Row]:
         """Prefill waiting rows into the group. Out of memory: the most recently added

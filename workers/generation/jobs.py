@@ -17,17 +17,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
+from core import cancel_notices
 from core.enums import EventType, FailureType, JobKind, JobStatus
 from core.errors import PermanentJobError
+from core.settings import Settings
 from core.specs import GenerateSpec
 from core.token_stream import TokenDelta, TokenStreamWriter
 from db.base import utcnow
 from db.events import append_event
 from db.jobs import ready_for_model
-from db.outputs import storable_text
+from db.outputs import storable_text, without_text
 from db.session import session_scope
 from workers.generation.cache import CacheOutcome
 from workers.generation.engine import GenerationEngine, base_of, open_engine
@@ -38,6 +41,36 @@ from workers.runners import Attempt, Claimer, RunResult
 logger = logging.getLogger(__name__)
 
 JOINED_MESSAGE = "joined a running decode group"
+
+
+class CancelNotices:
+    """Reads the cancel notices (core.cancel_notices) of a decode group's jobs, at most
+    every `generation_poll_s`; when Redis does not answer, it waits a while and the
+    heartbeat's reading of the database stays the way cancels arrive."""
+
+    PAUSE_AFTER_ERROR_S = 5.0
+
+    def __init__(self, settings: Settings) -> None:
+        self._client: redis.Redis = redis.Redis.from_url(
+            settings.broker_url, socket_connect_timeout=2, socket_timeout=2
+        )
+        self._every_s = settings.generation_poll_s
+        self._next = 0.0
+
+    def cancelled(self, job_ids: list[str]) -> set[str]:
+        now = time.monotonic()
+        if not job_ids or now < self._next:
+            return set()
+        self._next = now + self._every_s
+        try:
+            return cancel_notices.noticed(self._client, job_ids)
+        except redis.RedisError as exc:
+            self._next = now + self.PAUSE_AFTER_ERROR_S
+            logger.warning("cancel notices unreadable (%s); the heartbeat reads cancels", exc)
+            return set()
+
+    def close(self) -> None:
+        self._client.close()
 
 
 def serve_generation(claimer: Claimer, first: Attempt) -> None:
@@ -75,6 +108,7 @@ class DecodeGroupRun:
         self._settings = claimer.settings
         self._first = first
         self._writer = TokenStreamWriter(self._settings.broker_url)
+        self._notices = CancelNotices(self._settings)
         self._members: dict[str, _Member] = {}
         self._cache_note: dict[str, Any] = {}
         self._opened = time.monotonic()
@@ -97,6 +131,7 @@ class DecodeGroupRun:
                 engine.close()
         finally:
             self._writer.close()
+            self._notices.close()
 
     def _open(self) -> GenerationEngine | None:
         first = self._first
@@ -164,10 +199,19 @@ class DecodeGroupRun:
             "generation_s": round(time.perf_counter() - member.started, 3),
             **member.cache_note,
         }
-        result = RunResult(outputs=finished.texts, result=summary)
+        texts = finished.texts
+        if not member.attempt.claimed.spec.get("store_text", True):
+            texts = [without_text(t) for t in texts]  # readers had it from the token stream
+        result = RunResult(outputs=texts, result=summary)
         self._end(finished.key, lambda a: a.succeed(result))
 
     def _drop_stopped(self, engine: GenerationEngine) -> None:
+        for job_id in self._notices.cancelled(list(self._members)):
+            ctx = self._members[job_id].attempt.claimed.ctx
+            if not ctx.cancelled:
+                logger.info("job %s: cancel noticed between decoding steps", job_id)
+                ctx.cancelled = True
+                ctx.stop_event.set()
         for job_id, member in list(self._members.items()):
             if member.attempt.claimed.ctx.stop_event.is_set():
                 engine.cancel(job_id)

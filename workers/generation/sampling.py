@@ -2,8 +2,10 @@
 
 Every operation here is row-wise, so a row's choice depends only on its own
 logits, parameters and random generator, never on the other rows decoded with it.
-The order follows transformers' `generate`: repetition penalty, temperature,
-top-k, top-p, then a draw (or argmax when greedy).
+The order follows transformers' `generate`: repetition penalty, then OpenAI's
+frequency and presence penalties (on the tokens the row generated, not its prompt),
+then the grammar's allowed set for rows with a response format, temperature, top-k,
+top-p, and a draw (or argmax when greedy).
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ class RowSampling:
     top_k: int
     repetition_penalty: float
     generator: torch.Generator | None  # None for greedy rows
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether this row's choice depends on how often it generated each token."""
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
 def row_generator(seed: int) -> torch.Generator:
@@ -41,6 +50,20 @@ def penalize_repeats(
     return torch.where(seen, penalized, logits)
 
 
+def penalize_counts(
+    logits: torch.Tensor, counts: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI's penalties: logit -= presence * (count > 0) + frequency * count.
+
+    logits [B, V] float, counts [B, V] (how often each row generated each token),
+    frequency and presence [B] float (0.0 leaves a row alone).
+    """
+    c = counts.to(logits.dtype)
+    f = frequency.to(logits.dtype).unsqueeze(1)
+    p = presence.to(logits.dtype).unsqueeze(1)
+    return logits - f * c - p * (c > 0).to(logits.dtype)
+
+
 def _filtered_probs(logits: torch.Tensor, row: RowSampling) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted token ids and their probabilities after temperature, top-k and top-p."""
     scores = logits.float() / row.temperature
@@ -57,14 +80,29 @@ def _filtered_probs(logits: torch.Tensor, row: RowSampling) -> tuple[torch.Tenso
 
 
 def choose_tokens(
-    logits: torch.Tensor, rows: list[RowSampling], seen: torch.Tensor | None
+    logits: torch.Tensor,
+    rows: list[RowSampling],
+    seen: torch.Tensor | None,
+    counts: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next token id per row ([B] long, on logits' device) from last-position logits [B, V]."""
+    """Next token id per row ([B] long, on logits' device) from last-position logits [B, V].
+
+    `counts` [B, V] holds how often each row generated each token so far (None skips the
+    frequency and presence penalties); `allowed` [B, V] bool, where given, is the set of tokens
+    each row may choose (all True for rows without a constraint) and must allow at least one.
+    """
     logits = logits.float()
     if seen is not None:
         penalty = torch.tensor([r.repetition_penalty for r in rows], device=logits.device)
         if bool((penalty != 1.0).any()):
             logits = penalize_repeats(logits, seen, penalty)
+    if counts is not None and any(r.counts_tokens for r in rows):
+        frequency = torch.tensor([r.frequency_penalty for r in rows], device=logits.device)
+        presence = torch.tensor([r.presence_penalty for r in rows], device=logits.device)
+        logits = penalize_counts(logits, counts, frequency, presence)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     chosen = torch.argmax(logits, dim=-1)
     sampled = [i for i, r in enumerate(rows) if r.do_sample]
     if sampled:

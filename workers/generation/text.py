@@ -37,8 +37,9 @@ class SequenceText:
         self._streamed = ""
         self.finish_reason: FinishReason | None = None
 
-    def add(self, token_id: int, *, last_allowed: bool) -> None:
-        """Take one generated token; `last_allowed` means max_new_tokens is now reached."""
+    def add(self, token_id: int, *, last_allowed: bool, complete: bool = False) -> None:
+        """Take one generated token; `last_allowed` means max_new_tokens is now reached,
+        `complete` that the row's response format is now satisfied (a natural stop)."""
         if token_id in self._eos:
             self.finish_reason = FinishReason.STOP
             return
@@ -51,7 +52,9 @@ class SequenceText:
                     self._text = cut
                     self.finish_reason = FinishReason.STOP
                     return
-        if last_allowed:
+        if complete:
+            self.finish_reason = FinishReason.STOP
+        elif last_allowed:
             self.finish_reason = FinishReason.LENGTH
 
     @property

@@ -1,0 +1,356 @@
+"""OpenAI chat and completion request bodies, as generation job requests.
+
+`POST /v1/chat/completions` and `POST /v1/completions` take OpenAI's bodies. Every field
+is either honoured (mapped onto a GenerateSpec or the job), accepted because it changes
+nothing here (`user`, `metadata`), accepted only with its no-op value
+(`logprobs: false`, `echo: false`, ...), or refused with a 400 that names it: a client is
+never answered as if a parameter it set had been applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from core.errors import BadRequestError, UnsupportedParameterError
+from core.specs import MODEL_REF_PATTERN, GenerateJobRequest
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_METADATA_KEYS = 16
+
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "echo": (False,),
+    "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "functions": ([],),
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (False, True),
+    "best_of": (1,),
+    "suffix": ("",),
+    "modalities": (["text"],),
+    "service_tier": ("auto", "default"),
+}
+"""Parameters not implemented here, accepted only with a value that asks for nothing."""
+
+_WHY_NOT: dict[str, str] = {
+    "logprobs": "log probabilities are not returned yet",
+    "top_logprobs": "log probabilities are not returned yet",
+    "echo": "echoing the prompt is not supported",
+    "frequency_penalty": "the engine does not apply frequency penalties yet",
+    "presence_penalty": "the engine does not apply presence penalties yet",
+    "logit_bias": "logit biases are not supported",
+    "tools": "tool calling is not supported",
+    "functions": "function calling is not supported",
+    "tool_choice": "tool calling is not supported",
+    "best_of": "best_of is not supported; use n",
+    "suffix": "suffixes (fill in the middle) are not supported",
+    "modalities": "only text is generated",
+    "service_tier": "there is one service tier",
+    "response_format": "structured output is not supported yet",
+}
+
+Role = Literal["system", "developer", "user", "assistant"]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: Annotated[str, StringConstraints(max_length=32_000)]
+
+
+class RequestMessage(BaseModel):
+    """A chat message; `content` may be text parts (joined), never images or audio."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role
+    content: Annotated[str, StringConstraints(max_length=32_000)] | list[TextPart]
+    name: Annotated[str, StringConstraints(max_length=64)] | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = None
+
+
+Stop = (
+    Annotated[str, StringConstraints(max_length=200)]
+    | list[Annotated[str, StringConstraints(max_length=200)]]
+)
+
+
+class _SamplingBody(BaseModel):
+    """What both endpoints take. Fields this server does not implement are declared loosely
+    (`Any`) so that their use is refused by name, not as a type error."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: Annotated[str, StringConstraints(pattern=MODEL_REF_PATTERN)]
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int | None = Field(default=None, ge=1, le=16)
+    stop: Stop | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: Annotated[str, StringConstraints(max_length=512)] | None = None
+    metadata: (
+        dict[
+            Annotated[str, StringConstraints(min_length=1, max_length=64)],
+            Annotated[str, StringConstraints(max_length=512)],
+        ]
+        | None
+    ) = None
+    top_k: int | None = Field(default=None, ge=-1, le=1000, description="As in vLLM; -1 is off.")
+    repetition_penalty: float | None = Field(default=None, ge=0.5, le=2.0)
+    logprobs: Any = None
+    top_logprobs: Any = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
+    store: bool | None = Field(
+        default=None,
+        description="Keep the generated text in the database (default: the server's "
+        "SERVING_STORE_TEXT). false: the answer reaches the client only as it is decoded.",
+    )
+    service_tier: Any = None
+
+
+class ChatCompletionBody(_SamplingBody):
+    """`POST /v1/chat/completions`."""
+
+    messages: list[RequestMessage] = Field(min_length=1, max_length=1024)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    parallel_tool_calls: Any = None
+    modalities: Any = None
+
+
+class CompletionBody(_SamplingBody):
+    """`POST /v1/completions`."""
+
+    prompt: (
+        Annotated[str, StringConstraints(max_length=32_000)]
+        | list[Annotated[str, StringConstraints(max_length=32_000)]]
+    )
+    echo: Any = None
+    suffix: Any = None
+    best_of: Any = None
+
+
+@dataclass(frozen=True)
+class ServingRequest:
+    """A parsed serving request: the job to create and how to answer."""
+
+    chat: bool
+    model: str
+    job: GenerateJobRequest
+    stream: bool
+    include_usage: bool
+    prompts: int
+    choices_per_prompt: int
+
+
+def _param(loc: tuple[int | str, ...]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+def _validated(model: type[_SamplingBody], body: Any) -> _SamplingBody:
+    if not isinstance(body, dict):
+        raise BadRequestError("the request body must be a JSON object", param="body")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = _param(tuple(first["loc"])) or None
+        kind = "chat completion" if model is ChatCompletionBody else "completion"
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise BadRequestError(
+            f"{param or 'body'}: {message} (in a {kind} request)", param=param
+        ) from None
+
+
+def _refuse_unsupported(parsed: _SamplingBody) -> None:
+    unknown = sorted(parsed.model_extra or {})
+    if unknown:
+        raise UnsupportedParameterError(f"unknown parameter {unknown[0]!r}", param=unknown[0])
+    for name, why in _WHY_NOT.items():
+        if name not in type(parsed).model_fields:
+            continue
+        value = getattr(parsed, name)
+        if value is None or any(
+            type(value) is type(neutral) and value == neutral for neutral in _NEUTRAL.get(name, ())
+        ):
+            continue
+        if name == "response_format" and value == {"type": "text"}:
+            continue
+        raise UnsupportedParameterError(f"{name}: {why}", param=name)
+
+
+def _metadata(parsed: _SamplingBody) -> dict[str, Any]:
+    metadata: dict[str, Any] = dict(parsed.metadata or {})
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise BadRequestError(f"metadata holds at most {MAX_METADATA_KEYS} keys", param="metadata")
+    if parsed.user is not None:
+        metadata.setdefault("user", parsed.user)
+    return metadata
+
+
+def _spec_fields(
+    parsed: _SamplingBody, default_max_tokens: int, store_text: bool
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "model": parsed.model,
+        "max_new_tokens": default_max_tokens,
+        "store_text": store_text if parsed.store is None else parsed.store,
+    }
+    for source, target in (
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("n", "num_return_sequences"),
+        ("seed", "seed"),
+        ("repetition_penalty", "repetition_penalty"),
+    ):
+        value = getattr(parsed, source)
+        if value is not None:
+            fields[target] = value
+    if parsed.top_k is not None:
+        fields["top_k"] = max(parsed.top_k, 0)  # vLLM's -1 means "off", which is 0 here
+    if parsed.stop is not None:
+        stops = [parsed.stop] if isinstance(parsed.stop, str) else parsed.stop
+        if len(stops) > 4:
+            raise BadRequestError("stop holds at most 4 sequences", param="stop")
+        fields["stop"] = [s for s in stops if s]
+    return fields
+
+
+_SPEC_PARAMS = {
+    "spec.max_new_tokens": "max_tokens",
+    "spec.num_return_sequences": "n",
+    "spec.temperature": "temperature",
+    "spec.top_p": "top_p",
+    "spec.top_k": "top_k",
+    "spec.seed": "seed",
+    "spec.stop": "stop",
+    "spec.model": "model",
+    "metadata": "metadata",
+}
+
+
+def openai_param(ours: str | None, chat: bool) -> str | None:
+    """The OpenAI body field a job-request field path (spec.messages[0][1].content) came from."""
+    if ours in (None, "spec"):
+        return None
+    if ours.startswith("spec.messages"):  # one conversation per request
+        return "messages" + ours.removeprefix("spec.messages").removeprefix("[0]")
+    if ours.startswith("spec.prompts"):
+        return "prompt" + ours.removeprefix("spec.prompts")
+    for prefix, theirs in _SPEC_PARAMS.items():
+        if ours == prefix or ours.startswith(prefix + ".") or ours.startswith(prefix + "["):
+            if theirs == "max_tokens" and chat:
+                return "max_completion_tokens"
+            return theirs + ours.removeprefix(prefix)
+    return ours
+
+
+def _job_request(
+    fields: dict[str, Any], metadata: dict[str, Any], chat: bool
+) -> GenerateJobRequest:
+    payload = {"kind": "generate", "spec": fields, "metadata": metadata}
+    try:
+        return GenerateJobRequest.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(first["loc"])
+        ours = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc).replace(".[", "[")
+        param = openai_param(ours, chat)
+        message = str(first["msg"]).removeprefix("Value error, ")
+        for spec_name, theirs in (("num_return_sequences", "n"), ("max_new_tokens", "max_tokens")):
+            message = message.replace(spec_name, theirs)
+        raise BadRequestError(f"{param or 'body'}: {message}", param=param) from None
+
+
+def chat_request(body: Any, default_max_tokens: int, store_text: bool = True) -> ServingRequest:
+    parsed = _validated(ChatCompletionBody, body)
+    assert isinstance(parsed, ChatCompletionBody)
+    _refuse_unsupported(parsed)
+    fields = _spec_fields(parsed, default_max_tokens, store_text)
+    max_tokens = parsed.max_completion_tokens or parsed.max_tokens
+    if max_tokens is not None:
+        fields["max_new_tokens"] = max_tokens
+    fields["messages"] = [
+        [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text}
+            for m in parsed.messages
+        ]
+    ]
+    return _serving(parsed, _job_request(fields, _metadata(parsed), chat=True), chat=True)
+
+
+def completion_request(body: Any, store_text: bool = True) -> ServingRequest:
+    parsed = _validated(CompletionBody, body)
+    assert isinstance(parsed, CompletionBody)
+    _refuse_unsupported(parsed)
+    fields = _spec_fields(parsed, COMPLETIONS_DEFAULT_MAX_TOKENS, store_text)
+    if parsed.max_tokens is not None:
+        fields["max_new_tokens"] = parsed.max_tokens
+    prompts = [parsed.prompt] if isinstance(parsed.prompt, str) else parsed.prompt
+    if not prompts:
+        raise BadRequestError("prompt is empty", param="prompt")
+    fields["prompts"] = prompts
+    return _serving(parsed, _job_request(fields, _metadata(parsed), chat=False), chat=False)
+
+
+def _serving(parsed: _SamplingBody, job: GenerateJobRequest, chat: bool) -> ServingRequest:
+    if parsed.stream_options is not None and not parsed.stream:
+        raise BadRequestError(
+            "stream_options is only allowed with stream: true", param="stream_options"
+        )
+    include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+    return ServingRequest(
+        chat=chat,
+        model=parsed.model,
+        job=job,
+        stream=bool(parsed.stream),
+        include_usage=include_usage,
+        prompts=job.spec.prompt_count,
+        choices_per_prompt=job.spec.num_return_sequences,
+    )
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON schema with its definitions inlined, for the OpenAPI document of a
+    route that reads its body itself."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    inlined: dict[str, Any] = inline(schema)
+    return inlined

@@ -1,0 +1,143 @@
+"""OpenAI's completion objects built from a generation job's texts: `chat.completion` and
+`text_completion` (the live serving routes and batch output lines), and the chunks of a
+streamed answer (`chat.completion.chunk`, and `text_completion` chunks)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+
+class GeneratedText(Protocol):
+    """One generated sequence: an outputs row or the engine's record of it."""
+
+    @property
+    def prompt_index(self) -> int: ...
+    @property
+    def sequence_index(self) -> int: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def finish_reason(self) -> str: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+
+
+def choice_index(prompt_index: int, sequence_index: int, per_prompt: int) -> int:
+    """OpenAI numbers the choices of several prompts prompt by prompt, n for each."""
+    return prompt_index * per_prompt + sequence_index
+
+
+def usage(texts: Iterable[GeneratedText]) -> dict[str, int]:
+    """Token counts: each prompt once (however many choices it has), every completion."""
+    prompts: dict[int, int] = {}
+    completion = 0
+    for t in texts:
+        prompts.setdefault(t.prompt_index, t.prompt_tokens)
+        completion += t.completion_tokens
+    prompt = sum(prompts.values())
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _choice(chat: bool, index: int, text: GeneratedText) -> dict[str, Any]:
+    if chat:
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": text.text, "refusal": None},
+            "logprobs": None,
+            "finish_reason": text.finish_reason,
+        }
+    return {
+        "index": index,
+        "text": text.text,
+        "logprobs": None,
+        "finish_reason": text.finish_reason,
+    }
+
+
+def completion_object(
+    *,
+    chat: bool,
+    completion_id: str,
+    model: str,
+    created: int,
+    texts: Sequence[GeneratedText],
+    per_prompt: int,
+) -> dict[str, Any]:
+    """A `chat.completion` or `text_completion` holding every text as a choice."""
+    ordered = sorted(texts, key=lambda t: (t.prompt_index, t.sequence_index))
+    return {
+        "id": completion_id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            _choice(chat, choice_index(t.prompt_index, t.sequence_index, per_prompt), t)
+            for t in ordered
+        ],
+        "usage": usage(ordered),
+        "system_fingerprint": None,
+    }
+
+
+def chunk_object(
+    *,
+    chat: bool,
+    completion_id: str,
+    model: str,
+    created: int,
+    index: int,
+    text: str | None = None,
+    role: bool = False,
+    finish_reason: str | None = None,
+) -> dict[str, Any]:
+    """One streamed chunk of one choice: its role (chat, first), text, or finish reason."""
+    if chat:
+        delta: dict[str, Any] = {}
+        if role:
+            delta["role"] = "assistant"
+            delta["content"] = ""
+        if text is not None:
+            delta["content"] = text
+        choice: dict[str, Any] = {
+            "index": index,
+            "delta": delta,
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
+    else:
+        choice = {
+            "index": index,
+            "text": text or "",
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "system_fingerprint": None,
+    }
+
+
+def usage_chunk(
+    *, chat: bool, completion_id: str, model: str, created: int, texts: Iterable[GeneratedText]
+) -> dict[str, Any]:
+    """The last chunk when `stream_options.include_usage` is set: no choices, the usage."""
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage(texts),
+        "system_fingerprint": None,
+    }

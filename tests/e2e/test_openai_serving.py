@@ -1,0 +1,302 @@
+"""OpenAI's SDK against `/v1/chat/completions` and `/v1/completions` of a real stack: each
+request a generation job decoded by a real worker, answered whole or streamed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from tests.conftest import TINY_CHAT_MODEL, TINY_MODEL, install_tiny_chat_model
+from tests.support.harness import Stack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+QUESTION = [{"role": "user", "content": "Where is my parcel?"}]
+
+
+@pytest.fixture(scope="module")
+def serving(stack: Stack, tiny_model_dir: Path) -> Stack:
+    install_tiny_chat_model(tiny_model_dir, stack.workdir / "data")
+    return stack
+
+
+@pytest.fixture(scope="module")
+def client(serving: Stack) -> Iterator[OpenAI]:
+    with OpenAI(base_url=f"{serving.base_url}/v1", api_key=serving.api_key, max_retries=0) as c:
+        yield c
+
+
+def job_count(stack: Stack) -> int:
+    with stack.client() as http:
+        return len(http.get("/v1/jobs", params={"limit": 100}).json()["data"])
+
+
+def post(stack: Stack, body: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
+    with stack.client() as http:
+        return http.post("/v1/chat/completions", json=body, headers=headers, timeout=120)
+
+
+def test_chat_completion_is_a_job_with_its_answer(serving: Stack, client: OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model=TINY_CHAT_MODEL, messages=QUESTION, max_tokens=8, temperature=0
+    )
+    completion = raw.parse()
+    job_id = raw.headers["Modelyard-Job-Id"]
+    assert completion.id == f"chatcmpl-{job_id}"
+    assert completion.object == "chat.completion"
+    assert completion.model == TINY_CHAT_MODEL
+    [choice] = completion.choices
+    assert choice.message.role == "assistant"
+    assert choice.finish_reason in ("length", "stop")
+    job = serving.job(job_id)
+    assert job["kind"] == "generate" and job["status"] == "succeeded"
+    [stored] = serving.outputs(job_id)
+    assert choice.message.content == stored["text"]
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == stored["completion_tokens"] <= 8
+    assert completion.usage.prompt_tokens == stored["prompt_tokens"] > 0
+
+
+def test_streamed_chunks_add_up_to_the_answer_and_end_with_usage(
+    serving: Stack, client: OpenAI
+) -> None:
+    whole = client.chat.completions.create(
+        model=TINY_CHAT_MODEL, messages=QUESTION, max_tokens=24, temperature=0
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=TINY_CHAT_MODEL,
+            messages=QUESTION,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == whole.choices[0].finish_reason
+    assert all(f is None for f in finishes[:-1])
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+
+
+def test_seed_reproduces_and_n_gives_that_many_choices(serving: Stack, client: OpenAI) -> None:
+
+    def ask(seed: int) -> list[str]:
+        out = client.chat.completions.create(
+            model=TINY_CHAT_MODEL, messages=QUESTION, max_tokens=12, n=2, seed=seed
+        )
+        assert [c.index for c in out.choices] == [0, 1]
+        return [c.message.content or "" for c in out.choices]
+
+    first = ask(7)
+    assert ask(7) == first
+    assert ask(8) != first
+    assert first[0] != first[1]
+
+
+def test_stop_ends_the_text_before_the_stop_string(serving: Stack, client: OpenAI) -> None:
+    free = client.completions.create(
+        model=TINY_MODEL, prompt="The blue mug", max_tokens=24, temperature=0
+    )
+    text = free.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), text
+    cut = client.completions.create(
+        model=TINY_MODEL, prompt="The blue mug", max_tokens=24, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.index(stop)]
+
+
+def test_store_false_answers_without_keeping_the_text(serving: Stack, client: OpenAI) -> None:
+    ask = {"model": TINY_CHAT_MODEL, "messages": QUESTION, "max_tokens": 16, "temperature": 0}
+    kept = client.chat.completions.create(**ask)  # type: ignore[call-overload]
+    raw = client.chat.completions.with_raw_response.create(**ask, store=False)
+    unkept = raw.parse()
+    assert unkept.choices[0].message.content == kept.choices[0].message.content
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**ask, store=False, stream=True)
+        if c.choices
+    )
+    assert streamed == kept.choices[0].message.content
+    [stored] = serving.outputs(raw.headers["Modelyard-Job-Id"])
+    assert stored["text"] == ""
+    assert stored["completion_tokens"] == unkept.usage.completion_tokens  # type: ignore[union-attr]
+
+
+def test_completions_number_choices_prompt_by_prompt(client: OpenAI) -> None:
+    out = client.completions.create(
+        model=TINY_MODEL, prompt=["The blue mug", "Fresh bread"], max_tokens=5, n=2, seed=3
+    )
+    assert out.object == "text_completion"
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    alone = client.completions.create(
+        model=TINY_MODEL, prompt="Fresh bread", max_tokens=5, n=2, seed=3
+    )
+    assert out.usage is not None and alone.usage is not None
+    assert out.usage.prompt_tokens > alone.usage.prompt_tokens
+
+
+def test_async_client_streams_completions(serving: Stack) -> None:
+    async def run() -> tuple[str, str]:
+        client = AsyncOpenAI(base_url=f"{serving.base_url}/v1", api_key=serving.api_key)
+        whole = await client.completions.create(
+            model=TINY_MODEL, prompt="Fresh bread", max_tokens=16, temperature=0
+        )
+        pieces = []
+        async for chunk in await client.completions.create(
+            model=TINY_MODEL, prompt="Fresh bread", max_tokens=16, temperature=0, stream=True
+        ):
+            pieces.append(chunk.choices[0].text)
+        await client.close()
+        return whole.choices[0].text, "".join(pieces)
+
+    whole, streamed = asyncio.run(run())
+    assert streamed == whole
+
+
+def test_errors_come_in_openai_shapes_and_create_nothing(serving: Stack, client: OpenAI) -> None:
+    before = job_count(serving)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="no-such-model", messages=QUESTION)
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as unsupported:
+        client.chat.completions.create(
+            model=TINY_CHAT_MODEL, messages=QUESTION, logit_bias={"5": 10}
+        )
+    assert unsupported.value.code == "unsupported_parameter"
+    assert unsupported.value.param == "logit_bias"
+    with pytest.raises(openai.BadRequestError) as unknown:
+        client.chat.completions.create(
+            model=TINY_CHAT_MODEL, messages=QUESTION, extra_body={"beam_width": 4}
+        )
+    assert unknown.value.param == "beam_width"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(
+            model=TINY_CHAT_MODEL, messages=QUESTION, max_completion_tokens=4096
+        )
+    assert too_long.value.code == "context_length_exceeded"
+    assert too_long.value.param == "messages"
+    with pytest.raises(openai.BadRequestError) as bad_value:
+        client.chat.completions.create(model=TINY_CHAT_MODEL, messages=QUESTION, temperature=3)
+    assert bad_value.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as no_chat_template:
+        client.chat.completions.create(model=TINY_MODEL, messages=QUESTION, max_tokens=4)
+    assert no_chat_template.value.param == "messages"
+    assert job_count(serving) == before
+
+
+def first_chunk_then(stack: Stack, body: dict[str, Any], headers: dict[str, str]) -> str:
+    """Start a streamed chat completion, read until it gave out text, then hang up; the
+    job's id."""
+    with (
+        httpx.Client(base_url=stack.base_url, headers=stack.headers, timeout=30) as http,
+        http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as resp,
+    ):
+        assert resp.status_code == 200, resp.read()
+        job_id = resp.headers["Modelyard-Job-Id"]
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
+                break
+    return job_id
+
+
+LONG = {
+    "model": TINY_CHAT_MODEL,
+    "messages": QUESTION,
+    "max_tokens": 3000,
+    "temperature": 0,
+    "stream": True,
+}
+
+
+def test_a_client_that_hangs_up_cancels_its_job(one_worker: Stack, serving: Stack) -> None:
+    job_id = first_chunk_then(serving, LONG, {})
+    job = serving.wait_status(job_id, {"cancelled"}, timeout=30)
+    assert job["cancel_requested"] is True
+    assert serving.outputs(job_id) == []
+
+
+def test_a_client_with_an_idempotency_key_gets_the_answer_on_retry(
+    one_worker: Stack, serving: Stack
+) -> None:
+    body = {**LONG, "max_tokens": 200}
+    key = {"Idempotency-Key": "hang-up-and-come-back"}
+    job_id = first_chunk_then(serving, body, key)
+    resp = post(serving, {**body, "stream": False}, key)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["Modelyard-Job-Id"] == job_id
+    [stored] = serving.outputs(job_id)
+    assert resp.json()["choices"][0]["message"]["content"] == stored["text"]
+    assert serving.job(job_id)["status"] == "succeeded"
+
+
+def test_a_worker_lost_mid_stream_ends_it_with_an_error_and_the_retry_gets_the_answer(
+    one_worker: Stack, serving: Stack
+) -> None:
+    body = {**LONG, "max_tokens": 2500}
+    key = {"Idempotency-Key": "worker-lost-mid-stream"}
+    events: list[Any] = []
+    with (
+        httpx.Client(base_url=serving.base_url, headers=serving.headers, timeout=60) as http,
+        http.stream("POST", "/v1/chat/completions", json=body, headers=key) as resp,
+    ):
+        job_id = resp.headers["Modelyard-Job-Id"]
+        for line in resp.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            events.append(data if data == "[DONE]" else json.loads(data))
+            if len(events) == 5:
+                one_worker.workers[0].kill9()
+                one_worker.workers.clear()
+                one_worker.start_worker()
+    assert "[DONE]" not in events
+    assert "error" in events[-1], events[-3:]
+    assert "worker" in events[-1]["error"]["message"]
+    resp2 = post(serving, {**body, "stream": False}, key)
+    assert resp2.status_code == 200, resp2.text
+    job = serving.job(job_id)
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+    [stored] = serving.outputs(job_id)
+    assert resp2.json()["choices"][0]["message"]["content"] == stored["text"]
+
+
+def test_langchain_chat_openai_invokes_and_streams(serving: Stack) -> None:
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(
+        model=TINY_CHAT_MODEL,
+        base_url=f"{serving.base_url}/v1",
+        api_key=serving.api_key,  # type: ignore[arg-type]
+        max_completion_tokens=12,
+        temperature=0,
+        max_retries=0,
+    )
+    whole = chat.invoke("Where is my parcel?")
+    assert isinstance(whole.content, str) and whole.content
+    job_ids = {job["id"] for job in list_jobs(serving)}
+    assert str(whole.response_metadata["id"]).removeprefix("chatcmpl-") in job_ids
+    streamed = "".join(str(piece.content) for piece in chat.stream("Where is my parcel?"))
+    assert streamed == whole.content
+
+
+def list_jobs(stack: Stack) -> list[dict[str, Any]]:
+    with stack.client() as http:
+        data: list[dict[str, Any]] = http.get("/v1/jobs", params={"limit": 100}).json()["data"]
+        return data

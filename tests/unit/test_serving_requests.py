@@ -1,0 +1,216 @@
+"""OpenAI chat/completion bodies as generation job requests: what is honoured, what is
+accepted because it asks for nothing, and what is refused by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from api.serving_requests import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    ChatCompletionBody,
+    body_schema,
+    chat_request,
+    completion_request,
+    openai_param,
+)
+from core.completions import chunk_object, completion_object, usage
+from core.errors import BadRequestError, UnsupportedParameterError
+from db.outputs import OutputRecord
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+def chat(**body: Any) -> Any:
+    return chat_request({"model": "m", "messages": MESSAGES, **body}, default_max_tokens=100)
+
+
+def test_chat_body_maps_onto_the_spec() -> None:
+    req = chat(
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}],
+            },
+        ],
+        max_completion_tokens=9,
+        max_tokens=50,
+        temperature=0.5,
+        top_p=0.9,
+        n=3,
+        stop="END",
+        seed=4,
+        top_k=-1,
+        user="u-1",
+        metadata={"team": "support"},
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    spec = req.job.spec
+    assert spec.messages is not None
+    assert [(m.role, m.content) for m in spec.messages[0]] == [
+        ("system", "Be brief."),
+        ("user", "Hi there"),
+    ]
+    assert (spec.max_new_tokens, spec.temperature, spec.top_p) == (9, 0.5, 0.9)
+    assert (spec.num_return_sequences, spec.stop, spec.seed, spec.top_k) == (3, ["END"], 4, 0)
+    assert req.job.metadata == {"team": "support", "user": "u-1"}
+    assert (req.stream, req.include_usage, req.prompts, req.choices_per_prompt) == (
+        True,
+        True,
+        1,
+        3,
+    )
+
+
+def test_store_decides_whether_the_text_is_kept() -> None:
+    assert chat().job.spec.store_text is True
+    assert chat(store=False).job.spec.store_text is False
+    not_by_default = chat_request({"model": "m", "messages": MESSAGES}, 10, store_text=False)
+    assert not_by_default.job.spec.store_text is False
+    assert chat_request(
+        {"model": "m", "messages": MESSAGES, "store": True}, 10, store_text=False
+    ).job.spec.store_text
+
+
+def test_defaults_are_openais() -> None:
+    assert chat().job.spec.max_new_tokens == 100
+    req = completion_request({"model": "m", "prompt": ["a", "b"]})
+    assert req.job.spec.max_new_tokens == COMPLETIONS_DEFAULT_MAX_TOKENS
+    assert (req.prompts, req.choices_per_prompt, req.chat) == (2, 1, False)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"logprobs": False},
+        {"frequency_penalty": 0},
+        {"presence_penalty": 0.0},
+        {"logit_bias": {}},
+        {"tools": []},
+        {"response_format": {"type": "text"}},
+        {"parallel_tool_calls": True},
+        {"service_tier": "auto"},
+    ],
+)
+def test_no_op_values_of_unsupported_parameters_are_accepted(body: dict[str, Any]) -> None:
+    chat(**body)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logit_bias": {"1": 3}}, "logit_bias"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"beam_width": 2}, "beam_width"),
+    ],
+)
+def test_parameters_that_would_be_ignored_are_refused_by_name(
+    body: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(UnsupportedParameterError) as refused:
+        chat(**body)
+    assert refused.value.param == param
+
+
+def test_completions_refuse_their_own_unsupported_parameters() -> None:
+    for body, param in (
+        ({"echo": True}, "echo"),
+        ({"suffix": "x"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+    ):
+        with pytest.raises(UnsupportedParameterError) as refused:
+            completion_request({"model": "m", "prompt": "p", **body})
+        assert refused.value.param == param
+    with pytest.raises(UnsupportedParameterError):
+        completion_request({"model": "m", "prompt": "p", "logprobs": 0})  # 0 asks for one
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"temperature": 2.5}, "temperature"),
+        ({"n": 0}, "n"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"n": 2, "temperature": 0}, None),
+    ],
+)
+def test_invalid_values_are_400s_naming_the_field(body: dict[str, Any], param: str | None) -> None:
+    with pytest.raises(BadRequestError) as refused:
+        chat(**body)
+    assert not isinstance(refused.value, UnsupportedParameterError)
+    assert refused.value.param == param
+
+
+def test_a_body_that_is_not_an_object_is_refused() -> None:
+    with pytest.raises(BadRequestError):
+        chat_request(["model"], default_max_tokens=1)
+
+
+def test_job_request_fields_are_named_as_openai_names_them() -> None:
+    assert openai_param("spec.messages[0][2].content", chat=True) == "messages[2].content"
+    assert openai_param("spec.messages", chat=True) == "messages"
+    assert openai_param("spec.prompts[1]", chat=False) == "prompt[1]"
+    assert openai_param("spec.max_new_tokens", chat=True) == "max_completion_tokens"
+    assert openai_param("spec.max_new_tokens", chat=False) == "max_tokens"
+    assert openai_param("spec.num_return_sequences", chat=False) == "n"
+
+
+def test_body_schema_has_no_dangling_references() -> None:
+    schema = body_schema(ChatCompletionBody)
+    assert "$defs" not in schema and "$ref" not in str(schema)
+    assert "messages" in schema["properties"]
+
+
+def record(
+    p: int, s: int, text: str, reason: str = "stop", prompt: int = 3, done: int = 2
+) -> OutputRecord:
+    return OutputRecord(
+        prompt_index=p,
+        sequence_index=s,
+        text=text,
+        finish_reason=reason,
+        prompt_tokens=prompt,
+        completion_tokens=done,
+    )
+
+
+def test_usage_counts_each_prompt_once() -> None:
+    texts = [
+        record(0, 0, "a"),
+        record(0, 1, "b"),
+        record(1, 0, "c", prompt=5),
+        record(1, 1, "d", prompt=5),
+    ]
+    assert usage(texts) == {"prompt_tokens": 8, "completion_tokens": 8, "total_tokens": 16}
+
+
+def test_choices_are_numbered_prompt_by_prompt() -> None:
+    texts = [record(1, 1, "d"), record(0, 0, "a"), record(1, 0, "c"), record(0, 1, "b")]
+    body = completion_object(
+        chat=False, completion_id="cmpl-x", model="m", created=1, texts=texts, per_prompt=2
+    )
+    assert [(c["index"], c["text"]) for c in body["choices"]] == [
+        (0, "a"),
+        (1, "b"),
+        (2, "c"),
+        (3, "d"),
+    ]
+
+
+def test_chat_chunks_carry_a_role_then_text_then_a_finish_reason() -> None:
+    parts = dict(chat=True, completion_id="chatcmpl-x", model="m", created=1, index=0)
+    assert chunk_object(**parts, role=True)["choices"][0]["delta"] == {
+        "role": "assistant",
+        "content": "",
+    }
+    assert chunk_object(**parts, text="Hi")["choices"][0]["delta"] == {"content": "Hi"}
+    last = chunk_object(**parts, finish_reason="length")["choices"][0]
+    assert (last["delta"], last["finish_reason"]) == ({}, "length")
