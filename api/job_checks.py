@@ -14,8 +14,15 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.tokenizers import local_tokenizer
+from core.embeddings import input_limit
 from core.enums import SCHEMAS_FOR_TASK, DatasetSchema, FineTuneTask, PredictMode
-from core.errors import InvalidRequestError, ModelNotInstalledError, QuotaExceededError
+from core.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    ModelNotInstalledError,
+    QuotaExceededError,
+    UnsupportedParameterError,
+)
 from core.model_files import custom_code_reason
 from core.model_sources import hub_allowed, not_installed
 from core.prompts import PromptError, encode_prompts
@@ -26,6 +33,8 @@ from core.specs import (
     AnyJobRequest,
     BatchJobRequest,
     BatchSpec,
+    EmbedJobRequest,
+    EmbedSpec,
     FineTuneJobRequest,
     FineTuneSpec,
     GenerateJobRequest,
@@ -245,6 +254,59 @@ def _check_rank(session: Session, settings: Settings, tenant_id: str, spec: Pred
         raise InvalidRequestError(str(exc), param="spec.label") from exc
 
 
+def _check_embed(session: Session, settings: Settings, tenant_id: str, spec: EmbedSpec) -> None:
+    """An embedding job's inputs must fit a local encoder: texts within its context (counted
+    as the worker counts them), token ids within its vocabulary, `dimensions` its own width.
+    A hub model is checked by the worker once it has the files."""
+    check_model(session, settings, tenant_id, spec.model, "spec.model", None)
+    directory = _local_model_dir(session, settings, tenant_id, spec.model)
+    config = _local_config(directory) if directory is not None else None
+    if directory is None or config is None:
+        return
+    width = config.get("hidden_size")
+    if spec.dimensions is not None and spec.dimensions != width:
+        raise UnsupportedParameterError(
+            f"model {spec.model!r} does not support dimensions: its embeddings have {width} "
+            "dimensions and it is not trained to be shortened",
+            param="spec.dimensions",
+        )
+    vocab = config.get("vocab_size")
+    token_ids = spec.token_ids
+    if token_ids is not None and isinstance(vocab, int):
+        for i, ids in enumerate(token_ids):
+            if any(t >= vocab for t in ids):
+                raise InvalidRequestError(
+                    f"input[{i}] holds a token id past the vocabulary of model {spec.model!r} "
+                    f"({vocab} tokens)",
+                    param="spec.input",
+                )
+    tokenizer_config = _json_object(directory / "tokenizer_config.json")
+    limit = input_limit(config, tokenizer_config.get("model_max_length"))
+    if limit is None:
+        return
+    if token_ids is not None:
+        counts = [len(ids) for ids in token_ids]
+    else:
+        loaded = local_tokenizer(directory)
+        if loaded is None:
+            return  # no tokenizer.json: the worker counts
+        counts = [len(loaded[0](text)["input_ids"]) for text in spec.texts or []]
+    for i, count in enumerate(counts):
+        if count > limit:
+            raise ContextLengthExceededError(
+                f"input[{i}] has {count} tokens; model {spec.model!r} takes at most {limit}",
+                param="spec.input",
+            )
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
 def _check_retrieval(
     session: Session, settings: Settings, tenant_id: str, retrieval: RetrievalSpec
 ) -> None:
@@ -300,6 +362,8 @@ def check_job_request(
             _dataset(session, tenant_id, req.spec.dataset, "spec.dataset")
     elif isinstance(req, BatchJobRequest):
         _check_batch(session, settings, tenant_id, req.spec)
+    elif isinstance(req, EmbedJobRequest):
+        _check_embed(session, settings, tenant_id, req.spec)
 
 
 def check_queued_quota(session: Session, settings: Settings, tenant_id: str) -> None:

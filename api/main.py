@@ -23,6 +23,7 @@ from api.routes import (
     models,
     monitors,
     openai_batches,
+    openai_embeddings,
     openai_files,
     openai_fine_tuning,
     openai_serving,
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_files.router)
     app.include_router(openai_fine_tuning.router)
     app.include_router(openai_batches.router)
+    app.include_router(openai_embeddings.router)
     app.include_router(openai_serving.router)
     app.include_router(admin.router)
     app.include_router(metrics.router)

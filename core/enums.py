@@ -9,6 +9,7 @@ class JobKind(StrEnum):
     PREDICT = "predict"
     NOOP = "noop"
     BATCH = "batch"
+    EMBED = "embed"
 
 
 class FineTuneTask(StrEnum):
@@ -122,6 +123,7 @@ QUEUE_FOR_KIND: dict[JobKind, str] = {
     JobKind.PREDICT: "generate",
     JobKind.NOOP: "generate",
     JobKind.BATCH: "generate",
+    JobKind.EMBED: "generate",
     JobKind.FINETUNE: "train",
 }
 MAINTENANCE_QUEUE = "maintenance"

@@ -191,6 +191,25 @@ class Settings(BaseSettings):
         description="A decode group takes in newly ready jobs for this long, then drains, so the "
         "worker goes back to its queue (other job kinds) instead of decoding forever.",
     )
+    embedding_batch_size: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description="Most inputs (of any number of embedding jobs) in one padded encoder pass.",
+    )
+    embedding_max_jobs: int = Field(
+        default=64,
+        ge=1,
+        le=1024,
+        description="Most embedding jobs on one model a worker claims to encode together.",
+    )
+    embedding_batch_wait_s: float = Field(
+        default=0.005,
+        ge=0,
+        le=5,
+        description="How long a worker that claimed an embedding job waits for more ready jobs "
+        "on the same model before it encodes (requests sent together share passes).",
+    )
     serving_store_text: bool = Field(
         default=True,
         description="Whether /v1/chat/completions and /v1/completions keep the generated text "

@@ -364,6 +364,97 @@ class BatchSpec(BaseModel):
         return completion_window(self.completion_window)
 
 
+MAX_EMBED_INPUTS = 2048  # OpenAI's limit of inputs per embeddings request
+MAX_EMBED_INPUT_CHARS = 100_000
+MAX_EMBED_INPUT_TOKENS = 32_768  # the model's context is checked at submit and by the worker
+MAX_TOKEN_ID = 2**31 - 1
+TokenIds = list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]]
+
+
+def _embed_inputs(value: Any) -> Any:
+    """OpenAI's four shapes of `input` (a string, strings, token ids, lists of token ids)
+    as a list of strings or a list of token-id lists; anything else is refused whole, with
+    a message naming the first bad input, rather than with one error per union branch."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ValueError("give a string, a non-empty array of strings or of token ids")
+    if all(type(v) is int for v in value):
+        value = [value]
+    if len(value) > MAX_EMBED_INPUTS:
+        raise ValueError(f"at most {MAX_EMBED_INPUTS} inputs per request, not {len(value)}")
+    texts = isinstance(value[0], str)
+    for i, item in enumerate(value):
+        if texts and isinstance(item, str):
+            if not item:
+                raise ValueError(f"input[{i}] is an empty string")
+            if len(item) > MAX_EMBED_INPUT_CHARS:
+                raise ValueError(f"input[{i}] is longer than {MAX_EMBED_INPUT_CHARS} characters")
+        elif not texts and isinstance(item, list) and all(type(t) is int for t in item):
+            if not item:
+                raise ValueError(f"input[{i}] is an empty array of token ids")
+            if len(item) > MAX_EMBED_INPUT_TOKENS:
+                raise ValueError(f"input[{i}] has more than {MAX_EMBED_INPUT_TOKENS} tokens")
+            if not all(0 <= t <= MAX_TOKEN_ID for t in item):
+                raise ValueError(f"input[{i}] holds a token id outside 0..{MAX_TOKEN_ID}")
+        else:
+            raise ValueError(
+                f"input[{i}] is not {'a string' if texts else 'an array of token ids'}: every "
+                "input is a string, or every input is an array of integer token ids"
+            )
+    return value
+
+
+class EmbedSpec(BaseModel):
+    """Texts (or token ids) to embed with a sentence encoder: one vector per input, the
+    mean of the last hidden state over the attention mask, L2-normalized."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        pattern=MODEL_REF_PATTERN,
+        description="An encoder (loaded with AutoModel): a model directory name, a registered "
+        "model or an allowed hub id, e.g. all-MiniLM-L6-v2.",
+    )
+    input: list[str] | list[TokenIds] = Field(
+        description="A string, an array of strings, an array of token ids or an array of "
+        f"arrays of token ids (fed as given, no special tokens added); at most "
+        f"{MAX_EMBED_INPUTS} inputs, none empty, each within the model's context."
+    )
+    dimensions: int | None = Field(
+        default=None,
+        ge=1,
+        le=65_536,
+        description="Only the model's own width: these encoders are not trained to be cut.",
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _no_parent_segments(cls, model: str) -> str:
+        if ".." in model.split("/"):
+            raise ValueError("model may not contain '..' segments")
+        return model
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_shape(cls, value: Any) -> Any:
+        return _embed_inputs(value)
+
+    @property
+    def texts(self) -> list[str] | None:
+        """The inputs when they are strings; None when they are token ids."""
+        return [i for i in self.input if isinstance(i, str)] if self._of_texts else None
+
+    @property
+    def token_ids(self) -> list[list[int]] | None:
+        """The inputs when they are token ids; None when they are strings."""
+        return None if self._of_texts else [i for i in self.input if not isinstance(i, str)]
+
+    @property
+    def _of_texts(self) -> bool:
+        return isinstance(self.input[0], str)
+
+
 MAX_RUNTIME_S = 30 * 24 * 3600.0
 
 
@@ -453,8 +544,20 @@ class BatchJobRequest(_JobRequestBase):
     spec: BatchSpec
 
 
+class EmbedJobRequest(_JobRequestBase):
+    """Body of `POST /v1/jobs` for an embedding job (what `POST /v1/embeddings` creates)."""
+
+    kind: Literal[JobKind.EMBED]
+    spec: EmbedSpec
+
+
 AnyJobRequest = (
-    GenerateJobRequest | FineTuneJobRequest | PredictJobRequest | NoopJobRequest | BatchJobRequest
+    GenerateJobRequest
+    | FineTuneJobRequest
+    | PredictJobRequest
+    | NoopJobRequest
+    | BatchJobRequest
+    | EmbedJobRequest
 )
 JobRequest = Annotated[AnyJobRequest, Field(discriminator="kind")]
 
@@ -464,6 +567,7 @@ SPEC_FOR_KIND: dict[JobKind, type[BaseModel]] = {
     JobKind.PREDICT: PredictSpec,
     JobKind.NOOP: NoopSpec,
     JobKind.BATCH: BatchSpec,
+    JobKind.EMBED: EmbedSpec,
 }
 
 

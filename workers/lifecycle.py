@@ -159,6 +159,14 @@ class JobLifecycle:
             finally:
                 attempt.abandon_if_open()
             return
+        if claimed.kind is JobKind.EMBED:
+            from workers.embedding.jobs import serve_embeddings
+
+            try:
+                serve_embeddings(self, attempt)
+            finally:
+                attempt.abandon_if_open()
+            return
         ctx = claimed.ctx
         try:
             if attempt.cancelled_before_start():

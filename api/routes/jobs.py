@@ -40,7 +40,13 @@ from core.dispatch import JobPublisher
 from core.enums import JobKind, JobStatus
 from core.errors import IdempotencyConflictError, InvalidRequestError
 from core.settings import Settings
-from core.specs import DEFAULT_WEBHOOK_EVENTS, AnyJobRequest, GenerateJobRequest, JobRequest
+from core.specs import (
+    DEFAULT_WEBHOOK_EVENTS,
+    AnyJobRequest,
+    EmbedJobRequest,
+    GenerateJobRequest,
+    JobRequest,
+)
 from db import events as events_repo
 from db import jobs as jobs_repo
 from db import outputs as outputs_repo
@@ -162,9 +168,7 @@ def create_job_in(
             metadata=dict(req.metadata),
             idempotency_key=idempotency_key,
             request_hash=digest,
-            model=serving_base(session, req.spec.model, tenant_id)
-            if isinstance(req, GenerateJobRequest)
-            else None,
+            model=_batching_model(session, req, tenant_id),
             expires_at=req.expires_at,
             max_runtime_s=req.max_runtime_s,
             webhook_url=req.webhook_url,
@@ -190,6 +194,16 @@ def create_job_in(
     publish_job(publisher, job)
     logger.info("job %s queued (%s)", job.id, job.kind)
     return JobOut.of(job)
+
+
+def _batching_model(session: Session, req: AnyJobRequest, tenant_id: str) -> str | None:
+    """The Job.model a worker batches jobs by: a generation job's base model (adapters on
+    it share its decode group), an embedding job's model itself."""
+    if isinstance(req, GenerateJobRequest):
+        return serving_base(session, req.spec.model, tenant_id)
+    if isinstance(req, EmbedJobRequest):
+        return req.spec.model
+    return None
 
 
 def _replay(existing: Job, digest: str, response: Response) -> JobOut:

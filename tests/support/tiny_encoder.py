@@ -113,3 +113,30 @@ def build_tiny_bert_base(out_dir: Path, seed: int = 0) -> Path:
     from transformers import BertModel
 
     return _save(BertModel, out_dir, None, seed)
+
+
+TINY_ENCODER = "tiny-encoder"
+
+
+def build_tiny_encoder(out_dir: Path, seed: int = 0) -> Path:
+    """A headless 2-layer 32-wide BertModel to embed with (mean pooling), saved to `out_dir`."""
+    return build_tiny_bert_base(out_dir, seed)
+
+
+def reference_embeddings(model_dir: Path, inputs: list[str] | list[list[int]]) -> list[list[float]]:
+    """The oracle of embedding tests: each input alone through transformers' AutoModel, its
+    last hidden state averaged over all its tokens and L2-normalized; written apart from
+    the worker's code (no padding, no batching) so both can be compared."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    out = []
+    for item in inputs:
+        ids = tokenizer(item)["input_ids"] if isinstance(item, str) else item
+        with torch.no_grad():
+            hidden = model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        mean = hidden.mean(dim=0)
+        out.append((mean / mean.norm()).tolist())
+    return out

@@ -2,9 +2,10 @@
 into the system message before the chat template is applied.
 
 Questions of a chat or prompt_completion dataset are embedded once per (dataset,
-embedding model) with a sentence encoder (AutoModel, mean pooling over the attention
-mask, L2-normalized) and stored next to the dataset file as safetensors; later jobs
-load that file. Similarity is the dot product of normalized embeddings (cosine).
+embedding model) with a sentence encoder (workers/generation/encoder.py: AutoModel, mean
+pooling over the attention mask, L2-normalized) and stored next to the dataset file as
+safetensors; later jobs load that file. Similarity is the dot product of normalized
+embeddings (cosine).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from core.settings import Settings
 from core.specs import ChatMessage, GenerateSpec, RetrievalSpec
 from db.datasets import get_dataset
 from db.session import session_scope
+from workers.generation.encoder import Encoder, load_encoder
 from workers.model_refs import inside, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -75,48 +76,8 @@ def past_answers(schema: DatasetSchema, rows: list[dict[str, Any]]) -> list[Past
     return pairs
 
 
-@dataclass(frozen=True)
-class Encoder:
-    model: Any
-    tokenizer: Any
-    device: str
-
-    def embed(self, texts: list[str]) -> torch.Tensor:
-        """Mean-pooled, L2-normalized sentence embeddings, one row per text (on the CPU)."""
-        chunks = []
-        for start in range(0, len(texts), EMBED_BATCH):
-            encoded = self.tokenizer(
-                texts[start : start + EMBED_BATCH],
-                padding=True,
-                truncation=True,
-                max_length=EMBED_MAX_TOKENS,
-                return_tensors="pt",
-            ).to(self.device)
-            with torch.inference_mode():
-                hidden = self.model(**encoded).last_hidden_state.float()
-            mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-            chunks.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
-        return torch.cat(chunks)
-
-
-@lru_cache(maxsize=1)
-def load_encoder(ref: str, device: str) -> Encoder:
-    """A sentence encoder from a local directory or hub id (safetensors, no remote code);
-    the last one stays cached in the worker process."""
-    from transformers import AutoModel, AutoTokenizer
-
-    logger.info("loading sentence encoder %s on %s", ref, device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
-        model = AutoModel.from_pretrained(ref, use_safetensors=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise PermanentJobError(
-            f"cannot load embedding model {ref!r}: {exc}", FailureType.MODEL_NOT_FOUND
-        ) from exc
-    model.to(device)
-    model.eval()
-    return Encoder(model, tokenizer, device)
+def _embed(encoder: Encoder, texts: list[str]) -> torch.Tensor:
+    return encoder.embed(texts, EMBED_BATCH, EMBED_MAX_TOKENS)
 
 
 def _embeddings_path(dataset_file: Path, model_ref: str, sha256: str) -> Path:
@@ -144,7 +105,7 @@ class RetrievalIndex:
         self.encoder = encoder
 
     def search(self, queries: list[str], k: int) -> list[list[Hit]]:
-        scores = self.encoder.embed(queries) @ self.questions.T
+        scores = _embed(self.encoder, queries) @ self.questions.T
         top = torch.topk(scores, min(k, len(self.past)), dim=-1)
         return [
             [Hit(self.past[int(i)], float(s)) for s, i in zip(vals, idx, strict=True)]
@@ -190,7 +151,7 @@ def open_index(
             questions = None
     if questions is None:
         logger.info("embedding %d past questions of %s", len(past), retrieval.dataset)
-        questions = encoder.embed([p.question for p in past])
+        questions = _embed(encoder, [p.question for p in past])
         _save(stored, questions, resolved.ref)
     return RetrievalIndex(past, questions, encoder)
 
