@@ -90,11 +90,7 @@ function turnMeta(turn) {
   const parts = [];
   if (turn.jobId) {
     parts.push(
-      h(
-        "a",
-        { class: "job-link", href: `#/jobs/${encodeURIComponent(turn.jobId)}` },
-        `job ${turn.jobId}`,
-      ),
+      h("a", { class: "job-link", href: `#/jobs/${encodeURIComponent(turn.jobId)}` }, turn.jobId),
     );
   }
   if (turn.state === "streaming") parts.push(turn.jobId ? "streaming…" : "starting…");
