@@ -231,6 +231,22 @@ class ModelList(BaseModel):
     next_cursor: str | None
 
 
+class InstalledModelOut(BaseModel):
+    """A model directory installed under the data dir's models/, usable by name."""
+
+    id: str = Field(description="The directory name; what a job's `model` names.")
+    object: Literal["model"] = "model"
+    architectures: list[str] = Field(description="`architectures` from its config.json.")
+    chat_template: bool = Field(
+        description="Its tokenizer has a chat template, so it answers chat completions."
+    )
+
+
+class InstalledModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[InstalledModelOut]
+
+
 class ModelDeleted(BaseModel):
     """OpenAI's answer to deleting a model."""
 

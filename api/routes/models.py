@@ -8,7 +8,14 @@ from fastapi import APIRouter, Query
 
 from api.cursors import decode_cursor, encode_cursor, split_page
 from api.deps import JobsRead, ModelsWrite, ReadSessionDep, SessionDep, SettingsDep
-from api.schemas import ModelDeleted, ModelList, ModelOut
+from api.installed_models import installed_models
+from api.schemas import (
+    InstalledModelList,
+    InstalledModelOut,
+    ModelDeleted,
+    ModelList,
+    ModelOut,
+)
 from core.storage import artifact_store
 from db import registry
 
@@ -31,6 +38,20 @@ def list_models(
     next_cursor = encode_cursor(rows[-1].created_at, rows[-1].name) if has_more else None
     return ModelList(
         data=[ModelOut.of(m) for m in rows], has_more=has_more, next_cursor=next_cursor
+    )
+
+
+@router.get("/installed", response_model=InstalledModelList)
+def list_installed_models(settings: SettingsDep, who: JobsRead) -> InstalledModelList:
+    """The base models installed in the data dir (shared by every tenant), which jobs name
+    by directory name; declared before `/{name:path}`, which would take `installed`."""
+    return InstalledModelList(
+        data=[
+            InstalledModelOut(
+                id=m.name, architectures=m.architectures, chat_template=m.chat_template
+            )
+            for m in installed_models(settings.models_dir)
+        ]
     )
 
 

@@ -20,6 +20,7 @@ def test_ui_redirects_to_its_page_with_a_strict_policy(client: TestClient) -> No
     policy = page.headers["content-security-policy"]
     assert "script-src 'self'" in policy and "unsafe-inline" not in policy
     assert 'src="static/app.js"' in page.text
+    assert 'href="#/playground"' in page.text
 
 
 def test_ui_config_names_flower_and_the_filters(client: TestClient) -> None:
@@ -31,7 +32,16 @@ def test_ui_config_names_flower_and_the_filters(client: TestClient) -> None:
 
 def test_ui_scripts_are_served_and_build_no_html_from_strings(client: TestClient) -> None:
     scripts = sorted((UI_DIR / "static").glob("*.js"))
-    assert {p.name for p in scripts} >= {"app.js", "api.js", "charts.js", "dom.js", "job.js"}
+    assert {p.name for p in scripts} >= {
+        "app.js",
+        "api.js",
+        "charts.js",
+        "chat.js",
+        "dom.js",
+        "job.js",
+        "playground.js",
+        "sse.js",
+    }
     for path in scripts:
         resp = client.get(f"/ui/static/{path.name}")
         assert resp.status_code == 200

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import install_tiny_model
+from tests.support.browser import chromium
 from tests.support.harness import Stack
 from tests.support.services import RedisServer
 
@@ -44,3 +46,10 @@ def one_worker(stack: Stack) -> Stack:
     if not stack.workers:
         stack.start_worker()
     return stack
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    """Headless Chromium for dashboard tests; skips (fails under CI) without it."""
+    with chromium(tmp_path) as driver:
+        yield driver

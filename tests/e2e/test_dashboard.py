@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.e2e.test_finetune import CLS_MODEL, submit, upload
+from tests.support.browser import PAGE_TIMEOUT_S, sign_in
 from tests.support.datasets import write_sentiment_csv
 from tests.support.harness import Stack
-from tests.support.services import missing_service
 
 pytestmark = [
     pytest.mark.e2e,
@@ -25,44 +24,7 @@ pytestmark = [
     pytest.mark.parametrize("database_url", ["sqlite"], indirect=True),
 ]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOT_COPY = Path("/tmp/modelyard-ui.png")
-PAGE_TIMEOUT_S = 30
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Any]:
-    """Headless Chromium driven by chromedriver; skips (fails under CI) without them."""
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        missing_service(
-            "Chromium and chromedriver (Debian: apt-get install chromium chromium-driver)"
-        )
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        missing_service("the selenium package (pip install -e '.[dev]')")
-        raise
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",  # CI runs as root
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--window-size=1280,2400",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # request headers
-    service = Service(executable_path=str(CHROMEDRIVER), log_output=str(tmp_path / "driver.log"))
-    driver = webdriver.Chrome(options=options, service=service)
-    driver.set_page_load_timeout(PAGE_TIMEOUT_S)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +34,6 @@ def cls_stack(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Stack:
     path = build_tiny_bert_classifier(tmp_path_factory.mktemp("encoders") / CLS_MODEL, ["a", "b"])
     shutil.copytree(path, stack.workdir / "data" / "models" / CLS_MODEL, dirs_exist_ok=True)
     return stack
-
-
-def sign_in(browser: Any, stack: Stack) -> None:
-    """Put the stack's API key where the dashboard keeps it (the tab's sessionStorage),
-    as its API key field does."""
-    browser.get(f"{stack.base_url}/ui/")
-    browser.execute_script(
-        "sessionStorage.setItem('modelyard.apiKey', arguments[0])", stack.api_key
-    )
 
 
 def api_metrics(stack: Stack, job_id: str, name: str) -> list[dict[str, Any]]:

@@ -36,32 +36,62 @@ function url(path, params) {
   return target;
 }
 
+function headers(accept) {
+  const sent = { Accept: accept };
+  const key = apiKey();
+  if (key) sent.Authorization = `Bearer ${key}`;
+  return sent;
+}
+
+/** The API's typed error from a refusal's body (or its status line when it has none). */
+async function errorOf(resp) {
+  let type = "http_error";
+  let message = `${resp.status} ${resp.statusText}`;
+  try {
+    const body = await resp.json();
+    if (body && body.error) {
+      type = String(body.error.type || type);
+      message = String(body.error.message || message);
+    }
+  } catch {
+    // not JSON: keep the status line
+  }
+  return new ApiError(resp.status, type, message);
+}
+
 /** GET a JSON document; throws ApiError with the API's typed error. */
 export async function getJson(path, params) {
-  const headers = { Accept: "application/json" };
-  const key = apiKey();
-  if (key) headers.Authorization = `Bearer ${key}`;
   let resp;
   try {
-    resp = await fetch(url(path, params), { headers, cache: "no-store" });
+    const sent = headers("application/json");
+    resp = await fetch(url(path, params), { headers: sent, cache: "no-store" });
   } catch (err) {
     throw new ApiError(0, "network_error", `the API did not answer (${err.message})`);
   }
-  if (!resp.ok) {
-    let type = "http_error";
-    let message = `${resp.status} ${resp.statusText}`;
-    try {
-      const body = await resp.json();
-      if (body && body.error) {
-        type = String(body.error.type || type);
-        message = String(body.error.message || message);
-      }
-    } catch {
-      // not JSON: keep the status line
-    }
-    throw new ApiError(resp.status, type, message);
-  }
+  if (!resp.ok) throw await errorOf(resp);
   return resp.json();
+}
+
+/** POST a JSON body to a route that answers server-sent events; the Response, whose body
+ * the caller reads. Throws ApiError for a refusal; an abort through `signal` rejects
+ * with the fetch's AbortError. */
+export async function postForEvents(path, body, signal) {
+  const sent = { ...headers("text/event-stream"), "Content-Type": "application/json" };
+  let resp;
+  try {
+    resp = await fetch(url(path), {
+      method: "POST",
+      headers: sent,
+      body: JSON.stringify(body),
+      cache: "no-store",
+      signal,
+    });
+  } catch (err) {
+    if (signal && signal.aborted) throw err;
+    throw new ApiError(0, "network_error", `the API did not answer (${err.message})`);
+  }
+  if (!resp.ok) throw await errorOf(resp);
+  return resp;
 }
 
 /** Every page of a list that pages with `after` + `has_more` + `last_id` (metrics, events). */

@@ -1,12 +1,13 @@
 // Entry point: the header (API key, Flower link), hash routing between the job list
-// (#/?status=&kind=), a job's page (#/jobs/<id>) and the monitors (#/monitors,
-// #/monitors/<id>), and one place for API errors.
+// (#/?status=&kind=), a job's page (#/jobs/<id>), the monitors (#/monitors,
+// #/monitors/<id>) and the playground (#/playground), and one place for API errors.
 
 import { ApiError, apiKey, setApiKey, uiConfig } from "./api.js";
 import { replace } from "./dom.js";
 import { showJob } from "./job.js";
 import { showJobs } from "./jobs.js";
 import { showMonitor, showMonitors } from "./monitors.js";
+import { showPlayground } from "./playground.js";
 
 const state = { config: { flower_url: "", statuses: [], kinds: [] }, stop: null };
 
@@ -48,6 +49,8 @@ function route() {
     state.stop = showMonitor(ctx, decodeURIComponent(monitor[1]));
   } else if (path === "/monitors") {
     state.stop = showMonitors(ctx);
+  } else if (path === "/playground") {
+    state.stop = showPlayground(ctx);
   } else {
     state.stop = showJobs(ctx, new URLSearchParams(query || ""));
   }
