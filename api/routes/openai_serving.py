@@ -329,12 +329,12 @@ class _Answer:
             index=index,
             **parts,
         )
-        return format_sse_event(data_str=json.dumps(data, separators=(",", ":")))
+        return _event(data)
 
     @staticmethod
     def _error(exc: ModelyardError) -> bytes:
         data = error_body(exc.type, exc.message, exc.param)
-        return format_sse_event(data_str=json.dumps(data, separators=(",", ":")))
+        return _event(data)
 
     async def stream(self, reader: TokenStreamReader) -> AsyncIterator[bytes]:
         """The chunks of the answer; a client that leaves early cancels the job (unless
@@ -399,7 +399,7 @@ class _Answer:
                 created=self.created.created,
                 texts=texts,
             )
-            yield format_sse_event(data_str=json.dumps(data, separators=(",", ":")))
+            yield _event(data)
         yield DONE
 
     async def abandon(self) -> None:
@@ -421,6 +421,11 @@ class _Answer:
         if job.status == JobStatus.RUNNING.value:
             self.publisher.notify_cancel(self.job_id)
         logger.info("job %s: client left; cancel requested (now %s)", self.job_id, job.status)
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    """One server-sent event whose data is `data` as compact JSON."""
+    return format_sse_event(data_str=json.dumps(data, separators=(",", ":")))
 
 
 def _worker_lost(job_id: str) -> JobFailedError:
