@@ -19,6 +19,7 @@ import shutil
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import redis
@@ -417,7 +418,7 @@ class AttemptRun:
             logger.exception("job %s: storing its result failed", ctx.job_id)
             return self.fail(FailureType.RUNTIME_ERROR, f"storing the result failed: {exc}")
         if status is not JobStatus.SUCCEEDED and result.trained_model is not None:
-            shutil.rmtree(result.trained_model.path, ignore_errors=True)  # never registered
+            self._discard_unregistered(result.trained_model.path)
         if status is JobStatus.SUCCEEDED:
             logger.info("job %s succeeded with %d outputs", ctx.job_id, len(result.outputs))
         elif status is JobStatus.CANCELLED:
@@ -510,6 +511,17 @@ class AttemptRun:
             return self._hand_back()
         logger.warning("job %s: attempt %d stopped without a reason", *self._ids())
         return self.fail(FailureType.RUNTIME_ERROR, "the runner stopped without a reason")
+
+    def _discard_unregistered(self, path: Path) -> None:
+        """The attempt's model directory, never registered: gone locally and from shared
+        storage (the finishing transaction may have published it before it failed)."""
+        shutil.rmtree(path, ignore_errors=True)
+        try:
+            artifact_store(self._settings).remove(path)
+        except Exception as exc:
+            logger.warning(
+                "job %s: unregistered model not removed from storage: %s", self.job_id, exc
+            )
 
     def abandon_if_open(self) -> None:
         """Stop the heartbeat of an attempt its runner left without an end (a bug, or an
