@@ -26,6 +26,25 @@ def append_event(
     )
 
 
+def event_row(
+    job_id: str, type_: EventType, message: str = "", data: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One event as `append_events` takes it."""
+    return {
+        "job_id": job_id,
+        "type": type_.value,
+        "message": message,
+        "data": data or {},
+        "created_at": utcnow(),
+    }
+
+
+def append_events(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Several events (of `event_row`) in one INSERT, in the order given."""
+    if rows:
+        session.execute(insert(JobEvent), rows)
+
+
 def list_events(
     session: Session, job_id: str, *, after_id: int = 0, limit: int = 100
 ) -> Sequence[JobEvent]:

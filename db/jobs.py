@@ -16,7 +16,7 @@ from core.states import can_transition
 from core.webhooks import event_for_status
 from db.base import newer_first_before, utcnow
 from db.clock import database_now, db_now, db_time_after
-from db.events import append_event
+from db.events import append_event, append_events, event_row
 from db.fencing import current_attempt
 from db.models import DEFAULT_TENANT, Job, Tenant
 from db.webhooks import queue_delivery
@@ -229,6 +229,9 @@ def tenant_running_cap(
     return [running < cap]
 
 
+_CLAIM_COLUMNS = (Job.kind, Job.spec, Job.attempts, Job.model, Job.max_runtime_s, Job.tenant_id)
+
+
 def claim(
     session: Session,
     job_id: str,
@@ -255,10 +258,12 @@ def claim(
         },
         f"claimed by {worker}",
         {"worker": worker},
-        (Job.kind, Job.spec, Job.attempts, Job.model, Job.max_runtime_s, Job.tenant_id),
+        _CLAIM_COLUMNS,
     )
-    if row is None:
-        return None
+    return None if row is None else _claimed_row(row)
+
+
+def _claimed_row(row: Sequence[Any]) -> ClaimedRow:
     kind, spec, attempts, model, max_runtime_s, tenant_id = tuple(row)
     return ClaimedRow(
         kind=kind,
@@ -268,6 +273,84 @@ def claim(
         max_runtime_s=None if max_runtime_s is None else float(max_runtime_s),
         tenant_id=str(tenant_id),
     )
+
+
+def claim_many(
+    session: Session,
+    job_ids: Sequence[str],
+    worker: str,
+    lease_ttl: timedelta,
+    default_running_cap: int | None = None,
+    *,
+    note: str | None = None,
+) -> dict[str, ClaimedRow]:
+    """`claim` for several jobs in one transaction: the jobs of tenants without a running-jobs
+    cap in one UPDATE ... RETURNING and one INSERT of their events, the others one at a time
+    (each claim then counts the ones before it). Returns the claimed jobs by id, in the order
+    of `job_ids`; the others are no longer claimable (another worker has them, cancelled, at
+    their tenant's cap, ...). `note`, when given, is a log event recorded after each claim."""
+    if not job_ids:
+        return {}
+    capped: set[str] = set()
+    if default_running_cap is None:
+        capped = set(
+            session.scalars(
+                select(Job.id)
+                .join(Tenant, Tenant.id == Job.tenant_id)
+                .where(Job.id.in_(job_ids), Tenant.max_running_jobs.is_not(None))
+            )
+        )
+    else:
+        capped = set(job_ids)
+    free = [job_id for job_id in job_ids if job_id not in capped]
+    claimed: dict[str, ClaimedRow] = {}
+    if free:
+        now = db_now()
+        started = utcnow()
+        stmt = (
+            update(Job)
+            .where(
+                Job.id.in_(free),
+                Job.status == JobStatus.QUEUED.value,
+                Job.cancel_requested.is_(False),
+                Job.available_at <= now,
+                not_expired(now),
+            )
+            .values(
+                status=JobStatus.RUNNING.value,
+                updated_at=started,
+                lease_owner=worker,
+                lease_expires_at=db_time_after(lease_ttl.total_seconds()),
+                attempts=Job.attempts + 1,
+                started_at=started,
+                progress=0.0,
+            )
+            .returning(Job.id, *_CLAIM_COLUMNS)
+            .execution_options(synchronize_session=False)
+        )
+        rows = {str(row[0]): _claimed_row(row[1:]) for row in session.execute(stmt)}
+        data = {"from": JobStatus.QUEUED.value, "status": JobStatus.RUNNING.value, "worker": worker}
+        events = [
+            event_row(job_id, EventType.STATUS, f"claimed by {worker}", data) for job_id in rows
+        ]
+        if note is not None:
+            events += [
+                event_row(job_id, EventType.LOG, note, {"worker": worker}) for job_id in rows
+            ]
+        append_events(session, events)
+        hook = event_for_status(JobStatus.RUNNING.value)
+        if hook is not None:
+            for job_id in rows:
+                queue_delivery(session, job_id, hook, data)
+        claimed.update(rows)
+    for job_id in job_ids:
+        if job_id in capped:
+            row = claim(session, job_id, worker, lease_ttl, default_running_cap)
+            if row is not None:
+                claimed[job_id] = row
+                if note is not None:
+                    append_event(session, job_id, EventType.LOG, note, {"worker": worker})
+    return {job_id: claimed[job_id] for job_id in job_ids if job_id in claimed}
 
 
 def claim_job(session: Session, job_id: str, worker: str, lease_ttl: timedelta) -> bool:

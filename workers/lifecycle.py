@@ -3,7 +3,8 @@ attempt (succeed, fail, retry, hand back, pause, stop), each end a compare-and-s
 attempt number.
 
 A job is claimed from its message (`execute`) or by a runner that serves several jobs at
-once (`claim_and_begin`: each job of a generation decode group). Either way it becomes an
+once (`claim_ready`: the jobs that join a generation decode group or an embedding round,
+claimed together in one transaction). Either way it becomes an
 `AttemptRun`: the heartbeat renews both leases for that attempt, and exactly one ending call
 records the outcome through the repository functions of db/attempts.py. A runner that
 does not stop within `stop_grace_s` of its run time limit or of a lost lease is overdue:
@@ -49,7 +50,7 @@ from db.attempts import (
 from db.base import utcnow
 from db.events import append_event
 from db.fencing import fence_reading_cancel
-from db.jobs import claim, expire_overdue, get_job
+from db.jobs import ClaimedRow, claim, claim_many, expire_overdue, get_job, ready_for_model
 from db.models import DEFAULT_TENANT
 from db.monitors import record_predictions
 from db.outputs import add_outputs
@@ -144,6 +145,23 @@ class JobLifecycle:
         claimed = self.claim(job_id, from_message=False)
         return None if claimed is None else self.begin(claimed)
 
+    def claim_ready(self, kind: JobKind, model: str, limit: int, note: str) -> list[Attempt]:
+        """Claim up to `limit` ready jobs of `kind` on `model` in one transaction (no
+        message: a runner serving several jobs asked for them) and start their attempts,
+        highest priority first; `note` is recorded as each one's event after its claim."""
+        if limit <= 0:
+            return []
+        settings = self._settings
+        with session_scope(settings.database_url, readonly=True) as session:
+            ids = list(ready_for_model(session, kind, model, utcnow(), limit))
+        if not ids:
+            return []
+        ttl = timedelta(seconds=settings.lease_ttl_s)
+        with session_scope(settings.database_url) as session:
+            rows = claim_many(session, ids, self._worker, ttl, settings.max_running_jobs, note=note)
+        logger.info("%d %s jobs on %s claimed by %s", len(rows), kind.value, model, self._worker)
+        return [self.begin(self._claimed(job_id, row)) for job_id, row in rows.items()]
+
     def begin(self, claimed: ClaimedJob) -> AttemptRun:
         attempt = AttemptRun(self, claimed)
         attempt.start()
@@ -194,23 +212,7 @@ class JobLifecycle:
             row = claim(session, job_id, self._worker, ttl, self._settings.max_running_jobs)
             if row is not None:
                 logger.info("job %s claimed by %s (attempt %d)", job_id, self._worker, row.attempts)
-                limit = self._settings.job_time_limit_s
-                if row.max_runtime_s is not None:
-                    limit = min(limit, row.max_runtime_s)
-                return ClaimedJob(
-                    kind=JobKind(row.kind),
-                    spec=row.spec,
-                    ctx=RunContext(
-                        job_id=job_id,
-                        tenant_id=row.tenant_id,
-                        attempt=row.attempts,
-                        device=self._device,
-                        worker=self._worker,
-                        deadline=time.monotonic() + limit,
-                        max_runtime_s=limit,
-                    ),
-                    model=row.model,
-                )
+                return self._claimed(job_id, row)
             if not from_message:
                 return None
             job = get_job(session, job_id)
@@ -229,6 +231,25 @@ class JobLifecycle:
             )
             logger.info("job %s not claimable (%s); message dropped", job_id, job.status)
             return None
+
+    def _claimed(self, job_id: str, row: ClaimedRow) -> ClaimedJob:
+        limit = self._settings.job_time_limit_s
+        if row.max_runtime_s is not None:
+            limit = min(limit, row.max_runtime_s)
+        return ClaimedJob(
+            kind=JobKind(row.kind),
+            spec=row.spec,
+            ctx=RunContext(
+                job_id=job_id,
+                tenant_id=row.tenant_id,
+                attempt=row.attempts,
+                device=self._device,
+                worker=self._worker,
+                deadline=time.monotonic() + limit,
+                max_runtime_s=limit,
+            ),
+            model=row.model,
+        )
 
     # -- what attempts share -------------------------------------------------------------
     def write(self, job_id: str, what: str, write: Callable[[], T], keep: Callable[[], Any]) -> T:

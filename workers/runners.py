@@ -86,6 +86,7 @@ class Claimer(Protocol):
     @property
     def worker(self) -> str: ...
 
-    def claim_and_begin(self, job_id: str) -> Attempt | None:
-        """Claim a queued job (no message: a runner asked for it) and start its attempt;
-        None when another worker has it or it is no longer claimable."""
+    def claim_ready(self, kind: JobKind, model: str, limit: int, note: str) -> list[Attempt]:
+        """Claim up to `limit` ready jobs of `kind` on `model` at once (no message: a runner
+        asked for them) and start their attempts; `note` is each one's event after its claim.
+        Jobs another worker has, or that are no longer claimable, are left out."""

@@ -13,7 +13,8 @@ from core.enums import JobKind, JobStatus
 from db import tenants as tenants_repo
 from db.attempts import finish_job
 from db.base import utcnow
-from db.jobs import claim, count_waiting, due_queued
+from db.events import list_events
+from db.jobs import claim, claim_many, count_waiting, due_queued
 from db.models import Job
 from db.session import migrate, session_scope
 from tests.support.jobs import insert_job, load_job
@@ -145,3 +146,66 @@ def test_jobs_of_a_capped_tenant_are_not_waiting_for_an_idle_worker(url: str) ->
     with session_scope(url) as s:
         assert finish_job(s, first, JobStatus.SUCCEEDED, attempt=1)
     assert waiting() == base + 3  # below its cap again: its backlog counts
+
+
+def test_claim_many_takes_free_jobs_together_and_capped_ones_up_to_their_cap(url: str) -> None:
+    capped, free = tenant(url, max_running_jobs=1), tenant(url)
+    jobs = [insert_job(url, tenant_id=free), insert_job(url, tenant_id=capped)]
+    jobs += [insert_job(url, tenant_id=capped), insert_job(url, tenant_id=free)]
+    taken_elsewhere, cancelled = insert_job(url, tenant_id=free), insert_job(url, tenant_id=free)
+    with session_scope(url) as s:
+        assert claim(s, taken_elsewhere, "other", TTL) is not None
+    with session_scope(url) as s:
+        s.get_one(Job, cancelled).cancel_requested = True
+    with session_scope(url) as s:
+        rows = claim_many(s, [*jobs, taken_elsewhere, cancelled], "w", TTL, note="joined")
+    # in the order asked; the capped tenant's second job, the other worker's job and the
+    # cancelled one stay where they were
+    assert list(rows) == [jobs[0], jobs[1], jobs[3]]
+    assert {r.tenant_id for r in rows.values()} == {free, capped}
+    assert all(r.attempts == 1 and r.spec["model"] == "m" for r in rows.values())
+    assert load_job(url, jobs[2]).status == JobStatus.QUEUED.value
+    assert load_job(url, cancelled).status == JobStatus.QUEUED.value
+    other = load_job(url, taken_elsewhere)
+    assert other.lease_owner == "other" and other.attempts == 1
+    for job_id in rows:
+        job = load_job(url, job_id)
+        assert (job.status, job.lease_owner, job.attempts) == (JobStatus.RUNNING.value, "w", 1)
+        with session_scope(url) as s:
+            messages = [e.message for e in list_events(s, job_id)]
+        assert messages[-2:] == ["claimed by w", "joined"]
+
+
+def test_claim_many_keeps_the_settings_default_cap(url: str) -> None:
+    t = tenant(url)
+    jobs = [insert_job(url, tenant_id=t) for _ in range(3)]
+    with session_scope(url) as s:
+        rows = claim_many(s, jobs, "w", TTL, default_running_cap=2)
+    assert list(rows) == jobs[:2]
+    assert load_job(url, jobs[2]).status == JobStatus.QUEUED.value
+
+
+def test_concurrent_claim_many_never_claims_a_job_twice(url: str) -> None:
+    t = tenant(url)
+    jobs = [insert_job(url, tenant_id=t) for _ in range(12)]
+    barrier = threading.Barrier(3)
+    won: list[list[str]] = []
+    errors: list[BaseException] = []
+
+    def take(worker: str) -> None:
+        barrier.wait()
+        try:
+            with session_scope(url) as s:
+                won.append(list(claim_many(s, jobs, worker, TTL)))
+        except BaseException as exc:  # SQLite: "database is locked" counts as a lost claim
+            errors.append(exc)
+
+    threads = [threading.Thread(target=take, args=(f"w{i}",)) for i in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    claimed = [job_id for batch in won for job_id in batch]
+    assert sorted(claimed) == sorted(jobs)  # each exactly once
+    assert all(load_job(url, j).attempts == 1 for j in jobs)
+    assert not [e for e in errors if "locked" not in str(e)]

@@ -25,16 +25,14 @@ from core.enums import FailureType, JobKind, JobStatus
 from core.errors import PermanentJobError
 from core.specs import EmbedSpec
 from core.token_stream import TokenStreamWriter
-from db.base import utcnow
-from db.jobs import ready_for_model
 from db.outputs import OutputRecord
-from db.session import session_scope
 from workers.generation.cache import CacheOutcome
 from workers.generation.encoder import Encoder, get_encoder
 from workers.model_refs import resolve_model
 from workers.runners import Attempt, Claimer, RunResult
 
 logger = logging.getLogger(__name__)
+JOINED_MESSAGE = "joined a running embedding round"
 
 Ending = Callable[[Attempt], JobStatus | None]
 
@@ -116,21 +114,12 @@ class EmbeddingBatchRun:
         if model is None or room <= 0:
             return []
         try:
-            with session_scope(self._settings.database_url, readonly=True) as session:
-                ids = list(ready_for_model(session, JobKind.EMBED, model, utcnow(), room))
+            taken = self._claimer.claim_ready(JobKind.EMBED, model, room, JOINED_MESSAGE)
         except SQLAlchemyError as exc:
-            logger.warning("could not look for embedding jobs on %s: %s", model, exc)
+            logger.warning("could not claim embedding jobs on %s: %s", model, exc)
             return []
-        taken: list[Attempt] = []
-        for job_id in ids:
-            try:
-                attempt = self._claimer.claim_and_begin(job_id)
-            except SQLAlchemyError as exc:
-                logger.warning("job %s: claim failed (%s); it stays queued", job_id, exc)
-                continue
-            if attempt is not None:
-                self._writer.begin(job_id, attempt.claimed.ctx.attempt)
-                taken.append(attempt)
+        for attempt in taken:
+            self._writer.begin(attempt.claimed.ctx.job_id, attempt.claimed.ctx.attempt)
         return taken
 
     def _round(self, encoder: Encoder, attempts: list[Attempt], cache: dict[str, Any]) -> None:

@@ -27,9 +27,7 @@ from core.errors import PermanentJobError
 from core.settings import Settings
 from core.specs import GenerateSpec
 from core.token_stream import TokenDelta, TokenStreamWriter
-from db.base import utcnow
 from db.events import append_event
-from db.jobs import ready_for_model
 from db.outputs import storable_text, without_text
 from db.session import session_scope
 from workers.generation.cache import CacheOutcome
@@ -265,26 +263,17 @@ class DecodeGroupRun:
             return
         self._last_poll = now
         try:
-            with session_scope(self._settings.database_url, readonly=True) as session:
-                ids = list(ready_for_model(session, JobKind.GENERATE, model, utcnow(), room))
+            attempts = self._claimer.claim_ready(JobKind.GENERATE, model, room, JOINED_MESSAGE)
         except SQLAlchemyError as exc:
-            logger.warning("could not look for jobs to join the decode group on %s: %s", model, exc)
+            logger.warning("could not claim jobs to join the decode group on %s: %s", model, exc)
             return
-        for job_id in ids:
-            try:
-                attempt = self._claimer.claim_and_begin(job_id)
-            except SQLAlchemyError as exc:
-                logger.warning("job %s: claim failed (%s); it stays queued", job_id, exc)
-                continue
-            if attempt is None:
-                continue
+        for attempt in attempts:
             try:
                 spec = self._prepared(attempt)
             except Exception as exc:
                 self._finish_alone(attempt, failing(exc))
                 continue
-            if self._start(engine, attempt, spec):
-                self._record(job_id, JOINED_MESSAGE, {"worker": self._claimer.worker})
+            self._start(engine, attempt, spec)
 
     def _prepared(self, attempt: Attempt) -> GenerateSpec:
         """The spec to decode: with retrieval, the past answers put into its messages."""
