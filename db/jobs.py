@@ -325,10 +325,15 @@ def claim_many(
                 started_at=started,
                 progress=0.0,
             )
-            .returning(Job.id, *_CLAIM_COLUMNS)
+            .returning(Job.id, Job.webhook_events, *_CLAIM_COLUMNS)
             .execution_options(synchronize_session=False)
         )
-        rows = {str(row[0]): _claimed_row(row[1:]) for row in session.execute(stmt)}
+        rows: dict[str, ClaimedRow] = {}
+        subscribed: dict[str, str] = {}  # job id -> its webhook's events, where it has one
+        for row in session.execute(stmt):
+            rows[str(row[0])] = _claimed_row(row[2:])
+            if row[1]:
+                subscribed[str(row[0])] = row[1]
         data = {"from": JobStatus.QUEUED.value, "status": JobStatus.RUNNING.value, "worker": worker}
         events = [
             event_row(job_id, EventType.STATUS, f"claimed by {worker}", data) for job_id in rows
@@ -339,9 +344,10 @@ def claim_many(
             ]
         append_events(session, events)
         hook = event_for_status(JobStatus.RUNNING.value)
-        if hook is not None:
-            for job_id in rows:
-                queue_delivery(session, job_id, hook, data)
+        if hook is not None:  # only the jobs subscribed to it: no INSERT ... SELECT per job
+            for job_id, events in subscribed.items():
+                if f",{hook.value}," in events:
+                    queue_delivery(session, job_id, hook, data)
         claimed.update(rows)
     for job_id in job_ids:
         if job_id in capped:

@@ -8,14 +8,15 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import select
 
 from core.enums import JobKind, JobStatus
 from db import tenants as tenants_repo
 from db.attempts import finish_job
 from db.base import utcnow
 from db.events import list_events
-from db.jobs import claim, claim_many, count_waiting, due_queued
-from db.models import Job
+from db.jobs import claim, claim_many, count_waiting, create_job, due_queued
+from db.models import Job, WebhookDelivery
 from db.session import migrate, session_scope
 from tests.support.jobs import insert_job, load_job
 
@@ -209,3 +210,35 @@ def test_concurrent_claim_many_never_claims_a_job_twice(url: str) -> None:
     assert sorted(claimed) == sorted(jobs)  # each exactly once
     assert all(load_job(url, j).attempts == 1 for j in jobs)
     assert not [e for e in errors if "locked" not in str(e)]
+
+
+def test_claim_many_queues_the_started_webhook_of_the_jobs_subscribed_to_it(url: str) -> None:
+    def job(events: str | None) -> str:
+        with session_scope(url) as s:
+            return create_job(
+                s,
+                kind=JobKind.GENERATE,
+                spec={"model": "m", "prompts": ["p"]},
+                priority=0,
+                max_attempts=3,
+                metadata={},
+                webhook_url=None if events is None else "http://127.0.0.1:9/hook",
+                webhook_events=events,
+            ).id
+
+    started, completed_only, none = job(",started,"), job(",completed,"), job(None)
+    with session_scope(url) as s:
+        assert len(claim_many(s, [started, completed_only, none], "w", TTL)) == 3
+    with session_scope(url) as s:
+        queued = s.execute(select(WebhookDelivery.job_id, WebhookDelivery.event)).all()
+    mine = [tuple(r) for r in queued if r[0] in {started, completed_only, none}]
+    assert mine == [(started, "started")]
+    payload = load_delivery_payload(url, started)
+    assert payload["type"] == "job.started" and payload["data"]["worker"] == "w"
+
+
+def load_delivery_payload(url: str, job_id: str) -> dict[str, object]:
+    with session_scope(url) as s:
+        return dict(
+            s.scalars(select(WebhookDelivery.payload).where(WebhookDelivery.job_id == job_id)).one()
+        )
