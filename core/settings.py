@@ -166,6 +166,15 @@ class Settings(BaseSettings):
         description="Most sequences a worker decodes together (its decode group). "
         "MODELYARD_GENERATION_MAX_BATCH is the older name.",
     )
+    generation_prefill_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most prompt tokens (padded: sequences x longest prompt) a decode group "
+        "prefills in one step; the rest join at the next steps, so a burst of new requests "
+        "does not hold up every first token, nor the sequences already decoding, behind one "
+        "long prefill (chunked admission, like vLLM's max_num_batched_tokens). Unset: 512 on "
+        "a CPU, 8192 on a GPU. At least one sequence is admitted per step whatever its length.",
+    )
     generation_group_wait_s: float = Field(
         default=0.02,
         ge=0,

@@ -113,6 +113,35 @@ def test_each_result_is_the_same_alone_and_inside_a_mixed_group(
     assert engine.stats.peak_sequences > 1
 
 
+def test_a_burst_is_prefilled_in_chunks_of_the_token_budget_with_unchanged_texts(
+    settings: Settings, engine: TransformersEngine
+) -> None:
+    expected = {key: alone(engine, s) for key, s in MIXED.items()}
+    chunked = new_engine(settings.model_copy(update={"generation_prefill_tokens": 8}))
+    for key, s in MIXED.items():
+        chunked.add(GenerationRequest(key, s))
+    rows = sum(len(s.prompts) * s.num_return_sequences for s in MIXED.values())
+    chunked.step()
+    # the prompts are 2-5 tokens: at most 8 padded tokens go in a step, and never none
+    assert 1 <= chunked.stats.admitted <= 4 < rows
+    ended: dict[str, Ended] = {}
+    while chunked.has_work:
+        out = chunked.step()
+        ended.update({f.key: f for f in [*out.finished, *out.failed]})
+    assert chunked.stats.admitted == rows
+    assert {k: texts(r) for k, r in ended.items()} == expected
+
+
+def test_a_prompt_longer_than_the_budget_is_still_admitted_alone(settings: Settings) -> None:
+    chunked = new_engine(settings.model_copy(update={"generation_prefill_tokens": 1}))
+    chunked.add(GenerationRequest("a", spec(temperature=0, max_new_tokens=3)))
+    chunked.add(GenerationRequest("b", spec(temperature=0, max_new_tokens=3)))
+    chunked.step()
+    assert chunked.stats.admitted == 1
+    chunked.step()
+    assert chunked.stats.admitted == 2
+
+
 def test_penalised_requests_give_their_alone_texts_in_a_mixed_group(
     engine: TransformersEngine,
 ) -> None:
