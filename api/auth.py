@@ -135,13 +135,81 @@ def _bearer(credentials: HTTPAuthorizationCredentials | None) -> str:
     return credentials.credentials.strip()
 
 
-def _lookup(settings: Settings, secret: str) -> Principal:
+class KeyCache:
+    """The principals of recently looked-up keys, by the key's hash, for `ttl_s` seconds
+    (settings.api_key_cache_s); one per app. `forget` drops a revoked key at once."""
+
+    MAX_KEYS = 4096
+
+    def __init__(self, ttl_s: float) -> None:
+        self._ttl_s = ttl_s
+        self._entries: dict[str, tuple[Principal, float]] = {}
+        self._lock = threading.Lock()
+        # Bumped by `forget`: a lookup that read the key before a revoke committed does not
+        # put it back afterwards.
+        self.generation = 0
+
+    def get(self, digest: str) -> Principal | None:
+        if self._ttl_s <= 0:
+            return None
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None:
+                return None
+            if entry[1] <= time.monotonic():
+                del self._entries[digest]
+                return None
+            return entry[0]
+
+    def put(self, digest: str, principal: Principal, generation: int) -> None:
+        """Remember `principal`, read from the database while `generation` was current."""
+        if self._ttl_s <= 0:
+            return
+        with self._lock:
+            if generation != self.generation:
+                return
+            if len(self._entries) >= self.MAX_KEYS:
+                self._entries.clear()  # a flood of distinct keys: start over, stay bounded
+            self._entries[digest] = (principal, time.monotonic() + self._ttl_s)
+
+    def forget(self, key_id: str) -> None:
+        with self._lock:
+            self.generation += 1
+            for digest in [d for d, (p, _) in self._entries.items() if p.key_id == key_id]:
+                del self._entries[digest]
+
+
+def _lookup(settings: Settings, secret: str, cache: KeyCache) -> Principal:
+    digest = hash_key(secret)
+    principal = cache.get(digest)
+    if principal is None:
+        generation = cache.generation
+        principal = _lookup_key(settings, digest)
+        cache.put(digest, principal, generation)
+    if principal.key_id is not None and _due_for_touch(principal.key_id):
+        _touch(settings, principal.key_id)
+    return principal
+
+
+def _touch(settings: Settings, key_id: str) -> None:
+    write = get_sessionmaker(settings.database_url)()
+    try:
+        touch_key(write, key_id, utcnow())
+        write.commit()
+    except Exception as exc:  # the request goes on; last_used_at is best effort
+        logger.warning("last_used_at of key %s not updated: %s", key_id, type(exc).__name__)
+    finally:
+        write.rollback()
+        write.close()
+
+
+def _lookup_key(settings: Settings, digest: str) -> Principal:
     session = get_sessionmaker(settings.database_url, readonly=True)()
     try:
         row = session.execute(
             select(ApiKey.id, ApiKey.tenant_id, ApiKey.scopes, Tenant.requests_per_minute)
             .join(Tenant, Tenant.id == ApiKey.tenant_id)
-            .where(ApiKey.hash == hash_key(secret), ApiKey.revoked_at.is_(None))
+            .where(ApiKey.hash == digest, ApiKey.revoked_at.is_(None))
         ).first()
     finally:
         session.rollback()
@@ -149,16 +217,6 @@ def _lookup(settings: Settings, secret: str) -> Principal:
     if row is None:
         raise AuthenticationError("the API key is unknown or revoked")
     key_id, tenant_id, scopes, own_limit = row
-    if _due_for_touch(key_id):
-        write = get_sessionmaker(settings.database_url)()
-        try:
-            touch_key(write, key_id, utcnow())
-            write.commit()
-        except Exception as exc:  # the request goes on; last_used_at is best effort
-            logger.warning("last_used_at of key %s not updated: %s", key_id, type(exc).__name__)
-        finally:
-            write.rollback()
-            write.close()
     return Principal(
         tenant_id=tenant_id,
         key_id=key_id,
@@ -181,7 +239,7 @@ def authenticate(
             requests_per_minute=settings.requests_per_minute,
         )
     else:
-        principal = _lookup(settings, _bearer(credentials))
+        principal = _lookup(settings, _bearer(credentials), request.app.state.key_cache)
     limiter: RateLimiter = request.app.state.rate_limiter
     wait = limiter.retry_after(principal.key_id or "dev", principal.requests_per_minute)
     if wait is not None:

@@ -8,7 +8,7 @@ from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import RateLimiter
+from api.auth import KeyCache, RateLimiter
 from api.errors import COMMON_RESPONSES, install_error_handlers
 from api.limits import BodySizeLimit, limit_json_shape, refuse_nul_characters
 from api.prometheus import ModelyardCollector
@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.rate_limiter = RateLimiter(settings.broker_url)
+    app.state.key_cache = KeyCache(settings.api_key_cache_s)
     app.state.metrics_registry = CollectorRegistry(auto_describe=False)
     app.state.metrics_registry.register(ModelyardCollector(settings))
     app.state.metrics_cache = ScrapeCache(app.state.metrics_registry)

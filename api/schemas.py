@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
@@ -85,6 +86,36 @@ class JobOut(BaseModel):
             max_runtime_s=job.max_runtime_s,
             webhook_url=job.webhook_url,
             webhook_events=job.webhook_events.strip(",").split(",") if job.webhook_events else None,
+        )
+
+    @classmethod
+    def of_new(cls, row: Mapping[str, Any]) -> JobOut:
+        """A job just inserted as `row` (db.jobs.insert_queued_job): queued, not started."""
+        events = row["webhook_events"]
+        return cls(
+            id=row["id"],
+            kind=row["kind"],
+            status=row["status"],
+            priority=row["priority"],
+            spec=row["spec"],
+            metadata=row["metadata_"],
+            attempts=row["attempts"],
+            max_attempts=row["max_attempts"],
+            handbacks=row["handbacks"],
+            progress=row["progress"],
+            progress_detail=None,
+            cancel_requested=row["cancel_requested"],
+            pause_requested=row["pause_requested"],
+            error=None,
+            result=None,
+            created_at=row["created_at"],
+            queued_at=row["queued_at"],
+            started_at=None,
+            finished_at=None,
+            expires_at=row["expires_at"],
+            max_runtime_s=row["max_runtime_s"],
+            webhook_url=row["webhook_url"],
+            webhook_events=events.strip(",").split(",") if events else None,
         )
 
 

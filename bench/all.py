@@ -50,6 +50,18 @@ def p1_rows(quick: bool) -> list[Row]:
         ),
         Row(
             "P1",
+            "CPU ms per no-op job, API / workers / Redis (raw Celery: publish / workers / Redis)",
+            " / ".join(f"{r['cpu_ms_per_job'][k].median:.2f}" for k in ("api", "worker", "redis"))
+            + " ("
+            + " / ".join(
+                f"{r['raw_cpu_ms_per_task'][k].median:.2f}" for k in ("publish", "worker", "redis")
+            )
+            + ")",
+            "",
+            None,
+        ),
+        Row(
+            "P1",
             "submit latency at 32 clients, p50 / p99",
             f"{r['submit_p50_ms']:.0f} / {r['submit_p99_ms']:.0f} ms",
             "p99 <= 25 ms",

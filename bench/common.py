@@ -15,6 +15,8 @@ from core.settings import Settings
 from modelyard.servers import create_key
 from modelyard.stack import Stack, free_port
 
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
 
 @dataclass(frozen=True)
 class Stats:
@@ -40,6 +42,42 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # exited meanwhile
+        return None
+    # the command name (field 2) is in parentheses and may hold spaces
+    return text[text.rindex(")") + 2 :].split()
+
+
+def process_tree_cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of `pids` and their live descendants so far, including
+    children they have already waited for (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is None:
+            continue
+        stats[int(entry.name)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry.name))  # field 4: ppid
+    total = 0
+    seen: set[int] = set()
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in stats:
+            continue
+        seen.add(pid)
+        # fields 14-17: utime, stime, cutime, cstime (the list starts at field 3)
+        total += sum(int(v) for v in stats[pid][11:15])
+        todo.extend(children.get(pid, []))
+    return total / _TICKS_PER_S
 
 
 def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.02) -> float:

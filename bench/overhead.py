@@ -23,13 +23,28 @@ import httpx
 import redis
 from sqlalchemy import func, select
 
-from bench.common import Stats, auth_headers, percentile, private_stack, wait_until
+from bench.common import (
+    Stats,
+    auth_headers,
+    percentile,
+    private_stack,
+    process_tree_cpu_s,
+    wait_until,
+)
 from db.models import Job
 from db.session import session_scope
 from modelyard.stack import Stack
 
 
-def raw_celery_rate(broker_url: str, n: int, log: Path) -> float:
+def stack_pids(stack: Stack, name: str) -> list[int]:
+    return [proc.pid for pname, proc in stack.procs if pname == name]
+
+
+def raw_celery_rate(
+    broker_url: str, n: int, log: Path, redis_pids: list[int]
+) -> tuple[float, dict[str, float]]:
+    """Tasks/s, and CPU ms per task of the publishing thread, the worker processes
+    (main and its prefork children) and Redis."""
     env = {**os.environ, "BENCH_BROKER_URL": broker_url}
     argv = [sys.executable, "-m", "celery", "-A", "bench.raw_app", "worker", "-P", "prefork"]
     argv += ["-c", "2", "-Q", "raw", "--without-mingle", "--without-gossip", "-l", "WARNING"]
@@ -44,11 +59,20 @@ def raw_celery_rate(broker_url: str, n: int, log: Path) -> float:
         noop.delay(-1)  # wait until the worker consumes
         wait_until(lambda: int(counter.get("raw:done") or 0) >= 1, 60)
         counter.delete("raw:done")
+        cpu_before = (process_tree_cpu_s([worker.pid]), process_tree_cpu_s(redis_pids))
         start = time.perf_counter()
+        publish_cpu = time.thread_time()
         for i in range(n):
             noop.delay(i)
+        publish_cpu = time.thread_time() - publish_cpu
         wait_until(lambda: int(counter.get("raw:done") or 0) >= n, 300, 0.005)
-        return n / (time.perf_counter() - start)
+        rate = n / (time.perf_counter() - start)
+        cpu_after = (process_tree_cpu_s([worker.pid]), process_tree_cpu_s(redis_pids))
+        return rate, {
+            "publish": publish_cpu * 1000 / n,
+            "worker": (cpu_after[0] - cpu_before[0]) * 1000 / n,
+            "redis": (cpu_after[1] - cpu_before[1]) * 1000 / n,
+        }
     finally:
         worker.terminate()
         worker.wait(30)
@@ -88,12 +112,25 @@ def succeeded(database_url: str) -> int:
         return s.scalar(select(func.count()).where(Job.status == "succeeded")) or 0
 
 
-def modelyard_rate(stack: Stack, base: str, database_url: str, n: int) -> float:
+def modelyard_rate(
+    stack: Stack, base: str, database_url: str, n: int
+) -> tuple[float, dict[str, float]]:
+    """Jobs/s, and CPU ms per job of the API process(es) (with uvicorn's server
+    children), the two worker processes and Redis."""
+    groups = {name: stack_pids(stack, name) for name in ("api", "worker", "redis")}
     before = succeeded(database_url)
+    cpu_before = {name: process_tree_cpu_s(pids) for name, pids in groups.items()}
     start = time.perf_counter()
     submit_many(base, n, clients=8)
     wait_until(lambda: succeeded(database_url) - before >= n, 300, 0.05)
-    return n / (time.perf_counter() - start)
+    rate = n / (time.perf_counter() - start)
+    # The workers' heartbeat and consumer threads keep using CPU while idle; reading right
+    # after the last job finished keeps that share to what ran during the window.
+    cpu = {
+        name: (process_tree_cpu_s(pids) - cpu_before[name]) * 1000 / n
+        for name, pids in groups.items()
+    }
+    return rate, cpu
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -118,9 +155,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         wait_until(lambda: succeeded(database_url) >= 1, 120)
         raw: list[float] = []
         ours: list[float] = []
+        ours_cpu: dict[str, list[float]] = {"api": [], "worker": [], "redis": []}
+        raw_cpu: dict[str, list[float]] = {"publish": [], "worker": [], "redis": []}
         for _ in range(args.repeats):
-            ours.append(modelyard_rate(stack, base, database_url, args.jobs))
-            raw.append(raw_celery_rate(broker, args.jobs, stack.log_dir / "raw-celery.log"))
+            rate, cpu = modelyard_rate(stack, base, database_url, args.jobs)
+            ours.append(rate)
+            for name, value in cpu.items():
+                ours_cpu[name].append(value)
+            rate, cpu = raw_celery_rate(
+                broker, args.jobs, stack.log_dir / "raw-celery.log", stack_pids(stack, "redis")
+            )
+            raw.append(rate)
+            for name, value in cpu.items():
+                raw_cpu[name].append(value)
         failures: list[str] = []
         latencies = submit_many(base, 32 * 20, clients=32, failures=failures)
         accepted = 1 + args.jobs * args.repeats + len(latencies)
@@ -135,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "raw_tasks_per_s": Stats(raw),
         "jobs_per_s": Stats(ours),
         "ratio": Stats([o / r for o, r in zip(ours, raw, strict=True)]),
+        "cpu_ms_per_job": {name: Stats(values) for name, values in ours_cpu.items()},
+        "raw_cpu_ms_per_task": {name: Stats(values) for name, values in raw_cpu.items()},
         "submit_p50_ms": percentile(latencies, 50) * 1000,
         "submit_p99_ms": percentile(latencies, 99) * 1000,
         "submit_failures": len(failures),
@@ -153,6 +202,15 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"  raw Celery no-op tasks/s      {r['raw_tasks_per_s'].fmt()}")
     print(f"  Modelyard no-op jobs/s        {r['jobs_per_s'].fmt()}")
     print(f"  ratio (goal >= 0.5)           {r['ratio'].fmt(digits=2)}")
+    ours, raw = r["cpu_ms_per_job"], r["raw_cpu_ms_per_task"]
+    print(
+        f"  CPU ms per job, Modelyard     API {ours['api'].fmt(digits=2)}, "
+        f"workers {ours['worker'].fmt(digits=2)}, Redis {ours['redis'].fmt(digits=2)}"
+    )
+    print(
+        f"  CPU ms per task, raw Celery   publish {raw['publish'].fmt(digits=2)}, "
+        f"workers {raw['worker'].fmt(digits=2)}, Redis {raw['redis'].fmt(digits=2)}"
+    )
     print(
         f"  submit latency, 32 clients    p50 {r['submit_p50_ms']:.1f} ms, "
         f"p99 {r['submit_p99_ms']:.1f} ms (goal p99 <= 25 ms), "

@@ -367,6 +367,15 @@ class Settings(BaseSettings):
         description="Requests per minute per API key (sliding window in the broker's Redis); "
         "a tenant's own limit overrides it. Beyond it: 429 with Retry-After.",
     )
+    api_key_cache_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="An API server process remembers a key it looked up (tenant, scopes, "
+        "rate limit) for this long, so a burst of requests looks it up once. A key revoked "
+        "through the API stops working at once in the process that revoked it, and within "
+        "this period in other API processes and after `modelyard keys revoke` (0: look the "
+        "key up on every request).",
+    )
     max_queued_jobs: int = Field(
         default=1000,
         ge=1,

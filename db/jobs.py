@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Row, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, Table, and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from core.enums import QUEUE_FOR_KIND, EventType, FailureType, JobKind, JobStatus
@@ -18,7 +18,7 @@ from db.base import newer_first_before, utcnow
 from db.clock import database_now, db_now, db_time_after
 from db.events import append_event, append_events, event_row
 from db.fencing import current_attempt
-from db.models import DEFAULT_TENANT, Job, Tenant
+from db.models import DEFAULT_TENANT, Job, Tenant, new_job_id
 from db.webhooks import queue_delivery
 
 
@@ -67,6 +67,64 @@ def create_job(
     session.flush()
     append_event(session, job.id, EventType.STATUS, "job queued", {"status": JobStatus.QUEUED})
     return job
+
+
+_INSERT_JOB = insert(cast(Table, Job.__table__))
+
+
+def insert_queued_job(
+    session: Session,
+    *,
+    tenant_id: str,
+    kind: JobKind,
+    spec: dict[str, Any],
+    priority: int,
+    max_attempts: int,
+    metadata: dict[str, Any],
+    idempotency_key: str | None,
+    request_hash: str | None,
+    model: str | None,
+    expires_at: datetime | None,
+    max_runtime_s: float | None,
+    webhook_url: str | None,
+    webhook_events: str | None,
+) -> dict[str, Any]:
+    """`create_job` for the API's submit path: the job and its `queued` event as two
+    INSERTs built once, no ORM object; returns the row's columns by attribute name
+    (`metadata_` for the metadata column), as `create_job` would have set them.
+
+    A second job with the tenant's Idempotency-Key fails here with IntegrityError."""
+    now = utcnow()
+    row: dict[str, Any] = {
+        "id": new_job_id(),
+        "tenant_id": tenant_id,
+        "kind": kind.value,
+        "status": JobStatus.QUEUED.value,
+        "spec": spec,
+        "model": model,
+        "priority": priority,
+        "max_attempts": max_attempts,
+        "metadata": metadata,
+        "idempotency_key": idempotency_key,
+        "request_hash": request_hash,
+        "attempts": 0,
+        "handbacks": 0,
+        "progress": 0.0,
+        "cancel_requested": False,
+        "pause_requested": False,
+        "created_at": now,
+        "updated_at": now,
+        "queued_at": now,
+        "available_at": now,
+        "expires_at": expires_at,
+        "max_runtime_s": max_runtime_s,
+        "webhook_url": webhook_url,
+        "webhook_events": webhook_events if webhook_url is not None else None,
+    }
+    session.execute(_INSERT_JOB, row)
+    append_event(session, row["id"], EventType.STATUS, "job queued", {"status": JobStatus.QUEUED})
+    row["metadata_"] = row.pop("metadata")
+    return row
 
 
 def get_job(session: Session, job_id: str, tenant_id: str | None = None) -> Job | None:
@@ -162,8 +220,11 @@ def _transition(
     message: str,
     data: dict[str, Any] | None,
     returning: Sequence[Any],
-) -> Row[Any] | None:
-    """The compare-and-set as one UPDATE ... RETURNING `returning`; None when it lost."""
+) -> tuple[Any, ...] | None:
+    """The compare-and-set as one UPDATE ... RETURNING `returning`; None when it lost.
+
+    The UPDATE also returns the job's webhook_url (set once, at creation), so a job without
+    a webhook skips the delivery's INSERT ... SELECT, which would insert nothing."""
     if not can_transition(source, target):
         raise InvalidStateError(f"transition {source} -> {target} is not allowed")
     now = utcnow()
@@ -171,18 +232,19 @@ def _transition(
         update(Job)
         .where(Job.id == job_id, Job.status == source.value, *where)
         .values(status=target.value, updated_at=now, **(values or {}))
-        .returning(*returning)
+        .returning(*returning, Job.webhook_url)
         .execution_options(synchronize_session=False)
     )
     row = session.execute(stmt).first()
     if row is None:
         return None
+    *returned, webhook_url = row
     event_data = {"from": source.value, "status": target.value, **(data or {})}
     append_event(session, job_id, EventType.STATUS, message or f"{source} -> {target}", event_data)
     hook = event_for_status(target.value)
-    if hook is not None:
+    if hook is not None and webhook_url is not None:
         queue_delivery(session, job_id, hook, event_data)
-    return row
+    return tuple(returned)
 
 
 @dataclass(frozen=True, slots=True)

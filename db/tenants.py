@@ -12,8 +12,9 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Table, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -166,6 +167,9 @@ def revoke_key(session: Session, key_id: str, *, tenant_id: str | None) -> ApiKe
     return key
 
 
+_INSERT_AUDIT = insert(cast(Table, AuditEntry.__table__))
+
+
 def audit(
     session: Session,
     *,
@@ -175,18 +179,19 @@ def audit(
     target_type: str,
     target_id: str,
 ) -> None:
-    """Record an action in the caller's transaction: it is logged exactly when it happens."""
-    session.add(
-        AuditEntry(
-            at=utcnow(),
-            tenant_id=tenant_id,
-            key_id=key_id,
-            action=action,
-            target_type=target_type,
-            target_id=target_id,
-        )
+    """Record an action in the caller's transaction: it is logged exactly when it happens
+    (one INSERT built once; every submitted job writes one)."""
+    session.execute(
+        _INSERT_AUDIT,
+        {
+            "at": utcnow(),
+            "tenant_id": tenant_id,
+            "key_id": key_id,
+            "action": action,
+            "target_type": target_type,
+            "target_id": target_id,
+        },
     )
-    session.flush()
 
 
 def list_audit(

@@ -10,10 +10,10 @@ import logging
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Request, status
 from pydantic import BaseModel, Field
 
-from api.auth import Principal
+from api.auth import KeyCache, Principal
 from api.deps import Admin, ReadSessionDep, SessionDep
 from core.errors import PermissionDeniedError
 from db import tenants as repo
@@ -191,7 +191,7 @@ def list_keys(
 
 
 @router.delete("/admin/keys/{key_id}", response_model=KeyOut)
-def revoke_key(key_id: str, session: SessionDep, who: Admin) -> KeyOut:
+def revoke_key(key_id: str, request: Request, session: SessionDep, who: Admin) -> KeyOut:
     key = repo.revoke_key(session, key_id, tenant_id=None if who.operator else who.tenant_id)
     repo.audit(
         session,
@@ -202,6 +202,8 @@ def revoke_key(key_id: str, session: SessionDep, who: Admin) -> KeyOut:
         target_id=key.id,
     )
     session.commit()
+    key_cache: KeyCache = request.app.state.key_cache
+    key_cache.forget(key.id)  # other API processes: within settings.api_key_cache_s
     logger.info("api key %s revoked", key.id)
     return KeyOut.of(key)
 

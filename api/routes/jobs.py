@@ -118,11 +118,19 @@ async def create_job(
     publisher: PublisherDep,
     who: JobsWrite,
     idempotency_key: IdempotencyKey = None,
-) -> JobOut:
+) -> Response:
     # The hot path: one thread-pool hop for the whole database + broker work, instead
     # of one for the session dependency's setup, one for the route, one for teardown.
-    return await run_in_threadpool(
+    out = await run_in_threadpool(
         _create_job, req, response, settings, publisher, who, idempotency_key
+    )
+    # The body straight from the model it was built as (response_model still documents
+    # it): FastAPI would validate the returned JobOut again and encode it in two passes.
+    return Response(
+        out.model_dump_json(),
+        status_code=response.status_code or status.HTTP_202_ACCEPTED,
+        headers=dict(response.headers),
+        media_type="application/json",
     )
 
 
@@ -156,9 +164,9 @@ def create_job_in(
     check_job_request(session, settings, req, tenant_id)
     check_queued_quota(session, settings, tenant_id)
     try:
-        # A concurrent request with the same Idempotency-Key fails here, at the insert's
-        # flush (not only at the commit), and replays the job of the one that won.
-        job = jobs_repo.create_job(
+        # A concurrent request with the same Idempotency-Key fails here, at the insert
+        # (not only at the commit), and replays the job of the one that won.
+        row = jobs_repo.insert_queued_job(
             session,
             tenant_id=tenant_id,
             kind=JobKind(req.kind),
@@ -180,7 +188,7 @@ def create_job_in(
             key_id=who.key_id,
             action="job.create",
             target_type="job",
-            target_id=job.id,
+            target_id=row["id"],
         )
         session.commit()
     except IntegrityError:
@@ -191,9 +199,9 @@ def create_job_in(
         if existing is None:
             raise
         return _replay(existing, digest, response)
-    publish_job(publisher, job)
-    logger.info("job %s queued (%s)", job.id, job.kind)
-    return JobOut.of(job)
+    _publish(publisher, row["id"], row["kind"], row["priority"])
+    logger.info("job %s queued (%s)", row["id"], row["kind"])
+    return JobOut.of_new(row)
 
 
 def _batching_model(session: Session, req: AnyJobRequest, tenant_id: str) -> str | None:
@@ -290,10 +298,14 @@ def resume_job(job_id: str, session: SessionDep, publisher: PublisherDep, who: J
 
 def publish_job(publisher: JobPublisher, job: Job) -> None:
     """Publish a committed queued job; the reconciler does it if the broker is away."""
+    _publish(publisher, job.id, job.kind, job.priority)
+
+
+def _publish(publisher: JobPublisher, job_id: str, kind: str, priority: int) -> None:
     try:
-        publisher.publish(job.id, JobKind(job.kind), job.priority)
+        publisher.publish(job_id, JobKind(kind), priority)
     except Exception as exc:
-        logger.warning("job %s accepted but not published yet: %s", job.id, type(exc).__name__)
+        logger.warning("job %s accepted but not published yet: %s", job_id, type(exc).__name__)
 
 
 @router.get("/{job_id}/events", response_model=EventList)

@@ -4,6 +4,7 @@ rate limits and quotas answer typed errors, and the audit log records who did wh
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -149,6 +150,48 @@ def test_missing_unknown_and_revoked_keys_are_401(client: TestClient, settings: 
     assert key not in str(listed) and any(k["id"] == key_id for k in listed)
     assert client.delete(f"/v1/admin/keys/{key_id}").json()["revoked_at"] is not None
     assert error_type(client.get("/v1/jobs", headers=bearer(key)), 401) == "authentication_error"
+
+
+def _key_in_db(database_url: str) -> tuple[str, str]:
+    """(secret, id) of a new jobs:read key of the default tenant."""
+    with session_scope(database_url) as session:
+        new = tenants_repo.create_key(session, "default", "cached", ["jobs:read"])
+        return new.secret, new.row.id
+
+
+def _revoke_in_db(database_url: str, key_id: str) -> None:
+    """Revoke as another process would (`modelyard keys revoke`, another API process)."""
+    with session_scope(database_url) as session:
+        tenants_repo.revoke_key(session, key_id, tenant_id=None)
+
+
+def test_a_looked_up_key_is_remembered_for_api_key_cache_s(settings: Settings) -> None:
+    """Within the period the process answers from what it looked up, so a revoke made
+    elsewhere is not seen yet; a revoke through this process's API is seen at once."""
+    remembering = settings.model_copy(update={"api_key_cache_s": 3600.0})
+    with TestClient(create_app(remembering)) as app_client:
+        key, key_id = _key_in_db(settings.database_url)
+        assert app_client.get("/v1/jobs", headers=bearer(key)).status_code == 200
+        _revoke_in_db(settings.database_url, key_id)
+        assert app_client.get("/v1/jobs", headers=bearer(key)).status_code == 200
+        other, other_id = _key_in_db(settings.database_url)
+        assert app_client.get("/v1/jobs", headers=bearer(other)).status_code == 200
+        admin = bearer(make_key(settings.database_url))
+        revoked = app_client.delete(f"/v1/admin/keys/{other_id}", headers=admin)
+        assert revoked.status_code == 200, revoked.text
+        resp = app_client.get("/v1/jobs", headers=bearer(other))
+        assert error_type(resp, 401) == "authentication_error"
+
+
+def test_a_key_revoked_elsewhere_stops_working_after_api_key_cache_s(settings: Settings) -> None:
+    short = settings.model_copy(update={"api_key_cache_s": 0.5})
+    with TestClient(create_app(short)) as app_client:
+        key, key_id = _key_in_db(settings.database_url)
+        assert app_client.get("/v1/jobs", headers=bearer(key)).status_code == 200
+        _revoke_in_db(settings.database_url, key_id)
+        time.sleep(0.6)  # past the period: the next request looks the key up again
+        resp = app_client.get("/v1/jobs", headers=bearer(key))
+        assert error_type(resp, 401) == "authentication_error"
 
 
 def test_a_key_without_the_scope_is_403(client: TestClient, settings: Settings) -> None:

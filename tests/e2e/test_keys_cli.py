@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,9 +62,16 @@ def test_first_key_from_the_cli_then_revoked(database_url: str, tmp_path: Path) 
     assert bad.returncode == 2 and "scopes must be" in bad.stderr
 
     with redis_db_index() as broker_url:
-        settings = Settings(data_dir=tmp_path, database_url=database_url, broker_url=broker_url)
+        settings = Settings(
+            data_dir=tmp_path,
+            database_url=database_url,
+            broker_url=broker_url,
+            api_key_cache_s=0.5,
+        )
         with TestClient(create_app(settings)) as client:
             assert client.get("/v1/jobs", headers=bearer(key)).status_code == 200
             key_id = next(line.split()[1] for line in listed.splitlines() if "key_" in line)
             run("keys", "revoke", key_id)
+            # the API process remembers a key for api_key_cache_s; past that it is refused
+            time.sleep(0.6)
             assert client.get("/v1/jobs", headers=bearer(key)).status_code == 401
