@@ -34,6 +34,7 @@ from db.outputs import OutputRecord
 from workers.generation.cache import CachedModel, CacheOutcome, ModelCache
 from workers.generation.decode_group import BASE_ADAPTER, DecodeGroup, Row
 from workers.generation.grammar import GrammarError, RowMatcher
+from workers.generation.logprobs import LOGPROBS_KEY, TokenStrings
 from workers.generation.requests import (
     FailedRequest,
     FinishedRequest,
@@ -146,6 +147,7 @@ class TransformersEngine(GenerationEngine):
         self._waiting: deque[Row] = deque()
         self._slots: dict[str, _Slot] = {}
         self._admissions = 0
+        self._strings = TokenStrings(entry.tokenizer)
         self.stats = EngineStats()
 
     @property
@@ -238,6 +240,7 @@ class TransformersEngine(GenerationEngine):
                         text=text,
                         adapter=adapter,
                         constraint=self._matcher(schema) if schema is not None else None,
+                        top_logprobs=spec.top_logprobs if spec.logprobs else None,
                     )
                 )
         slot.live = len(slot.rows)
@@ -301,9 +304,14 @@ class TransformersEngine(GenerationEngine):
             touched.add(r.owner)
             if r.owner.request.stream:
                 delta = r.text.delta()
-                if delta:
+                entries = None
+                if r.top_logprobs is not None:
+                    entries = [self._strings.entry(lp) for lp in r.text.delta_logprobs()]
+                if delta or entries:
                     out.deltas.append(
-                        TextDelta(r.owner.request.key, r.prompt_index, r.sequence_index, delta)
+                        TextDelta(
+                            r.owner.request.key, r.prompt_index, r.sequence_index, delta, entries
+                        )
                     )
         self._group.drop(done)
         for r in done:
@@ -311,6 +319,9 @@ class TransformersEngine(GenerationEngine):
             slot.live -= 1
             reason = r.text.finish_reason
             assert reason is not None
+            data = None
+            if r.top_logprobs is not None:
+                data = {LOGPROBS_KEY: [self._strings.entry(lp) for lp in r.text.logprobs]}
             slot.texts.append(
                 OutputRecord(
                     prompt_index=r.prompt_index,
@@ -319,6 +330,7 @@ class TransformersEngine(GenerationEngine):
                     finish_reason=reason.value,
                     prompt_tokens=len(r.prompt_ids),
                     completion_tokens=len(r.text.ids),
+                    data=data,
                 )
             )
             if slot.live == 0:
