@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from core.completions import LOGPROBS
 from core.settings import Settings
 from core.specs import GenerateSpec
 from db.outputs import OutputRecord
@@ -20,7 +21,6 @@ from tests.conftest import TINY_MODEL
 from workers.generation.cache import CachedModel, ModelCache
 from workers.generation.decode_group import DecodeGroup, Row
 from workers.generation.engine import TransformersEngine, base_of, open_engine
-from workers.generation.logprobs import LOGPROBS_KEY
 from workers.generation.requests import FinishedRequest, GenerationRequest, TextDelta
 from workers.generation.sampling import RowSampling, row_generator
 from workers.generation.text import SequenceText
@@ -75,7 +75,7 @@ def run(
 
 def entries(record: OutputRecord) -> list[dict[str, Any]]:
     assert record.data is not None
-    found: list[dict[str, Any]] = record.data[LOGPROBS_KEY]
+    found: list[dict[str, Any]] = record.data[LOGPROBS]
     return found
 
 

@@ -25,6 +25,7 @@ from functools import lru_cache
 import torch
 
 from core import prompts
+from core.completions import LOGPROBS
 from core.enums import FailureType
 from core.errors import PermanentJobError
 from core.response_format import grammar_schema
@@ -34,7 +35,7 @@ from db.outputs import OutputRecord
 from workers.generation.cache import CachedModel, CacheOutcome, ModelCache
 from workers.generation.decode_group import BASE_ADAPTER, DecodeGroup, Row
 from workers.generation.grammar import GrammarError, RowMatcher
-from workers.generation.logprobs import LOGPROBS_KEY, TokenStrings
+from workers.generation.logprobs import TokenStrings
 from workers.generation.requests import (
     FailedRequest,
     FinishedRequest,
@@ -321,7 +322,7 @@ class TransformersEngine(GenerationEngine):
             assert reason is not None
             data = None
             if r.top_logprobs is not None:
-                data = {LOGPROBS_KEY: [self._strings.entry(lp) for lp in r.text.logprobs]}
+                data = {LOGPROBS: [self._strings.entry(lp) for lp in r.text.logprobs]}
             slot.texts.append(
                 OutputRecord(
                     prompt_index=r.prompt_index,

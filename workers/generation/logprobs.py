@@ -23,7 +23,6 @@ import torch
 
 from db.outputs import storable_text
 
-LOGPROBS_KEY = "logprobs"  # in an OutputRecord's `data`: the entries of its tokens
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # sentencepiece's byte fallback
 
 
