@@ -6,7 +6,8 @@ A text generated with log probabilities holds its tokens' entries in `data["logp
 in the chat shape (`{"token", "logprob", "bytes", "top_logprobs": [...]}`): a chat choice
 answers them as `{"content": [...], "refusal": null}`, a (legacy) completion choice as
 `{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}`, whose
-top dictionaries hold the chosen token too, as OpenAI's do."""
+top dictionaries hold the chosen token too, as OpenAI's do (keyed by token text: of two
+tokens that read the same, such as two halves of characters, the more likely one stays)."""
 
 from __future__ import annotations
 
@@ -76,7 +77,9 @@ def choice_logprobs(
     for e in entries:
         tokens.append(e["token"])
         values.append(e["logprob"])
-        top = {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+        top: dict[str, float] = {}
+        for t in e["top_logprobs"]:  # two tokens may read the same (partial characters)
+            top.setdefault(t["token"], t["logprob"])  # the more likely one stays
         top.setdefault(e["token"], e["logprob"])
         tops.append(top)
         offsets.append(text_offset)

@@ -62,11 +62,12 @@ class SequenceText:
             self.finish_reason = FinishReason.STOP
             return
         self.ids.append(token_id)
-        if self._stream or self._stops:
-            self._text = self._decode()
         if logprob is not None:
             self.logprobs.append(logprob)
-            self._ends.append(len(self._text))
+        if self._stream or self._stops:
+            self._text = self._decode()
+            if logprob is not None:
+                self._ends.append(len(self._text))  # before a stop string cuts it
             if self._stops:
                 cut, found = cut_at_stop(self._text, self._stops)
                 if found:
