@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from redis import RedisError
@@ -60,6 +61,7 @@ class Token:
     sequence_index: int
     text: str
     entry_id: str
+    logprobs: list[dict[str, Any]] | None = None  # entries of the tokens this text completes
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +205,13 @@ class Follower:
         if isinstance(entry, StreamDelta) and self.tokens:
             self.sent_text = True
             events.append(
-                Token(entry.prompt_index, entry.sequence_index, entry.text, entry.entry_id)
+                Token(
+                    entry.prompt_index,
+                    entry.sequence_index,
+                    entry.text,
+                    entry.entry_id,
+                    entry.logprobs,
+                )
             )
         return events
 

@@ -3,26 +3,38 @@
 `POST /v1/chat/completions` and `POST /v1/completions` take OpenAI's bodies. Every field
 is either honoured (mapped onto a GenerateSpec or the job), accepted because it changes
 nothing here (`user`, `metadata`), accepted only with its no-op value
-(`logprobs: false`, `echo: false`, ...), or refused with a 400 that names it: a client is
+(`echo: false`, ...), or refused with a 400 that names it: a client is
 never answered as if a parameter it set had been applied.
+
+Log probabilities are honoured: chat's `logprobs: true` with `top_logprobs` 0..20, the
+legacy completions' `logprobs: N` (0..5: the chosen token and the N most likely). They are
+the model's own distribution, before temperature, top-p/k, penalties or a response format
+change it (GenerateSpec.logprobs).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+    ValidationError,
+)
 
 from core.errors import BadRequestError, UnsupportedParameterError
-from core.specs import MODEL_REF_PATTERN, GenerateJobRequest
+from core.specs import MAX_TOP_LOGPROBS, MODEL_REF_PATTERN, GenerateJobRequest
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions' logprobs
 MAX_METADATA_KEYS = 16
 
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "logprobs": (False,),
-    "top_logprobs": (0,),
     "echo": (False,),
     "logit_bias": ({},),
     "tools": ([],),
@@ -33,12 +45,11 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "suffix": ("",),
     "modalities": (["text"],),
     "service_tier": ("auto", "default"),
+    "top_logprobs": (0,),
 }
 """Parameters not implemented here, accepted only with a value that asks for nothing."""
 
 _WHY_NOT: dict[str, str] = {
-    "logprobs": "log probabilities are not returned yet",
-    "top_logprobs": "log probabilities are not returned yet",
     "echo": "echoing the prompt is not supported",
     "logit_bias": "logit biases are not supported",
     "tools": "tool calling is not supported",
@@ -48,6 +59,7 @@ _WHY_NOT: dict[str, str] = {
     "suffix": "suffixes (fill in the middle) are not supported",
     "modalities": "only text is generated",
     "service_tier": "there is one service tier",
+    "top_logprobs": "/v1/completions takes logprobs: N for the N most likely tokens",
 }
 
 Role = Literal["system", "developer", "user", "assistant"]
@@ -93,6 +105,7 @@ class _SamplingBody(BaseModel):
     (`Any`) so that their use is refused by name, not as a type error."""
 
     model_config = ConfigDict(extra="allow")
+    honoured: ClassVar[frozenset[str]] = frozenset()  # _WHY_NOT names this body implements
 
     model: Annotated[str, StringConstraints(pattern=MODEL_REF_PATTERN)]
     max_tokens: int | None = Field(default=None, ge=1)
@@ -113,8 +126,6 @@ class _SamplingBody(BaseModel):
     ) = None
     top_k: int | None = Field(default=None, ge=-1, le=1000, description="As in vLLM; -1 is off.")
     repetition_penalty: float | None = Field(default=None, ge=0.5, le=2.0)
-    logprobs: Any = None
-    top_logprobs: Any = None
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: Any = None
@@ -129,7 +140,17 @@ class _SamplingBody(BaseModel):
 class ChatCompletionBody(_SamplingBody):
     """`POST /v1/chat/completions`."""
 
+    honoured: ClassVar[frozenset[str]] = frozenset({"top_logprobs"})
     messages: list[RequestMessage] = Field(min_length=1, max_length=1024)
+    logprobs: StrictBool | None = Field(
+        default=None, description="Return each output token's log probability."
+    )
+    top_logprobs: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="With logprobs: true, also this many most likely tokens at each place.",
+    )
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: dict[str, Any] | None = Field(
         default=None,
@@ -149,9 +170,17 @@ class CompletionBody(_SamplingBody):
         Annotated[str, StringConstraints(max_length=32_000)]
         | list[Annotated[str, StringConstraints(max_length=32_000)]]
     )
+    logprobs: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_COMPLETION_LOGPROBS,
+        description="Return each output token's log probability and this many most "
+        "likely tokens at each place.",
+    )
     echo: Any = None
     suffix: Any = None
     best_of: Any = None
+    top_logprobs: Any = None  # chat's; here logprobs: N asks for them
 
 
 @dataclass(frozen=True)
@@ -191,7 +220,7 @@ def _refuse_unsupported(parsed: _SamplingBody) -> None:
     if unknown:
         raise UnsupportedParameterError(f"unknown parameter {unknown[0]!r}", param=unknown[0])
     for name, why in _WHY_NOT.items():
-        if name not in type(parsed).model_fields:
+        if name not in type(parsed).model_fields or name in parsed.honoured:
             continue
         value = getattr(parsed, name)
         if value is None or any(
@@ -253,6 +282,8 @@ _SPEC_PARAMS = {
     "spec.frequency_penalty": "frequency_penalty",
     "spec.presence_penalty": "presence_penalty",
     "spec.response_format": "response_format",
+    "spec.logprobs": "logprobs",
+    "spec.top_logprobs": "top_logprobs",
 }
 
 
@@ -296,6 +327,11 @@ def chat_request(body: Any, default_max_tokens: int, store_text: bool = True) ->
     assert isinstance(parsed, ChatCompletionBody)
     _refuse_unsupported(parsed)
     fields = _spec_fields(parsed, default_max_tokens, store_text)
+    if parsed.top_logprobs and not parsed.logprobs:
+        raise BadRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+    if parsed.logprobs:
+        fields["logprobs"] = True
+        fields["top_logprobs"] = parsed.top_logprobs or 0
     max_tokens = parsed.max_completion_tokens or parsed.max_tokens
     if max_tokens is not None:
         fields["max_new_tokens"] = max_tokens
@@ -315,6 +351,9 @@ def completion_request(body: Any, store_text: bool = True) -> ServingRequest:
     assert isinstance(parsed, CompletionBody)
     _refuse_unsupported(parsed)
     fields = _spec_fields(parsed, COMPLETIONS_DEFAULT_MAX_TOKENS, store_text)
+    if parsed.logprobs is not None:
+        fields["logprobs"] = True
+        fields["top_logprobs"] = parsed.logprobs
     if parsed.max_tokens is not None:
         fields["max_new_tokens"] = parsed.max_tokens
     prompts = [parsed.prompt] if isinstance(parsed.prompt, str) else parsed.prompt

@@ -46,6 +46,8 @@ SUPPORTED_BODY_KEYS = frozenset(
         "frequency_penalty",
         "presence_penalty",
         "response_format",
+        "logprobs",
+        "top_logprobs",
     }
 )
 """Body fields that change what is generated here (top_k and repetition_penalty as in vLLM)."""
@@ -55,7 +57,6 @@ IGNORED_BODY_KEYS = frozenset({"user", "metadata", "store"})
 
 NEUTRAL_BODY_VALUES: dict[str, Any] = {
     "stream": False,
-    "logprobs": False,
     "echo": False,
 }
 """Fields this server does not implement, accepted only with their no-op value (or null)."""
@@ -82,6 +83,9 @@ PARAM_RANGES: dict[str, _Range] = {
     "frequency_penalty": _Range(low=-2, high=2),
     "presence_penalty": _Range(low=-2, high=2),
 }
+
+CHAT_TOP_LOGPROBS = _Range(low=0, high=20, integer=True)
+COMPLETION_LOGPROBS = _Range(low=0, high=5, integer=True)  # the legacy endpoint's logprobs: N
 
 
 def looks_like_batch_request(keys: set[str]) -> bool:
@@ -127,6 +131,28 @@ def _check_stop(value: Any, line: int) -> None:
         )
     for i, item in enumerate(value):
         _text(item, f"body.stop[{i}]", line, blank_ok=True)
+
+
+def _check_logprobs(body: dict[str, Any], endpoint: BatchEndpoint, line: int) -> None:
+    """Chat takes `logprobs: true` and `top_logprobs` 0..20; completions `logprobs: N`."""
+    logprobs = body.get("logprobs")
+    if endpoint is BatchEndpoint.COMPLETIONS:
+        if logprobs is not None:
+            _check_number("logprobs", logprobs, COMPLETION_LOGPROBS, line)
+        if body.get("top_logprobs") is not None:
+            raise DatasetFormatError(
+                line, "body.top_logprobs is a chat parameter; completions take logprobs: N"
+            )
+        return
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise DatasetFormatError(
+            line, f"body.logprobs must be a boolean, got {json_type(logprobs)}"
+        )
+    top = body.get("top_logprobs")
+    if top is not None:
+        _check_number("top_logprobs", top, CHAT_TOP_LOGPROBS, line)
+        if top > 0 and not logprobs:
+            raise DatasetFormatError(line, "body.top_logprobs needs body.logprobs: true")
 
 
 def _check_messages(value: Any, line: int) -> None:
@@ -235,6 +261,7 @@ class BatchRequestChecker:
                 _check_number(name, body[name], rule, line)
         if body.get("stop") is not None:
             _check_stop(body["stop"], line)
+        _check_logprobs(body, endpoint, line)
         if body.get("stream") is True:
             raise DatasetFormatError(line, "body.stream is true; batch requests do not stream")
         unsupported = sorted(

@@ -1,11 +1,20 @@
 """OpenAI's completion objects built from a generation job's texts: `chat.completion` and
 `text_completion` (the live serving routes and batch output lines), and the chunks of a
-streamed answer (`chat.completion.chunk`, and `text_completion` chunks)."""
+streamed answer (`chat.completion.chunk`, and `text_completion` chunks).
+
+A text generated with log probabilities holds its tokens' entries in `data["logprobs"]`,
+in the chat shape (`{"token", "logprob", "bytes", "top_logprobs": [...]}`): a chat choice
+answers them as `{"content": [...], "refusal": null}`, a (legacy) completion choice as
+`{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}`, whose
+top dictionaries hold the chosen token too, as OpenAI's do (keyed by token text: of two
+tokens that read the same, such as two halves of characters, the more likely one stays)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
+
+LOGPROBS = "logprobs"  # in a generated text's `data`: its tokens' log probability entries
 
 
 class GeneratedText(Protocol):
@@ -23,6 +32,8 @@ class GeneratedText(Protocol):
     def prompt_tokens(self) -> int: ...
     @property
     def completion_tokens(self) -> int: ...
+    @property
+    def data(self) -> dict[str, Any] | None: ...
 
 
 def choice_index(prompt_index: int, sequence_index: int, per_prompt: int) -> int:
@@ -45,18 +56,55 @@ def usage(texts: Iterable[GeneratedText]) -> dict[str, int]:
     }
 
 
+def logprob_entries(text: GeneratedText) -> list[dict[str, Any]] | None:
+    """A text's log probability entries; None when its request did not ask for them."""
+    if text.data is None or LOGPROBS not in text.data:
+        return None
+    entries: list[dict[str, Any]] = text.data[LOGPROBS]
+    return entries
+
+
+def choice_logprobs(
+    chat: bool, entries: list[dict[str, Any]] | None, text_offset: int = 0
+) -> dict[str, Any] | None:
+    """A choice's (or chunk's) `logprobs` for these entries; `text_offset` is where the
+    first one's token starts in the completion's text (legacy shape)."""
+    if entries is None:
+        return None
+    if chat:
+        return {"content": entries, "refusal": None}
+    tokens, values, tops, offsets = [], [], [], []
+    for e in entries:
+        tokens.append(e["token"])
+        values.append(e["logprob"])
+        top: dict[str, float] = {}
+        for t in e["top_logprobs"]:  # two tokens may read the same (partial characters)
+            top.setdefault(t["token"], t["logprob"])  # the more likely one stays
+        top.setdefault(e["token"], e["logprob"])
+        tops.append(top)
+        offsets.append(text_offset)
+        text_offset += len(e["token"])
+    return {
+        "tokens": tokens,
+        "token_logprobs": values,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
 def _choice(chat: bool, index: int, text: GeneratedText) -> dict[str, Any]:
+    logprobs = choice_logprobs(chat, logprob_entries(text))
     if chat:
         return {
             "index": index,
             "message": {"role": "assistant", "content": text.text, "refusal": None},
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": text.finish_reason,
         }
     return {
         "index": index,
         "text": text.text,
-        "logprobs": None,
+        "logprobs": logprobs,
         "finish_reason": text.finish_reason,
     }
 
@@ -96,8 +144,11 @@ def chunk_object(
     text: str | None = None,
     role: bool = False,
     finish_reason: str | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
+    text_offset: int = 0,
 ) -> dict[str, Any]:
-    """One streamed chunk of one choice: its role (chat, first), text, or finish reason."""
+    """One streamed chunk of one choice: its role (chat, first), text (with the log
+    probability entries of the tokens it completes, where asked), or finish reason."""
     if chat:
         delta: dict[str, Any] = {}
         if role:
@@ -108,14 +159,14 @@ def chunk_object(
         choice: dict[str, Any] = {
             "index": index,
             "delta": delta,
-            "logprobs": None,
+            "logprobs": choice_logprobs(chat, logprobs),
             "finish_reason": finish_reason,
         }
     else:
         choice = {
             "index": index,
             "text": text or "",
-            "logprobs": None,
+            "logprobs": choice_logprobs(chat, logprobs, text_offset),
             "finish_reason": finish_reason,
         }
     return {

@@ -12,6 +12,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -27,6 +28,7 @@ from core.enums import (
 from core.response_format import ResponseFormat
 
 MAX_SEQUENCES_PER_JOB = 1024
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat completions
 MODEL_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-/:]{0,254}$"
 _BLANK = re.compile(r"^\s*$")
 
@@ -122,6 +124,18 @@ class GenerateSpec(BaseModel):
         default=None,
         description="OpenAI's: json_object or json_schema output, enforced while decoding.",
     )
+    logprobs: bool = Field(
+        default=False,
+        description="Return each generated token's log probability under the model's own "
+        "distribution (log_softmax of its logits, before temperature, top-p/k, penalties and "
+        "any response format's mask).",
+    )
+    top_logprobs: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="Also return this many most likely tokens at each position (needs logprobs).",
+    )
 
     @field_validator("model")
     @classmethod
@@ -129,6 +143,13 @@ class GenerateSpec(BaseModel):
         if ".." in model.split("/"):
             raise ValueError("model may not contain '..' segments")
         return model
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, top: int, info: ValidationInfo) -> int:
+        if top > 0 and not info.data.get("logprobs", False):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
 
     @field_validator("prompts")
     @classmethod

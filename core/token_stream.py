@@ -1,8 +1,9 @@
 """Token streaming for generation jobs: workers write deltas, the API reads them.
 
 One Redis Stream per job (`modelyard:tokens:<job id>`) holds, per attempt, a
-`start` entry, one `delta` entry per piece of text of one (prompt, sequence),
-and an `end` entry written after the final status was committed. Every entry
+`start` entry, one `delta` entry per piece of text of one (prompt, sequence) (with,
+as JSON, the log probability entries of the tokens it completes when the job asked for
+them), and an `end` entry written after the final status was committed. Every entry
 carries its attempt (the job's fencing token): a `start` of an attempt older than
 the stream's current one is refused (it would trim the newer attempt's text), and
 readers skip entries of any attempt but the newest they know of, so a stale
@@ -14,6 +15,7 @@ database while it waits.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -72,6 +74,7 @@ class TokenDelta:
     prompt_index: int
     sequence_index: int
     text: str  # text added since the previous delta of this (prompt, sequence)
+    logprobs: list[dict[str, Any]] | None = None  # the entries of the tokens it completes
 
 
 class TokenStreamWriter:
@@ -129,6 +132,8 @@ class TokenStreamWriter:
                     "seq": d.sequence_index,
                     "text": d.text,
                 }
+                if d.logprobs is not None:
+                    fields["logprobs"] = json.dumps(d.logprobs, separators=(",", ":"))
                 pipe.xadd(key, fields, maxlen=MAX_ENTRIES)
             for key in keys:
                 pipe.pexpire(key, self._ttl_ms)
@@ -183,6 +188,7 @@ class StreamDelta:
     prompt_index: int
     sequence_index: int
     text: str
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,12 +206,14 @@ def parse_entry(entry_id: str, fields: dict[str, str]) -> StreamEntry | None:
     try:
         kind = fields["kind"]
         if kind == DELTA:
+            logprobs = fields.get("logprobs")
             return StreamDelta(
                 entry_id,
                 int(fields["attempt"]),
                 int(fields["prompt"]),
                 int(fields["seq"]),
                 fields["text"],
+                json.loads(logprobs) if logprobs is not None else None,
             )
         if kind == START:
             return StreamStart(entry_id, int(fields["attempt"]))

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from core.completions import LOGPROBS
 from db.models import Output
 
 
@@ -35,7 +36,9 @@ TEXT_CHARS = "text_chars"  # in `data` of a text that was not stored: how long i
 
 def without_text(record: OutputRecord) -> OutputRecord:
     """The record of a text that is not to be stored: its length instead of it (a reader
-    that assembled it from the token stream checks it is whole)."""
+    that assembled it from the token stream checks it is whole). Its log probability
+    entries go too: their tokens' strings are its text."""
+    kept = {k: v for k, v in (record.data or {}).items() if k != LOGPROBS}
     return OutputRecord(
         prompt_index=record.prompt_index,
         sequence_index=record.sequence_index,
@@ -43,7 +46,7 @@ def without_text(record: OutputRecord) -> OutputRecord:
         finish_reason=record.finish_reason,
         prompt_tokens=record.prompt_tokens,
         completion_tokens=record.completion_tokens,
-        data={**(record.data or {}), TEXT_CHARS: len(storable_text(record.text))},
+        data={**kept, TEXT_CHARS: len(storable_text(record.text))},
     )
 
 

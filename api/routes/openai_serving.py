@@ -9,6 +9,11 @@ is built from what the job recorded:
   the worker decodes it (the job's token stream), then the finish reasons, the usage when
   `stream_options.include_usage` asks for it, and `data: [DONE]`.
 
+Log probabilities, where asked, come with the text: each chunk carries the entries of the
+tokens whose text it completes (the token stream's deltas hold them), the whole answer
+those the job stored with its text. A job that does not store its text (`store: false`)
+does not store them either: its answer takes them from the token stream like its text.
+
 A client that goes away before its answer cancels its job, unless it sent an
 Idempotency-Key: then the job finishes and a retry with the same key gets the answer. A
 streamed answer whose worker is lost after it gave out text ends with an error event (the
@@ -56,7 +61,14 @@ from api.serving_requests import (
     completion_request,
     openai_param,
 )
-from core.completions import choice_index, chunk_object, completion_object, usage_chunk
+from core.completions import (
+    LOGPROBS,
+    choice_index,
+    chunk_object,
+    completion_object,
+    logprob_entries,
+    usage_chunk,
+)
 from core.dispatch import JobPublisher
 from core.enums import FailureType, JobStatus
 from core.errors import (
@@ -251,14 +263,20 @@ class _Answer:
         self.created = created
         self.completion_id = completion_id
         self.streamed: dict[int, str] = {}  # choice index -> text the token stream gave
+        self.streamed_logprobs: dict[int, list[dict[str, Any]]] = {}  # and its entries
+        self.offsets: dict[int, int] = {}  # choice index -> legacy text_offset of its next entry
 
     def take(self, event: FollowEvent) -> None:
-        """Assemble the text of a job that does not store it from its token stream."""
+        """Assemble the text (and log probabilities) of a job that does not store it from
+        its token stream."""
         if isinstance(event, Token):
             index = self._index(event.prompt_index, event.sequence_index)
             self.streamed[index] = self.streamed.get(index, "") + event.text
+            if event.logprobs is not None:
+                self.streamed_logprobs.setdefault(index, []).extend(event.logprobs)
         elif isinstance(event, Restart):
             self.streamed.clear()
+            self.streamed_logprobs.clear()
 
     def _index(self, prompt_index: int, sequence_index: int) -> int:
         return choice_index(prompt_index, sequence_index, self.serving.choices_per_prompt)
@@ -274,6 +292,25 @@ class _Answer:
                 "was not read whole; the answer cannot be given again"
             )
         return streamed
+
+    def _whole(self, text: OutputRecord) -> OutputRecord:
+        """A finished text with its text and log probabilities, stored or streamed."""
+        whole = replace(text, text=self._streamed_text(text))
+        if self.serving.job.spec.logprobs and logprob_entries(whole) is None:
+            entries = self.streamed_logprobs.get(
+                self._index(text.prompt_index, text.sequence_index)
+            )
+            whole = replace(whole, data={**(whole.data or {}), LOGPROBS: entries or []})
+        return whole
+
+    def _logprob_chunk(
+        self, index: int, text: str | None, entries: list[dict[str, Any]] | None
+    ) -> bytes:
+        """A chunk of text with its tokens' entries; moves the choice's text_offset on."""
+        offset = self.offsets.get(index, 0)
+        if entries:
+            self.offsets[index] = offset + sum(len(e["token"]) for e in entries)
+        return self._chunk(index, text=text, logprobs=entries, text_offset=offset)
 
     @property
     def job_id(self) -> str:
@@ -310,7 +347,7 @@ class _Answer:
         raise JobFailedError(message)
 
     def completion(self, state: JobState | None) -> dict[str, Any]:
-        texts = [replace(t, text=self._streamed_text(t)) for t in self._final(state)]
+        texts = [self._whole(t) for t in self._final(state)]
         return completion_object(
             chat=self.serving.chat,
             completion_id=self.completion_id,
@@ -361,9 +398,8 @@ class _Answer:
             async for event in follower.run():
                 if isinstance(event, Token):
                     self.take(event)
-                    yield self._chunk(
-                        self._index(event.prompt_index, event.sequence_index), text=event.text
-                    )
+                    index = self._index(event.prompt_index, event.sequence_index)
+                    yield self._logprob_chunk(index, event.text, event.logprobs)
                 elif isinstance(event, Restart | Requeued):
                     if sent:
                         yield self._error(_worker_lost(self.job_id))
@@ -381,15 +417,17 @@ class _Answer:
             index = self._index(text.prompt_index, text.sequence_index)
             given = sent.get(index, "")
             try:
-                whole = self._streamed_text(text)
+                whole = self._whole(text)
             except JobFailedError as exc:
                 yield self._error(exc)
                 return
-            if not whole.startswith(given):
+            if not whole.text.startswith(given):
                 yield self._error(_worker_lost(self.job_id))
                 return
-            if len(whole) > len(given):
-                yield self._chunk(index, text=whole[len(given) :])
+            entries = logprob_entries(whole)
+            left = entries[len(self.streamed_logprobs.get(index, [])) :] if entries else None
+            if len(whole.text) > len(given) or left:
+                yield self._logprob_chunk(index, whole.text[len(given) :], left or None)
             yield self._chunk(index, finish_reason=text.finish_reason)
         if self.serving.include_usage:
             data = usage_chunk(

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import JobsRead, SettingsDep, TokenReaderDep
 from api.job_follow import Done, Follower, JobState, Quiet, Restart, Token
+from core.completions import LOGPROBS
 from core.enums import JobKind, JobStatus
 from core.errors import InvalidRequestError
 from db import jobs as jobs_repo
@@ -35,6 +36,7 @@ class StoredText:
     prompt_index: int
     sequence_index: int
     text: str
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +58,7 @@ def _open(database_url: str, job_id: str, tenant_id: str) -> StreamOpening:
         state = JobState(JobStatus(job.status), job.attempts, job.error_type, job.error_message)
         outputs = (
             [
-                StoredText(o.prompt_index, o.sequence_index, o.text)
+                StoredText(o.prompt_index, o.sequence_index, o.text, (o.data or {}).get(LOGPROBS))
                 for o in outputs_repo.list_outputs(session, job_id)
             ]
             if state.terminal
@@ -75,9 +77,21 @@ LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)
 
 
 def token_event(
-    prompt_index: int, sequence_index: int, text: str, entry_id: str | None = None
+    prompt_index: int,
+    sequence_index: int,
+    text: str,
+    entry_id: str | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> ServerSentEvent:
-    data = {"prompt_index": prompt_index, "sequence_index": sequence_index, "text": text}
+    """A `token` event; `logprobs` (where the job asked) are the entries of the tokens it
+    completes, in OpenAI's chat shape."""
+    data: dict[str, Any] = {
+        "prompt_index": prompt_index,
+        "sequence_index": sequence_index,
+        "text": text,
+    }
+    if logprobs is not None:
+        data["logprobs"] = logprobs
     return ServerSentEvent(event="token", data=data, id=entry_id)
 
 
@@ -111,13 +125,15 @@ async def stream_job_tokens(
         if resume is not None:  # the client holds partial text; the stored one replaces it
             yield restart_event(opening.state.attempts)
         for out in opening.outputs:
-            yield token_event(out.prompt_index, out.sequence_index, out.text)
+            yield token_event(out.prompt_index, out.sequence_index, out.text, None, out.logprobs)
         yield done_event(opening.state)
         return
     follower = Follower(reader, settings.database_url, job_id, opening.state.attempts, resume)
     async for event in follower.run():
         if isinstance(event, Token):
-            yield token_event(event.prompt_index, event.sequence_index, event.text, event.entry_id)
+            yield token_event(
+                event.prompt_index, event.sequence_index, event.text, event.entry_id, event.logprobs
+            )
         elif isinstance(event, Restart):
             yield restart_event(event.attempt)
         elif isinstance(event, Quiet):

@@ -33,7 +33,9 @@ def test_bad_bodies_are_400s_in_openais_error_shape(client: TestClient) -> None:
     cases: list[tuple[Any, str, str | None]] = [
         (b"{not json", "invalid_json", None),
         ({**BODY, "temperature": "hot"}, "invalid_request_error", "temperature"),
-        ({**BODY, "logprobs": True}, "unsupported_parameter", "logprobs"),
+        ({**BODY, "logprobs": "yes"}, "invalid_request_error", "logprobs"),
+        ({**BODY, "logprobs": True, "top_logprobs": 21}, "invalid_request_error", "top_logprobs"),
+        ({**BODY, "top_logprobs": 2}, "invalid_request_error", "top_logprobs"),
         ({**BODY, "functions": [{"name": "f"}]}, "unsupported_parameter", "functions"),
         ({"messages": BODY["messages"]}, "invalid_request_error", "model"),
         (

@@ -360,3 +360,108 @@ def test_langchain_with_structured_output_gives_the_model(serving: Stack) -> Non
         "Is my parcel late?"
     )
     assert isinstance(verdict, Verdict)
+
+
+def joined_bytes(entries: list[Any]) -> str:
+    """The text the entries' token bytes spell (the random model's partial characters
+    decode to U+FFFD, as in the text)."""
+    return b"".join(bytes(e.bytes or []) for e in entries).decode("utf-8", errors="replace")
+
+
+def test_chat_logprobs_parse_with_the_sdk_and_are_stored_with_the_text(
+    serving: Stack, client: OpenAI
+) -> None:
+    ask = {"model": TINY_CHAT_MODEL, "messages": QUESTION, "max_tokens": 12, "temperature": 0}
+    raw = client.chat.completions.with_raw_response.create(
+        **ask,  # type: ignore[arg-type]
+        logprobs=True,
+        top_logprobs=3,
+        extra_headers={"Idempotency-Key": "logprobs-chat"},
+    )
+    completion = raw.parse()
+    [choice] = completion.choices
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    content = choice.logprobs.content
+    assert completion.usage is not None
+    assert len(content) == completion.usage.completion_tokens > 0
+    for token in content:
+        assert len(token.top_logprobs) == 3
+        assert token.token == token.top_logprobs[0].token  # greedy takes the most likely
+        assert token.logprob == token.top_logprobs[0].logprob <= 0
+    assert joined_bytes(content) == choice.message.content
+    job_id = raw.headers["Modelyard-Job-Id"]
+    [stored] = serving.outputs(job_id)
+    assert [e["token"] for e in stored["data"]["logprobs"]] == [t.token for t in content]
+    again = client.chat.completions.create(
+        **ask,  # type: ignore[arg-type]
+        logprobs=True,
+        top_logprobs=3,
+        extra_headers={"Idempotency-Key": "logprobs-chat"},
+    )
+    assert again.id == completion.id
+    assert again.choices[0].logprobs == choice.logprobs
+    plain = client.chat.completions.create(**ask)  # type: ignore[call-overload]
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].message.content == choice.message.content
+
+
+def test_streamed_chat_logprobs_come_with_the_text_they_complete(client: OpenAI) -> None:
+    ask = {"model": TINY_CHAT_MODEL, "messages": QUESTION, "max_tokens": 20, "temperature": 0}
+    whole = client.chat.completions.create(**ask, logprobs=True)  # type: ignore[call-overload]
+    chunks = [
+        c
+        for c in client.chat.completions.create(**ask, logprobs=True, stream=True)  # type: ignore[call-overload]
+        if c.choices
+    ]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    streamed = [
+        t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content or []
+    ]
+    assert text == whole.choices[0].message.content
+    assert joined_bytes(streamed) == text
+    expected = whole.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert expected is not None
+    assert [t.token for t in streamed] == [t.token for t in expected]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in expected], abs=1e-4)
+    assert sum(1 for c in chunks if c.choices[0].logprobs) > 1  # per delta, not all at the end
+
+
+def test_completions_logprobs_n_in_the_legacy_shape(client: OpenAI) -> None:
+    out = client.completions.create(
+        model=TINY_MODEL, prompt="The blue mug", max_tokens=10, temperature=0, logprobs=2
+    )
+    logprobs = out.choices[0].logprobs
+    assert logprobs is not None and out.usage is not None
+    tokens, values = logprobs.tokens or [], logprobs.token_logprobs or []
+    tops, offsets = logprobs.top_logprobs or [], logprobs.text_offset or []
+    assert len(tokens) == len(values) == len(tops) == len(offsets) == out.usage.completion_tokens
+    for token, value, top in zip(tokens, values, tops, strict=True):
+        assert top[token] == value == max(top.values())  # greedy: the chosen one is the best
+        assert 1 <= len(top) <= 3  # the 2 most likely and the chosen one
+    assert offsets[0] == 0 and offsets == sorted(offsets)
+    streamed: list[str] = []
+    for chunk in client.completions.create(
+        model=TINY_MODEL,
+        prompt="The blue mug",
+        max_tokens=10,
+        temperature=0,
+        logprobs=2,
+        stream=True,
+    ):
+        if chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.tokens or []
+    assert streamed == tokens
+
+
+def test_logprobs_of_a_job_that_does_not_store_its_text_come_from_the_stream(
+    serving: Stack, client: OpenAI
+) -> None:
+    ask = {"model": TINY_CHAT_MODEL, "messages": QUESTION, "max_tokens": 10, "temperature": 0}
+    kept = client.chat.completions.create(**ask, logprobs=True)  # type: ignore[call-overload]
+    raw = client.chat.completions.with_raw_response.create(**ask, logprobs=True, store=False)
+    unkept = raw.parse()
+    assert unkept.choices[0].logprobs is not None and kept.choices[0].logprobs is not None
+    got = [t.token for t in unkept.choices[0].logprobs.content or []]
+    assert got == [t.token for t in kept.choices[0].logprobs.content or []]
+    [stored] = serving.outputs(raw.headers["Modelyard-Job-Id"])
+    assert stored["text"] == "" and "logprobs" not in (stored["data"] or {})

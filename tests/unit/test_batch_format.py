@@ -81,7 +81,7 @@ def test_request_lines_are_a_batch_dataset_with_a_summary(tmp_path: Any) -> None
 def test_chat_lines_and_warnings_for_fields_this_server_ignores_or_lacks() -> None:
     raw = jsonl(
         {**chat("a", user="u-1", frequency_penalty=0), "extra": 1},
-        chat("b", logprobs=True, stream=False),
+        chat("b", logprobs=True, echo=False, logit_bias={"1": 2}, stream=False),
     )
     parsed = parse_dataset(raw, "x.jsonl")
     assert parsed.schema is DatasetSchema.BATCH_REQUESTS
@@ -192,7 +192,8 @@ def test_chat_line_becomes_one_conversation() -> None:
         (completion(stop=["x"] * 9), "body.stop: List should have at most 8 items"),
         (completion(prompt="   "), "prompt 0 is blank"),
         (completion(model="../etc"), "body.model:"),
-        (completion(logprobs=2), "unsupported parameter: logprobs"),
+        (completion(top_logprobs=2), "unsupported parameter: top_logprobs"),
+        (chat(logprobs=True, top_logprobs=21), "body.top_logprobs: Input should be less than"),
         (chat(messages=[{"role": "tool", "content": "x"}]), "body.messages[0].role:"),
     ],
 )
@@ -203,6 +204,45 @@ def test_values_this_server_cannot_run_are_the_lines_error(
         generate_spec_for(line)
     assert expected in info.value.message
     assert info.value.type == "invalid_request"
+
+
+def test_logprobs_map_onto_the_spec() -> None:
+    spec = generate_spec_for(chat(logprobs=True, top_logprobs=4))
+    assert (spec.logprobs, spec.top_logprobs) == (True, 4)
+    spec = generate_spec_for(completion(logprobs=0))
+    assert (spec.logprobs, spec.top_logprobs) == (True, 0)
+    assert not generate_spec_for(chat()).logprobs
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (completion(logprobs=6), "body.logprobs is 6; it must be at most 5"),
+        (completion(logprobs=True), "body.logprobs must be a number"),
+        (completion(top_logprobs=1), "body.top_logprobs is a chat parameter"),
+        (chat(logprobs=2), "body.logprobs must be a boolean"),
+        (chat(logprobs=True, top_logprobs=21), "body.top_logprobs is 21; it must be at most 20"),
+        (chat(top_logprobs=3), "body.top_logprobs needs body.logprobs: true"),
+    ],
+)
+def test_logprobs_outside_openais_ranges_refuse_the_file(
+    line: dict[str, Any], expected: str
+) -> None:
+    assert expected in refused(jsonl(line))
+
+
+def test_output_lines_carry_logprobs() -> None:
+    entry = {"token": "a", "logprob": -0.25, "bytes": [97], "top_logprobs": []}
+    record = OutputRecord(0, 0, "a", "length", 4, 1, data={"logprobs": [entry]})
+    body = output_line(chat("c", logprobs=True), [record])["response"]["body"]
+    assert body["choices"][0]["logprobs"] == {"content": [entry], "refusal": None}
+    body = output_line(completion("r", logprobs=0), [record])["response"]["body"]
+    assert body["choices"][0]["logprobs"] == {
+        "tokens": ["a"],
+        "token_logprobs": [-0.25],
+        "top_logprobs": [{"a": -0.25}],
+        "text_offset": [0],
+    }
 
 
 # --- output and error lines -------------------------------------------------------------

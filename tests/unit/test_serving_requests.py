@@ -6,6 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.completion_choice import Logprobs
 
 from api.serving_requests import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -122,8 +125,6 @@ def test_no_op_values_of_unsupported_parameters_are_accepted(body: dict[str, Any
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 2}, "top_logprobs"),
         ({"logit_bias": {"1": 3}}, "logit_bias"),
         ({"tools": [{"type": "function"}]}, "tools"),
         ({"beam_width": 2}, "beam_width"),
@@ -146,8 +147,49 @@ def test_completions_refuse_their_own_unsupported_parameters() -> None:
         with pytest.raises(UnsupportedParameterError) as refused:
             completion_request({"model": "m", "prompt": "p", **body})
         assert refused.value.param == param
-    with pytest.raises(UnsupportedParameterError):
-        completion_request({"model": "m", "prompt": "p", "logprobs": 0})  # 0 asks for one
+    with pytest.raises(UnsupportedParameterError) as refused:
+        completion_request({"model": "m", "prompt": "p", "top_logprobs": 2})  # chat's
+    assert refused.value.param == "top_logprobs"
+
+
+def test_chat_logprobs_map_onto_the_spec() -> None:
+    spec = chat(logprobs=True, top_logprobs=3).job.spec
+    assert (spec.logprobs, spec.top_logprobs) == (True, 3)
+    spec = chat(logprobs=True).job.spec
+    assert (spec.logprobs, spec.top_logprobs) == (True, 0)
+    spec = chat(logprobs=False, top_logprobs=0).job.spec
+    assert (spec.logprobs, spec.top_logprobs) == (False, 0)
+
+
+def test_completions_logprobs_n_asks_for_the_chosen_token_and_n_more() -> None:
+    for n in (0, 5):
+        spec = completion_request({"model": "m", "prompt": "p", "logprobs": n}).job.spec
+        assert (spec.logprobs, spec.top_logprobs) == (True, n)
+    assert not completion_request({"model": "m", "prompt": "p"}).job.spec.logprobs
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "param"),
+    [
+        ("chat", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+        ("chat", {"logprobs": False, "top_logprobs": 1}, "top_logprobs"),
+        ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("chat", {"logprobs": 1}, "logprobs"),
+        ("completion", {"logprobs": 6}, "logprobs"),
+        ("completion", {"logprobs": True}, "logprobs"),
+        ("completion", {"logprobs": -1}, "logprobs"),
+    ],
+)
+def test_logprobs_out_of_range_are_400s_naming_the_param(
+    endpoint: str, body: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(BadRequestError) as refused:
+        if endpoint == "chat":
+            chat(**body)
+        else:
+            completion_request({"model": "m", "prompt": "p", **body})
+    assert refused.value.param == param
+    assert refused.value.type == "invalid_request_error"
 
 
 @pytest.mark.parametrize(
@@ -234,3 +276,80 @@ def test_chat_chunks_carry_a_role_then_text_then_a_finish_reason() -> None:
     assert chunk_object(**parts, text="Hi")["choices"][0]["delta"] == {"content": "Hi"}
     last = chunk_object(**parts, finish_reason="length")["choices"][0]
     assert (last["delta"], last["finish_reason"]) == ({}, "length")
+
+
+ENTRIES = [
+    {
+        "token": "Hi",
+        "logprob": -0.5,
+        "bytes": [72, 105],
+        "top_logprobs": [
+            {"token": "Hi", "logprob": -0.5, "bytes": [72, 105]},
+            {"token": "Yo", "logprob": -1.5, "bytes": [89, 111]},
+        ],
+    },
+    {
+        "token": " there",
+        "logprob": -2.0,
+        "bytes": list(b" there"),
+        "top_logprobs": [{"token": "!", "logprob": -1.0, "bytes": [33]}],
+    },
+]
+
+
+def with_logprobs(text: str, entries: list[dict[str, Any]]) -> OutputRecord:
+    return OutputRecord(0, 0, text, "length", 3, len(entries), data={"logprobs": entries})
+
+
+def test_chat_logprobs_parse_as_the_sdks_types() -> None:
+    body = completion_object(
+        chat=True,
+        completion_id="chatcmpl-x",
+        model="m",
+        created=1,
+        texts=[with_logprobs("Hi there", ENTRIES)],
+        per_prompt=1,
+    )
+    parsed = ChatCompletion.model_validate(body)
+    logprobs = parsed.choices[0].logprobs
+    assert logprobs is not None and logprobs.content is not None
+    assert [t.token for t in logprobs.content] == ["Hi", " there"]
+    assert logprobs.content[0].top_logprobs[1].logprob == -1.5
+    assert logprobs.content[1].bytes == list(b" there")
+    plain = completion_object(
+        chat=True, completion_id="c", model="m", created=1, texts=[record(0, 0, "a")], per_prompt=1
+    )
+    assert plain["choices"][0]["logprobs"] is None
+
+
+def test_completion_logprobs_are_the_legacy_shape_with_the_chosen_token_in_each_top() -> None:
+    body = completion_object(
+        chat=False,
+        completion_id="cmpl-x",
+        model="m",
+        created=1,
+        texts=[with_logprobs("Hi there", ENTRIES)],
+        per_prompt=1,
+    )
+    logprobs = Completion.model_validate(body).choices[0].logprobs
+    assert logprobs is not None
+    assert logprobs.tokens == ["Hi", " there"]
+    assert logprobs.token_logprobs == [-0.5, -2.0]
+    assert logprobs.top_logprobs == [{"Hi": -0.5, "Yo": -1.5}, {"!": -1.0, " there": -2.0}]
+    assert logprobs.text_offset == [0, 2]
+    chunk = chunk_object(
+        chat=False,
+        completion_id="cmpl-x",
+        model="m",
+        created=1,
+        index=0,
+        text=" there",
+        logprobs=ENTRIES[1:],
+        text_offset=2,
+    )
+    assert Logprobs.model_validate(chunk["choices"][0]["logprobs"]).text_offset == [2]
+    chat_chunk = chunk_object(
+        chat=True, completion_id="c", model="m", created=1, index=0, text="Hi", logprobs=ENTRIES[:1]
+    )
+    parsed = ChatCompletionChunk.model_validate(chat_chunk).choices[0].logprobs
+    assert parsed is not None and parsed.content is not None and parsed.content[0].token == "Hi"

@@ -216,6 +216,22 @@ def test_chat_lines_answer_with_chat_completions(settings: Settings) -> None:
     assert "chat template" in lines["no-template"]["error"]["message"]
 
 
+def test_lines_with_logprobs_answer_them_in_their_endpoints_shape(settings: Settings) -> None:
+    rows = [line("lp", max_tokens=4, temperature=0, logprobs=2), line("plain", max_tokens=4)]
+    job_id = claimed_batch(settings, rows)
+    run(settings, job_id)
+    lines = stored(settings, job_id)
+    choice = lines["lp"]["response"]["body"]["choices"][0]
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == 4
+    assert all(
+        token in top
+        for token, top in zip(logprobs["tokens"], logprobs["top_logprobs"], strict=True)
+    )
+    assert logprobs["text_offset"][0] == 0
+    assert lines["plain"]["response"]["body"]["choices"][0]["logprobs"] is None
+
+
 def test_a_retried_attempt_skips_stored_lines(settings: Settings) -> None:
     rows = MIXED[:2]
     job_id = claimed_batch(settings, rows)

@@ -101,6 +101,20 @@ def generate_spec_for(request: dict[str, Any]) -> GenerateSpec:
         fields["top_k"] = max(body["top_k"], 0)  # vLLM's -1 means "off", which is 0 here
     if body.get("response_format") is not None:
         fields["response_format"] = body["response_format"]
+    if chat:
+        if body.get("logprobs") is not None:
+            fields["logprobs"] = body["logprobs"]
+        if body.get("top_logprobs") is not None:
+            fields["top_logprobs"] = body["top_logprobs"]
+    else:
+        if body.get("top_logprobs") is not None:
+            raise BatchLineError("unsupported parameter: top_logprobs (use logprobs: N)")
+        logprobs = body.get("logprobs")
+        if logprobs is not None:
+            if isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs > 5:
+                raise BatchLineError("body.logprobs: an integer from 0 to 5")
+            fields["logprobs"] = True
+            fields["top_logprobs"] = logprobs
     stop = body.get("stop")
     if stop is not None:
         fields["stop"] = [stop] if isinstance(stop, str) else stop

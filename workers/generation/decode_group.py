@@ -8,6 +8,9 @@ row sees exactly the tokens it would see alone.
 
 `admit` and `step` change nothing when they raise (an out-of-memory, say): the caller
 can drop a request's rows and go on with the others.
+
+Rows that ask for log probabilities get them from the same logits their token is chosen
+from, before sampling changes them (see logprobs.py); the other rows cost nothing more.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from workers.generation.logprobs import TokenLogprob, row_logprobs
 from workers.generation.sampling import RowSampling, choose_tokens
 from workers.generation.text import SequenceText
 
@@ -50,6 +54,7 @@ class Row:
     adapter: str = BASE_ADAPTER
     generated: int = 0  # tokens chosen so far, end-of-text included
     constraint: TokenConstraint | None = None  # a response format's grammar
+    top_logprobs: int | None = None  # None: no log probabilities; else how many alternatives
 
 
 class UnsupportedCache(Exception):
@@ -145,11 +150,12 @@ class DecodeGroup:
                 counts,
                 self._allowed(rows),
             )
+            logprobs = self._logprobs(out.logits[:, -1, :], tokens, rows)
             self._merge(rows, out.cache, mask, mask.sum(-1), seen, counts)
         except BaseException:
             draws.restore()  # a row admitted again later draws what it would have drawn
             raise
-        return self._take(tokens, first=len(self.rows) - len(rows))
+        return self._take(tokens, first=len(self.rows) - len(rows), logprobs=logprobs)
 
     def step(self) -> list[Row]:
         """Feed every row its last chosen token and choose the next. Returns rows now done."""
@@ -174,13 +180,23 @@ class DecodeGroup:
                 self._counts,
                 self._allowed(self.rows),
             )
+            logprobs = self._logprobs(out.logits[:, -1, :], tokens, self.rows)
         except BaseException:
             draws.restore()
             self._cut_cache(width)  # the layers the failed forward had already extended
             raise
         self._mask = mask
         self._positions = self._positions + 1
-        return self._take(tokens, first=0)
+        return self._take(tokens, first=0, logprobs=logprobs)
+
+    @staticmethod
+    def _logprobs(
+        logits: torch.Tensor, tokens: torch.Tensor, rows: list[Row]
+    ) -> dict[int, TokenLogprob]:
+        """The chosen tokens' entries of the rows that asked, by their place in `rows`."""
+        asked = [i for i, r in enumerate(rows) if r.top_logprobs is not None]
+        tops = [rows[i].top_logprobs or 0 for i in asked]
+        return row_logprobs(logits, tokens, asked, tops)
 
     def _allowed(self, rows: list[Row]) -> torch.Tensor | None:
         """[len(rows), vocab] bool: what each row's constraint allows (None when no row has
@@ -283,18 +299,26 @@ class DecodeGroup:
         self._counts = merged_counts
         self.rows.extend(rows)
 
-    def _take(self, tokens: torch.Tensor, first: int) -> list[Row]:
-        """Keep the tokens chosen for rows[first:]; return the rows that ended."""
+    def _take(
+        self, tokens: torch.Tensor, first: int, logprobs: dict[int, TokenLogprob]
+    ) -> list[Row]:
+        """Keep the tokens chosen for rows[first:] (with the entries of those that asked for
+        log probabilities, by their place among them); return the rows that ended."""
         rows = self.rows[first:]
         self._pending[first:] = tokens
         index = torch.arange(first, len(self.rows), device=self._device)
         self._seen[index, tokens] = True
         self._counts[index, tokens] += 1
         done: list[Row] = []
-        for r, token in zip(rows, tokens.tolist(), strict=True):
+        for i, (r, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             r.generated += 1
             complete = r.constraint is not None and r.constraint.accept(token)
-            r.text.add(token, last_allowed=r.generated >= r.max_new_tokens, complete=complete)
+            r.text.add(
+                token,
+                last_allowed=r.generated >= r.max_new_tokens,
+                complete=complete,
+                logprob=logprobs.get(i),
+            )
             if r.text.finished:
                 done.append(r)
         return done

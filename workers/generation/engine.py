@@ -25,6 +25,7 @@ from functools import lru_cache
 import torch
 
 from core import prompts
+from core.completions import LOGPROBS
 from core.enums import FailureType
 from core.errors import PermanentJobError
 from core.response_format import grammar_schema
@@ -34,6 +35,7 @@ from db.outputs import OutputRecord
 from workers.generation.cache import CachedModel, CacheOutcome, ModelCache
 from workers.generation.decode_group import BASE_ADAPTER, DecodeGroup, Row
 from workers.generation.grammar import GrammarError, RowMatcher
+from workers.generation.logprobs import TokenStrings
 from workers.generation.requests import (
     FailedRequest,
     FinishedRequest,
@@ -156,6 +158,7 @@ class TransformersEngine(GenerationEngine):
         self._waiting: deque[Row] = deque()
         self._slots: dict[str, _Slot] = {}
         self._admissions = 0
+        self._strings = TokenStrings(entry.tokenizer)
         self.stats = EngineStats()
 
     @property
@@ -248,6 +251,7 @@ class TransformersEngine(GenerationEngine):
                         text=text,
                         adapter=adapter,
                         constraint=self._matcher(schema) if schema is not None else None,
+                        top_logprobs=spec.top_logprobs if spec.logprobs else None,
                     )
                 )
         slot.live = len(slot.rows)
@@ -324,9 +328,14 @@ class TransformersEngine(GenerationEngine):
             touched.add(r.owner)
             if r.owner.request.stream:
                 delta = r.text.delta()
-                if delta:
+                entries = None
+                if r.top_logprobs is not None:
+                    entries = [self._strings.entry(lp) for lp in r.text.delta_logprobs()]
+                if delta or entries:
                     out.deltas.append(
-                        TextDelta(r.owner.request.key, r.prompt_index, r.sequence_index, delta)
+                        TextDelta(
+                            r.owner.request.key, r.prompt_index, r.sequence_index, delta, entries
+                        )
                     )
         self._group.drop(done)
         for r in done:
@@ -334,6 +343,9 @@ class TransformersEngine(GenerationEngine):
             slot.live -= 1
             reason = r.text.finish_reason
             assert reason is not None
+            data = None
+            if r.top_logprobs is not None:
+                data = {LOGPROBS: [self._strings.entry(lp) for lp in r.text.logprobs]}
             slot.texts.append(
                 OutputRecord(
                     prompt_index=r.prompt_index,
@@ -342,6 +354,7 @@ class TransformersEngine(GenerationEngine):
                     finish_reason=reason.value,
                     prompt_tokens=len(r.prompt_ids),
                     completion_tokens=len(r.text.ids),
+                    data=data,
                 )
             )
             if slot.live == 0:

@@ -173,6 +173,7 @@ class DecodeGroupRun:
                         d.prompt_index,
                         d.sequence_index,
                         storable_text(d.text),
+                        d.logprobs,
                     )
                 )
             self._writer.publish(deltas)

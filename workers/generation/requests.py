@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from core.specs import GenerateSpec
 from db.outputs import OutputRecord
@@ -24,6 +25,9 @@ class TextDelta:
     prompt_index: int
     sequence_index: int
     text: str  # text added to this sequence since its previous delta
+    # the entries (logprobs.TokenStrings.entry) of the tokens whose text is now all given
+    # out; None when the request did not ask for log probabilities
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,12 @@ The stored text and the streamed deltas come from the same place: whatever was
 streamed is always a prefix of the final text, and the last delta completes it.
 To keep that true with stop strings, the tail that could still turn out to be
 the start of a stop string is held back until it cannot.
+
+A row that asked for log probabilities keeps one entry per token of `ids` (the
+completion's tokens: end-of-text is not one of them, the token in which a stop string
+completed is, though the text is cut before the stop string). A streamed entry is
+released with the delta that releases the last of its token's text; entries still held
+when the sequence finishes go with its last delta.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.enums import FinishReason
+from workers.generation.logprobs import TokenLogprob
 
 _INCOMPLETE = "\ufffd"  # a multi-byte character split across tokens decodes to this
 
@@ -36,16 +43,31 @@ class SequenceText:
         self._text = ""
         self._streamed = ""
         self.finish_reason: FinishReason | None = None
+        self.logprobs: list[TokenLogprob] = []  # one per id, for rows that asked
+        self._ends: list[int] = []  # len of the decoded text once each logprob's token was in
+        self._released = 0  # logprob entries given out with deltas
 
-    def add(self, token_id: int, *, last_allowed: bool, complete: bool = False) -> None:
+    def add(
+        self,
+        token_id: int,
+        *,
+        last_allowed: bool,
+        complete: bool = False,
+        logprob: TokenLogprob | None = None,
+    ) -> None:
         """Take one generated token; `last_allowed` means max_new_tokens is now reached,
-        `complete` that the row's response format is now satisfied (a natural stop)."""
+        `complete` that the row's response format is now satisfied (a natural stop),
+        `logprob` its entry when the row asked for log probabilities."""
         if token_id in self._eos:
             self.finish_reason = FinishReason.STOP
             return
         self.ids.append(token_id)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         if self._stream or self._stops:
             self._text = self._decode()
+            if logprob is not None:
+                self._ends.append(len(self._text))  # before a stop string cuts it
             if self._stops:
                 cut, found = cut_at_stop(self._text, self._stops)
                 if found:
@@ -76,6 +98,18 @@ class SequenceText:
                 return ""
             out = self._text[len(self._streamed) : ready]
         self._streamed += out
+        return out
+
+    def delta_logprobs(self) -> list[TokenLogprob]:
+        """The logprob entries whose text the deltas so far released in full (all that are
+        left once finished); call after `delta`."""
+        end = len(self.logprobs)
+        if not self.finished:
+            end = self._released
+            while end < len(self._ends) and self._ends[end] <= len(self._streamed):
+                end += 1
+        out = self.logprobs[self._released : end]
+        self._released = end
         return out
 
     def final_text(self) -> str:
