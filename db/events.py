@@ -23,16 +23,7 @@ def append_event(
     data: dict[str, Any] | None = None,
 ) -> None:
     """One INSERT (no ORM: events are written on every job's hot path)."""
-    session.execute(
-        _INSERT_EVENT,
-        {
-            "job_id": job_id,
-            "type": type_.value,
-            "message": message,
-            "data": data or {},
-            "created_at": utcnow(),
-        },
-    )
+    session.execute(_INSERT_EVENT, event_row(job_id, type_, message, data))
 
 
 def event_row(
@@ -51,7 +42,7 @@ def event_row(
 def append_events(session: Session, rows: list[dict[str, Any]]) -> None:
     """Several events (of `event_row`) in one INSERT, in the order given."""
     if rows:
-        session.execute(insert(JobEvent), rows)
+        session.execute(_INSERT_EVENT, rows)
 
 
 def list_events(

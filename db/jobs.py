@@ -407,15 +407,15 @@ def claim_many(
         append_events(session, events)
         hook = event_for_status(JobStatus.RUNNING.value)
         if hook is not None:  # only the jobs subscribed to it: no INSERT ... SELECT per job
-            for job_id, events in subscribed.items():
-                if f",{hook.value}," in events:
+            for job_id, subscription in subscribed.items():
+                if f",{hook.value}," in subscription:
                     queue_delivery(session, job_id, hook, data)
         claimed.update(rows)
     for job_id in job_ids:
         if job_id in capped:
-            row = claim(session, job_id, worker, lease_ttl, default_running_cap)
-            if row is not None:
-                claimed[job_id] = row
+            one = claim(session, job_id, worker, lease_ttl, default_running_cap)
+            if one is not None:
+                claimed[job_id] = one
                 if note is not None:
                     append_event(session, job_id, EventType.LOG, note, {"worker": worker})
     return {job_id: claimed[job_id] for job_id in job_ids if job_id in claimed}
