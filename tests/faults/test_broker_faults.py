@@ -65,6 +65,7 @@ def test_redis_restarted_empty_loses_no_queued_job(lab: Lab) -> None:
     assert set(outcome.audit.statuses.values()) == {"succeeded"}
     assert outcome.figures.submitted == 52
     assert all(len(outcome.audit.claims(j)) == 1 for j in outcome.audit.statuses)
+    assert outcome.details["claimed_before"] == 0  # both workers were busy when Redis went
     assert outcome.details["republished"] == 50  # every lost message was sent again
     assert_clean(outcome)
 

@@ -69,7 +69,9 @@ def test_queued_job_past_expires_at_expires_without_starting(lab: Lab) -> None:
 
 
 def test_job_past_max_runtime_checkpoints_and_times_out(lab: Lab) -> None:
-    outcome = scenarios.max_runtime_times_out(lab, max_runtime_s=8)
+    # long enough for the fine-tune to load and start training on a loaded machine (CI
+    # once took over 8 s), so that it has a checkpoint to save as it stops
+    outcome = scenarios.max_runtime_times_out(lab, max_runtime_s=15)
     training, noop = outcome.details["training"], outcome.details["noop"]
     for job in (training, noop):
         assert job["status"] == "failed"
