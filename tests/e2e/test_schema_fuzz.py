@@ -49,7 +49,7 @@ def test_generated_requests_find_no_server_error_and_no_schema_violation(
             "--exclude-checks",
             "positive_data_acceptance",
             "--max-examples",
-            "20",
+            "10",
             "--seed",
             "1",
             "--no-color",
