@@ -79,6 +79,7 @@ def plan(quick: bool) -> list[tuple[str, Callable[[Lab], Outcome]]]:
         ("disk_full", scenarios.disk_full_on_checkpoint),
         ("cancel_restart", scenarios.cancel_then_restart_workers),
         ("idempotency", scenarios.concurrent_idempotent_posts),
+        ("commit_lost", scenarios.commit_lost_at_finish),
         ("poison", scenarios.poison_job),
         ("expires_at", scenarios.queued_job_expires),
         ("max_runtime", scenarios.max_runtime_times_out),

@@ -384,10 +384,16 @@ class AttemptRun:
     # -- endings -------------------------------------------------------------------------
     def succeed(self, result: RunResult) -> JobStatus | None:
         """Outputs, registry entry and `succeeded` in one transaction behind the fence; a
-        cancel asked before it commits wins (nothing stored, no model registered)."""
+        cancel asked before it commits wins (nothing stored, no model registered).
+
+        A commit whose outcome is unknown (the connection dropped during COMMIT) is settled
+        by reading the job before anything is thrown away: when it landed, the job is
+        succeeded by this attempt and its registered model stays."""
         ctx = self.ctx
+        commit_unknown = False  # a try reached COMMIT and raised: it may have landed
 
         def write() -> JobStatus:
+            nonlocal commit_unknown
             summary = dict(result.result) if result.result is not None else None
             with session_scope(self._settings.database_url) as session:
                 cancel = fence_reading_cancel(session, ctx.job_id, ctx.attempt)
@@ -419,26 +425,44 @@ class AttemptRun:
                 )
                 if status is not JobStatus.SUCCEEDED:
                     raise _Lost(ctx.job_id)
-                return status
+                commit_unknown = True  # session_scope commits as this block ends
+            commit_unknown = False
+            return status
 
         self._stop_heartbeat()
+        keep_model = False
         try:
             status: JobStatus | None = self._write("its result", write)
         except _Lost:
-            logger.warning(
-                "job %s: attempt %d lost the job before its result committed (compare-and-set "
-                "on the attempt failed); outputs discarded",
-                ctx.job_id,
-                ctx.attempt,
-            )
-            status = None
+            status = JobStatus.SUCCEEDED if commit_unknown and self._landed() else None
+            if status is None:
+                logger.warning(
+                    "job %s: attempt %d lost the job before its result committed "
+                    "(compare-and-set on the attempt failed); outputs discarded",
+                    ctx.job_id,
+                    ctx.attempt,
+                )
         except DATABASE_UNAVAILABLE:
             logger.exception("job %s: could not record its result", ctx.job_id)
-            status = None
+            landed = self._landed() if commit_unknown else False
+            status = JobStatus.SUCCEEDED if landed else None
+            if landed is None and result.trained_model is not None:
+                keep_model = True
+                logger.error(
+                    "job %s: whether attempt %d's result committed is unknown (the database "
+                    "is unreachable); its model stays at %s",
+                    ctx.job_id,
+                    ctx.attempt,
+                    result.trained_model.path,
+                )
         except Exception as exc:
             logger.exception("job %s: storing its result failed", ctx.job_id)
             return self.fail(FailureType.RUNTIME_ERROR, f"storing the result failed: {exc}")
-        if status is not JobStatus.SUCCEEDED and result.trained_model is not None:
+        if (
+            status is not JobStatus.SUCCEEDED
+            and result.trained_model is not None
+            and not keep_model
+        ):
             self._discard_unregistered(result.trained_model.path)
         if status is JobStatus.SUCCEEDED:
             logger.info("job %s succeeded with %d outputs", ctx.job_id, len(result.outputs))
@@ -532,6 +556,25 @@ class AttemptRun:
             return self._hand_back()
         logger.warning("job %s: attempt %d stopped without a reason", *self._ids())
         return self.fail(FailureType.RUNTIME_ERROR, "the runner stopped without a reason")
+
+    def _landed(self) -> bool | None:
+        """Whether this attempt's success committed (read after a COMMIT that raised); None
+        when the database cannot say now."""
+        try:
+            with session_scope(self._settings.database_url, readonly=True) as session:
+                job = get_job(session, self.job_id)
+                found = job is not None and (job.status, job.attempts) == (
+                    JobStatus.SUCCEEDED.value,
+                    self.ctx.attempt,
+                )
+        except DATABASE_UNAVAILABLE:
+            return None
+        if found:
+            logger.warning(
+                "job %s: attempt %d's result had committed though its COMMIT raised",
+                *self._ids(),
+            )
+        return found
 
     def _discard_unregistered(self, path: Path) -> None:
         """The attempt's model directory, never registered: gone locally and from shared

@@ -57,6 +57,8 @@ TRANSIENT_ON_CANCEL_DURATION_S = 30.0777
 IGNORE_STOP_DURATION_S = 15.0888
 # recording the outputs of a generation job whose prompt holds this text fails (DataError)
 DB_ERROR_MARKER = "record-this-and-the-database-refuses"
+# the finishing COMMIT of a fine-tune with this suffix lands, then raises (connection lost)
+COMMIT_DROP_SUFFIX = "commit-then-drop"
 # The stack's settings for fault runs: short leases and periods so recovery takes seconds.
 FAULT_SETTINGS = {
     "lease_ttl_s": "3",
@@ -81,6 +83,7 @@ def fault_env() -> dict[str, str]:
         "MODELYARD_TEST_TRANSIENT_ON_CANCEL_DURATION_S": str(TRANSIENT_ON_CANCEL_DURATION_S),
         "MODELYARD_TEST_IGNORE_STOP_DURATION_S": str(IGNORE_STOP_DURATION_S),
         "MODELYARD_TEST_DB_ERROR_MARKER": DB_ERROR_MARKER,
+        "MODELYARD_TEST_COMMIT_DROP_SUFFIX": COMMIT_DROP_SUFFIX,
     }
 
 
@@ -672,6 +675,47 @@ def sigterm_mid_finetune(lab: Lab, steps: int = 400, every: int = 100) -> Outcom
         Figures.of("9. SIGTERM to a worker mid fine-tune", found, recover),
         found,
         {"job": done, "exit_code": exit_code, "victim": owner, "every": every},
+    )
+
+
+# 25 -----------------------------------------------------------------------------------------
+def commit_lost_at_finish(lab: Lab, steps: int = 20) -> Outcome:
+    """The connection drops while a fine-tune's finishing COMMIT answers (tests/faults/inject:
+    it lands, then raises). The worker retries, finds the job already succeeded by its own
+    attempt, and keeps the registered model's files (it used to delete them as unregistered,
+    leaving a succeeded job whose model is gone)."""
+    lab.fleet(1)
+    dataset = lab.text_dataset()
+    spec = finetune_spec(dataset, steps=steps, every=steps)
+    job = lab.submit("finetune", {**spec, "suffix": COMMIT_DROP_SUFFIX})
+    done = lab.wait(job["id"], TERMINAL, 180)
+    # the job reads succeeded as soon as the COMMIT lands; the worker (solo pool) settles
+    # it after that: a no-op job behind it on the same worker ends only once it has
+    barrier = lab.noop(0.0)
+    lab.wait(barrier["id"], TERMINAL, 60)
+    found = lab.audit([job["id"]])
+    model = (done.get("result") or {}).get("model")
+    files: list[str] = []
+    if model is not None:
+        from db.registry import get_model
+        from db.session import session_scope
+
+        with session_scope(lab.database_url, readonly=True) as session:
+            registered = get_model(session, model)
+            relative = None if registered is None else registered.path
+        path = lab.stack.workdir / "data" / relative if relative else None
+        files = sorted(p.name for p in path.iterdir()) if path and path.is_dir() else []
+    logs = "".join(w.log.read_text(errors="replace") for w in lab.stack.workers)
+    return Outcome(
+        Figures.of("25. connection lost during a fine-tune's finishing COMMIT", found),
+        found,
+        {
+            "job": done,
+            "model": model,
+            "files": files,
+            "injected": "database unreachable while recording its result" in logs,
+            "settled": "had committed though its COMMIT raised" in logs,
+        },
     )
 
 

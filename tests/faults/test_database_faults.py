@@ -1,5 +1,6 @@
-"""Scenarios 7 and 12: PostgreSQL stopped while a fine-tune trains (a private cluster, not
-the shared server), and concurrent submissions with one Idempotency-Key."""
+"""Scenarios 7, 12 and 25: PostgreSQL stopped while a fine-tune trains (a private cluster,
+not the shared server), concurrent submissions with one Idempotency-Key, and a connection
+lost during a fine-tune's finishing COMMIT."""
 
 from __future__ import annotations
 
@@ -46,4 +47,15 @@ def test_concurrent_posts_with_one_idempotency_key_create_one_job(lab: Lab) -> N
     assert outcome.audit.statuses[job_id] == "succeeded"
     assert len(outcome.audit.claims(job_id)) == 1
     assert outcome.audit.duplicates["jobs per idempotency key"] == 0
+    assert_clean(outcome)
+
+
+def test_a_commit_that_landed_though_it_raised_keeps_the_registered_model(lab: Lab) -> None:
+    outcome = scenarios.commit_lost_at_finish(lab)
+    job = outcome.details["job"]
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 1  # settled by reading the job, not run again
+    assert outcome.details["model"] is not None
+    assert "model.safetensors" in outcome.details["files"], outcome.details["files"]
+    assert outcome.details["injected"] and outcome.details["settled"]
     assert_clean(outcome)

@@ -8,28 +8,32 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from core.dispatch import JobPublisher
-from core.enums import FailureType, JobKind
+from core.enums import FailureType, FineTuneMethod, FineTuneTask, JobKind
 from core.errors import PermanentJobError, TransientJobError
 from core.settings import Settings
 from db.base import utcnow
 from db.events import list_events
 from db.models import Job
 from db.outputs import OutputRecord, count_outputs
+from db.registry import get_model
 from db.session import migrate, session_scope
 from tests.support.jobs import insert_job, load_job
 from tests.support.services import redis_db_index
 from workers import lifecycle as lifecycle_module
 from workers.context import RunContext
 from workers.lifecycle import JobLifecycle
-from workers.runners import RunResult
+from workers.runners import RunResult, TrainedModel
 
 
 @pytest.fixture(scope="module")
@@ -363,3 +367,57 @@ def test_a_runner_ignoring_its_stop_flag_is_stopped_by_force(
     assert (job.status, job.error_type) == ("failed", "timed_out")  # the late result lost
     with session_scope(grace.database_url) as s:
         assert count_outputs(s, job_id) == 0
+
+
+class _ModelRunner:
+    """A runner that 'trains' a model directory in the attempt's work dir."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self._data_dir = data_dir
+
+    def run(self, spec: dict[str, Any], ctx: RunContext) -> RunResult:
+        path = self._data_dir / "work" / ctx.job_id / f"attempt-{ctx.attempt}" / "model"
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"weights")
+        trained = TrainedModel(path, "tiny-gpt2", FineTuneTask.CAUSAL_LM, FineTuneMethod.FULL)
+        return RunResult(trained_model=trained)
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["commit-landed", "commit-rolled-back"])
+def test_a_finish_whose_commit_raised_is_settled_by_reading_the_job(
+    settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch, landed: bool
+) -> None:
+    """The connection drops during the finishing COMMIT. Landed: the retry finds the job
+    already succeeded by this attempt, and its registered model stays on disk (it used to
+    be deleted as 'unregistered'). Rolled back: the retry stores it as usual."""
+    monkeypatch.setattr(
+        lifecycle_module, "runner_for", lambda kind, s: _ModelRunner(settings.data_dir)
+    )
+    job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
+    real = lifecycle_module.session_scope
+    dropped: list[bool] = []
+
+    @contextmanager
+    def commit_then_drop(url: str, **kw: Any) -> Iterator[Session]:
+        with real(url, **kw) as session:
+            yield session
+            status = session.scalar(select(Job.status).where(Job.id == job_id))
+            finishing = not dropped and status == "succeeded"
+            if finishing and not landed:
+                dropped.append(True)
+                raise OperationalError("COMMIT", {}, Exception("connection reset"))
+        if finishing and landed:
+            dropped.append(True)
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(lifecycle_module, "session_scope", commit_then_drop)
+    lifecycle.execute(job_id)
+    assert dropped == [True]
+    job = load_job(settings.database_url, job_id)
+    assert (job.status, job.attempts) == ("succeeded", 1)
+    model = job.result["model"]  # type: ignore[index]
+    with real(settings.database_url) as s:
+        registered = get_model(s, model)
+        assert registered is not None
+        path = settings.data_dir / registered.path
+    assert (path / "model.safetensors").read_bytes() == b"weights"

@@ -14,12 +14,16 @@ fault_env) and fires only for the job that asks for it:
   before the claim: a consumer killed between receive and claim.
 - MODELYARD_TEST_DB_ERROR_MARKER: recording the outputs of a job whose spec holds this text
   fails with a database error (DataError: a row the database refuses).
+- MODELYARD_TEST_COMMIT_DROP_SUFFIX: the finishing transaction of a fine-tune with this
+  `suffix` commits, then raises OperationalError once, as a connection that drops while
+  COMMIT's answer is on its way: the worker cannot tell whether it landed.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -28,6 +32,7 @@ _TRANSIENT_ON_CANCEL = os.environ.get("MODELYARD_TEST_TRANSIENT_ON_CANCEL_DURATI
 _IGNORE_STOP = os.environ.get("MODELYARD_TEST_IGNORE_STOP_DURATION_S")
 _DB_ERROR_MARKER = os.environ.get("MODELYARD_TEST_DB_ERROR_MARKER")
 _DIE_BEFORE_CLAIM = os.environ.get("MODELYARD_TEST_DIE_BEFORE_CLAIM")
+_COMMIT_DROP_SUFFIX = os.environ.get("MODELYARD_TEST_COMMIT_DROP_SUFFIX")
 
 
 def _is(value: float, wanted: str | None) -> bool:
@@ -97,3 +102,33 @@ if _DIE_BEFORE_CLAIM:
         os.kill(os.getpid(), signal.SIGKILL)
 
     _lifecycle.JobLifecycle.execute = _die_before_claim  # type: ignore[method-assign]
+
+if _COMMIT_DROP_SUFFIX and "worker" in sys.orig_argv:  # workers only: others never finish jobs
+    from contextlib import contextmanager
+
+    import workers.lifecycle as _lifecycle_for_commit
+
+    _armed: list[str] = []  # the finishing transaction registered a marked model
+    _fired: list[str] = []
+    _original_register = _lifecycle_for_commit.register_model
+    _original_scope = _lifecycle_for_commit.session_scope
+
+    def _marked_register(session: Any, **kwargs: Any) -> Any:
+        if f":{_COMMIT_DROP_SUFFIX}:" in str(kwargs.get("name", "")) and not _fired:
+            _armed.append(str(kwargs.get("job_id")))
+        return _original_register(session, **kwargs)
+
+    @contextmanager
+    def _scope_dropping_after_commit(url: str, **kwargs: Any) -> Any:
+        with _original_scope(url, **kwargs) as session:
+            yield session
+        if _armed and not _fired:
+            from sqlalchemy.exc import OperationalError
+
+            _fired.append(_armed.pop())
+            raise OperationalError(
+                "COMMIT", {}, Exception("injected: connection lost after COMMIT was sent")
+            )
+
+    _lifecycle_for_commit.register_model = _marked_register  # type: ignore[assignment]
+    _lifecycle_for_commit.session_scope = _scope_dropping_after_commit  # type: ignore[assignment]
