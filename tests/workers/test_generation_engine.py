@@ -21,8 +21,9 @@ from core.errors import PermanentJobError
 from core.settings import Settings
 from core.specs import GenerateSpec
 from db.registry import register_model
-from db.session import migrate, session_scope
+from db.session import session_scope
 from tests.conftest import TINY_MODEL
+from tests.support.generation import engine_settings
 from tests.support.jobs import insert_job
 from workers.generation.cache import ModelCache
 from workers.generation.engine import TransformersEngine, base_of, open_engine
@@ -35,11 +36,7 @@ Ended = FinishedRequest | FailedRequest
 
 @pytest.fixture(scope="module")
 def settings(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    data = tmp_path_factory.mktemp("data")
-    shutil.copytree(tiny_model_dir, data / "models" / TINY_MODEL)
-    s = Settings(data_dir=data, generation_max_sequences=16)
-    migrate(s.database_url)
-    return s
+    return engine_settings(tiny_model_dir, tmp_path_factory.mktemp("data"))
 
 
 def new_engine(settings: Settings, base: str | None = None) -> TransformersEngine:

@@ -5,7 +5,6 @@ completion token, streamed with the text that releases them."""
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,23 +15,17 @@ from core.completions import LOGPROBS
 from core.settings import Settings
 from core.specs import GenerateSpec
 from db.outputs import OutputRecord
-from db.session import migrate
 from tests.conftest import TINY_MODEL
+from tests.support.generation import engine_settings, tiny_row
 from workers.generation.cache import CachedModel, ModelCache
-from workers.generation.decode_group import DecodeGroup, Row
+from workers.generation.decode_group import DecodeGroup
 from workers.generation.engine import TransformersEngine, base_of, open_engine
 from workers.generation.requests import FinishedRequest, GenerationRequest, TextDelta
-from workers.generation.sampling import RowSampling, row_generator
-from workers.generation.text import SequenceText
 
 
 @pytest.fixture(scope="module")
 def settings(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    data = tmp_path_factory.mktemp("data")
-    shutil.copytree(tiny_model_dir, data / "models" / TINY_MODEL)
-    s = Settings(data_dir=data, generation_max_sequences=16)
-    migrate(s.database_url)
-    return s
+    return engine_settings(tiny_model_dir, tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -88,37 +81,21 @@ def plain_logprobs(entry: CachedModel, prompt: list[int], generated: list[int]) 
     return torch.log_softmax(logits[start : start + len(generated)], dim=-1)
 
 
-def group_row(entry: CachedModel, prompt: str, top: int | None, **sampling: Any) -> Row:
-    seed = sampling.pop("seed", None)
-    params: dict[str, Any] = {
-        "do_sample": seed is not None,
-        "temperature": 1.0,
-        "top_p": 1.0,
-        "top_k": 0,
-        "repetition_penalty": 1.0,
-        "generator": row_generator(seed) if seed is not None else None,
-        **sampling,
-    }
-    return Row(
-        owner=None,
-        prompt_index=0,
-        sequence_index=0,
-        prompt_ids=entry.tokenizer(prompt)["input_ids"],
-        sampling=RowSampling(**params),
-        max_new_tokens=12,
-        text=SequenceText(entry.tokenizer, [], entry.eos_ids, stream=False),
-        top_logprobs=top,
-    )
-
-
 def test_values_are_the_models_own_distribution_before_sampling(entry: CachedModel) -> None:
     """A greedy row and a sampled, penalised one decoded together, joined by a third: each
     value is log_softmax of a plain forward pass over its prompt and generated prefix."""
-    greedy = group_row(entry, "The blue mug", 20)
-    sampled = group_row(
-        entry, "Fresh bread every", 20, seed=3, temperature=1.5, top_k=5, presence_penalty=1.0
+    greedy = tiny_row(entry, "The blue mug", 12, top_logprobs=20)
+    sampled = tiny_row(
+        entry,
+        "Fresh bread every",
+        12,
+        top_logprobs=20,
+        seed=3,
+        temperature=1.5,
+        top_k=5,
+        presence_penalty=1.0,
     )
-    late = group_row(entry, "Our support team answers", 3, repetition_penalty=1.3)
+    late = tiny_row(entry, "Our support team answers", 12, top_logprobs=3, repetition_penalty=1.3)
     group = DecodeGroup(entry.model, "cpu", entry.pad_id, entry.vocab_size)
     with torch.inference_mode():
         group.drop(group.admit([greedy, sampled]))

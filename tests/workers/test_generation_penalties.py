@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
+from tests.support.generation import tiny_row
 from workers.generation.cache import CachedModel, ModelCache
 from workers.generation.decode_group import DecodeGroup, Row
-from workers.generation.sampling import RowSampling, penalize_counts, row_generator
-from workers.generation.text import SequenceText
+from workers.generation.sampling import penalize_counts
 
 PROMPTS = ["The blue mug", "Fresh bread every", "Our support team answers"]
 
@@ -25,28 +24,6 @@ PROMPTS = ["The blue mug", "Fresh bread every", "Our support team answers"]
 def entry(tiny_model_dir: Path) -> CachedModel:
     model, _ = ModelCache(2**30).get(str(tiny_model_dir), "cpu")
     return model
-
-
-def make_row(entry: CachedModel, prompt: str, max_new_tokens: int = 30, **sampling: Any) -> Row:
-    seed = sampling.pop("seed", None)
-    params: dict[str, Any] = {
-        "do_sample": seed is not None,
-        "temperature": 1.0,
-        "top_p": 1.0,
-        "top_k": 0,
-        "repetition_penalty": 1.0,
-        "generator": row_generator(seed) if seed is not None else None,
-        **sampling,
-    }
-    return Row(
-        owner=None,
-        prompt_index=0,
-        sequence_index=0,
-        prompt_ids=entry.tokenizer(prompt)["input_ids"],
-        sampling=RowSampling(**params),
-        max_new_tokens=max_new_tokens,
-        text=SequenceText(entry.tokenizer, [], entry.eos_ids, stream=False),
-    )
 
 
 def decode(entry: CachedModel, rows: list[Row], joining: list[Row] | None = None) -> None:
@@ -69,8 +46,8 @@ def test_penalize_counts_is_openais_formula() -> None:
 
 
 def test_a_strong_presence_penalty_stops_greedy_repeats(entry: CachedModel) -> None:
-    plain = make_row(entry, "The blue mug")
-    penalized = make_row(entry, "The blue mug", presence_penalty=2.0)
+    plain = tiny_row(entry, "The blue mug")
+    penalized = tiny_row(entry, "The blue mug", presence_penalty=2.0)
     decode(entry, [plain])
     decode(entry, [penalized])
     assert max(Counter(plain.text.ids).values()) > 1  # the random model loops without it
@@ -80,8 +57,8 @@ def test_a_strong_presence_penalty_stops_greedy_repeats(entry: CachedModel) -> N
 
 def test_prompt_tokens_are_not_counted(entry: CachedModel) -> None:
     """A penalty on generated tokens only: the first token is the one chosen without it."""
-    plain = make_row(entry, "The blue mug", max_new_tokens=1)
-    penalized = make_row(entry, "The blue mug", max_new_tokens=1, presence_penalty=2.0)
+    plain = tiny_row(entry, "The blue mug", max_new_tokens=1)
+    penalized = tiny_row(entry, "The blue mug", max_new_tokens=1, presence_penalty=2.0)
     penalized.sampling.frequency_penalty = 2.0
     decode(entry, [plain])
     decode(entry, [penalized])
@@ -89,8 +66,8 @@ def test_prompt_tokens_are_not_counted(entry: CachedModel) -> None:
 
 
 def test_a_negative_frequency_penalty_makes_repeats_likelier(entry: CachedModel) -> None:
-    plain = make_row(entry, "Fresh bread every")
-    eager = make_row(entry, "Fresh bread every", frequency_penalty=-2.0)
+    plain = tiny_row(entry, "Fresh bread every")
+    eager = tiny_row(entry, "Fresh bread every", frequency_penalty=-2.0)
     decode(entry, [plain])
     decode(entry, [eager])
     assert max(Counter(eager.text.ids).values()) > max(Counter(plain.text.ids).values())
@@ -98,11 +75,11 @@ def test_a_negative_frequency_penalty_makes_repeats_likelier(entry: CachedModel)
 
 def penalty_rows(entry: CachedModel) -> list[Row]:
     return [
-        make_row(entry, PROMPTS[0], presence_penalty=1.5),
-        make_row(entry, PROMPTS[1], frequency_penalty=0.7, seed=5),
-        make_row(entry, PROMPTS[2]),
-        make_row(entry, PROMPTS[0], max_new_tokens=7, frequency_penalty=2.0, presence_penalty=-1),
-        make_row(entry, PROMPTS[2], presence_penalty=0.4, seed=11, repetition_penalty=1.2),
+        tiny_row(entry, PROMPTS[0], presence_penalty=1.5),
+        tiny_row(entry, PROMPTS[1], frequency_penalty=0.7, seed=5),
+        tiny_row(entry, PROMPTS[2]),
+        tiny_row(entry, PROMPTS[0], max_new_tokens=7, frequency_penalty=2.0, presence_penalty=-1),
+        tiny_row(entry, PROMPTS[2], presence_penalty=0.4, seed=11, repetition_penalty=1.2),
     ]
 
 
