@@ -265,13 +265,21 @@ def get_job(job_id: str, session: ReadSessionDep, who: JobsRead) -> JobOut:
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
 def cancel_job(job_id: str, session: SessionDep, publisher: PublisherDep, who: JobsWrite) -> JobOut:
+    job = cancel_in(session, publisher, who, job_id)
+    logger.info("job %s cancel requested (now %s)", job_id, job.status)
+    return JobOut.of(job)
+
+
+def cancel_in(session: Session, publisher: JobPublisher, who: Principal, job_id: str) -> Job:
+    """Every route's cancel: asked (audited, committed) within the caller's tenant; for a
+    running job also a cancel notice, which a decode group reads between steps (its
+    heartbeat would see the database's flag only at its next beat)."""
     job = jobs_repo.request_cancel(session, job_id, tenant_id=who.tenant_id)
     who.audit(session, "job.cancel", "job", job_id)
     session.commit()
     if job.status == JobStatus.RUNNING.value:
         publisher.notify_cancel(job_id)
-    logger.info("job %s cancel requested (now %s)", job_id, job.status)
-    return JobOut.of(job)
+    return job
 
 
 @router.post("/{job_id}/pause", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)

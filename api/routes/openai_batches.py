@@ -15,7 +15,7 @@ from api.cursors import split_page
 from api.deps import JobsRead, JobsWrite, PublisherDep, ReadSessionDep, SessionDep, SettingsDep
 from api.openai_jobs import create_openai_job, job_of_kind, openai_request
 from api.openai_shapes import OpenAIList, batch
-from api.routes.jobs import IdempotencyKey
+from api.routes.jobs import IdempotencyKey, cancel_in
 from core.enums import BatchEndpoint, JobKind
 from core.specs import BatchJobRequest
 from db import datasets as datasets_repo
@@ -108,10 +108,10 @@ def retrieve_batch(batch_id: str, session: ReadSessionDep, who: JobsRead) -> dic
 
 
 @router.post("/{batch_id}/cancel")
-def cancel_batch(batch_id: str, session: SessionDep, who: JobsWrite) -> dict[str, Any]:
+def cancel_batch(
+    batch_id: str, session: SessionDep, publisher: PublisherDep, who: JobsWrite
+) -> dict[str, Any]:
     _job(session, batch_id, who)
-    job = jobs_repo.request_cancel(session, batch_id, tenant_id=who.tenant_id)
-    who.audit(session, "job.cancel", "job", batch_id)
-    session.commit()
+    job = cancel_in(session, publisher, who, batch_id)
     logger.info("batch %s cancel requested (now %s)", batch_id, job.status)
     return _shape(session, job)

@@ -24,7 +24,7 @@ from api.auth import Principal
 from api.deps import JobsWrite, PublisherDep, SettingsDep, TokenReaderDep, request_session
 from api.job_follow import ClientDisconnected, Follower, JobState, follow_to_end, job_state
 from api.openai_jobs import create_openai_job, openai_request
-from api.routes.jobs import IdempotencyKey
+from api.routes.jobs import IdempotencyKey, cancel_in
 from core.dispatch import JobPublisher
 from core.embeddings import EMBEDDING_KEY, base64_to_vector
 from core.enums import FailureType, JobKind, JobStatus
@@ -150,7 +150,7 @@ async def create_embeddings(
             state = await follow_to_end(follower, request.is_disconnected)
         except ClientDisconnected:
             if idempotency_key is None:
-                await run_in_threadpool(_cancel, settings, who, created.job_id)
+                await run_in_threadpool(_cancel, settings, publisher, who, created.job_id)
             return Response(status_code=CLIENT_CLOSED)
     content = await run_in_threadpool(_answer, settings, created.job_id, state, body)
     headers = {"Modelyard-Job-Id": created.job_id}
@@ -192,11 +192,9 @@ def _create(
     return _Created(job_id, state, response.headers.get("Idempotent-Replayed") == "true")
 
 
-def _cancel(settings: Settings, who: Principal, job_id: str) -> None:
+def _cancel(settings: Settings, publisher: JobPublisher, who: Principal, job_id: str) -> None:
     with request_session(settings) as session:
-        job = jobs_repo.request_cancel(session, job_id, tenant_id=who.tenant_id)
-        who.audit(session, "job.cancel", "job", job_id)
-        session.commit()
+        job = cancel_in(session, publisher, who, job_id)
     logger.info("job %s: its client went away; cancel requested (now %s)", job_id, job.status)
 
 

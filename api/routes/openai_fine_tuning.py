@@ -24,7 +24,7 @@ from api.openai_shapes import (
     fine_tuning_event,
     fine_tuning_job,
 )
-from api.routes.jobs import IdempotencyKey, publish_job
+from api.routes.jobs import IdempotencyKey, cancel_in, publish_job
 from core.enums import DatasetSchema, FineTuneTask, JobKind
 from core.errors import InvalidRequestError
 from core.specs import FineTuneJobRequest
@@ -193,11 +193,11 @@ def retrieve_fine_tuning_job(job_id: str, session: ReadSessionDep, who: JobsRead
 
 
 @router.post("/{job_id}/cancel")
-def cancel_fine_tuning_job(job_id: str, session: SessionDep, who: JobsWrite) -> dict[str, Any]:
+def cancel_fine_tuning_job(
+    job_id: str, session: SessionDep, publisher: PublisherDep, who: JobsWrite
+) -> dict[str, Any]:
     _job(session, job_id, who)
-    job = jobs_repo.request_cancel(session, job_id, tenant_id=who.tenant_id)
-    who.audit(session, "job.cancel", "job", job_id)
-    session.commit()
+    job = cancel_in(session, publisher, who, job_id)
     return fine_tuning_job(job)
 
 

@@ -51,7 +51,7 @@ from api.job_follow import (
     Token,
     follow_to_end,
 )
-from api.routes.jobs import IdempotencyKey, create_job_in
+from api.routes.jobs import IdempotencyKey, cancel_in, create_job_in
 from api.serving_requests import (
     ChatCompletionBody,
     CompletionBody,
@@ -85,7 +85,6 @@ from core.errors import (
 from core.prompts import PromptError
 from core.settings import Settings
 from core.token_stream import TokenStreamReader
-from db import jobs as jobs_repo
 from db import outputs as outputs_repo
 from db.outputs import TEXT_CHARS, OutputRecord
 
@@ -453,11 +452,7 @@ class _Answer:
 
     def _cancel(self) -> None:
         with request_session(self.settings) as session:
-            job = jobs_repo.request_cancel(session, self.job_id, tenant_id=self.who.tenant_id)
-            self.who.audit(session, "job.cancel", "job", self.job_id)
-            session.commit()
-        if job.status == JobStatus.RUNNING.value:
-            self.publisher.notify_cancel(self.job_id)
+            job = cancel_in(session, self.publisher, self.who, self.job_id)
         logger.info("job %s: client left; cancel requested (now %s)", self.job_id, job.status)
 
 
