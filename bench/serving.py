@@ -216,6 +216,8 @@ def summarize(a: list[Run], b: list[Run], model: str, seconds: float) -> dict[st
         "engine_ttft_p50_ms": round(percentile(ttft_b, 50) * 1000, 1),
         "ttft_overhead_p50_ms": round((percentile(ttft_a, 50) - percentile(ttft_b, 50)) * 1000, 1),
         "api_ttft_p99_ms": round(percentile(ttft_a, 99) * 1000, 1),
+        "api_ttft_p50_ms_by_round": [round(percentile(r.ttft_s, 50) * 1000, 1) for r in a],
+        "engine_ttft_p50_ms_by_round": [round(percentile(r.ttft_s, 50) * 1000, 1) for r in b],
         "seconds": round(seconds, 1),
     }
 
