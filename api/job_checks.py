@@ -24,7 +24,7 @@ from core.errors import (
     UnsupportedParameterError,
 )
 from core.model_files import custom_code_reason
-from core.model_sources import hub_allowed, not_installed
+from core.model_sources import hub_allowed, into_tenant_files, not_installed
 from core.prompts import PromptError, encode_prompts
 from core.ranking import rank_label
 from core.settings import Settings
@@ -84,6 +84,12 @@ def check_model(
                 param=param,
             )
         return
+    if into_tenant_files(settings, ref):
+        raise ModelNotInstalledError(
+            f"model {ref!r} is a path into the data dir: a fine-tuned model is named by its "
+            "registry name (ft:...), a base model by its directory under models/",
+            param=param,
+        )
     local = settings.models_dir / ref
     if not local.is_dir():
         # Without shared storage this host sees every installed model; with it, the model

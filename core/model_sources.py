@@ -4,6 +4,8 @@ Shared by the API (refusing at submit) and the workers (refusing before any down
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from core.settings import Settings
 
 
@@ -26,3 +28,19 @@ def not_installed(settings: Settings, ref: str) -> str:
     else:
         hub = "it is not in MODELYARD_HUB_ALLOWED_MODELS"
     return f"model {ref!r} is not installed (no directory {where}) and {hub}"
+
+
+def into_tenant_files(settings: Settings, ref: str) -> bool:
+    """Whether `ref`, read as a path (as it is, or under models/), leads into the data dir
+    outside models/: tenants' datasets, job files and registered models. Those are reached
+    by registry name, within the caller's tenant, never by path."""
+    data = settings.data_dir.resolve()
+    models = settings.models_dir.resolve()
+    for candidate in (Path(ref), settings.models_dir / ref):
+        try:
+            resolved = candidate.resolve()
+        except (OSError, RuntimeError):
+            continue
+        if resolved.is_relative_to(data) and not resolved.is_relative_to(models):
+            return True
+    return False

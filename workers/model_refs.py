@@ -13,7 +13,7 @@ from pathlib import Path
 from core.enums import FailureType
 from core.errors import PermanentJobError
 from core.model_files import custom_code_reason
-from core.model_sources import hub_allowed, not_installed
+from core.model_sources import hub_allowed, into_tenant_files, not_installed
 from core.settings import Settings
 from core.storage import ArtifactStore, artifact_store
 from db.registry import get_model, is_registry_name
@@ -53,6 +53,11 @@ def resolve_local(
     if local.is_dir() and local.resolve().is_relative_to(models_dir.resolve()):
         refuse_custom_code(local)
         return str(local)
+    if settings is not None and into_tenant_files(settings, ref):
+        raise PermanentJobError(
+            f"model {ref!r} is a path into the data dir (registered models are used by name)",
+            FailureType.MODEL_NOT_FOUND,
+        )
     if Path(ref).is_dir():
         refuse_custom_code(Path(ref))
         return ref

@@ -138,3 +138,52 @@ def test_symlinks_out_of_the_data_dir_are_not_followed(
         inside(models_dir.parent, "models/escape")
     with pytest.raises(PermanentJobError, match="escapes the data dir"):
         inside(models_dir.parent, "../outside-model")
+
+
+def test_a_path_into_tenant_files_is_refused_by_the_api_and_the_workers(
+    tiny_model_dir: Path, models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another tenant's registered model is reached by its registry name within that tenant
+    only: its directory under tenants/ given as a path (from the working directory, or
+    through models/..) is refused; a base under models/ and a directory outside the data
+    dir load. (Names starting with / or . are refused by the spec's pattern already.)"""
+    monkeypatch.chdir(tmp_path)
+    data = models_dir.parent
+    theirs = data / "tenants" / "other" / "jobs" / "job_1" / "attempts" / "1" / "model"
+    shutil.copytree(tiny_model_dir, theirs)
+    shutil.copytree(tiny_model_dir, models_dir / "base")
+    shutil.copytree(tiny_model_dir, tmp_path / "operator-models" / "gpt")
+    outside = "operator-models/gpt"
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    settings = Settings(data_dir=data, database_url=url)
+    sneaky = (
+        str(theirs.relative_to(tmp_path)),  # data/tenants/...
+        "base/../../tenants/other/jobs/job_1/attempts/1/model",
+    )
+    for ref in sneaky:
+        with pytest.raises(PermanentJobError, match="a path into the data dir") as exc:
+            resolve_local(ref, models_dir, settings=settings)
+        assert exc.value.failure is FailureType.MODEL_NOT_FOUND
+    assert resolve_local("base", models_dir, settings=settings) == str(models_dir / "base")
+    assert resolve_local(outside, models_dir, settings=settings) == outside
+    with (
+        redis_db_index() as broker_url,
+        TestClient(
+            create_app(Settings(data_dir=data, database_url=url, broker_url=broker_url))
+        ) as client,
+    ):
+        client.headers.update(bearer(make_key(url)))
+        for ref in sneaky:
+            resp = client.post(
+                "/v1/jobs", json={"kind": "generate", "spec": {"model": ref, "prompts": ["hi"]}}
+            )
+            assert resp.status_code == 422, resp.text
+            assert resp.json()["error"]["param"] == "spec.model"
+            if ".." not in ref:  # a '..' segment is refused by the spec's own check first
+                assert "a path into the data dir" in resp.json()["error"]["message"]
+        assert client.get("/v1/jobs").json()["data"] == []
+        for ref in ("base", outside):
+            resp = client.post(
+                "/v1/jobs", json={"kind": "generate", "spec": {"model": ref, "prompts": ["hi"]}}
+            )
+            assert resp.status_code == 202, resp.text
