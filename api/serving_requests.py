@@ -15,8 +15,9 @@ change it (GenerateSpec.logprobs).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
+from fastapi import Request
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -27,8 +28,10 @@ from pydantic import (
     ValidationError,
 )
 
-from core.errors import BadRequestError, UnsupportedParameterError
+from core.errors import BadRequestError, MalformedBodyError, UnsupportedParameterError
 from core.specs import MAX_TOP_LOGPROBS, MODEL_REF_PATTERN, GenerateJobRequest
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions' logprobs
@@ -201,6 +204,13 @@ def _param(loc: tuple[int | str, ...]) -> str:
 
 
 def _validated(model: type[_SamplingBody], body: Any) -> _SamplingBody:
+    kind = "chat completion" if model is ChatCompletionBody else "completion"
+    return validated_body(model, body, kind)
+
+
+def validated_body(model: type[BodyT], body: Any, kind: str) -> BodyT:
+    """An OpenAI request body as `model`; refused as OpenAI does, with a 400 naming the first
+    bad field (an unknown field of a model that forbids extras: unsupported_parameter)."""
     if not isinstance(body, dict):
         raise BadRequestError("the request body must be a JSON object", param="body")
     try:
@@ -208,11 +218,20 @@ def _validated(model: type[_SamplingBody], body: Any) -> _SamplingBody:
     except ValidationError as exc:
         first = exc.errors()[0]
         param = _param(tuple(first["loc"])) or None
-        kind = "chat completion" if model is ChatCompletionBody else "completion"
+        if first["type"] == "extra_forbidden" and param is not None:
+            raise UnsupportedParameterError(f"unknown parameter {param!r}", param=param) from None
         message = str(first["msg"]).removeprefix("Value error, ")
         raise BadRequestError(
             f"{param or 'body'}: {message} (in a {kind} request)", param=param
         ) from None
+
+
+async def json_body(request: Request) -> Any:
+    """The request's body as JSON, for a route that validates it itself."""
+    try:
+        return await request.json()
+    except ValueError:
+        raise MalformedBodyError("request body is not valid JSON") from None
 
 
 def _refuse_unsupported(parsed: _SamplingBody) -> None:
@@ -398,3 +417,14 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
 
     inlined: dict[str, Any] = inline(schema)
     return inlined
+
+
+def request_body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI `requestBody` (as a route's openapi_extra) of a route that reads and
+    validates its body itself."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": body_schema(model)}},
+        }
+    }

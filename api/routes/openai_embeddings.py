@@ -25,11 +25,13 @@ from api.deps import JobsWrite, PublisherDep, SettingsDep, TokenReaderDep, reque
 from api.job_follow import ClientDisconnected, Follower, JobState, follow_to_end, job_state
 from api.openai_jobs import create_openai_job, openai_request
 from api.routes.jobs import IdempotencyKey, cancel_in
+from api.serving_requests import json_body, request_body_doc, validated_body
 from core.dispatch import JobPublisher
 from core.embeddings import EMBEDDING_KEY, base64_to_vector
 from core.enums import FailureType, JobKind, JobStatus
 from core.errors import (
     BadRequestError,
+    InvalidRequestError,
     JobCancelledError,
     JobFailedError,
     ModelNotFoundError,
@@ -126,10 +128,10 @@ class _Created:
 @router.post(
     "",
     response_model=None,
+    openapi_extra=request_body_doc(CreateEmbeddings),
     responses={200: {"model": EmbeddingList, "description": "One vector per input, in order."}},
 )
 async def create_embeddings(
-    body: CreateEmbeddings,
     request: Request,
     response: Response,
     settings: SettingsDep,
@@ -138,6 +140,7 @@ async def create_embeddings(
     who: JobsWrite,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
+    body = validated_body(CreateEmbeddings, await json_body(request), "embeddings")
     created = await run_in_threadpool(
         _create, body, response, settings, publisher, who, idempotency_key
     )
@@ -173,19 +176,22 @@ def _create(
         "spec": spec,
         "metadata": {} if body.user is None else {"user": body.user},
     }
-    req = openai_request(EmbedJobRequest, payload, PARAMS)
-    with request_session(settings) as session:
-        if is_registry_name(body.model) and get_model(session, body.model, who.tenant_id) is None:
-            raise ModelNotFoundError(f"model {body.model!r} does not exist", param="model")
-        try:
-            job_id = create_openai_job(
-                session, req, PARAMS, response, settings, publisher, who, idempotency_key
-            )
-        except ModelNotInstalledError as exc:
-            raise ModelNotFoundError(exc.message, param="model") from None
-        except ModelyardError as exc:  # create_openai_job renames InvalidRequestError's only
-            exc.param = PARAMS.get(exc.param or "", exc.param)
-            raise
+    try:
+        req = openai_request(EmbedJobRequest, payload, PARAMS)
+        with request_session(settings) as session:
+            if is_registry_name(body.model) and not get_model(session, body.model, who.tenant_id):
+                raise ModelNotFoundError(f"model {body.model!r} does not exist", param="model")
+            try:
+                job_id = create_openai_job(
+                    session, req, PARAMS, response, settings, publisher, who, idempotency_key
+                )
+            except ModelyardError as exc:  # create_openai_job renames InvalidRequestError's
+                exc.param = PARAMS.get(exc.param or "", exc.param)
+                raise
+    except ModelNotInstalledError as exc:
+        raise ModelNotFoundError(exc.message, param="model") from None
+    except InvalidRequestError as exc:  # OpenAI answers a bad embeddings request 400
+        raise BadRequestError(exc.message, param=exc.param) from None
     state = job_state(settings.database_url, job_id)
     if state is None:  # deleted in between: nothing sensible left to wait for
         raise JobFailedError(f"job {job_id} disappeared before it ran")

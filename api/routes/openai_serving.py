@@ -56,10 +56,11 @@ from api.serving_requests import (
     ChatCompletionBody,
     CompletionBody,
     ServingRequest,
-    body_schema,
     chat_request,
     completion_request,
+    json_body,
     openai_param,
+    request_body_doc,
 )
 from core.completions import (
     LOGPROBS,
@@ -77,7 +78,6 @@ from core.errors import (
     InvalidRequestError,
     JobCancelledError,
     JobFailedError,
-    MalformedBodyError,
     ModelNotFoundError,
     ModelNotInstalledError,
     ModelyardError,
@@ -98,12 +98,7 @@ KEEPALIVE = b": keepalive\n\n"
 
 def _documented(body: type[BaseModel], answer: str) -> dict[str, Any]:
     return {
-        "openapi_extra": {
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": body_schema(body)}},
-            }
-        },
+        "openapi_extra": request_body_doc(body),
         "responses": {
             200: {
                 "description": f"{answer}; with `stream: true`, server-sent events of its "
@@ -127,13 +122,6 @@ class Created:
     idempotent: bool  # the request carried an Idempotency-Key
 
 
-async def _json_body(request: Request) -> Any:
-    try:
-        return await request.json()
-    except ValueError:
-        raise MalformedBodyError("request body is not valid JSON") from None
-
-
 @router.post(
     "/chat/completions",
     response_class=Response,
@@ -149,7 +137,7 @@ async def create_chat_completion(
 ) -> Response:
     """OpenAI's chat completions; the answer is a generation job (see `Modelyard-Job-Id`)."""
     serving = chat_request(
-        await _json_body(request), settings.chat_default_max_tokens, settings.serving_store_text
+        await json_body(request), settings.chat_default_max_tokens, settings.serving_store_text
     )
     return await _serve(request, serving, settings, publisher, reader, who, idempotency_key)
 
@@ -168,7 +156,7 @@ async def create_completion(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     """OpenAI's (legacy) text completions; the answer is a generation job."""
-    serving = completion_request(await _json_body(request), settings.serving_store_text)
+    serving = completion_request(await json_body(request), settings.serving_store_text)
     return await _serve(request, serving, settings, publisher, reader, who, idempotency_key)
 
 

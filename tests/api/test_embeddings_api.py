@@ -82,7 +82,7 @@ def test_dimensions_are_refused_naming_the_param(client: TestClient) -> None:
 def test_bad_inputs_are_refused_naming_input(client: TestClient, given: Any, message: str) -> None:
     response = embed(client, input=given)
     status, type_, param = error(response)
-    assert (status, type_, param) == (422, "invalid_request", "input")
+    assert (status, type_, param) == (400, "invalid_request_error", "input")
     assert message in response.json()["error"]["message"]
 
 
@@ -92,15 +92,32 @@ def test_an_input_past_the_context_is_400_naming_its_index(client: TestClient) -
     assert error(response) == (400, "context_length_exceeded", "input")
     assert "input[1] has 602 tokens" in response.json()["error"]["message"]
     assert error(embed(client, input=[[7] * 513]))[::2] == (400, "input")
-    assert error(embed(client, input=[[7] * 512, [10**6]])) == (422, "invalid_request", "input")
+    assert error(embed(client, input=[[7] * 512, [10**6]])) == (
+        400,
+        "invalid_request_error",
+        "input",
+    )
 
 
-def test_unknown_fields_and_formats_are_refused(client: TestClient) -> None:
-    assert error(embed(client, input="x", encoding_format="int8"))[::2] == (
-        422,
+def test_unknown_fields_and_formats_are_refused_with_400_as_openai_does(
+    client: TestClient,
+) -> None:
+    assert error(embed(client, input="x", encoding_format="int8")) == (
+        400,
+        "invalid_request_error",
         "encoding_format",
     )
-    assert error(embed(client, input="x", temperature=1))[0] == 422
+    assert error(embed(client, input="x", temperature=1)) == (
+        400,
+        "unsupported_parameter",
+        "temperature",
+    )
+    assert error(embed(client, input="x", model=None)) == (400, "invalid_request_error", "model")
+    assert error(client.post("/v1/embeddings", json=["not", "an", "object"]))[::2] == (400, "body")
+    garbled = client.post(
+        "/v1/embeddings", content=b"{", headers={"Content-Type": "application/json"}
+    )
+    assert garbled.status_code == 400
 
 
 def test_an_embed_job_through_v1_jobs_is_checked_and_batched_by_model(

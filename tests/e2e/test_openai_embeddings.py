@@ -91,9 +91,9 @@ def test_refusals(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as dims:
         client.embeddings.create(model=MINILM, input="x", dimensions=128)
     assert (dims.value.code, dims.value.param) == ("unsupported_parameter", "dimensions")
-    with pytest.raises(openai.UnprocessableEntityError) as empty:
+    with pytest.raises(openai.BadRequestError) as empty:
         client.embeddings.create(model=MINILM, input="")
-    assert empty.value.param == "input"
+    assert (empty.value.code, empty.value.param) == ("invalid_request_error", "input")
     with pytest.raises(openai.BadRequestError) as long:
         client.embeddings.create(model=MINILM, input=["ok", "bread " * 600])
     assert (long.value.code, long.value.param) == ("context_length_exceeded", "input")
