@@ -28,6 +28,7 @@ from pydantic import (
     ValidationError,
 )
 
+from core.completions import sampling_fields
 from core.errors import BadRequestError, MalformedBodyError, UnsupportedParameterError
 from core.specs import MAX_TOP_LOGPROBS, MODEL_REF_PATTERN, GenerateJobRequest
 
@@ -265,21 +266,8 @@ def _spec_fields(
         "model": parsed.model,
         "max_new_tokens": default_max_tokens,
         "store_text": store_text if parsed.store is None else parsed.store,
+        **sampling_fields(lambda name: getattr(parsed, name)),
     }
-    for source, target in (
-        ("temperature", "temperature"),
-        ("top_p", "top_p"),
-        ("n", "num_return_sequences"),
-        ("seed", "seed"),
-        ("repetition_penalty", "repetition_penalty"),
-        ("frequency_penalty", "frequency_penalty"),
-        ("presence_penalty", "presence_penalty"),
-    ):
-        value = getattr(parsed, source)
-        if value is not None:
-            fields[target] = value
-    if parsed.top_k is not None:
-        fields["top_k"] = max(parsed.top_k, 0)  # vLLM's -1 means "off", which is 0 here
     if parsed.stop is not None:
         stops = [parsed.stop] if isinstance(parsed.stop, str) else parsed.stop
         if len(stops) > 4:

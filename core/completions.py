@@ -11,10 +11,33 @@ tokens that read the same, such as two halves of characters, the more likely one
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 LOGPROBS = "logprobs"  # in a generated text's `data`: its tokens' log probability entries
+
+# An OpenAI request's sampling parameters and the GenerateSpec fields they set, as given
+_SAMPLING_FIELDS = (
+    ("temperature", "temperature"),
+    ("top_p", "top_p"),
+    ("n", "num_return_sequences"),
+    ("seed", "seed"),
+    ("repetition_penalty", "repetition_penalty"),
+    ("frequency_penalty", "frequency_penalty"),
+    ("presence_penalty", "presence_penalty"),
+)
+
+
+def sampling_fields(given: Callable[[str], Any]) -> dict[str, Any]:
+    """The GenerateSpec fields an OpenAI completion request's sampling parameters set
+    (`given(name)`: the request's value, None when absent), for the live serving routes and
+    batch lines alike."""
+    fields = {target: given(source) for source, target in _SAMPLING_FIELDS}
+    fields = {name: value for name, value in fields.items() if value is not None}
+    top_k = given("top_k")
+    if top_k is not None:
+        fields["top_k"] = max(top_k, 0)  # vLLM's -1 means "off", which is 0 here
+    return fields
 
 
 class GeneratedText(Protocol):

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from core.batch import IGNORED_BODY_KEYS, NEUTRAL_BODY_VALUES, SUPPORTED_BODY_KEYS
-from core.completions import completion_object
+from core.completions import completion_object, sampling_fields
 from core.enums import BatchEndpoint, FailureType
 from core.errors import BatchLineError
 from core.specs import GenerateSpec
@@ -86,19 +86,7 @@ def generate_spec_for(request: dict[str, Any]) -> GenerateSpec:
         fields["max_new_tokens"] = max_tokens
     elif not chat:
         fields["max_new_tokens"] = COMPLETIONS_DEFAULT_MAX_TOKENS
-    for source, target in (
-        ("temperature", "temperature"),
-        ("top_p", "top_p"),
-        ("n", "num_return_sequences"),
-        ("seed", "seed"),
-        ("repetition_penalty", "repetition_penalty"),
-        ("frequency_penalty", "frequency_penalty"),
-        ("presence_penalty", "presence_penalty"),
-    ):
-        if body.get(source) is not None:
-            fields[target] = body[source]
-    if body.get("top_k") is not None:
-        fields["top_k"] = max(body["top_k"], 0)  # vLLM's -1 means "off", which is 0 here
+    fields.update(sampling_fields(body.get))
     if body.get("response_format") is not None:
         fields["response_format"] = body["response_format"]
     if chat:
