@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+import llguidance
 from sqlalchemy.orm import Session
 
 from api.tokenizers import local_tokenizer
@@ -27,6 +28,7 @@ from core.model_files import custom_code_reason
 from core.model_sources import hub_allowed, into_tenant_files, not_installed
 from core.prompts import PromptError, encode_prompts
 from core.ranking import rank_label
+from core.response_format import JSON_GRAMMAR_OPTIONS, grammar_schema
 from core.settings import Settings
 from core.specs import (
     MODEL_REF_PATTERN,
@@ -52,6 +54,9 @@ from db.registry import get_model, is_registry_name, serving_base
 from db.tenants import lock_tenant
 from db.training import list_checkpoints
 from db.webhooks import signing_secrets
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
 
 CLASSIFIER_TASKS = frozenset(
     {FineTuneTask.SEQUENCE_CLASSIFICATION.value, FineTuneTask.TOKEN_CLASSIFICATION.value}
@@ -201,6 +206,26 @@ def _local_model_dir(session: Session, settings: Settings, tenant_id: str, ref: 
         return artifact_store(settings).fetch(path)
     local = artifact_store(settings).fetch(settings.models_dir / base)
     return local if local.is_dir() else None
+
+
+def _check_grammar(spec: GenerateSpec) -> None:
+    """A response format's schema must compile into the grammar the workers enforce (what
+    the library refuses, such as a oneOf whose branches overlap, is a 422 naming its
+    reason, not a job that fails at the worker)."""
+    schema = grammar_schema(spec.response_format)
+    if schema is None:
+        return
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            json.dumps(schema), overrides=cast("JsonCompileOptions", JSON_GRAMMAR_OPTIONS)
+        )
+        error = llguidance.LLMatcher.validate_grammar(grammar)
+    except ValueError as exc:
+        error = str(exc)
+    if error:
+        raise InvalidRequestError(
+            f"response_format cannot be enforced: {error}", param="spec.response_format"
+        )
 
 
 def _check_prompts(
@@ -356,6 +381,7 @@ def check_job_request(
         tasks = frozenset({FineTuneTask.CAUSAL_LM.value})
         check_model(session, settings, tenant_id, req.spec.model, "spec.model", tasks)
         _check_prompts(session, settings, tenant_id, req.spec)
+        _check_grammar(req.spec)
         if req.spec.retrieval is not None:
             _check_retrieval(session, settings, tenant_id, req.spec.retrieval)
     elif isinstance(req, FineTuneJobRequest):

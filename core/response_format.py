@@ -22,6 +22,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+# How the grammar library writes JSON: one way (Python's `json.dumps` spacing), so a model
+# cannot spend its tokens on whitespace; what it writes is still any JSON the schema allows.
+# Passed as overrides, so a schema's own "x-guidance" (refused below) cannot change them.
+# The workers compile with these, and the API validates a schema's grammar with the same.
+JSON_GRAMMAR_OPTIONS: dict[str, Any] = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_SCHEMA_DEPTH = 16  # nested schemas (properties, items, anyOf, ...), not JSON nesting
 

@@ -106,6 +106,11 @@ def test_an_unenforceable_schema_names_the_keyword_and_its_path(client: TestClie
     assert resp.status_code == 422, resp.text
     message = resp.json()["error"]["message"]
     assert "response_format.json_schema.schema.properties.a: 'patternProperties'" in message
+    overlapping = {"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]}
+    rf = {"type": "json_schema", "json_schema": {"name": "either", "schema": overlapping}}
+    resp = client.post("/v1/jobs", json=body(spec={"response_format": rf}))
+    assert_error(resp, 422, "invalid_request", "spec.response_format")
+    assert "oneOf" in resp.json()["error"]["message"]  # the grammar library's own reason
     ok = client.post("/v1/jobs", json=body(spec={"response_format": {"type": "json_object"}}))
     assert ok.status_code == 202, ok.text
     assert ok.json()["spec"]["response_format"] == {"type": "json_object"}

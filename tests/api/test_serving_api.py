@@ -12,6 +12,11 @@ from tests.support.auth import bearer
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "org/some-model", "messages": [{"role": "user", "content": "Hi"}]}
+# a oneOf whose branches overlap: the schema checker lets it by, the grammar library does not
+OVERLAPPING = {
+    "name": "either",
+    "schema": {"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]},
+}
 
 
 def tenant_key(client: TestClient, **limits: Any) -> str:
@@ -37,6 +42,11 @@ def test_bad_bodies_are_400s_in_openais_error_shape(client: TestClient) -> None:
         ({**BODY, "logprobs": True, "top_logprobs": 21}, "invalid_request_error", "top_logprobs"),
         ({**BODY, "top_logprobs": 2}, "invalid_request_error", "top_logprobs"),
         ({**BODY, "functions": [{"name": "f"}]}, "unsupported_parameter", "functions"),
+        (
+            {**BODY, "response_format": {"type": "json_schema", "json_schema": OVERLAPPING}},
+            "invalid_request_error",
+            "response_format",
+        ),
         ({"messages": BODY["messages"]}, "invalid_request_error", "model"),
         (
             {**BODY, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},

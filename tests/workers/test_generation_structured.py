@@ -211,7 +211,7 @@ def test_what_the_submit_checker_accepts_the_grammar_library_compiles(
         check_schema(schema)
         grammars.matcher(schema)
     overlapping = {"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]}
-    check_schema(overlapping)  # the one known gap: refused when the worker compiles it
+    check_schema(overlapping)  # past the checker; the API's grammar check refuses it at submit
     with pytest.raises(grammar_module.GrammarError, match="oneOf"):
         grammars.matcher(overlapping)
 

@@ -18,11 +18,13 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import llguidance
 import llguidance.hf
 import torch
+
+from core.response_format import JSON_GRAMMAR_OPTIONS
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
@@ -30,14 +32,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_CACHED_GRAMMARS = 64
-JSON_OPTIONS: JsonCompileOptions = {
-    "whitespace_flexible": False,
-    "item_separator": ", ",
-    "key_separator": ": ",
-}
-"""One way to write the JSON (Python's `json.dumps` spacing), so a model cannot spend its
-tokens on whitespace; what it writes is still any JSON the schema allows. Passed as
-overrides, so a schema's own "x-guidance" (refused at submit anyway) cannot change them."""
+JSON_OPTIONS = cast("JsonCompileOptions", JSON_GRAMMAR_OPTIONS)  # see core.response_format
 
 
 class GrammarError(ValueError):
