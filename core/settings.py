@@ -226,6 +226,15 @@ class Settings(BaseSettings):
         "answer reaches the client from the token stream only, and an Idempotency-Key retry "
         "cannot replay it.",
     )
+    serving_create_concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="How many /v1/chat/completions and /v1/completions jobs one API process "
+        "creates at once. A burst's jobs are then created a few at a time, the first ready for "
+        "a worker within milliseconds, instead of all finishing together at the end of the "
+        "burst, interleaved in the thread pool (bench/README.md, P6).",
+    )
     chat_default_max_tokens: int = Field(
         default=1024,
         ge=1,
