@@ -38,6 +38,8 @@ def into_tenant_files(settings: Settings, ref: str) -> bool:
     models = settings.models_dir.resolve()
     for candidate in (Path(ref), settings.models_dir / ref):
         try:
+            if not candidate.exists():  # a hub id is not a path, wherever the process runs
+                continue
             resolved = candidate.resolve()
         except (OSError, RuntimeError):
             continue

@@ -187,3 +187,15 @@ def test_a_path_into_tenant_files_is_refused_by_the_api_and_the_workers(
                 "/v1/jobs", json={"kind": "generate", "spec": {"model": ref, "prompts": ["hi"]}}
             )
             assert resp.status_code == 202, resp.text
+
+
+def test_a_hub_id_is_no_path_even_when_run_from_inside_the_data_dir(
+    models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.model_sources import into_tenant_files
+
+    settings = Settings(data_dir=models_dir.parent)
+    monkeypatch.chdir(models_dir.parent)
+    assert not into_tenant_files(settings, "org/some-model")  # nothing there: a hub id
+    (models_dir.parent / "org" / "some-model").mkdir(parents=True)
+    assert into_tenant_files(settings, "org/some-model")  # now a directory of the data dir
