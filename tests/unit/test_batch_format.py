@@ -15,7 +15,7 @@ from core.datasets import load_dataset_rows, parse_dataset
 from core.enums import SCHEMAS_FOR_TASK, BatchEndpoint, DatasetSchema
 from core.errors import BatchLineError, DatasetFormatError
 from core.specs import BatchSpec
-from db.outputs import OutputRecord
+from db.outputs import OutputRecord, storable_text
 from workers.batch.lines import (
     EXPIRED_CODE,
     error_line,
@@ -268,6 +268,13 @@ def test_completion_output_line() -> None:
         {"index": 1, "text": "second", "logprobs": None, "finish_reason": "length"},
     ]
     assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
+
+
+def test_a_nul_a_model_emitted_reads_as_the_stored_text_does() -> None:
+    """PostgreSQL text holds no NUL, so stored texts swap it for U+FFFD; the line's body
+    (stored as JSON beside it) says the same, not the raw NUL."""
+    body = output_line(chat("c"), texts((0, "\x00[ it", "length", 3)))["response"]["body"]
+    assert body["choices"][0]["message"]["content"] == "\ufffd[ it" == storable_text("\x00[ it")
 
 
 def test_chat_output_line() -> None:

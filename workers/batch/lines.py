@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -20,7 +21,7 @@ from core.enums import BatchEndpoint, FailureType
 from core.errors import BatchLineError
 from core.specs import GenerateSpec
 from db.batch import ERROR_FINISH_REASON
-from db.outputs import OutputRecord
+from db.outputs import OutputRecord, storable_text
 
 EXPIRED_CODE = FailureType.BATCH_EXPIRED.value
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
@@ -119,8 +120,10 @@ def _hex() -> str:
 def output_line(
     request: dict[str, Any], texts: Sequence[OutputRecord], created: int | None = None
 ) -> dict[str, Any]:
-    """The output line of a request whose texts are all generated (one per choice)."""
+    """The output line of a request whose texts are all generated (one per choice), with
+    the same character swap as stored texts (a NUL a model emitted reads U+FFFD in both)."""
     chat = BatchEndpoint(request["url"]) is BatchEndpoint.CHAT_COMPLETIONS
+    texts = [replace(t, text=storable_text(t.text)) for t in texts]
     body = completion_object(
         chat=chat,
         completion_id=f"{'chatcmpl' if chat else 'cmpl'}-{_hex()}",
