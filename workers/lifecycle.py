@@ -430,12 +430,13 @@ class AttemptRun:
             return status
 
         self._stop_heartbeat()
-        keep_model = False
+        landed: bool | None = False  # None: a COMMIT raised and the database cannot say now
         try:
             status: JobStatus | None = self._write("its result", write)
         except _Lost:
-            status = JobStatus.SUCCEEDED if commit_unknown and self._landed() else None
-            if status is None:
+            landed = self._landed() if commit_unknown else False
+            status = JobStatus.SUCCEEDED if landed else None
+            if landed is False:
                 logger.warning(
                     "job %s: attempt %d lost the job before its result committed "
                     "(compare-and-set on the attempt failed); outputs discarded",
@@ -446,23 +447,18 @@ class AttemptRun:
             logger.exception("job %s: could not record its result", ctx.job_id)
             landed = self._landed() if commit_unknown else False
             status = JobStatus.SUCCEEDED if landed else None
-            if landed is None and result.trained_model is not None:
-                keep_model = True
-                logger.error(
-                    "job %s: whether attempt %d's result committed is unknown (the database "
-                    "is unreachable); its model stays at %s",
-                    ctx.job_id,
-                    ctx.attempt,
-                    result.trained_model.path,
-                )
         except Exception as exc:
             logger.exception("job %s: storing its result failed", ctx.job_id)
             return self.fail(FailureType.RUNTIME_ERROR, f"storing the result failed: {exc}")
-        if (
-            status is not JobStatus.SUCCEEDED
-            and result.trained_model is not None
-            and not keep_model
-        ):
+        if landed is None and result.trained_model is not None:
+            logger.error(
+                "job %s: whether attempt %d's result committed is unknown (the database is "
+                "unreachable); its model stays at %s",
+                ctx.job_id,
+                ctx.attempt,
+                result.trained_model.path,
+            )
+        elif status is not JobStatus.SUCCEEDED and result.trained_model is not None:
             self._discard_unregistered(result.trained_model.path)
         if status is JobStatus.SUCCEEDED:
             logger.info("job %s succeeded with %d outputs", ctx.job_id, len(result.outputs))
