@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from core.enums import FailureType, JobKind, JobStatus
@@ -127,10 +127,8 @@ def _cancelled_instead(
 
 def cancel_requested(session: Session, job_id: str, attempt: int) -> bool | None:
     """The cancel flag as `attempt` sees it (None: the attempt no longer holds the job)."""
-    job = session.get(Job, job_id, populate_existing=True)
-    if job is None or job.status != JobStatus.RUNNING.value or job.attempts != attempt:
-        return None
-    return bool(job.cancel_requested)
+    flag = session.scalar(select(Job.cancel_requested).where(*current_attempt(job_id, attempt)))
+    return None if flag is None else bool(flag)
 
 
 def counted_attempts(job: Job) -> int:

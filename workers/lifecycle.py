@@ -396,7 +396,11 @@ class AttemptRun:
             nonlocal commit_unknown
             summary = dict(result.result) if result.result is not None else None
             with session_scope(self._settings.database_url) as session:
-                cancel = fence_reading_cancel(session, ctx.job_id, ctx.attempt)
+                # The fence guards what is written before the ending (every row and file of
+                # the job is older than its finished_at); with nothing to write, the ending's
+                # own compare-and-set is the fence (a pending cancel wins there too).
+                writes = bool(result.outputs) or result.trained_model is not None
+                cancel = fence_reading_cancel(session, ctx.job_id, ctx.attempt) if writes else False
                 if cancel is None:
                     raise _Lost(ctx.job_id)
                 if cancel:
@@ -423,9 +427,10 @@ class AttemptRun:
                     by=self._lc.worker,
                     result=summary,
                 )
-                if status is not JobStatus.SUCCEEDED:
+                if status is None:
                     raise _Lost(ctx.job_id)
-                commit_unknown = True  # session_scope commits as this block ends
+                # CANCELLED: only when nothing was fenced (a cancel the ending found first)
+                commit_unknown = status is JobStatus.SUCCEEDED  # committed as this block ends
             commit_unknown = False
             return status
 

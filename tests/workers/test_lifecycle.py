@@ -280,18 +280,21 @@ def request_cancel_now(settings: Settings, job_id: str) -> None:
         request_cancel(s, job_id, tenant_id=None)
 
 
+@pytest.mark.parametrize("outputs", [1, 0], ids=["fenced_outputs", "nothing_to_write"])
 def test_a_cancel_asked_before_the_finish_commits_wins(
-    settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch, outputs: int
 ) -> None:
+    # With nothing to write there is no fence before the ending: its own compare-and-set
+    # finds the cancel and records `cancelled`, not a lost attempt.
     def finish_fast(ctx: RunContext) -> list[OutputRecord]:
         request_cancel_now(settings, ctx.job_id)  # the heartbeat never sees it
-        return [OutputRecord(0, 0, "done", "stop", 1, 1)]
+        return [OutputRecord(0, 0, "done", "stop", 1, 1)][:outputs]
 
     stub_runner(monkeypatch, lifecycle, finish_fast)
     job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
     lifecycle.execute(job_id)
     job = load_job(settings.database_url, job_id)
-    assert (job.status, job.result) == ("cancelled", None)
+    assert (job.status, job.result, job.lease_owner) == ("cancelled", None, None)
     with session_scope(settings.database_url) as s:
         assert count_outputs(s, job_id) == 0
 
