@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -117,6 +118,9 @@ def private_stack(database_url: str | None = None, **env: str) -> Iterator[tuple
             yield stack, base
         finally:
             stack.stop()
+            keep = os.environ.get("BENCH_KEEP_LOGS")  # a folder for the run's process logs
+            if keep:
+                shutil.copytree(data / "logs", keep, dirs_exist_ok=True)
 
 
 def auth_headers() -> dict[str, str]:

@@ -60,6 +60,7 @@ class Heartbeat:
         self._broker_renewed = self._db_renewed = time.monotonic()
         self._db_down = False
         self._broker_down = False
+        self._broker_lease_taken = False
         self._thread = threading.Thread(
             target=self._loop, name=f"heartbeat-{ctx.job_id}", daemon=True
         )
@@ -77,7 +78,9 @@ class Heartbeat:
         if previous is not None and previous is not self:
             previous._done.set()
         track(self._ctx)
-        self._renew_broker_lease()
+        # The broker lease is first taken one interval in, by its thread: until then the
+        # claim's database lease (a full TTL) covers the attempt, and a job that ends
+        # sooner costs Redis nothing.
         self._thread.start()
         self._broker_thread.start()
 
@@ -92,6 +95,11 @@ class Heartbeat:
                 del _active[self._ctx.job_id]
         if current:
             untrack(self._ctx)
+
+    @property
+    def broker_lease_taken(self) -> bool:
+        """Whether this heartbeat has set the attempt's broker lease (read after `stop`)."""
+        return self._broker_lease_taken
 
     def _renew_broker_lease(self) -> bool:
         ctx = self._ctx
@@ -116,6 +124,7 @@ class Heartbeat:
             self._lose_lease()
             return False
         self._broker_renewed = time.monotonic()
+        self._broker_lease_taken = True
         return True
 
     def _lose_lease(self) -> None:

@@ -351,6 +351,7 @@ class AttemptRun:
             on_overdue=lifecycle.overdue,
         )
         self._ended = False
+        self._broker_lease_kept = False  # set by a renewal while a write waited on the database
 
     @property
     def claimed(self) -> ClaimedJob:
@@ -670,16 +671,22 @@ class AttemptRun:
             ctx.job_id,
             what,
             write,
-            lambda: self._lc.leases.renew(
-                ctx.job_id, self._lc.worker, ctx.attempt, self._settings.lease_ttl_s
-            ),
+            self._keep_broker_lease,
         )
+
+    def _keep_broker_lease(self) -> None:
+        ctx = self.ctx
+        self._lc.leases.renew(ctx.job_id, self._lc.worker, ctx.attempt, self._settings.lease_ttl_s)
+        self._broker_lease_kept = True
 
     def _stop_heartbeat(self) -> None:
         self._heartbeat.stop()
         self._ended = True
 
     def _release(self) -> None:
+        """Drop the attempt's broker lease, if it was ever set (after the heartbeat stopped)."""
+        if not (self._heartbeat.broker_lease_taken or self._broker_lease_kept):
+            return
         with contextlib.suppress(redis.RedisError):
             self._lc.leases.release(self.ctx.job_id, self._lc.worker, self.ctx.attempt)
 

@@ -424,3 +424,57 @@ def test_a_finish_whose_commit_raised_is_settled_by_reading_the_job(
         assert registered is not None
         path = settings.data_dir / registered.path
     assert (path / "model.safetensors").read_bytes() == b"weights"
+
+
+class _CountingLeases:
+    """The lifecycle's broker leases, counting the renewals and releases that reach Redis."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.renewals = 0
+        self.releases = 0
+
+    def renew(self, *args: Any) -> bool:
+        self.renewals += 1
+        return bool(self._inner.renew(*args))
+
+    def release(self, *args: Any) -> Any:
+        self.releases += 1
+        return self._inner.release(*args)
+
+
+@pytest.mark.parametrize("run_s", [0.0, 0.3], ids=["shorter_than_a_beat", "several_beats"])
+def test_the_broker_lease_is_taken_one_beat_in_and_dropped_at_the_end(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, run_s: float
+) -> None:
+    import redis
+
+    from workers.leases import lease_key
+
+    beat = settings.model_copy(update={"heartbeat_interval_s": 0.1})
+    publisher = JobPublisher(beat)
+    lifecycle = JobLifecycle(beat, publisher, "cpu")
+    counting = _CountingLeases(lifecycle.leases)
+    lifecycle.leases = counting  # type: ignore[assignment]
+    held: list[bool] = []
+    broker = redis.Redis.from_url(beat.broker_url)
+
+    def run(ctx: RunContext) -> list[OutputRecord]:
+        time.sleep(run_s)
+        held.append(bool(broker.exists(lease_key(ctx.job_id))))
+        return []
+
+    stub_runner(monkeypatch, lifecycle, run)
+    job_id = insert_job(beat.database_url, kind=JobKind.NOOP)
+    try:
+        lifecycle.execute(job_id)
+        assert load_job(beat.database_url, job_id).status == "succeeded"
+        # A job that ends within one beat never touches Redis for its lease; a longer one
+        # holds it while it runs and drops it when it ends.
+        expected = (0, 0, False) if run_s == 0 else (counting.renewals, 1, True)
+        assert (counting.renewals, counting.releases, held[0]) == expected
+        assert counting.renewals >= (0 if run_s == 0 else 2)
+        assert not broker.exists(lease_key(job_id))
+    finally:
+        publisher.close()
+        broker.close()
