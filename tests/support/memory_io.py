@@ -37,6 +37,7 @@ class MemoryTrainingIO:
     checkpoints: dict[str, list[CheckpointInfo]] = field(default_factory=dict)
     metric_batches: list[list[MetricPoint]] = field(default_factory=list)
     events: list[tuple[str, dict[str, Any] | None]] = field(default_factory=list)
+    pruned: list[Path] = field(default_factory=list)  # checkpoints rotation removed
     closed: bool = False
 
     def add_dataset(
@@ -83,6 +84,9 @@ class MemoryTrainingIO:
     def _existing(self, job_id: str) -> list[CheckpointInfo]:
         found = [c for c in self.checkpoints.get(job_id, []) if c.path.is_dir()]
         return sorted(found, key=lambda c: c.step, reverse=True)
+
+    def remove_pruned(self, paths: Sequence[Path]) -> None:
+        self.pruned.extend(paths)
 
     def latest_checkpoint(self) -> CheckpointInfo | None:
         found = self._existing(self.job_id)

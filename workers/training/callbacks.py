@@ -166,8 +166,9 @@ class MetricsCallback(TrainerCallback):
 class CheckpointCallback(TrainerCallback):
     """Records every checkpoint Trainer writes, and asks for one when `every_s` passed.
     Once a checkpoint's row is written under the attempt's fence, the attempt's older
-    checkpoints beyond save_total_limit are removed (never before: an attempt that lost the
-    job must not remove the checkpoint the attempt that took it over resumes from)."""
+    checkpoints beyond save_total_limit are removed, on disk and in the shared store (never
+    before: an attempt that lost the job must not remove the checkpoint the attempt that took
+    it over resumes from)."""
 
     def __init__(
         self, io: TrainingIO, every_s: float | None = None, clock: Clock = time.monotonic
@@ -212,9 +213,11 @@ class CheckpointCallback(TrainerCallback):
             CheckpointInfo(step=state.global_step, path=path.resolve(), metrics=metrics)
         )
         if recorded and args.should_save:
-            rotate_checkpoints_of_attempt(
+            pruned = rotate_checkpoints_of_attempt(
                 path.parent, args.save_total_limit, state.best_model_checkpoint
             )
+            if pruned:
+                self._io.remove_pruned(pruned)
         self._io.event(
             f"checkpoint at step {state.global_step}",
             {"step": state.global_step, "path": path.name, "metrics": metrics},

@@ -9,7 +9,8 @@ others, synced, then renamed to `checkpoint-N` in one step, so every
 The run directory is the attempt's own (workers/training/layout.py), staging included, so
 two attempts of a job never write or remove each other's files. Older checkpoints are
 removed (save_total_limit) by `rotate_checkpoints_of_attempt`, which the caller runs only
-once the newest checkpoint's row is written under the attempt's fence.
+once the newest checkpoint's row is written under the attempt's fence, and then removes
+from the shared store too (`TrainingIO.remove_pruned`).
 """
 
 from __future__ import annotations
@@ -64,15 +65,18 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def rotate_checkpoints_of_attempt(
     run_dir: Path, save_total_limit: int | None, best_model_checkpoint: str | None
-) -> None:
+) -> list[Path]:
     """Keep the newest `save_total_limit` checkpoints of this attempt's run directory (and
-    its best one); only directories directly inside `run_dir` are considered."""
+    its best one); only directories directly inside `run_dir` are considered. Returns the
+    checkpoints it removed, oldest first."""
+    before = complete_checkpoints(run_dir)
     rotate_checkpoints(
         output_dir=str(run_dir),
         save_total_limit=save_total_limit,
         best_model_checkpoint=best_model_checkpoint,
         use_mtime=True,
     )
+    return [path for _, path in reversed(before) if not path.exists()]
 
 
 def _fsync_tree(root: Path) -> None:

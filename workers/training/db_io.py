@@ -204,6 +204,24 @@ class DbTrainingIO:
 
         return self._write(write)
 
+    def remove_pruned(self, paths: Sequence[Path]) -> None:
+        store = artifact_store(self._settings)
+        for path in paths:
+            if not path.resolve().is_relative_to(self.work_dir):
+                logger.warning(
+                    "job %s: %s is not this attempt's; left alone", self._ctx.job_id, path
+                )
+                continue
+            try:
+                store.remove(path)
+            except Exception as exc:  # a stale copy costs space, not correctness
+                logger.warning(
+                    "job %s: pruned checkpoint %s not removed from shared storage: %s",
+                    self._ctx.job_id,
+                    self._relative(path),
+                    exc,
+                )
+
     def discard_after(self, step: int) -> int:
         ctx = self._ctx
         reached = [step, steps_reached_before(self.job_dir, ctx.attempt) or 0]

@@ -56,6 +56,10 @@ class TrainingIO(Protocol):
         then remove the attempt's older checkpoints. False while the row waits for the
         database, or when it was refused (the attempt lost the job and must stop)."""
 
+    def remove_pruned(self, paths: Sequence[Path]) -> None:
+        """This attempt's checkpoints that rotation (save_total_limit) removed from disk:
+        their shared copies go too. Best effort: a failure is logged, never raised."""
+
     def latest_checkpoint(self) -> CheckpointInfo | None:
         """This job's newest recorded checkpoint (by any earlier attempt) whose directory
         still exists."""
