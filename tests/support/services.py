@@ -91,10 +91,25 @@ def redis_db_index() -> Iterator[str]:
         registry.close()
 
 
-class RedisServer:
-    """A private redis-server on its own port (for FLUSHALL, restarts and kills)."""
+def in_netns(netns: str | None, argv: list[str], user: str | None = None) -> list[str]:
+    """`argv` run inside the network namespace `netns` (as `user`), or as it is without one."""
+    if netns is None:
+        return argv
+    as_user = ("setpriv", "--reuid", user, "--regid", user, "--init-groups") if user else ()
+    return ["ip", "netns", "exec", netns, *as_user, *argv]
 
-    def __init__(self, workdir: Path, password: str | None = None) -> None:
+
+class RedisServer:
+    """A private redis-server on its own port (for FLUSHALL, restarts and kills). `host` and
+    `netns` put it on another address inside a network namespace (tests/support/netns.py)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        password: str | None = None,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             missing_service("redis-server binary")
@@ -104,20 +119,25 @@ class RedisServer:
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
         self.password = password
+        self.host = host
+        self.netns = netns
         auth = f":{password}@" if password else ""
-        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+        self.url = f"redis://{auth}{host}:{self.port}/0"
 
     def start(self, *, aof: bool = False) -> None:
         """Start the server; `aof` turns on the append-only file, fsynced every second."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         persistence = ("--appendonly", "yes", "--appendfsync", "everysec") if aof else ()
         self.proc = subprocess.Popen(
-            [
-                *(self.binary, "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
-                *persistence,
-                *(("--requirepass", self.password) if self.password else ()),
-            ],
+            in_netns(
+                self.netns,
+                [
+                    *(self.binary, "--port", str(self.port), "--bind", self.host),
+                    *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
+                    *persistence,
+                    *(("--requirepass", self.password) if self.password else ()),
+                ],
+            ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -188,9 +208,12 @@ def postgres_bindir() -> Path | None:
 class PostgresCluster:
     """A private PostgreSQL server (its own initdb data directory and port) that a test may
     stop and start without touching the shared one on 5432. As root, the server runs as
-    the `postgres` user (PostgreSQL refuses to run as root)."""
+    the `postgres` user (PostgreSQL refuses to run as root). `host` and `netns` put it on
+    another address inside a network namespace, open (trust) to the `clients` network."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", netns: str | None = None, clients: str | None = None
+    ) -> None:
         bindir = postgres_bindir()
         if bindir is None:
             missing_service("PostgreSQL server binaries (initdb, postgres)")
@@ -210,7 +233,10 @@ class PostgresCluster:
         self.datadir = self.root / "data"
         self.log = self.root / "postgres.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.admin_url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.host = host
+        self.netns = netns
+        self.clients = clients
+        self.admin_url = f"postgresql://postgres@{host}:{self.port}/postgres"
 
     def _owned(self, path: Path) -> None:
         if self.user is not None:
@@ -230,18 +256,23 @@ class PostgresCluster:
                 stderr=log,
                 check=True,
             )
+        if self.clients is not None:
+            with (self.datadir / "pg_hba.conf").open("a") as hba:
+                hba.write(f"host all all {self.clients} trust\n")
 
     def start(self, timeout: float = 30) -> None:
         log = self.log.open("ab")
+        argv = [
+            str(self.bindir / "postgres"),
+            *("-D", str(self.datadir), "-p", str(self.port), "-k", str(self.root)),
+            *("-c", f"listen_addresses={self.host}", "-c", "fsync=off"),
+            *("-c", "synchronous_commit=off", "-c", "full_page_writes=off"),
+            *("-c", "max_connections=300"),
+        ]
+        # `ip netns exec` needs root: the user switch comes after it, inside the namespace
         self.proc = subprocess.Popen(
-            [
-                str(self.bindir / "postgres"),
-                *("-D", str(self.datadir), "-p", str(self.port), "-k", str(self.root)),
-                *("-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"),
-                *("-c", "synchronous_commit=off", "-c", "full_page_writes=off"),
-                *("-c", "max_connections=300"),
-            ],
-            user=self.user,
+            in_netns(self.netns, argv, self.user),
+            user=self.user if self.netns is None else None,
             stdout=log,
             stderr=log,
         )
@@ -273,7 +304,7 @@ class PostgresCluster:
 
         with psycopg.connect(self.admin_url, autocommit=True) as admin:
             admin.execute(f'CREATE DATABASE "{name}"')
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+        return f"postgresql+psycopg://postgres@{self.host}:{self.port}/{name}"
 
     def destroy(self) -> None:
         self.stop()
