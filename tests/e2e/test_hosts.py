@@ -93,6 +93,10 @@ def test_a_cut_off_host_loses_its_job_and_comes_back_fenced(
         takeover = claims(stack, job_id)
         assert [stack.host_named(w) for w in takeover] == [victim, survivor], takeover
         settled = stack.events(job_id)
+    # nothing of attempt 1 after attempt 2's claim (the cut-off host could not write)
+    taken = max(i for i, e in enumerate(settled) if e["message"].startswith("claimed by"))
+    named = {(e["data"] or {}).get(k) for e in settled[taken:] for k in ("worker", "by")}
+    assert first not in named, settled[taken:]
     # Back on the network with the survivor's worker stopped, the victim takes the next job.
     # Its worker runs one job at a time, so by then the stale attempt has ended: its late
     # writes (the result, the status, events) were tried and refused by the fence.
@@ -103,6 +107,7 @@ def test_a_cut_off_host_loses_its_job_and_comes_back_fenced(
     later = noop(stack, 0.2)
     assert stack.wait_status(later, TERMINAL, 60)["status"] == "succeeded"
     assert [stack.host_named(w) for w in claims(stack, later)] == [victim]
+    # the refused write leaves no row: only the victim's log says it was tried
     assert "attempt 1 lost the job" in victim_worker.log.read_text(errors="replace")
     after = stack.job(job_id)
     assert (after["status"], after["attempts"]) == ("succeeded", 2), after
