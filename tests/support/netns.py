@@ -54,6 +54,7 @@ PREFIX = "myh"  # every link and namespace this module makes starts with it
 ALIAS = "modelyard-test-hosts"
 LOCK_FILE = Path("/run/lock/modelyard-test-hosts.lock")
 MAX_WORKERS = 2 ** (32 - SLOT_PREFIX) - 4  # network, runner, control and broadcast excluded
+ROUTE_TYPES = frozenset({"unicast", "blackhole", "unreachable", "prohibit", "throw", "multicast"})
 
 
 def _ip(*args: str, check: bool = True) -> str:
@@ -239,6 +240,8 @@ def _check_range_unused(ours: set[str]) -> None:
     for line in _ip("-4", "route", "show").splitlines():
         parts = line.split()
         dev = parts[parts.index("dev") + 1] if "dev" in parts else ""
+        if parts[0] in ROUTE_TYPES:  # `blackhole 10.0.0.0/8`, `unreachable ...`
+            parts = parts[1:]
         if parts[0] == "default" or dev in ours:
             continue
         if ipaddress.IPv4Network(parts[0], strict=False).overlaps(RANGE):
@@ -253,6 +256,19 @@ def _free_slot(bridges: dict[str, tuple[str, list[ipaddress.IPv4Interface]]]) ->
     raise RuntimeError(f"every /{SLOT_PREFIX} of {RANGE} is taken by a running test")
 
 
+def _ipv6_off(conf: str, netns: str | None = None) -> None:
+    """No IPv6 (nor its link-local chatter) on a link of the run: `conf` is a link's name or
+    `default` (links made later), in `netns` or the machine's own; nothing without IPv6."""
+    path = f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"
+    if not Path("/proc/sys/net/ipv6").exists():
+        return
+    if netns is None:
+        Path(path).write_text("1")
+        return
+    command = ["ip", "netns", "exec", netns, "sh", "-c", f"echo 1 > {path}"]
+    subprocess.run(command, check=True, capture_output=True)
+
+
 def _make(tag: str, workers: int, workdir: Path) -> Hosts:
     bridges = _bridges()
     _check_range_unused({*bridges, *(f"{PREFIX}{tag}",)})
@@ -261,23 +277,16 @@ def _make(tag: str, workers: int, workdir: Path) -> Hosts:
     bridge = f"{PREFIX}{tag}"
     _ip("link", "add", bridge, "type", "bridge")
     _ip("link", "set", bridge, "alias", _owner_alias())
-    Path(f"/proc/sys/net/ipv6/conf/{bridge}/disable_ipv6").write_text("1")
+    _ipv6_off(bridge)
     _ip("addr", "add", f"{addresses[0]}/{SLOT_PREFIX}", "dev", bridge)
     _ip("link", "set", bridge, "up")
     made: list[Host] = []
     for i, name in enumerate(["control", *(f"w{n}" for n in range(1, workers + 1))]):
         netns, link = f"{PREFIX}-{tag}-{name}", f"{PREFIX}{tag}v{i}"
         _ip("netns", "add", netns)
-        subprocess.run(
-            [
-                *("ip", "netns", "exec", netns, "sysctl", "-qw"),
-                *("net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"),
-            ],
-            check=True,
-            capture_output=True,
-        )
+        _ipv6_off("default", netns)  # before its eth0 is made there
         _ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", netns)
-        Path(f"/proc/sys/net/ipv6/conf/{link}/disable_ipv6").write_text("1")
+        _ipv6_off(link)
         _ip("link", "set", link, "master", bridge)
         _ip("link", "set", link, "up")
         _ip("-n", netns, "addr", "add", f"{addresses[i + 1]}/{SLOT_PREFIX}", "dev", "eth0")
