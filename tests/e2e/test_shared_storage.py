@@ -1,79 +1,230 @@
 """Workers on other hosts: each process has its own data dir and they share artifacts only
-through `MODELYARD_STORAGE_URL` (here a file:// store standing in for S3).
+through `MODELYARD_STORAGE_URL`: a file:// store, and an S3 bucket on a real S3 server
+(moto over HTTP, tests/support/s3.py) reached through s3fs.
 
-The API (host A) takes the upload; a worker on host B, which has neither the dataset nor
-the base model, fine-tunes; a worker on host C, which has nothing, serves the registered
-model. Runs on PostgreSQL only: the database is shared by every host, and a SQLite file
-under one host's data dir is not.
+The API (host A) takes the uploads; a worker on host B, which has neither the datasets nor
+the base models, fine-tunes; a worker on host C, which has nothing, serves the registered
+models (generation and prediction). On S3, a fine-tune handed back by a host that shuts
+down mid training resumes on another host from the checkpoint the first one published.
+Runs on PostgreSQL only: the database is shared by every host, and a SQLite file under
+one host's data dir is not.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import fsspec
 import pytest
 
+from core.storage import ArtifactStore
 from tests.conftest import TINY_MODEL
-from tests.support.datasets import write_text_jsonl
-from tests.support.harness import Stack
+from tests.support.datasets import write_sentiment_csv, write_text_jsonl
+from tests.support.harness import Stack, wait_for
+from tests.support.s3 import moto_s3_store
 from tests.support.services import RedisServer, postgres_database
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
+CLS_MODEL = "tiny-bert-cls"
+DONE = ("succeeded", "failed", "cancelled")
 
-@pytest.fixture(scope="module")
+
+@dataclass
+class Shared:
+    """The shared store as the operator configured it, and what is in it."""
+
+    kind: str
+    url: str
+    options: dict[str, str] = field(default_factory=dict)
+
+    def files(self) -> list[str]:
+        """Every file in the store, as a path relative to the store's root."""
+        fs, base = fsspec.core.url_to_fs(self.url, **self.options)
+        fs.invalidate_cache()
+        base = base.rstrip("/")
+        return sorted(name.removeprefix(base + "/") for name in fs.find(base))
+
+    def of_job(self, job_id: str) -> list[str]:
+        return [f for f in self.files() if f"/jobs/{job_id}/" in f]
+
+
+@dataclass
+class Hosts:
+    stack: Stack
+    shared: Shared
+
+
+@pytest.fixture(scope="module", params=["file", "s3"])
 def hosts(
-    broker: RedisServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Stack, Path]]:
-    root = tmp_path_factory.mktemp("hosts")
-    shared = root / "shared"
-    # The operator puts base models in the shared store, not on any one host.
-    shutil.copytree(tiny_model_dir, shared / "models" / TINY_MODEL)
-    with postgres_database() as url:
-        stack = Stack(root / "a", url, broker.url, storage_url=f"file://{shared}")
-        try:
-            stack.start_api()
-            yield stack, shared
-        finally:
-            stack.stop()
+    request: pytest.FixtureRequest,
+    broker: RedisServer,
+    tiny_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Hosts]:
+    from tests.support.tiny_encoder import build_tiny_bert_classifier
+
+    root = tmp_path_factory.mktemp(f"hosts-{request.param}")
+    with ExitStack() as stack_of:
+        if request.param == "s3":
+            s3 = stack_of.enter_context(moto_s3_store())
+            shared = Shared("s3", s3.url, s3.options)
+        else:
+            shared = Shared("file", f"file://{root / 'shared'}")
+        # The operator puts base models in the shared store, not on any one host.
+        operator = root / "operator"
+        shutil.copytree(tiny_model_dir, operator / "models" / TINY_MODEL)
+        build_tiny_bert_classifier(operator / "models" / CLS_MODEL, ["a", "b"])
+        seeding = ArtifactStore(operator, shared.url, shared.options)
+        for name in (TINY_MODEL, CLS_MODEL):
+            seeding.publish(operator / "models" / name)
+        url = stack_of.enter_context(postgres_database())
+        stack = Stack(
+            root / "a",
+            url,
+            broker.url,
+            storage_url=shared.url,
+            storage_options=json.dumps(shared.options),
+        )
+        stack_of.callback(stack.stop)
+        stack.start_api()
+        yield Hosts(stack, shared)
 
 
-def test_a_model_trained_on_one_host_is_served_from_another(
-    hosts: tuple[Stack, Path], tmp_path: Path
-) -> None:
-    stack, shared = hosts
-    with stack.client() as c, write_text_jsonl(tmp_path / "corpus.jsonl").open("rb") as fh:
-        uploaded = c.post("/v1/datasets", files={"file": ("corpus.jsonl", fh)})
-    assert uploaded.status_code == 201, uploaded.text
-    host_b, host_c = stack.workdir / "b", stack.workdir / "c"
-    stack.start_worker(env={"MODELYARD_DATA_DIR": str(host_b)})
+def _upload(stack: Stack, path: Path) -> str:
+    with stack.client() as c, path.open("rb") as fh:
+        r = c.post("/v1/datasets", files={"file": (path.name, fh)})
+    assert r.status_code == 201, r.text
+    dataset_id: str = r.json()["id"]
+    return dataset_id
+
+
+def _submit(stack: Stack, kind: str, spec: dict[str, Any]) -> str:
     with stack.client() as c:
-        spec = {
+        r = c.post("/v1/jobs", json={"kind": kind, "spec": spec})
+    assert r.status_code == 202, r.text
+    job_id: str = r.json()["id"]
+    return job_id
+
+
+def _finished(stack: Stack, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    done = stack.wait_status(job_id, DONE, timeout=timeout)
+    assert done["status"] == "succeeded", f"{done}\n{stack.logs()}"
+    return done
+
+
+def _on_host(stack: Stack, data_dir: Path) -> None:
+    stack.start_worker(env={"MODELYARD_DATA_DIR": str(data_dir)})
+
+
+def test_a_model_trained_on_one_host_is_served_from_another(hosts: Hosts, tmp_path: Path) -> None:
+    stack, shared = hosts.stack, hosts.shared
+    corpus = _upload(stack, write_text_jsonl(tmp_path / "corpus.jsonl"))
+    sentiment = _upload(stack, write_sentiment_csv(tmp_path / "sentiment.csv"))
+    host_b, host_c = tmp_path / "b", tmp_path / "c"
+    _on_host(stack, host_b)
+    lm_job = _submit(
+        stack,
+        "finetune",
+        {
             "base_model": TINY_MODEL,
             "task": "causal_lm",
-            "training_dataset": uploaded.json()["id"],
-            "hyperparameters": {"max_steps": 4, "batch_size": 8, "checkpoint_steps": 2},
-        }
-        r = c.post("/v1/jobs", json={"kind": "finetune", "spec": spec})
-    assert r.status_code == 202, r.text
-    trained = stack.wait_status(r.json()["id"], ("succeeded", "failed"), timeout=120)
-    assert trained["status"] == "succeeded", f"{trained}\n{stack.logs()}"
-    assert (host_b / "models" / TINY_MODEL / "config.json").is_file()  # fetched by B
+            "training_dataset": corpus,
+            "hyperparameters": {"max_steps": 8, "batch_size": 8, "checkpoint_steps": 2},
+        },
+    )
+    cls_job = _submit(
+        stack,
+        "finetune",
+        {
+            "base_model": CLS_MODEL,
+            "task": "sequence_classification",
+            "training_dataset": sentiment,
+            "hyperparameters": {"max_steps": 4, "batch_size": 8, "learning_rate": 5e-3},
+        },
+    )
+    lm, cls = _finished(stack, lm_job), _finished(stack, cls_job)
+    for name in (TINY_MODEL, CLS_MODEL):
+        assert (host_b / "models" / name / "config.json").is_file()  # fetched by B
     stack.stop_workers()
 
-    (job_dir,) = shared.rglob(trained["id"])  # the job's artifacts, published by B
-    assert sorted(p.name for p in job_dir.rglob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    assert [p for p in job_dir.rglob("config.json") if "checkpoint" not in str(p)]
-    assert not list(host_c.rglob(trained["id"]))
+    # the jobs' artifacts, published by B; checkpoint-2 was pruned (save_total_limit 3)
+    # on B and from the store
+    lm_files = shared.of_job(lm_job)
+    saved = {part for f in lm_files for part in f.split("/") if part.startswith("checkpoint-")}
+    assert sorted(saved) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    assert [f for f in lm_files if f.endswith("/config.json") and "checkpoint-" not in f]
+    assert [f for f in shared.of_job(cls_job) if f.endswith(".safetensors")]
+    assert not host_c.exists()
 
-    stack.start_worker(env={"MODELYARD_DATA_DIR": str(host_c)})
-    spec = {"model": trained["result"]["model"], "prompts": ["The blue"], "max_new_tokens": 4}
-    job = stack.submit({**spec, "temperature": 0})
-    done = stack.wait_status(job["id"], ("succeeded", "failed"), timeout=60)
-    assert done["status"] == "succeeded", f"{done}\n{stack.logs()}"
-    assert stack.outputs(job["id"])[0]["completion_tokens"] == 4
-    (fetched,) = host_c.rglob(trained["id"])  # fetched by C
-    assert list(fetched.rglob("*.safetensors"))
+    _on_host(stack, host_c)
+    spec = {"model": lm["result"]["model"], "prompts": ["The blue"], "max_new_tokens": 4}
+    generated = stack.submit({**spec, "temperature": 0})
+    _finished(stack, generated["id"], timeout=60)
+    assert stack.outputs(generated["id"])[0]["completion_tokens"] == 4
+    texts = ["the service was great and happy and fast", "the service was rude and slow and late"]
+    predicted = _submit(stack, "predict", {"model": cls["result"]["model"], "texts": texts})
+    _finished(stack, predicted, timeout=60)
+    outputs = stack.outputs(predicted)
+    assert [o["prompt_index"] for o in outputs] == [0, 1]
+    assert all(o["data"]["label"] in ("pos", "neg") for o in outputs)
+    stack.stop_workers()
+    for job_id in (lm_job, cls_job):
+        (fetched,) = host_c.rglob(job_id)  # fetched by C: the models, no checkpoint
+        assert list(fetched.rglob("*.safetensors"))
+        assert not list(fetched.rglob("checkpoint-*"))
     assert not list(host_c.rglob("*.partial"))
+
+
+@pytest.mark.parametrize("hosts", ["s3"], indirect=True)
+def test_a_finetune_handed_back_by_one_host_resumes_on_another(
+    hosts: Hosts, tmp_path: Path
+) -> None:
+    """Host B shuts down mid training (SIGTERM): it checkpoints, publishes the checkpoint
+    and hands the job back; host C, with an empty data dir, fetches that checkpoint and
+    finishes the job from it."""
+    stack, shared = hosts.stack, hosts.shared
+    corpus = _upload(stack, write_text_jsonl(tmp_path / "corpus.jsonl"))
+    host_b, host_c = tmp_path / "b", tmp_path / "c"
+    _on_host(stack, host_b)
+    steps = 200  # about 15 ms each: B is still training when its SIGTERM lands
+    job_id = _submit(
+        stack,
+        "finetune",
+        {
+            "base_model": TINY_MODEL,
+            "task": "causal_lm",
+            "training_dataset": corpus,
+            "hyperparameters": {"max_steps": steps, "batch_size": 2, "checkpoint_steps": steps},
+        },
+    )
+
+    def training() -> int | None:
+        step = (stack.job(job_id).get("progress_detail") or {}).get("step", 0)
+        return int(step) if step >= 2 else None
+
+    wait_for(training, 120, "host B training", 0.05)
+    stack.stop_workers()  # SIGTERM: checkpoint at the end of the step, hand the job back
+    handed_back = stack.job(job_id)
+    assert handed_back["status"] == "queued", f"{handed_back}\n{stack.logs()}"
+    with stack.client() as c:
+        (checkpoint,) = c.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+    saved_at = int(checkpoint["step"])
+    assert 2 <= saved_at < steps
+    published = shared.of_job(job_id)
+    assert any(f"/attempts/1/checkpoints/checkpoint-{saved_at}/" in f for f in published)
+
+    _on_host(stack, host_c)
+    done = _finished(stack, job_id)
+    assert done["attempts"] == 2
+    assert done["result"]["resumed_from_step"] == saved_at
+    assert done["result"]["train"]["global_step"] == steps
+    fetched = list(host_c.rglob(f"checkpoint-{saved_at}"))
+    assert [p for p in fetched if "/attempts/1/" in p.as_posix()]  # B's, fetched by C
+    assert (host_c / "models" / TINY_MODEL / "config.json").is_file()
