@@ -21,6 +21,7 @@ from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELYARD_SERVICES = {"api", "worker", "beat", "flower"}
+S3_SERVICES = {"minio", "minio-bucket"}  # the optional `s3` profile
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def compose() -> dict[str, Any]:
 
 def test_the_services_and_their_health(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == MODELYARD_SERVICES | {"redis", "postgres"}
+    assert set(services) == MODELYARD_SERVICES | {"redis", "postgres"} | S3_SERVICES
     for name in ("api", "worker", "flower", "redis", "postgres"):
         assert services[name]["healthcheck"]["test"], name
     # the worker and beat start once the API has migrated the database
@@ -54,6 +55,35 @@ def test_every_modelyard_variable_is_a_setting(compose: dict[str, Any]) -> None:
         unknown = {k for k in env if k.startswith("MODELYARD_")} - known
         assert not unknown, (name, unknown)
         assert env["MODELYARD_DATA_DIR"] == "/data"
+
+
+def test_minio_is_optional_and_the_services_share_its_credentials(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services = compose["services"]
+    for name in S3_SERVICES:
+        assert services[name]["profiles"] == ["s3"], name  # not started without the profile
+    for name in MODELYARD_SERVICES | {"redis", "postgres"}:
+        assert "profiles" not in services[name], name
+    minio = services["minio"]
+    assert minio["healthcheck"]["test"]
+    assert services["minio-bucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert "127.0.0.1:9001:9001" in minio["ports"]  # the console on loopback only
+    assert minio["environment"] == {
+        "MINIO_ROOT_USER": "${AWS_ACCESS_KEY_ID:-}",
+        "MINIO_ROOT_PASSWORD": "${AWS_SECRET_ACCESS_KEY:-}",
+    }
+    for name in MODELYARD_SERVICES:
+        env = services[name]["environment"]
+        assert env["AWS_ACCESS_KEY_ID"] == "${AWS_ACCESS_KEY_ID:-}", name
+        assert env["AWS_SECRET_ACCESS_KEY"] == "${AWS_SECRET_ACCESS_KEY:-}", name
+        assert env["MODELYARD_STORAGE_URL"] == "${MODELYARD_STORAGE_URL:-}", name
+        assert env["MODELYARD_STORAGE_OPTIONS"] == "${MODELYARD_STORAGE_OPTIONS:-{}}", name
+    # what those defaults interpolate to leaves shared storage off
+    monkeypatch.setenv("MODELYARD_STORAGE_URL", "")
+    monkeypatch.setenv("MODELYARD_STORAGE_OPTIONS", "{}")
+    settings = Settings()
+    assert settings.storage_url == "" and settings.storage_options == {}
 
 
 def test_the_cpu_image_installs_the_pinned_cpu_torch_and_every_package(
