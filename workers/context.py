@@ -29,6 +29,9 @@ class RunContext:
     worker: str | None = None  # the lease owner; runners that write while running need it
     deadline: float | None = None  # time.monotonic() at which the attempt must stop (timed_out)
     max_runtime_s: float | None = None  # the run time limit behind `deadline`, for messages
+    # time.monotonic() just before the claim's transaction began: the database lease it took
+    # cannot run out sooner than a lease TTL after this (the heartbeat counts from it)
+    leased_at: float | None = None
     cancelled: bool = False
     paused: bool = False  # a pause was asked: checkpoint, stop and rest as `paused`
     lease_lost: bool = False

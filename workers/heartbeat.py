@@ -24,6 +24,48 @@ _active: dict[str, Heartbeat] = {}
 _active_lock = threading.Lock()
 
 
+class _LeaseWatchdog:
+    """One thread per process that runs every active heartbeat's checks (`Heartbeat.check`)
+    several times per heartbeat interval. The renewing threads block for as long as the
+    database or Redis takes to answer (up to a connect timeout when a host is cut off), so
+    a check that waited for them could come after the lease ran out and another worker
+    took the job; this thread never waits on the network."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self) -> None:
+        """Make sure the thread runs (called after a heartbeat joined `_active`)."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="lease-watchdog", daemon=True
+                )
+                self._thread.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            with _active_lock:
+                beats = list(_active.values())
+            if not beats:
+                self._wake.wait()
+                continue
+            now = time.monotonic()
+            for beat in beats:
+                try:
+                    beat.check(now)
+                except Exception:
+                    logger.exception("job %s: lease check failed", beat.job_id)
+            time.sleep(min(beat.check_every_s for beat in beats))
+
+
+_watchdog = _LeaseWatchdog()
+
+
 class Heartbeat:
     """Renews a job's leases, stores progress, reads the cancel flag and enforces the run
     time limit, in a thread, until stopped.
@@ -38,7 +80,14 @@ class Heartbeat:
     is no longer the job's live one fails, and the runner is told to stop. A runner that
     has not stopped `stop_grace_s` after its run time limit or its lost lease is overdue:
     `on_overdue` is called once (the lifecycle records the outcome and restarts the worker
-    process, see workers/lifecycle.py)."""
+    process, see workers/lifecycle.py).
+
+    Renewals are counted from when they were sent, and the claim's lease from just before
+    the claim: neither lease can run out sooner than a TTL after that. A worker that has
+    renewed neither for a TTL less one heartbeat interval tells its runner to stop, so
+    the stop is asked before the reconciler may hand the job to another worker (a host
+    cut off from the network); the process's lease watchdog runs that check, not the
+    renewing threads, which may be stuck waiting on the network."""
 
     def __init__(
         self,
@@ -57,7 +106,9 @@ class Heartbeat:
         self._overdue_called = False
         self._done = threading.Event()
         self._last_progress = -1.0
-        self._broker_renewed = self._db_renewed = time.monotonic()
+        leased_at = ctx.leased_at if ctx.leased_at is not None else time.monotonic()
+        self._broker_renewed = self._db_renewed = leased_at
+        self._checks = threading.Lock()  # the watchdog's and the beat's checks, one at a time
         self._db_down = False
         self._broker_down = False
         self._broker_lease_taken = False
@@ -83,6 +134,7 @@ class Heartbeat:
         # sooner costs Redis nothing.
         self._thread.start()
         self._broker_thread.start()
+        _watchdog.watch()
 
     def stop(self) -> None:
         self._done.set()
@@ -97,12 +149,30 @@ class Heartbeat:
             untrack(self._ctx)
 
     @property
+    def job_id(self) -> str:
+        return self._ctx.job_id
+
+    @property
+    def check_every_s(self) -> float:
+        """How often the watchdog runs `check`: a quarter of the heartbeat interval."""
+        return min(max(self._settings.heartbeat_interval_s / 4, 0.02), 1.0)
+
+    @property
+    def silence_limit_s(self) -> float:
+        """How long neither lease may go unrenewed before the runner is told to stop: a TTL
+        less one heartbeat interval (the watchdog's delay and the stop's own), and at
+        most half a TTL early when the interval is long next to the TTL."""
+        ttl = self._settings.lease_ttl_s
+        return max(ttl - self._settings.heartbeat_interval_s, ttl / 2)
+
+    @property
     def broker_lease_taken(self) -> bool:
         """Whether this heartbeat has set the attempt's broker lease (read after `stop`)."""
         return self._broker_lease_taken
 
     def _renew_broker_lease(self) -> bool:
         ctx = self._ctx
+        sent = time.monotonic()
         try:
             held = self._leases.renew(
                 ctx.job_id, self._worker, ctx.attempt, self._settings.lease_ttl_s
@@ -123,7 +193,7 @@ class Heartbeat:
             )
             self._lose_lease()
             return False
-        self._broker_renewed = time.monotonic()
+        self._broker_renewed = sent
         self._broker_lease_taken = True
         return True
 
@@ -203,22 +273,32 @@ class Heartbeat:
     def beat(self) -> None:
         """One database renewal (the broker lease has its own thread), then the checks."""
         ctx = self._ctx
+        sent = time.monotonic()
         if not ctx.lease_lost and self._renew_database_lease():
-            self._db_renewed = time.monotonic()
-        now = time.monotonic()
-        silent = now - max(self._db_renewed, self._broker_renewed)
-        if silent > self._settings.lease_ttl_s and not ctx.lease_lost:
-            logger.error(
-                "job %s: neither lease renewed for %.0fs; stopping (another worker may take it)",
-                ctx.job_id,
-                silent,
-            )
-            self._lose_lease()
-        if ctx.deadline is not None and now >= ctx.deadline and not ctx.timed_out:
-            logger.info("job %s: run time limit reached, stopping", ctx.job_id)
-            ctx.timed_out = True
-            ctx.stop_event.set()
-        self._check_overdue(now)
+            self._db_renewed = sent
+        self.check(time.monotonic())
+
+    def check(self, now: float) -> None:
+        """Stop the runner when neither lease was renewed for `silence_limit_s` or the run
+        time limit is reached; call `on_overdue` once a stopped runner is overdue."""
+        ctx = self._ctx
+        if self._done.is_set():
+            return
+        with self._checks:
+            silent = now - max(self._db_renewed, self._broker_renewed)
+            if silent >= self.silence_limit_s and not ctx.lease_lost:
+                logger.error(
+                    "job %s: neither lease renewed for %.1fs; stopping before it can run out "
+                    "(another worker may take it)",
+                    ctx.job_id,
+                    silent,
+                )
+                self._lose_lease()
+            if ctx.deadline is not None and now >= ctx.deadline and not ctx.timed_out:
+                logger.info("job %s: run time limit reached, stopping", ctx.job_id)
+                ctx.timed_out = True
+                ctx.stop_event.set()
+            self._check_overdue(now)
 
     def _check_overdue(self, now: float) -> None:
         if self._stop_asked is None and (self._ctx.lease_lost or self._ctx.timed_out):

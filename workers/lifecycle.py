@@ -157,10 +157,11 @@ class JobLifecycle:
         if not ids:
             return []
         ttl = timedelta(seconds=settings.lease_ttl_s)
+        leased_at = time.monotonic()
         with session_scope(settings.database_url) as session:
             rows = claim_many(session, ids, self._worker, ttl, settings.max_running_jobs, note=note)
         logger.info("%d %s jobs on %s claimed by %s", len(rows), kind.value, model, self._worker)
-        return [self.begin(self._claimed(job_id, row)) for job_id, row in rows.items()]
+        return [self.begin(self._claimed(job_id, row, leased_at)) for job_id, row in rows.items()]
 
     def begin(self, claimed: ClaimedJob) -> AttemptRun:
         attempt = AttemptRun(self, claimed)
@@ -208,11 +209,12 @@ class JobLifecycle:
         it (or it ended). A message that finds its job not claimable is recorded as a
         dropped delivery; a job a runner tried to take (`from_message=False`) is not."""
         ttl = timedelta(seconds=self._settings.lease_ttl_s)
+        leased_at = time.monotonic()
         with session_scope(self._settings.database_url) as session:
             row = claim(session, job_id, self._worker, ttl, self._settings.max_running_jobs)
             if row is not None:
                 logger.info("job %s claimed by %s (attempt %d)", job_id, self._worker, row.attempts)
-                return self._claimed(job_id, row)
+                return self._claimed(job_id, row, leased_at)
             if not from_message:
                 return None
             job = get_job(session, job_id)
@@ -232,7 +234,7 @@ class JobLifecycle:
             logger.info("job %s not claimable (%s); message dropped", job_id, job.status)
             return None
 
-    def _claimed(self, job_id: str, row: ClaimedRow) -> ClaimedJob:
+    def _claimed(self, job_id: str, row: ClaimedRow, leased_at: float) -> ClaimedJob:
         limit = self._settings.job_time_limit_s
         if row.max_runtime_s is not None:
             limit = min(limit, row.max_runtime_s)
@@ -247,6 +249,7 @@ class JobLifecycle:
                 worker=self._worker,
                 deadline=time.monotonic() + limit,
                 max_runtime_s=limit,
+                leased_at=leased_at,
             ),
             model=row.model,
         )

@@ -1,0 +1,74 @@
+"""The heartbeat's lease checks when the renewals themselves hang (a host cut off from the
+database and Redis: every call waits for its connect timeout), on a real database and Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.settings import Settings
+from db.session import migrate
+from tests.support.services import redis_db_index
+from workers import heartbeat as heartbeat_module
+from workers.context import RunContext
+from workers.heartbeat import Heartbeat
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Iterator[Settings]:
+    migrate(database_url)
+    with redis_db_index() as broker:
+        yield Settings(
+            data_dir=tmp_path,
+            database_url=database_url,
+            broker_url=broker,
+            lease_ttl_s=3.0,
+            heartbeat_interval_s=1.0,
+            stop_grace_s=60,
+        )
+
+
+class _HangingLeases:
+    """Broker leases whose every call hangs, as on a host cut off from Redis."""
+
+    def __init__(self, release: threading.Event) -> None:
+        self._release = release
+
+    def renew(self, *args: Any) -> bool:
+        self._release.wait(30)
+        return True
+
+    def release(self, *args: Any) -> bool:
+        return True
+
+
+def test_a_worker_whose_renewals_hang_stops_its_job_before_the_lease_can_run_out(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unblock = threading.Event()
+
+    def hanging_renewal(*args: Any, **kwargs: Any) -> Any:
+        unblock.wait(30)
+        raise heartbeat_module.DATABASE_UNAVAILABLE[0]("cut off", None, Exception())
+
+    monkeypatch.setattr(heartbeat_module, "renew_lease", hanging_renewal)
+    leased_at = time.monotonic()
+    ctx = RunContext(job_id="job_cut_off", attempt=1, device="cpu", leased_at=leased_at)
+    beat = Heartbeat(settings, ctx, "host-a:1", _HangingLeases(unblock))  # type: ignore[arg-type]
+    beat.start()
+    try:
+        # Both renewing threads are stuck in their first call; the watchdog still tells the
+        # runner to stop, a TTL less one interval after the claim, before the lease can end.
+        assert ctx.stop_event.wait(10)
+        stopped = time.monotonic()
+        assert ctx.lease_lost and ctx.stop_reason == "lease lost"
+        assert not unblock.is_set()  # asked while every renewal still hung
+        assert beat.silence_limit_s <= stopped - leased_at < settings.lease_ttl_s
+    finally:
+        unblock.set()
+        beat.stop()
