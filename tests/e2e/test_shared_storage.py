@@ -4,8 +4,8 @@ through `MODELYARD_STORAGE_URL`: a file:// store, and an S3 bucket on a real S3 
 
 The API (host A) takes the uploads; a worker on host B, which has neither the datasets nor
 the base models, fine-tunes; a worker on host C, which has nothing, serves the registered
-models (generation and prediction). On S3, a fine-tune handed back by a host that shuts
-down mid training resumes on another host from the checkpoint the first one published.
+models (generation and prediction) and finishes a fine-tune that B handed back when it
+shut down mid training, from the checkpoint B published.
 Runs on PostgreSQL only: the database is shared by every host, and a SQLite file under
 one host's data dir is not.
 """
@@ -123,36 +123,54 @@ def _on_host(stack: Stack, data_dir: Path) -> None:
     stack.start_worker(env={"MODELYARD_DATA_DIR": str(data_dir)})
 
 
-def test_a_model_trained_on_one_host_is_served_from_another(hosts: Hosts, tmp_path: Path) -> None:
+def _finetune(stack: Stack, base: str, task: str, dataset: str, **hp: Any) -> str:
+    spec = {"base_model": base, "task": task, "training_dataset": dataset, "hyperparameters": hp}
+    return _submit(stack, "finetune", spec)
+
+
+def _step(stack: Stack, job_id: str) -> int:
+    return int((stack.job(job_id).get("progress_detail") or {}).get("step", 0))
+
+
+def test_one_host_trains_and_leaves_another_serves_and_resumes(
+    hosts: Hosts, tmp_path: Path
+) -> None:
+    """Host B fine-tunes a causal LM and a classifier, then shuts down (SIGTERM) in the
+    middle of a third fine-tune: it checkpoints, publishes and hands the job back. Host C,
+    with an empty data dir, generates with the first model, predicts with the second and
+    finishes the third from B's checkpoint."""
     stack, shared = hosts.stack, hosts.shared
     corpus = _upload(stack, write_text_jsonl(tmp_path / "corpus.jsonl"))
     sentiment = _upload(stack, write_sentiment_csv(tmp_path / "sentiment.csv"))
     host_b, host_c = tmp_path / "b", tmp_path / "c"
     _on_host(stack, host_b)
-    lm_job = _submit(
-        stack,
-        "finetune",
-        {
-            "base_model": TINY_MODEL,
-            "task": "causal_lm",
-            "training_dataset": corpus,
-            "hyperparameters": {"max_steps": 8, "batch_size": 8, "checkpoint_steps": 2},
-        },
+    lm_job = _finetune(
+        stack, TINY_MODEL, "causal_lm", corpus, max_steps=8, batch_size=8, checkpoint_steps=2
     )
-    cls_job = _submit(
-        stack,
-        "finetune",
-        {
-            "base_model": CLS_MODEL,
-            "task": "sequence_classification",
-            "training_dataset": sentiment,
-            "hyperparameters": {"max_steps": 4, "batch_size": 8, "learning_rate": 5e-3},
-        },
+    cls_job = _finetune(
+        stack, CLS_MODEL, "sequence_classification", sentiment, max_steps=4, learning_rate=5e-3
     )
     lm, cls = _finished(stack, lm_job), _finished(stack, cls_job)
     for name in (TINY_MODEL, CLS_MODEL):
         assert (host_b / "models" / name / "config.json").is_file()  # fetched by B
-    stack.stop_workers()
+    steps = 200  # about 15 ms each: B is still training when its SIGTERM lands
+    long_job = _finetune(
+        stack,
+        TINY_MODEL,
+        "causal_lm",
+        corpus,
+        max_steps=steps,
+        batch_size=2,
+        checkpoint_steps=steps,
+    )
+    wait_for(lambda: _step(stack, long_job) >= 2, 120, "host B training", 0.05)
+    stack.stop_workers()  # SIGTERM: checkpoint at the end of the step, hand the job back
+    handed_back = stack.job(long_job)
+    assert handed_back["status"] == "queued", f"{handed_back}\n{stack.logs()}"
+    with stack.client() as c:
+        (checkpoint,) = c.get(f"/v1/jobs/{long_job}/checkpoints").json()["data"]
+    saved_at = int(checkpoint["step"])
+    assert 2 <= saved_at < steps
 
     # the jobs' artifacts, published by B; checkpoint-2 was pruned (save_total_limit 3)
     # on B and from the store
@@ -161,6 +179,8 @@ def test_a_model_trained_on_one_host_is_served_from_another(hosts: Hosts, tmp_pa
     assert sorted(saved) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
     assert [f for f in lm_files if f.endswith("/config.json") and "checkpoint-" not in f]
     assert [f for f in shared.of_job(cls_job) if f.endswith(".safetensors")]
+    handed_back_files = shared.of_job(long_job)
+    assert any(f"/attempts/1/checkpoints/checkpoint-{saved_at}/" in f for f in handed_back_files)
     assert not host_c.exists()
 
     _on_host(stack, host_c)
@@ -174,57 +194,16 @@ def test_a_model_trained_on_one_host_is_served_from_another(hosts: Hosts, tmp_pa
     outputs = stack.outputs(predicted)
     assert [o["prompt_index"] for o in outputs] == [0, 1]
     assert all(o["data"]["label"] in ("pos", "neg") for o in outputs)
+    resumed = _finished(stack, long_job)
+    assert resumed["attempts"] == 2
+    assert resumed["result"]["resumed_from_step"] == saved_at
+    assert resumed["result"]["train"]["global_step"] == steps
     stack.stop_workers()
+
     for job_id in (lm_job, cls_job):
         (fetched,) = host_c.rglob(job_id)  # fetched by C: the models, no checkpoint
         assert list(fetched.rglob("*.safetensors"))
         assert not list(fetched.rglob("checkpoint-*"))
+    from_b = [p for p in host_c.rglob(f"checkpoint-{saved_at}") if "/attempts/1/" in p.as_posix()]
+    assert from_b and list(from_b[0].rglob("*.safetensors"))  # B's checkpoint, fetched by C
     assert not list(host_c.rglob("*.partial"))
-
-
-@pytest.mark.parametrize("hosts", ["s3"], indirect=True)
-def test_a_finetune_handed_back_by_one_host_resumes_on_another(
-    hosts: Hosts, tmp_path: Path
-) -> None:
-    """Host B shuts down mid training (SIGTERM): it checkpoints, publishes the checkpoint
-    and hands the job back; host C, with an empty data dir, fetches that checkpoint and
-    finishes the job from it."""
-    stack, shared = hosts.stack, hosts.shared
-    corpus = _upload(stack, write_text_jsonl(tmp_path / "corpus.jsonl"))
-    host_b, host_c = tmp_path / "b", tmp_path / "c"
-    _on_host(stack, host_b)
-    steps = 200  # about 15 ms each: B is still training when its SIGTERM lands
-    job_id = _submit(
-        stack,
-        "finetune",
-        {
-            "base_model": TINY_MODEL,
-            "task": "causal_lm",
-            "training_dataset": corpus,
-            "hyperparameters": {"max_steps": steps, "batch_size": 2, "checkpoint_steps": steps},
-        },
-    )
-
-    def training() -> int | None:
-        step = (stack.job(job_id).get("progress_detail") or {}).get("step", 0)
-        return int(step) if step >= 2 else None
-
-    wait_for(training, 120, "host B training", 0.05)
-    stack.stop_workers()  # SIGTERM: checkpoint at the end of the step, hand the job back
-    handed_back = stack.job(job_id)
-    assert handed_back["status"] == "queued", f"{handed_back}\n{stack.logs()}"
-    with stack.client() as c:
-        (checkpoint,) = c.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
-    saved_at = int(checkpoint["step"])
-    assert 2 <= saved_at < steps
-    published = shared.of_job(job_id)
-    assert any(f"/attempts/1/checkpoints/checkpoint-{saved_at}/" in f for f in published)
-
-    _on_host(stack, host_c)
-    done = _finished(stack, job_id)
-    assert done["attempts"] == 2
-    assert done["result"]["resumed_from_step"] == saved_at
-    assert done["result"]["train"]["global_step"] == steps
-    fetched = list(host_c.rglob(f"checkpoint-{saved_at}"))
-    assert [p for p in fetched if "/attempts/1/" in p.as_posix()]  # B's, fetched by C
-    assert (host_c / "models" / TINY_MODEL / "config.json").is_file()
