@@ -5,7 +5,8 @@ the ones nothing will move: queued with a cancel asked, running past their lease
 concurrent duplicate executions (attempts of one job whose spans overlap), duplicate
 effects (rows written twice), stale writes surviving (rows and files, on disk and in the
 stack's file:// store, of an attempt that did not hold the job), steps redone, time to
-recover. Rows 14-19 are the faults of issue 15.
+recover. Rows 14-19 are the faults of issue 15. Row 26 (`cut_off_host`) runs on test hosts
+(tests/support/netns.py: root and `ip` needed) in a stack of its own, after the others.
 
     python -m bench.faults [--quick] [--only NAME,...] [--json PATH]
 
@@ -31,6 +32,7 @@ from typing import Any
 from tests.faults import (
     clock_scenarios,
     guard_scenarios,
+    host_scenarios,
     leader_scenarios,
     message_scenarios,
     outage_scenarios,
@@ -115,6 +117,12 @@ def plan(quick: bool) -> list[tuple[str, Callable[[Lab], Outcome]]]:
     ]
 
 
+# Scenarios on test hosts (network namespaces: root and `ip`), each in a lab of its own.
+HOST_PLAN: list[tuple[str, Callable[[host_scenarios.HostsLab], Outcome]]] = [
+    ("cut_off_host", host_scenarios.cut_off_mid_finetune),
+]
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -144,36 +152,43 @@ def table(rows: list[Figures]) -> str:
     return "\n".join(lines)
 
 
+def _measure(rows: list[Figures], name: str, scenario: Callable[[Any], Outcome], lab: Any) -> None:
+    started = time.monotonic()
+    try:
+        outcome = scenario(lab)
+        rows.append(outcome.figures)
+    except Exception as exc:
+        traceback.print_exc()
+        rows.append(Figures(name, 0, -1, -1, -1, -1, -1, note=f"FAILED: {exc!r:.80}"))
+    print(f"{name}: {time.monotonic() - started:.0f}s", flush=True)
+
+
 def run(quick: bool, only: set[str] | None) -> list[Figures]:
     rows: list[Figures] = []
+    chosen = [(n, s) for n, s in plan(quick) if not only or n in only]
+    on_hosts = [(n, s) for n, s in HOST_PLAN if not only or n in only]
     with tempfile.TemporaryDirectory(prefix="modelyard-faults-") as tmp:
         root = Path(tmp)
         model = build_tiny_gpt2(root / "models" / "tiny-gpt2")
-        pg = PostgresCluster()
-        broker = RedisServer(root / "redis")
-        try:
-            pg.init()
-            pg.start()
-            broker.start()
-            with scenarios.lab_stack(
-                root / "stack", model, pg=pg, broker=broker, name="modelyard_bench_faults"
-            ) as lab:
-                for name, scenario in plan(quick):
-                    if only and name not in only:
-                        continue
-                    started = time.monotonic()
-                    try:
-                        outcome = scenario(lab)
-                        rows.append(outcome.figures)
-                    except Exception as exc:
-                        traceback.print_exc()
-                        rows.append(
-                            Figures(name, 0, -1, -1, -1, -1, -1, note=f"FAILED: {exc!r:.80}")
-                        )
-                    print(f"{name}: {time.monotonic() - started:.0f}s", flush=True)
-        finally:
-            broker.stop()
-            pg.destroy()
+        if chosen:
+            pg = PostgresCluster()
+            broker = RedisServer(root / "redis")
+            try:
+                pg.init()
+                pg.start()
+                broker.start()
+                with scenarios.lab_stack(
+                    root / "stack", model, pg=pg, broker=broker, name="modelyard_bench_faults"
+                ) as lab:
+                    for name, scenario in chosen:
+                        _measure(rows, name, scenario, lab)
+            finally:
+                broker.stop()
+                pg.destroy()
+        if on_hosts:
+            with host_scenarios.hosts_lab(root / "hosts", model) as hosts_lab:
+                for name, hosted in on_hosts:
+                    _measure(rows, name, hosted, hosts_lab)
     return rows
 
 

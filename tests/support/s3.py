@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.services import free_port, missing_service
+from tests.support.services import free_port, in_netns, missing_service
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,11 @@ class S3Store:
 
 
 class MotoServer:
-    """`moto_server` on a free loopback port; `stop()` ends it."""
+    """`moto_server` on a free loopback port; `stop()` ends it. `host` and `netns` put it on
+    another address inside a network namespace (tests/support/netns.py), as
+    services.RedisServer does."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", netns: str | None = None) -> None:
         binary = Path(sys.executable).with_name("moto_server")
         if not binary.exists():
             found = shutil.which("moto_server")
@@ -69,13 +71,15 @@ class MotoServer:
                 missing_service("moto_server (pip install 'moto[server]')")
             binary = Path(str(found))
         self.binary = binary
+        self.host = host
+        self.netns = netns
         self.port = free_port()
-        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.endpoint_url = f"http://{host}:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20) -> None:
         self.proc = subprocess.Popen(
-            [str(self.binary), "-H", "127.0.0.1", "-p", str(self.port)],
+            in_netns(self.netns, [str(self.binary), "-H", self.host, "-p", str(self.port)]),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -107,10 +111,13 @@ class MotoServer:
 
 
 @contextmanager
-def moto_s3_store(prefix: str = "modelyard") -> Iterator[S3Store]:
-    """A running moto S3 server with one bucket; yields the store under `prefix` in it and
-    stops the server afterwards (everything in it is gone)."""
-    server = MotoServer()
+def moto_s3_store(
+    prefix: str = "modelyard", host: str = "127.0.0.1", netns: str | None = None
+) -> Iterator[S3Store]:
+    """A running moto S3 server with one bucket (on `host` in `netns`, see MotoServer);
+    yields the store under `prefix` in it and stops the server afterwards (everything in it
+    is gone)."""
+    server = MotoServer(host, netns)
     server.start()
     try:
         options = {
