@@ -16,17 +16,19 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import redis
 from sqlalchemy import select
 
 from core.storage import ArtifactStore
-from db.models import Checkpoint
+from db.models import Checkpoint, Job
 from db.session import session_scope
 from tests.conftest import TINY_MODEL
 from tests.faults.scenarios import FAULT_SETTINGS, Outcome, finetune_spec, now, seconds
@@ -36,6 +38,7 @@ from tests.support.harness import TERMINAL, wait_for
 from tests.support.hosts_stack import HostsStack, hosts_stack
 from tests.support.netns import Host, Hosts, hosts
 from tests.support.s3 import S3Store, moto_s3_store
+from workers.leases import lease_key, lease_value
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +160,36 @@ def _checkpoints(database_url: str, job_id: str) -> list[tuple[int, str]]:
     return [(int(step), str(path)) for step, path in rows]
 
 
+def _lease_end(
+    database_url: str, broker_url: str, job_id: str, victim: str, timeout: float
+) -> datetime | None:
+    """When the cut-off attempt's hold on the job ends: the later of its database lease and
+    its broker lease (the reconciler takes a job only once both ran out), read until the
+    job leaves that attempt. After the cut its holder renews neither, so the last values
+    read are their ends."""
+    attempt = 1
+    broker = redis.Redis.from_url(broker_url)
+    end: datetime | None = None
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            with session_scope(database_url, readonly=True) as s:
+                row = s.execute(
+                    select(Job.status, Job.attempts, Job.lease_expires_at).where(Job.id == job_id)
+                ).one()
+            if row.status != "running" or row.attempts != attempt:
+                return end
+            ends = [row.lease_expires_at]
+            held, left_ms = broker.get(lease_key(job_id)), broker.pttl(lease_key(job_id))
+            if held == lease_value(victim, attempt).encode() and left_ms > 0:
+                ends.append(now() + timedelta(milliseconds=left_ms))
+            end = max(e for e in ends if e is not None)
+            time.sleep(0.05)
+    finally:
+        broker.close()
+    return end
+
+
 def _of_attempt(checkpoints: list[tuple[int, str]], attempt: int) -> list[int]:
     return [step for step, path in checkpoints if f"/attempts/{attempt}/" in f"/{path}"]
 
@@ -189,6 +222,9 @@ def cut_off_mid_finetune(lab: HostsLab, steps: int = 80, every: int = 40) -> Out
     cut_at = now()
     lab.hosts.cut(victim_host)
     try:
+        lease_end = _lease_end(
+            lab.database_url, stack.env["MODELYARD_BROKER_URL"], job_id, victim, 60
+        )
         done = stack.wait_status(job_id, TERMINAL, 180)
         settled_events = stack.events(job_id)
     finally:
@@ -241,11 +277,13 @@ def cut_off_mid_finetune(lab: HostsLab, steps: int = 80, every: int = 40) -> Out
         steps_redone=max(x for x in (redone, figures.steps_redone, 0) if x is not None),
     )
     logger.info(
-        "cut off at %s; victim's last step %d at %s, stop asked at %s; taken over at %s",
+        "cut off at %s; victim's last step %d at %s, stop asked at %s, lease ended at %s; "
+        "taken over at %s",
         cut_at,
         last_step,
         last_step_at,
         stop_asked_at,
+        lease_end,
         taken_at,
     )
     return Outcome(
@@ -264,6 +302,7 @@ def cut_off_mid_finetune(lab: HostsLab, steps: int = 80, every: int = 40) -> Out
             "last_step": last_step,
             "last_step_at": last_step_at,
             "stop_asked_at": stop_asked_at,
+            "lease_end": lease_end,
             "taken_at": taken_at,
             "late_events": late_events,
             "events_unchanged": stack.events(job_id) == settled_events,

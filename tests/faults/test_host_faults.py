@@ -40,11 +40,12 @@ def test_a_host_cut_off_mid_finetune_stops_before_its_lease_ends_and_the_job_res
     assert resumed_from == saved[-1], (resumed_from, saved)
     assert d["last_step"] >= resumed_from, d
     assert 0 <= job["result"]["steps_redone"] <= d["last_step"] - resumed_from, (job, d)
-    # the cut-off host was told to stop by its watchdog and trained its last step before the
-    # other host claimed the job (one clock: every namespace shares this machine's)
-    assert d["taken_at"] is not None
+    # the cut-off host's watchdog told it to stop before its lease could end, and it trained
+    # its last step before the other host claimed the job (one clock: every namespace shares
+    # this machine's)
+    assert d["taken_at"] is not None and d["lease_end"] is not None, d
     assert d["stop_asked_at"] is not None, "the cut-off worker's watchdog never stopped it"
-    assert d["cut_at"] < d["stop_asked_at"] < d["taken_at"], d
+    assert d["cut_at"] < d["stop_asked_at"] < d["lease_end"] < d["taken_at"], d
     assert d["last_step_at"] < d["taken_at"], d
     # nothing of attempt 1 after the takeover, and the cut-off host takes new work
     assert d["late_events"] == [], d["late_events"]
