@@ -1,6 +1,8 @@
 """Workers on other hosts: each process has its own data dir and they share artifacts only
-through `MODELYARD_STORAGE_URL`: a file:// store, and an S3 bucket on a real S3 server
-(moto over HTTP, tests/support/s3.py) reached through s3fs.
+through `MODELYARD_STORAGE_URL`: an S3 bucket on a real S3 server (moto over HTTP,
+tests/support/s3.py) reached through s3fs. A file:// store goes through the same fsspec
+calls of core/storage.py (tests/unit/test_storage.py); one store here keeps the module
+to two worker starts.
 
 The API (host A) takes the uploads; a worker on host B, which has neither the datasets nor
 the base models, fine-tunes; a worker on host C, which has nothing, serves the registered
@@ -40,7 +42,6 @@ DONE = ("succeeded", "failed", "cancelled")
 class Shared:
     """The shared store as the operator configured it, and what is in it."""
 
-    kind: str
     url: str
     options: dict[str, str] = field(default_factory=dict)
 
@@ -61,22 +62,18 @@ class Hosts:
     shared: Shared
 
 
-@pytest.fixture(scope="module", params=["file", "s3"])
+@pytest.fixture(scope="module")
 def hosts(
-    request: pytest.FixtureRequest,
     broker: RedisServer,
     tiny_model_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Hosts]:
     from tests.support.tiny_encoder import build_tiny_bert_classifier
 
-    root = tmp_path_factory.mktemp(f"hosts-{request.param}")
+    root = tmp_path_factory.mktemp("hosts")
     with ExitStack() as stack_of:
-        if request.param == "s3":
-            s3 = stack_of.enter_context(moto_s3_store())
-            shared = Shared("s3", s3.url, s3.options)
-        else:
-            shared = Shared("file", f"file://{root / 'shared'}")
+        s3 = stack_of.enter_context(moto_s3_store())
+        shared = Shared(s3.url, s3.options)
         # The operator puts base models in the shared store, not on any one host.
         operator = root / "operator"
         shutil.copytree(tiny_model_dir, operator / "models" / TINY_MODEL)
