@@ -43,8 +43,14 @@ from workers.leases import lease_key, lease_value
 logger = logging.getLogger(__name__)
 
 # The fault stack's leases and periods; a cut-off worker's database connections count as
-# lost after 3 s (tests/e2e/test_hosts.py).
-HOST_FAULT_SETTINGS = {**FAULT_SETTINGS, "database_connect_timeout_s": "3"}
+# lost after 3 s (tests/e2e/test_hosts.py), and the server ends a session the cut left inside
+# a transaction after 3 s rather than the default 30 s: until then it keeps the row locks it
+# took (a lease renewal cut between its UPDATE and its COMMIT holds the job's row).
+HOST_FAULT_SETTINGS = {
+    **FAULT_SETTINGS,
+    "database_connect_timeout_s": "3",
+    "database_idle_in_transaction_s": "3",
+}
 STEP_MARKER = "last_step"  # workers/training/layout.STEP_MARKER, read from the host's disk
 WATCHDOG_LINE = "neither lease renewed"  # workers/heartbeat.Heartbeat.check's stop
 REFUSED_LINE = (
