@@ -84,7 +84,7 @@ class Heartbeat:
 
     Renewals are counted from when they were sent, and the claim's lease from just before
     the claim: neither lease can run out sooner than a TTL after that. A worker that has
-    renewed neither for a TTL less one heartbeat interval tells its runner to stop, so
+    renewed neither for a TTL less two heartbeat intervals tells its runner to stop, so
     the stop is asked before the reconciler may hand the job to another worker (a host
     cut off from the network); the process's lease watchdog runs that check, not the
     renewing threads, which may be stuck waiting on the network."""
@@ -160,10 +160,10 @@ class Heartbeat:
     @property
     def silence_limit_s(self) -> float:
         """How long neither lease may go unrenewed before the runner is told to stop: a TTL
-        less one heartbeat interval (the watchdog's delay and the stop's own), and at
-        most half a TTL early when the interval is long next to the TTL."""
+        less two heartbeat intervals (room for the watchdog's own delay on a loaded
+        machine), and at most half a TTL early when the interval is long next to the TTL."""
         ttl = self._settings.lease_ttl_s
-        return max(ttl - self._settings.heartbeat_interval_s, ttl / 2)
+        return max(ttl - 2 * self._settings.heartbeat_interval_s, ttl / 2)
 
     @property
     def broker_lease_taken(self) -> bool:
