@@ -21,7 +21,7 @@ threads and reads the jobs' times from the database.
      short lease settings of tests/e2e/test_hosts.py: time from the cut to the job's second
      "claimed by" event (on the other host), against lease TTL + reconcile period.
 
-    python -m bench.scaleout [--quick] [--repeats N] [--only throughput|takeover]
+    python -m bench.scaleout [--quick] [--repeats N] [--only noop,generation,takeover]
                              [--json PATH] [--workdir DIR]
 
 Needs root and `ip` (network namespaces); takes several minutes, so it is not part of
@@ -56,7 +56,7 @@ from core.settings import Settings
 from db.models import Job, JobEvent
 from db.session import session_scope
 from tests.support.hosts_stack import HostsStack, hosts_stack
-from tests.support.netns import Hosts, hosts
+from tests.support.netns import Host, Hosts, hosts
 from tests.support.tiny_model import build_tiny_gpt2
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ NEW_TOKENS = 64
 CUT_JOB_S = 5.0
 SUBMIT_THREADS = 8
 GOAL = 0.9
+SECTIONS = ("noop", "generation", "takeover")
 FAILED = frozenset({"failed", "cancelled", "expired"})
 
 # The product's defaults for what the test stacks shorten (tests/support/harness.Stack).
@@ -109,7 +110,7 @@ class Round:
     on_worker_s: float  # mean claim -> finish of a job
     gap_s: float  # mean finish -> next claim on the same worker (its dispatch cost)
     attempts_over_one: int  # jobs claimed more than once
-    cores: tuple[float, float, float]  # busy cores: stack, client, machine (CpuMeter)
+    cores: tuple[float, float, float, float]  # busy cores: control, workers, client, machine
     load: tuple[float, float, float]  # os.getloadavg() at the end
     tokens: int = 0  # generation rounds: completion tokens produced
 
@@ -137,39 +138,43 @@ class Figures:
 
 
 class CpuMeter:
-    """CPU used between start and `cores()`, as busy cores: the processes of the run's hosts
-    (API, beat, workers, PostgreSQL, Redis), this process (the submitting and polling
-    client), and the whole machine (/proc/stat: other engineers' work too)."""
+    """CPU used between start and `cores()`, as busy cores: the processes of the control
+    host (API, beat, PostgreSQL, Redis), those of the worker hosts, this process (the
+    submitting and polling client), and the whole machine (/proc/stat: other engineers'
+    work too)."""
 
     def __init__(self, made: Hosts) -> None:
         self._made = made
         self._start = self._read()
 
-    def _read(self) -> tuple[float, float, float, float]:
-        pids = [
+    @staticmethod
+    def _pids(hosts: Sequence[Host]) -> list[int]:
+        return [
             int(pid)
-            for host in self._made.all
+            for host in hosts
             for pid in subprocess.run(
                 ["ip", "netns", "pids", host.netns], capture_output=True, text=True, check=False
             ).stdout.split()
         ]
+
+    def _read(self) -> tuple[float, ...]:
         own = os.times()
         fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         idle = fields[3] + fields[4]  # idle + iowait
-        ticks = os.sysconf("SC_CLK_TCK")
         return (
-            process_tree_cpu_s(pids),
+            process_tree_cpu_s(self._pids([self._made.control])),
+            process_tree_cpu_s(self._pids(self._made.workers)),
             own.user + own.system,
-            (sum(fields[:8]) - idle) / ticks,
+            (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"),
             time.monotonic(),
         )
 
-    def cores(self) -> tuple[float, float, float]:
-        """(stack, client, machine) busy cores since the start."""
+    def cores(self) -> tuple[float, float, float, float]:
+        """(control host, worker hosts, client, machine) busy cores since the start."""
         end = self._read()
-        wall = end[3] - self._start[3]
-        stack, client, machine = (end[i] - self._start[i] for i in range(3))
-        return stack / wall, client / wall, machine / wall
+        wall = end[4] - self._start[4]
+        control, workers, client, machine = ((end[i] - self._start[i]) / wall for i in range(4))
+        return control, workers, client, machine
 
 
 def submit_all(stack: HostsStack, bodies: Sequence[dict[str, Any]]) -> list[str]:
@@ -287,9 +292,9 @@ def noop_body(duration_s: float) -> dict[str, Any]:
     return {"kind": "noop", "spec": {"duration_s": duration_s}}
 
 
-def generation_bodies(jobs: int) -> list[dict[str, Any]]:
+def generation_bodies(jobs: int, new_tokens: int) -> list[dict[str, Any]]:
     return [
-        {"kind": "generate", "spec": generate_spec(TINY, [PROMPTS[i % len(PROMPTS)]], NEW_TOKENS)}
+        {"kind": "generate", "spec": generate_spec(TINY, [PROMPTS[i % len(PROMPTS)]], new_tokens)}
         for i in range(jobs)
     ]
 
@@ -311,14 +316,14 @@ def lab(
 
 def throughput(args: argparse.Namespace, workdir: Path, figures: Figures) -> None:
     """Sections 1 and 2 on one set of hosts at the default lease settings."""
-    counts = (1, 2) if args.quick else HOST_COUNTS
+    counts = (1, 2) if args.quick or "noop" not in args.only else HOST_COUNTS
     noop_jobs = 40 if args.quick else args.noop_jobs
     generation_jobs = 16 if args.quick else args.generation_jobs
     with lab(max(counts), workdir / "throughput", DEFAULT_LEASES) as (made, stack):
         model = build_tiny_gpt2(workdir / "model" / TINY)
         for host in made.all:
             install_model(model, host.data_dir / "data" / "models" / TINY)
-        for repeat in range(args.repeats):
+        for repeat in range(args.repeats if "noop" in args.only else 0):
             # alternate the order, so a drift of the machine's load hits every count alike
             for count in sorted(counts, reverse=repeat % 2 == 0):
                 keep_workers(stack, made, count)
@@ -327,12 +332,13 @@ def throughput(args: argparse.Namespace, workdir: Path, figures: Figures) -> Non
                 done, _ = run_round(stack, [noop_body(NOOP_S)] * noop_jobs, 600)
                 logger.info("%d hosts: %.2f jobs/s", count, done.jobs_per_s)
                 figures.noop.append(done)
-        for repeat in range(args.repeats):
+        for repeat in range(args.repeats if "generation" in args.only else 0):
             for count in sorted((1, 2), reverse=repeat % 2 == 1):
                 keep_workers(stack, made, count)
-                warm_up(stack, count, generation_bodies(1)[0])
+                warm_up(stack, count, generation_bodies(1, args.new_tokens)[0])
                 logger.info("%d generation jobs on %d worker host(s)", generation_jobs, count)
-                done, ids = run_round(stack, generation_bodies(generation_jobs), 900)
+                bodies = generation_bodies(generation_jobs, args.new_tokens)
+                done, ids = run_round(stack, bodies, 900)
                 done = Round(**{**asdict(done), "tokens": completion_tokens(stack, ids)})
                 logger.info("%d hosts: %.2f generation jobs/s", count, done.jobs_per_s)
                 figures.generation.append(done)
@@ -384,7 +390,7 @@ def summarize(figures: Figures, seconds: float, quick: bool) -> dict[str, Any]:
     by_count: dict[int, list[Round]] = defaultdict(list)
     for r in figures.noop:
         by_count[r.hosts].append(r)
-    one = Stats([r.jobs_per_s for r in by_count[1]]).median if by_count[1] else 0.0
+    one = Stats([r.jobs_per_s for r in by_count[1]]).median if 1 in by_count else 0.0
     noop = {
         count: {
             "jobs_per_s": Stats([r.jobs_per_s for r in rounds]).median,
@@ -412,11 +418,20 @@ def summarize(figures: Figures, seconds: float, quick: bool) -> dict[str, Any]:
 def print_table(r: dict[str, Any]) -> None:
     print(f"\nScale-out over worker hosts, {r['when']}, {r['machine']}")
     print(f"({'quick run' if r['quick'] else 'full run'} in {r['seconds'] / 60:.1f} min)\n")
+    if r["noop_rounds"]:
+        print_noop(r)
+    if r["generation_rounds"]:
+        print_generation(r)
+    if r["takeovers"]:
+        print_takeovers(r)
+
+
+def print_noop(r: dict[str, Any]) -> None:
     print(f"1. {NOOP_S} s no-op jobs, all submitted at once (goal: ratio >= {GOAL})\n")
     print(
         "| worker hosts | jobs/s (runs) | ideal | ratio to hosts x 1 host | met | jobs per host "
         "| all submitted after | claim -> finish | finish -> next claim "
-        "| busy cores: stack / client / machine | load |"
+        "| busy cores: control host / worker hosts / client / machine | load |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rounds: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -435,10 +450,13 @@ def print_table(r: dict[str, Any]) -> None:
             f"| {_mean(xs, 'on_worker_s') * 1000:.0f} ms | {_mean(xs, 'gap_s') * 1000:.0f} ms "
             f"| {_cores(xs)} | {xs[-1]['load'][0]:.1f} |"
         )
-    print(f"\n2. generation jobs, tiny GPT-2, 1 prompt x {NEW_TOKENS} new tokens each\n")
+
+
+def print_generation(r: dict[str, Any]) -> None:
+    print(f"\n2. generation jobs, tiny GPT-2, 1 prompt x {r['new_tokens']} new tokens each\n")
     print(
         "| worker hosts | jobs | jobs/s | tokens/s | claim -> finish "
-        "| busy cores: stack / client / machine | load |"
+        "| busy cores: control host / worker hosts / client / machine | load |"
     )
     print("|---|---|---|---|---|---|---|")
     for x in sorted(r["generation_rounds"], key=lambda x: x["hosts"]):
@@ -447,6 +465,9 @@ def print_table(r: dict[str, Any]) -> None:
             f"| {x['tokens'] / x['seconds']:.0f} | {x['on_worker_s']:.2f} s "
             f"| {_cores([x])} | {x['load'][0]:.1f} |"
         )
+
+
+def print_takeovers(r: dict[str, Any]) -> None:
     print(
         f"\n3. a worker host cut off mid job: cut -> claimed on the other host "
         f"(within lease TTL + reconcile period = {r['takeover_bound_s']:.0f} s?)\n"
@@ -466,7 +487,7 @@ def _mean(rounds: list[dict[str, Any]], key: str) -> float:
 
 
 def _cores(rounds: list[dict[str, Any]]) -> str:
-    return " / ".join(f"{sum(x['cores'][i] for x in rounds) / len(rounds):.2f}" for i in range(3))
+    return " / ".join(f"{sum(x['cores'][i] for x in rounds) / len(rounds):.2f}" for i in range(4))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -475,8 +496,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each host count")
     parser.add_argument("--noop-jobs", type=int, default=NOOP_JOBS)
     parser.add_argument("--generation-jobs", type=int, default=GENERATION_JOBS)
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="per generation job")
     parser.add_argument("--cuts", type=int, default=3)
-    parser.add_argument("--only", choices=("throughput", "takeover"), default=None)
+    parser.add_argument(
+        "--only",
+        type=lambda v: set(v.split(",")),
+        default=set(SECTIONS),
+        help=f"comma-separated sections: {','.join(SECTIONS)}",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="keep hosts' logs here")
     args = parser.parse_args(argv)
@@ -487,11 +514,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="modelyard-scaleout-") as tmp:
         workdir = args.workdir or Path(tmp)
-        if args.only != "takeover":
+        if args.only & {"noop", "generation"}:
             throughput(args, workdir, figures)
-        if args.only != "throughput":
+        if "takeover" in args.only:
             takeovers(args, workdir, figures)
     result = summarize(figures, time.perf_counter() - started, args.quick)
+    result["new_tokens"] = args.new_tokens
     print_table(result)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2, default=str))
