@@ -22,6 +22,7 @@ threads and reads the jobs' times from the database.
      "claimed by" event (on the other host), against lease TTL + reconcile period.
 
     python -m bench.scaleout [--quick] [--repeats N] [--only noop,generation,takeover]
+                             [--new-tokens N]
                              [--json PATH] [--workdir DIR]
 
 Needs root and `ip` (network namespaces); takes several minutes, so it is not part of
