@@ -122,10 +122,12 @@ class Stack:
             name, [sys.executable, "-m", "modelyard", *args], {**self.env, **(env or {})}, log
         )
 
-    def start_api(self) -> None:
-        port = free_port()
-        self.api = self._spawn("api", "api", "--port", str(port))
-        self.base_url = f"http://127.0.0.1:{port}"
+    def start_api(self, address: str = "127.0.0.1", port: int | None = None) -> None:
+        """Start the API bound to `address` (on `port`, else a free one) and wait until it
+        is ready; the first call also makes the stack's API key."""
+        port = port or free_port()
+        self.api = self._spawn("api", "api", "--host", address, "--port", str(port))
+        self.base_url = f"http://{address}:{port}"
 
         def ready() -> bool:
             assert self.api is not None

@@ -18,10 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
 from modelyard import servers
-from tests.support.auth import make_key
 from tests.support.harness import Proc, Stack, wait_for
 from tests.support.netns import Host, Hosts
 from tests.support.services import PostgresCluster, RedisServer
@@ -55,24 +52,9 @@ class HostsStack(Stack):
     def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
         return self._spawn_on(self.hosts.control, name, *args, env=env)
 
-    def start_api(self) -> None:
-        address = self.hosts.control.address
-        self.api = self._spawn("api", "api", "--host", address, "--port", str(API_PORT))
-        self.base_url = f"http://{address}:{API_PORT}"
-
-        def ready() -> bool:
-            assert self.api is not None
-            if not self.api.alive():
-                raise AssertionError("api exited:\n" + self.api.tail())
-            try:
-                return httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, 60, "api /readyz")
-        if not self.api_key:
-            self.api_key = make_key(self.database_url)
-            self.env["MODELYARD_API_KEY"] = self.api_key
+    def start_api(self, address: str = "", port: int | None = None) -> None:
+        """The API on the control host's address, where every host reaches it."""
+        super().start_api(address or self.hosts.control.address, port or API_PORT)
 
     def start_worker_on(
         self,
