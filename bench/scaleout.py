@@ -56,7 +56,7 @@ from bench.generation import PROMPTS, TINY, generate_spec, install_model
 from core.settings import Settings
 from db.models import Job, JobEvent
 from db.session import session_scope
-from tests.support.hosts_stack import HostsStack, hosts_stack
+from tests.support.hosts_stack import SHORT_LEASES, HostsStack, hosts_stack
 from tests.support.netns import Host, Hosts, hosts
 from tests.support.tiny_model import build_tiny_gpt2
 
@@ -83,16 +83,6 @@ DEFAULT_LEASES = {
         "republish_grace_s",
         "retry_backoff_s",
     )
-}
-# tests/e2e/test_hosts.py SETTINGS: a cut-off host's job is taken over within seconds.
-SHORT_LEASES = {
-    "lease_ttl_s": "3",
-    "heartbeat_interval_s": "0.5",
-    "reconcile_period_s": "1",
-    "republish_grace_s": "1",
-    "retry_backoff_s": "0.5",
-    "stop_grace_s": "3",
-    "database_connect_timeout_s": "3",
 }
 # Benchmarks send far more than a tenant's default rate and queue.
 LIMITS = {"requests_per_minute": "100000000", "max_queued_jobs": "100000000"}

@@ -14,22 +14,12 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.support.harness import TERMINAL
-from tests.support.hosts_stack import HostsStack, hosts_stack
+from tests.support.hosts_stack import SHORT_LEASES, HostsStack, hosts_stack
 from tests.support.netns import Hosts, hosts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.hosts, pytest.mark.slow]
 
-# Short leases and periods (tests/faults/scenarios.FAULT_SETTINGS): a cut-off host's job is
-# taken over within seconds. A cut-off worker's database connections count as lost after 3 s.
-SETTINGS = {
-    "lease_ttl_s": "3",
-    "heartbeat_interval_s": "0.5",
-    "reconcile_period_s": "1",
-    "republish_grace_s": "1",
-    "retry_backoff_s": "0.5",
-    "stop_grace_s": "3",
-    "database_connect_timeout_s": "3",
-}
+SETTINGS = SHORT_LEASES
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,20 @@ logger = logging.getLogger(__name__)
 API_PORT = 8000
 
 
+# Short leases and periods for hosts tests and bench.scaleout (as the fault rows use): a
+# cut-off host's job is taken over within seconds, and a cut-off worker's database
+# connections count as lost after 3 s.
+SHORT_LEASES = {
+    "lease_ttl_s": "3",
+    "heartbeat_interval_s": "0.5",
+    "reconcile_period_s": "1",
+    "republish_grace_s": "1",
+    "retry_backoff_s": "0.5",
+    "stop_grace_s": "3",
+    "database_connect_timeout_s": "3",
+}
+
+
 class HostsStack(Stack):
     """harness.Stack's API, beat and workers, each process started inside its host."""
 
