@@ -108,7 +108,6 @@ class Heartbeat:
         self._last_progress = -1.0
         leased_at = ctx.leased_at if ctx.leased_at is not None else time.monotonic()
         self._broker_renewed = self._db_renewed = leased_at
-        self._checks = threading.Lock()  # the watchdog's and the beat's checks, one at a time
         self._db_down = False
         self._broker_down = False
         self._broker_lease_taken = False
@@ -271,12 +270,11 @@ class Heartbeat:
         return True
 
     def beat(self) -> None:
-        """One database renewal (the broker lease has its own thread), then the checks."""
-        ctx = self._ctx
+        """One database renewal (the broker lease has its own thread; the lease watchdog
+        runs the checks)."""
         sent = time.monotonic()
-        if not ctx.lease_lost and self._renew_database_lease():
+        if not self._ctx.lease_lost and self._renew_database_lease():
             self._db_renewed = sent
-        self.check(time.monotonic())
 
     def check(self, now: float) -> None:
         """Stop the runner when neither lease was renewed for `silence_limit_s` or the run
@@ -284,21 +282,20 @@ class Heartbeat:
         ctx = self._ctx
         if self._done.is_set():
             return
-        with self._checks:
-            silent = now - max(self._db_renewed, self._broker_renewed)
-            if silent >= self.silence_limit_s and not ctx.lease_lost:
-                logger.error(
-                    "job %s: neither lease renewed for %.1fs; stopping before it can run out "
-                    "(another worker may take it)",
-                    ctx.job_id,
-                    silent,
-                )
-                self._lose_lease()
-            if ctx.deadline is not None and now >= ctx.deadline and not ctx.timed_out:
-                logger.info("job %s: run time limit reached, stopping", ctx.job_id)
-                ctx.timed_out = True
-                ctx.stop_event.set()
-            self._check_overdue(now)
+        silent = now - max(self._db_renewed, self._broker_renewed)
+        if silent >= self.silence_limit_s and not ctx.lease_lost:
+            logger.error(
+                "job %s: neither lease renewed for %.1fs; stopping before it can run out "
+                "(another worker may take it)",
+                ctx.job_id,
+                silent,
+            )
+            self._lose_lease()
+        if ctx.deadline is not None and now >= ctx.deadline and not ctx.timed_out:
+            logger.info("job %s: run time limit reached, stopping", ctx.job_id)
+            ctx.timed_out = True
+            ctx.stop_event.set()
+        self._check_overdue(now)
 
     def _check_overdue(self, now: float) -> None:
         if self._stop_asked is None and (self._ctx.lease_lost or self._ctx.timed_out):
