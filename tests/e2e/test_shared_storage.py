@@ -27,6 +27,7 @@ import pytest
 
 from core.storage import ArtifactStore
 from tests.conftest import TINY_MODEL
+from tests.e2e.test_finetune import upload
 from tests.support.datasets import write_sentiment_csv, write_text_jsonl
 from tests.support.harness import Stack, wait_for
 from tests.support.s3 import moto_s3_store
@@ -94,14 +95,6 @@ def hosts(
         yield Hosts(stack, shared)
 
 
-def _upload(stack: Stack, path: Path) -> str:
-    with stack.client() as c, path.open("rb") as fh:
-        r = c.post("/v1/datasets", files={"file": (path.name, fh)})
-    assert r.status_code == 201, r.text
-    dataset_id: str = r.json()["id"]
-    return dataset_id
-
-
 def _submit(stack: Stack, kind: str, spec: dict[str, Any]) -> str:
     with stack.client() as c:
         r = c.post("/v1/jobs", json={"kind": kind, "spec": spec})
@@ -137,8 +130,8 @@ def test_one_host_trains_and_leaves_another_serves_and_resumes(
     with an empty data dir, generates with the first model, predicts with the second and
     finishes the third from B's checkpoint."""
     stack, shared = hosts.stack, hosts.shared
-    corpus = _upload(stack, write_text_jsonl(tmp_path / "corpus.jsonl"))
-    sentiment = _upload(stack, write_sentiment_csv(tmp_path / "sentiment.csv"))
+    corpus = upload(stack, write_text_jsonl(tmp_path / "corpus.jsonl"))
+    sentiment = upload(stack, write_sentiment_csv(tmp_path / "sentiment.csv"))
     host_b, host_c = tmp_path / "b", tmp_path / "c"
     _on_host(stack, host_b)
     lm_job = _finetune(
