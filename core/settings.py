@@ -142,6 +142,14 @@ class Settings(BaseSettings):
     device: str = Field(
         default="auto", description="`auto` (CUDA when available, else CPU), `cpu` or `cuda[:N]`."
     )
+    training_procs: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Processes one fine-tune trains in, started by the worker with torchrun "
+        "(DDP over gloo on CPU, NCCL on GPUs); training never runs in the worker process "
+        "itself. `modelyard worker --procs N` sets it; `--gpus 0,1` sets it to the GPUs named.",
+    )
     max_body_bytes: int = Field(
         default=1_048_576, gt=0, description="Largest request body the API accepts."
     )

@@ -74,10 +74,9 @@ def runner_for(kind: JobKind, settings: Settings) -> Runner:
     """The runner of a single job of `kind`, imported on first use in the process that runs
     it (generation jobs are served by a decode group instead, see `JobLifecycle.run`)."""
     if kind is JobKind.FINETUNE:
-        from workers.training.db_io import DbTrainingIO
-        from workers.training.runner import FineTuneRunner
+        from workers.training.launch import ChildProcessRunner
 
-        return FineTuneRunner(settings, lambda ctx: DbTrainingIO(settings, ctx))
+        return ChildProcessRunner(settings)
     if kind is JobKind.PREDICT:
         from workers.training.db_io import DbTrainingIO
         from workers.training.predict import PredictRunner

@@ -235,6 +235,8 @@ class StepMarkerCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if not state.is_world_process_zero:
+            return
         if not self._ready:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             self._ready = True

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
@@ -79,6 +80,12 @@ def rotate_checkpoints_of_attempt(
     return [path for _, path in reversed(before) if not path.exists()]
 
 
+def _wait_for_every_rank() -> None:
+    """A barrier across the training processes; nothing with one process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
@@ -117,15 +124,23 @@ class AtomicCheckpointTrainer(Trainer):
         return run_dir
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """With several processes each writes its part (rank 0 the weights and optimizer,
+        every rank its RNG state) into the staging directory, which rank 0 alone prepares
+        and renames; they wait for each other in between."""
         run_dir = Path(super()._get_output_dir(trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = run_dir / STAGING_DIR
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        main = self.args.should_save
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        _wait_for_every_rank()
         self._staging_root = str(staging)
         try:
             super()._save_checkpoint(model, trial)
-            _fsync_tree(staging / name)
+            _wait_for_every_rank()
+            if main:
+                _fsync_tree(staging / name)
         except Exception as exc:
             shutil.rmtree(staging, ignore_errors=True)
             if not out_of_space(exc):
@@ -139,8 +154,10 @@ class AtomicCheckpointTrainer(Trainer):
             ) from exc
         finally:
             self._staging_root = None
-        self._publish(staging / name, run_dir / name)
-        shutil.rmtree(staging, ignore_errors=True)
+        if main:
+            self._publish(staging / name, run_dir / name)
+            shutil.rmtree(staging, ignore_errors=True)
+        _wait_for_every_rank()
         self._fix_best_checkpoint(staging, run_dir, run_dir / name)
 
     @staticmethod

@@ -8,6 +8,8 @@
             last_step                      the step reached, for the next attempt's figures
             model/                         the final model; the lifecycle publishes and
                                            registers it after its fence check
+            control/                       the worker and its training processes talk
+                                           through these files (control.py)
 
 A later attempt reads an earlier one's checkpoint where its row (written under the earlier
 attempt's fence) points, and writes nothing there: a stale attempt that wakes up can only
@@ -24,6 +26,7 @@ ATTEMPTS_DIR = "attempts"
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 STEP_MARKER = "last_step"
+CONTROL_DIR = "control"
 
 
 def job_dir(settings: Settings, job_id: str, tenant_id: str | None = None) -> Path:

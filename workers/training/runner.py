@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,9 +93,21 @@ def save_final_model(model: torch.nn.Module, tokenizer: Any, model_dir: Path) ->
 
 
 class FineTuneRunner:
-    def __init__(self, settings: Settings, io_factory: Callable[[RunContext], TrainingIO]) -> None:
+    """Trains in this process. In a worker it runs in each of the ranks torchrun started
+    (workers/training/child.py): `world_size` ranks share the batch size, and `callbacks`
+    (the ranks' stop agreement) come before the one that stops training."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        io_factory: Callable[[RunContext], TrainingIO],
+        world_size: int = 1,
+        callbacks: Sequence[TrainerCallback] = (),
+    ) -> None:
         self._settings = settings
         self._io_factory = io_factory
+        self._world_size = world_size
+        self._callbacks = list(callbacks)
 
     def run(self, raw_spec: dict[str, Any], ctx: RunContext) -> RunResult:
         try:
@@ -158,9 +170,10 @@ class FineTuneRunner:
             peft_model: Any = final
             final = peft_model.merge_and_unload()
             adapter = False
-        save_final_model(final, prepared.tokenizer, model_dir)
-        kind = "adapter" if adapter else "model"
-        io.event(f"saved the {spec.method.value} {kind}", {"path": MODEL_DIR})
+        if trainer.is_world_process_zero():
+            save_final_model(final, prepared.tokenizer, model_dir)
+            kind = "adapter" if adapter else "model"
+            io.event(f"saved the {spec.method.value} {kind}", {"path": MODEL_DIR})
         train_figures = {
             "train_runtime": float(output.metrics.get("train_runtime", 0.0)),
             "train_samples_per_second": float(output.metrics.get("train_samples_per_second", 0.0)),
@@ -210,7 +223,7 @@ class FineTuneRunner:
             raise PermanentJobError(
                 f"no {which} row has a token to learn from", FailureType.INVALID_SPEC
             )
-        schedule = plan_schedule(hp, len(train), spec.early_stopping is not None)
+        schedule = plan_schedule(hp, len(train), spec.early_stopping is not None, self._world_size)
         model = load_base_model(spec.task, source.base, split.labels)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = pad_id
@@ -243,6 +256,7 @@ class FineTuneRunner:
             CheckpointCallback(
                 io, hp.checkpoint_minutes * 60 if hp.checkpoint_minutes is not None else None
             ),
+            *self._callbacks,
             StopCallback(ctx),
             StepMarkerCallback(io.work_dir / STEP_MARKER),
         ]
@@ -257,7 +271,9 @@ class FineTuneRunner:
             )
         trainer = AtomicCheckpointTrainer(
             model=prepared.model,
-            args=training_arguments(spec, prepared.schedule, output_dir, ctx.device),
+            args=training_arguments(
+                spec, prepared.schedule, output_dir, ctx.device, self._world_size
+            ),
             data_collator=PaddingCollator(prepared.pad_id),
             train_dataset=prepared.train,
             eval_dataset=prepared.validation,
@@ -290,6 +306,7 @@ class FineTuneRunner:
             "labels": len(prepared.split.labels),
             "total_steps": prepared.schedule.total_steps,
             "device": ctx.device,
+            "processes": self._world_size,
             "precision": precision_for(ctx.device).name,
         }
         io.event("training started", data)

@@ -28,11 +28,21 @@ class Schedule:
     save_steps: int | None  # None: once per epoch
 
 
-def plan_schedule(hp: Hyperparameters, n_train: int, early_stopping: bool) -> Schedule:
+def per_device_batch(batch_size: int, world_size: int) -> int:
+    """`batch_size` is the whole step's: each of `world_size` processes takes its share
+    (rounded up, so a step never holds fewer rows than asked)."""
+    return math.ceil(batch_size / world_size)
+
+
+def plan_schedule(
+    hp: Hyperparameters, n_train: int, early_stopping: bool, world_size: int = 1
+) -> Schedule:
     """The optimizer steps Trainer will take, and when it evaluates and saves. Checkpoints
     follow evaluations unless `checkpoint_steps` is set; early stopping needs a checkpoint
-    at every evaluation it may pick as best, so its saves stay on the evaluation schedule."""
-    batches = math.ceil(n_train / hp.batch_size)
+    at every evaluation it may pick as best, so its saves stay on the evaluation schedule.
+    With several processes each one reads its share of the rows (a DistributedSampler)."""
+    rows_per_process = math.ceil(n_train / world_size)
+    batches = math.ceil(rows_per_process / per_device_batch(hp.batch_size, world_size))
     steps_per_epoch = max(math.ceil(batches / hp.gradient_accumulation_steps), 1)
     total = hp.max_steps or math.ceil(hp.epochs * steps_per_epoch)
     save_steps = hp.checkpoint_steps or hp.eval_steps
@@ -74,15 +84,16 @@ def precision_for(device: str) -> Precision:
 
 
 def training_arguments(
-    spec: FineTuneSpec, schedule: Schedule, output_dir: Path, device: str
+    spec: FineTuneSpec, schedule: Schedule, output_dir: Path, device: str, world_size: int = 1
 ) -> TrainingArguments:
     hp = spec.hyperparameters
     early = spec.early_stopping is not None
     precision = precision_for(device)
+    batch = per_device_batch(hp.batch_size, world_size)
     return TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=hp.batch_size,
-        per_device_eval_batch_size=hp.batch_size,
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=batch,
         gradient_accumulation_steps=hp.gradient_accumulation_steps,
         num_train_epochs=hp.epochs,
         max_steps=hp.max_steps or -1,

@@ -1,0 +1,242 @@
+"""Runs a fine-tune in child processes: torchrun starts `training_procs` ranks (DDP over
+gloo on CPU, NCCL on GPUs), one even for one device, so the worker process never holds
+CUDA, the model or the training memory, and a stop by force ends processes, not threads.
+
+The worker keeps the job's lifecycle: its heartbeat renews the leases and reads the cancel
+and pause flags, and this runner relays them to the ranks through the attempt's control
+files (workers/training/control.py): a stop request, which the ranks agree on at the end of
+a step (each saves a checkpoint unless the lease was lost), and rank 0's progress back to
+the heartbeat. Ranks write metrics, events and checkpoint rows themselves, under the
+attempt's fence, like the in-process runner did; the final model is registered by the
+worker's lifecycle after its own fence check.
+
+A rank that dies (killed, out of memory, a crash) ends the whole group: torchrun stops the
+others and the attempt ends with a transient `worker_lost`, so the job is retried and
+resumes from its last checkpoint. Ranks that have not stopped `stop_grace_s / 2` after a
+stop request are killed, before the heartbeat would restart the worker for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+
+from core.enums import FailureType, FineTuneMethod, FineTuneTask
+from core.errors import JobStopped, PermanentJobError, StaleAttempt, TransientJobError
+from core.settings import Settings
+from workers.context import RunContext
+from workers.runners import RunResult, TrainedModel
+from workers.training.control import ControlFiles, Outcome, StopRequest
+from workers.training.layout import CONTROL_DIR, attempt_dir, job_dir
+
+logger = logging.getLogger(__name__)
+
+LAUNCH_ENV = "MODELYARD_TRAINING_LAUNCH"
+POLL_S = 0.2
+CHILD_MODULE = "workers.training.child"
+
+
+def settings_payload(settings: Settings) -> dict[str, Any]:
+    """The settings as JSON, secrets included (they travel in the child's environment, as
+    the worker's own came in its)."""
+    data = settings.model_dump(mode="json")
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            data[name] = value.get_secret_value()
+    return data
+
+
+def control_files(settings: Settings, ctx: RunContext) -> ControlFiles:
+    work_dir = attempt_dir(job_dir(settings, ctx.job_id, ctx.tenant_id), ctx.attempt)
+    return ControlFiles(work_dir / CONTROL_DIR)
+
+
+def torchrun_command(procs: int, control: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        f"--nproc-per-node={procs}",
+        "--max-restarts=0",
+        "--monitor-interval=0.1",
+        "-m",
+        CHILD_MODULE,
+        str(control),
+    ]
+
+
+def _stop_request(ctx: RunContext) -> StopRequest:
+    return StopRequest(
+        lease_lost=ctx.lease_lost,
+        cancelled=ctx.cancelled,
+        paused=ctx.paused,
+        timed_out=ctx.timed_out,
+        given_back=ctx.given_back,
+    )
+
+
+def _kill(pid: int) -> None:
+    """SIGKILL a process and its process group (a rank leads its own session)."""
+    for kill in (os.killpg, os.kill):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill(pid, signal.SIGKILL)
+
+
+class ChildProcessRunner:
+    """The Runner of fine-tune jobs: the training itself runs in torchrun's ranks."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def run(self, raw_spec: dict[str, Any], ctx: RunContext) -> RunResult:
+        settings = self._settings
+        control = control_files(settings, ctx)
+        control.reset()
+        procs = settings.training_procs
+        launch = {
+            "settings": settings_payload(settings),
+            "spec": raw_spec,
+            "job_id": ctx.job_id,
+            "attempt": ctx.attempt,
+            "device": ctx.device,
+            "tenant_id": ctx.tenant_id,
+            "worker": ctx.worker,
+            "worker_pid": os.getpid(),
+        }
+        command = torchrun_command(procs, control.root)
+        logger.info("job %s: training in %d child process(es)", ctx.job_id, procs)
+        started = time.monotonic()
+        child = subprocess.Popen(
+            command,
+            env={**os.environ, LAUNCH_ENV: json.dumps(launch)},
+            start_new_session=True,
+        )
+        killed = False
+        try:
+            killed = self._follow(child, control, ctx)
+        except BaseException:
+            self._kill_all(child, control)
+            raise
+        finally:
+            self._relay_progress(control, ctx)
+        if killed:
+            raise JobStopped(f"job {ctx.job_id}: training processes killed ({ctx.stop_reason})")
+        logger.info(
+            "job %s: training processes ended (exit %s) after %.1fs",
+            ctx.job_id,
+            child.returncode,
+            time.monotonic() - started,
+        )
+        return self._result(control, child.returncode, ctx)
+
+    def _follow(
+        self, child: subprocess.Popen[bytes], control: ControlFiles, ctx: RunContext
+    ) -> bool:
+        """Wait for the ranks, relaying progress and the stop request; True when they had
+        to be killed."""
+        asked_at: float | None = None
+        asked = StopRequest()
+        grace = self._settings.stop_grace_s / 2
+        while True:
+            try:
+                child.wait(timeout=POLL_S)
+            except subprocess.TimeoutExpired:
+                pass
+            else:
+                self._kill_all(child, control)  # a rank torchrun left behind
+                return False
+            self._relay_progress(control, ctx)
+            if not ctx.stop_event.is_set():
+                continue
+            request = _stop_request(ctx)
+            if asked_at is None or request != asked:  # a lease lost after a pause: save nothing
+                control.ask_stop(request)
+                asked = request
+                if asked_at is None:
+                    asked_at = time.monotonic()
+                    logger.info("job %s: asked the training processes to stop", ctx.job_id)
+            elif time.monotonic() - asked_at > grace:
+                logger.warning(
+                    "job %s: training processes did not stop within %.0fs; killing them",
+                    ctx.job_id,
+                    grace,
+                )
+                self._kill_all(child, control)
+                return True
+
+    @staticmethod
+    def _kill_all(child: subprocess.Popen[bytes], control: ControlFiles) -> None:
+        for pid in control.pids():
+            _kill(pid)
+        _kill(child.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=10)
+
+    @staticmethod
+    def _relay_progress(control: ControlFiles, ctx: RunContext) -> None:
+        found = control.progress()
+        if found is not None:
+            fraction, detail = found
+            ctx.report_progress(fraction, **detail)
+
+    def _result(self, control: ControlFiles, returncode: int, ctx: RunContext) -> RunResult:
+        outcomes = control.outcomes()
+        first = outcomes.get(0)
+        if first is not None and first.status == "succeeded" and returncode == 0:
+            return _run_result(first)
+        if any(o.lease_lost for o in outcomes.values()):
+            ctx.lease_lost = True
+            ctx.stop_event.set()
+            raise StaleAttempt(f"job {ctx.job_id}: attempt {ctx.attempt} lost the job")
+        failed = [o for o in outcomes.values() if o.status == "failed"]
+        if failed:
+            raise _job_error(min(failed, key=lambda o: o.rank))
+        if first is not None and first.status == "stopped":
+            raise JobStopped(f"job {ctx.job_id} stopped: {ctx.stop_reason}")
+        how = (
+            f"killed by {signal.Signals(-returncode).name}"
+            if returncode < 0
+            else f"exit status {returncode}"
+        )
+        raise TransientJobError(
+            f"a training process died ({how}; torchrun ended the others); the job resumes "
+            "from its last checkpoint",
+            FailureType.WORKER_LOST,
+        )
+
+
+def _job_error(outcome: Outcome) -> TransientJobError | PermanentJobError:
+    failure = FailureType(outcome.failure or FailureType.RUNTIME_ERROR.value)
+    message = outcome.message if outcome.rank == 0 else f"rank {outcome.rank}: {outcome.message}"
+    if outcome.transient:
+        return TransientJobError(message, failure)
+    return PermanentJobError(message, failure)
+
+
+def _run_result(outcome: Outcome) -> RunResult:
+    model = outcome.model
+    trained = None
+    if model is not None:
+        trained = TrainedModel(
+            path=Path(model["path"]),
+            base_model=str(model["base_model"]),
+            task=FineTuneTask(model["task"]),
+            method=FineTuneMethod(model["method"]),
+            labels=list(model.get("labels", [])),
+            metrics={k: float(v) for k, v in model.get("metrics", {}).items()},
+            adapter=bool(model.get("adapter", False)),
+        )
+    return RunResult(result=outcome.result, trained_model=trained)
