@@ -33,8 +33,27 @@ def worker(
         str, typer.Option(help="Comma-separated queues")
     ] = "generate,train,maintenance",
     gpus: Annotated[
-        str, typer.Option(help="'' for one process on the default device, 'all' or '0,1'")
+        str,
+        typer.Option(
+            help="'' for the default device; 'all' or '0,1': this worker owns those GPUs and "
+            "trains each fine-tune across them (one torchrun process per GPU, NCCL)"
+        ),
     ] = "",
+    worker_per_gpu: Annotated[
+        bool,
+        typer.Option(
+            "--worker-per-gpu",
+            help="With --gpus: one worker process per GPU instead, each taking its own jobs",
+        ),
+    ] = False,
+    procs: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Processes each fine-tune trains in (torchrun, DDP over gloo on CPU); "
+            "0: MODELYARD_TRAINING_PROCS (default 1)",
+        ),
+    ] = 0,
     pool: Annotated[
         str,
         typer.Option(
@@ -43,7 +62,15 @@ def worker(
         ),
     ] = "solo",
 ) -> None:
-    """Run a worker: one process, one job at a time (one process per GPU with --gpus)."""
+    """Run a worker: one job at a time; fine-tunes train in child processes (--procs, --gpus)."""
+    if gpus and not worker_per_gpu:
+        ids = _gpu_ids(gpus)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+        os.environ["MODELYARD_DEVICE"] = "cuda"
+        os.environ["MODELYARD_TRAINING_PROCS"] = str(len(ids))
+    elif procs:
+        os.environ["MODELYARD_TRAINING_PROCS"] = str(procs)
+    get_settings.cache_clear()
     settings = get_settings()
     configure_logging(settings)
     if pool not in ("solo", "prefork"):
@@ -54,8 +81,8 @@ def worker(
     except ConfigurationError as exc:
         console.print(f"[red]refusing to start the worker:[/red] {exc.message}")
         raise typer.Exit(2) from exc
-    if gpus:
-        _run_per_gpu(queues, gpus)
+    if gpus and worker_per_gpu:
+        _run_per_gpu(queues, _gpu_ids(gpus))
         return
     from workers.app import celery_app
 
@@ -79,7 +106,7 @@ def worker(
     )
 
 
-def _run_per_gpu(queues: str, gpus: str) -> None:
+def _gpu_ids(gpus: str) -> list[str]:
     if gpus == "all":
         import torch
 
@@ -89,6 +116,10 @@ def _run_per_gpu(queues: str, gpus: str) -> None:
     if not ids:
         console.print("[red]no GPUs found[/red]")
         raise typer.Exit(2)
+    return ids
+
+
+def _run_per_gpu(queues: str, ids: list[str]) -> None:
     children = [
         subprocess.Popen(
             [sys.executable, "-P", "-m", "workers.serve", "worker", "--queues", queues],

@@ -12,6 +12,7 @@ rank whose worker or launcher is gone exits at once: nothing would record its wo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -157,28 +158,42 @@ def _alive(pid: int) -> bool:
 
 
 class AgreedStopCallback(TrainerCallback):
-    """Every rank stops after the same step: the ranks' stop flags (a request seen, a
-    write refused) are combined with an all-reduce at each step's end. Must come before
-    StopCallback, which acts on them."""
+    """Every rank stops after the same step: at each step's end a rank looks for the stop
+    request itself (so training stops at the end of the step in which it appeared), and
+    the ranks' flags (a request seen, a write refused) are combined with an all-reduce.
+    Must come before StopCallback, which acts on them."""
 
-    def __init__(self, watcher: StopWatcher, control: ControlFiles, ctx: RunContext, device: str):
+    def __init__(
+        self, watcher: StopWatcher, control: ControlFiles, ctx: RunContext, device: str, world: int
+    ) -> None:
         self._watcher = watcher
         self._control = control
         self._ctx = ctx
         self._device = device
+        self._world = world
+        self.seen_at: int | None = None  # the step at whose end this rank saw the request
+        self.stopped_at: int | None = None  # the step all ranks stopped after
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         ctx = self._ctx
-        local = [
-            float(self._watcher.requested.is_set() or ctx.stop_event.is_set()),
-            float(ctx.lease_lost),
-        ]
-        flags = torch.tensor(local, device=self._device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop, lease_lost = (bool(v) for v in flags.tolist())
-        if stop and not (ctx.stop_event.is_set() and ctx.lease_lost == lease_lost):
+        seen = self._watcher.requested.is_set() or self._control.stop_request() is not None
+        if seen and self.seen_at is None:
+            self.seen_at = state.global_step
+        stop, lease_lost = seen or ctx.stop_event.is_set(), ctx.lease_lost
+        if self._world > 1:
+            flags = torch.tensor(
+                [float(stop), float(lease_lost)],
+                device=self._device if dist.get_backend() == "nccl" else "cpu",
+            )
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop, lease_lost = (bool(v) for v in flags.tolist())
+        if not stop:
+            return
+        if self.stopped_at is None:
+            self.stopped_at = state.global_step
+        if not (ctx.stop_event.is_set() and ctx.lease_lost == lease_lost):
             _apply(ctx, self._control.stop_request() or StopRequest(), lease_lost)
 
 
@@ -247,17 +262,18 @@ def main(argv: list[str]) -> int:
     )
     watcher = StopWatcher(control, ctx, int(launch["worker_pid"]), world)
     watcher.start()
-    callbacks = [] if world == 1 else [AgreedStopCallback(watcher, control, ctx, device)]
+    agreement = AgreedStopCallback(watcher, control, ctx, device, world)
 
     def io_factory(run_ctx: RunContext) -> TrainingIO:
         io = DbTrainingIO(settings, run_ctx)
         return io if rank == 0 else ReadOnlyIO(io)
 
-    runner = FineTuneRunner(settings, io_factory, world_size=world, callbacks=callbacks)
+    runner = FineTuneRunner(settings, io_factory, world_size=world, callbacks=[agreement])
     outcome = _outcome_of(
         rank, lambda: runner.run(launch["spec"], ctx), settings, ctx, is_main=rank == 0
     )
-    control.write_outcome(outcome)
+    stops = {"stop_seen_at": agreement.seen_at, "stopped_at": agreement.stopped_at}
+    control.write_outcome(dataclasses.replace(outcome, extra=stops, at=time.time()))
     logger.info("job %s: rank %d of %d ended %s", ctx.job_id, rank, world, outcome.status)
     return 0 if outcome.status == "succeeded" else 1
 

@@ -57,6 +57,7 @@ class Outcome:
     result: dict[str, Any] | None = None
     model: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    at: float = 0.0  # when it ended (time.time()): the first failure is the cause of the rest
 
 
 def _write_whole(path: Path, text: str) -> None:

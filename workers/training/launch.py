@@ -140,7 +140,7 @@ class ChildProcessRunner:
             child.returncode,
             time.monotonic() - started,
         )
-        return self._result(control, child.returncode, ctx)
+        return self._result(control, child.returncode, procs, ctx)
 
     def _follow(
         self, child: subprocess.Popen[bytes], control: ControlFiles, ctx: RunContext
@@ -192,7 +192,12 @@ class ChildProcessRunner:
             fraction, detail = found
             ctx.report_progress(fraction, **detail)
 
-    def _result(self, control: ControlFiles, returncode: int, ctx: RunContext) -> RunResult:
+    def _result(
+        self, control: ControlFiles, returncode: int, procs: int, ctx: RunContext
+    ) -> RunResult:
+        """The attempt's result, from the ranks' outcomes. A rank that wrote none died
+        (killed, or a crash below Python), and the others' errors (a collective whose peer
+        vanished) follow from it; otherwise the first failure is the cause."""
         outcomes = control.outcomes()
         first = outcomes.get(0)
         if first is not None and first.status == "succeeded" and returncode == 0:
@@ -201,19 +206,18 @@ class ChildProcessRunner:
             ctx.lease_lost = True
             ctx.stop_event.set()
             raise StaleAttempt(f"job {ctx.job_id}: attempt {ctx.attempt} lost the job")
+        silent = [rank for rank in range(procs) if rank not in outcomes]
         failed = [o for o in outcomes.values() if o.status == "failed"]
-        if failed:
-            raise _job_error(min(failed, key=lambda o: o.rank))
-        if first is not None and first.status == "stopped":
+        if failed and not silent:
+            raise _job_error(min(failed, key=lambda o: (o.at, o.rank)))
+        if first is not None and first.status == "stopped" and not silent:
             raise JobStopped(f"job {ctx.job_id} stopped: {ctx.stop_reason}")
-        how = (
-            f"killed by {signal.Signals(-returncode).name}"
-            if returncode < 0
-            else f"exit status {returncode}"
-        )
+        how = f"exit status {returncode}"
+        if returncode < 0:
+            how = f"killed by {signal.Signals(-returncode).name}"
         raise TransientJobError(
-            f"a training process died ({how}; torchrun ended the others); the job resumes "
-            "from its last checkpoint",
+            f"a training process died (rank {', '.join(map(str, silent)) or '?'}; torchrun "
+            f"{how}); the job resumes from its last checkpoint",
             FailureType.WORKER_LOST,
         )
 

@@ -1,0 +1,139 @@
+"""One fine-tune across two processes (`modelyard worker --procs 2`: torchrun, DDP over
+gloo): it trains and registers a model that serves, a kill -9 of one of its processes is
+retried and resumes from the last checkpoint, and a cancel stops both ranks after the
+same step, the one in which they saw it (issue 18)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import TINY_MODEL
+from tests.support.datasets import write_text_jsonl
+from tests.support.harness import Proc, Stack, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+BACKENDS = ["postgresql"]  # the processes' fenced writes; the database paths run on both elsewhere
+DONE = ("succeeded", "failed", "cancelled")
+
+
+@pytest.fixture(scope="module")
+def two_procs(stack: Stack) -> Iterator[Stack]:
+    """The stack's only worker trains each fine-tune in two processes."""
+    stack.stop_workers()
+    stack.workers.clear()
+    worker: Proc = stack.start_worker(env={"MODELYARD_TRAINING_PROCS": "2"})
+    yield stack
+    worker.stop()
+
+
+def submit(stack: Stack, kind: str, spec: dict[str, Any]) -> str:
+    with stack.client() as c:
+        resp = c.post("/v1/jobs", json={"kind": kind, "spec": spec})
+    assert resp.status_code == 202, resp.text
+    job_id: str = resp.json()["id"]
+    return job_id
+
+
+def finetune(stack: Stack, tmp_path: Path, **hp: Any) -> str:
+    path = write_text_jsonl(tmp_path / "train.jsonl", rows=200)
+    with stack.client() as c, path.open("rb") as fh:
+        resp = c.post("/v1/datasets", files={"file": (path.name, fh)})
+    assert resp.status_code == 201, resp.text
+    spec = {
+        "base_model": TINY_MODEL,
+        "task": "causal_lm",
+        "training_dataset": resp.json()["id"],
+        "hyperparameters": {"batch_size": 8, "learning_rate": 1e-3, "seed": 5, **hp},
+    }
+    return submit(stack, "finetune", spec)
+
+
+def control_dir(stack: Stack, job_id: str, attempt: int) -> Path:
+    found = list((stack.workdir / "data").rglob(f"jobs/{job_id}/attempts/{attempt}/control"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def outcomes(control: Path) -> dict[int, dict[str, Any]]:
+    return {
+        int(p.name.split("-")[1]): json.loads(p.read_text()) for p in control.glob("outcome-*")
+    }
+
+
+def step_of(stack: Stack, job_id: str) -> int:
+    return int((stack.job(job_id).get("progress_detail") or {}).get("step", 0))
+
+
+def test_two_processes_train_a_model_that_serves(two_procs: Stack, tmp_path: Path) -> None:
+    job_id = finetune(two_procs, tmp_path, max_steps=30, eval_steps=15)
+    done = two_procs.wait_status(job_id, DONE, timeout=300)
+    assert done["status"] == "succeeded", f"{done}\n{two_procs.logs()}"
+    assert done["attempts"] == 1
+    started = next(e for e in two_procs.events(job_id) if e["message"] == "training started")
+    assert started["data"]["processes"] == 2
+    ranks = outcomes(control_dir(two_procs, job_id, 1))
+    assert {r: o["status"] for r, o in ranks.items()} == {0: "succeeded", 1: "succeeded"}
+    assert done["result"]["train"]["global_step"] == 30
+    gen = submit(
+        two_procs,
+        "generate",
+        {"model": done["result"]["model"], "prompts": ["to be"], "max_new_tokens": 4},
+    )
+    served = two_procs.wait_status(gen, DONE, timeout=120)
+    assert served["status"] == "succeeded", served
+    assert two_procs.outputs(gen)[0]["completion_tokens"] > 0
+
+
+def test_kill9_of_one_process_resumes_from_the_last_checkpoint(
+    two_procs: Stack, tmp_path: Path
+) -> None:
+    every = 10
+    job_id = finetune(two_procs, tmp_path, max_steps=60, checkpoint_steps=every, eval_steps=30)
+    with two_procs.client() as c:
+
+        def saved() -> list[int]:
+            data = c.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+            return [int(x["step"]) for x in data]
+
+        first = wait_for(saved, 240, "a checkpoint", 0.1)
+    control = control_dir(two_procs, job_id, 1)
+    wait_for(lambda: (control / "pid-1").exists(), 30, "rank 1's pid")
+    os.kill(int((control / "pid-1").read_text()), signal.SIGKILL)
+    done = two_procs.wait_status(job_id, DONE, timeout=300)
+    assert done["status"] == "succeeded", f"{done}\n{two_procs.logs()}"
+    assert done["attempts"] == 2
+    resumed = done["result"]["resumed_from_step"]
+    assert resumed is not None and resumed >= max(first)
+    assert done["result"]["train"]["global_step"] == 60
+    retry = [e for e in two_procs.events(job_id) if "training process died" in e["message"]]
+    assert retry, two_procs.events(job_id)
+    assert not outcomes(control).get(0, {}).get("status") == "succeeded"
+
+
+def test_cancel_stops_both_processes_after_the_step_they_saw_it(
+    two_procs: Stack, tmp_path: Path
+) -> None:
+    job_id = finetune(two_procs, tmp_path, max_steps=5000, checkpoint_steps=4000)
+    wait_for(lambda: step_of(two_procs, job_id) >= 3, 240, "training under way", 0.1)
+    with two_procs.client() as c:
+        assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+    done = two_procs.wait_status(job_id, DONE, timeout=60)
+    assert done["status"] == "cancelled", done
+    ranks = outcomes(control_dir(two_procs, job_id, 1))
+    assert sorted(ranks) == [0, 1]
+    assert all(o["status"] == "stopped" for o in ranks.values()), ranks
+    stopped = {o["extra"]["stopped_at"] for o in ranks.values()}
+    assert len(stopped) == 1, ranks  # both ranks left after the same step
+    seen = [o["extra"]["stop_seen_at"] for o in ranks.values() if o["extra"]["stop_seen_at"]]
+    assert seen and stopped.pop() == min(seen), ranks  # the step the first rank saw it in
+    with two_procs.client() as c:
+        kept = c.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
+    assert [k["step"] for k in kept] == [ranks[0]["extra"]["stopped_at"]]
