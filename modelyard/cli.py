@@ -63,7 +63,11 @@ def _setup_logging(settings: Settings) -> None:
 FORWARDED_COMMANDS: list[tuple[str, str, str]] = [
     ("migrate", servers.DATABASE_ADMIN, "Bring the database schema up to date."),
     ("api", servers.API, "Run the HTTP API (migrates first unless MODELYARD_AUTO_MIGRATE=false)."),
-    ("worker", servers.WORKERS, "Run a worker: one job at a time (one process per GPU)."),
+    (
+        "worker",
+        servers.WORKERS,
+        "Run a worker: one job at a time; fine-tunes train in child processes.",
+    ),
     ("workers", servers.WORKERS, "List the workers; `--check` is a readiness/liveness probe."),
     ("beat", servers.WORKERS, "Run the scheduler that triggers the reconciler."),
     ("flower", servers.WORKERS, "Run Flower (workers, tasks, /metrics) behind basic auth."),
