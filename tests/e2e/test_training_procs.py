@@ -63,9 +63,7 @@ def control_dir(stack: Stack, job_id: str, attempt: int) -> Path:
 
 
 def outcomes(control: Path) -> dict[int, dict[str, Any]]:
-    return {
-        int(p.name.split("-")[1]): json.loads(p.read_text()) for p in control.glob("outcome-*")
-    }
+    return {int(p.name.split("-")[1]): json.loads(p.read_text()) for p in control.glob("outcome-*")}
 
 
 def step_of(stack: Stack, job_id: str) -> int:
@@ -137,3 +135,25 @@ def test_cancel_stops_both_processes_after_the_step_they_saw_it(
     with two_procs.client() as c:
         kept = c.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]
     assert [k["step"] for k in kept] == [ranks[0]["extra"]["stopped_at"]]
+
+
+def test_pause_rests_both_processes_at_a_checkpoint_and_resume_goes_on(
+    two_procs: Stack, tmp_path: Path
+) -> None:
+    job_id = finetune(two_procs, tmp_path, max_steps=80, checkpoint_steps=1000, eval_steps=1000)
+    wait_for(lambda: step_of(two_procs, job_id) >= 3, 240, "training under way", 0.1)
+    with two_procs.client() as c:
+        assert c.post(f"/v1/jobs/{job_id}/pause").status_code == 202
+    paused = two_procs.wait_status(job_id, ("paused", *DONE), timeout=60)
+    assert paused["status"] == "paused", paused
+    ranks = outcomes(control_dir(two_procs, job_id, 1))
+    rested = ranks[0]["extra"]["stopped_at"]
+    assert {o["extra"]["stopped_at"] for o in ranks.values()} == {rested}
+    with two_procs.client() as c:
+        kept = [k["step"] for k in c.get(f"/v1/jobs/{job_id}/checkpoints").json()["data"]]
+        assert kept == [rested]
+        assert c.post(f"/v1/jobs/{job_id}/resume").status_code == 202
+    done = two_procs.wait_status(job_id, DONE, timeout=300)
+    assert done["status"] == "succeeded", f"{done}\n{two_procs.logs()}"
+    assert done["result"]["resumed_from_step"] == rested
+    assert done["result"]["train"]["global_step"] == 80
