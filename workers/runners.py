@@ -8,6 +8,7 @@ ends each with it; `Claimer` is the part of the lifecycle it uses to take more j
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +37,12 @@ class RunResult:
     outputs: list[OutputRecord] = field(default_factory=list)
     result: dict[str, Any] | None = None  # stored on the job: eval report, summary figures
     trained_model: TrainedModel | None = None
+
+
+def discard_model(result: RunResult) -> None:
+    """Remove an attempt's saved model directory, which will never be registered."""
+    if result.trained_model is not None:
+        shutil.rmtree(result.trained_model.path, ignore_errors=True)
 
 
 @dataclass(frozen=True)

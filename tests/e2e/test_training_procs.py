@@ -113,7 +113,7 @@ def test_kill9_of_one_process_resumes_from_the_last_checkpoint(
     assert done["result"]["train"]["global_step"] == 60
     retry = [e for e in two_procs.events(job_id) if "training process died" in e["message"]]
     assert retry, two_procs.events(job_id)
-    assert not outcomes(control).get(0, {}).get("status") == "succeeded"
+    assert outcomes(control).get(0, {}).get("status") != "succeeded"
 
 
 def test_cancel_stops_both_processes_after_the_step_they_saw_it(

@@ -49,6 +49,9 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
 # Files a job's tree may hold outside the live paths: the step marker the runner rewrites
 # after every step (a resuming attempt reads it to count the steps it redoes).
 BOOKKEEPING = frozenset({"last_step"})
+# An attempt's control files (workers/training/control.py): how the worker and its training
+# processes talked (a stop request, progress, pids, how each rank ended); no row names them.
+BOOKKEEPING_DIRS = frozenset({"control"})
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,8 @@ def _stale_in(
         for file in sorted(p for p in tree.rglob("*") if p.is_file() or p.is_symlink()):
             relative = file.relative_to(root).as_posix()
             if not _inside(file, live_paths):
-                if file.name not in BOOKKEEPING:
+                bookkeeping = file.name in BOOKKEEPING or BOOKKEEPING_DIRS & set(file.parts)
+                if not bookkeeping:
                     stale.append(StaleFile(job.id, where, relative, "not live"))
                 continue
             changed = datetime.fromtimestamp(file.lstat().st_mtime, UTC)
@@ -377,11 +381,31 @@ def _virtual_size(pid: int) -> int:
     raise RuntimeError(f"no VmSize for process {pid}")
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it now (a worker's training processes: torchrun and
+    its ranks), from /proc's children lists."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            found.extend(process_tree(int(child)))
+    return found
+
+
 def limit_file_size(pid: int, max_bytes: int | None) -> None:
-    """Make writes of process `pid` past `max_bytes` per file fail (EFBIG), as on a full
-    disk; None lifts the limit. Python processes ignore SIGXFSZ, so the write raises."""
-    _soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
-    resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard if max_bytes is None else max_bytes, hard))
+    """Make writes of process `pid` and the processes below it past `max_bytes` per file
+    fail (EFBIG), as on a full disk; None lifts the limit. Python processes ignore SIGXFSZ,
+    so the write raises. Processes it starts later inherit the limit."""
+    for each in process_tree(pid):
+        try:
+            _soft, hard = resource.prlimit(each, resource.RLIMIT_FSIZE)
+            limit = hard if max_bytes is None else max_bytes
+            resource.prlimit(each, resource.RLIMIT_FSIZE, (limit, hard))
+        except ProcessLookupError:
+            continue
 
 
 def limit_memory(pid: int, extra_bytes: int | None) -> None:

@@ -35,7 +35,7 @@ from core.enums import FailureType, FineTuneMethod, FineTuneTask
 from core.errors import JobStopped, PermanentJobError, StaleAttempt, TransientJobError
 from core.settings import Settings
 from workers.context import RunContext
-from workers.runners import RunResult, TrainedModel
+from workers.runners import RunResult, TrainedModel, discard_model
 from workers.training.control import ControlFiles, Outcome, StopRequest
 from workers.training.layout import CONTROL_DIR, attempt_dir, job_dir
 
@@ -201,7 +201,12 @@ class ChildProcessRunner:
         outcomes = control.outcomes()
         first = outcomes.get(0)
         if first is not None and first.status == "succeeded" and returncode == 0:
-            return _run_result(first)
+            result = _run_result(first)
+            if not ctx.lease_lost:
+                return result
+            # the worker was paused past its lease while the ranks went on to the end
+            discard_model(result)
+            raise StaleAttempt(f"job {ctx.job_id}: attempt {ctx.attempt} lost the job")
         if any(o.lease_lost for o in outcomes.values()):
             ctx.lease_lost = True
             ctx.stop_event.set()

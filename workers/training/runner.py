@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from core.settings import Settings
 from core.specs import FineTuneSpec
 from workers.context import RunContext
 from workers.failures import is_out_of_memory
-from workers.runners import RunResult, TrainedModel
+from workers.runners import RunResult, TrainedModel, discard_model
 from workers.training.callbacks import (
     AdaLoraCallback,
     CheckpointCallback,
@@ -75,12 +74,6 @@ def select_device(device: str) -> None:
         torch.cuda.set_device(int(device.split(":", 1)[1]))
 
 
-def _discard_model(result: RunResult) -> None:
-    """Remove the attempt's saved model directory, which will never be registered."""
-    if result.trained_model is not None:
-        shutil.rmtree(result.trained_model.path, ignore_errors=True)
-
-
 def save_final_model(model: torch.nn.Module, tokenizer: Any, model_dir: Path) -> None:
     """The model (or only its adapter) and tokenizer, safetensors only: Trainer.save_model
     would add a pickled training_args.bin."""
@@ -132,10 +125,10 @@ class FineTuneRunner:
         try:
             io.close()
         except BaseException:  # the records were not all written: no row will name the model
-            _discard_model(result)
+            discard_model(result)
             raise
         if ctx.lease_lost:  # the last buffered records were refused: the model is not kept
-            _discard_model(result)
+            discard_model(result)
             raise StaleAttempt(f"job {ctx.job_id}: attempt {ctx.attempt} lost the job")
         return result
 
