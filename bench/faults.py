@@ -5,8 +5,10 @@ the ones nothing will move: queued with a cancel asked, running past their lease
 concurrent duplicate executions (attempts of one job whose spans overlap), duplicate
 effects (rows written twice), stale writes surviving (rows and files, on disk and in the
 stack's file:// store, of an attempt that did not hold the job), steps redone, time to
-recover. Rows 14-19 are the faults of issue 15. Row 26 (`cut_off_host`) runs on test hosts
-(tests/support/netns.py: root and `ip` needed) in a stack of its own, after the others.
+recover. Rows 14-19 are the faults of issue 15. Rows 26-28 (`cut_off_host`,
+`redis_cut_from_workers`, `cut_off_leader`) run on test hosts (tests/support/netns.py: root,
+`ip` and `iptables` needed) in a stack of their own, after the others; row 27 keeps Redis
+from the worker hosts for the issue's 30 s in either mode.
 
     python -m bench.faults [--quick] [--only NAME,...] [--json PATH]
 
@@ -120,6 +122,8 @@ def plan(quick: bool) -> list[tuple[str, Callable[[Lab], Outcome]]]:
 # Scenarios on test hosts (network namespaces: root and `ip`), each in a lab of its own.
 HOST_PLAN: list[tuple[str, Callable[[host_scenarios.HostsLab], Outcome]]] = [
     ("cut_off_host", host_scenarios.cut_off_mid_finetune),
+    ("cut_off_leader", host_scenarios.cut_off_recovery_leader),
+    ("redis_cut_from_workers", host_scenarios.redis_cut_from_workers),
 ]
 
 

@@ -3,6 +3,9 @@ Redis, the API, beat and an S3 server (moto), the worker hosts run one worker ea
 data dir of its own, and checkpoints pass between hosts through the S3 store only. Cutting a
 host's link cuts it off from all of them at once, as a pulled cable would.
 
+Rows 27 (Redis unreachable from every worker host) and 28 (the recovery leader's host cut
+off) are below row 26's.
+
 Row 26 of the fault table: a worker host cut off mid fine-tune. The host cannot write
 anything while it is cut off, so the database alone cannot tell when it stopped: its
 own evidence is read from its disk (the step marker the runner rewrites after every
@@ -21,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +32,19 @@ import redis
 from sqlalchemy import select
 
 from core.storage import ArtifactStore
+from db.leader import LeaseView, read_lease
 from db.models import Checkpoint, Job
 from db.session import session_scope
 from tests.conftest import TINY_MODEL
-from tests.faults.scenarios import FAULT_SETTINGS, Outcome, finetune_spec, now, seconds
+from tests.faults.leader_scenarios import unpublished_job
+from tests.faults.scenarios import FAULT_SETTINGS, Outcome, ended, finetune_spec, now, seconds
 from tests.support.datasets import write_text_jsonl
 from tests.support.faults import Figures, audit, claimed_at
 from tests.support.harness import TERMINAL, wait_for
 from tests.support.hosts_stack import HostsStack, hosts_stack
 from tests.support.netns import Host, Hosts, hosts
 from tests.support.s3 import S3Store, moto_s3_store
+from workers.leader import MIN_TICK_S, RECOVERY_LEASE
 from workers.leases import lease_key, lease_value
 
 logger = logging.getLogger(__name__)
@@ -313,5 +320,251 @@ def cut_off_mid_finetune(lab: HostsLab, steps: int = 80, every: int = 40) -> Out
             "late_events": late_events,
             "events_unchanged": stack.events(job_id) == settled_events,
             "refused_logged": REFUSED_LINE in log.read_text(errors="replace"),
+        },
+    )
+
+
+# 27 -----------------------------------------------------------------------------------------
+def redis_cut_from_workers(lab: HostsLab, outage_s: float = 30.0, after_s: float = 8.0) -> Outcome:
+    """Redis on the control host unreachable from every worker host for `outage_s`
+    (iptables DROP on its port for the worker hosts' addresses; the API and beat on the
+    control host keep it) while a job runs, and three jobs are submitted meanwhile.
+
+    The running job's worker renews its database lease all along (the database is not cut)
+    though it cannot renew its broker lease, so nothing takes the job from it: it succeeds
+    in its first attempt. The jobs submitted meanwhile are published by the API and wait in
+    Redis; once the workers reach it again each runs once. Time to recover is from Redis
+    reachable again to the last of those claimed. The running job goes on for `after_s`
+    past the outage, so those jobs are the other (idle) host's to run: they show how soon
+    its worker consumes again."""
+    lab.linked()
+    stack = lab.stack
+    running = lab.submit("noop", {"duration_s": outage_s + after_s})["id"]
+    stack.wait_status(running, ("running",), 60)
+    (busy,) = wait_for(partial(lab.claims, running), 30, "the claim", 0.1)
+    samples: list[tuple[datetime, str, int, datetime | None]] = []
+    with stack.redis_blocked():
+        cut_at = now()
+        queued = [lab.submit("noop", {"duration_s": 0.2})["id"] for _ in range(3)]
+        while (now() - cut_at).total_seconds() < outage_s:
+            with session_scope(lab.database_url, readonly=True) as s:
+                row = s.execute(
+                    select(Job.status, Job.attempts, Job.lease_expires_at).where(Job.id == running)
+                ).one()
+            samples.append((now(), str(row.status), int(row.attempts), row.lease_expires_at))
+            time.sleep(0.5)
+    back_at = now()
+    jobs = [running, *queued]
+    done = {job_id: stack.wait_status(job_id, TERMINAL, 120) for job_id in jobs}
+    claims = [claimed_at(lab.database_url, job_id, back_at) for job_id in queued]
+    recovered = None if None in claims else max(c for c in claims if c is not None)
+    found = audit(lab.database_url, jobs)
+    return Outcome(
+        Figures.of(
+            f"27. Redis on the control host unreachable from every worker host {outage_s:g}s "
+            "(iptables DROP) with a job running",
+            found,
+            seconds(back_at, recovered),
+            note=ended(found),
+        ),
+        found,
+        {
+            "running": running,
+            "queued": queued,
+            "done": done,
+            "cut_at": cut_at,
+            "back_at": back_at,
+            "samples": samples,
+            "claims": {job_id: found.claims(job_id) for job_id in jobs},
+            "busy_host": stack.host_named(busy).name,
+            "claim_hosts": {
+                job_id: [stack.host_named(w).name for w in found.claims(job_id)] for job_id in jobs
+            },
+            "finished_at": datetime.fromisoformat(done[running]["finished_at"]),
+            "recovered_at": recovered,
+        },
+    )
+
+
+# 28 -----------------------------------------------------------------------------------------
+def _lease(database_url: str) -> LeaseView | None:
+    with session_scope(database_url, readonly=True) as s:
+        return read_lease(s, RECOVERY_LEASE)
+
+
+def _pid(holder: str) -> int:
+    """The process id in a lease holder's name (workers.leader.holder_name: host:pid:nonce)."""
+    return int(holder.split(":")[1])
+
+
+def _logged_after(log: Path, text: str, after: datetime) -> list[str]:
+    """The lines of `log` containing `text` logged at or after `after`."""
+    return [
+        line
+        for line in log.read_text(errors="replace").splitlines()
+        if text in line and (stamp := _log_time(line)) is not None and stamp >= after
+    ]
+
+
+def cut_off_recovery_leader(lab: HostsLab, duration_s: float = 4.0) -> Outcome:
+    """Cut off the worker host whose worker holds the recovery lease, while it runs a job.
+
+    The beat on the control host is stopped first (it gives the lease up), so one of the two
+    workers leads; then a noop job runs on the leader's host (and one on the other host when
+    the first landed there), the leader's host is cut off
+    and a job is committed with no message (an API that died before publishing). Only a
+    leader repairs either: the other host's worker must take the lease (within the lease,
+    half a reconcile period, and one election tick of the old holder's last renewal:
+    workers/leader.py), put the cut-off host's job back in the queue once its leases ran
+    out, and publish the unpublished job. The link comes back once both have succeeded:
+    the cut-off worker must not act on the lease it held (the lease row keeps its new holder
+    and term; its log shows no reconcile pass and no lease held after the cut). Time to
+    recover is from the cut to the last of the two jobs claimed again."""
+    lab.linked()
+    stack = lab.stack
+    if stack.beat is not None:
+        stack.beat.stop()  # gives the lease up on its way out
+        stack.beat = None
+    try:
+        return _cut_off_leader(lab, duration_s)
+    finally:
+        stack.start_beat()
+
+
+def _cut_off_leader(lab: HostsLab, duration_s: float) -> Outcome:
+    stack, database_url = lab.stack, lab.database_url
+
+    def a_worker_leads() -> tuple[str, int] | None:
+        view = _lease(database_url)
+        if view is None or view.expired or _pid(view.holder) not in stack.host_of:
+            return None
+        return view.holder, view.term
+
+    # the beat gave the lease up (or it ran out): one of the workers takes it
+    holder, term = wait_for(a_worker_leads, 30, "a worker holding the recovery lease", 0.1)
+    leader_host = stack.host_of[_pid(holder)]
+    other_host = next(h for h in lab.hosts.workers if h is not leader_host)
+    leader_proc, other_proc = stack.worker_of(leader_host), stack.worker_of(other_host)
+    assert leader_proc is not None and other_proc is not None
+    # a job on the leader's host: the first job, or else the second (a worker runs one at
+    # a time, so with the other host busy the second goes to the leader's)
+    jobs: list[str] = []
+    ran_on: dict[str, str] = {}  # host name -> job
+    while leader_host.name not in ran_on and len(jobs) < 2:
+        job_id = lab.submit("noop", {"duration_s": duration_s})["id"]
+        jobs.append(job_id)
+        stack.wait_status(job_id, ("running",), 60)
+        (worker,) = wait_for(partial(lab.claims, job_id), 30, "a claim", 0.1)
+        ran_on[stack.host_named(worker).name] = job_id
+    if leader_host.name not in ran_on:
+        raise AssertionError(f"no job ran on the leader's host {leader_host.name}: {ran_on}")
+    leader_job, other_job = ran_on[leader_host.name], ran_on.get(other_host.name)
+
+    before = _lease(database_url)
+    assert before is not None and before.holder == holder, (before, holder)
+    cut_at = now()
+    lab.hosts.cut(leader_host)
+    try:
+        unpublished = unpublished_job(database_url, 0.5)
+        # the old holder's last renewal, then its successor (polled from the runner)
+        old_end = before.expires_at
+        deadline = time.monotonic() + 30
+        while True:
+            view = _lease(database_url)
+            if view is not None and view.holder != holder:
+                new_holder, new_term = view.holder, view.term
+                break
+            if view is not None:
+                old_end = view.expires_at
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nobody took the recovery lease from {holder}: {view}")
+            time.sleep(0.05)
+        seen_at = now()
+        done = {job_id: stack.wait_status(job_id, TERMINAL, 120) for job_id in [*jobs, unpublished]}
+    finally:
+        restored_at = now()
+        lab.hosts.restore(leader_host)
+    # back on the network: the lease stays with its new holder for several of the old
+    # holder's election ticks and well past the lease it held
+    ttl = float(stack.env["MODELYARD_RECONCILE_PERIOD_S"]) / 2
+    tick = max(MIN_TICK_S, ttl / 3)
+    after_restore: list[tuple[str, int] | None] = []
+    watch_until = time.monotonic() + max(2.0, ttl + 5 * tick)
+    while time.monotonic() < watch_until:
+        view = _lease(database_url)
+        after_restore.append(None if view is None else (view.holder, view.term))
+        time.sleep(0.05)
+    # the leader's own account (one clock: every namespace shares this machine's)
+    took = _logged_after(other_proc.log, f"holding the recovery lease (term {new_term})", cut_at)
+    taken_at = _log_time(took[0]) if took else None
+    ids = [*jobs, unpublished]
+    found = audit(database_url, ids)
+    claims_after_cut = [claimed_at(database_url, j, cut_at) for j in (leader_job, unpublished)]
+    recovered_at = (
+        None if None in claims_after_cut else max(c for c in claims_after_cut if c is not None)
+    )
+    events = stack.events(leader_job)
+    claimed = max(i for i, e in enumerate(events) if e["message"].startswith("claimed by"))
+    old_worker = found.claims(leader_job)[0]
+    late_events = [
+        e
+        for e in events[claimed:]
+        if old_worker in {(e["data"] or {}).get("worker"), (e["data"] or {}).get("by")}
+    ]
+    old_log = leader_proc.log
+    stale_passes = _logged_after(old_log, "reconciled:", cut_at)
+    stale_holds = _logged_after(old_log, "holding the recovery lease", cut_at)
+    moved_s = seconds(cut_at, taken_at)
+    figures = Figures.of(
+        "28. worker host holding the recovery lease cut off (beat stopped) with its job "
+        "running and a job never published",
+        found,
+        seconds(cut_at, recovered_at),
+        note=f"{ended(found)}; lease taken {moved_s}s after the cut",
+    )
+    figures = replace(figures, stale_writes=figures.stale_writes + len(late_events))
+    logger.info(
+        "leader %s cut off at %s (its lease ended %s); %s took the lease (term %d) at %s",
+        holder,
+        cut_at,
+        old_end,
+        new_holder,
+        new_term,
+        taken_at,
+    )
+    return Outcome(
+        figures,
+        found,
+        {
+            "old": (holder, term),
+            "new": (new_holder, new_term),
+            "leader_host": leader_host.name,
+            "other_host": other_host.name,
+            "new_leader_host": stack.host_of[_pid(new_holder)].name
+            if _pid(new_holder) in stack.host_of
+            else new_holder,
+            "leader_job": leader_job,
+            "other_job": other_job,
+            "unpublished": unpublished,
+            "done": done,
+            "claim_hosts": {
+                job_id: [stack.host_named(w).name for w in found.claims(job_id)] for job_id in ids
+            },
+            "cut_at": cut_at,
+            "old_lease_end": old_end,
+            "seen_at": seen_at,
+            "taken_at": taken_at,
+            "ttl_s": ttl,
+            "tick_s": tick,
+            "restored_at": restored_at,
+            "after_restore": after_restore,
+            "late_events": late_events,
+            "stale_passes": stale_passes,
+            "stale_holds": stale_holds,
+            "lost_logged": bool(_logged_after(old_log, "lost the recovery lease", cut_at)),
+            "republished": any(
+                e["message"].startswith("message lost by the broker")
+                for e in stack.events(unpublished)
+            ),
         },
     )

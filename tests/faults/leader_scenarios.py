@@ -18,11 +18,11 @@ from tests.support.harness import Proc, wait_for
 from workers.leader import RECOVERY_LEASE
 
 
-def recovery_leader(lab: Lab) -> tuple[str, int]:
+def recovery_leader(database_url: str) -> tuple[str, int]:
     """The recovery lease's holder (`host:pid:nonce`) and term, once somebody holds it."""
 
     def held() -> tuple[str, int] | None:
-        with session_scope(lab.database_url) as s:
+        with session_scope(database_url) as s:
             view = read_lease(s, RECOVERY_LEASE)
         return None if view is None or view.expired else (view.holder, view.term)
 
@@ -36,9 +36,9 @@ def _process_of(lab: Lab, holder: str) -> Proc:
     return next(p for p in procs if p.pid == pid)
 
 
-def _unpublished_job(lab: Lab, duration_s: float) -> str:
+def unpublished_job(database_url: str, duration_s: float) -> str:
     """A queued job committed by an API that died before publishing it: no message."""
-    with session_scope(lab.database_url) as s:
+    with session_scope(database_url) as s:
         return create_job(
             s,
             tenant_id=DEFAULT_TENANT,
@@ -60,7 +60,7 @@ def kill_recovery_leader(lab: Lab, duration_s: float = 6.0) -> Outcome:
     running = lab.noop(duration_s)
     lab.wait(running["id"], ("running",), 60)
     runner = lab.owner(running["id"])
-    holder, term = recovery_leader(lab)
+    holder, term = recovery_leader(lab.database_url)
     leader = _process_of(lab, holder)
     victims = {p.pid: p for p in (leader, runner, lab.stack.beat) if p is not None}
     killed = now()
@@ -70,10 +70,10 @@ def kill_recovery_leader(lab: Lab, duration_s: float = 6.0) -> Outcome:
             lab.deaths[proc.identity] = killed
     lab.stack.workers = [p for p in lab.stack.workers if p.pid not in victims]
     lab.stack.beat = None
-    unpublished = _unpublished_job(lab, 0.5)
+    unpublished = unpublished_job(lab.database_url, 0.5)
     jobs = [running["id"], unpublished]
     done = lab.settle(jobs, 120)
-    new_holder, new_term = recovery_leader(lab)
+    new_holder, new_term = recovery_leader(lab.database_url)
     found = lab.audit(jobs)
     claims: list[datetime | None] = [claimed_at(lab.database_url, j, killed) for j in jobs]
     recovered = None if None in claims else max(c for c in claims if c is not None)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import logging
 import secrets
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from modelyard import servers
 from tests.support.harness import Proc, Stack, wait_for
@@ -103,6 +105,29 @@ class HostsStack(Stack):
     def host_named(self, identity: str) -> Host:
         """The host of the worker whose lease owner name is `identity` (host:pid)."""
         return self.host_of[int(identity.rsplit(":", 1)[1])]
+
+    @contextmanager
+    def redis_blocked(self) -> Iterator[None]:
+        """Redis's port on the control host dropped for packets from the worker hosts only
+        (iptables DROP inside the control host), for the body.
+
+        The API and beat reach Redis through the control address from inside the control
+        host (over its loopback interface, source the control address), so a rule on the
+        worker hosts' own addresses leaves them connected: jobs submitted meanwhile are
+        published."""
+        port = str(urlsplit(self.env["MODELYARD_BROKER_URL"]).port)
+        rules = [
+            ["INPUT", "-p", "tcp", "--dport", port, "-s", host.address, "-j", "DROP"]
+            for host in self.hosts.workers
+        ]
+        iptables = ["ip", "netns", "exec", self.hosts.control.netns, "iptables"]
+        for rule in rules:
+            subprocess.run([*iptables, "-I", *rule], check=True)
+        try:
+            yield
+        finally:
+            for rule in rules:
+                subprocess.run([*iptables, "-D", *rule], check=True)
 
 
 @contextmanager
