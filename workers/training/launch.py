@@ -151,11 +151,11 @@ class ChildProcessRunner:
         asked = StopRequest()
         grace = self._settings.stop_grace_s / 2
         while True:
-            try:
-                child.wait(timeout=POLL_S)
-            except subprocess.TimeoutExpired:
-                pass
+            if asked_at is None:
+                ctx.stop_event.wait(POLL_S)  # a stop is passed on at once, not at the next poll
             else:
+                time.sleep(POLL_S)
+            if child.poll() is not None:
                 self._kill_all(child, control)  # a rank torchrun left behind
                 return False
             self._relay_progress(control, ctx)
