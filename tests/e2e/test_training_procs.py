@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import TINY_MODEL
+from tests.e2e.test_finetune import submit, upload
 from tests.support.datasets import write_text_jsonl
 from tests.support.harness import Proc, Stack, wait_for
 
@@ -34,26 +35,15 @@ def two_procs(stack: Stack) -> Iterator[Stack]:
     worker.stop()
 
 
-def submit(stack: Stack, kind: str, spec: dict[str, Any]) -> str:
-    with stack.client() as c:
-        resp = c.post("/v1/jobs", json={"kind": kind, "spec": spec})
-    assert resp.status_code == 202, resp.text
-    job_id: str = resp.json()["id"]
-    return job_id
-
-
 def finetune(stack: Stack, tmp_path: Path, **hp: Any) -> str:
-    path = write_text_jsonl(tmp_path / "train.jsonl", rows=200)
-    with stack.client() as c, path.open("rb") as fh:
-        resp = c.post("/v1/datasets", files={"file": (path.name, fh)})
-    assert resp.status_code == 201, resp.text
     spec = {
         "base_model": TINY_MODEL,
         "task": "causal_lm",
-        "training_dataset": resp.json()["id"],
+        "training_dataset": upload(stack, write_text_jsonl(tmp_path / "train.jsonl", rows=200)),
         "hyperparameters": {"batch_size": 8, "learning_rate": 1e-3, "seed": 5, **hp},
     }
-    return submit(stack, "finetune", spec)
+    job_id: str = submit(stack, "finetune", spec)["id"]
+    return job_id
 
 
 def control_dir(stack: Stack, job_id: str, attempt: int) -> Path:
@@ -84,7 +74,7 @@ def test_two_processes_train_a_model_that_serves(two_procs: Stack, tmp_path: Pat
         two_procs,
         "generate",
         {"model": done["result"]["model"], "prompts": ["to be"], "max_new_tokens": 4},
-    )
+    )["id"]
     served = two_procs.wait_status(gen, DONE, timeout=120)
     assert served["status"] == "succeeded", served
     assert two_procs.outputs(gen)[0]["completion_tokens"] > 0
