@@ -39,6 +39,7 @@ from tests.faults import (
     message_scenarios,
     outage_scenarios,
     scenarios,
+    training_scenarios,
     webhook_scenarios,
 )
 from tests.faults.scenarios import FAULT_SETTINGS, Lab, Outcome
@@ -116,6 +117,7 @@ def plan(quick: bool) -> list[tuple[str, Callable[[Lab], Outcome]]]:
             "two_leaders",
             lambda lab: webhook_scenarios.two_leaders_at_once(lab, leaders_s, slow_s=1.0),
         ),
+        ("kill_training_process", training_scenarios.kill_one_training_process),
     ]
 
 
