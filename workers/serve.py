@@ -64,10 +64,7 @@ def worker(
 ) -> None:
     """Run a worker: one job at a time; fine-tunes train in child processes (--procs, --gpus)."""
     if gpus and not worker_per_gpu:
-        ids = _gpu_ids(gpus)
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
-        os.environ["MODELYARD_DEVICE"] = "cuda"
-        os.environ["MODELYARD_TRAINING_PROCS"] = str(len(ids))
+        os.environ.update(devices_environment(_gpu_ids(gpus), procs))
     elif procs:
         os.environ["MODELYARD_TRAINING_PROCS"] = str(procs)
     get_settings.cache_clear()
@@ -104,6 +101,16 @@ def worker(
             settings.log_level,
         ]
     )
+
+
+def devices_environment(gpu_ids: list[str], procs: int = 0) -> dict[str, str]:
+    """A worker that owns `gpu_ids`: it sees only those, and trains each fine-tune on all
+    of them, one process per GPU (`procs`, when given, instead)."""
+    return {
+        "CUDA_VISIBLE_DEVICES": ",".join(gpu_ids),
+        "MODELYARD_DEVICE": "cuda",
+        "MODELYARD_TRAINING_PROCS": str(procs or len(gpu_ids)),
+    }
 
 
 def _gpu_ids(gpus: str) -> list[str]:

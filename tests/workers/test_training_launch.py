@@ -5,6 +5,9 @@ batch is shared between processes."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from core.settings import Settings
 from core.specs import Hyperparameters
 from workers.context import RunContext
 from workers.runners import RunResult
+from workers.serve import devices_environment
 from workers.training.child import rank_device
 from workers.training.control import ControlFiles, Outcome, StopRequest
 from workers.training.launch import ChildProcessRunner, settings_payload
@@ -156,3 +160,25 @@ def test_two_processes_take_as_many_steps_as_one() -> None:
     one = plan_schedule(hp, 100, early_stopping=False)
     two = plan_schedule(hp, 100, early_stopping=False, world_size=2)
     assert one.total_steps == two.total_steps == 2 * math.ceil(100 / 8)
+
+
+def test_a_worker_given_gpus_owns_them_and_trains_across_all() -> None:
+    assert devices_environment(["2", "3"]) == {
+        "CUDA_VISIBLE_DEVICES": "2,3",
+        "MODELYARD_DEVICE": "cuda",
+        "MODELYARD_TRAINING_PROCS": "2",
+    }
+    assert devices_environment(["0", "1", "2", "3"], procs=2)["MODELYARD_TRAINING_PROCS"] == "2"
+
+
+def test_the_worker_command_offers_the_training_options() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.serve", "worker", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stderr
+    for option in ("--procs", "--gpus", "--worker-per-gpu"):
+        assert option in done.stdout
