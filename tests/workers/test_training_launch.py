@@ -8,6 +8,8 @@ import math
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from core.specs import Hyperparameters
 from workers.context import RunContext
 from workers.runners import RunResult
 from workers.serve import devices_environment
+from workers.training import launch
 from workers.training.child import rank_device
 from workers.training.control import ControlFiles, Outcome, StopRequest
 from workers.training.launch import ChildProcessRunner, settings_payload
@@ -182,3 +185,36 @@ def test_the_worker_command_offers_the_training_options() -> None:
     assert done.returncode == 0, done.stderr
     for option in ("--procs", "--gpus", "--worker-per-gpu"):
         assert option in done.stdout
+
+
+def test_ranks_that_ignore_a_stop_request_are_killed_after_half_the_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stand-in for torchrun that never looks at the stop request (stuck in a C call,
+    a hung collective) and has started a process of its own: both are gone soon after
+    `stop_grace_s / 2`, and the attempt ends stopped."""
+    pid_file = tmp_path / "grandchild"
+    stubborn = (
+        "import signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(600)\n"
+    )
+    monkeypatch.setattr(
+        launch, "torchrun_command", lambda procs, control: [sys.executable, "-c", stubborn]
+    )
+    settings = Settings(data_dir=tmp_path, stop_grace_s=1.0)
+    ctx = RunContext(job_id="job_1", attempt=1, device="cpu")
+    threading.Timer(1.0, lambda: (setattr(ctx, "cancelled", True), ctx.stop_event.set())).start()
+    started = time.monotonic()
+    with pytest.raises(JobStopped):
+        ChildProcessRunner(settings).run({}, ctx)
+    assert time.monotonic() - started < 10
+    asked = launch.control_files(settings, ctx).stop_request()
+    assert asked == StopRequest(cancelled=True)
+    grandchild = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):  # killed with its process group; reaped by init
+            os.kill(grandchild, 0)
+            time.sleep(0.1)
