@@ -206,7 +206,12 @@ def test_ranks_that_ignore_a_stop_request_are_killed_after_half_the_grace(
     )
     settings = Settings(data_dir=tmp_path, stop_grace_s=1.0)
     ctx = RunContext(job_id="job_1", attempt=1, device="cpu")
-    threading.Timer(1.0, lambda: (setattr(ctx, "cancelled", True), ctx.stop_event.set())).start()
+
+    def cancel() -> None:
+        ctx.cancelled = True
+        ctx.stop_event.set()
+
+    threading.Timer(1.0, cancel).start()
     started = time.monotonic()
     with pytest.raises(JobStopped):
         ChildProcessRunner(settings).run({}, ctx)
