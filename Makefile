@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-faults bench lint fmt up clean
+.PHONY: install demo test test-faults bench bench-procs lint fmt up clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ test-faults: install
 
 bench: install
 	$(BIN)/python -m bench.all --json bench/latest.json
+
+# Issue 18: one fine-tune in 1 vs 2 training processes (about 4 min: not in `make bench`).
+bench-procs: install
+	$(BIN)/python -m bench.training_procs --json bench/latest-procs.json
 
 lint: install
 	$(BIN)/ruff check .
