@@ -40,7 +40,8 @@ def plan_schedule(
     """The optimizer steps Trainer will take, and when it evaluates and saves. Checkpoints
     follow evaluations unless `checkpoint_steps` is set; early stopping needs a checkpoint
     at every evaluation it may pick as best, so its saves stay on the evaluation schedule.
-    With several processes each one reads its share of the rows (a DistributedSampler)."""
+    With several processes each step's batch is split between them (accelerate shards
+    every batch), so they take as many steps as one process would."""
     rows_per_process = math.ceil(n_train / world_size)
     batches = math.ceil(rows_per_process / per_device_batch(hp.batch_size, world_size))
     steps_per_epoch = max(math.ceil(batches / hp.gradient_accumulation_steps), 1)
