@@ -204,7 +204,7 @@ def test_ranks_that_ignore_a_stop_request_are_killed_after_half_the_grace(
     monkeypatch.setattr(
         launch, "torchrun_command", lambda procs, control: [sys.executable, "-c", stubborn]
     )
-    settings = Settings(data_dir=tmp_path, stop_grace_s=1.0)
+    settings = Settings(data_dir=tmp_path, stop_grace_s=1.0, training_procs=2)  # torchrun
     ctx = RunContext(job_id="job_1", attempt=1, device="cpu")
 
     def cancel() -> None:

@@ -1,6 +1,8 @@
 """Runs a fine-tune in child processes: torchrun starts `training_procs` ranks (DDP over
-gloo on CPU, NCCL on GPUs), one even for one device, so the worker process never holds
-CUDA, the model or the training memory, and a stop by force ends processes, not threads.
+gloo on CPU, NCCL on GPUs); a one-process fine-tune is one rank forked from a server that
+has the training code imported. Never in the worker process itself, so the worker never
+holds CUDA, the model or the training memory, and a stop by force ends processes, not
+threads.
 
 The worker keeps the job's lifecycle: its heartbeat renews the leases and reads the cancel
 and pause flags, and this runner relays them to the ranks through the attempt's control
@@ -19,15 +21,19 @@ stop request are killed, before the heartbeat would restart the worker for them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import multiprocessing
+import multiprocessing.context
 import os
 import signal
 import subprocess
 import sys
 import time
+from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import SecretStr
 
@@ -95,6 +101,83 @@ def _kill(pid: int) -> None:
             kill(pid, signal.SIGKILL)
 
 
+class Ranks(Protocol):
+    """The training processes of one attempt, as the worker follows them: torchrun (which
+    ends the others when one rank dies) or the one rank forked from the preloaded server."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int | None: ...
+
+
+class ForkedRank:
+    """The single rank of a one-process fine-tune, forked from a server process that has
+    imported the training code once (torch, transformers, peft: seconds per job otherwise).
+    No torchrun: one process needs no rendezvous. It leads a session of its own, so a kill
+    reaches what it started too."""
+
+    def __init__(self, process: BaseProcess) -> None:
+        self._process = process
+
+    @property
+    def pid(self) -> int:
+        pid = self._process.pid
+        assert pid is not None  # started
+        return pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(f"training rank {self.pid}", timeout or 0)
+        return self._process.exitcode
+
+
+@functools.cache
+def _rank_server() -> multiprocessing.context.ForkServerContext:
+    """The forkserver ranks are forked from, started on the first one-process fine-tune
+    with the training code imported (never in the worker process itself)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([CHILD_MODULE])
+    return context
+
+
+def _forked_rank(control: str, launch: str) -> None:
+    """The forked rank's entry point (in this light module, so the worker can name it
+    without importing the training code)."""
+    os.setsid()
+    os.environ[LAUNCH_ENV] = launch
+    from workers.training.child import exit_now, main
+
+    exit_now(main([control]))
+
+
+def start_ranks(procs: int, control: ControlFiles, launch: str) -> Ranks:
+    if procs == 1:
+        process = _rank_server().Process(
+            target=_forked_rank, args=(str(control.root), launch), name="training-rank"
+        )
+        process.start()
+        return ForkedRank(process)
+    return subprocess.Popen(
+        torchrun_command(procs, control.root),
+        env={**os.environ, LAUNCH_ENV: launch},
+        start_new_session=True,
+    )
+
+
 class ChildProcessRunner:
     """The Runner of fine-tune jobs: the training itself runs in torchrun's ranks."""
 
@@ -116,14 +199,9 @@ class ChildProcessRunner:
             "worker": ctx.worker,
             "worker_pid": os.getpid(),
         }
-        command = torchrun_command(procs, control.root)
         logger.info("job %s: training in %d child process(es)", ctx.job_id, procs)
         started = time.monotonic()
-        child = subprocess.Popen(
-            command,
-            env={**os.environ, LAUNCH_ENV: json.dumps(launch)},
-            start_new_session=True,
-        )
+        child = start_ranks(procs, control, json.dumps(launch))
         killed = False
         try:
             killed = self._follow(child, control, ctx)
@@ -140,11 +218,11 @@ class ChildProcessRunner:
             child.returncode,
             time.monotonic() - started,
         )
-        return self._result(control, child.returncode, procs, ctx)
+        returncode = child.poll()
+        assert returncode is not None  # _follow returns once the ranks have ended
+        return self._result(control, returncode, procs, ctx)
 
-    def _follow(
-        self, child: subprocess.Popen[bytes], control: ControlFiles, ctx: RunContext
-    ) -> bool:
+    def _follow(self, child: Ranks, control: ControlFiles, ctx: RunContext) -> bool:
         """Wait for the ranks, relaying progress and the stop request; True when they had
         to be killed."""
         asked_at: float | None = None
@@ -178,7 +256,7 @@ class ChildProcessRunner:
                 return True
 
     @staticmethod
-    def _kill_all(child: subprocess.Popen[bytes], control: ControlFiles) -> None:
+    def _kill_all(child: Ranks, control: ControlFiles) -> None:
         for pid in control.pids():
             _kill(pid)
         _kill(child.pid)
