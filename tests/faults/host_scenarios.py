@@ -208,6 +208,16 @@ def _of_attempt(checkpoints: list[tuple[int, str]], attempt: int) -> list[int]:
 
 
 # 26 -----------------------------------------------------------------------------------------
+def _late_effect(event: dict[str, Any], worker: str) -> bool:
+    """An event by `worker` after another attempt took its job. Its own best-effort note
+    that it stopped on a lost lease (workers/lifecycle.py `_note`) is not one: it changes
+    nothing, and lands whenever the link is back before that write gives up."""
+    data = event["data"] or {}
+    if worker not in {data.get("worker"), data.get("by")}:
+        return False
+    return data.get("reason") != "lease_lost"
+
+
 def cut_off_mid_finetune(lab: HostsLab, steps: int = 80, every: int = 40) -> Outcome:
     """Cut the link of the worker host running a fine-tune as soon as its first checkpoint
     is recorded (in the store and the database); the other host resumes the job from that
@@ -268,11 +278,7 @@ def cut_off_mid_finetune(lab: HostsLab, steps: int = 80, every: int = 40) -> Out
     taken_at = attempts[1].start if len(attempts) > 1 else None
     ran_on = stack.events(job_id)
     taken = max(i for i, e in enumerate(ran_on) if e["message"].startswith("claimed by"))
-    late_events = [
-        e
-        for e in ran_on[taken:]
-        if victim in {(e["data"] or {}).get("worker"), (e["data"] or {}).get("by")}
-    ]
+    late_events = [e for e in ran_on[taken:] if _late_effect(e, victim)]
     overlapped = taken_at is not None and last_step_at >= taken_at
     result = done.get("result") or {}
     resumed_from = result.get("resumed_from_step")
@@ -506,11 +512,7 @@ def _cut_off_leader(lab: HostsLab, duration_s: float) -> Outcome:
     events = stack.events(leader_job)
     claimed = max(i for i, e in enumerate(events) if e["message"].startswith("claimed by"))
     old_worker = found.claims(leader_job)[0]
-    late_events = [
-        e
-        for e in events[claimed:]
-        if old_worker in {(e["data"] or {}).get("worker"), (e["data"] or {}).get("by")}
-    ]
+    late_events = [e for e in events[claimed:] if _late_effect(e, old_worker)]
     old_log = leader_proc.log
     stale_passes = _logged_after(old_log, "reconciled:", cut_at)
     stale_holds = _logged_after(old_log, "holding the recovery lease", cut_at)
