@@ -7,8 +7,6 @@ resume goes on from (issue 18). A kill -9 of one of the processes is fault row 2
 from __future__ import annotations
 
 import json
-import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
