@@ -35,10 +35,9 @@ from workers.context import RunContext
 from workers.failures import classify
 from workers.model_refs import ResolvedModel
 from workers.runners import RunResult
-from workers.training.control import ControlFiles, Outcome, StopRequest
+from workers.training.control import LAUNCH_ENV, ControlFiles, Outcome, StopRequest
 from workers.training.db_io import DbTrainingIO
 from workers.training.io import CheckpointInfo, DatasetRows, MetricPoint, TrainingIO
-from workers.training.launch import LAUNCH_ENV
 from workers.training.runner import FineTuneRunner
 
 logger = logging.getLogger(__name__)

@@ -26,6 +26,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+LAUNCH_ENV = "MODELYARD_TRAINING_LAUNCH"  # the job, as JSON, in a rank's environment
 STOP_FILE = "stop"
 PROGRESS_FILE = "progress"
 PID_PREFIX = "pid-"

@@ -42,12 +42,11 @@ from core.errors import JobStopped, PermanentJobError, StaleAttempt, TransientJo
 from core.settings import Settings
 from workers.context import RunContext
 from workers.runners import RunResult, TrainedModel, discard_model
-from workers.training.control import ControlFiles, Outcome, StopRequest
+from workers.training.control import LAUNCH_ENV, ControlFiles, Outcome, StopRequest
 from workers.training.layout import CONTROL_DIR, attempt_dir, job_dir
 
 logger = logging.getLogger(__name__)
 
-LAUNCH_ENV = "MODELYARD_TRAINING_LAUNCH"
 POLL_S = 0.2
 CHILD_MODULE = "workers.training.child"
 
