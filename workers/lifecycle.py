@@ -57,7 +57,7 @@ from db.outputs import add_outputs
 from db.registry import model_name, register_model
 from db.session import DATABASE_UNAVAILABLE, session_scope
 from workers.context import RunContext, worker_identity
-from workers.failures import classify, jittered_delay
+from workers.failures import classify, is_disk_full, jittered_delay
 from workers.heartbeat import Heartbeat
 from workers.leases import broker_leases
 from workers.restart import restart_process
@@ -455,8 +455,14 @@ class AttemptRun:
             logger.exception("job %s: could not record its result", ctx.job_id)
             landed = self._landed() if commit_unknown else False
             status = JobStatus.SUCCEEDED if landed else None
-        except Exception as exc:
+        except Exception as exc:  # rolled back: nothing of the result is stored
             logger.exception("job %s: storing its result failed", ctx.job_id)
+            if result.trained_model is not None:
+                self._discard_unregistered(result.trained_model.path)
+            if is_disk_full(exc):  # publishing the model filled a disk: try again later
+                return self.failed(
+                    TransientJobError(f"disk full storing the result: {exc}", FailureType.DISK_FULL)
+                )
             return self.fail(FailureType.RUNTIME_ERROR, f"storing the result failed: {exc}")
         if landed is None and result.trained_model is not None:
             logger.error(

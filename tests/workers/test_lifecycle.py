@@ -6,6 +6,7 @@ and tests/e2e/test_generation_batching.py).
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from db.base import utcnow
 from db.events import list_events
 from db.models import Job
 from db.outputs import OutputRecord, count_outputs
-from db.registry import get_model
+from db.registry import get_model, model_name
 from db.session import migrate, session_scope
 from tests.support.jobs import insert_job, load_job
 from tests.support.services import redis_db_index
@@ -424,6 +425,42 @@ def test_a_finish_whose_commit_raised_is_settled_by_reading_the_job(
         assert registered is not None
         path = settings.data_dir / registered.path
     assert (path / "model.safetensors").read_bytes() == b"weights"
+
+
+class _FullStore:
+    """An artifact store on a full disk: every publish fails with ENOSPC."""
+
+    def __init__(self) -> None:
+        self.removed: list[Path] = []
+
+    def publish(self, path: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    def remove(self, path: Path) -> None:
+        self.removed.append(path)
+
+
+def test_a_full_disk_storing_the_model_retries_and_keeps_no_copy(
+    settings: Settings, lifecycle: JobLifecycle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Publishing the trained model fills the disk: the finish rolls back, the job is
+    retried as disk_full (it used to fail for good as runtime_error), and the unregistered
+    model goes, locally and from the store."""
+    monkeypatch.setattr(
+        lifecycle_module, "runner_for", lambda kind, s: _ModelRunner(settings.data_dir)
+    )
+    store = _FullStore()
+    monkeypatch.setattr(lifecycle_module, "artifact_store", lambda s: store)
+    job_id = insert_job(settings.database_url, kind=JobKind.NOOP)
+    lifecycle.execute(job_id)
+    job = load_job(settings.database_url, job_id)
+    assert (job.status, job.error_type, job.attempts) == ("queued", "disk_full", 1)
+    model = settings.data_dir / "work" / job_id / "attempt-1" / "model"
+    assert not model.exists()
+    assert store.removed == [model]
+    with session_scope(settings.database_url) as s:
+        name = model_name("tiny-gpt2", FineTuneTask.CAUSAL_LM, None, job_id)
+        assert get_model(s, name) is None
 
 
 class _CountingLeases:
