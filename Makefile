@@ -22,7 +22,7 @@ demo: install
 # Two test processes: the suite mostly waits on real workers and services, so two
 # share 2 cores well (14 min -> 9 min); a module's tests stay in one process.
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadscope
+	$(BIN)/python -m pytest -n 2 --dist loadscope --durations=20
 
 # Only the fault-injection scenarios (kills, restarts, outages); `make test` runs them too.
 test-faults: install

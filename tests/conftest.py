@@ -37,6 +37,22 @@ def install_tiny_chat_model(tiny_model_dir: Path, data_dir: Path) -> None:
     with_chat_template(tiny_model_dir, data_dir / "models" / TINY_CHAT_MODEL)
 
 
+# Longest first: with `-n 2 --dist loadscope` each module goes whole to whichever process
+# is free, in collection order, so the fault and end-to-end modules (tens of seconds to
+# minutes each) start first and the short ones fill in around them, instead of one long
+# module running alone at the end.
+_LONG_FIRST = ("tests/faults/", "tests/e2e/")
+
+
+def _length_rank(item: pytest.Item) -> int:
+    path = item.nodeid
+    return next((i for i, prefix in enumerate(_LONG_FIRST) if path.startswith(prefix)), 99)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=_length_rank)  # stable: each module's own order stays
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests that use a database run on every backend, or on the ones their module lists
     in `BACKENDS` (with the reason next to it), or that their own parametrize names."""
