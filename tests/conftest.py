@@ -12,6 +12,11 @@ from tests.support.services import postgres_database
 # No model or dataset is ever downloaded in tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread per process (this one and every worker and training process the tests
+# start, which inherit it): the tests' models are tiny, and on 2 cores shared by two test
+# processes and their workers, two intra-op threads made a tiny fine-tune 5-10x slower
+# (bench/README.md, row T). Production keeps torch's default.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 BACKENDS = ["sqlite", "postgresql"]
 TINY_MODEL = "tiny-gpt2"
