@@ -146,8 +146,8 @@ class Settings(BaseSettings):
         default=1,
         ge=1,
         le=64,
-        description="Processes one fine-tune trains in, started by the worker with torchrun "
-        "(DDP over gloo on CPU, NCCL on GPUs); training never runs in the worker process "
+        description="Processes one fine-tune trains in (with two or more, torchrun starts them: "
+        "DDP over gloo on CPU, NCCL on GPUs); training never runs in the worker process "
         "itself. `modelyard worker --procs N` sets it; `--gpus 0,1` sets it to the GPUs named.",
     )
     max_body_bytes: int = Field(

@@ -35,7 +35,13 @@ from workers.context import RunContext
 from workers.failures import classify
 from workers.model_refs import ResolvedModel
 from workers.runners import RunResult
-from workers.training.control import LAUNCH_ENV, ControlFiles, Outcome, StopRequest
+from workers.training.control import (
+    LAUNCH_ENV,
+    ControlFiles,
+    Outcome,
+    StopRequest,
+    model_record,
+)
 from workers.training.db_io import DbTrainingIO
 from workers.training.io import CheckpointInfo, DatasetRows, MetricPoint, TrainingIO
 from workers.training.runner import FineTuneRunner
@@ -228,17 +234,7 @@ def _outcome_of(
     if not is_main:
         return Outcome("succeeded", rank)
     trained = result.trained_model
-    model = None
-    if trained is not None:
-        model = {
-            "path": str(trained.path),
-            "base_model": trained.base_model,
-            "task": trained.task.value,
-            "method": trained.method.value,
-            "labels": trained.labels,
-            "metrics": trained.metrics,
-            "adapter": trained.adapter,
-        }
+    model = model_record(trained) if trained is not None else None
     return Outcome("succeeded", rank, result=result.result, model=model)
 
 

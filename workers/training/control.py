@@ -24,6 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.enums import FineTuneMethod, FineTuneTask
+from workers.runners import TrainedModel
+
 logger = logging.getLogger(__name__)
 
 LAUNCH_ENV = "MODELYARD_TRAINING_LAUNCH"  # the job, as JSON, in a rank's environment
@@ -59,6 +62,32 @@ class Outcome:
     model: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     at: float = 0.0  # when it ended (time.time()): the first failure is the cause of the rest
+
+
+def model_record(trained: TrainedModel) -> dict[str, Any]:
+    """A trained model as rank 0's outcome carries it (JSON)."""
+    return {
+        "path": str(trained.path),
+        "base_model": trained.base_model,
+        "task": trained.task.value,
+        "method": trained.method.value,
+        "labels": trained.labels,
+        "metrics": trained.metrics,
+        "adapter": trained.adapter,
+    }
+
+
+def trained_model(record: dict[str, Any]) -> TrainedModel:
+    """The trained model an outcome's `model_record` names."""
+    return TrainedModel(
+        path=Path(record["path"]),
+        base_model=str(record["base_model"]),
+        task=FineTuneTask(record["task"]),
+        method=FineTuneMethod(record["method"]),
+        labels=list(record.get("labels", [])),
+        metrics={k: float(v) for k, v in record.get("metrics", {}).items()},
+        adapter=bool(record.get("adapter", False)),
+    )
 
 
 def _write_whole(path: Path, text: str) -> None:

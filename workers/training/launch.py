@@ -37,12 +37,18 @@ from typing import Any, Protocol
 
 from pydantic import SecretStr
 
-from core.enums import FailureType, FineTuneMethod, FineTuneTask
+from core.enums import FailureType
 from core.errors import JobStopped, PermanentJobError, StaleAttempt, TransientJobError
 from core.settings import Settings
 from workers.context import RunContext
-from workers.runners import RunResult, TrainedModel, discard_model
-from workers.training.control import LAUNCH_ENV, ControlFiles, Outcome, StopRequest
+from workers.runners import RunResult, discard_model
+from workers.training.control import (
+    LAUNCH_ENV,
+    ControlFiles,
+    Outcome,
+    StopRequest,
+    trained_model,
+)
 from workers.training.layout import CONTROL_DIR, attempt_dir, job_dir
 
 logger = logging.getLogger(__name__)
@@ -107,9 +113,6 @@ class Ranks(Protocol):
     @property
     def pid(self) -> int: ...
 
-    @property
-    def returncode(self) -> int | None: ...
-
     def poll(self) -> int | None: ...
 
     def wait(self, timeout: float | None = None) -> int | None: ...
@@ -129,10 +132,6 @@ class ForkedRank:
         pid = self._process.pid
         assert pid is not None  # started
         return pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self._process.exitcode
 
     def poll(self) -> int | None:
         return self._process.exitcode
@@ -178,7 +177,8 @@ def start_ranks(procs: int, control: ControlFiles, launch: str) -> Ranks:
 
 
 class ChildProcessRunner:
-    """The Runner of fine-tune jobs: the training itself runs in torchrun's ranks."""
+    """The Runner of fine-tune jobs: the training itself runs in child processes (the
+    forked rank, or torchrun's ranks)."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -211,14 +211,14 @@ class ChildProcessRunner:
             self._relay_progress(control, ctx)
         if killed:
             raise JobStopped(f"job {ctx.job_id}: training processes killed ({ctx.stop_reason})")
+        returncode = child.poll()
+        assert returncode is not None  # _follow returns once the ranks have ended
         logger.info(
             "job %s: training processes ended (exit %s) after %.1fs",
             ctx.job_id,
-            child.returncode,
+            returncode,
             time.monotonic() - started,
         )
-        returncode = child.poll()
-        assert returncode is not None  # _follow returns once the ranks have ended
         return self._result(control, returncode, procs, ctx)
 
     def _follow(self, child: Ranks, control: ControlFiles, ctx: RunContext) -> bool:
@@ -314,15 +314,5 @@ def _job_error(outcome: Outcome) -> TransientJobError | PermanentJobError:
 
 def _run_result(outcome: Outcome) -> RunResult:
     model = outcome.model
-    trained = None
-    if model is not None:
-        trained = TrainedModel(
-            path=Path(model["path"]),
-            base_model=str(model["base_model"]),
-            task=FineTuneTask(model["task"]),
-            method=FineTuneMethod(model["method"]),
-            labels=list(model.get("labels", [])),
-            metrics={k: float(v) for k, v in model.get("metrics", {}).items()},
-            adapter=bool(model.get("adapter", False)),
-        )
+    trained = trained_model(model) if model is not None else None
     return RunResult(result=outcome.result, trained_model=trained)
