@@ -15,10 +15,13 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from core.enums import FailureType
+from core.enums import FailureType, JobKind
 from core.errors import JobStopped, PermanentJobError, StaleAttempt, TransientJobError
 from core.settings import Settings
 from core.specs import Hyperparameters
+from db.session import migrate, session_scope
+from db.training import add_checkpoint
+from tests.support.jobs import insert_job
 from workers.context import RunContext
 from workers.runners import RunResult
 from workers.serve import devices_environment
@@ -26,6 +29,7 @@ from workers.training import launch
 from workers.training.child import rank_device
 from workers.training.control import ControlFiles, Outcome, StopRequest
 from workers.training.launch import ChildProcessRunner, settings_payload
+from workers.training.layout import CHECKPOINTS_DIR, attempt_dir, job_dir
 from workers.training.schedule import per_device_batch, plan_schedule
 
 MODEL_PATH = "/data/jobs/j/attempts/1/model"
@@ -223,3 +227,40 @@ def test_ranks_that_ignore_a_stop_request_are_killed_after_half_the_grace(
         for _ in range(50):  # killed with its process group; reaped by init
             os.kill(grandchild, 0)
             time.sleep(0.1)
+
+
+def test_a_dead_attempts_checkpoints_without_a_row_are_removed(tmp_path: Path) -> None:
+    """torchrun ends rank 0 wherever it is when rank 1 dies, between renaming a checkpoint
+    into place and writing its row included (fault row 29 caught one): once the ranks have
+    ended, what no row names goes, and what rows name stays."""
+    database_url = f"sqlite:///{tmp_path / 'modelyard.db'}"
+    migrate(database_url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url)
+    job_id = insert_job(database_url, kind=JobKind.FINETUNE)
+    ctx = RunContext(job_id=job_id, attempt=2, device="cpu", tenant_id="default")
+    run_dir = attempt_dir(job_dir(settings, job_id, "default"), 2) / CHECKPOINTS_DIR
+    for name in ("checkpoint-20", "checkpoint-40", "checkpoint-60", ".staging"):
+        (run_dir / name).mkdir(parents=True)
+        (run_dir / name / "rng_state_1.pth").write_bytes(b"x")
+    earlier = attempt_dir(job_dir(settings, job_id, "default"), 1) / CHECKPOINTS_DIR
+    (earlier / "checkpoint-60").mkdir(parents=True)  # another attempt's: not this one's to sweep
+    with session_scope(database_url) as s:
+        for step in (20, 40):
+            path = (run_dir / f"checkpoint-{step}").relative_to(settings.data_dir.resolve())
+            add_checkpoint(s, job_id, step, str(path), {})
+
+    launch.remove_unrecorded_checkpoints(settings, ctx)
+
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint-20", "checkpoint-40"]
+    assert (earlier / "checkpoint-60").is_dir()
+
+
+def test_without_the_database_the_sweep_keeps_everything(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", database_url="sqlite:///" + str(tmp_path))
+    ctx = RunContext(job_id="job_1", attempt=1, device="cpu", tenant_id="default")
+    run_dir = attempt_dir(job_dir(settings, "job_1", "default"), 1) / CHECKPOINTS_DIR
+    (run_dir / "checkpoint-5").mkdir(parents=True)
+
+    launch.remove_unrecorded_checkpoints(settings, ctx)  # the URL names a directory: no database
+
+    assert (run_dir / "checkpoint-5").is_dir()

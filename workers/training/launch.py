@@ -27,6 +27,7 @@ import logging
 import multiprocessing
 import multiprocessing.context
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +41,9 @@ from pydantic import SecretStr
 from core.enums import FailureType
 from core.errors import JobStopped, PermanentJobError, StaleAttempt, TransientJobError
 from core.settings import Settings
+from core.storage import artifact_store
+from db.session import session_scope
+from db.training import list_checkpoints
 from workers.context import RunContext
 from workers.runners import RunResult, discard_model
 from workers.training.control import (
@@ -49,7 +53,7 @@ from workers.training.control import (
     StopRequest,
     trained_model,
 )
-from workers.training.layout import CONTROL_DIR, attempt_dir, job_dir
+from workers.training.layout import CHECKPOINTS_DIR, CONTROL_DIR, attempt_dir, job_dir
 
 logger = logging.getLogger(__name__)
 
@@ -209,17 +213,21 @@ class ChildProcessRunner:
             raise
         finally:
             self._relay_progress(control, ctx)
-        if killed:
-            raise JobStopped(f"job {ctx.job_id}: training processes killed ({ctx.stop_reason})")
-        returncode = child.poll()
-        assert returncode is not None  # _follow returns once the ranks have ended
-        logger.info(
-            "job %s: training processes ended (exit %s) after %.1fs",
-            ctx.job_id,
-            returncode,
-            time.monotonic() - started,
-        )
-        return self._result(control, returncode, procs, ctx)
+        try:
+            if killed:
+                raise JobStopped(f"job {ctx.job_id}: training processes killed ({ctx.stop_reason})")
+            returncode = child.poll()
+            assert returncode is not None  # _follow returns once the ranks have ended
+            logger.info(
+                "job %s: training processes ended (exit %s) after %.1fs",
+                ctx.job_id,
+                returncode,
+                time.monotonic() - started,
+            )
+            return self._result(control, returncode, procs, ctx)
+        except Exception:
+            remove_unrecorded_checkpoints(settings, ctx)
+            raise
 
     def _follow(self, child: Ranks, control: ControlFiles, ctx: RunContext) -> bool:
         """Wait for the ranks, relaying progress and the stop request; True when they had
@@ -302,6 +310,38 @@ class ChildProcessRunner:
             f"{how}); the job resumes from its last checkpoint",
             FailureType.WORKER_LOST,
         )
+
+
+def remove_unrecorded_checkpoints(settings: Settings, ctx: RunContext) -> None:
+    """Remove what the attempt's ranks left in its checkpoint directory that no row names:
+    a checkpoint renamed into place whose row was never written (torchrun ends rank 0
+    wherever it is when another rank dies, between the rename and the row included) and a
+    half-written staging directory. Called once the ranks have all ended, so none of it
+    will be recorded now, and no attempt resumes from a checkpoint without a row
+    (DbTrainingIO.latest_checkpoint). Best effort: without the database it keeps all."""
+    root = attempt_dir(job_dir(settings, ctx.job_id, ctx.tenant_id), ctx.attempt)
+    found = sorted(p for p in (root / CHECKPOINTS_DIR).glob("*") if p.is_dir())
+    if not found:
+        return
+    data_dir = settings.data_dir.resolve()
+    try:
+        with session_scope(settings.database_url, readonly=True) as session:
+            recorded = {
+                (data_dir / c.path).resolve() for c in list_checkpoints(session, ctx.job_id)
+            }
+    except Exception as exc:
+        logger.warning("job %s: checkpoints without a row kept: %s", ctx.job_id, exc)
+        return
+    store = artifact_store(settings)
+    for path in found:
+        if path.resolve() in recorded:
+            continue
+        logger.info("job %s: removing %s, which no checkpoint row names", ctx.job_id, path)
+        try:
+            store.remove(path)
+        except Exception as exc:  # the local copy goes anyway; no row names the shared one
+            logger.warning("job %s: shared copy of %s not removed: %s", ctx.job_id, path, exc)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _job_error(outcome: Outcome) -> TransientJobError | PermanentJobError:
