@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,18 +68,28 @@ class Proc:
         self.popen.send_signal(sig)
 
     def stop(self, timeout: float = 15) -> None:
-        if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(10)
-        self._fh.close()
+        stop_together([self], timeout)
 
     def tail(self, n: int = 40) -> str:
         lines = self.log.read_text(errors="replace").splitlines()
         return "\n".join(lines[-n:])
+
+
+def stop_together(procs: Sequence[Proc], timeout: float = 15) -> None:
+    """SIGTERM to every process at once, then wait for each within one shared `timeout`
+    (SIGKILL to those still running): a stack's processes shut down side by side, not one
+    after the other."""
+    for proc in procs:
+        if proc.alive():
+            proc.popen.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.popen.wait(max(deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            proc.popen.kill()
+            proc.popen.wait(10)
+        proc._fh.close()
 
 
 class Stack:
@@ -168,8 +178,7 @@ class Stack:
         return text in proc.log.read_text(errors="replace")
 
     def stop_workers(self) -> None:
-        for proc in self.workers:
-            proc.stop()
+        stop_together(self.workers)
         self.workers.clear()
 
     @contextmanager
@@ -186,10 +195,8 @@ class Stack:
             self.stop()
 
     def stop(self) -> None:
-        self.stop_workers()
-        for proc in (self.beat, self.api):
-            if proc is not None:
-                proc.stop()
+        stop_together([*self.workers, *(p for p in (self.beat, self.api) if p is not None)])
+        self.workers.clear()
 
     def logs(self) -> str:
         return "\n\n".join(
