@@ -24,6 +24,12 @@ class FineTuneMethod(StrEnum):
     ADALORA = "adalora"
 
 
+class Tracker(StrEnum):
+    """An experiment tracker a fine-tune reports its metrics to, besides our own database."""
+
+    TENSORBOARD = "tensorboard"  # event files in the attempt's directory, downloadable
+
+
 class DatasetSchema(StrEnum):
     """The shape of a dataset's rows once parsed."""
 

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.enums import Tracker
+
 
 class Settings(BaseSettings):
     """Modelyard configuration, read from `MODELYARD_*` environment variables."""
@@ -149,6 +151,11 @@ class Settings(BaseSettings):
         description="Processes one fine-tune trains in (with two or more, torchrun starts them: "
         "DDP over gloo on CPU, NCCL on GPUs); training never runs in the worker process "
         "itself. `modelyard worker --procs N` sets it; `--gpus 0,1` sets it to the GPUs named.",
+    )
+    tracking: list[Tracker] = Field(
+        default_factory=list,
+        description="Experiment trackers every fine-tune reports to unless its spec names its "
+        "own (`tracking`), as JSON: `MODELYARD_TRACKING='[\"tensorboard\"]'`. Off by default.",
     )
     max_body_bytes: int = Field(
         default=1_048_576, gt=0, description="Largest request body the API accepts."

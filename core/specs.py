@@ -23,6 +23,7 @@ from core.enums import (
     FineTuneTask,
     JobKind,
     PredictMode,
+    Tracker,
     WebhookEvent,
 )
 from core.response_format import ResponseFormat
@@ -271,6 +272,12 @@ class FineTuneSpec(BaseModel):
         description="With lora/adalora: register the base with the adapter merged in.",
     )
     from_checkpoint: CheckpointRef | None = None
+    tracking: list[Tracker] | None = Field(
+        default=None,
+        max_length=len(Tracker),
+        description="Experiment trackers this job reports to ([] for none); default: the "
+        "deployment's `MODELYARD_TRACKING` (off unless set).",
+    )
     trust_remote_code: bool = Field(default=False, description="Always refused.")
 
     @field_validator("trust_remote_code")

@@ -1,14 +1,20 @@
 """`modelyard submit | jobs | show | watch | events | logs | cancel | pause | resume |
-outputs`: the HTTP API from the shell. Exit codes scripts can rely on: 0 succeeded (or the
-command worked), 1 failed, 3 cancelled, 4 expired, 5 the API refused or could not be
-reached, 6 still running when `watch --timeout` ran out, 7 `watch` found the job paused."""
+outputs | tensorboard`: the HTTP API from the shell. Exit codes scripts can rely on: 0
+succeeded (or the command worked), 1 failed, 3 cancelled, 4 expired, 5 the API refused or
+could not be reached, 6 still running when `watch --timeout` ran out, 7 `watch` found the
+job paused."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
+import io
 import json
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -280,6 +286,41 @@ def outputs(
     writer.writerows(rows)
 
 
+def unpack_tensorboard(archive: bytes, folder: Path) -> None:
+    """The API's .tar.gz into `folder` (tarfile's `data` filter: nothing lands outside it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        tar.extractall(folder, filter="data")
+
+
+def tensorboard(
+    job_id: str,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", help="Only unpack the event files into this folder"),
+    ] = None,
+    port: Annotated[int, typer.Option("--port", help="Port TensorBoard serves on")] = 6006,
+    url: UrlOption = "http://127.0.0.1:8000",
+    api_key: KeyOption = None,
+) -> None:
+    """Open a fine-tune's TensorBoard event files (one run per attempt) in TensorBoard on
+    127.0.0.1 until Ctrl-C; with --output, unpack them there instead. The job must have
+    run with tracking on (`tracking: ["tensorboard"]` or MODELYARD_TRACKING)."""
+    with _client(url, api_key) as client:
+        archive = _call(lambda: client.tensorboard(job_id))
+    if output is not None:
+        unpack_tensorboard(archive, output)
+        console.print(f"event files of {job_id} in {output}")
+        return
+    with tempfile.TemporaryDirectory(prefix=f"{job_id}-tensorboard-") as folder:
+        unpack_tensorboard(archive, Path(folder))
+        console.print(f"TensorBoard for {job_id} on http://127.0.0.1:{port} (Ctrl-C stops it)")
+        command = [sys.executable, "-m", "tensorboard.main", "--logdir", folder]
+        command += ["--host", "127.0.0.1", "--port", str(port)]
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C reached TensorBoard too
+            subprocess.run(command, check=False)
+
+
 def sparkline(values: list[float], width: int = 40) -> str:
     """The last `width` values as block characters, lowest to highest."""
     tail = values[-width:]
@@ -362,5 +403,6 @@ def watch(
 
 
 def register(app: typer.Typer) -> None:
-    for command in (submit, jobs, show, watch, events, logs, cancel, pause, resume, outputs):
+    commands = (submit, jobs, show, watch, events, logs, cancel, pause, resume, outputs)
+    for command in (*commands, tensorboard):
         app.command()(command)

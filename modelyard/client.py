@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import httpx
 
@@ -223,11 +223,16 @@ def _should_retry(safe: bool, attempt: int, retries: int, status_code: int | Non
     return status_code is None or status_code == 503
 
 
-def _answer(response: httpx.Response, pick: str | None, text: bool) -> Any:
+Body = Literal["json", "text", "bytes"]  # how an answer's body is decoded
+
+
+def _answer(response: httpx.Response, pick: str | None, body: Body) -> Any:
     if response.is_error:
         raise error_from(response)
-    if text:
+    if body == "text":
         return response.text
+    if body == "bytes":
+        return response.content
     if not response.content:
         return None
     data = response.json()
@@ -249,7 +254,7 @@ class _Resources(Generic[R]):
         *,
         retry: bool | None = None,
         pick: str | None = None,
-        text: bool = False,
+        body: Body = "json",
         **kwargs: Any,
     ) -> R:
         raise NotImplementedError
@@ -311,7 +316,11 @@ class _Resources(Generic[R]):
 
     def batch_file(self, job_id: str, name: str = "output") -> R:
         """A batch job's `output` or `error` JSONL."""
-        return self._request("GET", f"/v1/jobs/{job_id}/files/{name}", text=True)
+        return self._request("GET", f"/v1/jobs/{job_id}/files/{name}", body="text")
+
+    def tensorboard(self, job_id: str) -> R:
+        """A fine-tune's TensorBoard event files, one run per attempt, as .tar.gz bytes."""
+        return self._request("GET", f"/v1/jobs/{job_id}/tensorboard", body="bytes")
 
     # Datasets and models
 
@@ -437,7 +446,7 @@ class Client(_Resources[Any]):
         *,
         retry: bool | None = None,
         pick: str | None = None,
-        text: bool = False,
+        body: Body = "json",
         **kwargs: Any,
     ) -> Any:
         """One call; reads (and calls marked safe) are retried on connection errors and
@@ -458,7 +467,7 @@ class Client(_Resources[Any]):
             ):
                 time.sleep(_backoff_s(attempt))
                 continue
-            return _answer(response, pick, text)
+            return _answer(response, pick, body)
 
     def iter_jobs(self, **filters: Any) -> Iterator[dict[str, Any]]:
         """Every job matching `filters`, newest first, page by page."""
@@ -577,7 +586,7 @@ class AsyncClient(_Resources[Awaitable[Any]]):
         *,
         retry: bool | None = None,
         pick: str | None = None,
-        text: bool = False,
+        body: Body = "json",
         **kwargs: Any,
     ) -> Any:
         safe = method == "GET" if retry is None else retry
@@ -596,7 +605,7 @@ class AsyncClient(_Resources[Awaitable[Any]]):
             ):
                 await asyncio.sleep(_backoff_s(attempt))
                 continue
-            return _answer(response, pick, text)
+            return _answer(response, pick, body)
 
     async def iter_jobs(self, **filters: Any) -> AsyncIterator[dict[str, Any]]:
         """Every job matching `filters`, newest first, page by page."""

@@ -23,6 +23,7 @@ from api.deps import (
     request_session,
 )
 from api.job_checks import check_job_request, check_queued_quota
+from api.job_files import tensorboard_archive
 from api.schemas import (
     CheckpointList,
     CheckpointOut,
@@ -38,7 +39,7 @@ from api.schemas import (
 )
 from core.dispatch import JobPublisher
 from core.enums import JobKind, JobStatus
-from core.errors import IdempotencyConflictError, InvalidRequestError
+from core.errors import IdempotencyConflictError, InvalidRequestError, NotFoundError
 from core.settings import Settings
 from core.specs import (
     DEFAULT_WEBHOOK_EVENTS,
@@ -369,3 +370,28 @@ def list_job_checkpoints(job_id: str, session: ReadSessionDep, who: JobsRead) ->
     jobs_repo.require_job(session, job_id, tenant_id=who.tenant_id)
     rows = training_repo.list_checkpoints(session, job_id)
     return CheckpointList(job_id=job_id, data=[CheckpointOut.of(c) for c in rows])
+
+
+@router.get(
+    "/{job_id}/tensorboard",
+    response_class=Response,
+    responses={200: {"content": {"application/gzip": {}}, "description": "A .tar.gz"}},
+)
+def download_job_tensorboard(
+    job_id: str, session: ReadSessionDep, who: JobsRead, settings: SettingsDep
+) -> Response:
+    """The job's TensorBoard event files (fine-tunes with `tracking: ["tensorboard"]` or the
+    deployment's `MODELYARD_TRACKING`), one run per attempt: `tensorboard --logdir` the
+    unpacked folder, or `modelyard tensorboard JOB`."""
+    job = jobs_repo.require_job(session, job_id, tenant_id=who.tenant_id)
+    archive = tensorboard_archive(settings, job.id, job.tenant_id, job.attempts)
+    if archive is None:
+        raise NotFoundError(
+            f"job {job_id} has no TensorBoard files: tracking was off for it, or it has not "
+            "trained yet"
+        )
+    return Response(
+        archive,
+        media_type="application/gzip",
+        headers={"Content-Disposition": f'attachment; filename="{job_id}-tensorboard.tar.gz"'},
+    )

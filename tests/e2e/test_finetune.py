@@ -5,7 +5,9 @@ Runs on SQLite and PostgreSQL (see the `database_url` fixture).
 
 from __future__ import annotations
 
+import io
 import shutil
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -119,10 +121,20 @@ def test_causal_lm(live: Stack, tmp_path: Path, method: str) -> None:
         "method": method,
         "suffix": f"shop-{method}",
         "hyperparameters": {**HP, "learning_rate": 5e-3 if method == "full" else 2e-2},
+        "tracking": ["tensorboard"] if method == "full" else None,
     }
     done = train(live, spec)
     assert done["result"]["model"].startswith(f"ft:{TINY_MODEL}:shop-{method}:")
     assert done["result"]["eval"]["perplexity"] > 0
+    with live.client() as c:  # TensorBoard files where tracking was on, a 404 where off
+        answer = c.get(f"/v1/jobs/{done['id']}/tensorboard")
+    if method == "full":
+        assert answer.status_code == 200, answer.text
+        with tarfile.open(fileobj=io.BytesIO(answer.content), mode="r:gz") as tar:
+            names = tar.getnames()
+        assert names and all(n.startswith("attempt-1/events.out.tfevents.") for n in names)
+    else:
+        assert answer.status_code == 404, answer.text
     outs = serve(
         live,
         "generate",

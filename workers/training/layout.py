@@ -10,6 +10,8 @@
                                            registers it after its fence check
             control/                       the worker and its training processes talk
                                            through these files (control.py)
+            tensorboard/                   TensorBoard event files, when tracking is on
+                                           (rank 0; published to the store at the end)
 
 A later attempt reads an earlier one's checkpoint where its row (written under the earlier
 attempt's fence) points, and writes nothing there: a stale attempt that wakes up can only
@@ -20,25 +22,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.settings import Settings
+from core.job_layout import ATTEMPTS_DIR, TENSORBOARD_DIR, attempt_dir, job_dir
 
-ATTEMPTS_DIR = "attempts"
+__all__ = [
+    "ATTEMPTS_DIR",
+    "CHECKPOINTS_DIR",
+    "CONTROL_DIR",
+    "MODEL_DIR",
+    "STEP_MARKER",
+    "TENSORBOARD_DIR",
+    "attempt_dir",
+    "job_dir",
+    "read_step_marker",
+    "steps_reached_before",
+]
+
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 STEP_MARKER = "last_step"
 CONTROL_DIR = "control"
-
-
-def job_dir(settings: Settings, job_id: str, tenant_id: str | None = None) -> Path:
-    """A job's artifacts: under its tenant's directory, named by the server-made job id only."""
-    root = settings.data_dir.resolve()
-    if tenant_id is None:
-        return root / "jobs" / job_id
-    return root / "tenants" / tenant_id / "jobs" / job_id
-
-
-def attempt_dir(job: Path, attempt: int) -> Path:
-    return job / ATTEMPTS_DIR / str(attempt)
 
 
 def read_step_marker(path: Path) -> int | None:
