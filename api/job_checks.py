@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from api.tokenizers import local_tokenizer
 from core.embeddings import input_limit
-from core.enums import SCHEMAS_FOR_TASK, DatasetSchema, FineTuneTask, PredictMode
+from core.enums import SCHEMAS_FOR_TASK, DatasetSchema, FineTuneTask, PredictMode, Tracker
 from core.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -132,6 +132,12 @@ def _fitting_dataset(
 def _check_finetune(
     session: Session, settings: Settings, tenant_id: str, spec: FineTuneSpec
 ) -> None:
+    tracking = spec.tracking or []
+    if Tracker.MLFLOW in tracking and not settings.mlflow_tracking_uri.get_secret_value():
+        raise InvalidRequestError(
+            "this deployment has no MLflow tracking server (MODELYARD_MLFLOW_TRACKING_URI)",
+            param="spec.tracking",
+        )
     train = _fitting_dataset(
         session, tenant_id, spec.training_dataset, spec.task, "spec.training_dataset"
     )

@@ -28,6 +28,7 @@ class Tracker(StrEnum):
     """An experiment tracker a fine-tune reports its metrics to, besides our own database."""
 
     TENSORBOARD = "tensorboard"  # event files in the attempt's directory, downloadable
+    MLFLOW = "mlflow"  # a run per attempt on the deployment's MLflow tracking server
 
 
 class DatasetSchema(StrEnum):

@@ -157,6 +157,14 @@ class Settings(BaseSettings):
         description="Experiment trackers every fine-tune reports to unless its spec names its "
         "own (`tracking`), as JSON: `MODELYARD_TRACKING='[\"tensorboard\"]'`. Off by default.",
     )
+    mlflow_tracking_uri: SecretStr = Field(
+        default=SecretStr(""),
+        description="The MLflow tracking server fine-tunes with the `mlflow` tracker report "
+        "to (it may carry credentials: kept out of logs and results).",
+    )
+    mlflow_experiment: str = Field(
+        default="modelyard", min_length=1, description="The MLflow experiment their runs go to."
+    )
     max_body_bytes: int = Field(
         default=1_048_576, gt=0, description="Largest request body the API accepts."
     )
@@ -431,6 +439,12 @@ class Settings(BaseSettings):
     def _default_database(self) -> Settings:
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'modelyard.db').resolve()}"
+        return self
+
+    @model_validator(mode="after")
+    def _mlflow_needs_a_server(self) -> Settings:
+        if Tracker.MLFLOW in self.tracking and not self.mlflow_tracking_uri.get_secret_value():
+            raise ValueError("tracking names mlflow: set MODELYARD_MLFLOW_TRACKING_URI too")
         return self
 
     @property

@@ -1,16 +1,26 @@
-"""Experiment tracking of fine-tunes: TensorBoard event files from the runner (real
-Trainer on the tiny GPT-2, in-memory TrainingIO), and which trackers a job gets."""
+"""Experiment tracking of fine-tunes: TensorBoard event files and MLflow runs (a real
+`mlflow server`) from the runner (real Trainer on the tiny GPT-2, in-memory TrainingIO),
+and which trackers a job gets."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
+from mlflow.tracking import MlflowClient
+from pydantic import SecretStr
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from core.enums import DatasetSchema, Tracker
+from core.errors import JobStopped
 from core.settings import Settings
 from core.specs import FineTuneSpec
 from tests.support.memory_io import MemoryTrainingIO
+from tests.support.mlflow_server import mlflow_server
+from tests.support.services import free_port
 from workers.context import RunContext
 from workers.model_refs import ResolvedModel
 from workers.training.runner import FineTuneRunner
@@ -82,3 +92,91 @@ def test_untracked_fine_tunes_write_no_event_files(tiny_model_dir: Path, tmp_pat
     assert result.result is not None and result.result["tracking"] == {}
     assert not (io.work_dir / "tensorboard").exists()
     assert not list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+class StopAtStep(RunContext):
+    """Cancelled once progress reaches `step` (the runner checkpoints, then stops)."""
+
+    def __init__(self, job_id: str, step: int) -> None:
+        super().__init__(job_id=job_id, attempt=1, device="cpu")
+        self._stop_step = step
+
+    def report_progress(self, fraction: float, **detail: Any) -> None:
+        super().report_progress(fraction, **detail)
+        if detail.get("step", 0) >= self._stop_step:
+            self.cancelled = True
+            self.stop_event.set()
+
+
+@pytest.fixture(scope="module")
+def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
+        yield url
+
+
+def _lm_io(tiny_model_dir: Path, tmp_path: Path) -> tuple[MemoryTrainingIO, dict[str, Any]]:
+    io = MemoryTrainingIO(work_dir=tmp_path / "work")
+    io.work_dir.mkdir()
+    io.models["tiny-gpt2"] = ResolvedModel(ref=str(tiny_model_dir))
+    spec = {
+        "base_model": "tiny-gpt2",
+        "task": "causal_lm",
+        "training_dataset": io.add_dataset(DatasetSchema.TEXT, [{"text": TEXT}] * 16),
+        "hyperparameters": {"batch_size": 4, "max_steps": 6, "eval_steps": 3},
+        "tracking": ["mlflow"],
+    }
+    return io, spec
+
+
+def test_each_attempt_is_an_mlflow_run_ended_with_its_outcome(
+    tiny_model_dir: Path, tmp_path: Path, mlflow_url: str
+) -> None:
+    io, spec = _lm_io(tiny_model_dir, tmp_path)
+    settings = Settings(
+        data_dir=tmp_path, mlflow_tracking_uri=SecretStr(mlflow_url), mlflow_experiment="t"
+    )
+    runner = FineTuneRunner(settings, lambda _: io)
+    with pytest.raises(JobStopped):  # attempt 1: cancelled at step 2, with a checkpoint
+        runner.run(spec, StopAtStep(io.job_id, 2))
+    second = RunContext(job_id=io.job_id, attempt=2, device="cpu")
+
+    result = runner.run(spec, second)  # attempt 2 resumes from it
+
+    assert result.result is not None and result.result["resumed_from_step"] == 2
+    named = result.result["tracking"]["mlflow"]
+    assert named["run_name"] == f"{io.job_id}-attempt-2" and named["experiment"] == "t"
+    assert mlflow_url not in json.dumps(result.result)  # the URI may carry credentials
+    client = MlflowClient(tracking_uri=mlflow_url)
+    runs = client.search_runs(
+        [named["experiment_id"]], filter_string=f"tags.`modelyard.job_id` = '{io.job_id}'"
+    )
+    by_attempt = {r.data.tags["modelyard.attempt"]: r for r in runs}
+    assert {a: r.info.status for a, r in by_attempt.items()} == {"1": "KILLED", "2": "FINISHED"}
+    assert by_attempt["2"].info.run_id == named["run_id"]
+    losses = client.get_metric_history(named["run_id"], "loss")
+    assert [m.step for m in losses] == [3, 4, 5, 6]  # the resumed steps only
+    recorded = {p.step: p.value for p in io.metrics if p.name == "train_loss" and p.step > 2}
+    assert all(abs(m.value - recorded[m.step]) < 1e-4 for m in losses)
+    evaluations = client.get_metric_history(named["run_id"], "eval_loss")
+    assert [m.step for m in evaluations] == [3, 6, 6]  # the final evaluation too
+    assert by_attempt["2"].data.params["max_steps"] == "6"  # the Trainer's arguments
+    assert [m for m, _ in io.events].count("MLflow run started") == 2
+
+
+def test_an_unreachable_tracking_server_costs_the_run_not_the_training(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    io, spec = _lm_io(tiny_model_dir, tmp_path)
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = Settings(data_dir=tmp_path, mlflow_tracking_uri=SecretStr(dead))
+
+    result = FineTuneRunner(settings, lambda _: io).run(spec, RunContext(io.job_id, 1, "cpu"))
+
+    assert result.result is not None and result.result["train"]["global_step"] == 6
+    assert result.result["tracking"] == {}
+    assert "MLflow tracking server unreachable: no run for this attempt" in io.messages()
+
+
+def test_the_mlflow_tracker_needs_a_server_in_the_settings() -> None:
+    with pytest.raises(ValueError, match="MODELYARD_MLFLOW_TRACKING_URI"):
+        Settings(tracking=[Tracker.MLFLOW])

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from transformers import PrinterCallback, Trainer, set_seed
 from transformers.trainer_callback import EarlyStoppingCallback, TrainerCallback
 
-from core.enums import FailureType, FineTuneMethod, FineTuneTask, Tracker
+from core.enums import FailureType, FineTuneMethod, FineTuneTask
 from core.errors import PermanentJobError, StaleAttempt
 from core.settings import Settings
 from core.specs import FineTuneSpec
@@ -50,12 +50,7 @@ from workers.training.models import (
 from workers.training.peft_setup import apply_method, is_adalora
 from workers.training.reports import compute_metrics_for
 from workers.training.schedule import Schedule, plan_schedule, precision_for, training_arguments
-from workers.training.tracking import (
-    end_tracking,
-    trackers_for,
-    tracking_callbacks,
-    tracking_result,
-)
+from workers.training.tracking import Tracking, trackers_for
 
 logger = logging.getLogger(__name__)
 
@@ -145,13 +140,20 @@ class FineTuneRunner:
         prepared = self._prepare(spec, io)
         ctx.check_stop()
         output_dir = io.work_dir / CHECKPOINTS_DIR
+        trainer = self._trainer(spec, prepared, ctx, io, output_dir)
         trackers = trackers_for(spec, self._settings)
-        trainer = self._trainer(spec, prepared, ctx, io, output_dir, trackers)
+        tracking = Tracking(trackers, self._settings, ctx, io, trainer.is_world_process_zero())
+        for callback in tracking.start(spec):
+            trainer.add_callback(callback)
         try:
-            return self._train(spec, prepared, ctx, io, trainer, trackers)
-        finally:
-            if trainer.is_world_process_zero():
-                end_tracking(trainer, trackers, io.work_dir, self._settings)
+            result = self._train(spec, prepared, ctx, io, trainer)
+        except BaseException as exc:
+            tracking.end(trainer, exc)
+            raise
+        tracking.end(trainer, None)
+        assert result.result is not None
+        result.result["tracking"] = tracking.result()
+        return result
 
     def _train(
         self,
@@ -160,7 +162,6 @@ class FineTuneRunner:
         ctx: RunContext,
         io: TrainingIO,
         trainer: Trainer,
-        trackers: list[Tracker],
     ) -> RunResult:
         resume = io.latest_checkpoint()  # read where it lies: nothing of it is copied
         steps_redone = 0
@@ -204,7 +205,6 @@ class FineTuneRunner:
                 "eval": report,
                 "resumed_from_step": resume.step if resume else None,
                 "steps_redone": steps_redone,
-                "tracking": tracking_result(trackers, io.work_dir, self._settings.data_dir),
             },
             trained_model=TrainedModel(
                 path=model_dir.resolve(),
@@ -264,7 +264,6 @@ class FineTuneRunner:
         ctx: RunContext,
         io: TrainingIO,
         output_dir: Path,
-        trackers: list[Tracker],
     ) -> Trainer:
         hp = spec.hyperparameters
         callbacks: list[TrainerCallback] = [
@@ -276,7 +275,6 @@ class FineTuneRunner:
             *self._callbacks,
             StopCallback(ctx),
             StepMarkerCallback(io.work_dir / STEP_MARKER),
-            *tracking_callbacks(trackers, io.work_dir),
         ]
         if is_adalora(prepared.model):
             callbacks.append(AdaLoraCallback())

@@ -1,5 +1,6 @@
-"""GET /v1/jobs/{id}/tensorboard: a fine-tune's event files, one run per attempt, as one
-.tar.gz that `modelyard tensorboard` unpacks; a typed 404 when there are none."""
+"""Tracking through the API: GET /v1/jobs/{id}/tensorboard gives a fine-tune's event files,
+one run per attempt, as one .tar.gz that `modelyard tensorboard` unpacks (a typed 404 when
+there are none); a job asking for MLflow where the deployment has no server is refused."""
 
 from __future__ import annotations
 
@@ -90,3 +91,23 @@ def test_unpacking_refuses_members_outside_the_folder(tmp_path: Path) -> None:
     with pytest.raises(tarfile.OutsideDestinationError):
         unpack_tensorboard(buffer.getvalue(), tmp_path / "runs")
     assert not (tmp_path / "escaped").exists()
+
+
+def test_a_job_asking_for_mlflow_where_there_is_no_server_is_refused(
+    client: TestClient, settings: Settings
+) -> None:
+    spec = {
+        "base_model": "tiny-gpt2",
+        "task": "causal_lm",
+        "training_dataset": "ds_" + "0" * 32,
+        "tracking": ["mlflow"],
+    }
+    before = client.get("/v1/jobs").json()["data"]
+
+    answer = client.post("/v1/jobs", json={"kind": "finetune", "spec": spec})
+
+    assert answer.status_code == 422, answer.text  # as every invalid_request
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request" and error["param"] == "spec.tracking"
+    assert "MODELYARD_MLFLOW_TRACKING_URI" in error["message"]
+    assert client.get("/v1/jobs").json()["data"] == before  # nothing was created
