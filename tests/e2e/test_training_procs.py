@@ -69,6 +69,8 @@ def test_two_processes_train_a_model_that_serves(two_procs: Stack, tmp_path: Pat
     ranks = outcomes(control_dir(two_procs, job_id, 1))
     assert {r: o["status"] for r, o in ranks.items()} == {0: "succeeded", 1: "succeeded"}
     assert done["result"]["train"]["global_step"] == 30
+    # both ranks loaded the same best checkpoint at the end (rank 0 saved it)
+    assert done["result"]["best_checkpoint"]["step"] in (15, 30)
     gen = submit(
         two_procs,
         "generate",
