@@ -249,6 +249,33 @@ class CheckpointRef(BaseModel):
 
 SUFFIX_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
 
+EVAL_METRICS: dict[FineTuneTask, tuple[str, ...]] = {
+    FineTuneTask.CAUSAL_LM: ("eval_loss", "eval_perplexity"),
+    FineTuneTask.SEQUENCE_CLASSIFICATION: (
+        "eval_loss",
+        "eval_accuracy",
+        "eval_f1_macro",
+        "eval_f1_weighted",
+        "eval_precision_macro",
+        "eval_recall_macro",
+    ),
+    FineTuneTask.TOKEN_CLASSIFICATION: (
+        "eval_loss",
+        "eval_f1",
+        "eval_precision",
+        "eval_recall",
+        "eval_accuracy",
+    ),
+}
+"""What each evaluation during a fine-tune reports, per task (workers/training/reports.py
+computes them; NER's are seqeval's entity-level micro averages)."""
+DEFAULT_METRIC_FOR_BEST_MODEL = {
+    FineTuneTask.CAUSAL_LM: "eval_loss",
+    FineTuneTask.SEQUENCE_CLASSIFICATION: "eval_f1_macro",
+    FineTuneTask.TOKEN_CLASSIFICATION: "eval_f1",
+}
+LOWER_IS_BETTER = frozenset({"eval_loss", "eval_perplexity"})
+
 
 class FineTuneSpec(BaseModel):
     """Fine-tune a base model (path, hub id or registered model) on uploaded datasets."""
@@ -265,7 +292,21 @@ class FineTuneSpec(BaseModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     method: FineTuneMethod = FineTuneMethod.FULL
     lora: LoraSpec = Field(default_factory=LoraSpec)
-    early_stopping: EarlyStoppingSpec | None = None
+    metric_for_best_model: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9_]{1,64}$",
+        description="The evaluation metric that picks the checkpoint kept as the model (and "
+        "that early stopping watches), with or without its `eval_` prefix: `loss`, "
+        "`perplexity` (causal_lm); `accuracy`, `f1_macro`, `f1_weighted`, `precision_macro`, "
+        "`recall_macro` (sequence_classification); `f1`, `precision`, `recall`, `accuracy` "
+        "(token_classification). Default: `f1_macro` for classification, `f1` for NER, `loss` "
+        "for causal_lm. Loss and perplexity are better lower, the others higher.",
+    )
+    early_stopping: EarlyStoppingSpec | None = Field(
+        default=None,
+        description="Stop once `patience` evaluations in a row did not improve "
+        "metric_for_best_model by more than `threshold`.",
+    )
     suffix: str | None = Field(default=None, pattern=SUFFIX_PATTERN)
     merge_adapter: bool = Field(
         default=False,
@@ -286,6 +327,30 @@ class FineTuneSpec(BaseModel):
         if value:
             raise ValueError("trust_remote_code is not supported: only built-in architectures run")
         return value
+
+    @field_validator("metric_for_best_model")
+    @classmethod
+    def _metric_the_task_reports(cls, metric: str | None, info: ValidationInfo) -> str | None:
+        task = info.data.get("task")
+        if metric is None or task is None:
+            return metric
+        name = metric if metric.startswith("eval_") else f"eval_{metric}"
+        reported = EVAL_METRICS[task]
+        if name not in reported:
+            raise ValueError(
+                f"{task.value} evaluations do not report {metric!r}; choose one of "
+                f"{', '.join(m.removeprefix('eval_') for m in reported)}"
+            )
+        return name
+
+    @property
+    def best_model_metric(self) -> str:
+        """The `eval_` metric that picks the kept checkpoint: the chosen one or the task's."""
+        return self.metric_for_best_model or DEFAULT_METRIC_FOR_BEST_MODEL[self.task]
+
+    @property
+    def greater_is_better(self) -> bool:
+        return self.best_model_metric not in LOWER_IS_BETTER
 
     @model_validator(mode="after")
     def _merge_needs_adapter(self) -> FineTuneSpec:

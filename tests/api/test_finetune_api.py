@@ -97,6 +97,7 @@ def test_hyperparameters_out_of_range_and_remote_code(
         ({**base, "method": "qlora"}, "spec.method"),
         ({**base, "trust_remote_code": True}, "spec.trust_remote_code"),
         ({**base, "suffix": "Bad Suffix!"}, "spec.suffix"),
+        ({**base, "metric_for_best_model": "f1"}, "spec.metric_for_best_model"),
     ]:
         resp = client.post("/v1/jobs", json=finetune(**spec))
         assert resp.status_code == 422, resp.text
@@ -107,6 +108,9 @@ def test_hyperparameters_out_of_range_and_remote_code(
             "error"
         ]["message"]
     )
+    unreported = client.post("/v1/jobs", json=finetune(**{**base, "metric_for_best_model": "f1"}))
+    assert "causal_lm evaluations do not report 'f1'" in unreported.json()["error"]["message"]
+    assert "loss, perplexity" in unreported.json()["error"]["message"]
 
 
 def test_base_model_directory_without_safetensors(

@@ -163,6 +163,9 @@ def test_sequence_classification(live: Stack, tmp_path: Path, method: str) -> No
     report = done["result"]["eval"]
     assert 0.0 <= report["accuracy"] <= 1.0
     assert "confusion_matrix" in report
+    best = done["result"]["best_checkpoint"]  # the registered model's weights
+    assert best["metric"] == "eval_f1_macro" and best["step"] in (20, 40)
+    assert best["score"] == report["macro avg"]["f1-score"]
     texts = ["the service was great and happy and fast", "the service was rude and slow and late"]
     outs = serve(live, "predict", {"model": done["result"]["model"], "texts": texts})
     assert [o["prompt_index"] for o in outs] == [0, 1]

@@ -152,6 +152,7 @@ def test_one_host_trains_and_leaves_another_serves_and_resumes(
         max_steps=steps,
         batch_size=2,
         checkpoint_steps=steps,
+        eval_steps=steps,  # no evaluation (nor the checkpoint of a best one) before the end
     )
     wait_for(lambda: _step(stack, long_job) >= 2, 120, "host B training", 0.05)
     stack.stop_workers()  # SIGTERM: checkpoint at the end of the step, hand the job back
@@ -162,11 +163,13 @@ def test_one_host_trains_and_leaves_another_serves_and_resumes(
     saved_at = int(checkpoint["step"])
     assert 2 <= saved_at < steps
 
-    # the jobs' artifacts, published by B; checkpoint-2 was pruned (save_total_limit 3)
-    # on B and from the store
+    # the jobs' artifacts, published by B: checkpoints every 2 steps and at the evaluation
+    # that ended the first epoch (step 7, the best so far when it ran); 2 and 4 were pruned
+    # (save_total_limit 3) on B and from the store
     lm_files = shared.of_job(lm_job)
     saved = {part for f in lm_files for part in f.split("/") if part.startswith("checkpoint-")}
-    assert sorted(saved) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    assert sorted(saved) == ["checkpoint-6", "checkpoint-7", "checkpoint-8"]
+    assert lm["result"]["best_checkpoint"]["step"] in (7, 8)
     assert [f for f in lm_files if f.endswith("/config.json") and "checkpoint-" not in f]
     assert [f for f in shared.of_job(cls_job) if f.endswith(".safetensors")]
     handed_back_files = shared.of_job(long_job)

@@ -69,6 +69,8 @@ def test_two_processes_train_a_model_that_serves(two_procs: Stack, tmp_path: Pat
     ranks = outcomes(control_dir(two_procs, job_id, 1))
     assert {r: o["status"] for r, o in ranks.items()} == {0: "succeeded", 1: "succeeded"}
     assert done["result"]["train"]["global_step"] == 30
+    # both ranks loaded the same best checkpoint at the end (rank 0 saved it)
+    assert done["result"]["best_checkpoint"]["step"] in (15, 30)
     gen = submit(
         two_procs,
         "generate",
@@ -82,7 +84,7 @@ def test_two_processes_train_a_model_that_serves(two_procs: Stack, tmp_path: Pat
 def test_cancel_stops_both_processes_after_the_step_they_saw_it(
     two_procs: Stack, tmp_path: Path
 ) -> None:
-    job_id = finetune(two_procs, tmp_path, max_steps=5000, checkpoint_steps=4000)
+    job_id = finetune(two_procs, tmp_path, max_steps=5000, checkpoint_steps=4000, eval_steps=4000)
     wait_for(lambda: step_of(two_procs, job_id) >= 3, 240, "training under way", 0.1)
     with two_procs.client() as c:
         assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 202

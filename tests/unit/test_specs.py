@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from core.specs import GenerateJobRequest, GenerateSpec
+from core.specs import FineTuneSpec, GenerateJobRequest, GenerateSpec
 
 GOOD: dict[str, Any] = {"model": "tiny-gpt2", "prompts": ["Hello"]}
 
@@ -66,3 +66,54 @@ def test_noop_request_defaults_and_bounds() -> None:
     assert req.spec.duration_s == 0
     with pytest.raises(ValidationError):
         NoopSpec.model_validate({"duration_s": -1})
+
+
+FINETUNE: dict[str, Any] = {"base_model": "tiny-gpt2", "training_dataset": "ds_" + "0" * 32}
+
+
+@pytest.mark.parametrize(
+    ("task", "default", "greater"),
+    [
+        ("causal_lm", "eval_loss", False),
+        ("sequence_classification", "eval_f1_macro", True),
+        ("token_classification", "eval_f1", True),
+    ],
+)
+def test_the_best_model_metric_defaults_per_task(task: str, default: str, greater: bool) -> None:
+    spec = FineTuneSpec.model_validate({**FINETUNE, "task": task})
+    assert spec.metric_for_best_model is None
+    assert (spec.best_model_metric, spec.greater_is_better) == (default, greater)
+
+
+@pytest.mark.parametrize(
+    ("task", "metric", "name", "greater"),
+    [
+        ("causal_lm", "perplexity", "eval_perplexity", False),
+        ("sequence_classification", "eval_accuracy", "eval_accuracy", True),
+        ("sequence_classification", "loss", "eval_loss", False),
+        ("token_classification", "recall", "eval_recall", True),
+    ],
+)
+def test_the_best_model_metric_takes_either_name(
+    task: str, metric: str, name: str, greater: bool
+) -> None:
+    spec = FineTuneSpec.model_validate({**FINETUNE, "task": task, "metric_for_best_model": metric})
+    assert (spec.metric_for_best_model, spec.best_model_metric) == (name, name)
+    assert spec.greater_is_better is greater
+    assert FineTuneSpec.model_validate(spec.model_dump()).best_model_metric == name
+
+
+@pytest.mark.parametrize(
+    ("task", "metric"),
+    [
+        ("causal_lm", "f1"),
+        ("sequence_classification", "f1"),  # classification's F1 is f1_macro or f1_weighted
+        ("token_classification", "f1_macro"),
+        ("causal_lm", "eval_Loss"),
+    ],
+)
+def test_a_metric_the_task_does_not_report_is_refused(task: str, metric: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        FineTuneSpec.model_validate({**FINETUNE, "task": task, "metric_for_best_model": metric})
+    (error,) = refused.value.errors()
+    assert error["loc"] == ("metric_for_best_model",)

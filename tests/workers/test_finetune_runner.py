@@ -4,6 +4,7 @@ in-memory TrainingIO over tmp_path."""
 from __future__ import annotations
 
 import errno
+import math
 import random
 import shutil
 from collections.abc import Sequence
@@ -180,6 +181,10 @@ def test_causal_lm_full_learns_and_reports(
     assert "model.safetensors" in files and "tokenizer.json" in files
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
     assert model.metrics["eval_loss"] == report["eval_loss"]
+    # the loss falls to the end: the last checkpoint is the best, on the default metric
+    best = result.result["best_checkpoint"]
+    assert (best["step"], best["metric"]) == (30, "eval_loss")
+    assert best["score"] == pytest.approx(report["eval_loss"])
 
     assert ctx.progress == 1.0
     detail = ctx.detail
@@ -193,7 +198,10 @@ def test_causal_lm_full_learns_and_reports(
 def test_metrics_are_written_in_batches(io: MemoryTrainingIO) -> None:
     run(io, training_dataset=text_dataset(io))
     names = {p.name for p in io.metrics}
-    assert {"train_loss", "learning_rate", "grad_norm", "eval_loss"} <= names
+    assert {"train_loss", "learning_rate", "grad_norm", "eval_loss", "eval_perplexity"} <= names
+    eval_loss, eval_perplexity = io.metric_values("eval_loss"), io.metric_values("eval_perplexity")
+    assert [step for step, _ in eval_perplexity] == [step for step, _ in eval_loss]
+    assert eval_perplexity[-1][1] == pytest.approx(math.exp(eval_loss[-1][1]))
     assert not any(name.endswith(("_runtime", "_per_second")) for name in names)
     assert len(io.metric_batches) <= 30 // 4
     assert all(batch for batch in io.metric_batches)
@@ -690,7 +698,12 @@ def test_early_stopping_ends_training_and_keeps_the_best(io: MemoryTrainingIO) -
     assert result.result is not None
     # no evaluation can improve by 100, so the second one ends training
     assert result.result["train"]["global_step"] == 4
-    assert [c.step for c in io.recorded_checkpoints] == [2, 4]
+    # a checkpoint at each evaluation (either may be the best) and every checkpoint_steps
+    assert [c.step for c in io.recorded_checkpoints] == [2, 3, 4]
+    # the loss still fell a little: the best is the second evaluation, on the default metric
+    best = result.result["best_checkpoint"]
+    assert (best["step"], best["metric"]) == (4, "eval_loss")
+    assert best["score"] == pytest.approx(result.result["eval"]["eval_loss"])
 
 
 def test_checkpoint_minutes_ask_for_a_save() -> None:

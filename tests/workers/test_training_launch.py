@@ -164,8 +164,8 @@ def test_the_batch_is_the_steps_and_each_process_takes_its_share(
 
 def test_two_processes_take_as_many_steps_as_one() -> None:
     hp = Hyperparameters(batch_size=8, epochs=2)
-    one = plan_schedule(hp, 100, early_stopping=False)
-    two = plan_schedule(hp, 100, early_stopping=False, world_size=2)
+    one = plan_schedule(hp, 100)
+    two = plan_schedule(hp, 100, world_size=2)
     assert one.total_steps == two.total_steps == 2 * math.ceil(100 / 8)
 
 

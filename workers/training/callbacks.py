@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +53,20 @@ def metric_points(logs: dict[str, Any], step: int) -> list[MetricPoint]:
         metric = "train_loss" if name == "loss" else name
         points.append(MetricPoint(step=step, name=metric, value=number, epoch=epoch))
     return points
+
+
+def is_new_best(args: TrainingArguments, state: TrainerState, metrics: dict[str, Any]) -> bool:
+    """Whether this evaluation beats the best so far on `metric_for_best_model`, by the rule
+    Trainer applies right after the evaluation's callbacks (strictly better; NaN never)."""
+    metric = args.metric_for_best_model
+    if metric is None:
+        return False
+    value = _number(metrics.get(metric if metric.startswith("eval_") else f"eval_{metric}"))
+    if value is None:
+        return False
+    if state.best_metric is None:
+        return not math.isnan(value)
+    return value > state.best_metric if args.greater_is_better else value < state.best_metric
 
 
 class ProgressCallback(TrainerCallback):
@@ -164,11 +179,13 @@ class MetricsCallback(TrainerCallback):
 
 
 class CheckpointCallback(TrainerCallback):
-    """Records every checkpoint Trainer writes, and asks for one when `every_s` passed.
-    Once a checkpoint's row is written under the attempt's fence, the attempt's older
-    checkpoints beyond save_total_limit are removed, on disk and in the shared store (never
-    before: an attempt that lost the job must not remove the checkpoint the attempt that took
-    it over resumes from)."""
+    """Records every checkpoint Trainer writes, and asks for one when `every_s` passed and
+    at each evaluation that is the best so far (its weights may become the model; Trainer
+    saves only on its own schedule). Once a checkpoint's row is written under the attempt's
+    fence, the attempt's older checkpoints beyond save_total_limit are removed, on disk and
+    in the shared store, except the best one Trainer tracks, whatever its age (never before
+    the row: an attempt that lost the job must not remove the checkpoint the attempt that
+    took it over resumes from)."""
 
     def __init__(
         self, io: TrainingIO, every_s: float | None = None, clock: Clock = time.monotonic
@@ -199,6 +216,8 @@ class CheckpointCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         self._eval = (state.global_step, eval_figures(metrics or {}))
+        if is_new_best(args, state, metrics or {}):
+            control.should_save = True
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

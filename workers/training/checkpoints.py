@@ -68,13 +68,23 @@ def rotate_checkpoints_of_attempt(
     run_dir: Path, save_total_limit: int | None, best_model_checkpoint: str | None
 ) -> list[Path]:
     """Keep the newest `save_total_limit` checkpoints of this attempt's run directory (and
-    its best one); only directories directly inside `run_dir` are considered. Returns the
-    checkpoints it removed, oldest first."""
+    its best one, however old); only directories directly inside `run_dir` are considered.
+    Returns the checkpoints it removed, oldest first.
+
+    transformers protects the best checkpoint by comparing path strings; the best is named
+    here as `run_dir` names its checkpoints, so another spelling of the same directory
+    (a symlink, a relative data dir) cannot leave it unprotected. A best checkpoint outside
+    `run_dir` (an earlier attempt's) is not this rotation's to remove anyway."""
     before = complete_checkpoints(run_dir)
+    protected = None
+    if best_model_checkpoint is not None:
+        best = Path(best_model_checkpoint)
+        if best.resolve().parent == run_dir.resolve():
+            protected = str(run_dir / best.name)
     rotate_checkpoints(
         output_dir=str(run_dir),
         save_total_limit=save_total_limit,
-        best_model_checkpoint=best_model_checkpoint,
+        best_model_checkpoint=protected,
         use_mtime=True,
     )
     return [path for _, path in reversed(before) if not path.exists()]

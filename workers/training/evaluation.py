@@ -1,13 +1,17 @@
-"""The final evaluation: the task's report (from reports.py) and its flat figures."""
+"""Evaluations: perplexity beside a causal LM's loss at every one, and the final one (the
+task's report from reports.py, and its flat figures)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import Trainer
+from transformers.trainer_utils import EvalLoopOutput
 
 from core.enums import FineTuneTask
+from workers.training.checkpoints import AtomicCheckpointTrainer
 from workers.training.data import FeatureDataset
 from workers.training.peft_setup import without_orth_regularization
 from workers.training.reports import (
@@ -26,6 +30,32 @@ def argmax_logits(logits: Any, labels: Any) -> torch.Tensor:
         logits = logits[0]
     ids: torch.Tensor = logits.argmax(dim=-1)
     return ids
+
+
+class FineTuneTrainer(AtomicCheckpointTrainer):
+    """The Trainer of a fine-tune: atomic checkpoints, and with `with_perplexity` (causal
+    LM) `<prefix>_perplexity` = exp(loss) in every evaluation's metrics, logged and stored
+    with them and selectable as `metric_for_best_model`."""
+
+    def __init__(self, *args: Any, with_perplexity: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._with_perplexity = with_perplexity
+
+    def evaluation_loop(
+        self,
+        dataloader: DataLoader[Any],
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        loss = (output.metrics or {}).get(f"{metric_key_prefix}_loss")
+        if self._with_perplexity and output.metrics is not None and loss is not None:
+            output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(float(loss))
+        return output
 
 
 def final_report(

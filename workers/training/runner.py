@@ -28,7 +28,6 @@ from workers.training.callbacks import (
     StepMarkerCallback,
     StopCallback,
 )
-from workers.training.checkpoints import AtomicCheckpointTrainer
 from workers.training.data import (
     FeatureDataset,
     PaddingCollator,
@@ -37,7 +36,12 @@ from workers.training.data import (
     load_split,
     pad_token_id,
 )
-from workers.training.evaluation import argmax_logits, final_report, flat_figures
+from workers.training.evaluation import (
+    FineTuneTrainer,
+    argmax_logits,
+    final_report,
+    flat_figures,
+)
 from workers.training.io import CheckpointInfo, TrainingIO
 from workers.training.layout import CHECKPOINTS_DIR, MODEL_DIR, STEP_MARKER
 from workers.training.models import (
@@ -50,6 +54,7 @@ from workers.training.models import (
 from workers.training.peft_setup import apply_method, is_adalora
 from workers.training.reports import compute_metrics_for
 from workers.training.schedule import Schedule, plan_schedule, precision_for, training_arguments
+from workers.training.selection import ResumedBestCallback, best_checkpoint, resumed_best
 from workers.training.tracking import Tracking, trackers_for
 
 logger = logging.getLogger(__name__)
@@ -168,9 +173,14 @@ class FineTuneRunner:
         if resume is not None:
             steps_redone = io.discard_after(resume.step) - resume.step
         self._announce(spec, prepared, ctx, io, resume, steps_redone)
+        if resume is not None:
+            self._keep_resumed_best(spec, trainer, ctx, io, resume)
         ctx.check_stop()
         output = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
         ctx.check_stop()
+        best = best_checkpoint(trainer.state, spec.best_model_metric)
+        if best is not None:
+            io.event(f"the model is the best checkpoint, step {best.step}", best.as_result())
 
         for recorder in (MetricsCallback, CheckpointCallback):
             trainer.remove_callback(recorder)
@@ -203,6 +213,7 @@ class FineTuneRunner:
                 "method": spec.method.value,
                 "train": train_figures,
                 "eval": report,
+                "best_checkpoint": best.as_result() if best is not None else None,
                 "resumed_from_step": resume.step if resume else None,
                 "steps_redone": steps_redone,
             },
@@ -239,7 +250,7 @@ class FineTuneRunner:
             raise PermanentJobError(
                 f"no {which} row has a token to learn from", FailureType.INVALID_SPEC
             )
-        schedule = plan_schedule(hp, len(train), spec.early_stopping is not None, self._world_size)
+        schedule = plan_schedule(hp, len(train), self._world_size)
         model = load_base_model(spec.task, source.base, split.labels)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = pad_id
@@ -285,7 +296,7 @@ class FineTuneRunner:
                     early_stopping_threshold=spec.early_stopping.threshold,
                 )
             )
-        trainer = AtomicCheckpointTrainer(
+        trainer = FineTuneTrainer(
             model=prepared.model,
             args=training_arguments(
                 spec, prepared.schedule, output_dir, ctx.device, self._world_size
@@ -299,9 +310,34 @@ class FineTuneRunner:
                 None if spec.task is FineTuneTask.CAUSAL_LM else argmax_logits
             ),
             callbacks=callbacks,
+            with_perplexity=spec.task is FineTuneTask.CAUSAL_LM,
         )
         trainer.remove_callback(PrinterCallback)
         return trainer
+
+    def _keep_resumed_best(
+        self,
+        spec: FineTuneSpec,
+        trainer: Trainer,
+        ctx: RunContext,
+        io: TrainingIO,
+        resume: CheckpointInfo,
+    ) -> None:
+        """The best checkpoint so far may be an earlier attempt's (selection.py)."""
+        best = resumed_best(io, ctx.job_id, resume)
+        if best is None:
+            return
+        trainer.add_callback(ResumedBestCallback(best))
+        data = {"step": best.step, "metric": spec.best_model_metric, "score": best.score}
+        if best.path is None:
+            logger.warning("job %s: best checkpoint of step %d is gone", ctx.job_id, best.step)
+            io.event(
+                f"the best checkpoint so far, step {best.step}, is gone; the best is chosen "
+                "again among the evaluations from here on",
+                data,
+            )
+        elif best.step != resume.step:
+            io.event(f"the best checkpoint so far is step {best.step}", data)
 
     def _announce(
         self,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +10,6 @@ import torch
 from transformers import TrainingArguments
 
 from core.specs import FineTuneSpec, Hyperparameters
-
-logger = logging.getLogger(__name__)
 
 LOG_POINTS_PER_RUN = 200
 SAVE_TOTAL_LIMIT = 3
@@ -34,34 +31,23 @@ def per_device_batch(batch_size: int, world_size: int) -> int:
     return math.ceil(batch_size / world_size)
 
 
-def plan_schedule(
-    hp: Hyperparameters, n_train: int, early_stopping: bool, world_size: int = 1
-) -> Schedule:
-    """The optimizer steps Trainer will take, and when it evaluates and saves. Checkpoints
-    follow evaluations unless `checkpoint_steps` is set; early stopping needs a checkpoint
-    at every evaluation it may pick as best, so its saves stay on the evaluation schedule.
-    With several processes each step's batch is split between them (accelerate shards
-    every batch), so they take as many steps as one process would."""
+def plan_schedule(hp: Hyperparameters, n_train: int, world_size: int = 1) -> Schedule:
+    """The optimizer steps Trainer will take, and when it evaluates and saves: checkpoints
+    follow evaluations unless `checkpoint_steps` is set (an evaluation that is the best so
+    far is saved in any case: CheckpointCallback). With several processes each step's batch
+    is split between them (accelerate shards every batch), so they take as many steps as one
+    process would."""
     rows_per_process = math.ceil(n_train / world_size)
     batches = math.ceil(rows_per_process / per_device_batch(hp.batch_size, world_size))
     steps_per_epoch = max(math.ceil(batches / hp.gradient_accumulation_steps), 1)
     total = hp.max_steps or math.ceil(hp.epochs * steps_per_epoch)
-    save_steps = hp.checkpoint_steps or hp.eval_steps
-    if early_stopping and hp.checkpoint_steps is not None:
-        aligned = hp.eval_steps is not None and hp.checkpoint_steps % hp.eval_steps == 0
-        if not aligned:
-            logger.info(
-                "checkpoint_steps %d does not fall on evaluations; early stopping saves at each",
-                hp.checkpoint_steps,
-            )
-            save_steps = hp.eval_steps
     return Schedule(
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         warmup_steps=math.ceil(hp.warmup * total),
         logging_steps=max(1, total // LOG_POINTS_PER_RUN),
         eval_steps=hp.eval_steps,
-        save_steps=save_steps,
+        save_steps=hp.checkpoint_steps or hp.eval_steps,
     )
 
 
@@ -87,11 +73,14 @@ def precision_for(device: str) -> Precision:
 def training_arguments(
     spec: FineTuneSpec, schedule: Schedule, output_dir: Path, device: str, world_size: int = 1
 ) -> TrainingArguments:
+    """Trainer's arguments. Trainer tracks the best evaluation on the spec's metric (the
+    task's default when none is named), keeps its checkpoint out of rotation and loads it
+    when training ends, so the model is the best checkpoint; early stopping watches the
+    same metric."""
     hp = spec.hyperparameters
-    early = spec.early_stopping is not None
     precision = precision_for(device)
     batch = per_device_batch(hp.batch_size, world_size)
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=batch,
         per_device_eval_batch_size=batch,
@@ -109,10 +98,9 @@ def training_arguments(
         save_strategy="epoch" if schedule.save_steps is None else "steps",
         save_steps=schedule.save_steps or 500,
         save_total_limit=SAVE_TOTAL_LIMIT,
-        load_best_model_at_end=early,
-        metric_for_best_model="eval_loss" if early else None,
-        greater_is_better=False if early else None,
-        restore_callback_states_from_checkpoint=early,
+        metric_for_best_model=spec.best_model_metric,
+        greater_is_better=spec.greater_is_better,
+        restore_callback_states_from_checkpoint=spec.early_stopping is not None,
         seed=hp.seed,
         report_to="none",
         disable_tqdm=True,
@@ -122,3 +110,9 @@ def training_arguments(
         bf16=precision.bf16,
         fp16=precision.fp16,
     )
+    # Set after the arguments' own checks: they refuse load_best_model_at_end unless every
+    # evaluation falls on a save, lest the best one have no checkpoint to load. Here
+    # `checkpoint_steps` keeps its meaning, and CheckpointCallback saves each evaluation
+    # that is the best so far instead.
+    args.load_best_model_at_end = True
+    return args
