@@ -24,6 +24,7 @@ from workers.training.callbacks import (
     AdaLoraCallback,
     CheckpointCallback,
     MetricsCallback,
+    PaceCallback,
     ProgressCallback,
     StepMarkerCallback,
     StopCallback,
@@ -50,6 +51,7 @@ from workers.training.models import (
 from workers.training.peft_setup import apply_method, is_adalora
 from workers.training.reports import compute_metrics_for
 from workers.training.schedule import Schedule, plan_schedule, precision_for, training_arguments
+from workers.training.throughput import ThroughputLog, estimate_training, measured, setup_key
 
 logger = logging.getLogger(__name__)
 
@@ -139,15 +141,28 @@ class FineTuneRunner:
         prepared = self._prepare(spec, io)
         ctx.check_stop()
         output_dir = io.work_dir / CHECKPOINTS_DIR
-        trainer = self._trainer(spec, prepared, ctx, io, output_dir)
+        pace = PaceCallback()
+        trainer = self._trainer(spec, prepared, ctx, io, output_dir, pace)
         resume = io.latest_checkpoint()  # read where it lies: nothing of it is copied
         steps_redone = 0
         if resume is not None:
             steps_redone = io.discard_after(resume.step) - resume.step
-        self._announce(spec, prepared, ctx, io, resume, steps_redone)
+        paces = ThroughputLog(self._settings.data_dir)
+        setup = setup_key(spec.base_model, ctx.device, self._world_size)
+        estimate = estimate_training(
+            prepared.schedule,
+            [len(feature["input_ids"]) for feature in prepared.train.features],
+            resume.step if resume is not None else 0,
+            setup,
+            paces.last(setup),
+        )
+        self._announce(spec, prepared, ctx, io, resume, steps_redone, estimate)
         ctx.check_stop()
         output = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
         ctx.check_stop()
+        attempt_pace = measured(ctx.job_id, spec.method.value, pace.tokens, pace.seconds)
+        if trainer.is_world_process_zero() and attempt_pace is not None:
+            paces.record(setup, attempt_pace)
 
         for recorder in (MetricsCallback, CheckpointCallback):
             trainer.remove_callback(recorder)
@@ -172,6 +187,7 @@ class FineTuneRunner:
             "train_samples_per_second": float(output.metrics.get("train_samples_per_second", 0.0)),
             "global_step": int(output.global_step),
             "train_loss": float(output.training_loss),
+            "tokens_per_s": attempt_pace.tokens_per_s if attempt_pace else None,
         }
         logger.info("job %s trained: %s", ctx.job_id, train_figures)
         return RunResult(
@@ -180,6 +196,7 @@ class FineTuneRunner:
                 "method": spec.method.value,
                 "train": train_figures,
                 "eval": report,
+                "trained_tokens": int(trainer.state.num_input_tokens_seen),
                 "resumed_from_step": resume.step if resume else None,
                 "steps_redone": steps_redone,
             },
@@ -241,10 +258,12 @@ class FineTuneRunner:
         ctx: RunContext,
         io: TrainingIO,
         output_dir: Path,
+        pace: PaceCallback,
     ) -> Trainer:
         hp = spec.hyperparameters
         callbacks: list[TrainerCallback] = [
             ProgressCallback(ctx),
+            pace,
             MetricsCallback(io),
             CheckpointCallback(
                 io, hp.checkpoint_minutes * 60 if hp.checkpoint_minutes is not None else None
@@ -288,7 +307,10 @@ class FineTuneRunner:
         io: TrainingIO,
         resume: CheckpointInfo | None,
         steps_redone: int,
+        estimate: dict[str, Any],
     ) -> None:
+        """The first event: what trains where, and the estimate (planned steps and tokens,
+        and an ETA at this host's last measured pace for this setup, or why there is none)."""
         data = {
             "task": spec.task.value,
             "method": spec.method.value,
@@ -301,6 +323,7 @@ class FineTuneRunner:
             "device": ctx.device,
             "processes": self._world_size,
             "precision": precision_for(ctx.device).name,
+            "estimate": estimate,
         }
         io.event("training started", data)
         if resume is not None:
