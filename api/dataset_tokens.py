@@ -58,13 +58,17 @@ def dataset_tokens(
     model: str,
     max_length: int | None,
 ) -> DatasetTokensOut:
+    dataset_id, stored, fmt = dataset.id, dataset.path, dataset.format
     schema = DatasetSchema(dataset.schema)
     if schema not in TRAINING_SCHEMAS:
         raise InvalidRequestError(
-            f"dataset {dataset.id!r} holds {schema.value} rows, which are not training examples",
+            f"dataset {dataset_id!r} holds {schema.value} rows, which are not training examples",
             param="dataset_id",
         )
     directory = _model_dir(session, settings, tenant_id, model)
+    # Counting a large file takes a while: no transaction stays open through it (PostgreSQL
+    # ends a session idle in one after database_idle_in_transaction_s).
+    session.rollback()
     loaded = local_tokenizer(directory)
     if loaded is None:
         raise InvalidRequestError(
@@ -76,10 +80,10 @@ def dataset_tokens(
     if max_length is None:
         max_length = min(DEFAULT_MAX_LENGTH, context) if context else DEFAULT_MAX_LENGTH
     data_dir = settings.data_dir.resolve()
-    path = (data_dir / dataset.path).resolve()
+    path = (data_dir / stored).resolve()
     if not path.is_relative_to(data_dir):
-        raise NotFoundError(f"dataset {dataset.id!r} has no file", param="dataset_id")
-    rows = load_dataset_rows(artifact_store(settings).fetch(path), dataset.format)
+        raise NotFoundError(f"dataset {dataset_id!r} has no file", param="dataset_id")
+    rows = load_dataset_rows(artifact_store(settings).fetch(path), fmt)
     try:
         counts = count_tokens(tokenizer, schema, rows, max_length)
     except (jinja2.TemplateError, ValueError, TypeError) as exc:
@@ -89,13 +93,13 @@ def dataset_tokens(
         ) from exc
     logger.info(
         "dataset %s counted with %s: %d examples, %d tokens",
-        dataset.id,
+        dataset_id,
         model,
         counts.examples,
         counts.tokens,
     )
     return DatasetTokensOut(
-        dataset_id=dataset.id,
+        dataset_id=dataset_id,
         model=model,
         schema=schema.value,
         examples=counts.examples,
