@@ -212,7 +212,7 @@ def test_pause_rests_at_a_checkpoint_and_resume_continues_from_it(
         for j in client.fine_tuning.jobs.list(limit=20)
         if j.status == "succeeded" and j.model == TINY_MODEL
     ]
-    if earlier:  # a fine-tune of the same base model finished on this host: its pace counts
+    if earlier:  # a fine-tune of the same base model finished on this host: its throughput counts
         assert estimate["tokens_per_s"] > 0 and estimate["eta_s"] is not None, estimate
         assert any(job_id in estimate["eta_basis"] for job_id in earlier), estimate
     else:

@@ -127,7 +127,7 @@ def run(
     merged = {"base_model": GPT2, "task": "causal_lm", **spec}
     merged["hyperparameters"] = {**hp, **(hyperparameters or {})}
     ctx = ctx or RunContext(job_id=io.job_id, attempt=1, device="cpu")
-    # one data dir for the jobs of a test (next_job): they share this host's measured paces
+    # one data dir for the jobs of a test (next_job): they share this host's measured throughputs
     return FineTuneRunner(Settings(data_dir=io.work_dir.parent), lambda _: io).run(merged, ctx)
 
 
@@ -161,7 +161,7 @@ def text_row_tokens(tiny_model_dir: Path) -> int:
     return min(len(tokenizer(LM_TEXT * 3)["input_ids"]), 128)
 
 
-def last_pace(io: MemoryTrainingIO) -> Throughput | None:
+def last_throughput(io: MemoryTrainingIO) -> Throughput | None:
     return ThroughputLog(io.work_dir.parent).last(f"{GPT2} on cpu x1")
 
 
@@ -209,9 +209,9 @@ def test_causal_lm_full_learns_and_reports(
         estimate["eta_basis"]
         == "no ETA: no fine-tune of tiny-gpt2 on cpu x1 has finished on this worker yet"
     )
-    pace = last_pace(io)
-    assert pace is not None and (pace.job_id, pace.tokens) == (io.job_id, trained)
-    assert pace.tokens_per_s == result.result["train"]["tokens_per_s"] > 0
+    measured = last_throughput(io)
+    assert measured is not None and (measured.job_id, measured.tokens) == (io.job_id, trained)
+    assert measured.tokens_per_s == result.result["train"]["tokens_per_s"] > 0
     assert "evaluation at step 10" in io.messages()
     assert capsys.readouterr().out == ""
 
@@ -644,7 +644,7 @@ def test_resume_continues_from_the_latest_checkpoint(
     with pytest.raises(JobStopped):
         run(io, StopAtStep(io.job_id, step=12), training_dataset=data)
     assert io.latest_checkpoint() is not None
-    assert last_pace(io) is None  # a stopped attempt measures nothing
+    assert last_throughput(io) is None  # a stopped attempt measures nothing
     mark = len(io.metrics)
 
     result = run(io, training_dataset=data)  # the job claimed again after its worker died
@@ -658,8 +658,8 @@ def test_resume_continues_from_the_latest_checkpoint(
     # steps 1-12 counted by the first attempt (kept in checkpoint-12), 13-30 by this one
     row = text_row_tokens(tiny_model_dir)
     assert result.result["trained_tokens"] == 30 * 4 * row
-    pace = last_pace(io)
-    assert pace is not None and pace.tokens == 18 * 4 * row
+    measured = last_throughput(io)
+    assert measured is not None and measured.tokens == 18 * 4 * row
 
 
 def test_checkpoint_that_runs_out_of_space_leaves_the_last_good_one(
@@ -704,8 +704,8 @@ def test_from_checkpoint_starts_from_another_jobs_weights(
     mark = len(io.metrics)
 
     first_job = next_job(io)
-    first_pace = last_pace(io)
-    assert first_pace is not None and first_pace.job_id == first_job
+    first_throughput = last_throughput(io)
+    assert first_throughput is not None and first_throughput.job_id == first_job
     run(
         io,
         from_checkpoint={"job_id": first_job, "step": 20},
@@ -717,11 +717,11 @@ def test_from_checkpoint_starts_from_another_jobs_weights(
     started = started_event(io)
     weights = started["weights"]
     assert "checkpoint-20" in weights and " /" not in weights
-    # the ETA of the second fine-tune of tiny-gpt2 here, at the pace the first one measured
+    # the ETA of the second fine-tune of tiny-gpt2 here, at the throughput the first one measured
     estimate = started["estimate"]
-    assert estimate["tokens_per_s"] == first_pace.tokens_per_s
+    assert estimate["tokens_per_s"] == first_throughput.tokens_per_s
     assert estimate["tokens"] == 3 * 4 * text_row_tokens(tiny_model_dir)
-    assert estimate["eta_s"] == round(estimate["tokens"] / first_pace.tokens_per_s, 1)
+    assert estimate["eta_s"] == round(estimate["tokens"] / first_throughput.tokens_per_s, 1)
     assert first_job in estimate["eta_basis"]
 
 
@@ -764,7 +764,7 @@ def test_metric_points_from_trainer_logs() -> None:
     evaluation = metric_points({"eval_loss": 1.0, "eval_runtime": 0.2, "epoch": 1.0}, step=9)
     assert [p.name for p in evaluation] == ["eval_loss"]
     assert metric_points({"train_runtime": 3.0, "train_loss": 2.0}, step=9) == []
-    # the token count and the session's pace that Trainer adds to a step's log are no points
+    # the token count and the session's throughput that Trainer adds to a step's log are no points
     counted = {"loss": 2.0, "num_input_tokens_seen": 96, "train_runtime": 1.0, "epoch": 0.5}
     assert [p.name for p in metric_points({**counted, "train_tokens_per_second": 96.0}, 3)] == [
         "train_loss"
@@ -837,7 +837,7 @@ def test_out_of_memory_is_a_typed_failure(
     assert "20.00 GiB" in info.value.message
 
 
-def test_paces_are_kept_per_setup_and_a_broken_file_is_replaced(tmp_path: Path) -> None:
+def test_throughputs_are_kept_per_setup_and_a_broken_file_is_replaced(tmp_path: Path) -> None:
     log = ThroughputLog(tmp_path, host="gpu-7")
     assert log.path == tmp_path / "throughput" / "gpu-7.json"
     log.path.parent.mkdir()

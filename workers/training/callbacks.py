@@ -107,7 +107,7 @@ class ProgressCallback(TrainerCallback):
         )
 
 
-class PaceCallback(TrainerCallback):
+class ThroughputCallback(TrainerCallback):
     """The tokens this attempt trained and how long training took, start to end: Trainer's
     count of non-padding input tokens (summed over every rank) less what the checkpoint it
     resumed from had counted."""

@@ -24,10 +24,10 @@ from workers.training.callbacks import (
     AdaLoraCallback,
     CheckpointCallback,
     MetricsCallback,
-    PaceCallback,
     ProgressCallback,
     StepMarkerCallback,
     StopCallback,
+    ThroughputCallback,
 )
 from workers.training.checkpoints import AtomicCheckpointTrainer
 from workers.training.data import (
@@ -141,28 +141,30 @@ class FineTuneRunner:
         prepared = self._prepare(spec, io)
         ctx.check_stop()
         output_dir = io.work_dir / CHECKPOINTS_DIR
-        pace = PaceCallback()
-        trainer = self._trainer(spec, prepared, ctx, io, output_dir, pace)
+        clocked = ThroughputCallback()
+        trainer = self._trainer(spec, prepared, ctx, io, output_dir, clocked)
         resume = io.latest_checkpoint()  # read where it lies: nothing of it is copied
         steps_redone = 0
         if resume is not None:
             steps_redone = io.discard_after(resume.step) - resume.step
-        paces = ThroughputLog(self._settings.data_dir)
+        throughputs = ThroughputLog(self._settings.data_dir)
         setup = setup_key(spec.base_model, ctx.device, self._world_size)
         estimate = estimate_training(
             prepared.schedule,
             [len(feature["input_ids"]) for feature in prepared.train.features],
             resume.step if resume is not None else 0,
             setup,
-            paces.last(setup),
+            throughputs.last(setup),
         )
         self._announce(spec, prepared, ctx, io, resume, steps_redone, estimate)
         ctx.check_stop()
         output = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
         ctx.check_stop()
-        attempt_pace = measured(ctx.job_id, spec.method.value, pace.tokens, pace.seconds)
-        if trainer.is_world_process_zero() and attempt_pace is not None:
-            paces.record(setup, attempt_pace)
+        attempt_throughput = measured(
+            ctx.job_id, spec.method.value, clocked.tokens, clocked.seconds
+        )
+        if trainer.is_world_process_zero() and attempt_throughput is not None:
+            throughputs.record(setup, attempt_throughput)
 
         for recorder in (MetricsCallback, CheckpointCallback):
             trainer.remove_callback(recorder)
@@ -187,7 +189,7 @@ class FineTuneRunner:
             "train_samples_per_second": float(output.metrics.get("train_samples_per_second", 0.0)),
             "global_step": int(output.global_step),
             "train_loss": float(output.training_loss),
-            "tokens_per_s": attempt_pace.tokens_per_s if attempt_pace else None,
+            "tokens_per_s": attempt_throughput.tokens_per_s if attempt_throughput else None,
         }
         logger.info("job %s trained: %s", ctx.job_id, train_figures)
         return RunResult(
@@ -258,12 +260,12 @@ class FineTuneRunner:
         ctx: RunContext,
         io: TrainingIO,
         output_dir: Path,
-        pace: PaceCallback,
+        clocked: ThroughputCallback,
     ) -> Trainer:
         hp = spec.hyperparameters
         callbacks: list[TrainerCallback] = [
             ProgressCallback(ctx),
-            pace,
+            clocked,
             MetricsCallback(io),
             CheckpointCallback(
                 io, hp.checkpoint_minutes * 60 if hp.checkpoint_minutes is not None else None
@@ -310,7 +312,7 @@ class FineTuneRunner:
         estimate: dict[str, Any],
     ) -> None:
         """The first event: what trains where, and the estimate (planned steps and tokens,
-        and an ETA at this host's last measured pace for this setup, or why there is none)."""
+        and an ETA at the throughput this host last measured for this setup, or why not)."""
         data = {
             "task": spec.task.value,
             "method": spec.method.value,

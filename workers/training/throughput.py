@@ -32,7 +32,7 @@ THROUGHPUT_DIR = "throughput"
 
 @dataclass(frozen=True)
 class Throughput:
-    """One finished training run's pace."""
+    """One finished training run's throughput."""
 
     tokens_per_s: float
     tokens: int  # trained in that attempt
@@ -43,13 +43,13 @@ class Throughput:
 
 
 def setup_key(base_model: str, device: str, processes: int) -> str:
-    """What a pace is kept for: the base model, the device kind (cpu, cuda) and the number
+    """What a throughput is kept for: the base model, the device kind (cpu, cuda) and the number
     of training processes."""
     return f"{base_model} on {device.split(':', 1)[0]} x{processes}"
 
 
 class ThroughputLog:
-    """This host's measured paces, in one JSON file under the data dir (a data dir shared
+    """This host's measured throughputs, in one JSON file under the data dir (a data dir shared
     by several hosts keeps one file per host). Writers on the host take a file lock and
     replace the file whole."""
 
@@ -87,7 +87,7 @@ class ThroughputLog:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def record(self, key: str, throughput: Throughput) -> None:
-        """Keep `throughput` as the pace of `key`; a file that cannot be written (a full
+        """Keep `throughput` as the throughput of `key`; a file that cannot be written (a full
         disk) costs the next estimate its ETA, never the job."""
         try:
             with self._locked():
@@ -113,7 +113,7 @@ class ThroughputLog:
 
 
 def measured(job_id: str, method: str, tokens: int, seconds: float) -> Throughput | None:
-    """The pace of an attempt that trained `tokens` in `seconds`; None when it trained none."""
+    """The throughput of an attempt that trained `tokens` in `seconds` (None: it trained none)."""
     if tokens <= 0 or seconds <= 0:
         return None
     return Throughput(
@@ -137,14 +137,14 @@ def estimate_training(
     lengths: Sequence[int],
     start_step: int,
     key: str,
-    pace: Throughput | None,
+    measured_before: Throughput | None,
 ) -> dict[str, Any]:
     """The first event's estimate: planned steps and tokens, and the ETA of the steps still
-    to run (from `start_step`) at the pace this host last measured for `key`, or why
+    to run (from `start_step`) at the throughput this host last measured for `key`, or why
     there is no ETA."""
     tokens = planned_tokens(schedule, lengths)
     estimate: dict[str, Any] = {"steps": schedule.total_steps, "tokens": tokens}
-    if pace is None or not pace.tokens_per_s > 0:
+    if measured_before is None or not measured_before.tokens_per_s > 0:
         return {
             **estimate,
             "eta_s": None,
@@ -154,10 +154,10 @@ def estimate_training(
     left = tokens * max(schedule.total_steps - start_step, 0) / max(schedule.total_steps, 1)
     return {
         **estimate,
-        "eta_s": round(left / pace.tokens_per_s, 1),
-        "tokens_per_s": pace.tokens_per_s,
+        "eta_s": round(left / measured_before.tokens_per_s, 1),
+        "tokens_per_s": measured_before.tokens_per_s,
         "eta_basis": (
-            f"{pace.tokens_per_s} tokens/s measured on this worker by job {pace.job_id} "
-            f"({pace.method}, {pace.measured_at})"
+            f"{measured_before.tokens_per_s} tokens/s measured on this worker by job "
+            f"{measured_before.job_id} ({measured_before.method}, {measured_before.measured_at})"
         ),
     }
