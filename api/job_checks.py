@@ -199,7 +199,7 @@ def _check_batch(session: Session, settings: Settings, tenant_id: str, spec: Bat
         check_model(session, settings, tenant_id, model, param, tasks)
 
 
-def _local_model_dir(session: Session, settings: Settings, tenant_id: str, ref: str) -> Path | None:
+def local_model_dir(session: Session, settings: Settings, tenant_id: str, ref: str) -> Path | None:
     """The directory a worker will load for `ref`'s weights and tokenizer, when it is local."""
     base = serving_base(session, ref, tenant_id)
     if is_registry_name(base):
@@ -238,7 +238,7 @@ def _check_prompts(
     session: Session, settings: Settings, tenant_id: str, spec: GenerateSpec
 ) -> None:
     """Prompts the model cannot take (too long for its context, no chat template): 422."""
-    directory = _local_model_dir(session, settings, tenant_id, spec.model)
+    directory = local_model_dir(session, settings, tenant_id, spec.model)
     loaded = local_tokenizer(directory) if directory is not None else None
     if loaded is None:
         return  # a hub id: the worker checks when it has the tokenizer
@@ -296,7 +296,7 @@ def _check_embed(session: Session, settings: Settings, tenant_id: str, spec: Emb
     as the worker counts them), token ids within its vocabulary, `dimensions` its own width.
     A hub model is checked by the worker once it has the files."""
     check_model(session, settings, tenant_id, spec.model, "spec.model", None)
-    directory = _local_model_dir(session, settings, tenant_id, spec.model)
+    directory = local_model_dir(session, settings, tenant_id, spec.model)
     config = _local_config(directory) if directory is not None else None
     if directory is None or config is None:
         return

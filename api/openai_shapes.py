@@ -126,7 +126,7 @@ def fine_tuning_job(job: Job) -> dict[str, Any]:
         "result_files": [],
         "seed": hp.seed,
         "status": FINE_TUNING_STATUS[JobStatus(job.status)],
-        "trained_tokens": None,
+        "trained_tokens": result.get("trained_tokens") if succeeded else None,
         "training_file": spec["training_dataset"],
         "validation_file": spec.get("validation_dataset"),
         "estimated_finish": None,

@@ -319,3 +319,23 @@ class DatasetList(BaseModel):
     data: list[DatasetOut]
     has_more: bool
     next_cursor: str | None
+
+
+class DatasetTokensOut(BaseModel):
+    """A dataset's training examples counted with a model's tokenizer, as training encodes
+    them (chat template for chat rows, prompt then completion, text with eos)."""
+
+    object: Literal["dataset.tokens"] = "dataset.tokens"
+    dataset_id: str
+    model: str
+    # `schema` would shadow a BaseModel attribute; the JSON name is still "schema".
+    schema_: str = Field(alias="schema")
+    examples: int = Field(description="Rows counted: every row of the dataset.")
+    tokens: int = Field(description="Tokens of every example, whole.")
+    min_tokens: int
+    mean_tokens: float
+    max_tokens: int
+    max_length: int = Field(description="Where training cuts an example (the query's, else ours).")
+    context_length: int | None = Field(description="The model's context, when its config says.")
+    truncated: int = Field(description="Examples longer than max_length: training cuts them.")
+    tokens_kept: int = Field(description="Tokens one epoch over every example trains on.")

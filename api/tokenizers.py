@@ -1,5 +1,6 @@
-"""Prompt tokenizers (and context lengths) of local models, kept by the API to refuse a
-generation job whose prompts cannot be served before it is queued.
+"""Tokenizers (and context lengths) of local models, kept by the API to refuse a generation
+job whose prompts cannot be served before it is queued, and to count a dataset's tokens as
+training would encode them (GET /v1/datasets/{id}/tokens).
 
 They are built from the files transformers reads (tokenizer.json, tokenizer_config.json,
 special_tokens_map.json, chat_template.jinja, config.json) with the `tokenizers` library
@@ -80,10 +81,11 @@ def _template_environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-class PromptTokenizer:
-    """The part of a transformers tokenizer that core.prompts.encode_prompts calls:
-    `tokenizer(text, add_special_tokens=...)["input_ids"]`, `chat_template` and
-    `apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)`."""
+class LocalTokenizer:
+    """The part of a transformers tokenizer that core.prompts.encode_prompts and
+    core.example_tokens call: `tokenizer(text, text_pair, add_special_tokens=...)["input_ids"]`,
+    `tokenizer(words, is_split_into_words=True)`, `eos_token_id`, `chat_template` and
+    `apply_chat_template(conversation, tokenize=False, add_generation_prompt=...)`."""
 
     def __init__(
         self, tokenizer: Tokenizer, chat_template: str | None, special_tokens: Mapping[str, str]
@@ -95,9 +97,25 @@ class PromptTokenizer:
             _template_environment().from_string(chat_template) if chat_template else None
         )
 
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
-        encoding = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    def __call__(
+        self,
+        text: str | list[str],
+        text_pair: str | None = None,
+        add_special_tokens: bool = True,
+        is_split_into_words: bool = False,
+    ) -> dict[str, list[int]]:
+        encoding = self._tokenizer.encode(
+            text,
+            text_pair,
+            is_pretokenized=is_split_into_words,
+            add_special_tokens=add_special_tokens,
+        )
         return {"input_ids": list(encoding.ids)}
+
+    @property
+    def eos_token_id(self) -> int | None:
+        eos = self._special_tokens.get("eos_token")
+        return None if eos is None else self._tokenizer.token_to_id(eos)
 
     def apply_chat_template(
         self,
@@ -167,7 +185,7 @@ def _stamp(directory: Path) -> int:
 
 
 @lru_cache(maxsize=16)
-def _load(directory_name: str, stamp: int) -> tuple[PromptTokenizer, int | None]:
+def _load(directory_name: str, stamp: int) -> tuple[LocalTokenizer, int | None]:
     directory = Path(directory_name)
     logger.info("loading the tokenizer of %s to check prompts", directory)
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
@@ -181,13 +199,13 @@ def _load(directory_name: str, stamp: int) -> tuple[PromptTokenizer, int | None]
     missing = [AddedToken(t, special=True) for t in special.values() if t not in known]
     if missing:
         tokenizer.add_special_tokens(missing)
-    prompt_tokenizer = PromptTokenizer(
+    prompt_tokenizer = LocalTokenizer(
         tokenizer, _chat_template(directory, tokenizer_config), special
     )
     return prompt_tokenizer, context_length(_json_file(directory / "config.json"))
 
 
-def local_tokenizer(directory: Path) -> tuple[PromptTokenizer, int | None] | None:
+def local_tokenizer(directory: Path) -> tuple[LocalTokenizer, int | None] | None:
     """(tokenizer, context length) of a local model directory; None when it has no
     tokenizer.json (the worker checks those prompts) or the files cannot be read."""
     if not (directory / "tokenizer.json").exists():

@@ -2,7 +2,7 @@
 
 Shared by the API (to refuse a job before it is queued) and the workers (which
 encode the same way before decoding). `tokenizer` is a transformers tokenizer, or the
-API's api.tokenizers.PromptTokenizer, which answers the same calls.
+API's api.tokenizers.LocalTokenizer, which answers the same calls.
 """
 
 from __future__ import annotations

@@ -16,11 +16,13 @@ from sqlalchemy.orm import Session
 
 from api.auth import Principal
 from api.cursors import decode_cursor, encode_cursor, split_page
+from api.dataset_tokens import dataset_tokens
 from api.deps import JobsRead, JobsWrite, ReadSessionDep, SessionDep, SettingsDep
-from api.schemas import DatasetList, DatasetOut
+from api.schemas import DatasetList, DatasetOut, DatasetTokensOut
 from core.datasets import ParsedDataset, display_filename, parse_dataset
 from core.errors import PayloadTooLargeError
 from core.settings import Settings
+from core.specs import MODEL_REF_PATTERN
 from core.storage import artifact_store
 from db import datasets as datasets_repo
 from db import tenants as tenants_repo
@@ -169,6 +171,34 @@ def get_dataset(dataset_id: str, session: ReadSessionDep, who: JobsRead) -> Data
     return DatasetOut.of(
         datasets_repo.require_dataset(session, dataset_id, tenant_id=who.tenant_id)
     )
+
+
+@router.get("/{dataset_id}/tokens", response_model=DatasetTokensOut)
+def count_dataset_tokens(
+    dataset_id: str,
+    session: ReadSessionDep,
+    settings: SettingsDep,
+    who: JobsRead,
+    model: Annotated[
+        str,
+        Query(
+            pattern=MODEL_REF_PATTERN,
+            description="An installed base model (its directory under models/) or a "
+            "registered model (ft:...) whose tokenizer counts.",
+        ),
+    ],
+    max_length: Annotated[
+        int | None,
+        Query(
+            ge=8,
+            le=4096,
+            description="Where training cuts an example, as hyperparameters.max_length "
+            "(default: its default, or the model's context when that is shorter).",
+        ),
+    ] = None,
+) -> DatasetTokensOut:
+    dataset = datasets_repo.require_dataset(session, dataset_id, tenant_id=who.tenant_id)
+    return dataset_tokens(session, settings, who.tenant_id, dataset, model, max_length)
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from core.settings import Settings
 from db.models import Dataset
+from db.registry import register_model
 from db.session import session_scope
 from tests.api.conftest import MAX_BODY, SMALL_UPLOAD
 
@@ -281,3 +282,102 @@ def test_upload_over_max_upload_bytes_is_413_declared_or_streamed(
     # every other route keeps max_body_bytes
     big_job = {"kind": "generate", "spec": {"model": "m", "prompts": ["x" * (MAX_BODY + 1)]}}
     assert_error(client.post("/v1/jobs", json=big_job), 413, "payload_too_large")
+
+
+# -- token counts (GET /v1/datasets/{id}/tokens) ----------------------------------------------
+
+LONG_TEXT = "Fresh bread every morning at the corner bakery, baked with love. " * 4
+TOKEN_ROWS = [
+    {"text": "The blue mug"},
+    {"text": "Thank you for your patience"},
+    {"text": LONG_TEXT},
+]
+
+
+@pytest.fixture(scope="module")
+def counting_models(client: TestClient, settings: Settings, tiny_model_dir: Path) -> str:
+    """tiny-gpt2 installed, and the name of a registered fine-tune of it (its files hold
+    the same tokenizer)."""
+    from tests.conftest import install_tiny_model
+
+    install_tiny_model(tiny_model_dir, settings.data_dir)
+    job = client.post("/v1/jobs", json={"kind": "noop", "spec": {}}).json()
+    relative = f"tenants/default/jobs/{job['id']}/model"
+    shutil.copytree(tiny_model_dir, settings.data_dir / relative)
+    name = f"ft:tiny-gpt2:counted:{job['id']}"
+    with session_scope(settings.database_url) as s:
+        register_model(
+            s,
+            name=name,
+            base_model="tiny-gpt2",
+            task="causal_lm",
+            method="full",
+            adapter=False,
+            job_id=job["id"],
+            path=relative,
+            labels=[],
+            metrics={},
+        )
+    return name
+
+
+def test_token_counts_use_the_chosen_models_tokenizer(
+    client: TestClient, counting_models: str, tiny_model_dir: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lengths = [len(tokenizer(r["text"])["input_ids"]) for r in TOKEN_ROWS]  # it has no eos
+    cut = lengths[1] + 1
+    assert lengths[2] > cut > lengths[0]
+    raw = "".join(json.dumps(r) + "\n" for r in TOKEN_ROWS).encode()
+    ds = upload(client, raw).json()["id"]
+
+    for model in ("tiny-gpt2", counting_models):
+        resp = client.get(f"/v1/datasets/{ds}/tokens", params={"model": model, "max_length": cut})
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {
+            "object": "dataset.tokens",
+            "dataset_id": ds,
+            "model": model,
+            "schema": "text",
+            "examples": 3,
+            "tokens": sum(lengths),
+            "min_tokens": min(lengths),
+            "mean_tokens": round(sum(lengths) / 3, 2),
+            "max_tokens": max(lengths),
+            "max_length": cut,
+            "context_length": 4096,
+            "truncated": 1,
+            "tokens_kept": lengths[0] + lengths[1] + cut,
+        }
+    default = client.get(f"/v1/datasets/{ds}/tokens", params={"model": "tiny-gpt2"}).json()
+    assert default["max_length"] == 128  # a job's default hyperparameters.max_length
+    assert default["truncated"] == sum(1 for n in lengths if n > 128)
+
+
+def test_token_counts_refuse_what_they_cannot_count(
+    client: TestClient, counting_models: str
+) -> None:
+    ds = upload(client, TEXT_JSONL).json()["id"]
+    url = f"/v1/datasets/{ds}/tokens"
+    for model in ("not-installed", "ft:tiny-gpt2:nope:job_x", "tenants/default/datasets"):
+        assert_error(client.get(url, params={"model": model}), 404, "model_not_found", "model")
+    assert_error(client.get("/v1/datasets/ds_nope/tokens?model=tiny-gpt2"), 404, "not_found")
+    too_short = client.get(url, params={"model": "tiny-gpt2", "max_length": 2})
+    assert too_short.status_code == 422 and too_short.json()["error"]["message"]
+    assert client.get(url).status_code == 422  # no model named
+    batch_line = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": "tiny-gpt2", "prompt": "Say a"},
+    }
+    batch = upload(client, (json.dumps(batch_line) + "\n").encode()).json()["id"]
+    err = assert_error(
+        client.get(f"/v1/datasets/{batch}/tokens", params={"model": "tiny-gpt2"}),
+        422,
+        "invalid_request",
+        "dataset_id",
+    )
+    assert "batch_requests" in err["message"]

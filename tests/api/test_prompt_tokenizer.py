@@ -1,16 +1,20 @@
-"""The API's prompt tokenizer (tokenizers + jinja2, no transformers) gives the token ids the
+"""The API's tokenizer (tokenizers + jinja2, no transformers) gives the token ids the
 worker's transformers tokenizer gives, so the API's 422 for a prompt too long for the
-model's context agrees with what the worker would find."""
+model's context agrees with what the worker would find, and a dataset's token counts
+(GET /v1/datasets/{id}/tokens) are those of the features the worker trains on."""
 
 from __future__ import annotations
 
 import importlib.util
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from api.tokenizers import local_tokenizer
+from core.enums import DatasetSchema
+from core.example_tokens import count_tokens
 from core.prompts import encode_prompts
 from core.specs import GenerateSpec
 
@@ -130,3 +134,64 @@ def test_a_template_that_raises_refuses_the_conversation(chat_model_dir: Path) -
 def test_a_directory_without_tokenizer_json_is_left_to_the_worker(tmp_path: Path) -> None:
     (tmp_path / "tokenizer_config.json").write_text("{}")
     assert local_tokenizer(tmp_path) is None
+
+
+LM_ROWS: dict[DatasetSchema, list[dict[str, Any]]] = {
+    DatasetSchema.TEXT: [{"text": p} for p in PROMPTS] + [{"text": "The blue mug " * 30}],
+    DatasetSchema.PROMPT_COMPLETION: [
+        {"prompt": "Describe the mug:", "completion": " it keeps coffee warm"},
+        {"prompt": "Fresh bread " * 20, "completion": " every morning " * 20},
+    ],
+    DatasetSchema.CHAT: [[*c, {"role": "assistant", "content": "Yes."}] for c in CONVERSATIONS],
+}
+LM_ROWS[DatasetSchema.CHAT] = [{"messages": m} for m in LM_ROWS[DatasetSchema.CHAT]]
+ENCODER_ROWS: dict[DatasetSchema, list[dict[str, Any]]] = {
+    DatasetSchema.CLASSIFICATION: [
+        {"text": p, "label": "a"} for p in [*PROMPTS, "long review " * 40]
+    ],
+    DatasetSchema.PAIR_CLASSIFICATION: [
+        {"text": "Is the mug warm?", "text_pair": "It keeps coffee warm.", "label": "yes"},
+        {"text": "query " * 30, "text_pair": "passage " * 30, "label": "no"},
+    ],
+    DatasetSchema.TOKEN_CLASSIFICATION: [
+        {"tokens": ["Alice", "visited", "Zürich"], "tags": ["B-PER", "O", "B-LOC"]},
+        {"tokens": ["unbelievably"] * 40, "tags": ["O"] * 40},
+    ],
+}
+
+
+def assert_counts_match_training_features(
+    directory: Path, rows_by_schema: dict[DatasetSchema, list[dict[str, Any]]], cut: int
+) -> None:
+    """The API's count of each schema's rows: every example whole, and after training's
+    cut at `cut` tokens, as long as the features the worker's encoder makes."""
+    from transformers import AutoTokenizer
+
+    from workers.training.data import encode_rows
+
+    reference = AutoTokenizer.from_pretrained(directory)
+    loaded = local_tokenizer(directory)
+    assert loaded is not None
+    tokenizer, _ = loaded
+    for schema, rows in rows_by_schema.items():
+        labels = sorted({str(t) for r in rows for t in r.get("tags", [r.get("label")])})
+        whole = encode_rows(reference, schema, rows, labels, max_length=4096)
+        lengths = [len(f["input_ids"]) for f in whole]
+        counts = count_tokens(tokenizer, schema, rows, max_length=cut)
+        assert counts.examples == len(rows), schema
+        assert counts.tokens == sum(lengths), schema
+        assert (counts.min_tokens, counts.max_tokens) == (min(lengths), max(lengths)), schema
+        assert counts.truncated == sum(1 for n in lengths if n > cut) >= 1, schema
+        features = encode_rows(reference, schema, rows, labels, max_length=cut)
+        assert counts.tokens_kept == sum(len(f["input_ids"]) for f in features), schema
+
+
+def test_dataset_token_counts_are_those_of_the_training_features(chat_model_dir: Path) -> None:
+    assert_counts_match_training_features(chat_model_dir, LM_ROWS, cut=24)
+    assert_counts_match_training_features(packaged_minilm(), ENCODER_ROWS, cut=24)
+
+
+def test_chat_rows_without_a_template_count_as_role_lines(tiny_model_dir: Path) -> None:
+    assert_counts_match_training_features(
+        tiny_model_dir, {DatasetSchema.CHAT: LM_ROWS[DatasetSchema.CHAT]}, cut=8
+    )

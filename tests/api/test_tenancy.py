@@ -86,6 +86,7 @@ def test_another_tenants_objects_are_404_exactly_like_missing_ones(
         ("GET", f"/v1/jobs/{job}/stream"),
         ("GET", f"/v1/jobs/{job}/files/output"),
         ("GET", f"/v1/datasets/{ds}"),
+        ("GET", f"/v1/datasets/{ds}/tokens?model=tiny-gpt2"),
         ("DELETE", f"/v1/datasets/{ds}"),
         ("GET", f"/v1/models/{model}"),
         ("DELETE", f"/v1/models/{model}"),

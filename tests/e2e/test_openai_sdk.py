@@ -114,6 +114,16 @@ def test_fine_tune_then_batch_on_the_fine_tuned_model(client: OpenAI, stack: Sta
     older = client.fine_tuning.jobs.list_events(job.id, limit=2, after=events.data[1].id)
     assert [e.id for e in older.data] == [e.id for e in events.data[2:4]]
 
+    # one epoch over every row (8 rows leave none out for validation): the tokens trained
+    # are those the dataset's token report says an epoch keeps, and those first estimated
+    with stack.client() as c:
+        report = c.get(f"/v1/datasets/{uploaded.id}/tokens", params={"model": TINY_MODEL}).json()
+    assert report["examples"] == 8 and report["tokens_kept"] > 0
+    assert done.trained_tokens == report["tokens_kept"]
+    started = next(e for e in events.data if e.message == "training started")
+    estimate = started.data["estimate"]  # type: ignore[index]
+    assert (estimate["steps"], estimate["tokens"]) == (2, report["tokens_kept"])
+
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert checkpoints and checkpoints[0].step_number == 2  # 8 rows / batch 4
     assert checkpoints[0].fine_tuning_job_id == job.id
@@ -190,6 +200,23 @@ def test_pause_rests_at_a_checkpoint_and_resume_continues_from_it(
         return any(e.type == "metrics" for e in events)
 
     wait_for(training, 120, "training steps reported", 0.3)
+    started = wait_for(
+        lambda: next((e for e in stack.events(job.id) if e["message"] == "training started"), None),
+        120,
+        "the training started event",
+        0.3,
+    )
+    estimate: dict[str, Any] = started["data"]["estimate"]
+    earlier = [
+        j.id
+        for j in client.fine_tuning.jobs.list(limit=20)
+        if j.status == "succeeded" and j.model == TINY_MODEL
+    ]
+    if earlier:  # a fine-tune of the same base model finished on this host: its throughput counts
+        assert estimate["tokens_per_s"] > 0 and estimate["eta_s"] is not None, estimate
+        assert any(job_id in estimate["eta_basis"] for job_id in earlier), estimate
+    else:
+        assert estimate["eta_s"] is None and estimate["eta_basis"].startswith("no ETA"), estimate
     wait_for(
         lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, 120, "a checkpoint", 0.3
     )

@@ -71,6 +71,15 @@ def test_two_processes_train_a_model_that_serves(two_procs: Stack, tmp_path: Pat
     assert done["result"]["train"]["global_step"] == 30
     # both ranks loaded the same best checkpoint at the end (rank 0 saved it)
     assert done["result"]["best_checkpoint"]["step"] in (15, 30)
+    # trained tokens count both ranks' rows: 8 a step (4 each; an epoch's last step may hold
+    # fewer), where one rank's count would be half
+    with two_procs.client() as c:
+        report = c.get(
+            f"/v1/datasets/{done['spec']['training_dataset']}/tokens", params={"model": TINY_MODEL}
+        ).json()
+    assert report["truncated"] == 0
+    trained = done["result"]["trained_tokens"]
+    assert (30 - 1) * 8 * report["min_tokens"] <= trained <= 30 * 8 * report["max_tokens"]
     gen = submit(
         two_procs,
         "generate",

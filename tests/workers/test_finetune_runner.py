@@ -35,6 +35,7 @@ from workers.training.data import (
 from workers.training.io import CheckpointInfo, MetricPoint
 from workers.training.peft_setup import target_modules
 from workers.training.runner import FineTuneRunner
+from workers.training.throughput import Throughput, ThroughputLog
 
 GPT2 = "tiny-gpt2"
 BERT_CLS = "tiny-bert-cls"
@@ -127,7 +128,8 @@ def run(
     merged = {"base_model": GPT2, "task": "causal_lm", **spec}
     merged["hyperparameters"] = {**hp, **(hyperparameters or {})}
     ctx = ctx or RunContext(job_id=io.job_id, attempt=1, device="cpu")
-    return FineTuneRunner(Settings(data_dir=io.work_dir), lambda _: io).run(merged, ctx)
+    # one data dir for the jobs of a test (next_job): they share this host's measured throughputs
+    return FineTuneRunner(Settings(data_dir=io.work_dir.parent), lambda _: io).run(merged, ctx)
 
 
 def text_dataset(io: MemoryTrainingIO, rows: int = 40) -> str:
@@ -153,11 +155,22 @@ def losses(io: MemoryTrainingIO, after: int = 0) -> list[tuple[int, float]]:
     return [(p.step, p.value) for p in io.metrics[after:] if p.name == "train_loss"]
 
 
+def text_row_tokens(tiny_model_dir: Path) -> int:
+    """The tokens a text_dataset row trains on: cut to the default max_length of 128 (the
+    tiny tokenizer has no eos); every row is the same, so every batch of 4 holds 4 of them."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    return min(len(tokenizer(LM_TEXT * 3)["input_ids"]), 128)
+
+
+def last_throughput(io: MemoryTrainingIO) -> Throughput | None:
+    return ThroughputLog(io.work_dir.parent).last(f"{GPT2} on cpu x1")
+
+
 # -- causal language modelling ---------------------------------------------------------------
 
 
 def test_causal_lm_full_learns_and_reports(
-    io: MemoryTrainingIO, capsys: pytest.CaptureFixture[str]
+    io: MemoryTrainingIO, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ctx = RunContext(job_id=io.job_id, attempt=1, device="cpu")
     result = run(io, ctx, training_dataset=text_dataset(io))
@@ -191,6 +204,19 @@ def test_causal_lm_full_learns_and_reports(
     assert detail["step"] == detail["total_steps"] == 30
     assert detail["eta_s"] == 0.0 and detail["loss"] > 0 and detail["samples_per_s"] > 0
     assert io.messages()[0] == "training started"
+
+    trained = 30 * 4 * text_row_tokens(tiny_model_dir)
+    assert result.result["trained_tokens"] == detail["trained_tokens"] == trained
+    estimate = started_event(io)["estimate"]
+    assert (estimate["steps"], estimate["tokens"]) == (30, trained)
+    assert estimate["eta_s"] is None and estimate["tokens_per_s"] is None
+    assert (
+        estimate["eta_basis"]
+        == "no ETA: no fine-tune of tiny-gpt2 on cpu x1 has finished on this worker yet"
+    )
+    measured = last_throughput(io)
+    assert measured is not None and (measured.job_id, measured.tokens) == (io.job_id, trained)
+    assert measured.tokens_per_s == result.result["train"]["tokens_per_s"] > 0
     assert "evaluation at step 10" in io.messages()
     assert capsys.readouterr().out == ""
 
@@ -619,11 +645,14 @@ def test_records_unwritable_at_the_end_leave_no_saved_model(io: MemoryTrainingIO
     assert not (io.work_dir / "model").exists()
 
 
-def test_resume_continues_from_the_latest_checkpoint(io: MemoryTrainingIO) -> None:
+def test_resume_continues_from_the_latest_checkpoint(
+    io: MemoryTrainingIO, tiny_model_dir: Path
+) -> None:
     data = text_dataset(io)
     with pytest.raises(JobStopped):
         run(io, StopAtStep(io.job_id, step=12), training_dataset=data)
     assert io.latest_checkpoint() is not None
+    assert last_throughput(io) is None  # a stopped attempt measures nothing
     mark = len(io.metrics)
 
     result = run(io, training_dataset=data)  # the job claimed again after its worker died
@@ -634,6 +663,11 @@ def test_resume_continues_from_the_latest_checkpoint(io: MemoryTrainingIO) -> No
     assert resumed[0][0] > 12 and resumed[-1][0] == 30
     assert "resuming from step 12" in io.messages()
     assert [c.step for c in io.recorded_checkpoints] == [10, 12, 20, 30]
+    # steps 1-12 counted by the first attempt (kept in checkpoint-12), 13-30 by this one
+    row = text_row_tokens(tiny_model_dir)
+    assert result.result["trained_tokens"] == 30 * 4 * row
+    measured = last_throughput(io)
+    assert measured is not None and measured.tokens == 18 * 4 * row
 
 
 def test_checkpoint_that_runs_out_of_space_leaves_the_last_good_one(
@@ -669,13 +703,17 @@ def test_checkpoint_that_runs_out_of_space_leaves_the_last_good_one(
     assert io.closed
 
 
-def test_from_checkpoint_starts_from_another_jobs_weights(io: MemoryTrainingIO) -> None:
+def test_from_checkpoint_starts_from_another_jobs_weights(
+    io: MemoryTrainingIO, tiny_model_dir: Path
+) -> None:
     data = text_dataset(io)
     run(io, training_dataset=data)
     first_curve = losses(io)
     mark = len(io.metrics)
 
     first_job = next_job(io)
+    first_throughput = last_throughput(io)
+    assert first_throughput is not None and first_throughput.job_id == first_job
     run(
         io,
         from_checkpoint={"job_id": first_job, "step": 20},
@@ -684,8 +722,15 @@ def test_from_checkpoint_starts_from_another_jobs_weights(io: MemoryTrainingIO) 
     )
     # fresh optimizer, but the weights are those of step 20
     assert losses(io, mark)[0][1] < first_curve[0][1] * 0.7
-    weights = started_event(io)["weights"]
+    started = started_event(io)
+    weights = started["weights"]
     assert "checkpoint-20" in weights and " /" not in weights
+    # the ETA of the second fine-tune of tiny-gpt2 here, at the throughput the first one measured
+    estimate = started["estimate"]
+    assert estimate["tokens_per_s"] == first_throughput.tokens_per_s
+    assert estimate["tokens"] == 3 * 4 * text_row_tokens(tiny_model_dir)
+    assert estimate["eta_s"] == round(estimate["tokens"] / first_throughput.tokens_per_s, 1)
+    assert first_job in estimate["eta_basis"]
 
 
 def test_early_stopping_ends_training_and_keeps_the_best(io: MemoryTrainingIO) -> None:
@@ -732,6 +777,11 @@ def test_metric_points_from_trainer_logs() -> None:
     evaluation = metric_points({"eval_loss": 1.0, "eval_runtime": 0.2, "epoch": 1.0}, step=9)
     assert [p.name for p in evaluation] == ["eval_loss"]
     assert metric_points({"train_runtime": 3.0, "train_loss": 2.0}, step=9) == []
+    # the token count and the session's throughput that Trainer adds to a step's log are no points
+    counted = {"loss": 2.0, "num_input_tokens_seen": 96, "train_runtime": 1.0, "epoch": 0.5}
+    assert [p.name for p in metric_points({**counted, "train_tokens_per_second": 96.0}, 3)] == [
+        "train_loss"
+    ]
 
 
 # -- failures ------------------------------------------------------------------------------------
@@ -798,3 +848,18 @@ def test_out_of_memory_is_a_typed_failure(
         run(io, training_dataset=text_dataset(io))
     assert info.value.failure is FailureType.OUT_OF_MEMORY
     assert "20.00 GiB" in info.value.message
+
+
+def test_throughputs_are_kept_per_setup_and_a_broken_file_is_replaced(tmp_path: Path) -> None:
+    log = ThroughputLog(tmp_path, host="gpu-7")
+    assert log.path == tmp_path / "throughput" / "gpu-7.json"
+    log.path.parent.mkdir()
+    log.path.write_text("{not json")
+    assert log.last("m on cpu x1") is None
+    first = Throughput(10.0, 100, 10.0, "job_a", "full", "2026-12-06T00:00:00+00:00")
+    second = Throughput(40.0, 400, 10.0, "job_b", "lora", "2026-12-06T01:00:00+00:00")
+    log.record("m on cpu x1", first)
+    log.record("m on cuda x2", second)
+    assert (log.last("m on cpu x1"), log.last("m on cuda x2")) == (first, second)
+    log.record("m on cpu x1", second)
+    assert log.last("m on cpu x1") == second

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 _SPEED_SUFFIXES = ("_runtime", "_per_second", "total_flos")
+_NOT_FIGURES = frozenset({"epoch", "num_input_tokens_seen"})  # the token count is the result's
 
 
 def _number(value: Any) -> float | None:
@@ -34,21 +35,22 @@ def eval_figures(metrics: dict[str, Any]) -> dict[str, float]:
     figures: dict[str, float] = {}
     for name, value in metrics.items():
         number = _number(value)
-        if number is None or name == "epoch" or name.endswith(_SPEED_SUFFIXES):
+        if number is None or name in _NOT_FIGURES or name.endswith(_SPEED_SUFFIXES):
             continue
         figures[name] = number
     return figures
 
 
 def metric_points(logs: dict[str, Any], step: int) -> list[MetricPoint]:
-    """A Trainer log entry as metric points; the end-of-training summary is not a point."""
-    if "train_runtime" in logs:
+    """A Trainer log entry as metric points; the end-of-training summary (whose loss is
+    `train_loss`, a step's is `loss`) is not a point."""
+    if "train_loss" in logs:
         return []
     epoch = _number(logs.get("epoch"))
     points: list[MetricPoint] = []
     for name, value in logs.items():
         number = _number(value)
-        if number is None or name == "epoch" or name.endswith(_SPEED_SUFFIXES):
+        if number is None or name in _NOT_FIGURES or name.endswith(_SPEED_SUFFIXES):
             continue
         metric = "train_loss" if name == "loss" else name
         points.append(MetricPoint(step=step, name=metric, value=number, epoch=epoch))
@@ -116,7 +118,33 @@ class ProgressCallback(TrainerCallback):
             eta_s=eta,
             loss=self._loss,
             samples_per_s=samples_per_s,
+            trained_tokens=state.num_input_tokens_seen,
         )
+
+
+class ThroughputCallback(TrainerCallback):
+    """The tokens this attempt trained and how long training took, start to end: Trainer's
+    count of non-padding input tokens (summed over every rank) less what the checkpoint it
+    resumed from had counted."""
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._started: tuple[float, int] | None = None
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._started = (self._clock(), state.num_input_tokens_seen)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self._started is not None:
+            start, tokens = self._started
+            self.seconds = self._clock() - start
+            self.tokens = state.num_input_tokens_seen - tokens
 
 
 class MetricsCallback(TrainerCallback):

@@ -1,5 +1,8 @@
 """Rows in, model-ready features out: schema checks, the validation split, tokenization.
 
+How a row becomes token ids is core.example_tokens' (the API counts a dataset's tokens
+with the same rules); here the ids are cut to max_length and given their labels.
+
 Every example becomes a dict of int lists (`input_ids`, `attention_mask`, maybe
 `token_type_ids`) plus `labels`: an int for sequence classification, a list with
 -100 on the positions that carry no loss otherwise. `PaddingCollator` pads a
@@ -24,6 +27,7 @@ from core.enums import (
     FineTuneTask,
 )
 from core.errors import PermanentJobError
+from core.example_tokens import chat_ids, prompt_completion_ids, text_ids
 from core.specs import FineTuneSpec
 from workers.training.io import DatasetRows, TrainingIO
 
@@ -144,21 +148,12 @@ def pad_token_id(tokenizer: Any) -> int:
     return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
 
 
-def _eos(tokenizer: Any) -> list[int]:
-    eos = tokenizer.eos_token_id
-    return [int(eos)] if eos is not None else []
-
-
-def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
-
-
 def _lm_feature(ids: list[int], labels: list[int]) -> Feature:
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
 def encode_text(tokenizer: Any, text: str, max_length: int) -> Feature:
-    ids = (_ids(tokenizer, text, True) + _eos(tokenizer))[:max_length]
+    ids = text_ids(tokenizer, text)[:max_length]
     return _lm_feature(ids, list(ids))
 
 
@@ -167,8 +162,7 @@ def encode_prompt_completion(
 ) -> Feature:
     """Loss on the completion (and eos) only. Too long: the prompt loses its start first,
     but the completion keeps at least half of `max_length`."""
-    prompt_ids = _ids(tokenizer, prompt, True)
-    completion_ids = _ids(tokenizer, completion, False) + _eos(tokenizer)
+    prompt_ids, completion_ids = prompt_completion_ids(tokenizer, prompt, completion)
     keep_completion = min(len(completion_ids), max(max_length - len(prompt_ids), max_length // 2))
     keep_prompt = min(len(prompt_ids), max_length - keep_completion)
     prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :]
@@ -178,19 +172,9 @@ def encode_prompt_completion(
     )
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, bool]:
-    """The conversation as text, and whether it came from the tokenizer's chat template."""
-    if getattr(tokenizer, "chat_template", None):
-        return str(tokenizer.apply_chat_template(messages, tokenize=False)), True
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages), False
-
-
 def encode_chat(tokenizer: Any, messages: list[dict[str, Any]], max_length: int) -> Feature:
-    text, templated = render_chat(tokenizer, messages)
-    if templated:
-        ids = _ids(tokenizer, text, False)[:max_length]
-        return _lm_feature(ids, list(ids))
-    return encode_text(tokenizer, text, max_length)
+    ids = chat_ids(tokenizer, messages)[:max_length]
+    return _lm_feature(ids, list(ids))
 
 
 def encode_classification(

@@ -27,6 +27,7 @@ from workers.training.callbacks import (
     ProgressCallback,
     StepMarkerCallback,
     StopCallback,
+    ThroughputCallback,
 )
 from workers.training.data import (
     FeatureDataset,
@@ -55,6 +56,7 @@ from workers.training.peft_setup import apply_method, is_adalora
 from workers.training.reports import compute_metrics_for
 from workers.training.schedule import Schedule, plan_schedule, precision_for, training_arguments
 from workers.training.selection import ResumedBestCallback, best_checkpoint, resumed_best
+from workers.training.throughput import ThroughputLog, estimate_training, measured, setup_key
 from workers.training.tracking import Tracking, trackers_for
 
 logger = logging.getLogger(__name__)
@@ -145,13 +147,14 @@ class FineTuneRunner:
         prepared = self._prepare(spec, io)
         ctx.check_stop()
         output_dir = io.work_dir / CHECKPOINTS_DIR
-        trainer = self._trainer(spec, prepared, ctx, io, output_dir)
+        clocked = ThroughputCallback()
+        trainer = self._trainer(spec, prepared, ctx, io, output_dir, clocked)
         trackers = trackers_for(spec, self._settings)
         tracking = Tracking(trackers, self._settings, ctx, io, trainer.is_world_process_zero())
         for callback in tracking.start(spec):
             trainer.add_callback(callback)
         try:
-            result = self._train(spec, prepared, ctx, io, trainer)
+            result = self._train(spec, prepared, ctx, io, trainer, clocked)
         except BaseException as exc:
             tracking.end(trainer, exc)
             raise
@@ -167,17 +170,32 @@ class FineTuneRunner:
         ctx: RunContext,
         io: TrainingIO,
         trainer: Trainer,
+        clocked: ThroughputCallback,
     ) -> RunResult:
         resume = io.latest_checkpoint()  # read where it lies: nothing of it is copied
         steps_redone = 0
         if resume is not None:
             steps_redone = io.discard_after(resume.step) - resume.step
-        self._announce(spec, prepared, ctx, io, resume, steps_redone)
+        throughputs = ThroughputLog(self._settings.data_dir)
+        setup = setup_key(spec.base_model, ctx.device, self._world_size)
+        estimate = estimate_training(
+            prepared.schedule,
+            [len(feature["input_ids"]) for feature in prepared.train.features],
+            resume.step if resume is not None else 0,
+            setup,
+            throughputs.last(setup),
+        )
+        self._announce(spec, prepared, ctx, io, resume, steps_redone, estimate)
         if resume is not None:
             self._keep_resumed_best(spec, trainer, ctx, io, resume)
         ctx.check_stop()
         output = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
         ctx.check_stop()
+        attempt_throughput = measured(
+            ctx.job_id, spec.method.value, clocked.tokens, clocked.seconds
+        )
+        if trainer.is_world_process_zero() and attempt_throughput is not None:
+            throughputs.record(setup, attempt_throughput)
         best = best_checkpoint(trainer.state, spec.best_model_metric)
         if best is not None:
             io.event(f"the model is the best checkpoint, step {best.step}", best.as_result())
@@ -205,6 +223,7 @@ class FineTuneRunner:
             "train_samples_per_second": float(output.metrics.get("train_samples_per_second", 0.0)),
             "global_step": int(output.global_step),
             "train_loss": float(output.training_loss),
+            "tokens_per_s": attempt_throughput.tokens_per_s if attempt_throughput else None,
         }
         logger.info("job %s trained: %s", ctx.job_id, train_figures)
         return RunResult(
@@ -214,6 +233,7 @@ class FineTuneRunner:
                 "train": train_figures,
                 "eval": report,
                 "best_checkpoint": best.as_result() if best is not None else None,
+                "trained_tokens": int(trainer.state.num_input_tokens_seen),
                 "resumed_from_step": resume.step if resume else None,
                 "steps_redone": steps_redone,
             },
@@ -275,10 +295,12 @@ class FineTuneRunner:
         ctx: RunContext,
         io: TrainingIO,
         output_dir: Path,
+        clocked: ThroughputCallback,
     ) -> Trainer:
         hp = spec.hyperparameters
         callbacks: list[TrainerCallback] = [
             ProgressCallback(ctx),
+            clocked,
             MetricsCallback(io),
             CheckpointCallback(
                 io, hp.checkpoint_minutes * 60 if hp.checkpoint_minutes is not None else None
@@ -347,7 +369,10 @@ class FineTuneRunner:
         io: TrainingIO,
         resume: CheckpointInfo | None,
         steps_redone: int,
+        estimate: dict[str, Any],
     ) -> None:
+        """The first event: what trains where, and the estimate (planned steps and tokens,
+        and an ETA at the throughput this host last measured for this setup, or why not)."""
         data = {
             "task": spec.task.value,
             "method": spec.method.value,
@@ -360,6 +385,7 @@ class FineTuneRunner:
             "device": ctx.device,
             "processes": self._world_size,
             "precision": precision_for(ctx.device).name,
+            "estimate": estimate,
         }
         io.event("training started", data)
         if resume is not None:

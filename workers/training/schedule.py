@@ -93,6 +93,9 @@ def training_arguments(
         logging_strategy="steps",
         logging_steps=schedule.logging_steps,
         logging_first_step=True,
+        # trained tokens: attention-mask ones of every batch, summed over the ranks, kept in
+        # the checkpoints' trainer state so a resumed run goes on counting
+        include_num_input_tokens_seen="non_padding",
         eval_strategy="epoch" if schedule.eval_steps is None else "steps",
         eval_steps=schedule.eval_steps,
         save_strategy="epoch" if schedule.save_steps is None else "steps",
