@@ -16,7 +16,13 @@ from sqlalchemy.orm import Session
 
 from api.tokenizers import local_tokenizer
 from core.embeddings import input_limit
-from core.enums import SCHEMAS_FOR_TASK, DatasetSchema, FineTuneTask, PredictMode
+from core.enums import (
+    DatasetSchema,
+    FineTuneObjective,
+    FineTuneTask,
+    PredictMode,
+    training_schemas,
+)
 from core.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -116,13 +122,18 @@ def check_model(
 
 
 def _fitting_dataset(
-    session: Session, tenant_id: str, dataset_id: str, task: FineTuneTask, param: str
+    session: Session, tenant_id: str, dataset_id: str, spec: FineTuneSpec, param: str
 ) -> Dataset:
-    allowed = SCHEMAS_FOR_TASK[task]
+    allowed = training_schemas(spec.task, spec.objective)
     ds = _dataset(session, tenant_id, dataset_id, param)
     if DatasetSchema(ds.schema) not in allowed:
+        trains = (
+            "objective dpo"
+            if spec.objective is FineTuneObjective.DPO
+            else f"task {spec.task.value}"
+        )
         raise InvalidRequestError(
-            f"dataset {ds.id!r} holds {ds.schema} rows; task {task.value} needs "
+            f"dataset {ds.id!r} holds {ds.schema} rows; {trains} needs "
             f"{' or '.join(sorted(s.value for s in allowed))}",
             param=param,
         )
@@ -133,11 +144,11 @@ def _check_finetune(
     session: Session, settings: Settings, tenant_id: str, spec: FineTuneSpec
 ) -> None:
     train = _fitting_dataset(
-        session, tenant_id, spec.training_dataset, spec.task, "spec.training_dataset"
+        session, tenant_id, spec.training_dataset, spec, "spec.training_dataset"
     )
     if spec.validation_dataset is not None:
         val = _fitting_dataset(
-            session, tenant_id, spec.validation_dataset, spec.task, "spec.validation_dataset"
+            session, tenant_id, spec.validation_dataset, spec, "spec.validation_dataset"
         )
         missing = sorted(set(val.labels) - set(train.labels))
         if spec.task is not FineTuneTask.CAUSAL_LM and missing:

@@ -97,6 +97,9 @@ def test_hyperparameters_out_of_range_and_remote_code(
         ({**base, "method": "qlora"}, "spec.method"),
         ({**base, "trust_remote_code": True}, "spec.trust_remote_code"),
         ({**base, "suffix": "Bad Suffix!"}, "spec.suffix"),
+        ({**base, "objective": "dpo"}, "spec.training_dataset"),  # text rows are no pairs
+        ({**base, "task": "token_classification", "objective": "dpo"}, "spec.objective"),
+        ({**base, "dpo": {"beta": 0.2}}, "spec.dpo"),
     ]:
         resp = client.post("/v1/jobs", json=finetune(**spec))
         assert resp.status_code == 422, resp.text

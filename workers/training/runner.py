@@ -1,4 +1,5 @@
-"""Runs a FineTuneSpec with transformers' Trainer: full, LoRA or AdaLoRA; resumable."""
+"""Runs a FineTuneSpec with transformers' Trainer (or TRL's DPOTrainer for objective dpo):
+full, LoRA or AdaLoRA; resumable."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pydantic import ValidationError
 from transformers import PrinterCallback, Trainer, set_seed
 from transformers.trainer_callback import EarlyStoppingCallback, TrainerCallback
 
-from core.enums import FailureType, FineTuneMethod, FineTuneTask
+from core.enums import FailureType, FineTuneMethod, FineTuneObjective, FineTuneTask
 from core.errors import PermanentJobError, StaleAttempt
 from core.settings import Settings
 from core.specs import FineTuneSpec
@@ -66,6 +67,14 @@ class Prepared:
     validation: FeatureDataset
     schedule: Schedule
     pad_id: int
+
+
+def _preference() -> Any:
+    """workers.training.preference, imported for a DPO job only: it loads TRL and `datasets`,
+    about a second that a supervised job need not spend."""
+    from workers.training import preference
+
+    return preference
 
 
 def select_device(device: str) -> None:
@@ -151,9 +160,14 @@ class FineTuneRunner:
 
         for recorder in (MetricsCallback, CheckpointCallback):
             trainer.remove_callback(recorder)
-        report, eval_loss = final_report(
-            trainer, prepared.model, spec.task, prepared.validation, prepared.split.labels
-        )
+        dpo = spec.objective is FineTuneObjective.DPO
+        if dpo:
+            report, eval_loss = _preference().preference_report(trainer, prepared.model)
+            _preference().drop_reference_adapter(prepared.model)
+        else:
+            report, eval_loss = final_report(
+                trainer, prepared.model, spec.task, prepared.validation, prepared.split.labels
+            )
         figures = flat_figures(report, eval_loss)
         io.event("final evaluation", figures)
         model_dir = io.work_dir / MODEL_DIR
@@ -178,6 +192,7 @@ class FineTuneRunner:
             result={
                 "task": spec.task.value,
                 "method": spec.method.value,
+                "objective": spec.objective.value,
                 "train": train_figures,
                 "eval": report,
                 "resumed_from_step": resume.step if resume else None,
@@ -207,10 +222,15 @@ class FineTuneRunner:
             require_safetensors(source.adapter)
         tokenizer = load_tokenizer(source.tokenizer)
         pad_id = pad_token_id(tokenizer)
-        train = encode_rows(tokenizer, split.schema, split.train, split.labels, hp.max_length)
-        validation = encode_rows(
-            tokenizer, split.schema, split.validation, split.labels, hp.max_length
-        )
+        if spec.objective is FineTuneObjective.DPO:
+            encode = _preference().encode_preferences
+            train = encode(tokenizer, split.train, hp.max_length)
+            validation = encode(tokenizer, split.validation, hp.max_length)
+        else:
+            train = encode_rows(tokenizer, split.schema, split.train, split.labels, hp.max_length)
+            validation = encode_rows(
+                tokenizer, split.schema, split.validation, split.labels, hp.max_length
+            )
         if not train or not validation:
             which = "training" if not train else "validation"
             raise PermanentJobError(
@@ -262,6 +282,20 @@ class FineTuneRunner:
                     early_stopping_threshold=spec.early_stopping.threshold,
                 )
             )
+        if spec.objective is FineTuneObjective.DPO:
+            preference = _preference()
+            trainer: Trainer = preference.preference_trainer(
+                prepared.model,
+                prepared.tokenizer,
+                prepared.train,
+                prepared.validation,
+                preference.dpo_arguments(
+                    spec, prepared.schedule, output_dir, ctx.device, self._world_size
+                ),
+                callbacks,
+            )
+            trainer.remove_callback(PrinterCallback)
+            return trainer
         trainer = AtomicCheckpointTrainer(
             model=prepared.model,
             args=training_arguments(
@@ -292,6 +326,7 @@ class FineTuneRunner:
         data = {
             "task": spec.task.value,
             "method": spec.method.value,
+            "objective": spec.objective.value,
             "weights": prepared.source.origin,
             "train_rows": len(prepared.train),
             "validation_rows": len(prepared.validation),

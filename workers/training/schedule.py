@@ -6,6 +6,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainingArguments
@@ -87,11 +88,18 @@ def precision_for(device: str) -> Precision:
 def training_arguments(
     spec: FineTuneSpec, schedule: Schedule, output_dir: Path, device: str, world_size: int = 1
 ) -> TrainingArguments:
+    return TrainingArguments(**argument_values(spec, schedule, output_dir, device, world_size))
+
+
+def argument_values(
+    spec: FineTuneSpec, schedule: Schedule, output_dir: Path, device: str, world_size: int = 1
+) -> dict[str, Any]:
+    """The TrainingArguments fields every fine-tune sets (a DPOConfig takes them too)."""
     hp = spec.hyperparameters
     early = spec.early_stopping is not None
     precision = precision_for(device)
     batch = per_device_batch(hp.batch_size, world_size)
-    return TrainingArguments(
+    return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=batch,
         per_device_eval_batch_size=batch,
