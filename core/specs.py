@@ -235,9 +235,9 @@ class LoraSpec(BaseModel):
 
 class DpoSpec(BaseModel):
     """Direct preference optimization (TRL's DPOTrainer, sigmoid loss): the policy learns to
-    give the chosen answer more probability than the rejected one, relative to a reference
-    (the starting weights: a frozen copy for method full, the model without the new adapter
-    for lora/adalora)."""
+    give the chosen answer more probability than the rejected one, relative to a reference,
+    the starting weights (a frozen copy for method full; for lora/adalora the model with the
+    new adapter disabled, or a frozen copy of the LoRA adapter it continues)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -1,5 +1,6 @@
 """Preference tuning (objective dpo) in-process on the tiny GPT-2: TRL's DPOTrainer with the
-runner's checkpoints, metrics, stop and resume, in full and LoRA, and the pair encoding."""
+runner's checkpoints, metrics, stop and resume, full and with adapters (new and continued),
+and the pair encoding."""
 
 from __future__ import annotations
 
@@ -132,6 +133,26 @@ def test_lora_dpo_on_a_registered_adapter_resumes_from_its_checkpoint(
     assert model is not None and model.adapter
     saved = {p.name for p in model.path.iterdir()}
     assert "adapter_model.safetensors" in saved and "ref" not in saved  # TRL's frozen copy
+
+
+# peft warns when it loads any saved AdaLoRA adapter (a supervised one too): the rank_pattern
+# keys it saved do not match the modules it targets on load.
+@pytest.mark.filterwarnings("ignore:The following rank_pattern keys:RuntimeWarning")
+def test_a_new_adalora_adapter_is_trained_against_the_model_without_it(
+    io: MemoryTrainingIO, tiny_model_dir: Path
+) -> None:
+    """A new adapter is added by TRL: the reference is the model with it disabled, and no
+    frozen copy of it is saved. An AdaLoRA adapter cannot be trained further with DPO."""
+    result = run(io, method="adalora", hyperparameters={"max_steps": 4, "checkpoint_steps": 2})
+    assert io.metric_values("rewards/margins")[-1][1] > 0
+    model = result.trained_model
+    assert model is not None and model.adapter
+    assert not any(p.name == "ref" for p in io.work_dir.rglob("*"))
+    io.models["ft:tiny-gpt2:ada:1"] = ResolvedModel(
+        ref=str(model.path), adapter_of=str(tiny_model_dir)
+    )
+    with pytest.raises(PermanentJobError, match="cannot train an AdaLoRA adapter further"):
+        run(io, base_model="ft:tiny-gpt2:ada:1", method="adalora")
 
 
 def test_a_supervised_dataset_cannot_train_dpo(io: MemoryTrainingIO) -> None:

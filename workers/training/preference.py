@@ -18,16 +18,18 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from peft import PeftModel
+from peft import PeftConfig, PeftModel
 from transformers.trainer_callback import TrainerCallback
 from trl.trainer.dpo_config import DPOConfig
 from trl.trainer.dpo_trainer import DPOTrainer
 
+from core.enums import FailureType
+from core.errors import PermanentJobError
 from core.specs import FineTuneSpec
 from workers.training.callbacks import eval_figures
 from workers.training.checkpoints import AtomicCheckpointTrainer
 from workers.training.data import Feature, FeatureDataset, render_chat
-from workers.training.peft_setup import without_orth_regularization
+from workers.training.peft_setup import is_adalora, without_orth_regularization
 from workers.training.schedule import Schedule, argument_values
 
 logger = logging.getLogger(__name__)
@@ -136,22 +138,32 @@ def dpo_arguments(
 
 def preference_trainer(
     model: torch.nn.Module,
+    new_adapter: PeftConfig | None,
     tokenizer: Any,
     train: FeatureDataset,
     validation: FeatureDataset,
     args: DPOConfig,
     callbacks: list[TrainerCallback],
 ) -> PreferenceTrainer:
-    """The reference is the starting weights: for a full fine-tune a frozen copy of them; with
-    an adapter TRL uses the same model (a new adapter disabled, a continued one as a frozen
-    copy of it)."""
+    """The reference is the starting weights. Full fine-tune: a frozen copy of them. A new
+    adapter (`new_adapter`, which TRL adds to `model`): the same model with the adapter
+    disabled. An adapter trained further (`model` is a PeftModel): TRL's frozen copy of it
+    beside it, which peft allows for LoRA only (one trainable AdaLoRA adapter per model)."""
+    if is_adalora(model):
+        raise PermanentJobError(
+            "DPO cannot train an AdaLoRA adapter further: its reference would be a second "
+            "AdaLoRA adapter on the model, which peft refuses; use method full (the adapter "
+            "merged in) or a new lora/adalora adapter on the merged model",
+            FailureType.INVALID_SPEC,
+        )
     policy: Any = model
     reference: Any = None
-    if not isinstance(model, PeftModel):
+    if new_adapter is None and not isinstance(model, PeftModel):
         reference = copy.deepcopy(model).requires_grad_(False).eval()
     return PreferenceTrainer(
         model=policy,
         ref_model=reference,
+        peft_config=new_adapter,
         args=args,
         train_dataset=Dataset.from_list(train.features),
         eval_dataset=Dataset.from_list(validation.features),

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftConfig
 from pydantic import ValidationError
 from transformers import PrinterCallback, Trainer, set_seed
 from transformers.trainer_callback import EarlyStoppingCallback, TrainerCallback
@@ -48,7 +49,7 @@ from workers.training.models import (
     require_safetensors,
     weights_source,
 )
-from workers.training.peft_setup import apply_method, is_adalora
+from workers.training.peft_setup import apply_method, build_peft_config, is_adalora
 from workers.training.reports import compute_metrics_for
 from workers.training.schedule import Schedule, plan_schedule, precision_for, training_arguments
 
@@ -67,6 +68,16 @@ class Prepared:
     validation: FeatureDataset
     schedule: Schedule
     pad_id: int
+    new_adapter: PeftConfig | None = None  # DPO: the adapter TRL adds to `model` itself
+
+
+def _model_of(trainer: Trainer) -> torch.nn.Module:
+    """The model `trainer` trains: the prepared one, or for DPO with a new adapter the
+    PeftModel TRL made of it."""
+    model = trainer.model
+    if model is None:
+        raise PermanentJobError("the trainer holds no model", FailureType.RUNTIME_ERROR)
+    return model
 
 
 def _preference() -> Any:
@@ -160,18 +171,18 @@ class FineTuneRunner:
 
         for recorder in (MetricsCallback, CheckpointCallback):
             trainer.remove_callback(recorder)
-        dpo = spec.objective is FineTuneObjective.DPO
-        if dpo:
-            report, eval_loss = _preference().preference_report(trainer, prepared.model)
-            _preference().drop_reference_adapter(prepared.model)
+        trained = _model_of(trainer)
+        if spec.objective is FineTuneObjective.DPO:
+            report, eval_loss = _preference().preference_report(trainer, trained)
+            _preference().drop_reference_adapter(trained)
         else:
             report, eval_loss = final_report(
-                trainer, prepared.model, spec.task, prepared.validation, prepared.split.labels
+                trainer, trained, spec.task, prepared.validation, prepared.split.labels
             )
         figures = flat_figures(report, eval_loss)
         io.event("final evaluation", figures)
         model_dir = io.work_dir / MODEL_DIR
-        final = prepared.model
+        final = trained
         adapter = spec.method is not FineTuneMethod.FULL
         if adapter and spec.merge_adapter:
             peft_model: Any = final
@@ -240,9 +251,20 @@ class FineTuneRunner:
         model = load_base_model(spec.task, source.base, split.labels)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = pad_id
-        model = apply_method(
-            model, spec.task, spec.method, spec.lora, schedule.total_steps, source.adapter
-        )
+        new_adapter = None
+        if (
+            spec.objective is FineTuneObjective.DPO
+            and spec.method is not FineTuneMethod.FULL
+            and source.adapter is None
+        ):
+            # TRL adds it, so that the reference is this model with the adapter disabled.
+            new_adapter = build_peft_config(
+                model, spec.task, spec.method, spec.lora, schedule.total_steps
+            )
+        else:
+            model = apply_method(
+                model, spec.task, spec.method, spec.lora, schedule.total_steps, source.adapter
+            )
         return Prepared(
             split=split,
             source=source,
@@ -252,6 +274,7 @@ class FineTuneRunner:
             validation=FeatureDataset(validation),
             schedule=schedule,
             pad_id=pad_id,
+            new_adapter=new_adapter,
         )
 
     def _trainer(
@@ -286,6 +309,7 @@ class FineTuneRunner:
             preference = _preference()
             trainer: Trainer = preference.preference_trainer(
                 prepared.model,
+                prepared.new_adapter,
                 prepared.tokenizer,
                 prepared.train,
                 prepared.validation,
@@ -295,6 +319,8 @@ class FineTuneRunner:
                 callbacks,
             )
             trainer.remove_callback(PrinterCallback)
+            if prepared.new_adapter is not None and is_adalora(_model_of(trainer)):
+                trainer.add_callback(AdaLoraCallback())
             return trainer
         trainer = AtomicCheckpointTrainer(
             model=prepared.model,
