@@ -146,12 +146,13 @@ def pad_token_id(tokenizer: Any) -> int:
     return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
 
 
-def _eos(tokenizer: Any) -> list[int]:
+def eos_ids(tokenizer: Any) -> list[int]:
+    """The eos token to end a sequence with; none when the tokenizer has no eos."""
     eos = tokenizer.eos_token_id
     return [int(eos)] if eos is not None else []
 
 
-def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
+def token_ids(tokenizer: Any, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
@@ -160,7 +161,7 @@ def _lm_feature(ids: list[int], labels: list[int]) -> Feature:
 
 
 def encode_text(tokenizer: Any, text: str, max_length: int) -> Feature:
-    ids = (_ids(tokenizer, text, True) + _eos(tokenizer))[:max_length]
+    ids = (token_ids(tokenizer, text, True) + eos_ids(tokenizer))[:max_length]
     return _lm_feature(ids, list(ids))
 
 
@@ -169,8 +170,8 @@ def encode_prompt_completion(
 ) -> Feature:
     """Loss on the completion (and eos) only. Too long: the prompt loses its start first,
     but the completion keeps at least half of `max_length`."""
-    prompt_ids = _ids(tokenizer, prompt, True)
-    completion_ids = _ids(tokenizer, completion, False) + _eos(tokenizer)
+    prompt_ids = token_ids(tokenizer, prompt, True)
+    completion_ids = token_ids(tokenizer, completion, False) + eos_ids(tokenizer)
     keep_completion = min(len(completion_ids), max(max_length - len(prompt_ids), max_length // 2))
     keep_prompt = min(len(prompt_ids), max_length - keep_completion)
     prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :]
@@ -190,7 +191,7 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, bo
 def encode_chat(tokenizer: Any, messages: list[dict[str, Any]], max_length: int) -> Feature:
     text, templated = render_chat(tokenizer, messages)
     if templated:
-        ids = _ids(tokenizer, text, False)[:max_length]
+        ids = token_ids(tokenizer, text, False)[:max_length]
         return _lm_feature(ids, list(ids))
     return encode_text(tokenizer, text, max_length)
 

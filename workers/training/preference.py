@@ -28,7 +28,7 @@ from core.errors import PermanentJobError
 from core.specs import FineTuneSpec
 from workers.training.callbacks import eval_figures
 from workers.training.checkpoints import AtomicCheckpointTrainer
-from workers.training.data import Feature, FeatureDataset, render_chat
+from workers.training.data import Feature, FeatureDataset, eos_ids, render_chat, token_ids
 from workers.training.peft_setup import is_adalora, without_orth_regularization
 from workers.training.schedule import Schedule, argument_values
 
@@ -38,15 +38,6 @@ REFERENCE_ADAPTER = "ref"
 """The name TRL gives its frozen copy of an adapter the policy starts from."""
 
 Messages = list[dict[str, str]]
-
-
-def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
-
-
-def _eos(tokenizer: Any) -> list[int]:
-    eos = tokenizer.eos_token_id
-    return [int(eos)] if eos is not None else []
 
 
 def _conversation_texts(
@@ -83,10 +74,12 @@ def encode_preference(tokenizer: Any, row: dict[str, Any], max_length: int) -> F
         # A template may render the prompt alone differently: split where all three agree.
         cut = _shared_start(prompt_text, *wholes)
         prompt_text, answers = prompt_text[:cut], [whole[cut:] for whole in wholes]
-        prompt_ids = _ids(tokenizer, prompt_text, not templated)
+        prompt_ids = token_ids(tokenizer, prompt_text, not templated)
     else:
-        prompt_ids, answers = _ids(tokenizer, prompt, True), [chosen, rejected]
-    chosen_ids, rejected_ids = (_ids(tokenizer, a, False) + _eos(tokenizer) for a in answers)
+        prompt_ids, answers = token_ids(tokenizer, prompt, True), [chosen, rejected]
+    chosen_ids, rejected_ids = (
+        token_ids(tokenizer, a, False) + eos_ids(tokenizer) for a in answers
+    )
     longest = max(len(chosen_ids), len(rejected_ids))
     keep_answer = min(longest, max(max_length - len(prompt_ids), max_length // 2))
     keep_prompt = min(len(prompt_ids), max_length - keep_answer)
