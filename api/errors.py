@@ -94,7 +94,8 @@ def _documented(description: str) -> dict[str, Any]:
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: _documented(
         "The body is not valid JSON (or not a form where one is expected), or an "
-        "OpenAI-compatible serving request is invalid."
+        "OpenAI-compatible serving request is invalid, or an OpenAI-compatible request "
+        "sets a parameter this server does not honour."
     ),
     401: _documented("No API key, or one that is unknown or revoked (/v1 routes)."),
     403: _documented("The API key lacks the scope this route needs."),

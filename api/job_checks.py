@@ -16,7 +16,14 @@ from sqlalchemy.orm import Session
 
 from api.tokenizers import local_tokenizer
 from core.embeddings import input_limit
-from core.enums import SCHEMAS_FOR_TASK, DatasetSchema, FineTuneTask, PredictMode, Tracker
+from core.enums import (
+    DatasetSchema,
+    FineTuneObjective,
+    FineTuneTask,
+    PredictMode,
+    Tracker,
+    training_schemas,
+)
 from core.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -116,13 +123,18 @@ def check_model(
 
 
 def _fitting_dataset(
-    session: Session, tenant_id: str, dataset_id: str, task: FineTuneTask, param: str
+    session: Session, tenant_id: str, dataset_id: str, spec: FineTuneSpec, param: str
 ) -> Dataset:
-    allowed = SCHEMAS_FOR_TASK[task]
+    allowed = training_schemas(spec.task, spec.objective)
     ds = _dataset(session, tenant_id, dataset_id, param)
     if DatasetSchema(ds.schema) not in allowed:
+        trains = (
+            "objective dpo"
+            if spec.objective is FineTuneObjective.DPO
+            else f"task {spec.task.value}"
+        )
         raise InvalidRequestError(
-            f"dataset {ds.id!r} holds {ds.schema} rows; task {task.value} needs "
+            f"dataset {ds.id!r} holds {ds.schema} rows; {trains} needs "
             f"{' or '.join(sorted(s.value for s in allowed))}",
             param=param,
         )
@@ -139,11 +151,11 @@ def _check_finetune(
             param="spec.tracking",
         )
     train = _fitting_dataset(
-        session, tenant_id, spec.training_dataset, spec.task, "spec.training_dataset"
+        session, tenant_id, spec.training_dataset, spec, "spec.training_dataset"
     )
     if spec.validation_dataset is not None:
         val = _fitting_dataset(
-            session, tenant_id, spec.validation_dataset, spec.task, "spec.validation_dataset"
+            session, tenant_id, spec.validation_dataset, spec, "spec.validation_dataset"
         )
         missing = sorted(set(val.labels) - set(train.labels))
         if spec.task is not FineTuneTask.CAUSAL_LM and missing:

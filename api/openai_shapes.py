@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from core.enums import DatasetSchema, JobStatus
-from core.specs import Hyperparameters, completion_window
+from core.enums import DatasetSchema, FineTuneObjective, JobStatus
+from core.specs import DpoSpec, Hyperparameters, completion_window
 from db.models import Checkpoint, Dataset, Job, JobEvent
 
 BASE_LEARNING_RATE = Hyperparameters().learning_rate  # learning_rate_multiplier 1.0
@@ -109,6 +109,15 @@ def fine_tuning_job(job: Job) -> dict[str, Any]:
     hp = Hyperparameters.model_validate(spec.get("hyperparameters", {}))
     result = job.result or {}
     succeeded = job.status == JobStatus.SUCCEEDED.value
+    hyperparameters: dict[str, Any] = {
+        "n_epochs": int(hp.epochs) if float(hp.epochs).is_integer() else hp.epochs,
+        "batch_size": hp.batch_size,
+        "learning_rate_multiplier": hp.learning_rate / BASE_LEARNING_RATE,
+    }
+    objective = spec.get("objective", FineTuneObjective.SUPERVISED.value)
+    method_hyperparameters = dict(hyperparameters)
+    if objective == FineTuneObjective.DPO.value:
+        method_hyperparameters["beta"] = DpoSpec.model_validate(spec.get("dpo") or {}).beta
     return {
         "id": job.id,
         "object": "fine_tuning.job",
@@ -116,11 +125,7 @@ def fine_tuning_job(job: Job) -> dict[str, Any]:
         "error": _error(job),
         "fine_tuned_model": result.get("model") if succeeded else None,
         "finished_at": unix(job.finished_at),
-        "hyperparameters": {
-            "n_epochs": int(hp.epochs) if float(hp.epochs).is_integer() else hp.epochs,
-            "batch_size": hp.batch_size,
-            "learning_rate_multiplier": hp.learning_rate / BASE_LEARNING_RATE,
-        },
+        "hyperparameters": hyperparameters,
         "model": spec["base_model"],
         "organization_id": job.tenant_id,
         "result_files": [],
@@ -133,7 +138,7 @@ def fine_tuning_job(job: Job) -> dict[str, Any]:
         "integrations": None,
         "metadata": job.metadata_ or None,
         "suffix": spec.get("suffix"),
-        "method": {"type": "supervised"},
+        "method": {"type": objective, objective: {"hyperparameters": method_hyperparameters}},
     }
 
 

@@ -11,7 +11,11 @@ text {"text"}, prompt_completion {"prompt", "completion"},
 chat {"messages": [{"role", "content"}, ...]}, classification {"text", "label"}
 (label as str), pair_classification {"text", "text_pair", "label"},
 token_classification {"tokens": [str], "tags": [str]},
-batch_requests {"custom_id", "method", "url", "body"} (OpenAI batch input; see core.batch).
+batch_requests {"custom_id", "method", "url", "body"} (OpenAI batch input; see core.batch),
+preference {"prompt", "chosen", "rejected"}: three texts, or three message lists (the prompt's
+conversation, then the assistant's preferred and other answer). A preference file is TRL's
+layout (those keys) or OpenAI's (`input.messages`, `preferred_output`, `non_preferred_output`,
+normalized to message lists).
 """
 
 from __future__ import annotations
@@ -66,9 +70,17 @@ KEYS_FOR_SCHEMA: dict[DatasetSchema, frozenset[str]] = {
     DatasetSchema.CLASSIFICATION: frozenset({"text", "label"}),
     DatasetSchema.PAIR_CLASSIFICATION: frozenset({"text", "text_pair", "label"}),
     DatasetSchema.TOKEN_CLASSIFICATION: frozenset({"tokens", "tags"}),
+    DatasetSchema.PREFERENCE: frozenset({"prompt", "chosen", "rejected"}),
 }
-_SCHEMA_KEYS = frozenset().union(*KEYS_FOR_SCHEMA.values())
-_EXPECTED_KEYS = " | ".join(", ".join(sorted(k)) for k in KEYS_FOR_SCHEMA.values())
+OPENAI_PREFERENCE_KEYS = frozenset({"input", "preferred_output", "non_preferred_output"})
+"""OpenAI's preference rows, read as the preference schema."""
+ROW_LAYOUTS: tuple[tuple[DatasetSchema, frozenset[str]], ...] = (
+    *KEYS_FOR_SCHEMA.items(),
+    (DatasetSchema.PREFERENCE, OPENAI_PREFERENCE_KEYS),
+)
+"""Each schema with the keys that make one of its rows (preference has two layouts)."""
+_SCHEMA_KEYS = frozenset().union(*(keys for _, keys in ROW_LAYOUTS))
+_EXPECTED_KEYS = " | ".join(", ".join(sorted(keys)) for _, keys in ROW_LAYOUTS)
 _CSV_DELIMITERS = (",", "\t", ";")
 _TAG = re.compile(r"^([BIESLU])-(.+)$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -231,12 +243,15 @@ def _parse_text(text: str, fmt: DatasetFormat) -> ParsedDataset:
 # --- JSON Lines ------------------------------------------------------------------------
 
 
-def _schema_for_first_row(line: int, known: frozenset[str], keys: set[str]) -> DatasetSchema:
-    for schema, required in KEYS_FOR_SCHEMA.items():
+def _layout_of_first_row(
+    line: int, known: frozenset[str], keys: set[str]
+) -> tuple[DatasetSchema, frozenset[str]]:
+    """The schema of a file's first row, and the keys every row of the file must have."""
+    for schema, required in ROW_LAYOUTS:
         if known == required:
-            return schema
+            return schema, required
     found = ", ".join(sorted(keys)) or "none"
-    for schema, required in KEYS_FOR_SCHEMA.items():
+    for schema, required in ROW_LAYOUTS:
         if known and known < required:
             missing = ", ".join(sorted(required - known))
             raise DatasetFormatError(line, f"missing key {missing} for a {schema} row")
@@ -249,6 +264,7 @@ def _parse_jsonl(
     text: str, warnings: _Warnings
 ) -> tuple[DatasetSchema, list[tuple[int, Row]], BatchRequestChecker | None]:
     schema: DatasetSchema | None = None
+    required: frozenset[str] = frozenset()
     batch: BatchRequestChecker | None = None
     first_line = 0
     warned_ignored = False
@@ -282,9 +298,8 @@ def _parse_jsonl(
             continue
         known = frozenset(keys & _SCHEMA_KEYS)
         if schema is None:
-            schema, first_line = _schema_for_first_row(line_no, known, keys), line_no
+            (schema, required), first_line = _layout_of_first_row(line_no, known, keys), line_no
         else:
-            required = KEYS_FOR_SCHEMA[schema]
             shape = (
                 f"rows of this file are {schema} ({', '.join(sorted(required))}) "
                 f"since line {first_line}"
@@ -370,34 +385,88 @@ def _normalize(schema: DatasetSchema, obj: dict[str, Any], line: int, warnings: 
             raise DatasetFormatError(line, f"{len(tokens)} tokens but {len(tags)} tags")
         _check_bio(tags, [line] * len(tags), warnings)
         return {"tokens": tokens, "tags": tags}
+    if schema is DatasetSchema.PREFERENCE:
+        return _preference(obj, line, warnings)
     return {"messages": _messages(obj["messages"], line, warnings)}
 
 
-def _messages(value: Any, line: int, warnings: _Warnings) -> list[dict[str, str]]:
+def _message_list(
+    value: Any, what: str, line: int, roles: frozenset[str] = CHAT_ROLES
+) -> list[dict[str, str]]:
     if not isinstance(value, list):
-        raise DatasetFormatError(line, f"'messages' must be an array, got {json_type(value)}")
+        raise DatasetFormatError(line, f"'{what}' must be an array, got {json_type(value)}")
     if not value:
-        raise DatasetFormatError(line, "'messages' is empty")
+        raise DatasetFormatError(line, f"'{what}' is empty")
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):
             raise DatasetFormatError(
-                line, f"messages[{i}] must be an object, got {json_type(message)}"
+                line, f"{what}[{i}] must be an object, got {json_type(message)}"
             )
         for key in ("role", "content"):
             if key not in message:
-                raise DatasetFormatError(line, f"messages[{i}] has no '{key}'")
-        role = _string(message["role"], f"messages[{i}].role", line)
-        if role not in CHAT_ROLES:
+                raise DatasetFormatError(line, f"{what}[{i}] has no '{key}'")
+        role = _string(message["role"], f"{what}[{i}].role", line)
+        if role not in roles:
             raise DatasetFormatError(
                 line,
-                f"messages[{i}].role is {role!r}; expected one of {', '.join(sorted(CHAT_ROLES))}",
+                f"{what}[{i}].role is {role!r}; expected {' or '.join(sorted(roles))}",
             )
-        content = _string(message["content"], f"messages[{i}].content", line)
+        content = _string(message["content"], f"{what}[{i}].content", line)
         messages.append({"role": role, "content": content})
+    return messages
+
+
+def _messages(value: Any, line: int, warnings: _Warnings) -> list[dict[str, str]]:
+    messages = _message_list(value, "messages", line)
     if not any(m["role"] == "assistant" for m in messages):
         warnings.add(line, "no_assistant", "no assistant message: nothing to learn from this row")
     return messages
+
+
+_ASSISTANT = frozenset({"assistant"})
+
+
+def _preference(obj: dict[str, Any], line: int, warnings: _Warnings) -> Row:
+    """OpenAI's layout as message lists; TRL's as three texts or three message lists."""
+    if "input" in obj:
+        given = obj["input"]
+        if not isinstance(given, dict) or "messages" not in given:
+            raise DatasetFormatError(
+                line, f"'input' must be an object with 'messages', got {json_type(given)}"
+            )
+        row: Row = {
+            "prompt": _message_list(given["messages"], "input.messages", line),
+            "chosen": _message_list(obj["preferred_output"], "preferred_output", line, _ASSISTANT),
+            "rejected": _message_list(
+                obj["non_preferred_output"], "non_preferred_output", line, _ASSISTANT
+            ),
+        }
+    elif isinstance(obj["prompt"], list):
+        row = {
+            "prompt": _message_list(obj["prompt"], "prompt", line),
+            "chosen": _message_list(obj["chosen"], "chosen", line, _ASSISTANT),
+            "rejected": _message_list(obj["rejected"], "rejected", line, _ASSISTANT),
+        }
+    else:
+        prompt = _string(obj["prompt"], "'prompt'", line)
+        for key in ("chosen", "rejected"):
+            if isinstance(obj[key], list):
+                raise DatasetFormatError(
+                    line,
+                    f"'{key}' is an array of messages but 'prompt' is a string: give three "
+                    "strings, or three arrays of messages",
+                )
+        row = {
+            "prompt": prompt,
+            "chosen": _string(obj["chosen"], "'chosen'", line),
+            "rejected": _string(obj["rejected"], "'rejected'", line),
+        }
+    if row["chosen"] == row["rejected"]:
+        warnings.add(
+            line, "same_answers", "the chosen and rejected answers are the same: nothing to learn"
+        )
+    return row
 
 
 # --- CSV -------------------------------------------------------------------------------
@@ -534,7 +603,14 @@ def _row_chars(schema: DatasetSchema, row: Row) -> int:
         return sum(len(t) + 1 for t in row["tokens"])
     if schema is DatasetSchema.PAIR_CLASSIFICATION:
         return len(row["text"]) + len(row["text_pair"])
+    if schema is DatasetSchema.PREFERENCE:
+        return sum(_text_chars(row[key]) for key in ("prompt", "chosen", "rejected"))
     return len(row["text"])
+
+
+def _text_chars(value: str | list[dict[str, str]]) -> int:
+    """Characters of a text, or of a list of messages' contents."""
+    return len(value) if isinstance(value, str) else sum(len(m["content"]) for m in value)
 
 
 def _digest(value: Any) -> bytes:

@@ -31,6 +31,13 @@ class Tracker(StrEnum):
     MLFLOW = "mlflow"  # a run per attempt on the deployment's MLflow tracking server
 
 
+class FineTuneObjective(StrEnum):
+    """What training optimizes (FineTuneMethod says which weights it changes)."""
+
+    SUPERVISED = "supervised"  # next-token (or label) loss on the dataset's rows
+    DPO = "dpo"  # direct preference optimization on chosen/rejected pairs (causal_lm only)
+
+
 class DatasetSchema(StrEnum):
     """The shape of a dataset's rows once parsed."""
 
@@ -41,6 +48,7 @@ class DatasetSchema(StrEnum):
     PAIR_CLASSIFICATION = "pair_classification"  # {"text", "text_pair", "label"}
     TOKEN_CLASSIFICATION = "token_classification"  # {"tokens": [...], "tags": [...]}
     BATCH_REQUESTS = "batch_requests"  # OpenAI batch input: {"custom_id", "method", "url", "body"}
+    PREFERENCE = "preference"  # {"prompt", "chosen", "rejected"}: texts, or message lists
 
 
 SCHEMAS_FOR_TASK: dict[FineTuneTask, frozenset[DatasetSchema]] = {
@@ -52,6 +60,13 @@ SCHEMAS_FOR_TASK: dict[FineTuneTask, frozenset[DatasetSchema]] = {
     ),
     FineTuneTask.TOKEN_CLASSIFICATION: frozenset({DatasetSchema.TOKEN_CLASSIFICATION}),
 }
+
+
+def training_schemas(task: FineTuneTask, objective: FineTuneObjective) -> frozenset[DatasetSchema]:
+    """The dataset schemas a fine-tune of `task` trains on with `objective`."""
+    if objective is FineTuneObjective.DPO:
+        return frozenset({DatasetSchema.PREFERENCE})
+    return SCHEMAS_FOR_TASK[task]
 
 
 LABELLED_SCHEMAS = frozenset({DatasetSchema.CLASSIFICATION, DatasetSchema.PAIR_CLASSIFICATION})

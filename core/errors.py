@@ -60,7 +60,7 @@ class BadRequestError(ModelyardError):
 
 
 class UnsupportedParameterError(BadRequestError):
-    """Raised when a serving request sets a parameter this server does not honour."""
+    """Raised when an OpenAI-compatible request sets a parameter this server does not honour."""
 
     type = "unsupported_parameter"
 

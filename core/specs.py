@@ -20,6 +20,7 @@ from pydantic import (
 from core.enums import (
     BatchEndpoint,
     FineTuneMethod,
+    FineTuneObjective,
     FineTuneTask,
     JobKind,
     PredictMode,
@@ -233,6 +234,22 @@ class LoraSpec(BaseModel):
     ) = Field(default=None, max_length=32, description="Default: the model type's usual modules.")
 
 
+class DpoSpec(BaseModel):
+    """Direct preference optimization (TRL's DPOTrainer, sigmoid loss): the policy learns to
+    give the chosen answer more probability than the rejected one, relative to a reference,
+    the starting weights (a frozen copy for method full; for lora/adalora the model with the
+    new adapter disabled, or a frozen copy of the LoRA adapter it continues)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(
+        default=0.1,
+        gt=0,
+        le=10,
+        description="How far the policy may move from the reference: higher keeps it closer.",
+    )
+
+
 class EarlyStoppingSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -290,7 +307,18 @@ class FineTuneSpec(BaseModel):
         default=0.1, ge=0.0, le=0.5, description="Held out of training when no validation set."
     )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    method: FineTuneMethod = FineTuneMethod.FULL
+    method: FineTuneMethod = Field(
+        default=FineTuneMethod.FULL,
+        description="Which weights change: all (full) or a LoRA/AdaLoRA adapter's.",
+    )
+    objective: FineTuneObjective = Field(
+        default=FineTuneObjective.SUPERVISED,
+        description="What training optimizes: supervised (the loss on the rows' text or "
+        "labels) or dpo (preference pairs of a preference dataset; task causal_lm).",
+    )
+    dpo: DpoSpec | None = Field(
+        default=None, description="DPO settings (objective dpo only); defaults when left out."
+    )
     lora: LoraSpec = Field(default_factory=LoraSpec)
     metric_for_best_model: str | None = Field(
         default=None,
@@ -357,6 +385,28 @@ class FineTuneSpec(BaseModel):
         if self.merge_adapter and self.method is FineTuneMethod.FULL:
             raise ValueError("merge_adapter needs method lora or adalora")
         return self
+
+    @field_validator("objective")
+    @classmethod
+    def _dpo_trains_language_models(
+        cls, objective: FineTuneObjective, info: ValidationInfo
+    ) -> FineTuneObjective:
+        task = info.data.get("task")
+        if objective is FineTuneObjective.DPO and task not in (None, FineTuneTask.CAUSAL_LM):
+            raise ValueError(f"objective dpo needs task causal_lm, not {task}")
+        return objective
+
+    @field_validator("dpo")
+    @classmethod
+    def _dpo_settings_need_dpo(cls, dpo: DpoSpec | None, info: ValidationInfo) -> DpoSpec | None:
+        if dpo is not None and info.data.get("objective") is not FineTuneObjective.DPO:
+            raise ValueError("dpo settings need objective dpo")
+        return dpo
+
+    @property
+    def dpo_settings(self) -> DpoSpec:
+        """The DPO settings given, or their defaults."""
+        return self.dpo or DpoSpec()
 
     @field_validator("base_model")
     @classmethod

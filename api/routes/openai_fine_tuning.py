@@ -25,8 +25,8 @@ from api.openai_shapes import (
     fine_tuning_job,
 )
 from api.routes.jobs import IdempotencyKey, cancel_in, publish_job
-from core.enums import DatasetSchema, FineTuneTask, JobKind
-from core.errors import InvalidRequestError
+from core.enums import DatasetSchema, FineTuneObjective, FineTuneTask, JobKind
+from core.errors import InvalidRequestError, UnsupportedParameterError
 from core.specs import FineTuneJobRequest
 from db import datasets as datasets_repo
 from db import events as events_repo
@@ -54,6 +54,7 @@ PARAMS = {
     "spec.hyperparameters.batch_size": "hyperparameters.batch_size",
     "spec.hyperparameters.learning_rate": "hyperparameters.learning_rate_multiplier",
     "spec.hyperparameters.seed": "seed",
+    "spec.dpo.beta": "method.dpo.hyperparameters.beta",
 }
 
 
@@ -65,21 +66,55 @@ class OpenAIHyperparameters(BaseModel):
     learning_rate_multiplier: float | Auto = "auto"
 
 
+class DpoHyperparameters(OpenAIHyperparameters):
+    beta: float | Auto = "auto"
+
+
 class SupervisedMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     hyperparameters: OpenAIHyperparameters | None = None
 
 
-class Method(BaseModel):
+class DpoMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["supervised"]
+    hyperparameters: DpoHyperparameters | None = None
+
+
+class Method(BaseModel):
+    """`supervised` or `dpo` (our objective of that name); `reinforcement` is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+    reinforcement: dict[str, Any] | None = None
+
+    def checked(self) -> Method:
+        """This method, once its type is one offered and only its own block is set."""
+        if self.type == "reinforcement":
+            raise UnsupportedParameterError(
+                "method.type: reinforcement fine-tuning is not offered; use supervised or dpo",
+                param="method.type",
+            )
+        for block in ("supervised", "dpo", "reinforcement"):
+            if block != self.type and getattr(self, block) is not None:
+                raise InvalidRequestError(
+                    f"method.{block} does not go with method.type {self.type!r}",
+                    param=f"method.{block}",
+                )
+        return self
+
+    @property
+    def hyperparameters(self) -> OpenAIHyperparameters | None:
+        given = self.dpo if self.type == "dpo" else self.supervised
+        return given.hyperparameters if given is not None else None
 
 
 class CreateFineTuningJob(BaseModel):
-    """OpenAI's body; `integrations` and the dpo/reinforcement methods are not offered."""
+    """OpenAI's body; `integrations` and the reinforcement method are not offered."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -97,8 +132,8 @@ class CreateFineTuningJob(BaseModel):
 
 def _hyperparameters(body: CreateFineTuningJob) -> dict[str, Any]:
     given = body.hyperparameters
-    if given is None and body.method is not None and body.method.supervised is not None:
-        given = body.method.supervised.hyperparameters
+    if given is None and body.method is not None:
+        given = body.method.hyperparameters
     given = given or OpenAIHyperparameters()
     hp: dict[str, Any] = {}
     if given.n_epochs != "auto":
@@ -113,6 +148,7 @@ def _hyperparameters(body: CreateFineTuningJob) -> dict[str, Any]:
 
 
 def _request(session: Session, body: CreateFineTuningJob, tenant_id: str) -> FineTuneJobRequest:
+    method = body.method.checked() if body.method is not None else None
     train = datasets_repo.get_dataset(session, body.training_file, tenant_id)
     task = TASK_FOR_SCHEMA.get(train.schema if train else "", FineTuneTask.CAUSAL_LM)
     spec: dict[str, Any] = {
@@ -121,6 +157,12 @@ def _request(session: Session, body: CreateFineTuningJob, tenant_id: str) -> Fin
         "training_dataset": body.training_file,
         "hyperparameters": _hyperparameters(body),
     }
+    if method is not None and method.type == "dpo":
+        spec["task"] = FineTuneTask.CAUSAL_LM.value
+        spec["objective"] = FineTuneObjective.DPO.value
+        given = method.hyperparameters
+        if isinstance(given, DpoHyperparameters) and given.beta != "auto":
+            spec["dpo"] = {"beta": given.beta}
     if body.validation_file is not None:
         spec["validation_dataset"] = body.validation_file
     if body.suffix is not None:

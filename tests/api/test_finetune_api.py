@@ -98,6 +98,9 @@ def test_hyperparameters_out_of_range_and_remote_code(
         ({**base, "trust_remote_code": True}, "spec.trust_remote_code"),
         ({**base, "suffix": "Bad Suffix!"}, "spec.suffix"),
         ({**base, "metric_for_best_model": "f1"}, "spec.metric_for_best_model"),
+        ({**base, "objective": "dpo"}, "spec.training_dataset"),  # text rows are no pairs
+        ({**base, "task": "token_classification", "objective": "dpo"}, "spec.objective"),
+        ({**base, "dpo": {"beta": 0.2}}, "spec.dpo"),
     ]:
         resp = client.post("/v1/jobs", json=finetune(**spec))
         assert resp.status_code == 422, resp.text

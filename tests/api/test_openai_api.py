@@ -165,7 +165,7 @@ def test_fine_tuning_job_is_our_fine_tune_job(client: TestClient, chat_file: str
         ({"suffix": "Not Allowed!"}, "suffix"),
         ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
         ({"integrations": [{"type": "wandb"}]}, "integrations"),
-        ({"method": {"type": "dpo"}}, "method.type"),
+        ({"method": {"type": "rlhf"}}, "method.type"),
     ],
 )
 def test_fine_tuning_refusals_name_openai_fields(
@@ -174,6 +174,101 @@ def test_fine_tuning_refusals_name_openai_fields(
     before = client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]
     err = error(fine_tune(client, **{"training_file": chat_file, **body}), 422)
     assert err["param"] == param
+    assert client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"] == before
+
+
+PREFERENCE = (
+    json.dumps(
+        {
+            "input": {"messages": [{"role": "user", "content": "Fresh bread?"}]},
+            "preferred_output": [{"role": "assistant", "content": "Every morning."}],
+            "non_preferred_output": [{"role": "assistant", "content": "No."}],
+        }
+    ).encode()
+    + b"\n"
+)
+
+
+def _register(settings: Settings, client: TestClient, task: str) -> str:
+    name = f"ft:tiny-gpt2:sft:{uuid.uuid4().hex[:8]}"
+    job_id = client.post("/v1/jobs", json={"kind": "noop"}).json()["id"]
+    with session_scope(settings.database_url) as s:
+        register_model(
+            s,
+            name=name,
+            base_model="tiny-gpt2",
+            task=task,
+            method="full",
+            adapter=False,
+            job_id=job_id,
+            path=f"tenants/default/jobs/{job_id}/model",
+            labels=[],
+            metrics={},
+        )
+    return name
+
+
+def test_dpo_method_is_our_dpo_objective(
+    client: TestClient, settings: Settings, chat_file: str
+) -> None:
+    pairs = upload(client, PREFERENCE, "fine-tune", "pairs.jsonl").json()
+    assert pairs["purpose"] == "fine-tune"
+    method = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.3, "n_epochs": 1}}}
+    resp = fine_tune(client, pairs["id"], method=method)
+    assert resp.status_code == 200, resp.text
+    job = resp.json()
+    assert job["method"] == {
+        "type": "dpo",
+        "dpo": {
+            "hyperparameters": {
+                "n_epochs": 1,
+                "batch_size": 8,
+                "learning_rate_multiplier": 1.0,
+                "beta": 0.3,
+            }
+        },
+    }
+    spec = client.get(f"/v1/jobs/{job['id']}").json()["spec"]
+    assert (spec["task"], spec["objective"], spec["dpo"]) == ("causal_lm", "dpo", {"beta": 0.3})
+    default_beta = fine_tune(client, pairs["id"], method={"type": "dpo"}).json()
+    assert default_beta["method"]["dpo"]["hyperparameters"]["beta"] == 0.1
+    supervised = fine_tune(client, chat_file).json()
+    assert supervised["method"]["type"] == "supervised"
+    assert "beta" not in supervised["method"]["supervised"]["hyperparameters"]
+
+    # chaining: a causal LM a supervised job registered is a DPO job's base; a classifier is not
+    chained = fine_tune(client, pairs["id"], model=_register(settings, client, "causal_lm"))
+    assert chained.status_code == 422  # a supervised job cannot train on preference pairs
+    assert error(chained, 422)["param"] == "training_file"
+    name = _register(settings, client, "causal_lm")
+    assert fine_tune(client, pairs["id"], model=name, method=method).status_code == 200
+    classifier = _register(settings, client, "sequence_classification")
+    refused = fine_tune(client, pairs["id"], model=classifier, method=method)
+    assert error(refused, 422)["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"method": {"type": "reinforcement"}}, 400, "method.type"),
+        ({"method": {"type": "dpo", "supervised": {}}}, 422, "method.supervised"),
+        (
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}},
+            422,
+            "method.dpo.hyperparameters.beta",
+        ),
+        ({"method": {"type": "dpo"}, "training_file": "chat"}, 422, "training_file"),
+    ],
+)
+def test_dpo_refusals_name_openai_fields(
+    client: TestClient, chat_file: str, body: dict[str, Any], status: int, param: str
+) -> None:
+    pairs = upload(client, PREFERENCE, "fine-tune", "pairs.jsonl").json()["id"]
+    training_file = chat_file if "training_file" in body else pairs
+    body = {k: v for k, v in body.items() if k != "training_file"}
+    before = client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]
+    err = error(fine_tune(client, training_file, **body), status)
+    assert err["param"] == param, err
     assert client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"] == before
 
 

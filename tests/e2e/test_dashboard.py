@@ -1,7 +1,8 @@
 """The dashboard at /ui in headless Chromium (Selenium + Debian's chromium-driver): a
 short fine-tune runs to success on a real stack, its page shows the loss chart with
 one vertex per train_loss point the metrics API returns, the eval report and
-confusion matrix, checkpoints and events; a screenshot is saved."""
+confusion matrix, checkpoints and events; a screenshot is saved. A DPO job's page charts
+TRL's per-step rewards."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import TINY_MODEL
 from tests.e2e.test_finetune import CLS_MODEL, submit, upload
 from tests.support.browser import PAGE_TIMEOUT_S, sign_in
 from tests.support.datasets import write_sentiment_csv
@@ -115,6 +117,38 @@ def test_dashboard_shows_a_finished_finetune(
     WebDriverWait(browser, PAGE_TIMEOUT_S).until(
         lambda d: d.find_elements(By.CSS_SELECTOR, f"#jobs-table tr[data-job='{job['id']}']")
     )
+
+
+def test_dashboard_charts_a_dpo_jobs_rewards(
+    cls_stack: Stack, browser: Any, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    stack = cls_stack
+    pairs = tmp_path / "pairs.jsonl"
+    pair = {"prompt": "Fresh bread", "chosen": " every morning", "rejected": " never"}
+    pairs.write_text(json.dumps(pair) + "\n" + json.dumps({**pair, "prompt": "Rye"}) + "\n")
+    spec = {
+        "base_model": TINY_MODEL,
+        "task": "causal_lm",
+        "objective": "dpo",
+        "training_dataset": upload(stack, pairs),
+        "hyperparameters": {"max_steps": 3, "batch_size": 2, "learning_rate": 5e-3},
+    }
+    job = submit(stack, "finetune", spec)
+    done = stack.wait_status(job["id"], ("succeeded", "failed", "cancelled"), timeout=180)
+    assert done["status"] == "succeeded", f"{done}\n{stack.logs()}"
+
+    sign_in(browser, stack)
+    browser.get(f"{stack.base_url}/ui/#/jobs/{job['id']}")
+    WebDriverWait(browser, PAGE_TIMEOUT_S).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, "#job-page[data-loaded='complete']")
+    )
+    chart = browser.find_element(By.CSS_SELECTOR, "svg[data-chart='rewards']")
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        line = chart.find_element(By.CSS_SELECTOR, f"polyline[data-series='{name}']")
+        assert len(line.get_attribute("points").split()) == len(api_metrics(stack, job["id"], name))
 
 
 MARKUP = '<img src="x" onerror="window.__pwned = 1"><script>window.__pwned = 2</script>'

@@ -1,5 +1,6 @@
 """OpenAI's own Python SDK pointed at a real stack: files, fine-tuning jobs (events,
-checkpoints, pause/resume), batches of completions on the fine-tuned model, models.
+checkpoints, pause/resume, preference tuning), batches of completions on the fine-tuned
+model, models.
 
 Real API, beat and worker processes; PostgreSQL only (the SQLite paths are the ones of
 /v1/jobs and /v1/datasets, tested there).
@@ -45,6 +46,20 @@ def chat_jsonl(rows: int) -> bytes:
             {"role": "assistant", "content": answer},
         ]
         lines.append(json.dumps({"messages": messages}))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def preference_jsonl(rows: int) -> bytes:
+    """OpenAI's preference rows: the answer given, and a worse one."""
+    lines = []
+    for i in range(rows):
+        question, answer = CONVERSATIONS[i % len(CONVERSATIONS)]
+        row = {
+            "input": {"messages": [{"role": "user", "content": question}]},
+            "preferred_output": [{"role": "assistant", "content": answer}],
+            "non_preferred_output": [{"role": "assistant", "content": "I do not know."}],
+        }
+        lines.append(json.dumps(row))
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -251,3 +266,46 @@ def test_pause_rests_at_a_checkpoint_and_resume_continues_from_it(
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.id == job.id
     assert wait_job(client, job.id, ("cancelled",), stack).status == "cancelled"
+
+
+def test_dpo_job_follows_preferences_and_its_model_serves_completions(
+    client: OpenAI, stack: Stack
+) -> None:
+    pairs = client.files.create(
+        file=("pairs.jsonl", io.BytesIO(preference_jsonl(8))), purpose="fine-tune"
+    )
+    hyperparameters = {"beta": 0.2, "n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 100}
+    job = client.fine_tuning.jobs.create(
+        model=TINY_MODEL,
+        training_file=pairs.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": hyperparameters}},
+        suffix="dpo",
+    )
+    assert job.method is not None and job.method.type == "dpo"
+    assert job.method.dpo is not None and job.method.dpo.hyperparameters is not None
+    assert job.method.dpo.hyperparameters.beta == 0.2
+
+    done = wait_job(client, job.id, ("succeeded", "failed", "cancelled"), stack)
+    assert done.status == "succeeded", done.error
+    events = client.fine_tuning.jobs.list_events(job.id, limit=200).data
+    started = next(e for e in events if e.message == "training started")
+    assert started.data["objective"] == "dpo"  # type: ignore[index]
+    final = next(e for e in events if e.message == "final evaluation")
+    assert "rewards/accuracies" in final.data  # type: ignore[operator]
+
+    names = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]
+    with stack.client() as ours:
+        points = ours.get(f"/v1/jobs/{job.id}/metrics", params={"name": names}).json()["data"]
+    steps = {name: [p["step"] for p in points if p["name"] == name] for name in names}
+    assert steps == {name: [1, 2] for name in names}  # 8 pairs / batch 4, every step logged
+    margins = [p["value"] for p in points if p["name"] == "rewards/margins"]
+    assert margins[0] == 0.0 and margins[1] > 0  # the policy moved from its reference
+
+    name = done.fine_tuned_model
+    assert name is not None and name.startswith(f"ft:{TINY_MODEL}:dpo:")
+    completion = client.completions.create(
+        model=name, prompt="Fresh bread", max_tokens=4, temperature=0
+    )
+    assert completion.model == name
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+    assert isinstance(completion.choices[0].text, str)

@@ -76,6 +76,29 @@ def test_jsonl_chat_normalizes_messages() -> None:
     assert kinds(parsed) == [(2, "no_assistant")]
 
 
+def test_jsonl_preference_in_trl_and_openai_layouts() -> None:
+    texts = {"prompt": "Fresh bread", "chosen": " every morning", "rejected": " never"}
+    user = [{"role": "user", "content": "Fresh bread?"}]
+    yes, no = (
+        [{"role": "assistant", "content": "Daily."}],
+        [{"role": "assistant", "content": "No."}],
+    )
+    trl = parse_dataset(
+        jsonl(texts, {"prompt": user, "chosen": yes, "rejected": yes}), "pairs.jsonl"
+    )
+    assert trl.schema is DatasetSchema.PREFERENCE
+    assert trl.rows == [texts, {"prompt": user, "chosen": yes, "rejected": yes}]
+    assert kinds(trl) == [(2, "same_answers")]
+    openai_row = {
+        "input": {"messages": user, "tools": []},
+        "preferred_output": yes,
+        "non_preferred_output": no,
+    }
+    openai = parse_dataset(jsonl(openai_row), "pairs.jsonl")
+    assert openai.schema is DatasetSchema.PREFERENCE
+    assert openai.rows == [{"prompt": user, "chosen": yes, "rejected": no}]
+
+
 def test_jsonl_classification_labels_become_strings() -> None:
     raw = jsonl(
         {"text": "good", "label": 1},
@@ -320,6 +343,41 @@ ERRORS: list[tuple[str, bytes, str, int, str]] = [
         "a.jsonl",
         3,
         "unexpected key label",
+    ),
+    (
+        "preference layouts mixed",
+        jsonl({"prompt": "a", "chosen": "b", "rejected": "c"}, {"input": {}}),
+        "a.jsonl",
+        2,
+        "missing key chosen, prompt, rejected",
+    ),
+    ("half a pair", jsonl({"prompt": "a", "chosen": "b"}), "a.jsonl", 1, "missing key rejected"),
+    (
+        "pair of texts and messages",
+        jsonl({"prompt": "a", "chosen": [{"role": "assistant", "content": "b"}], "rejected": "c"}),
+        "a.jsonl",
+        1,
+        "'chosen' is an array of messages but 'prompt' is a string",
+    ),
+    (
+        "openai input without messages",
+        jsonl({"input": "a", "preferred_output": [], "non_preferred_output": []}),
+        "a.jsonl",
+        1,
+        "'input' must be an object with 'messages'",
+    ),
+    (
+        "preferred output from the user",
+        jsonl(
+            {
+                "input": {"messages": [{"role": "user", "content": "a"}]},
+                "preferred_output": [{"role": "user", "content": "b"}],
+                "non_preferred_output": [{"role": "assistant", "content": "c"}],
+            }
+        ),
+        "a.jsonl",
+        1,
+        "preferred_output[0].role is 'user'; expected assistant",
     ),
     ("empty text", jsonl({"text": "a"}, {"text": "   "}), "a.jsonl", 2, "'text' is empty"),
     ("text not a string", jsonl({"text": 5}), "a.jsonl", 1, "'text' must be a string"),

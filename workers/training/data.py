@@ -21,10 +21,11 @@ import torch
 
 from core.enums import (
     LABELLED_SCHEMAS,
-    SCHEMAS_FOR_TASK,
     DatasetSchema,
     FailureType,
+    FineTuneObjective,
     FineTuneTask,
+    training_schemas,
 )
 from core.errors import PermanentJobError
 from core.example_tokens import chat_ids, prompt_completion_ids, text_ids
@@ -49,13 +50,14 @@ class SplitRows:
     validation_source: str = "dataset"  # "dataset", "split" or "train_slice"
 
 
-def check_schema(dataset: DatasetRows, task: FineTuneTask) -> None:
-    allowed = SCHEMAS_FOR_TASK[task]
+def check_schema(dataset: DatasetRows, task: FineTuneTask, objective: FineTuneObjective) -> None:
+    allowed = training_schemas(task, objective)
     if dataset.schema not in allowed:
         names = ", ".join(sorted(s.value for s in allowed))
+        trains = "objective 'dpo'" if objective is FineTuneObjective.DPO else f"task {task.value!r}"
         raise PermanentJobError(
-            f"dataset {dataset.id} has schema {dataset.schema.value!r}, which task "
-            f"{task.value!r} cannot train on (it needs {names})",
+            f"dataset {dataset.id} has schema {dataset.schema.value!r}, which {trains} "
+            f"cannot train on (it needs {names})",
             FailureType.INVALID_SPEC,
         )
     if not dataset.rows:
@@ -84,12 +86,12 @@ def _row_labels(schema: DatasetSchema, rows: Sequence[dict[str, Any]]) -> set[st
 def load_split(io: TrainingIO, spec: FineTuneSpec) -> SplitRows:
     """Training and validation rows for `spec`, with the label set of the training dataset."""
     train_ds = io.dataset(spec.training_dataset)
-    check_schema(train_ds, spec.task)
+    check_schema(train_ds, spec.task, spec.objective)
     labels = sorted(_row_labels(train_ds.schema, train_ds.rows))
     seed = spec.hyperparameters.seed
     if spec.validation_dataset is not None:
         val_ds = io.dataset(spec.validation_dataset)
-        check_schema(val_ds, spec.task)
+        check_schema(val_ds, spec.task, spec.objective)
         unknown = sorted(_row_labels(val_ds.schema, val_ds.rows) - set(labels))
         if unknown:
             raise PermanentJobError(

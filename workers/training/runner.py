@@ -1,4 +1,5 @@
-"""Runs a FineTuneSpec with transformers' Trainer: full, LoRA or AdaLoRA; resumable."""
+"""Runs a FineTuneSpec with transformers' Trainer (or TRL's DPOTrainer for objective dpo):
+full, LoRA or AdaLoRA; resumable."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftConfig
 from pydantic import ValidationError
 from transformers import PrinterCallback, Trainer, set_seed
 from transformers.trainer_callback import EarlyStoppingCallback, TrainerCallback
 
-from core.enums import FailureType, FineTuneMethod, FineTuneTask
+from core.enums import FailureType, FineTuneMethod, FineTuneObjective, FineTuneTask
 from core.errors import PermanentJobError, StaleAttempt
 from core.settings import Settings
 from core.specs import FineTuneSpec
@@ -30,6 +32,7 @@ from workers.training.callbacks import (
     ThroughputCallback,
 )
 from workers.training.data import (
+    Feature,
     FeatureDataset,
     PaddingCollator,
     SplitRows,
@@ -52,7 +55,7 @@ from workers.training.models import (
     require_safetensors,
     weights_source,
 )
-from workers.training.peft_setup import apply_method, is_adalora
+from workers.training.peft_setup import apply_method, build_peft_config, is_adalora
 from workers.training.reports import compute_metrics_for
 from workers.training.schedule import Schedule, plan_schedule, precision_for, training_arguments
 from workers.training.selection import ResumedBestCallback, best_checkpoint, resumed_best
@@ -74,6 +77,33 @@ class Prepared:
     validation: FeatureDataset
     schedule: Schedule
     pad_id: int
+    new_adapter: PeftConfig | None = None  # DPO: the adapter TRL adds to `model` itself
+
+
+def _model_of(trainer: Trainer) -> torch.nn.Module:
+    """The model `trainer` trains: the prepared one, or for DPO with a new adapter the
+    PeftModel TRL made of it."""
+    model = trainer.model
+    if model is None:
+        raise PermanentJobError("the trainer holds no model", FailureType.RUNTIME_ERROR)
+    return model
+
+
+def _preference() -> Any:
+    """workers.training.preference, imported for a DPO job only: it loads TRL and `datasets`,
+    about a second that a supervised job need not spend."""
+    from workers.training import preference
+
+    return preference
+
+
+def example_tokens(feature: Feature) -> int:
+    """The tokens one example trains on: its input ids, or a preference pair's prompt twice
+    (once before each answer) and both answers."""
+    if "input_ids" in feature:
+        return len(feature["input_ids"])
+    prompt, chosen, rejected = feature["prompt_ids"], feature["chosen_ids"], feature["rejected_ids"]
+    return 2 * len(prompt) + len(chosen) + len(rejected)
 
 
 def select_device(device: str) -> None:
@@ -180,7 +210,7 @@ class FineTuneRunner:
         setup = setup_key(spec.base_model, ctx.device, self._world_size)
         estimate = estimate_training(
             prepared.schedule,
-            [len(feature["input_ids"]) for feature in prepared.train.features],
+            [example_tokens(feature) for feature in prepared.train.features],
             resume.step if resume is not None else 0,
             setup,
             throughputs.last(setup),
@@ -202,13 +232,18 @@ class FineTuneRunner:
 
         for recorder in (MetricsCallback, CheckpointCallback):
             trainer.remove_callback(recorder)
-        report, eval_loss = final_report(
-            trainer, prepared.model, spec.task, prepared.validation, prepared.split.labels
-        )
+        trained = _model_of(trainer)
+        if spec.objective is FineTuneObjective.DPO:
+            report, eval_loss = _preference().preference_report(trainer, trained)
+            _preference().drop_reference_adapter(trained)
+        else:
+            report, eval_loss = final_report(
+                trainer, trained, spec.task, prepared.validation, prepared.split.labels
+            )
         figures = flat_figures(report, eval_loss)
         io.event("final evaluation", figures)
         model_dir = io.work_dir / MODEL_DIR
-        final = prepared.model
+        final = trained
         adapter = spec.method is not FineTuneMethod.FULL
         if adapter and spec.merge_adapter:
             peft_model: Any = final
@@ -230,6 +265,7 @@ class FineTuneRunner:
             result={
                 "task": spec.task.value,
                 "method": spec.method.value,
+                "objective": spec.objective.value,
                 "train": train_figures,
                 "eval": report,
                 "best_checkpoint": best.as_result() if best is not None else None,
@@ -261,10 +297,15 @@ class FineTuneRunner:
             require_safetensors(source.adapter)
         tokenizer = load_tokenizer(source.tokenizer)
         pad_id = pad_token_id(tokenizer)
-        train = encode_rows(tokenizer, split.schema, split.train, split.labels, hp.max_length)
-        validation = encode_rows(
-            tokenizer, split.schema, split.validation, split.labels, hp.max_length
-        )
+        if spec.objective is FineTuneObjective.DPO:
+            encode = _preference().encode_preferences
+            train = encode(tokenizer, split.train, hp.max_length)
+            validation = encode(tokenizer, split.validation, hp.max_length)
+        else:
+            train = encode_rows(tokenizer, split.schema, split.train, split.labels, hp.max_length)
+            validation = encode_rows(
+                tokenizer, split.schema, split.validation, split.labels, hp.max_length
+            )
         if not train or not validation:
             which = "training" if not train else "validation"
             raise PermanentJobError(
@@ -274,9 +315,20 @@ class FineTuneRunner:
         model = load_base_model(spec.task, source.base, split.labels)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = pad_id
-        model = apply_method(
-            model, spec.task, spec.method, spec.lora, schedule.total_steps, source.adapter
-        )
+        new_adapter = None
+        if (
+            spec.objective is FineTuneObjective.DPO
+            and spec.method is not FineTuneMethod.FULL
+            and source.adapter is None
+        ):
+            # TRL adds it, so that the reference is this model with the adapter disabled.
+            new_adapter = build_peft_config(
+                model, spec.task, spec.method, spec.lora, schedule.total_steps
+            )
+        else:
+            model = apply_method(
+                model, spec.task, spec.method, spec.lora, schedule.total_steps, source.adapter
+            )
         return Prepared(
             split=split,
             source=source,
@@ -286,6 +338,7 @@ class FineTuneRunner:
             validation=FeatureDataset(validation),
             schedule=schedule,
             pad_id=pad_id,
+            new_adapter=new_adapter,
         )
 
     def _trainer(
@@ -318,6 +371,23 @@ class FineTuneRunner:
                     early_stopping_threshold=spec.early_stopping.threshold,
                 )
             )
+        if spec.objective is FineTuneObjective.DPO:
+            preference = _preference()
+            trainer: Trainer = preference.preference_trainer(
+                prepared.model,
+                prepared.new_adapter,
+                prepared.tokenizer,
+                prepared.train,
+                prepared.validation,
+                preference.dpo_arguments(
+                    spec, prepared.schedule, output_dir, ctx.device, self._world_size
+                ),
+                callbacks,
+            )
+            trainer.remove_callback(PrinterCallback)
+            if prepared.new_adapter is not None and is_adalora(_model_of(trainer)):
+                trainer.add_callback(AdaLoraCallback())
+            return trainer
         trainer = FineTuneTrainer(
             model=prepared.model,
             args=training_arguments(
@@ -376,6 +446,7 @@ class FineTuneRunner:
         data = {
             "task": spec.task.value,
             "method": spec.method.value,
+            "objective": spec.objective.value,
             "weights": prepared.source.origin,
             "train_rows": len(prepared.train),
             "validation_rows": len(prepared.validation),

@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from transformers import TrainingArguments
 
 from core.specs import FineTuneSpec, Hyperparameters
+
+ArgumentsT = TypeVar("ArgumentsT", bound=TrainingArguments)
 
 LOG_POINTS_PER_RUN = 200
 SAVE_TOTAL_LIMIT = 3
@@ -77,10 +80,28 @@ def training_arguments(
     task's default when none is named), keeps its checkpoint out of rotation and loads it
     when training ends, so the model is the best checkpoint; early stopping watches the
     same metric."""
+    return with_best_model(
+        TrainingArguments(**argument_values(spec, schedule, output_dir, device, world_size))
+    )
+
+
+def with_best_model(args: ArgumentsT) -> ArgumentsT:
+    """Set after the arguments' own checks: they refuse load_best_model_at_end unless every
+    evaluation falls on a save, lest the best one have no checkpoint to load. Here
+    `checkpoint_steps` keeps its meaning, and CheckpointCallback saves each evaluation that
+    is the best so far instead."""
+    args.load_best_model_at_end = True
+    return args
+
+
+def argument_values(
+    spec: FineTuneSpec, schedule: Schedule, output_dir: Path, device: str, world_size: int = 1
+) -> dict[str, Any]:
+    """The TrainingArguments fields every fine-tune sets (a DPOConfig takes them too)."""
     hp = spec.hyperparameters
     precision = precision_for(device)
     batch = per_device_batch(hp.batch_size, world_size)
-    args = TrainingArguments(
+    return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=batch,
         per_device_eval_batch_size=batch,
@@ -113,9 +134,3 @@ def training_arguments(
         bf16=precision.bf16,
         fp16=precision.fp16,
     )
-    # Set after the arguments' own checks: they refuse load_best_model_at_end unless every
-    # evaluation falls on a save, lest the best one have no checkpoint to load. Here
-    # `checkpoint_steps` keeps its meaning, and CheckpointCallback saves each evaluation
-    # that is the best so far instead.
-    args.load_best_model_at_end = True
-    return args

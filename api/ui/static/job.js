@@ -24,6 +24,14 @@ const LOSS_SERIES = [
   { name: "eval_loss", label: "eval loss", axis: "left" },
   { name: "learning_rate", label: "learning rate", axis: "right" },
 ];
+// A DPO job's per-step figures, under TRL's names: the rewards (beta times the log-ratio
+// of policy to reference) on the left, the share of pairs ranked right on the right.
+const REWARD_SERIES = [
+  { name: "rewards/chosen", label: "chosen", axis: "left" },
+  { name: "rewards/rejected", label: "rejected", axis: "left" },
+  { name: "rewards/margins", label: "margin", axis: "left" },
+  { name: "rewards/accuracies", label: "accuracy", axis: "right" },
+];
 
 function section(id, title) {
   const body = h("div", { class: "section-body" });
@@ -157,7 +165,20 @@ function chartsView(byName) {
         h("tbody", {}, latest),
       )
     : "";
-  return [h("div", { class: "charts" }, loss, evalChart), table];
+  const charts = [loss, evalChart];
+  if (REWARD_SERIES.some((sr) => byName.has(sr.name))) {
+    charts.push(
+      lineChart({
+        id: "rewards",
+        title: "Preference rewards",
+        xLabel: "step",
+        leftLabel: "reward",
+        rightLabel: "accuracy",
+        series: REWARD_SERIES.map((sr) => ({ ...sr, points: byName.get(sr.name) || [] })),
+      }),
+    );
+  }
+  return [h("div", { class: "charts" }, ...charts), table];
 }
 
 function checkpointsView(rows) {
