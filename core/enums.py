@@ -29,6 +29,7 @@ class Tracker(StrEnum):
 
     TENSORBOARD = "tensorboard"  # event files in the attempt's directory, downloadable
     MLFLOW = "mlflow"  # a run per attempt on the deployment's MLflow tracking server
+    WANDB = "wandb"  # a Weights & Biases run per attempt (online, or offline files)
 
 
 class FineTuneObjective(StrEnum):

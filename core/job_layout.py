@@ -10,6 +10,7 @@ from core.settings import Settings
 
 ATTEMPTS_DIR = "attempts"
 TENSORBOARD_DIR = "tensorboard"  # an attempt's TensorBoard event files (tracking on)
+WANDB_DIR = "wandb"  # an attempt's W&B run files (offline runs: all of it)
 
 
 def job_dir(settings: Settings, job_id: str, tenant_id: str | None = None) -> Path:

@@ -165,6 +165,17 @@ class Settings(BaseSettings):
     mlflow_experiment: str = Field(
         default="modelyard", min_length=1, description="The MLflow experiment their runs go to."
     )
+    wandb_project: str = Field(
+        default="modelyard", min_length=1, description="The W&B project fine-tune runs go to."
+    )
+    wandb_mode: Literal["online", "offline"] = Field(
+        default="online",
+        description="`offline`: W&B runs are files in the attempt's directory (`wandb sync` "
+        "uploads them later); `online`: sent to W&B as they run.",
+    )
+    wandb_api_key: SecretStr = Field(
+        default=SecretStr(""), description="The W&B API key of online runs (kept out of logs)."
+    )
     max_body_bytes: int = Field(
         default=1_048_576, gt=0, description="Largest request body the API accepts."
     )

@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mlflow.tracking import MlflowClient
 from pydantic import SecretStr
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from core.enums import DatasetSchema, Tracker
 from core.errors import JobStopped
@@ -59,6 +57,8 @@ def test_a_tracked_fine_tune_writes_its_metrics_as_tensorboard_scalars(
     ctx = RunContext(job_id=io.job_id, attempt=1, device="cpu")
 
     result = FineTuneRunner(Settings(data_dir=tmp_path), lambda _: io).run(spec, ctx)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     assert result.result is not None
     log_dir = io.work_dir / "tensorboard"
@@ -146,6 +146,8 @@ def test_each_attempt_is_an_mlflow_run_ended_with_its_outcome(
     named = result.result["tracking"]["mlflow"]
     assert named["run_name"] == f"{io.job_id}-attempt-2" and named["experiment"] == "t"
     assert mlflow_url not in json.dumps(result.result)  # the URI may carry credentials
+    from mlflow.tracking import MlflowClient  # imported here: seconds at collection otherwise
+
     client = MlflowClient(tracking_uri=mlflow_url)
     runs = client.search_runs(
         [named["experiment_id"]], filter_string=f"tags.`modelyard.job_id` = '{io.job_id}'"
@@ -180,3 +182,32 @@ def test_an_unreachable_tracking_server_costs_the_run_not_the_training(
 def test_the_mlflow_tracker_needs_a_server_in_the_settings() -> None:
     with pytest.raises(ValueError, match="MODELYARD_MLFLOW_TRACKING_URI"):
         Settings(tracking=[Tracker.MLFLOW])
+
+
+def test_an_offline_wandb_run_holds_the_attempts_metrics_and_arguments(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    io, spec = _lm_io(tiny_model_dir, tmp_path)
+    spec["tracking"] = ["wandb"]
+    settings = Settings(data_dir=tmp_path, wandb_mode="offline", wandb_project="p")
+
+    result = FineTuneRunner(settings, lambda _: io).run(spec, RunContext(io.job_id, 1, "cpu"))
+
+    from tests.support import wandb_runs
+
+    assert result.result is not None
+    named = result.result["tracking"]["wandb"]
+    assert named["run_name"] == f"{io.job_id}-attempt-1" and named["mode"] == "offline"
+    run_dir = tmp_path / named["dir"]
+    assert run_dir.is_relative_to(io.work_dir / "wandb")  # inside the attempt's directory
+    assert run_dir.name.startswith("offline-run-") and run_dir.name.endswith(named["run_id"])
+    logged = wandb_runs.history(run_dir / f"run-{named['run_id']}.wandb")
+    losses = {h["train/global_step"]: h["train/loss"] for h in logged if "train/loss" in h}
+    assert losses, (len(logged), logged[:2], len(wandb_runs.records(run_dir / f"run-{named['run_id']}.wandb")))
+    recorded = {p.step: p.value for p in io.metrics if p.name == "train_loss"}
+    assert losses.keys() == recorded.keys() == set(range(1, 7))  # what our database got
+    assert all(abs(losses[s] - recorded[s]) < 1e-4 for s in recorded)
+    assert [h["train/global_step"] for h in logged if "eval/loss" in h] == [3, 6, 6]
+    config = wandb_runs.config(run_dir / f"run-{named['run_id']}.wandb")
+    assert config["modelyard"]["modelyard.job_id"] == io.job_id  # our tags
+    assert config["max_steps"] == 6 and config["learning_rate"] == 5e-5  # Trainer's arguments

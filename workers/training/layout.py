@@ -10,8 +10,9 @@
                                            registers it after its fence check
             control/                       the worker and its training processes talk
                                            through these files (control.py)
-            tensorboard/                   TensorBoard event files, when tracking is on
-                                           (rank 0; published to the store at the end)
+            tensorboard/, wandb/           TensorBoard event files and W&B run files, when
+                                           tracking is on (rank 0; published to the store
+                                           at the end)
 
 A later attempt reads an earlier one's checkpoint where its row (written under the earlier
 attempt's fence) points, and writes nothing there: a stale attempt that wakes up can only
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.job_layout import ATTEMPTS_DIR, TENSORBOARD_DIR, attempt_dir, job_dir
+from core.job_layout import ATTEMPTS_DIR, TENSORBOARD_DIR, WANDB_DIR, attempt_dir, job_dir
 
 __all__ = [
     "ATTEMPTS_DIR",
@@ -31,6 +32,7 @@ __all__ = [
     "MODEL_DIR",
     "STEP_MARKER",
     "TENSORBOARD_DIR",
+    "WANDB_DIR",
     "attempt_dir",
     "job_dir",
     "read_step_marker",

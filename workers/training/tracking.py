@@ -7,6 +7,10 @@ attempt 2 has a second run beside the first).
   model's config) in the attempt's own `tensorboard/` directory, published to the shared
   store when the attempt ends, however it ends. `GET /v1/jobs/{id}/tensorboard` and
   `modelyard tensorboard JOB` give all attempts' runs.
+- Weights & Biases: a run named `<job id>-attempt-<n>` in the deployment's project, started
+  here like MLflow's; `offline` mode writes it into the attempt's `wandb/` directory
+  (published with the rest; `wandb sync` uploads it later). It ends with exit code 0 when
+  the attempt trained to the end, 1 otherwise.
 - MLflow: a run named `<job id>-attempt-<n>` in the deployment's experiment on its
   tracking server, tagged with the job, started here (so its id is known and the final
   evaluation lands in it too) and ended with the attempt's outcome: FINISHED, KILLED
@@ -18,10 +22,15 @@ attempt 2 has a second run beside the first).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import httpx
-from transformers.integrations.integration_utils import MLflowCallback, TensorBoardCallback
+from transformers.integrations.integration_utils import (
+    MLflowCallback,
+    TensorBoardCallback,
+    WandbCallback,
+)
 from transformers.trainer_callback import TrainerCallback
 
 from core.enums import Tracker
@@ -31,7 +40,7 @@ from core.specs import FineTuneSpec
 from core.storage import artifact_store
 from workers.context import RunContext
 from workers.training.io import TrainingIO
-from workers.training.layout import TENSORBOARD_DIR
+from workers.training.layout import TENSORBOARD_DIR, WANDB_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +76,10 @@ class Tracking:
         self._ctx = ctx
         self._io = io
         self._log_dir = io.work_dir / TENSORBOARD_DIR
+        self._wandb_dir = io.work_dir / WANDB_DIR
         self._mlflow_run: dict[str, str] | None = None
+        self._wandb_run: Any = None
+        self._wandb_result: dict[str, str] | None = None
 
     def start(self, spec: FineTuneSpec) -> list[TrainerCallback]:
         """Open what needs opening before training; the Trainer callbacks that report."""
@@ -80,7 +92,56 @@ class Tracking:
             callbacks.append(tensorboard)
         if Tracker.MLFLOW in self._trackers and self._start_mlflow_run(spec):
             callbacks.append(MLflowCallback())  # type: ignore[no-untyped-call]
+        if Tracker.WANDB in self._trackers and self._start_wandb_run(spec):
+            callbacks.append(WandbCallback())  # type: ignore[no-untyped-call]
         return callbacks
+
+    def _tags(self, spec: FineTuneSpec) -> dict[str, str]:
+        return {
+            "modelyard.job_id": self._ctx.job_id,
+            "modelyard.attempt": str(self._ctx.attempt),
+            "modelyard.base_model": spec.base_model,
+            "modelyard.task": spec.task.value,
+            "modelyard.method": spec.method.value,
+        }
+
+    def _start_wandb_run(self, spec: FineTuneSpec) -> bool:
+        import wandb
+
+        ctx, settings = self._ctx, self._settings
+        name = f"{ctx.job_id}-attempt-{ctx.attempt}"
+        self._wandb_dir.mkdir(parents=True, exist_ok=True)
+        options = wandb.Settings(
+            silent=True,
+            api_key=settings.wandb_api_key.get_secret_value() or None,
+            disable_git=True,
+            save_code=False,
+            x_disable_stats=True,
+        )
+        try:
+            run = wandb.init(
+                project=settings.wandb_project,
+                name=name,
+                dir=str(self._wandb_dir),
+                mode=settings.wandb_mode,
+                config={"modelyard": self._tags(spec)},
+                settings=options,
+            )
+        except Exception as exc:  # no network, a refused key: train anyway
+            logger.warning(
+                "job %s: no W&B run for this attempt: %s", ctx.job_id, type(exc).__name__
+            )
+            self._io.event("W&B unreachable: no run for this attempt")
+            return False
+        self._wandb_run = run
+        found = {"run_id": run.id, "run_name": name, "project": settings.wandb_project}
+        found["mode"] = settings.wandb_mode
+        if settings.wandb_mode == "offline":
+            run_dir = Path(run.dir).parent.resolve()
+            found["dir"] = str(run_dir.relative_to(settings.data_dir.resolve()))
+        self._wandb_result = found
+        self._io.event("W&B run started", dict(found))
+        return True
 
     def _start_mlflow_run(self, spec: FineTuneSpec) -> bool:
         import mlflow
@@ -94,14 +155,7 @@ class Tracking:
                 httpx.get(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S).raise_for_status()
             mlflow.set_tracking_uri(uri)
             experiment = mlflow.set_experiment(settings.mlflow_experiment)
-            tags = {
-                "modelyard.job_id": ctx.job_id,
-                "modelyard.attempt": str(ctx.attempt),
-                "modelyard.base_model": spec.base_model,
-                "modelyard.task": spec.task.value,
-                "modelyard.method": spec.method.value,
-            }
-            run = mlflow.start_run(run_name=name, tags=tags)
+            run = mlflow.start_run(run_name=name, tags=self._tags(spec))
         except Exception as exc:  # the server is down or refuses: train anyway
             logger.warning(
                 "job %s: no MLflow run for this attempt: %s", ctx.job_id, type(exc).__name__
@@ -125,6 +179,8 @@ class Tracking:
             found[Tracker.TENSORBOARD.value] = {"log_dir": str(log_dir)}
         if self._mlflow_run is not None:
             found[Tracker.MLFLOW.value] = dict(self._mlflow_run)
+        if self._wandb_result is not None:
+            found[Tracker.WANDB.value] = dict(self._wandb_result)
         return found
 
     def end(self, trainer: Any, error: BaseException | None) -> None:
@@ -136,11 +192,23 @@ class Tracking:
             if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
                 callback.tb_writer.close()
                 callback.tb_writer = None
-        if Tracker.TENSORBOARD in self._trackers and self._log_dir.is_dir():
+        if self._wandb_run is not None:
+            import wandb
+
             try:
-                artifact_store(self._settings).publish(self._log_dir)
+                self._wandb_run.finish(exit_code=0 if error is None else 1)
+                wandb.teardown()  # waits for wandb's own process to have written the run out
             except Exception as exc:
-                logger.warning("job %s: TensorBoard files not published: %s", self._ctx.job_id, exc)
+                logger.warning("job %s: W&B run not finished: %s", self._ctx.job_id, exc)
+        for tracker, folder in (
+            (Tracker.TENSORBOARD, self._log_dir),
+            (Tracker.WANDB, self._wandb_dir),
+        ):
+            if tracker in self._trackers and folder.is_dir():
+                try:
+                    artifact_store(self._settings).publish(folder)
+                except Exception as exc:
+                    logger.warning("job %s: %s not published: %s", self._ctx.job_id, folder, exc)
         if self._mlflow_run is not None:
             import mlflow
 
