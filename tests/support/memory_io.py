@@ -10,6 +10,7 @@ from typing import Any
 
 from core.enums import DatasetSchema, FailureType
 from core.errors import PermanentJobError
+from workers.context import RunContext
 from workers.model_refs import ResolvedModel
 from workers.training.io import CheckpointInfo, DatasetRows, MetricPoint
 
@@ -110,3 +111,19 @@ class MemoryTrainingIO:
 
     def close(self) -> None:
         self.closed = True
+
+
+class StopAtStep(RunContext):
+    """A context whose stop flag goes up once progress reaches `step`, for the reason
+    `flag` names (`cancelled` as a cancel would, `lease_lost` as the heartbeat would)."""
+
+    def __init__(self, job_id: str, step: int, flag: str = "cancelled") -> None:
+        super().__init__(job_id=job_id, attempt=1, device="cpu")
+        self._stop_step = step
+        self._flag = flag
+
+    def report_progress(self, fraction: float, **detail: Any) -> None:
+        super().report_progress(fraction, **detail)
+        if detail.get("step", 0) >= self._stop_step:
+            setattr(self, self._flag, True)
+            self.stop_event.set()

@@ -22,7 +22,7 @@ from core.enums import DatasetSchema, FineTuneTask
 from core.errors import JobStopped
 from core.settings import Settings
 from core.specs import EVAL_METRICS
-from tests.support.memory_io import MemoryTrainingIO
+from tests.support.memory_io import MemoryTrainingIO, StopAtStep
 from workers.context import RunContext
 from workers.model_refs import ResolvedModel
 from workers.runners import RunResult
@@ -38,20 +38,6 @@ WORDS = {
 }
 FLIPPED = {"neg": "pos", "pos": "neg"}
 HP = {"batch_size": 8, "learning_rate": 1e-2, "max_steps": 12, "eval_steps": 3}
-
-
-class StopAtStep(RunContext):
-    """A context cancelled once progress reaches `step`."""
-
-    def __init__(self, job_id: str, step: int) -> None:
-        super().__init__(job_id=job_id, attempt=1, device="cpu")
-        self._stop_step = step
-
-    def report_progress(self, fraction: float, **detail: Any) -> None:
-        super().report_progress(fraction, **detail)
-        if detail.get("step", 0) >= self._stop_step:
-            self.cancelled = True
-            self.stop_event.set()
 
 
 @pytest.fixture(scope="module")

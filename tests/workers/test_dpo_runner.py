@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from core.enums import DatasetSchema
 from core.errors import JobStopped, PermanentJobError
 from core.settings import Settings
-from tests.support.memory_io import MemoryTrainingIO, job_id
+from tests.support.memory_io import MemoryTrainingIO, StopAtStep, job_id
 from tests.support.tiny_model import CHAT_TEMPLATE
 from workers.context import RunContext
 from workers.model_refs import ResolvedModel
@@ -27,20 +27,6 @@ PAIRS = [
     {"prompt": "Fresh bread", "chosen": " every morning at the bakery", "rejected": " report"},
     {"prompt": "Our support team", "chosen": " answers every question", "rejected": " mug"},
 ]
-
-
-class StopAtStep(RunContext):
-    """A context whose cancel flag goes up once progress reaches `step`."""
-
-    def __init__(self, job_id: str, step: int) -> None:
-        super().__init__(job_id=job_id, attempt=1, device="cpu")
-        self._stop_step = step
-
-    def report_progress(self, fraction: float, **detail: Any) -> None:
-        super().report_progress(fraction, **detail)
-        if detail.get("step", 0) >= self._stop_step:
-            self.cancelled = True
-            self.stop_event.set()
 
 
 @pytest.fixture

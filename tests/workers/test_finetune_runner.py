@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoTokenizer, Trainer, TrainerControl, Tra
 from core.enums import DatasetSchema, FailureType, FineTuneMethod, FineTuneTask
 from core.errors import JobStopped, PermanentJobError, TransientJobError
 from core.settings import Settings
-from tests.support.memory_io import MemoryTrainingIO, job_id
+from tests.support.memory_io import MemoryTrainingIO, StopAtStep, job_id
 from workers.context import RunContext
 from workers.model_refs import ResolvedModel
 from workers.runners import RunResult
@@ -42,22 +42,6 @@ BERT_CLS = "tiny-bert-cls"
 BERT_NER = "tiny-bert-ner"
 BERT_BASE = "tiny-bert-base"
 LM_TEXT = "the cat sat on the mat and the dog sat on the log. "
-
-
-class StopAtStep(RunContext):
-    """A context whose stop flag goes up once progress reaches `step`, for the reason
-    `flag` names (`cancelled` as a cancel would, `lease_lost` as the heartbeat would)."""
-
-    def __init__(self, job_id: str, step: int, flag: str = "cancelled") -> None:
-        super().__init__(job_id=job_id, attempt=1, device="cpu")
-        self._stop_step = step
-        self._flag = flag
-
-    def report_progress(self, fraction: float, **detail: Any) -> None:
-        super().report_progress(fraction, **detail)
-        if detail.get("step", 0) >= self._stop_step:
-            setattr(self, self._flag, True)
-            self.stop_event.set()
 
 
 class RefusedFromStep(MemoryTrainingIO):

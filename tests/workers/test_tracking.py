@@ -16,7 +16,7 @@ from core.enums import DatasetSchema, Tracker
 from core.errors import JobStopped
 from core.settings import Settings
 from core.specs import FineTuneSpec
-from tests.support.memory_io import MemoryTrainingIO
+from tests.support.memory_io import MemoryTrainingIO, StopAtStep
 from tests.support.mlflow_server import mlflow_server
 from tests.support.services import free_port
 from workers.context import RunContext
@@ -92,20 +92,6 @@ def test_untracked_fine_tunes_write_no_event_files(tiny_model_dir: Path, tmp_pat
     assert result.result is not None and result.result["tracking"] == {}
     assert not (io.work_dir / "tensorboard").exists()
     assert not list(tmp_path.rglob("events.out.tfevents.*"))
-
-
-class StopAtStep(RunContext):
-    """Cancelled once progress reaches `step` (the runner checkpoints, then stops)."""
-
-    def __init__(self, job_id: str, step: int) -> None:
-        super().__init__(job_id=job_id, attempt=1, device="cpu")
-        self._stop_step = step
-
-    def report_progress(self, fraction: float, **detail: Any) -> None:
-        super().report_progress(fraction, **detail)
-        if detail.get("step", 0) >= self._stop_step:
-            self.cancelled = True
-            self.stop_event.set()
 
 
 @pytest.fixture(scope="module")
