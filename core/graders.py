@@ -13,6 +13,7 @@ as JSON). Scores are computed by workers/training/grading.py.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from enum import StrEnum
@@ -241,11 +242,17 @@ class MultiGrader(BaseModel):
 
     @property
     def formula(self) -> Formula:
-        return Formula.parse(self.calculate_output)
+        return _parsed(self.calculate_output)
 
     @property
     def item_fields(self) -> set[str]:
         return set().union(*(g.item_fields for g in self.graders.values()))
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed(text: str) -> Formula:
+    """A formula parsed once, not once per graded completion."""
+    return Formula.parse(text)
 
 
 def _any_grader(value: Any) -> Any:
