@@ -129,16 +129,32 @@ def _fitting_dataset(
     ds = _dataset(session, tenant_id, dataset_id, param)
     if DatasetSchema(ds.schema) not in allowed:
         trains = (
-            "objective dpo"
-            if spec.objective is FineTuneObjective.DPO
-            else f"task {spec.task.value}"
+            f"task {spec.task.value}"
+            if spec.objective is FineTuneObjective.SUPERVISED
+            else f"objective {spec.objective.value}"
         )
         raise InvalidRequestError(
             f"dataset {ds.id!r} holds {ds.schema} rows; {trains} needs "
             f"{' or '.join(sorted(s.value for s in allowed))}",
             param=param,
         )
+    if spec.reinforcement is not None:
+        _check_item_fields(ds, spec.reinforcement.grader.item_fields)
     return ds
+
+
+def _check_item_fields(ds: Dataset, fields: set[str]) -> None:
+    """Every `{{item.<field>}}` the grader names must be a field of every row of the
+    dataset (the upload recorded which fields every row has)."""
+    missing = sorted(fields - set(ds.report.get("item_fields", [])))
+    if missing:
+        named = ", ".join(f"{{{{item.{name}}}}}" for name in missing)
+        raise InvalidRequestError(
+            f"the grader names {named}, but not every row of dataset {ds.id!r} has "
+            f"{'that field' if len(missing) == 1 else 'those fields'} (every row was checked "
+            "at upload; its report's item_fields lists the fields all rows have)",
+            param="spec.reinforcement.grader",
+        )
 
 
 def _check_finetune(

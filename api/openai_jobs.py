@@ -32,9 +32,21 @@ def openai_request(
         return model.model_validate(payload)
     except ValidationError as exc:
         first = exc.errors()[0]
-        ours = ".".join(str(p) for p in first["loc"])
-        param = params.get(ours, ours)
+        param = openai_param(".".join(str(p) for p in first["loc"]), params)
         raise InvalidRequestError(f"{param}: {first['msg']}", param=param) from None
+
+
+def openai_param(ours: str, params: dict[str, str]) -> str:
+    """Our field path as OpenAI's: its own entry in `params`, or the longest entry that is a
+    parent of it with the rest of the path kept (`spec.reinforcement.grader.type` ->
+    `method.reinforcement.grader.type`)."""
+    if ours in params:
+        return params[ours]
+    parents = [p for p in params if ours.startswith(f"{p}.")]
+    if not parents:
+        return ours
+    parent = max(parents, key=len)
+    return params[parent] + ours[len(parent) :]
 
 
 def create_openai_job(
@@ -51,7 +63,8 @@ def create_openai_job(
     try:
         out = create_job_in(session, req, response, settings, publisher, who, idempotency_key)
     except InvalidRequestError as exc:
-        exc.param = params.get(exc.param or "", exc.param)
+        if exc.param is not None:
+            exc.param = openai_param(exc.param, params)
         raise
     response.status_code = 200
     return out.id

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from core.enums import DatasetSchema, FineTuneObjective, JobStatus
-from core.specs import DpoSpec, Hyperparameters, completion_window
+from core.specs import DpoSpec, Hyperparameters, ReinforcementSpec, completion_window
 from db.models import Checkpoint, Dataset, Job, JobEvent
 
 BASE_LEARNING_RATE = Hyperparameters().learning_rate  # learning_rate_multiplier 1.0
@@ -118,6 +118,16 @@ def fine_tuning_job(job: Job) -> dict[str, Any]:
     method_hyperparameters = dict(hyperparameters)
     if objective == FineTuneObjective.DPO.value:
         method_hyperparameters["beta"] = DpoSpec.model_validate(spec.get("dpo") or {}).beta
+    method: dict[str, Any] = {"hyperparameters": method_hyperparameters}
+    if objective == FineTuneObjective.REINFORCEMENT.value:
+        settings = ReinforcementSpec.model_validate(spec["reinforcement"])
+        method_hyperparameters["eval_interval"] = hp.eval_steps or "auto"
+        method_hyperparameters.update(
+            generations=settings.generations,
+            max_completion_tokens=settings.max_completion_tokens,
+            temperature=settings.temperature,
+        )
+        method["grader"] = spec["reinforcement"]["grader"]
     return {
         "id": job.id,
         "object": "fine_tuning.job",
@@ -138,7 +148,7 @@ def fine_tuning_job(job: Job) -> dict[str, Any]:
         "integrations": None,
         "metadata": job.metadata_ or None,
         "suffix": spec.get("suffix"),
-        "method": {"type": objective, objective: {"hyperparameters": method_hyperparameters}},
+        "method": {"type": objective, objective: method},
     }
 
 

@@ -16,6 +16,10 @@ preference {"prompt", "chosen", "rejected"}: three texts, or three message lists
 conversation, then the assistant's preferred and other answer). A preference file is TRL's
 layout (those keys) or OpenAI's (`input.messages`, `preferred_output`, `non_preferred_output`,
 normalized to message lists).
+reinforcement {"messages", ...}: OpenAI's reinforcement fine-tuning rows, a prompt (messages
+ending with a user message) and any other fields, kept as they are for the graders'
+`{{item.<field>}}`. A JSON Lines file whose first row has `messages` ending with a user
+message is one; its report's `item_fields` lists the fields every row has.
 """
 
 from __future__ import annotations
@@ -222,6 +226,7 @@ def _parse_text(text: str, fmt: DatasetFormat) -> ParsedDataset:
     else:
         schema, entries = DatasetSchema.TOKEN_CLASSIFICATION, _parse_conll(text, warnings)
     counts = _check_rows(schema, entries, warnings)
+    item_fields = _item_fields(entries, warnings) if schema is DatasetSchema.REINFORCEMENT else None
     report: dict[str, Any] = {
         "rows": len(entries),
         "labels": dict(sorted(counts.items())),
@@ -231,6 +236,8 @@ def _parse_text(text: str, fmt: DatasetFormat) -> ParsedDataset:
     }
     if batch is not None:
         report["batch"] = batch.summary()
+    if item_fields is not None:
+        report["item_fields"] = item_fields
     return ParsedDataset(
         format=fmt,
         schema=schema,
@@ -258,6 +265,33 @@ def _layout_of_first_row(
     raise DatasetFormatError(
         line, f"keys ({found}) do not make a dataset row; expected one of: {_EXPECTED_KEYS}"
     )
+
+
+def _is_prompt_row(obj: dict[str, Any]) -> bool:
+    """A row of OpenAI's reinforcement layout: messages that end with the user's turn."""
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return False
+    last = messages[-1]
+    return isinstance(last, dict) and last.get("role") == "user"
+
+
+def _prompt_row(obj: dict[str, Any], line: int, first_line: int) -> Row:
+    if "messages" not in obj:
+        raise DatasetFormatError(
+            line,
+            f"missing key messages; rows of this file are reinforcement prompts since line "
+            f"{first_line}",
+        )
+    messages = _message_list(obj["messages"], "messages", line)
+    if messages[-1]["role"] != "user":
+        raise DatasetFormatError(
+            line,
+            f"the last message is the {messages[-1]['role']}'s; a reinforcement prompt ends "
+            f"with the user's (rows of this file are reinforcement prompts since line "
+            f"{first_line})",
+        )
+    return {**obj, "messages": messages}
 
 
 def _parse_jsonl(
@@ -295,6 +329,11 @@ def _parse_jsonl(
             schema, batch = DatasetSchema.BATCH_REQUESTS, BatchRequestChecker(warnings.add)
         if batch is not None:
             entries.append((line_no, batch.check(obj, line_no)))
+            continue
+        if schema is None and _is_prompt_row(obj):
+            schema, first_line = DatasetSchema.REINFORCEMENT, line_no
+        if schema is DatasetSchema.REINFORCEMENT:
+            entries.append((line_no, _prompt_row(obj, line_no, first_line)))
             continue
         known = frozenset(keys & _SCHEMA_KEYS)
         if schema is None:
@@ -469,6 +508,27 @@ def _preference(obj: dict[str, Any], line: int, warnings: _Warnings) -> Row:
     return row
 
 
+def _item_fields(entries: list[tuple[int, Row]], warnings: _Warnings) -> list[str]:
+    """The fields besides `messages` that every row has (what a grader may name as
+    `{{item.<field>}}`); a warning for each field some rows lack."""
+    counts: Counter[str] = Counter()
+    first_without: dict[str, int] = {}
+    for _, row in entries:
+        counts.update(key for key in row if key != "messages")
+    for line, row in entries:
+        for key in counts:
+            if key not in row:
+                first_without.setdefault(key, line)
+    for key, line in sorted(first_without.items()):
+        warnings.add(
+            line,
+            "missing_field",
+            f"{len(entries) - counts[key]} rows lack field {key!r} (the first here): a grader "
+            f"cannot name {{{{item.{key}}}}}",
+        )
+    return sorted(key for key in counts if key not in first_without)
+
+
 # --- CSV -------------------------------------------------------------------------------
 
 
@@ -605,6 +665,8 @@ def _row_chars(schema: DatasetSchema, row: Row) -> int:
         return len(row["text"]) + len(row["text_pair"])
     if schema is DatasetSchema.PREFERENCE:
         return sum(_text_chars(row[key]) for key in ("prompt", "chosen", "rejected"))
+    if schema is DatasetSchema.REINFORCEMENT:
+        return _text_chars(row["messages"])
     return len(row["text"])
 
 

@@ -37,6 +37,7 @@ class FineTuneObjective(StrEnum):
 
     SUPERVISED = "supervised"  # next-token (or label) loss on the dataset's rows
     DPO = "dpo"  # direct preference optimization on chosen/rejected pairs (causal_lm only)
+    REINFORCEMENT = "reinforcement"  # GRPO: sampled completions scored by a grader (causal_lm)
 
 
 class DatasetSchema(StrEnum):
@@ -50,6 +51,7 @@ class DatasetSchema(StrEnum):
     TOKEN_CLASSIFICATION = "token_classification"  # {"tokens": [...], "tags": [...]}
     BATCH_REQUESTS = "batch_requests"  # OpenAI batch input: {"custom_id", "method", "url", "body"}
     PREFERENCE = "preference"  # {"prompt", "chosen", "rejected"}: texts, or message lists
+    REINFORCEMENT = "reinforcement"  # {"messages": a prompt ending with a user message, ...fields}
 
 
 SCHEMAS_FOR_TASK: dict[FineTuneTask, frozenset[DatasetSchema]] = {
@@ -67,6 +69,8 @@ def training_schemas(task: FineTuneTask, objective: FineTuneObjective) -> frozen
     """The dataset schemas a fine-tune of `task` trains on with `objective`."""
     if objective is FineTuneObjective.DPO:
         return frozenset({DatasetSchema.PREFERENCE})
+    if objective is FineTuneObjective.REINFORCEMENT:
+        return frozenset({DatasetSchema.REINFORCEMENT})
     return SCHEMAS_FOR_TASK[task]
 
 

@@ -27,6 +27,7 @@ from core.enums import (
     Tracker,
     WebhookEvent,
 )
+from core.graders import Grader
 from core.response_format import ResponseFormat
 
 MAX_SEQUENCES_PER_JOB = 1024
@@ -250,6 +251,32 @@ class DpoSpec(BaseModel):
     )
 
 
+class ReinforcementSpec(BaseModel):
+    """Reinforcement fine-tuning (TRL's GRPOTrainer): for each prompt the policy samples
+    `generations` completions, the grader scores each, and the policy learns to make the
+    completions that scored above their group's mean more likely."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grader: Grader
+    generations: int = Field(
+        default=4,
+        ge=2,
+        le=64,
+        description="Completions sampled per prompt (a group; GRPO needs at least 2).",
+    )
+    max_completion_tokens: int = Field(
+        default=64,
+        ge=1,
+        le=4095,
+        description="Tokens per sampled completion at most; a prompt longer than the rest of "
+        "hyperparameters.max_length loses its start.",
+    )
+    temperature: float = Field(
+        default=1.0, gt=0, le=2.0, description="Sampling temperature of the completions."
+    )
+
+
 class EarlyStoppingSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -292,6 +319,9 @@ DEFAULT_METRIC_FOR_BEST_MODEL = {
     FineTuneTask.TOKEN_CLASSIFICATION: "eval_f1",
 }
 LOWER_IS_BETTER = frozenset({"eval_loss", "eval_perplexity"})
+REINFORCEMENT_EVAL_METRICS = ("eval_reward",)
+"""What each evaluation of a reinforcement job reports that can pick the kept checkpoint:
+the grader's mean score on the validation prompts (its loss says nothing of quality)."""
 
 
 class FineTuneSpec(BaseModel):
@@ -314,10 +344,15 @@ class FineTuneSpec(BaseModel):
     objective: FineTuneObjective = Field(
         default=FineTuneObjective.SUPERVISED,
         description="What training optimizes: supervised (the loss on the rows' text or "
-        "labels) or dpo (preference pairs of a preference dataset; task causal_lm).",
+        "labels), dpo (preference pairs of a preference dataset; task causal_lm) or "
+        "reinforcement (completions scored by a grader; a reinforcement dataset; causal_lm).",
     )
     dpo: DpoSpec | None = Field(
         default=None, description="DPO settings (objective dpo only); defaults when left out."
+    )
+    reinforcement: ReinforcementSpec | None = Field(
+        default=None,
+        description="The grader and sampling of objective reinforcement (required with it).",
     )
     lora: LoraSpec = Field(default_factory=LoraSpec)
     metric_for_best_model: str | None = Field(
@@ -327,8 +362,9 @@ class FineTuneSpec(BaseModel):
         "that early stopping watches), with or without its `eval_` prefix: `loss`, "
         "`perplexity` (causal_lm); `accuracy`, `f1_macro`, `f1_weighted`, `precision_macro`, "
         "`recall_macro` (sequence_classification); `f1`, `precision`, `recall`, `accuracy` "
-        "(token_classification). Default: `f1_macro` for classification, `f1` for NER, `loss` "
-        "for causal_lm. Loss and perplexity are better lower, the others higher.",
+        "(token_classification); `reward` (objective reinforcement). Default: `f1_macro` for "
+        "classification, `f1` for NER, `loss` for causal_lm, `reward` for objective "
+        "reinforcement. Loss and perplexity are better lower, the others higher.",
     )
     early_stopping: EarlyStoppingSpec | None = Field(
         default=None,
@@ -364,17 +400,25 @@ class FineTuneSpec(BaseModel):
             return metric
         name = metric if metric.startswith("eval_") else f"eval_{metric}"
         reported = EVAL_METRICS[task]
+        what = f"{task.value} evaluations"
+        if info.data.get("objective") is FineTuneObjective.REINFORCEMENT:
+            reported, what = REINFORCEMENT_EVAL_METRICS, "reinforcement evaluations"
         if name not in reported:
             raise ValueError(
-                f"{task.value} evaluations do not report {metric!r}; choose one of "
+                f"{what} do not report {metric!r}; choose one of "
                 f"{', '.join(m.removeprefix('eval_') for m in reported)}"
             )
         return name
 
     @property
     def best_model_metric(self) -> str:
-        """The `eval_` metric that picks the kept checkpoint: the chosen one or the task's."""
-        return self.metric_for_best_model or DEFAULT_METRIC_FOR_BEST_MODEL[self.task]
+        """The `eval_` metric that picks the kept checkpoint: the chosen one or the task's
+        (for objective reinforcement, the grader's mean score)."""
+        if self.metric_for_best_model is not None:
+            return self.metric_for_best_model
+        if self.objective is FineTuneObjective.REINFORCEMENT:
+            return REINFORCEMENT_EVAL_METRICS[0]
+        return DEFAULT_METRIC_FOR_BEST_MODEL[self.task]
 
     @property
     def greater_is_better(self) -> bool:
@@ -392,9 +436,44 @@ class FineTuneSpec(BaseModel):
         cls, objective: FineTuneObjective, info: ValidationInfo
     ) -> FineTuneObjective:
         task = info.data.get("task")
-        if objective is FineTuneObjective.DPO and task not in (None, FineTuneTask.CAUSAL_LM):
-            raise ValueError(f"objective dpo needs task causal_lm, not {task}")
+        if objective is not FineTuneObjective.SUPERVISED and task not in (
+            None,
+            FineTuneTask.CAUSAL_LM,
+        ):
+            raise ValueError(f"objective {objective.value} needs task causal_lm, not {task}")
         return objective
+
+    @field_validator("reinforcement")
+    @classmethod
+    def _reinforcement_settings_need_reinforcement(
+        cls, settings: ReinforcementSpec | None, info: ValidationInfo
+    ) -> ReinforcementSpec | None:
+        objective = info.data.get("objective")
+        if settings is not None and objective is not FineTuneObjective.REINFORCEMENT:
+            raise ValueError("reinforcement settings need objective reinforcement")
+        return settings
+
+    @model_validator(mode="after")
+    def _reinforcement_has_a_grader(self) -> FineTuneSpec:
+        if self.objective is not FineTuneObjective.REINFORCEMENT:
+            return self
+        if self.reinforcement is None:
+            raise ValueError("objective reinforcement needs a reinforcement block with a grader")
+        completion = self.reinforcement.max_completion_tokens
+        if completion >= self.hyperparameters.max_length:
+            raise ValueError(
+                f"reinforcement.max_completion_tokens ({completion}) must be below "
+                f"hyperparameters.max_length ({self.hyperparameters.max_length}): a prompt and "
+                "its completion share it"
+            )
+        return self
+
+    @property
+    def reinforcement_settings(self) -> ReinforcementSpec:
+        """The reinforcement settings (objective reinforcement has them)."""
+        if self.reinforcement is None:
+            raise ValueError(f"objective {self.objective.value} has no reinforcement settings")
+        return self.reinforcement
 
     @field_validator("dpo")
     @classmethod

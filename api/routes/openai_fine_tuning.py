@@ -55,7 +55,20 @@ PARAMS = {
     "spec.hyperparameters.learning_rate": "hyperparameters.learning_rate_multiplier",
     "spec.hyperparameters.seed": "seed",
     "spec.dpo.beta": "method.dpo.hyperparameters.beta",
+    "spec.hyperparameters.eval_steps": "method.reinforcement.hyperparameters.eval_interval",
+    "spec.reinforcement.grader": "method.reinforcement.grader",
+    "spec.reinforcement.generations": "method.reinforcement.hyperparameters.generations",
+    "spec.reinforcement.max_completion_tokens": (
+        "method.reinforcement.hyperparameters.max_completion_tokens"
+    ),
+    "spec.reinforcement.temperature": "method.reinforcement.hyperparameters.temperature",
 }
+NOT_HONOURED = {
+    "compute_multiplier": "compute is what the hyperparameters make it",
+    "eval_samples": "each validation prompt gets `generations` completions, as in training",
+}
+"""OpenAI's reinforcement hyperparameters this server cannot honour, and why; only `auto`
+is accepted for them (`reasoning_effort`: `default`)."""
 
 
 class OpenAIHyperparameters(BaseModel):
@@ -82,22 +95,55 @@ class DpoMethod(BaseModel):
     hyperparameters: DpoHyperparameters | None = None
 
 
+class ReinforcementHyperparameters(OpenAIHyperparameters):
+    """OpenAI's, plus ours: `generations` per prompt, `max_completion_tokens`, `temperature`
+    (reinforcement's settings of the same names)."""
+
+    eval_interval: int | Auto = "auto"
+    eval_samples: int | Auto = "auto"
+    compute_multiplier: float | Auto = "auto"
+    reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
+    generations: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+
+    def checked(self) -> ReinforcementHyperparameters:
+        """These hyperparameters, once none asks what cannot be honoured."""
+        for name, why in NOT_HONOURED.items():
+            if getattr(self, name) != "auto":
+                param = f"method.reinforcement.hyperparameters.{name}"
+                raise UnsupportedParameterError(f"{param} is not offered: {why}", param=param)
+        if self.reasoning_effort != "default":
+            param = "method.reinforcement.hyperparameters.reasoning_effort"
+            raise UnsupportedParameterError(
+                f"{param}: the models tuned here have no reasoning effort to set", param=param
+            )
+        return self
+
+
+class ReinforcementMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grader: dict[str, Any]
+    hyperparameters: ReinforcementHyperparameters | None = None
+
+
 class Method(BaseModel):
-    """`supervised` or `dpo` (our objective of that name); `reinforcement` is refused."""
+    """`supervised`, `dpo` or `reinforcement` (our objective of that name)."""
 
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
-    reinforcement: dict[str, Any] | None = None
+    reinforcement: ReinforcementMethod | None = None
 
     def checked(self) -> Method:
-        """This method, once its type is one offered and only its own block is set."""
-        if self.type == "reinforcement":
-            raise UnsupportedParameterError(
-                "method.type: reinforcement fine-tuning is not offered; use supervised or dpo",
-                param="method.type",
+        """This method, once only its own block is set (reinforcement needs its own)."""
+        if self.type == "reinforcement" and self.reinforcement is None:
+            raise InvalidRequestError(
+                "method.reinforcement: a reinforcement method needs its grader",
+                param="method.reinforcement",
             )
         for block in ("supervised", "dpo", "reinforcement"):
             if block != self.type and getattr(self, block) is not None:
@@ -109,12 +155,16 @@ class Method(BaseModel):
 
     @property
     def hyperparameters(self) -> OpenAIHyperparameters | None:
-        given = self.dpo if self.type == "dpo" else self.supervised
+        given: SupervisedMethod | DpoMethod | ReinforcementMethod | None = self.supervised
+        if self.type == "dpo":
+            given = self.dpo
+        elif self.type == "reinforcement":
+            given = self.reinforcement
         return given.hyperparameters if given is not None else None
 
 
 class CreateFineTuningJob(BaseModel):
-    """OpenAI's body; `integrations` and the reinforcement method are not offered."""
+    """OpenAI's body; `integrations` are not offered."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -147,6 +197,18 @@ def _hyperparameters(body: CreateFineTuningJob) -> dict[str, Any]:
     return hp
 
 
+def _reinforcement(method: ReinforcementMethod, hp: dict[str, Any]) -> dict[str, Any]:
+    """Our reinforcement settings (and `eval_interval` as `hp`'s eval_steps)."""
+    settings: dict[str, Any] = {"grader": method.grader}
+    given = (method.hyperparameters or ReinforcementHyperparameters()).checked()
+    if given.eval_interval != "auto":
+        hp["eval_steps"] = given.eval_interval
+    for name in ("generations", "max_completion_tokens", "temperature"):
+        if getattr(given, name) is not None:
+            settings[name] = getattr(given, name)
+    return settings
+
+
 def _request(session: Session, body: CreateFineTuningJob, tenant_id: str) -> FineTuneJobRequest:
     method = body.method.checked() if body.method is not None else None
     train = datasets_repo.get_dataset(session, body.training_file, tenant_id)
@@ -163,6 +225,10 @@ def _request(session: Session, body: CreateFineTuningJob, tenant_id: str) -> Fin
         given = method.hyperparameters
         if isinstance(given, DpoHyperparameters) and given.beta != "auto":
             spec["dpo"] = {"beta": given.beta}
+    if method is not None and method.reinforcement is not None:
+        spec["task"] = FineTuneTask.CAUSAL_LM.value
+        spec["objective"] = FineTuneObjective.REINFORCEMENT.value
+        spec["reinforcement"] = _reinforcement(method.reinforcement, spec["hyperparameters"])
     if body.validation_file is not None:
         spec["validation_dataset"] = body.validation_file
     if body.suffix is not None:

@@ -116,6 +116,42 @@ def test_hyperparameters_out_of_range_and_remote_code(
     assert "loss, perplexity" in unreported.json()["error"]["message"]
 
 
+PROMPTS = b'{"messages": [{"role": "user", "content": "Capital?"}], "answer": "Paris"}\n'
+GRADER = {
+    "type": "string_check",
+    "name": "exact",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.answer}}",
+    "operation": "eq",
+}
+
+
+def test_reinforcement_refusals_on_our_api(
+    client: TestClient, settings: Settings, data: dict[str, str]
+) -> None:
+    prompts = upload(client, PROMPTS, "rft.jsonl")
+    base = {
+        "base_model": "m",
+        "task": "causal_lm",
+        "objective": "reinforcement",
+        "training_dataset": prompts,
+        "reinforcement": {"grader": GRADER},
+    }
+    python = {"type": "python", "name": "p", "source": "def grade(sample, item): return 1"}
+    city = {**GRADER, "reference": "{{item.city}}"}
+    for spec, param, words in [
+        (
+            {**base, "reinforcement": {"grader": python}},
+            "spec.reinforcement.grader.type",
+            "sandbox",
+        ),
+        ({**base, "reinforcement": {"grader": city}}, "spec.reinforcement.grader", "{{item.city}}"),
+        ({**base, "training_dataset": data["text"]}, "spec.training_dataset", "holds text rows"),
+        ({**base, "reinforcement": None}, "spec", "needs a reinforcement block"),
+    ]:
+        refused(client, settings, finetune(**spec), param, words)
+
+
 def test_base_model_directory_without_safetensors(
     client: TestClient, settings: Settings, data: dict[str, str]
 ) -> None:

@@ -250,7 +250,7 @@ def test_dpo_method_is_our_dpo_objective(
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
-        ({"method": {"type": "reinforcement"}}, 400, "method.type"),
+        ({"method": {"type": "reinforcement"}}, 422, "method.reinforcement"),
         ({"method": {"type": "dpo", "supervised": {}}}, 422, "method.supervised"),
         (
             {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}},
@@ -270,6 +270,148 @@ def test_dpo_refusals_name_openai_fields(
     err = error(fine_tune(client, training_file, **body), status)
     assert err["param"] == param, err
     assert client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"] == before
+
+
+PROMPTS = b"".join(
+    json.dumps({"messages": [{"role": "user", "content": q}], "answer": a}).encode() + b"\n"
+    for q, a in (("Fresh bread?", "every morning"), ("Open on Sunday?", "yes"))
+)
+GRADER = {
+    "type": "multi",
+    "name": "answer",
+    "graders": {
+        "exact": {
+            "type": "string_check",
+            "name": "exact",
+            "input": "{{sample.output_text}}",
+            "reference": "{{item.answer}}",
+            "operation": "ilike",
+        },
+        "close": {
+            "type": "text_similarity",
+            "name": "close",
+            "input": "{{sample.output_text}}",
+            "reference": "{{item.answer}}",
+            "evaluation_metric": "rouge_l",
+        },
+    },
+    "calculate_output": "0.5 * exact + 0.5 * close",
+}
+
+
+def test_reinforcement_method_is_our_reinforcement_objective(client: TestClient) -> None:
+    prompts = upload(client, PROMPTS, "fine-tune", "rft.jsonl").json()
+    dataset = client.get(f"/v1/datasets/{prompts['id']}").json()
+    assert (dataset["schema"], dataset["report"]["item_fields"]) == ("reinforcement", ["answer"])
+    hyperparameters = {"n_epochs": 2, "eval_interval": 3, "generations": 2, "temperature": 0.7}
+    method = {
+        "type": "reinforcement",
+        "reinforcement": {"grader": GRADER, "hyperparameters": hyperparameters},
+    }
+    resp = fine_tune(client, prompts["id"], method=method)
+    assert resp.status_code == 200, resp.text
+    shown = resp.json()["method"]
+    assert shown["type"] == "reinforcement"
+    assert shown["reinforcement"]["grader"] == GRADER
+    assert shown["reinforcement"]["hyperparameters"] == {
+        "n_epochs": 2,
+        "batch_size": 8,
+        "learning_rate_multiplier": 1.0,
+        "eval_interval": 3,
+        "generations": 2,
+        "max_completion_tokens": 64,
+        "temperature": 0.7,
+    }
+    spec = client.get(f"/v1/jobs/{resp.json()['id']}").json()["spec"]
+    assert (spec["task"], spec["objective"]) == ("causal_lm", "reinforcement")
+    assert spec["hyperparameters"]["eval_steps"] == 3
+    assert spec["reinforcement"]["generations"] == 2
+
+
+def _reinforcement(grader: dict[str, Any] = GRADER, **hyperparameters: Any) -> dict[str, Any]:
+    body = {"grader": grader, "hyperparameters": hyperparameters}
+    return {"type": "reinforcement", "reinforcement": body}
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "param", "says"),
+    [
+        (
+            _reinforcement({**GRADER, "type": "python"}),
+            422,
+            "method.reinforcement.grader.type",
+            "sandbox",
+        ),
+        (
+            _reinforcement(
+                {
+                    **GRADER,
+                    "graders": {"exact": {**GRADER["graders"]["exact"], "type": "score_model"}},
+                }
+            ),
+            422,
+            "method.reinforcement.grader.graders.exact.type",
+            "not built",
+        ),
+        (
+            _reinforcement(
+                {
+                    **GRADER,
+                    "graders": {
+                        "close": {**GRADER["graders"]["close"], "evaluation_metric": "cosine"}
+                    },
+                    "calculate_output": "close",
+                }
+            ),
+            422,
+            "method.reinforcement.grader.graders.close.evaluation_metric",
+            "embeddings",
+        ),
+        (
+            _reinforcement({**GRADER, "calculate_output": "exact + open(1)"}),
+            422,
+            "method.reinforcement.grader.calculate_output",
+            "unknown function 'open'",
+        ),
+        (
+            _reinforcement({**GRADER["graders"]["exact"], "reference": "{{item.city}}"}),
+            422,
+            "method.reinforcement.grader",
+            "{{item.city}}",
+        ),
+        (
+            _reinforcement(reasoning_effort="high"),
+            400,
+            "method.reinforcement.hyperparameters.reasoning_effort",
+            "no reasoning",
+        ),
+        (
+            _reinforcement(eval_samples=4),
+            400,
+            "method.reinforcement.hyperparameters.eval_samples",
+            "not offered",
+        ),
+        (
+            _reinforcement(generations=1),
+            422,
+            "method.reinforcement.hyperparameters.generations",
+            "2",
+        ),
+    ],
+)
+def test_reinforcement_refusals_name_openai_fields(
+    client: TestClient, method: dict[str, Any], status: int, param: str, says: str
+) -> None:
+    prompts = upload(client, PROMPTS, "fine-tune", "rft.jsonl").json()["id"]
+    before = client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]
+    err = error(fine_tune(client, prompts, method=method), status)
+    assert err["param"] == param and says in err["message"], err
+    assert client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"] == before
+
+
+def test_a_chat_file_cannot_train_reinforcement(client: TestClient, chat_file: str) -> None:
+    err = error(fine_tune(client, chat_file, method=_reinforcement()), 422)
+    assert err["param"] == "training_file" and "needs reinforcement" in err["message"]
 
 
 def test_batches_are_batch_jobs(client: TestClient, chat_file: str) -> None:

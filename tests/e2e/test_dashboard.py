@@ -252,3 +252,48 @@ def test_dashboard_plots_a_monitors_negative_share(cls_stack: Stack, browser: An
     assert chart.find_elements(By.CSS_SELECTOR, "polyline[data-series='threshold']")
     shares = browser.find_elements(By.CSS_SELECTOR, "#monitor-shares tbody tr")
     assert len(shares) == len(mon["labels"])
+
+
+def test_dashboard_charts_a_reinforcement_jobs_grader_score(
+    cls_stack: Stack, browser: Any, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    stack = cls_stack
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": q}], "answer": a}
+        for q, a in (("Fresh bread?", "every morning"), ("Rye?", "on Fridays"))
+    ]
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    grader = {
+        "type": "text_similarity",
+        "name": "close",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.answer}}",
+        "evaluation_metric": "fuzzy_match",
+    }
+    spec = {
+        "base_model": TINY_MODEL,
+        "task": "causal_lm",
+        "objective": "reinforcement",
+        "reinforcement": {"grader": grader, "generations": 2, "max_completion_tokens": 3},
+        "training_dataset": upload(stack, prompts),
+        "hyperparameters": {"max_steps": 2, "batch_size": 2, "learning_rate": 5e-3},
+    }
+    job = submit(stack, "finetune", spec)
+    done = stack.wait_status(job["id"], ("succeeded", "failed", "cancelled"), timeout=180)
+    assert done["status"] == "succeeded", f"{done}\n{stack.logs()}"
+
+    sign_in(browser, stack)
+    browser.get(f"{stack.base_url}/ui/#/jobs/{job['id']}")
+    WebDriverWait(browser, PAGE_TIMEOUT_S).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, "#job-page[data-loaded='complete']")
+    )
+    chart = browser.find_element(By.CSS_SELECTOR, "svg[data-chart='grader']")
+    for name in ("rewards/grader/mean", "rewards/grader/std", "completions/mean_length"):
+        line = chart.find_element(By.CSS_SELECTOR, f"polyline[data-series='{name}']")
+        points = len(api_metrics(stack, job["id"], name))
+        assert points == 2 and len(line.get_attribute("points").split()) == points
+    assert not browser.find_elements(By.CSS_SELECTOR, "svg[data-chart='rewards']")

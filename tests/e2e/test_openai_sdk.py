@@ -309,3 +309,85 @@ def test_dpo_job_follows_preferences_and_its_model_serves_completions(
     assert completion.model == name
     assert completion.usage is not None and completion.usage.completion_tokens > 0
     assert isinstance(completion.choices[0].text, str)
+
+
+def prompts_jsonl(rows: int) -> bytes:
+    """OpenAI's reinforcement rows: a prompt, and the answer the grader compares with."""
+    lines = []
+    for i in range(rows):
+        question, answer = CONVERSATIONS[i % len(CONVERSATIONS)]
+        lines.append(
+            json.dumps({"messages": [{"role": "user", "content": question}], "answer": answer})
+        )
+    return ("\n".join(lines) + "\n").encode()
+
+
+def test_reinforcement_job_is_graded_per_step_and_its_model_serves_completions(
+    client: OpenAI, stack: Stack
+) -> None:
+    prompts = client.files.create(
+        file=("prompts.jsonl", io.BytesIO(prompts_jsonl(4))), purpose="fine-tune"
+    )
+    grader = {
+        "type": "multi",
+        "name": "answer",
+        "graders": {
+            "has": {
+                "type": "string_check",
+                "name": "mentions the answer",
+                "input": "{{sample.output_text}}",
+                "reference": "{{item.answer}}",
+                "operation": "ilike",
+            },
+            "close": {
+                "type": "text_similarity",
+                "name": "close to the answer",
+                "input": "{{sample.output_text}}",
+                "reference": "{{item.answer}}",
+                "evaluation_metric": "fuzzy_match",
+            },
+        },
+        "calculate_output": "max(has, close)",
+    }
+    hyperparameters = {
+        "n_epochs": 1,
+        "batch_size": 2,
+        "learning_rate_multiplier": 100,
+        "generations": 2,  # ours, with max_completion_tokens: kept tiny
+        "max_completion_tokens": 4,
+    }
+    job = client.fine_tuning.jobs.create(
+        model=TINY_MODEL,
+        training_file=prompts.id,
+        method={
+            "type": "reinforcement",
+            "reinforcement": {"grader": grader, "hyperparameters": hyperparameters},  # type: ignore[typeddict-item]
+        },
+        suffix="rft",
+    )
+    assert job.method is not None and job.method.type == "reinforcement"
+    assert job.method.reinforcement is not None
+    assert job.method.reinforcement.grader.type == "multi"
+
+    done = wait_job(client, job.id, ("succeeded", "failed", "cancelled"), stack)
+    assert done.status == "succeeded", done.error
+    events = client.fine_tuning.jobs.list_events(job.id, limit=200).data
+    started = next(e for e in events if e.message == "training started")
+    assert started.data["objective"] == "reinforcement"  # type: ignore[index]
+    final = next(e for e in events if e.message == "final evaluation")
+    assert 0.0 <= final.data["reward"] <= 1.0  # type: ignore[index]
+
+    with stack.client() as ours:
+        points = ours.get(
+            f"/v1/jobs/{job.id}/metrics", params={"name": ["rewards/grader/mean"]}
+        ).json()["data"]
+    assert [p["step"] for p in points] == [1, 2]  # 4 prompts / batch 2, every step logged
+    assert all(0.0 <= p["value"] <= 1.0 for p in points), points
+
+    name = done.fine_tuned_model
+    assert name is not None and name.startswith(f"ft:{TINY_MODEL}:rft:")
+    completion = client.completions.create(
+        model=name, prompt="Fresh bread", max_tokens=4, temperature=0
+    )
+    assert completion.model == name
+    assert completion.usage is not None and completion.usage.completion_tokens > 0

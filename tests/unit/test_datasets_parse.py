@@ -509,3 +509,27 @@ def test_a_stray_carriage_return_is_a_format_error_not_a_crash(raw: bytes) -> No
         parse_dataset(raw, "upload.csv")
     except DatasetFormatError as exc:
         assert exc.line >= 1
+
+
+def test_jsonl_reinforcement_prompts_keep_their_fields() -> None:
+    ask = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital?"}]
+    raw = jsonl(
+        {"messages": ask, "answer": "Paris", "label": 1},
+        {"messages": ask[1:], "answer": {"city": "Rome"}},
+    )
+    parsed = parse_dataset(raw, "rft.jsonl")
+    assert parsed.schema is DatasetSchema.REINFORCEMENT
+    assert parsed.rows[0] == {"messages": ask, "answer": "Paris", "label": 1}  # label is a field
+    assert parsed.report["item_fields"] == ["answer"]
+    assert kinds(parsed) == [(2, "missing_field")]
+
+
+def test_jsonl_reinforcement_rows_end_with_the_user() -> None:
+    ask = {"messages": [{"role": "user", "content": "Capital?"}]}
+    answered = {"messages": [*ask["messages"], {"role": "assistant", "content": "Paris"}]}
+    with pytest.raises(DatasetFormatError, match=r"line 2: the last message is the assistant's"):
+        parse_dataset(jsonl(ask, answered), "rft.jsonl")
+    with pytest.raises(DatasetFormatError, match=r"line 2: missing key messages"):
+        parse_dataset(jsonl(ask, {"prompt": "Capital?"}), "rft.jsonl")
+    chat = parse_dataset(jsonl(answered, ask), "chat.jsonl")  # the first row decides
+    assert chat.schema is DatasetSchema.CHAT

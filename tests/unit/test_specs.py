@@ -117,3 +117,59 @@ def test_a_metric_the_task_does_not_report_is_refused(task: str, metric: str) ->
         FineTuneSpec.model_validate({**FINETUNE, "task": task, "metric_for_best_model": metric})
     (error,) = refused.value.errors()
     assert error["loc"] == ("metric_for_best_model",)
+
+
+GRADER = {
+    "type": "string_check",
+    "name": "exact",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.answer}}",
+    "operation": "eq",
+}
+REINFORCEMENT: dict[str, Any] = {
+    **FINETUNE,
+    "task": "causal_lm",
+    "objective": "reinforcement",
+    "reinforcement": {"grader": GRADER},
+}
+
+
+def test_reinforcement_defaults_and_its_best_model_metric() -> None:
+    spec = FineTuneSpec.model_validate(REINFORCEMENT)
+    settings = spec.reinforcement_settings
+    assert (settings.generations, settings.max_completion_tokens) == (4, 64)
+    assert settings.grader.item_fields == {"answer"}
+    assert (spec.best_model_metric, spec.greater_is_better) == ("eval_reward", True)
+    assert FineTuneSpec.model_validate(spec.model_dump()) == spec
+
+
+@pytest.mark.parametrize(
+    ("change", "loc", "message"),
+    [
+        ({"reinforcement": None}, (), "needs a reinforcement block with a grader"),
+        ({"objective": "dpo"}, ("reinforcement",), "need objective reinforcement"),
+        ({"task": "sequence_classification"}, ("objective",), "needs task causal_lm"),
+        ({"hyperparameters": {"max_length": 64}}, (), "must be below hyperparameters.max_length"),
+        ({"metric_for_best_model": "loss"}, ("metric_for_best_model",), "choose one of reward"),
+        (
+            {"reinforcement": {"grader": GRADER, "generations": 1}},
+            ("reinforcement", "generations"),
+            "",
+        ),
+        (
+            {"reinforcement": {"grader": {**GRADER, "type": "python"}}},
+            ("reinforcement", "grader", "type"),
+            "no sandbox",
+        ),
+        (
+            {"reinforcement": {"grader": GRADER, "reasoning_effort": "low"}},
+            ("reinforcement", "reasoning_effort"),
+            "Extra inputs",
+        ),
+    ],
+)
+def test_reinforcement_refusals(change: dict[str, Any], loc: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        FineTuneSpec.model_validate({**REINFORCEMENT, **change})
+    error = refused.value.errors()[0]
+    assert error["loc"] == loc and message in error["msg"]

@@ -54,7 +54,11 @@ def check_schema(dataset: DatasetRows, task: FineTuneTask, objective: FineTuneOb
     allowed = training_schemas(task, objective)
     if dataset.schema not in allowed:
         names = ", ".join(sorted(s.value for s in allowed))
-        trains = "objective 'dpo'" if objective is FineTuneObjective.DPO else f"task {task.value!r}"
+        trains = (
+            f"task {task.value!r}"
+            if objective is FineTuneObjective.SUPERVISED
+            else f"objective {objective.value!r}"
+        )
         raise PermanentJobError(
             f"dataset {dataset.id} has schema {dataset.schema.value!r}, which {trains} "
             f"cannot train on (it needs {names})",

@@ -1,5 +1,5 @@
-"""Runs a FineTuneSpec with transformers' Trainer (or TRL's DPOTrainer for objective dpo):
-full, LoRA or AdaLoRA; resumable."""
+"""Runs a FineTuneSpec with transformers' Trainer (or TRL's DPOTrainer for objective dpo,
+GRPOTrainer for objective reinforcement): full, LoRA or AdaLoRA; resumable."""
 
 from __future__ import annotations
 
@@ -97,11 +97,21 @@ def _preference() -> Any:
     return preference
 
 
+def _reinforcement() -> Any:
+    """workers.training.reinforcement, imported for a reinforcement job only (TRL)."""
+    from workers.training import reinforcement
+
+    return reinforcement
+
+
 def example_tokens(feature: Feature) -> int:
-    """The tokens one example trains on: its input ids, or a preference pair's prompt twice
-    (once before each answer) and both answers."""
+    """The tokens one example trains on: its input ids, a preference pair's prompt twice
+    (once before each answer) and both answers, or at most a reinforcement prompt's sampled
+    completions, each with the prompt."""
     if "input_ids" in feature:
         return len(feature["input_ids"])
+    if "tokens_at_most" in feature:
+        return int(feature["tokens_at_most"])
     prompt, chosen, rejected = feature["prompt_ids"], feature["chosen_ids"], feature["rejected_ids"]
     return 2 * len(prompt) + len(chosen) + len(rejected)
 
@@ -236,6 +246,8 @@ class FineTuneRunner:
         if spec.objective is FineTuneObjective.DPO:
             report, eval_loss = _preference().preference_report(trainer, trained)
             _preference().drop_reference_adapter(trained)
+        elif spec.objective is FineTuneObjective.REINFORCEMENT:
+            report, eval_loss = _reinforcement().reinforcement_report(trainer, trained)
         else:
             report, eval_loss = final_report(
                 trainer, trained, spec.task, prepared.validation, prepared.split.labels
@@ -301,6 +313,15 @@ class FineTuneRunner:
             encode = _preference().encode_preferences
             train = encode(tokenizer, split.train, hp.max_length)
             validation = encode(tokenizer, split.validation, hp.max_length)
+        elif spec.objective is FineTuneObjective.REINFORCEMENT:
+            prompts = _reinforcement().encode_prompts
+            train = prompts(tokenizer, split.train, spec, spec.training_dataset)
+            validation = prompts(
+                tokenizer,
+                split.validation,
+                spec,
+                spec.validation_dataset or spec.training_dataset,
+            )
         else:
             train = encode_rows(tokenizer, split.schema, split.train, split.labels, hp.max_length)
             validation = encode_rows(
@@ -387,6 +408,21 @@ class FineTuneRunner:
             trainer.remove_callback(PrinterCallback)
             if prepared.new_adapter is not None and is_adalora(_model_of(trainer)):
                 trainer.add_callback(AdaLoraCallback())
+            return trainer
+        if spec.objective is FineTuneObjective.REINFORCEMENT:
+            reinforcement = _reinforcement()
+            trainer = reinforcement.reinforcement_trainer(
+                prepared.model,
+                prepared.tokenizer,
+                prepared.train,
+                prepared.validation,
+                reinforcement.grpo_arguments(
+                    spec, prepared.schedule, output_dir, ctx.device, self._world_size
+                ),
+                callbacks,
+                spec.reinforcement_settings.grader,
+            )
+            trainer.remove_callback(PrinterCallback)
             return trainer
         trainer = FineTuneTrainer(
             model=prepared.model,

@@ -33,6 +33,14 @@ const REWARD_SERIES = [
   { name: "rewards/accuracies", label: "accuracy", axis: "right" },
 ];
 
+// A reinforcement job's per-step figures, under TRL's names: the grader's mean score of the
+// sampled completions (and its spread) on the left, their mean length in tokens on the right.
+const GRADER_SERIES = [
+  { name: "rewards/grader/mean", label: "grader mean", axis: "left" },
+  { name: "rewards/grader/std", label: "grader std", axis: "left" },
+  { name: "completions/mean_length", label: "completion length", axis: "right" },
+];
+
 function section(id, title) {
   const body = h("div", { class: "section-body" });
   return { node: h("section", { id }, h("h2", {}, title), body), body };
@@ -175,6 +183,18 @@ function chartsView(byName) {
         leftLabel: "reward",
         rightLabel: "accuracy",
         series: REWARD_SERIES.map((sr) => ({ ...sr, points: byName.get(sr.name) || [] })),
+      }),
+    );
+  }
+  if (byName.has(GRADER_SERIES[0].name)) {
+    charts.push(
+      lineChart({
+        id: "grader",
+        title: "Grader score",
+        xLabel: "step",
+        leftLabel: "score",
+        rightLabel: "tokens",
+        series: GRADER_SERIES.map((sr) => ({ ...sr, points: byName.get(sr.name) || [] })),
       }),
     );
   }
