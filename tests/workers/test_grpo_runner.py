@@ -14,9 +14,8 @@ from core.enums import DatasetSchema
 from core.errors import JobStopped, PermanentJobError
 from core.settings import Settings
 from core.specs import FineTuneSpec
-from tests.support.memory_io import MemoryTrainingIO
+from tests.support.memory_io import MemoryTrainingIO, StopAtStep
 from tests.support.tiny_model import CHAT_TEMPLATE
-from tests.workers.test_dpo_runner import StopAtStep
 from workers.context import RunContext
 from workers.model_refs import ResolvedModel
 from workers.runners import RunResult
