@@ -117,3 +117,14 @@ def test_a_metric_the_task_does_not_report_is_refused(task: str, metric: str) ->
         FineTuneSpec.model_validate({**FINETUNE, "task": task, "metric_for_best_model": metric})
     (error,) = refused.value.errors()
     assert error["loc"] == ("metric_for_best_model",)
+
+
+def test_packing_is_off_by_default_and_for_causal_lm_only() -> None:
+    base = {"base_model": "m", "training_dataset": "ds_" + "0" * 32}
+    assert not FineTuneSpec.model_validate({**base, "task": "causal_lm"}).hyperparameters.packing
+    packing = {"hyperparameters": {"packing": True}}
+    spec = FineTuneSpec.model_validate({**base, "task": "causal_lm", **packing})
+    assert spec.hyperparameters.packing
+    for task in ("sequence_classification", "token_classification"):
+        with pytest.raises(ValidationError, match=f"causal_lm only, not {task}"):
+            FineTuneSpec.model_validate({**base, "task": task, **packing})

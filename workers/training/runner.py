@@ -51,6 +51,12 @@ from workers.training.models import (
     require_safetensors,
     weights_source,
 )
+from workers.training.packing import (
+    PackedCollator,
+    PackedDataset,
+    pack_features,
+    require_isolation,
+)
 from workers.training.peft_setup import apply_method, is_adalora
 from workers.training.reports import compute_metrics_for
 from workers.training.schedule import Schedule, plan_schedule, precision_for, training_arguments
@@ -250,8 +256,11 @@ class FineTuneRunner:
             raise PermanentJobError(
                 f"no {which} row has a token to learn from", FailureType.INVALID_SPEC
             )
-        schedule = plan_schedule(hp, len(train), self._world_size)
+        train_set = pack_features(train, hp.max_length) if hp.packing else FeatureDataset(train)
+        schedule = plan_schedule(hp, len(train_set), self._world_size)
         model = load_base_model(spec.task, source.base, split.labels)
+        if hp.packing:
+            require_isolation(model)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = pad_id
         model = apply_method(
@@ -262,7 +271,7 @@ class FineTuneRunner:
             source=source,
             tokenizer=tokenizer,
             model=model,
-            train=FeatureDataset(train),
+            train=train_set,
             validation=FeatureDataset(validation),
             schedule=schedule,
             pad_id=pad_id,
@@ -301,7 +310,11 @@ class FineTuneRunner:
             args=training_arguments(
                 spec, prepared.schedule, output_dir, ctx.device, self._world_size
             ),
-            data_collator=PaddingCollator(prepared.pad_id),
+            data_collator=(
+                PackedCollator(prepared.pad_id)
+                if spec.hyperparameters.packing
+                else PaddingCollator(prepared.pad_id)
+            ),
             train_dataset=prepared.train,
             eval_dataset=prepared.validation,
             processing_class=prepared.tokenizer,
@@ -348,7 +361,7 @@ class FineTuneRunner:
         resume: CheckpointInfo | None,
         steps_redone: int,
     ) -> None:
-        data = {
+        data: dict[str, Any] = {
             "task": spec.task.value,
             "method": spec.method.value,
             "weights": prepared.source.origin,
@@ -361,6 +374,10 @@ class FineTuneRunner:
             "processes": self._world_size,
             "precision": precision_for(ctx.device).name,
         }
+        if isinstance(prepared.train, PackedDataset):
+            data["train_rows"] = prepared.train.examples
+            data["packed_sequences"] = len(prepared.train)
+            data["packing_fill"] = round(prepared.train.fill, 4)
         io.event("training started", data)
         if resume is not None:
             io.event(
