@@ -138,12 +138,20 @@ def p6_rows(quick: bool) -> list[Row]:
     return serving.table_rows(r, Row)
 
 
+def packing_rows(quick: bool) -> list[Row]:
+    from bench import packing
+
+    r = packing.main(["--rows", "600", "--pairs", "1"] if quick else [])
+    return packing.table_rows(r, Row)
+
+
 SECTIONS: list[tuple[str, Callable[[bool], list[Row]]]] = [
     ("P1 overhead", p1_rows),
     ("P2/P4 generation", p2_p4_rows),
     ("P3 fine-tuning", p3_rows),
     ("P5 history", p5_rows),
     ("P6 serving", p6_rows),
+    ("packing", packing_rows),
 ]
 
 

@@ -222,6 +222,12 @@ class Hyperparameters(BaseModel):
     checkpoint_minutes: float | None = Field(
         default=None, gt=0, le=1440, description="Also checkpoint when this much time passed."
     )
+    packing: bool = Field(
+        default=False,
+        description="causal_lm: pack several examples into each training sequence of "
+        "max_length tokens (positions restart per example; no example attends to another); "
+        "batch_size then counts packed sequences. Validation stays one example per row.",
+    )
 
 
 class LoraSpec(BaseModel):
@@ -486,6 +492,22 @@ class FineTuneSpec(BaseModel):
     def dpo_settings(self) -> DpoSpec:
         """The DPO settings given, or their defaults."""
         return self.dpo or DpoSpec()
+
+    @field_validator("hyperparameters")
+    @classmethod
+    def _packing_needs_causal_lm(cls, hp: Hyperparameters, info: ValidationInfo) -> Hyperparameters:
+        task = info.data.get("task")
+        if hp.packing and task is not None and task is not FineTuneTask.CAUSAL_LM:
+            raise ValueError(f"packing applies to task causal_lm only, not {task.value}")
+        return hp
+
+    @model_validator(mode="after")
+    def _packing_is_supervised(self) -> FineTuneSpec:
+        if self.hyperparameters.packing and self.objective is not FineTuneObjective.SUPERVISED:
+            raise ValueError(
+                f"packing applies to objective supervised only, not {self.objective.value}"
+            )
+        return self
 
     @field_validator("base_model")
     @classmethod

@@ -75,6 +75,18 @@ def test_dataset_that_does_not_fit_the_task(
     refused(client, settings, body, "spec.training_dataset", "holds text rows")
 
 
+def test_packing_for_a_classifier_is_refused(
+    client: TestClient, settings: Settings, data: dict[str, str]
+) -> None:
+    body = finetune(
+        base_model="m",
+        task="sequence_classification",
+        training_dataset=data["cls"],
+        hyperparameters={"packing": True},
+    )
+    refused(client, settings, body, "spec.hyperparameters", "packing applies to task causal_lm")
+
+
 def test_validation_labels_missing_from_training(
     client: TestClient, settings: Settings, data: dict[str, str]
 ) -> None:

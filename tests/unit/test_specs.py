@@ -173,3 +173,16 @@ def test_reinforcement_refusals(change: dict[str, Any], loc: tuple[str, ...], me
         FineTuneSpec.model_validate({**REINFORCEMENT, **change})
     error = refused.value.errors()[0]
     assert error["loc"] == loc and message in error["msg"]
+
+
+def test_packing_is_off_by_default_and_for_causal_lm_only() -> None:
+    base = {"base_model": "m", "training_dataset": "ds_" + "0" * 32}
+    assert not FineTuneSpec.model_validate({**base, "task": "causal_lm"}).hyperparameters.packing
+    packing = {"hyperparameters": {"packing": True}}
+    spec = FineTuneSpec.model_validate({**base, "task": "causal_lm", **packing})
+    assert spec.hyperparameters.packing
+    for task in ("sequence_classification", "token_classification"):
+        with pytest.raises(ValidationError, match=f"causal_lm only, not {task}"):
+            FineTuneSpec.model_validate({**base, "task": task, **packing})
+    with pytest.raises(ValidationError, match="objective supervised only, not dpo"):
+        FineTuneSpec.model_validate({**base, "task": "causal_lm", "objective": "dpo", **packing})

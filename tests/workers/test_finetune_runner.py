@@ -205,6 +205,38 @@ def test_causal_lm_full_learns_and_reports(
     assert capsys.readouterr().out == ""
 
 
+def test_packing_trains_to_the_unpacked_loss_and_resumes(io: MemoryTrainingIO) -> None:
+    """Short rows, 3 epochs: about 2.5 rows to a packed sequence of 64 tokens, so 3 packed
+    sequences a step see about as many rows as 8 plain ones. Epochs stay passes over the
+    rows."""
+    from tests.support.tiny_model import CORPUS
+
+    rows = [{"text": CORPUS[i % 6]} for i in range(64)]
+    data = io.add_dataset(DatasetSchema.TEXT, rows)
+    hp: dict[str, Any] = {"max_steps": None, "epochs": 3, "eval_steps": None, "max_length": 64}
+    plain = run(io, hyperparameters={**hp, "batch_size": 8}, training_dataset=data)
+    next_job(io)
+    packing = {**hp, "batch_size": 3, "packing": True}
+    with pytest.raises(JobStopped):
+        run(io, StopAtStep(io.job_id, step=5), hyperparameters=packing, training_dataset=data)
+    ctx = RunContext(job_id=io.job_id, attempt=2, device="cpu")
+    packed = run(io, ctx, hyperparameters=packing, training_dataset=data)
+
+    started = started_event(io)
+    assert started["train_rows"] == 58  # 64 less the 10% validation split
+    sequences = started["packed_sequences"]
+    assert 58 / 5 < sequences < 58 / 2 and 0.5 < started["packing_fill"] <= 1
+    assert started["total_steps"] == 3 * math.ceil(sequences / 3)
+    assert packed.result is not None and plain.result is not None
+    assert packed.result["resumed_from_step"] == 5
+    assert packed.result["train"]["global_step"] == started["total_steps"]
+    assert ctx.progress == 1.0 and ctx.detail["epoch"] == pytest.approx(3.0)
+    assert ctx.detail["total_steps"] == started["total_steps"]
+    packed_loss = packed.result["eval"]["eval_loss"]
+    plain_loss = plain.result["eval"]["eval_loss"]
+    assert packed_loss == pytest.approx(plain_loss, rel=0.1)
+
+
 def test_metrics_are_written_in_batches(io: MemoryTrainingIO) -> None:
     run(io, training_dataset=text_dataset(io))
     names = {p.name for p in io.metrics}

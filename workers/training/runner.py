@@ -55,6 +55,12 @@ from workers.training.models import (
     require_safetensors,
     weights_source,
 )
+from workers.training.packing import (
+    PackedCollator,
+    PackedDataset,
+    pack_features,
+    require_isolation,
+)
 from workers.training.peft_setup import apply_method, build_peft_config, is_adalora
 from workers.training.reports import compute_metrics_for
 from workers.training.schedule import Schedule, plan_schedule, precision_for, training_arguments
@@ -332,8 +338,11 @@ class FineTuneRunner:
             raise PermanentJobError(
                 f"no {which} row has a token to learn from", FailureType.INVALID_SPEC
             )
-        schedule = plan_schedule(hp, len(train), self._world_size)
+        train_set = pack_features(train, hp.max_length) if hp.packing else FeatureDataset(train)
+        schedule = plan_schedule(hp, len(train_set), self._world_size)
         model = load_base_model(spec.task, source.base, split.labels)
+        if hp.packing:
+            require_isolation(model)
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = pad_id
         new_adapter = None
@@ -355,7 +364,7 @@ class FineTuneRunner:
             source=source,
             tokenizer=tokenizer,
             model=model,
-            train=FeatureDataset(train),
+            train=train_set,
             validation=FeatureDataset(validation),
             schedule=schedule,
             pad_id=pad_id,
@@ -429,7 +438,11 @@ class FineTuneRunner:
             args=training_arguments(
                 spec, prepared.schedule, output_dir, ctx.device, self._world_size
             ),
-            data_collator=PaddingCollator(prepared.pad_id),
+            data_collator=(
+                PackedCollator(prepared.pad_id)
+                if spec.hyperparameters.packing
+                else PaddingCollator(prepared.pad_id)
+            ),
             train_dataset=prepared.train,
             eval_dataset=prepared.validation,
             processing_class=prepared.tokenizer,
@@ -479,7 +492,7 @@ class FineTuneRunner:
     ) -> None:
         """The first event: what trains where, and the estimate (planned steps and tokens,
         and an ETA at the throughput this host last measured for this setup, or why not)."""
-        data = {
+        data: dict[str, Any] = {
             "task": spec.task.value,
             "method": spec.method.value,
             "objective": spec.objective.value,
@@ -494,6 +507,10 @@ class FineTuneRunner:
             "precision": precision_for(ctx.device).name,
             "estimate": estimate,
         }
+        if isinstance(prepared.train, PackedDataset):
+            data["train_rows"] = prepared.train.examples
+            data["packed_sequences"] = len(prepared.train)
+            data["packing_fill"] = round(prepared.train.fill, 4)
         io.event("training started", data)
         if resume is not None:
             io.event(

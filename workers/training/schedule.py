@@ -39,7 +39,8 @@ def plan_schedule(hp: Hyperparameters, n_train: int, world_size: int = 1) -> Sch
     follow evaluations unless `checkpoint_steps` is set (an evaluation that is the best so
     far is saved in any case: CheckpointCallback). With several processes each step's batch
     is split between them (accelerate shards every batch), so they take as many steps as one
-    process would."""
+    process would. `n_train` is the training dataset's length: packed sequences when the
+    job packs, so epochs stay passes over the rows."""
     rows_per_process = math.ceil(n_train / world_size)
     batches = math.ceil(rows_per_process / per_device_batch(hp.batch_size, world_size))
     steps_per_epoch = max(math.ceil(batches / hp.gradient_accumulation_steps), 1)
