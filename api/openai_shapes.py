@@ -10,11 +10,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from core.enums import DatasetSchema, JobStatus
-from core.specs import Hyperparameters, completion_window
+from core.enums import DatasetSchema, FineTuneTask, JobStatus
+from core.specs import Hyperparameters, completion_window, default_hyperparameters
 from db.models import Checkpoint, Dataset, Job, JobEvent
 
-BASE_LEARNING_RATE = Hyperparameters().learning_rate  # learning_rate_multiplier 1.0
+
+def base_learning_rate(task: FineTuneTask) -> float:
+    """The learning rate of `learning_rate_multiplier` 1.0: the task's default."""
+    return default_hyperparameters(task).learning_rate
+
 
 FINE_TUNING_STATUS: dict[JobStatus, str] = {
     JobStatus.QUEUED: "queued",
@@ -119,7 +123,8 @@ def fine_tuning_job(job: Job) -> dict[str, Any]:
         "hyperparameters": {
             "n_epochs": int(hp.epochs) if float(hp.epochs).is_integer() else hp.epochs,
             "batch_size": hp.batch_size,
-            "learning_rate_multiplier": hp.learning_rate / BASE_LEARNING_RATE,
+            "learning_rate_multiplier": hp.learning_rate
+            / base_learning_rate(FineTuneTask(spec["task"])),
         },
         "model": spec["base_model"],
         "organization_id": job.tenant_id,
