@@ -10,11 +10,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from core.enums import DatasetSchema, FineTuneObjective, JobStatus
-from core.specs import DpoSpec, Hyperparameters, ReinforcementSpec, completion_window
+from core.enums import DatasetSchema, FineTuneObjective, FineTuneTask, JobStatus
+from core.specs import (
+    DpoSpec,
+    Hyperparameters,
+    ReinforcementSpec,
+    completion_window,
+    default_hyperparameters,
+)
 from db.models import Checkpoint, Dataset, Job, JobEvent
 
-BASE_LEARNING_RATE = Hyperparameters().learning_rate  # learning_rate_multiplier 1.0
+
+def base_learning_rate(task: FineTuneTask) -> float:
+    """The learning rate of `learning_rate_multiplier` 1.0: the task's default."""
+    return default_hyperparameters(task).learning_rate
+
 
 FINE_TUNING_STATUS: dict[JobStatus, str] = {
     JobStatus.QUEUED: "queued",
@@ -112,7 +122,8 @@ def fine_tuning_job(job: Job) -> dict[str, Any]:
     hyperparameters: dict[str, Any] = {
         "n_epochs": int(hp.epochs) if float(hp.epochs).is_integer() else hp.epochs,
         "batch_size": hp.batch_size,
-        "learning_rate_multiplier": hp.learning_rate / BASE_LEARNING_RATE,
+        "learning_rate_multiplier": hp.learning_rate
+        / base_learning_rate(FineTuneTask(spec["task"])),
     }
     objective = spec.get("objective", FineTuneObjective.SUPERVISED.value)
     method_hyperparameters = dict(hyperparameters)

@@ -88,7 +88,7 @@ def p3_rows(quick: bool) -> list[Row]:
     from bench import finetune_vs_trainer
 
     args = ["--repeats", "1"] + (
-        ["--train", "120", "--val", "40", "--epochs", "1"] if quick else []
+        ["--train", "120", "--val", "40", "--test", "100", "--epochs", "1"] if quick else []
     )
     r = finetune_vs_trainer.main(args)
     ratios = sorted(r["ratios"])
@@ -108,6 +108,33 @@ def p3_rows(quick: bool) -> list[Row]:
             f"{(job_f1 - plain_f1) * 100:+.1f} pt",
             "within 1 pt",
             abs(job_f1 - plain_f1) <= 0.01,
+        ),
+        *q1_rows(r),
+    ]
+
+
+def q1_rows(r: dict[str, Any]) -> list[Row]:
+    """Model quality, from the P3 run: a job given no hyperparameters vs the plain script
+    with its fixed settings, both scored on the same held-out test sentences."""
+    plain_f1 = sorted(p["test_f1"] for p in r["plain"])[len(r["plain"]) // 2]
+    plain_wall = sorted(p["wall_s"] for p in r["plain"])[len(r["plain"]) // 2]
+    default_job = r["default_job"]
+    job_f1 = default_job["test_f1"]
+    return [
+        Row(
+            "Q1",
+            f"entity micro F1 on {r['sentences']['test']} held-out sentences, job with "
+            "default hyperparameters vs plain Trainer script (its fixed settings)",
+            f"{job_f1:.3f} vs {plain_f1:.3f} ({(job_f1 - plain_f1) * 100:+.1f} pt)",
+            "job > plain",
+            job_f1 > plain_f1,
+        ),
+        Row(
+            "Q1",
+            "wall clock, job with default hyperparameters / plain script",
+            f"{default_job['wall_s']:.0f} s ({default_job['steps']} steps) / {plain_wall:.0f} s",
+            "",
+            None,
         ),
     ]
 
@@ -148,7 +175,7 @@ def packing_rows(quick: bool) -> list[Row]:
 SECTIONS: list[tuple[str, Callable[[bool], list[Row]]]] = [
     ("P1 overhead", p1_rows),
     ("P2/P4 generation", p2_p4_rows),
-    ("P3 fine-tuning", p3_rows),
+    ("P3/Q1 fine-tuning", p3_rows),
     ("P5 history", p5_rows),
     ("P6 serving", p6_rows),
     ("packing", packing_rows),

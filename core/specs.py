@@ -202,6 +202,9 @@ DatasetId = Annotated[str, StringConstraints(pattern=r"^ds_[0-9a-f]{32}$")]
 
 
 class Hyperparameters(BaseModel):
+    """Training settings. In a fine-tune spec, a field the request leaves out takes its
+    task's default where TASK_HYPERPARAMETER_DEFAULTS names one, else the default here."""
+
     model_config = ConfigDict(extra="forbid")
 
     epochs: float = Field(default=3.0, gt=0, le=100)
@@ -329,6 +332,21 @@ REINFORCEMENT_EVAL_METRICS = ("eval_reward",)
 """What each evaluation of a reinforcement job reports that can pick the kept checkpoint:
 the grader's mean score on the validation prompts (its loss says nothing of quality)."""
 
+TASK_HYPERPARAMETER_DEFAULTS: dict[FineTuneTask, dict[str, float]] = {
+    FineTuneTask.TOKEN_CLASSIFICATION: {"learning_rate": 2e-4, "epochs": 5.0, "warmup": 0.1},
+}
+"""Defaults that differ by task (the others are Hyperparameters'). Token classification:
+small encoders (MiniLM, BERT) on a few hundred to a few thousand tagged sentences learn
+entities only after several passes at a learning rate well above 5e-5; a short warmup
+keeps the freshly initialised tagging head from wrecking the encoder in the first steps,
+and the best evaluated checkpoint (seqeval f1) is kept, so the later epochs cost time,
+not quality. Measured in bench/README.md (row Q1)."""
+
+
+def default_hyperparameters(task: FineTuneTask) -> Hyperparameters:
+    """What a fine-tune of `task` runs with when its request names no hyperparameter."""
+    return Hyperparameters.model_validate(TASK_HYPERPARAMETER_DEFAULTS.get(task, {}))
+
 
 class FineTuneSpec(BaseModel):
     """Fine-tune a base model (path, hub id or registered model) on uploaded datasets."""
@@ -429,6 +447,17 @@ class FineTuneSpec(BaseModel):
     @property
     def greater_is_better(self) -> bool:
         return self.best_model_metric not in LOWER_IS_BETTER
+
+    @model_validator(mode="after")
+    def _task_defaults(self) -> Self:
+        """Hyperparameters the request left out take the task's defaults. The API stores
+        the spec with them filled in, so a job keeps what it ran with if defaults change."""
+        given = self.hyperparameters.model_fields_set
+        task_defaults = TASK_HYPERPARAMETER_DEFAULTS.get(self.task, {})
+        missing = {name: value for name, value in task_defaults.items() if name not in given}
+        if missing:
+            self.hyperparameters = self.hyperparameters.model_copy(update=missing)
+        return self
 
     @model_validator(mode="after")
     def _merge_needs_adapter(self) -> FineTuneSpec:

@@ -16,10 +16,10 @@ from api.cursors import split_page
 from api.deps import JobsRead, JobsWrite, PublisherDep, ReadSessionDep, SessionDep, SettingsDep
 from api.openai_jobs import create_openai_job, job_of_kind, openai_request
 from api.openai_shapes import (
-    BASE_LEARNING_RATE,
     CHECKPOINT_ID,
     EVENT_ID_PREFIX,
     OpenAIList,
+    base_learning_rate,
     fine_tuning_checkpoint,
     fine_tuning_event,
     fine_tuning_job,
@@ -180,7 +180,7 @@ class CreateFineTuningJob(BaseModel):
     )
 
 
-def _hyperparameters(body: CreateFineTuningJob) -> dict[str, Any]:
+def _hyperparameters(body: CreateFineTuningJob, task: FineTuneTask) -> dict[str, Any]:
     given = body.hyperparameters
     if given is None and body.method is not None:
         given = body.method.hyperparameters
@@ -191,7 +191,7 @@ def _hyperparameters(body: CreateFineTuningJob) -> dict[str, Any]:
     if given.batch_size != "auto":
         hp["batch_size"] = given.batch_size
     if given.learning_rate_multiplier != "auto":
-        hp["learning_rate"] = BASE_LEARNING_RATE * given.learning_rate_multiplier
+        hp["learning_rate"] = base_learning_rate(task) * given.learning_rate_multiplier
     if body.seed is not None:
         hp["seed"] = body.seed
     return hp
@@ -217,7 +217,7 @@ def _request(session: Session, body: CreateFineTuningJob, tenant_id: str) -> Fin
         "base_model": body.model,
         "task": task.value,
         "training_dataset": body.training_file,
-        "hyperparameters": _hyperparameters(body),
+        "hyperparameters": _hyperparameters(body, task),
     }
     if method is not None and method.type == "dpo":
         spec["task"] = FineTuneTask.CAUSAL_LM.value

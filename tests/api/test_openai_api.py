@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from core.enums import JobStatus
+from core.enums import FineTuneTask, JobStatus
 from core.settings import Settings
+from core.specs import default_hyperparameters
 from db.attempts import pause_attempt
 from db.jobs import claim_job, due_queued, get_job
 from db.registry import register_model
@@ -542,3 +543,17 @@ def test_another_tenant_sees_none_of_it(
     )
     assert error(refused, 422)["param"] == "training_file"
     assert client.get("/v1/files", headers=other).json()["data"] == []
+
+
+def test_learning_rate_multiplier_scales_the_tasks_default(client: TestClient) -> None:
+    """A tagger's multiplier 1.0 is token classification's own default learning rate."""
+    conll = upload(client, b"Ada\tB-PER\nruns\tO\n\nBob\tB-PER\n", "fine-tune", "ner.conll")
+    assert conll.status_code == 200, conll.text
+    resp = fine_tune(client, conll.json()["id"], hyperparameters={"learning_rate_multiplier": 2})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["hyperparameters"]["learning_rate_multiplier"] == pytest.approx(2)
+    spec = client.get(f"/v1/jobs/{resp.json()['id']}").json()["spec"]
+    ner = default_hyperparameters(FineTuneTask.TOKEN_CLASSIFICATION)
+    assert spec["task"] == "token_classification"
+    assert spec["hyperparameters"]["learning_rate"] == pytest.approx(2 * ner.learning_rate)
+    assert spec["hyperparameters"]["epochs"] == ner.epochs

@@ -5,7 +5,15 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from core.specs import FineTuneSpec, GenerateJobRequest, GenerateSpec
+from core.enums import FineTuneTask
+from core.specs import (
+    TASK_HYPERPARAMETER_DEFAULTS,
+    FineTuneSpec,
+    GenerateJobRequest,
+    GenerateSpec,
+    Hyperparameters,
+    default_hyperparameters,
+)
 
 GOOD: dict[str, Any] = {"model": "tiny-gpt2", "prompts": ["Hello"]}
 
@@ -186,3 +194,37 @@ def test_packing_is_off_by_default_and_for_causal_lm_only() -> None:
             FineTuneSpec.model_validate({**base, "task": task, **packing})
     with pytest.raises(ValidationError, match="objective supervised only, not dpo"):
         FineTuneSpec.model_validate({**base, "task": "causal_lm", "objective": "dpo", **packing})
+
+
+def test_token_classification_takes_its_task_defaults_where_the_request_is_silent() -> None:
+    spec = FineTuneSpec.model_validate({**FINETUNE, "task": "token_classification"})
+    ner = TASK_HYPERPARAMETER_DEFAULTS[FineTuneTask.TOKEN_CLASSIFICATION]
+    hp = spec.hyperparameters
+    assert (hp.learning_rate, hp.epochs, hp.warmup) == (
+        ner["learning_rate"],
+        ner["epochs"],
+        ner["warmup"],
+    )
+    assert hp.learning_rate != Hyperparameters().learning_rate
+    assert hp == default_hyperparameters(FineTuneTask.TOKEN_CLASSIFICATION)
+    # the stored spec holds the values it ran with, and reads back the same
+    assert FineTuneSpec.model_validate(spec.model_dump(mode="json")).hyperparameters == hp
+
+
+def test_a_hyperparameter_the_request_names_beats_the_task_default() -> None:
+    spec = FineTuneSpec.model_validate(
+        {
+            **FINETUNE,
+            "task": "token_classification",
+            "hyperparameters": {"learning_rate": 1e-5, "warmup": 0.0},
+        }
+    )
+    ner = TASK_HYPERPARAMETER_DEFAULTS[FineTuneTask.TOKEN_CLASSIFICATION]
+    assert (spec.hyperparameters.learning_rate, spec.hyperparameters.warmup) == (1e-5, 0.0)
+    assert spec.hyperparameters.epochs == ner["epochs"]
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "sequence_classification"])
+def test_tasks_without_their_own_defaults_keep_the_general_ones(task: str) -> None:
+    spec = FineTuneSpec.model_validate({**FINETUNE, "task": task})
+    assert spec.hyperparameters == Hyperparameters()
