@@ -44,9 +44,10 @@ def install_tiny_chat_model(tiny_model_dir: Path, data_dir: Path) -> None:
 
 # Longest first: with `-n 2 --dist loadscope` each module goes whole to whichever process
 # is free, in collection order, so the fault and end-to-end modules (tens of seconds to
-# minutes each) start first and the short ones fill in around them, instead of one long
-# module running alone at the end.
-_LONG_FIRST = ("tests/faults/", "tests/e2e/")
+# minutes each) start first, then the worker modules that train tiny models (the runner's,
+# tracking's with its MLflow server: up to a minute each), and the short ones fill in around
+# them, instead of one long module running alone at the end.
+_LONG_FIRST = ("tests/faults/", "tests/e2e/", "tests/workers/")
 
 
 def _length_rank(item: pytest.Item) -> int:
