@@ -1,8 +1,10 @@
 """Evaluations: perplexity beside a causal LM's loss at every one, and the final one (the
-task's report from reports.py, and its flat figures)."""
+task's report from reports.py, or TRL's figures for DPO and reinforcement, and its flat
+figures)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -11,6 +13,7 @@ from transformers import Trainer
 from transformers.trainer_utils import EvalLoopOutput
 
 from core.enums import FineTuneTask
+from workers.training.callbacks import eval_figures
 from workers.training.checkpoints import AtomicCheckpointTrainer
 from workers.training.data import FeatureDataset
 from workers.training.peft_setup import without_orth_regularization
@@ -73,6 +76,21 @@ def final_report(
         prediction = trainer.predict(validation, metric_key_prefix="eval")
     loss = float((prediction.metrics or {}).get("eval_loss", float("nan")))
     return full_report_from_predictions(task, prediction, labels), loss
+
+
+def trl_report(trainer: Trainer, model: torch.nn.Module) -> tuple[dict[str, Any], float]:
+    """The final report of a TRL objective (DPO, reinforcement): the validation loss and
+    TRL's figures of the validation set (DPO's `rewards/accuracies`, `rewards/margins`;
+    the grader's `reward`, `rewards/grader/mean`; ...), without the `eval_` prefix; not its
+    `num_tokens`, a count of the training tokens."""
+    with without_orth_regularization(model):
+        metrics = trainer.evaluate()
+    loss = float(metrics.get("eval_loss", math.nan))
+    report: dict[str, Any] = {"eval_loss": loss}
+    for name, value in eval_figures(metrics).items():
+        if name not in ("eval_loss", "eval_num_tokens"):
+            report[name.removeprefix("eval_")] = value
+    return report, loss
 
 
 def flat_figures(report: dict[str, Any], eval_loss: float) -> dict[str, float]:

@@ -27,10 +27,9 @@ from core.enums import FailureType
 from core.errors import PermanentJobError
 from core.example_tokens import eos_ids, render_chat, token_ids
 from core.specs import FineTuneSpec
-from workers.training.callbacks import eval_figures
 from workers.training.checkpoints import AtomicCheckpointTrainer
 from workers.training.data import Feature, FeatureDataset
-from workers.training.peft_setup import is_adalora, without_orth_regularization
+from workers.training.peft_setup import is_adalora
 from workers.training.schedule import Schedule, argument_values, with_best_model
 
 logger = logging.getLogger(__name__)
@@ -166,19 +165,6 @@ def preference_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-
-
-def preference_report(trainer: DPOTrainer, model: torch.nn.Module) -> tuple[dict[str, Any], float]:
-    """The validation loss and TRL's figures of the validation pairs (`rewards/accuracies`,
-    `rewards/margins`, ...); not its `num_tokens`, a count of the training tokens."""
-    with without_orth_regularization(model):
-        metrics = trainer.evaluate()
-    loss = float(metrics["eval_loss"])
-    report: dict[str, Any] = {"eval_loss": loss}
-    for name, value in eval_figures(metrics).items():
-        if name not in ("eval_loss", "eval_num_tokens"):
-            report[name.removeprefix("eval_")] = value
-    return report, loss
 
 
 def drop_reference_adapter(model: torch.nn.Module) -> None:

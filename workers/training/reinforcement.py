@@ -28,11 +28,9 @@ from core.enums import FailureType
 from core.errors import PermanentJobError
 from core.example_tokens import render_chat, token_ids
 from core.specs import FineTuneSpec
-from workers.training.callbacks import eval_figures
 from workers.training.checkpoints import AtomicCheckpointTrainer
 from workers.training.data import Feature, FeatureDataset
 from workers.training.grading import AnyGrader, GraderReward
-from workers.training.peft_setup import without_orth_regularization
 from workers.training.schedule import Schedule, argument_values, with_best_model
 
 logger = logging.getLogger(__name__)
@@ -160,19 +158,3 @@ def reinforcement_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-
-
-def reinforcement_report(
-    trainer: GRPOTrainer, model: torch.nn.Module
-) -> tuple[dict[str, Any], float]:
-    """The grader's mean score on the validation prompts (`reward`), and TRL's other figures
-    of them (`rewards/grader/mean` and `/std`, completion lengths, ...); not its
-    `num_tokens`, a count of the training tokens."""
-    with without_orth_regularization(model):
-        metrics = trainer.evaluate()
-    loss = float(metrics.get("eval_loss", math.nan))
-    report: dict[str, Any] = {"eval_loss": loss}
-    for name, value in eval_figures(metrics).items():
-        if name not in ("eval_loss", "eval_num_tokens"):
-            report[name.removeprefix("eval_")] = value
-    return report, loss

@@ -45,6 +45,7 @@ from workers.training.evaluation import (
     argmax_logits,
     final_report,
     flat_figures,
+    trl_report,
 )
 from workers.training.io import CheckpointInfo, TrainingIO
 from workers.training.layout import CHECKPOINTS_DIR, MODEL_DIR, STEP_MARKER
@@ -249,11 +250,10 @@ class FineTuneRunner:
         for recorder in (MetricsCallback, CheckpointCallback):
             trainer.remove_callback(recorder)
         trained = _model_of(trainer)
-        if spec.objective is FineTuneObjective.DPO:
-            report, eval_loss = _preference().preference_report(trainer, trained)
-            _preference().drop_reference_adapter(trained)
-        elif spec.objective is FineTuneObjective.REINFORCEMENT:
-            report, eval_loss = _reinforcement().reinforcement_report(trainer, trained)
+        if spec.objective is not FineTuneObjective.SUPERVISED:
+            report, eval_loss = trl_report(trainer, trained)
+            if spec.objective is FineTuneObjective.DPO:
+                _preference().drop_reference_adapter(trained)
         else:
             report, eval_loss = final_report(
                 trainer, trained, spec.task, prepared.validation, prepared.split.labels
