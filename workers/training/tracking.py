@@ -96,6 +96,11 @@ class Tracking:
             callbacks.append(WandbCallback())  # type: ignore[no-untyped-call]
         return callbacks
 
+    @property
+    def _run_name(self) -> str:
+        """The attempt's run on every tracker that names runs."""
+        return f"{self._ctx.job_id}-attempt-{self._ctx.attempt}"
+
     def _tags(self, spec: FineTuneSpec) -> dict[str, str]:
         return {
             "modelyard.job_id": self._ctx.job_id,
@@ -109,7 +114,7 @@ class Tracking:
         import wandb
 
         ctx, settings = self._ctx, self._settings
-        name = f"{ctx.job_id}-attempt-{ctx.attempt}"
+        name = self._run_name
         self._wandb_dir.mkdir(parents=True, exist_ok=True)
         options = wandb.Settings(
             silent=True,
@@ -147,7 +152,7 @@ class Tracking:
         import mlflow
 
         ctx, settings = self._ctx, self._settings
-        name = f"{ctx.job_id}-attempt-{ctx.attempt}"
+        name = self._run_name
         uri = settings.mlflow_tracking_uri.get_secret_value()
         try:
             if uri.startswith(("http://", "https://")):
@@ -185,9 +190,9 @@ class Tracking:
 
     def end(self, trainer: Any, error: BaseException | None) -> None:
         """Once training and the final evaluation are over, however they ended: close the
-        event writers (the final evaluation reopened one after the Trainer closed its own)
-        and publish the event files; end the MLflow run with the attempt's outcome. Best
-        effort: the job's outcome does not depend on it."""
+        event writers (the final evaluation reopened one after the Trainer closed its own),
+        finish the W&B run, publish the event and run files, and end the MLflow run with the
+        attempt's outcome. Best effort: the job's outcome does not depend on it."""
         for callback in trainer.callback_handler.callbacks:
             if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
                 callback.tb_writer.close()
