@@ -18,11 +18,12 @@ def tensorboard_archive(
     """Every attempt's event files under `attempt-<n>/` (one TensorBoard run per attempt);
     None when no attempt wrote any."""
     store = artifact_store(settings)
+    job = job_dir(settings, job_id, tenant_id)
     buffer = io.BytesIO()
     found = False
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
         for attempt in range(1, attempts + 1):
-            local = attempt_dir(job_dir(settings, job_id, tenant_id), attempt) / TENSORBOARD_DIR
+            local = attempt_dir(job, attempt) / TENSORBOARD_DIR
             log_dir = store.fetch(local)
             if not log_dir.is_dir():
                 continue
