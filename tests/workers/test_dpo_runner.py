@@ -29,14 +29,6 @@ PAIRS = [
 ]
 
 
-@pytest.fixture
-def io(tiny_model_dir: Path, tmp_path: Path) -> MemoryTrainingIO:
-    memory = MemoryTrainingIO(work_dir=tmp_path / "work")
-    memory.work_dir.mkdir()
-    memory.models[GPT2] = ResolvedModel(ref=str(tiny_model_dir))
-    return memory
-
-
 def run(
     io: MemoryTrainingIO,
     ctx: RunContext | None = None,

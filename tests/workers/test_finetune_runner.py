@@ -88,14 +88,6 @@ def encoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def io(tiny_model_dir: Path, tmp_path: Path) -> MemoryTrainingIO:
-    memory = MemoryTrainingIO(work_dir=tmp_path / "work")
-    memory.work_dir.mkdir()
-    memory.models[GPT2] = ResolvedModel(ref=str(tiny_model_dir))
-    return memory
-
-
-@pytest.fixture
 def enc_io(io: MemoryTrainingIO, encoders: dict[str, Path]) -> MemoryTrainingIO:
     for name, path in encoders.items():
         io.models[name] = ResolvedModel(ref=str(path))

@@ -17,7 +17,6 @@ from core.specs import FineTuneSpec
 from tests.support.memory_io import MemoryTrainingIO, StopAtStep
 from tests.support.tiny_model import CHAT_TEMPLATE
 from workers.context import RunContext
-from workers.model_refs import ResolvedModel
 from workers.runners import RunResult
 from workers.training.grading import GRADER_MEAN_METRIC
 from workers.training.reinforcement import encode_prompts, prompt_text
@@ -50,14 +49,6 @@ GRADER = {
     },
     "calculate_output": "(has_e + close) / 2",
 }
-
-
-@pytest.fixture
-def io(tiny_model_dir: Path, tmp_path: Path) -> MemoryTrainingIO:
-    memory = MemoryTrainingIO(work_dir=tmp_path / "work")
-    memory.work_dir.mkdir()
-    memory.models[GPT2] = ResolvedModel(ref=str(tiny_model_dir))
-    return memory
 
 
 def run(

@@ -20,7 +20,6 @@ from tests.support.memory_io import MemoryTrainingIO, StopAtStep
 from tests.support.mlflow_server import mlflow_server
 from tests.support.services import free_port
 from workers.context import RunContext
-from workers.model_refs import ResolvedModel
 from workers.training.runner import FineTuneRunner
 from workers.training.tracking import trackers_for
 
@@ -42,11 +41,8 @@ def test_a_job_names_its_trackers_or_takes_the_deployments() -> None:
 
 
 def test_a_tracked_fine_tune_writes_its_metrics_as_tensorboard_scalars(
-    tiny_model_dir: Path, tmp_path: Path
+    io: MemoryTrainingIO, tmp_path: Path
 ) -> None:
-    io = MemoryTrainingIO(work_dir=tmp_path / "work")
-    io.work_dir.mkdir()
-    io.models["tiny-gpt2"] = ResolvedModel(ref=str(tiny_model_dir))
     spec = {
         "base_model": "tiny-gpt2",
         "task": "causal_lm",
@@ -75,10 +71,7 @@ def test_a_tracked_fine_tune_writes_its_metrics_as_tensorboard_scalars(
     assert all(abs(train_losses[s] - recorded[s]) < 1e-4 for s in recorded)
 
 
-def test_untracked_fine_tunes_write_no_event_files(tiny_model_dir: Path, tmp_path: Path) -> None:
-    io = MemoryTrainingIO(work_dir=tmp_path / "work")
-    io.work_dir.mkdir()
-    io.models["tiny-gpt2"] = ResolvedModel(ref=str(tiny_model_dir))
+def test_untracked_fine_tunes_write_no_event_files(io: MemoryTrainingIO, tmp_path: Path) -> None:
     spec = {
         "base_model": "tiny-gpt2",
         "task": "causal_lm",
@@ -100,24 +93,20 @@ def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-def _lm_io(tiny_model_dir: Path, tmp_path: Path) -> tuple[MemoryTrainingIO, dict[str, Any]]:
-    io = MemoryTrainingIO(work_dir=tmp_path / "work")
-    io.work_dir.mkdir()
-    io.models["tiny-gpt2"] = ResolvedModel(ref=str(tiny_model_dir))
-    spec = {
+def _mlflow_spec(io: MemoryTrainingIO) -> dict[str, Any]:
+    return {
         "base_model": "tiny-gpt2",
         "task": "causal_lm",
         "training_dataset": io.add_dataset(DatasetSchema.TEXT, [{"text": TEXT}] * 16),
         "hyperparameters": {"batch_size": 4, "max_steps": 6, "eval_steps": 3},
         "tracking": ["mlflow"],
     }
-    return io, spec
 
 
 def test_each_attempt_is_an_mlflow_run_ended_with_its_outcome(
-    tiny_model_dir: Path, tmp_path: Path, mlflow_url: str
+    io: MemoryTrainingIO, tmp_path: Path, mlflow_url: str
 ) -> None:
-    io, spec = _lm_io(tiny_model_dir, tmp_path)
+    spec = _mlflow_spec(io)
     settings = Settings(
         data_dir=tmp_path, mlflow_tracking_uri=SecretStr(mlflow_url), mlflow_experiment="t"
     )
@@ -152,9 +141,9 @@ def test_each_attempt_is_an_mlflow_run_ended_with_its_outcome(
 
 
 def test_an_unreachable_tracking_server_costs_the_run_not_the_training(
-    tiny_model_dir: Path, tmp_path: Path
+    io: MemoryTrainingIO, tmp_path: Path
 ) -> None:
-    io, spec = _lm_io(tiny_model_dir, tmp_path)
+    spec = _mlflow_spec(io)
     dead = f"http://127.0.0.1:{free_port()}"
     settings = Settings(data_dir=tmp_path, mlflow_tracking_uri=SecretStr(dead))
 
@@ -171,9 +160,9 @@ def test_the_mlflow_tracker_needs_a_server_in_the_settings() -> None:
 
 
 def test_an_offline_wandb_run_holds_the_attempts_metrics_and_arguments(
-    tiny_model_dir: Path, tmp_path: Path
+    io: MemoryTrainingIO, tmp_path: Path
 ) -> None:
-    io, spec = _lm_io(tiny_model_dir, tmp_path)
+    spec = _mlflow_spec(io)
     spec["tracking"] = ["wandb"]
     settings = Settings(data_dir=tmp_path, wandb_mode="offline", wandb_project="p")
 
