@@ -65,6 +65,7 @@ from db.webhooks import signing_secrets
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
+EXACT_MATCH_SCHEMAS = frozenset({DatasetSchema.PROMPT_COMPLETION.value, DatasetSchema.CHAT.value})
 CLASSIFIER_TASKS = frozenset(
     {FineTuneTask.SEQUENCE_CLASSIFICATION.value, FineTuneTask.TOKEN_CLASSIFICATION.value}
 )
@@ -178,6 +179,15 @@ def _check_finetune(
             raise InvalidRequestError(
                 f"labels in the validation set but not in training: {', '.join(missing)}",
                 param="spec.validation_dataset",
+            )
+    if spec.exact_match is not None:
+        held_out = val if spec.validation_dataset is not None else train
+        if held_out.schema not in EXACT_MATCH_SCHEMAS:
+            raise InvalidRequestError(
+                f"exact_match compares generated completions, but dataset {held_out.id!r} "
+                f"holds {held_out.schema} rows, which have none (it needs "
+                f"{' or '.join(sorted(EXACT_MATCH_SCHEMAS))} rows)",
+                param="spec.exact_match",
             )
     base_tasks = (
         frozenset({FineTuneTask.CAUSAL_LM.value})

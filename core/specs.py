@@ -293,6 +293,22 @@ class EarlyStoppingSpec(BaseModel):
     threshold: float = Field(default=0.0, ge=0)
 
 
+class ExactMatchSpec(BaseModel):
+    """Exact match of generated completions at every evaluation of a causal LM: the model
+    completes the prompts of the first `examples` validation rows (prompt_completion rows,
+    or chat rows up to their last assistant turn) greedily, and `eval_exact_match` is the
+    share whose completion equals the reference after stripping surrounding whitespace."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    examples: int = Field(
+        default=32, ge=1, le=1000, description="Validation rows scored (the first ones)."
+    )
+    max_new_tokens: int = Field(
+        default=64, ge=1, le=1024, description="Tokens generated per completion at most."
+    )
+
+
 class CheckpointRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -327,6 +343,8 @@ DEFAULT_METRIC_FOR_BEST_MODEL = {
     FineTuneTask.SEQUENCE_CLASSIFICATION: "eval_f1_macro",
     FineTuneTask.TOKEN_CLASSIFICATION: "eval_f1",
 }
+EXACT_MATCH_METRIC = "eval_exact_match"
+"""Reported by causal-LM evaluations of a spec with `exact_match` (ExactMatchSpec)."""
 LOWER_IS_BETTER = frozenset({"eval_loss", "eval_perplexity"})
 REINFORCEMENT_EVAL_METRICS = ("eval_reward",)
 """What each evaluation of a reinforcement job reports that can pick the kept checkpoint:
@@ -379,12 +397,19 @@ class FineTuneSpec(BaseModel):
         description="The grader and sampling of objective reinforcement (required with it).",
     )
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    exact_match: ExactMatchSpec | None = Field(
+        default=None,
+        description="causal_lm, objective supervised: also score greedy completions of "
+        "held-out prompts against their references at every evaluation (`exact_match`, "
+        "selectable as metric_for_best_model). Off by default: it generates text.",
+    )
     metric_for_best_model: str | None = Field(
         default=None,
         pattern=r"^[a-z0-9_]{1,64}$",
         description="The evaluation metric that picks the checkpoint kept as the model (and "
         "that early stopping watches), with or without its `eval_` prefix: `loss`, "
-        "`perplexity` (causal_lm); `accuracy`, `f1_macro`, `f1_weighted`, `precision_macro`, "
+        "`perplexity`, `exact_match` (causal_lm; exact_match with an exact_match block); "
+        "`accuracy`, `f1_macro`, `f1_weighted`, `precision_macro`, "
         "`recall_macro` (sequence_classification); `f1`, `precision`, `recall`, `accuracy` "
         "(token_classification); `reward` (objective reinforcement). Default: `f1_macro` for "
         "classification, `f1` for NER, `loss` for causal_lm, `reward` for objective "
@@ -425,6 +450,8 @@ class FineTuneSpec(BaseModel):
         name = metric if metric.startswith("eval_") else f"eval_{metric}"
         reported = EVAL_METRICS[task]
         what = f"{task.value} evaluations"
+        if info.data.get("exact_match") is not None:
+            reported, what = (*reported, EXACT_MATCH_METRIC), f"{what} with exact_match"
         if info.data.get("objective") is FineTuneObjective.REINFORCEMENT:
             reported, what = REINFORCEMENT_EVAL_METRICS, "reinforcement evaluations"
         if name not in reported:
@@ -477,6 +504,22 @@ class FineTuneSpec(BaseModel):
         ):
             raise ValueError(f"objective {objective.value} needs task causal_lm, not {task}")
         return objective
+
+    @field_validator("exact_match")
+    @classmethod
+    def _exact_match_generates_text(
+        cls, settings: ExactMatchSpec | None, info: ValidationInfo
+    ) -> ExactMatchSpec | None:
+        task, objective = info.data.get("task"), info.data.get("objective")
+        if settings is None:
+            return settings
+        if task is not None and task is not FineTuneTask.CAUSAL_LM:
+            raise ValueError(f"exact_match applies to task causal_lm only, not {task.value}")
+        if objective is not None and objective is not FineTuneObjective.SUPERVISED:
+            raise ValueError(
+                f"exact_match applies to objective supervised only, not {objective.value}"
+            )
+        return settings
 
     @field_validator("reinforcement")
     @classmethod

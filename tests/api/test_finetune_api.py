@@ -87,6 +87,41 @@ def test_packing_for_a_classifier_is_refused(
     refused(client, settings, body, "spec.hyperparameters", "packing applies to task causal_lm")
 
 
+def test_exact_match_needs_rows_with_completions_and_a_causal_lm(
+    client: TestClient, settings: Settings, data: dict[str, str]
+) -> None:
+    text = {"base_model": "m", "task": "causal_lm", "training_dataset": data["text"]}
+    refused(client, settings, finetune(**text, exact_match={}), "spec.exact_match", "text rows")
+    classifier = {**text, "task": "sequence_classification", "training_dataset": data["cls"]}
+    refused(
+        client,
+        settings,
+        finetune(**classifier, exact_match={}),
+        "spec.exact_match",
+        "task causal_lm only",
+    )
+    refused(
+        client,
+        settings,
+        finetune(**text, metric_for_best_model="exact_match"),
+        "spec.metric_for_best_model",
+        "do not report 'exact_match'",
+    )
+    pairs = upload(client, b'{"prompt": "2+2=", "completion": "4"}\n' * 4, "pc.jsonl")
+    resp = client.post(
+        "/v1/jobs",
+        json=finetune(
+            **{**text, "training_dataset": pairs},
+            exact_match={"examples": 2},
+            metric_for_best_model="exact_match",
+        ),
+    )
+    assert resp.status_code == 202, resp.text
+    spec = resp.json()["spec"]
+    assert spec["exact_match"] == {"examples": 2, "max_new_tokens": 64}
+    assert spec["metric_for_best_model"] == "eval_exact_match"
+
+
 def test_validation_labels_missing_from_training(
     client: TestClient, settings: Settings, data: dict[str, str]
 ) -> None:

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import TINY_MODEL
-from tests.e2e.test_finetune import submit, upload
-from tests.support.datasets import write_text_jsonl
+from tests.e2e.test_finetune import metric_values, submit, upload
+from tests.support.datasets import write_prompt_completion_jsonl, write_text_jsonl
 from tests.support.harness import Proc, Stack, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -34,12 +34,13 @@ def two_procs(stack: Stack) -> Iterator[Stack]:
     worker.stop()
 
 
-def finetune(stack: Stack, tmp_path: Path, **hp: Any) -> str:
+def finetune(stack: Stack, tmp_path: Path, extra: dict[str, Any] | None = None, **hp: Any) -> str:
     spec = {
         "base_model": TINY_MODEL,
         "task": "causal_lm",
         "training_dataset": upload(stack, write_text_jsonl(tmp_path / "train.jsonl", rows=200)),
         "hyperparameters": {"batch_size": 8, "learning_rate": 1e-3, "seed": 5, **hp},
+        **(extra or {}),
     }
     job_id: str = submit(stack, "finetune", spec)["id"]
     return job_id
@@ -60,7 +61,10 @@ def step_of(stack: Stack, job_id: str) -> int:
 
 
 def test_two_processes_train_a_model_that_serves(two_procs: Stack, tmp_path: Path) -> None:
-    job_id = finetune(two_procs, tmp_path, max_steps=30, eval_steps=15)
+    pairs = upload(two_procs, write_prompt_completion_jsonl(tmp_path / "pc.jsonl", rows=200))
+    exact_match = {"examples": 7, "max_new_tokens": 2}  # rank 0 scores 4 rows, rank 1 3
+    extra = {"training_dataset": pairs, "exact_match": exact_match}
+    job_id = finetune(two_procs, tmp_path, extra, max_steps=30, eval_steps=15)
     done = two_procs.wait_status(job_id, DONE, timeout=300)
     assert done["status"] == "succeeded", f"{done}\n{two_procs.logs()}"
     assert done["attempts"] == 1
@@ -71,6 +75,14 @@ def test_two_processes_train_a_model_that_serves(two_procs: Stack, tmp_path: Pat
     assert done["result"]["train"]["global_step"] == 30
     # both ranks loaded the same best checkpoint at the end (rank 0 saved it)
     assert done["result"]["best_checkpoint"]["step"] in (15, 30)
+    # exact match over 7 held-out prompts, whose shared 2-token completion the model learns
+    # (1.0 in one process): rank 0 scores 4 of them and rank 1 the other 3, so a share
+    # above 4/7 is both ranks' counts summed
+    shares = metric_values(two_procs, job_id, "eval_exact_match")
+    final = done["result"]["eval"]["exact_match"]
+    assert len(shares) == 2
+    assert all(round(7 * share, 6) == round(7 * share) for share in [*shares, final])
+    assert final > 4 / 7
     # trained tokens count both ranks' rows: 8 a step (4 each; an epoch's last step may hold
     # fewer), where one rank's count would be half
     with two_procs.client() as c:

@@ -20,6 +20,17 @@ def write_text_jsonl(path: Path, rows: int = 60) -> Path:
     return path
 
 
+def write_prompt_completion_jsonl(path: Path, rows: int = 60, completion: str = " soon.") -> Path:
+    """The corpus' sentences as prompts, each with the same completion (2 tokens of the tiny
+    model's tokenizer, which has no eos: a greedy completion of 2 tokens can equal it)."""
+    lines = [
+        json.dumps({"prompt": CORPUS[i % len(CORPUS)], "completion": completion})
+        for i in range(rows)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def write_sentiment_csv(path: Path, rows: int = 80, seed: int = 0) -> Path:
     rng = random.Random(seed)
     lines = ["text,label"]

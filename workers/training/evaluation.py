@@ -1,6 +1,6 @@
-"""Evaluations: perplexity beside a causal LM's loss at every one, and the final one (the
-task's report from reports.py, or TRL's figures for DPO and reinforcement, and its flat
-figures)."""
+"""Evaluations: perplexity (and, when asked, exact match of generated completions) beside a
+causal LM's loss at every one, and the final one (the task's report from reports.py, or
+TRL's figures for DPO and reinforcement, and its flat figures)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from core.enums import FineTuneTask
 from workers.training.callbacks import eval_figures
 from workers.training.checkpoints import AtomicCheckpointTrainer
 from workers.training.data import FeatureDataset
+from workers.training.exact_match import ExactMatchSet, count_matches
 from workers.training.peft_setup import without_orth_regularization
 from workers.training.reports import (
     AVERAGE_ROWS,
@@ -37,12 +38,22 @@ def argmax_logits(logits: Any, labels: Any) -> torch.Tensor:
 
 class FineTuneTrainer(AtomicCheckpointTrainer):
     """The Trainer of a fine-tune: atomic checkpoints, and with `with_perplexity` (causal
-    LM) `<prefix>_perplexity` = exp(loss) in every evaluation's metrics, logged and stored
-    with them and selectable as `metric_for_best_model`."""
+    LM) `<prefix>_perplexity` = exp(loss) in every evaluation's metrics, with `exact_match`
+    `<prefix>_exact_match` too; logged and stored with them and selectable as
+    `metric_for_best_model`."""
 
-    def __init__(self, *args: Any, with_perplexity: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        with_perplexity: bool = False,
+        exact_match: ExactMatchSet | None = None,
+        pad_id: int = 0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._with_perplexity = with_perplexity
+        self._exact_match = exact_match
+        self._pad_id = pad_id
 
     def evaluation_loop(
         self,
@@ -58,7 +69,27 @@ class FineTuneTrainer(AtomicCheckpointTrainer):
         loss = (output.metrics or {}).get(f"{metric_key_prefix}_loss")
         if self._with_perplexity and output.metrics is not None and loss is not None:
             output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(float(loss))
+        if self._exact_match is not None and output.metrics is not None:
+            output.metrics[f"{metric_key_prefix}_exact_match"] = self._exact_match_share()
         return output
+
+    def _exact_match_share(self) -> float:
+        """This process scores every world_size-th row; the counts are summed over all."""
+        scored = self._exact_match
+        assert scored is not None and self.model is not None
+        mine = list(range(self.args.process_index, len(scored), self.args.world_size))
+        matches = count_matches(
+            self.model,
+            self.processing_class,
+            scored,
+            mine,
+            self.args.per_device_eval_batch_size,
+            self._pad_id,
+        )
+        total = torch.tensor(float(matches), device=self.args.device)
+        if self.args.world_size > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        return float(total.item()) / len(scored)
 
 
 def final_report(
@@ -71,8 +102,12 @@ def final_report(
     """The report stored on the job, and the validation loss (`model` is the trainer's)."""
     with without_orth_regularization(model):
         if task is FineTuneTask.CAUSAL_LM:
-            loss = float(trainer.evaluate(validation)["eval_loss"])
-            return {"eval_loss": loss, "perplexity": perplexity(loss)}, loss
+            metrics = trainer.evaluate(validation)
+            loss = float(metrics["eval_loss"])
+            report = {"eval_loss": loss, "perplexity": perplexity(loss)}
+            if "eval_exact_match" in metrics:
+                report["exact_match"] = float(metrics["eval_exact_match"])
+            return report, loss
         prediction = trainer.predict(validation, metric_key_prefix="eval")
     loss = float((prediction.metrics or {}).get("eval_loss", float("nan")))
     return full_report_from_predictions(task, prediction, labels), loss

@@ -47,6 +47,7 @@ from workers.training.evaluation import (
     flat_figures,
     trl_report,
 )
+from workers.training.exact_match import ExactMatchSet, exact_match_set
 from workers.training.io import CheckpointInfo, TrainingIO
 from workers.training.layout import CHECKPOINTS_DIR, MODEL_DIR, STEP_MARKER
 from workers.training.models import (
@@ -85,6 +86,7 @@ class Prepared:
     schedule: Schedule
     pad_id: int
     new_adapter: PeftConfig | None = None  # DPO: the adapter TRL adds to `model` itself
+    exact_match: ExactMatchSet | None = None  # the completions each evaluation scores
 
 
 def _model_of(trainer: Trainer) -> torch.nn.Module:
@@ -338,6 +340,11 @@ class FineTuneRunner:
             raise PermanentJobError(
                 f"no {which} row has a token to learn from", FailureType.INVALID_SPEC
             )
+        scored = None
+        if spec.exact_match is not None:
+            scored = exact_match_set(
+                tokenizer, split.schema, split.validation, spec.exact_match, hp.max_length
+            )
         train_set = pack_features(train, hp.max_length) if hp.packing else FeatureDataset(train)
         schedule = plan_schedule(hp, len(train_set), self._world_size)
         model = load_base_model(spec.task, source.base, split.labels)
@@ -369,6 +376,7 @@ class FineTuneRunner:
             schedule=schedule,
             pad_id=pad_id,
             new_adapter=new_adapter,
+            exact_match=scored,
         )
 
     def _trainer(
@@ -452,6 +460,8 @@ class FineTuneRunner:
             ),
             callbacks=callbacks,
             with_perplexity=spec.task is FineTuneTask.CAUSAL_LM,
+            exact_match=prepared.exact_match,
+            pad_id=prepared.pad_id,
         )
         trainer.remove_callback(PrinterCallback)
         return trainer
