@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from modelyard.cli import FORWARDED_COMMANDS
+from modelyard.servers import module_argv
 from tests.support.auth import TEST_RPM, bearer, make_key
 from tests.support.services import free_port
 
@@ -126,11 +127,15 @@ class Stack:
         self._count = 0
 
     def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
+        """`modelyard <args>` as the server module it forwards to (`modelyard worker ...`
+        execs `python -P -m workers.serve worker ...`): the same process, without first
+        starting the CLI, which cost a second interpreter start and the CLI's imports in
+        each of the suite's ~160 server processes (tests/e2e/test_up.py, test_cli.py and
+        test_keys_cli.py run the CLI itself)."""
         self._count += 1
         log = self.workdir / f"{self._count:02d}-{name}.log"
-        return Proc(
-            name, [sys.executable, "-m", "modelyard", *args], {**self.env, **(env or {})}, log
-        )
+        module = next(m for command, m, _ in FORWARDED_COMMANDS if command == args[0])
+        return Proc(name, module_argv(module, *args), {**self.env, **(env or {})}, log)
 
     def start_api(self, address: str = "127.0.0.1", port: int | None = None) -> None:
         """Start the API bound to `address` (on `port`, else a free one) and wait until it
