@@ -20,10 +20,9 @@ demo: install
 	$(BIN)/modelyard demo
 
 # Two test processes: the suite mostly waits on real workers and services, so two
-# share 2 cores well (14 min -> 9 min); a module's tests stay in one process, and modules
-# start longest first (tests/conftest.py) rather than in xdist's order by test count.
+# share 2 cores well (14 min -> 9 min); a module's tests stay in one process.
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadscope --no-loadscope-reorder --durations=20
+	$(BIN)/python -m pytest -n 2 --dist loadscope --durations=20
 
 # Only the fault-injection scenarios (kills, restarts, outages); `make test` runs them too.
 test-faults: install

@@ -42,46 +42,17 @@ def install_tiny_chat_model(tiny_model_dir: Path, data_dir: Path) -> None:
     with_chat_template(tiny_model_dir, data_dir / "models" / TINY_CHAT_MODEL)
 
 
-# Longest first. `make test` runs `-n 2 --dist loadscope --no-loadscope-reorder`: each
-# module goes whole to whichever process is free, in collection order (without the flag,
-# xdist orders modules by their number of tests, which ran the few-test, minute-long fault
-# modules last and let one of them finish alone). The modules below took 45 s or more each
-# in a full run (2026-12-06, both backends, under the suite's own load), longest first; then
-# the rest of the fault and end-to-end modules, the worker modules that train tiny models,
-# and the short ones, which fill in around them.
-_LONGEST = (
-    "tests/e2e/test_finetune.py",
-    "tests/e2e/test_spine.py",
-    "tests/faults/test_broker_faults.py",
-    "tests/e2e/test_openai_serving.py",
-    "tests/faults/test_job_faults.py",
-    "tests/e2e/test_training_procs.py",
-    "tests/faults/test_worker_faults.py",
-    "tests/e2e/test_openai_embeddings.py",
-    "tests/faults/test_outage_faults.py",
-    "tests/e2e/test_batch_files.py",
-    "tests/faults/test_host_faults.py",
-    "tests/e2e/test_schema_fuzz.py",
-    "tests/e2e/test_generation_batching.py",
-    "tests/faults/test_lease_faults.py",
-    "tests/e2e/test_hosts.py",
-    "tests/e2e/test_shared_storage.py",
-    "tests/workers/test_tracking.py",
-    "tests/faults/test_training_faults.py",
-    "tests/e2e/test_tenancy_e2e.py",
-    "tests/e2e/test_webhooks.py",
-    "tests/faults/test_database_faults.py",
-    "tests/faults/test_message_faults.py",
-)
+# Longest first: with `-n 2 --dist loadscope` each module goes whole to whichever process
+# is free, in collection order, so the fault and end-to-end modules (tens of seconds to
+# minutes each) start first, then the worker modules that train tiny models (the runner's,
+# tracking's with its MLflow server: up to a minute each), and the short ones fill in around
+# them, instead of one long module running alone at the end.
 _LONG_FIRST = ("tests/faults/", "tests/e2e/", "tests/workers/")
 
 
 def _length_rank(item: pytest.Item) -> int:
-    path = item.nodeid.split("::", 1)[0]
-    if path in _LONGEST:
-        return _LONGEST.index(path)
-    prefix = next((i for i, p in enumerate(_LONG_FIRST) if path.startswith(p)), len(_LONG_FIRST))
-    return len(_LONGEST) + prefix
+    path = item.nodeid
+    return next((i for i, prefix in enumerate(_LONG_FIRST) if path.startswith(prefix)), 99)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
