@@ -141,12 +141,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16, help="rows a step, unpacked")
     parser.add_argument("--pairs", type=int, default=2, help="unpacked/packed pairs, ABBA")
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="default: 1e-3 for tiny, 5e-5 for smollm2 (at 1e-3 another seed alone moved "
+        "SmolLM2's eval_loss by 35%%: bench/README.md)",
+    )
     parser.add_argument("--tolerance", type=float, default=0.03)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     model = SMOL if args.model == "smollm2" else TINY
+    if args.learning_rate is None:
+        args.learning_rate = 5e-5 if model == SMOL else 1e-3
     source = prepare_smol(args.cache_dir) if model == SMOL else None
 
     with tempfile.TemporaryDirectory(prefix="modelyard-bench-packing-") as tmp:
