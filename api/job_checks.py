@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from api.tokenizers import local_tokenizer
 from core.embeddings import input_limit
 from core.enums import (
+    COMPLETION_SCHEMAS,
     DatasetSchema,
     FineTuneObjective,
     FineTuneTask,
@@ -65,7 +66,6 @@ from db.webhooks import signing_secrets
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
-EXACT_MATCH_SCHEMAS = frozenset({DatasetSchema.PROMPT_COMPLETION.value, DatasetSchema.CHAT.value})
 CLASSIFIER_TASKS = frozenset(
     {FineTuneTask.SEQUENCE_CLASSIFICATION.value, FineTuneTask.TOKEN_CLASSIFICATION.value}
 )
@@ -182,11 +182,11 @@ def _check_finetune(
             )
     if spec.exact_match is not None:
         held_out = val if spec.validation_dataset is not None else train
-        if held_out.schema not in EXACT_MATCH_SCHEMAS:
+        if DatasetSchema(held_out.schema) not in COMPLETION_SCHEMAS:
             raise InvalidRequestError(
                 f"exact_match compares generated completions, but dataset {held_out.id!r} "
                 f"holds {held_out.schema} rows, which have none (it needs "
-                f"{' or '.join(sorted(EXACT_MATCH_SCHEMAS))} rows)",
+                f"{' or '.join(sorted(s.value for s in COMPLETION_SCHEMAS))} rows)",
                 param="spec.exact_match",
             )
     base_tasks = (

@@ -75,6 +75,8 @@ def training_schemas(task: FineTuneTask, objective: FineTuneObjective) -> frozen
 
 
 LABELLED_SCHEMAS = frozenset({DatasetSchema.CLASSIFICATION, DatasetSchema.PAIR_CLASSIFICATION})
+COMPLETION_SCHEMAS = frozenset({DatasetSchema.PROMPT_COMPLETION, DatasetSchema.CHAT})
+"""Schemas whose rows hold a completion to compare a generated one with (exact match)."""
 """Schemas with one class label per row."""
 
 

@@ -53,6 +53,24 @@ def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple[str
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages), False
 
 
+ASSISTANT_TURN = "\nassistant:"
+"""Where the assistant's turn starts in a conversation rendered without a chat template."""
+
+
+def render_generation_prompt(
+    tokenizer: Any, messages: Sequence[dict[str, Any]]
+) -> tuple[str, bool]:
+    """The conversation as text ending where the assistant's answer starts (the template's
+    generation prompt, or `role: content` lines then `assistant:`), and whether it came from
+    the tokenizer's chat template."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True
+        )
+        return str(text), True
+    return render_chat(tokenizer, messages)[0] + ASSISTANT_TURN, False
+
+
 def chat_ids(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
     """The rendered template, whose text holds its own special tokens; without a template,
     `role: content` lines encoded as a text."""

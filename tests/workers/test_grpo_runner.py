@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from core.enums import DatasetSchema
 from core.errors import JobStopped, PermanentJobError
+from core.example_tokens import render_generation_prompt
 from core.settings import Settings
 from core.specs import FineTuneSpec
 from tests.support.memory_io import MemoryTrainingIO, StopAtStep
@@ -19,7 +20,7 @@ from tests.support.tiny_model import CHAT_TEMPLATE
 from workers.context import RunContext
 from workers.runners import RunResult
 from workers.training.grading import GRADER_MEAN_METRIC
-from workers.training.reinforcement import encode_prompts, prompt_text
+from workers.training.reinforcement import encode_prompts
 from workers.training.runner import FineTuneRunner
 
 GPT2 = "tiny-gpt2"
@@ -108,9 +109,12 @@ def test_a_row_without_a_field_the_grader_names_fails_the_job(io: MemoryTraining
 def test_prompts_end_where_the_assistant_answers(tiny_model_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    assert prompt_text(tok, messages) == "system: Be brief.\nuser: Hi\nassistant:"
+    assert render_generation_prompt(tok, messages)[0] == "system: Be brief.\nuser: Hi\nassistant:"
     tok.chat_template = CHAT_TEMPLATE
-    assert prompt_text(tok, messages) == "<|system|>Be brief.\n<|user|>Hi\n<|assistant|>"
+    assert (
+        render_generation_prompt(tok, messages)[0]
+        == "<|system|>Be brief.\n<|user|>Hi\n<|assistant|>"
+    )
     spec = FineTuneSpec.model_validate(
         {
             "base_model": GPT2,

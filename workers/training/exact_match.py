@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from core.enums import DatasetSchema, FailureType
+from core.enums import COMPLETION_SCHEMAS, DatasetSchema, FailureType
 from core.errors import PermanentJobError
-from core.example_tokens import token_ids
+from core.example_tokens import render_generation_prompt, token_ids
 from core.specs import ExactMatchSpec
 
 
@@ -43,12 +43,9 @@ class ExactMatchSet:
 def _chat_prompt(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple[list[int], str]:
     """The ids of the conversation before its last assistant turn, and that turn."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    history, reference = list(messages[:last]), str(messages[last]["content"])
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-        return token_ids(tokenizer, str(text), False), reference
-    lines = [f"{m['role']}: {m['content']}" for m in history] + ["assistant:"]
-    return token_ids(tokenizer, "\n".join(lines), True), reference
+    text, templated = render_generation_prompt(tokenizer, messages[:last])
+    # a template's text holds its own special tokens (as core.example_tokens.chat_ids reads it)
+    return token_ids(tokenizer, text, not templated), str(messages[last]["content"])
 
 
 def exact_match_set(
@@ -60,7 +57,7 @@ def exact_match_set(
 ) -> ExactMatchSet:
     """The first `settings.examples` rows that have a completion to compare. A prompt longer
     than `max_length - max_new_tokens` loses its start, as training cuts prompts."""
-    if schema not in (DatasetSchema.PROMPT_COMPLETION, DatasetSchema.CHAT):
+    if schema not in COMPLETION_SCHEMAS:
         raise PermanentJobError(
             f"exact_match needs prompt_completion or chat validation rows, not {schema.value} "
             "rows (they have no completion to compare)",

@@ -26,7 +26,7 @@ from trl.trainer.grpo_trainer import GRPOTrainer
 
 from core.enums import FailureType
 from core.errors import PermanentJobError
-from core.example_tokens import render_chat, token_ids
+from core.example_tokens import render_generation_prompt, token_ids
 from core.specs import FineTuneSpec
 from workers.training.checkpoints import AtomicCheckpointTrainer
 from workers.training.data import Feature, FeatureDataset
@@ -34,18 +34,6 @@ from workers.training.grading import AnyGrader, GraderReward
 from workers.training.schedule import Schedule, argument_values, with_best_model
 
 logger = logging.getLogger(__name__)
-
-ASSISTANT_TURN = "\nassistant:"
-"""Where the assistant's turn starts in a prompt rendered without a chat template."""
-
-
-def prompt_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The conversation as text, ending where the assistant's answer starts."""
-    if getattr(tokenizer, "chat_template", None):
-        return str(
-            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        )
-    return render_chat(tokenizer, messages)[0] + ASSISTANT_TURN
 
 
 def encode_prompts(
@@ -67,7 +55,8 @@ def encode_prompts(
                 "which the grader names",
                 FailureType.INVALID_SPEC,
             )
-        prompt, prompt_tokens = _cut(tokenizer, prompt_text(tokenizer, row["messages"]), keep)
+        text = render_generation_prompt(tokenizer, row["messages"])[0]
+        prompt, prompt_tokens = _cut(tokenizer, text, keep)
         sampled = prompt_tokens + settings.max_completion_tokens
         features.append(
             {
