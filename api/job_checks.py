@@ -59,7 +59,7 @@ from db.datasets import get_dataset
 from db.jobs import count_queued, get_job
 from db.models import Dataset
 from db.registry import get_model, is_registry_name, serving_base
-from db.tenants import lock_tenant
+from db.tenants import lock_queued_quota
 from db.training import list_checkpoints
 from db.webhooks import signing_secrets
 
@@ -446,10 +446,7 @@ def check_queued_quota(session: Session, settings: Settings, tenant_id: str) -> 
     """429 `quota_exceeded` when the tenant already has its quota of queued jobs. The
     tenant's row stays locked until the caller's transaction (which inserts the job) ends,
     so concurrent submits cannot all count the same number and overshoot the quota."""
-    tenant = lock_tenant(session, tenant_id)
-    limit = settings.max_queued_jobs
-    if tenant is not None and tenant.max_queued_jobs is not None:
-        limit = tenant.max_queued_jobs
+    limit = lock_queued_quota(session, tenant_id, settings.max_queued_jobs)
     if count_queued(session, tenant_id) >= limit:
         raise QuotaExceededError(
             f"this tenant already has {limit} queued jobs (its quota); retry when some have started"

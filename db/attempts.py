@@ -11,23 +11,46 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from typing import Any
 
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import ColumnElement, bindparam
 from sqlalchemy.orm import Session
 
 from core.enums import FailureType, JobKind, JobStatus
 from db.base import utcnow
 from db.clock import db_now, db_time_after
 from db.fencing import current_attempt
-from db.jobs import transition
-from db.models import Job
+from db.jobs import PreparedTransition, transition
+from db.models import JOBS, Job
 
 _RELEASE: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None}
 
 
 def _attempt(job_id: str, attempt: int, *extra: ColumnElement[bool]) -> list[ColumnElement[bool]]:
     return [*current_attempt(job_id, attempt), *extra]
+
+
+@cache  # one per (target, with_result): a handful of statements
+def _finish_transition(target: JobStatus, with_result: bool) -> PreparedTransition:
+    """running -> `target` for the attempt `attempt` (unless a cancel was asked, for every
+    target but cancelled), recording `error_type_value` and `error_message_value` and, with
+    `with_result`, `result_value` as the job's result."""
+    where = [JOBS.c.attempts == bindparam("attempt")]
+    if target is not JobStatus.CANCELLED:
+        where.append(JOBS.c.cancel_requested.is_(False))
+    values: dict[str, Any] = {
+        **_RELEASE,
+        "pause_requested": False,
+        "finished_at": bindparam("now", type_=JOBS.c.finished_at.type),
+        "error_type": bindparam("error_type_value", type_=JOBS.c.error_type.type),
+        "error_message": bindparam("error_message_value", type_=JOBS.c.error_message.type),
+    }
+    if with_result:
+        values["result"] = bindparam("result_value", type_=JOBS.c.result.type)
+    if target is JobStatus.SUCCEEDED:
+        values["progress"] = 1.0
+    return PreparedTransition(JobStatus.RUNNING, target, where, values)
 
 
 def finish_job(
@@ -41,35 +64,20 @@ def finish_job(
     error_message: str | None = None,
     result: dict[str, Any] | None = None,
 ) -> bool:
-    """running -> succeeded|failed|cancelled for `attempt`; a success, a failure (and a
+    """running -> succeeded|failed|cancelled|expired for `attempt`; a success, a failure (and a
     timeout) lose to a cancel asked before they commit (see `end_attempt`)."""
-    values: dict[str, Any] = {
-        **_RELEASE,
-        "pause_requested": False,
-        "finished_at": utcnow(),
-        "error_type": error_type,
-        "error_message": error_message,
+    finish = _finish_transition(target, result is not None)
+    params: dict[str, Any] = {
+        "attempt": attempt,
+        "error_type_value": error_type,
+        "error_message_value": error_message,
     }
     if result is not None:
-        values["result"] = result
-    if target is JobStatus.SUCCEEDED:
-        values["progress"] = 1.0
-    extra: list[ColumnElement[bool]] = []
-    if target is not JobStatus.CANCELLED:
-        extra.append(Job.cancel_requested.is_(False))
+        params["result_value"] = result
     data: dict[str, Any] = {"attempt": attempt, **({"by": by} if by else {})}
     if error_type:
         data["error_type"] = error_type
-    return transition(
-        session,
-        job_id,
-        JobStatus.RUNNING,
-        target,
-        where=_attempt(job_id, attempt, *extra),
-        values=values,
-        message=error_message or "",
-        data=data,
-    )
+    return finish(session, job_id, params, error_message or "", data) is not None
 
 
 def cancel_attempt(
@@ -123,12 +131,6 @@ def _cancelled_instead(
     return cancel_attempt(
         session, job_id, attempt=attempt, by=by, message=f"cancelled (instead of {ending})"
     )
-
-
-def cancel_requested(session: Session, job_id: str, attempt: int) -> bool | None:
-    """The cancel flag as `attempt` sees it (None: the attempt no longer holds the job)."""
-    flag = session.scalar(select(Job.cancel_requested).where(*current_attempt(job_id, attempt)))
-    return None if flag is None else bool(flag)
 
 
 def counted_attempts(job: Job) -> int:

@@ -64,6 +64,12 @@ def db_time_after(seconds: float) -> ColumnElement[datetime]:
     return _DbNow(bindparam(None, float(seconds), type_=Float()))
 
 
+def db_time_after_param(name: str) -> ColumnElement[datetime]:
+    """`db_time_after`, its seconds given at execution as the bind parameter `name` (for a
+    statement built once)."""
+    return _DbNow(bindparam(name, type_=Float()))
+
+
 def database_now(session: Session) -> datetime:
     """The database's current time, read once (for code that must compute with it)."""
     value = session.execute(select(db_now())).scalar_one()

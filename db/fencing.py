@@ -10,13 +10,13 @@ newer attempt's claim.
 
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, update
+from sqlalchemy import ColumnElement, bindparam, update
 from sqlalchemy.orm import Session
 
 from core.enums import JobStatus
 from core.errors import StaleAttempt
 from db.base import utcnow
-from db.models import Job
+from db.models import JOBS, Job
 
 
 def current_attempt(job_id: str, attempt: int) -> list[ColumnElement[bool]]:
@@ -24,17 +24,24 @@ def current_attempt(job_id: str, attempt: int) -> list[ColumnElement[bool]]:
     return [Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.attempts == attempt]
 
 
+_FENCE = (
+    update(JOBS)
+    .where(
+        JOBS.c.id == bindparam("job_id"),
+        JOBS.c.status == JobStatus.RUNNING.value,
+        JOBS.c.attempts == bindparam("attempt"),
+    )
+    .values(updated_at=bindparam("now", type_=JOBS.c.updated_at.type))
+    .returning(JOBS.c.cancel_requested)
+)
+
+
 def fence_reading_cancel(session: Session, job_id: str, attempt: int) -> bool | None:
     """`fence`, returning the job's cancel flag as it stands under the row lock; None when
-    `attempt` no longer holds the running job."""
-    stmt = (
-        update(Job)
-        .where(*current_attempt(job_id, attempt))
-        .values(updated_at=utcnow())
-        .returning(Job.cancel_requested)
-        .execution_options(synchronize_session=False)
-    )
-    row = session.execute(stmt).first()
+    `attempt` no longer holds the running job. (One UPDATE built once: every write of a
+    running attempt runs it.)"""
+    params = {"job_id": job_id, "attempt": attempt, "now": utcnow()}
+    row = session.execute(_FENCE, params).first()
     return None if row is None else bool(row[0])
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -12,6 +12,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -135,6 +136,11 @@ class Job(Base):
     # LIKE finds subscribers in the INSERT ... SELECT that queues a delivery.
     webhook_url: Mapped[str | None] = mapped_column(Text)
     webhook_events: Mapped[str | None] = mapped_column(String(64))
+
+
+# The tables themselves, for statements built once (no ORM on the jobs' hot paths).
+TENANTS = cast(Table, Tenant.__table__)
+JOBS = cast(Table, Job.__table__)
 
 
 class JobEvent(Base):

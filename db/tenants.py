@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Table, insert, or_, select, update
+from sqlalchemy import Table, bindparam, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.errors import InvalidRequestError, NotFoundError
 from db.base import utcnow
-from db.models import DEFAULT_TENANT, ApiKey, AuditEntry, Tenant
+from db.models import DEFAULT_TENANT, TENANTS, ApiKey, AuditEntry, Tenant
 
 KEY_PREFIX = "my_"
 SHOWN_CHARS = 8  # of the random part, after KEY_PREFIX
@@ -66,13 +66,20 @@ def get_tenant(session: Session, tenant_id: str) -> Tenant | None:
     return session.get(Tenant, tenant_id)
 
 
-def lock_tenant(session: Session, tenant_id: str) -> Tenant | None:
-    """The tenant's row, locked until the transaction ends (SELECT ... FOR UPDATE on
-    PostgreSQL; SQLite serializes writers anyway): checks of a quota made under it and the
-    insert after them count each other's jobs."""
-    return session.scalars(
-        select(Tenant).where(Tenant.id == tenant_id).with_for_update(key_share=True)
-    ).one_or_none()
+_LOCK_QUEUED_QUOTA = (
+    select(TENANTS.c.max_queued_jobs)
+    .where(TENANTS.c.id == bindparam("tenant_id"))
+    .with_for_update(key_share=True)
+)
+
+
+def lock_queued_quota(session: Session, tenant_id: str, default: int) -> int:
+    """The tenant's quota of queued jobs (its own, else `default`), its row locked until the
+    transaction ends (SELECT ... FOR NO KEY UPDATE on PostgreSQL; SQLite serializes writers
+    anyway): checks of a quota made under it and the insert after them count each other's
+    jobs. One SELECT built once: every submitted job runs it."""
+    own = session.execute(_LOCK_QUEUED_QUOTA, {"tenant_id": tenant_id}).scalar()
+    return default if own is None else int(own)
 
 
 def require_tenant(session: Session, ref: str) -> Tenant:

@@ -41,7 +41,6 @@ from core.settings import Settings
 from core.storage import artifact_store
 from db.attempts import (
     cancel_attempt,
-    cancel_requested,
     end_attempt,
     hand_back,
     pause_attempt,
@@ -188,9 +187,9 @@ class JobLifecycle:
             return
         ctx = claimed.ctx
         try:
-            if attempt.cancelled_before_start():
-                attempt.stopped()
-                return
+            # No read of the cancel flag here: the claim just found it unset in its
+            # compare-and-set; the heartbeat reads it from then on, and the ending's
+            # compare-and-set makes a cancel asked meanwhile win.
             result = runner_for(claimed.kind, self._settings).run(claimed.spec, ctx)
         except JobExpired:
             attempt.expired()  # the runner recorded `expired` itself, with its lines
@@ -369,20 +368,6 @@ class AttemptRun:
 
     def start(self) -> None:
         self._heartbeat.start()
-
-    def cancelled_before_start(self) -> bool:
-        """Read the cancel flag once more before the runner starts (the claim read it too)."""
-        ctx = self.ctx
-        with session_scope(self._settings.database_url, readonly=True) as session:
-            flag = cancel_requested(session, ctx.job_id, ctx.attempt)
-        if flag is None:
-            ctx.lease_lost = True
-        elif flag:
-            ctx.cancelled = True
-        if flag is not False:
-            ctx.stop_event.set()
-            return True
-        return False
 
     # -- endings -------------------------------------------------------------------------
     def succeed(self, result: RunResult) -> JobStatus | None:
