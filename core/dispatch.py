@@ -110,6 +110,12 @@ class JobPublisher:
             priority=PRIORITY_LEVELS - 1 - priority,
             # Flower and worker logs name the task by what it runs, not run_job.
             shadow=f"modelyard.{kind.value} {job_id}",
+            # Per message, Celery would otherwise declare the queue (routing by name needs
+            # no declaration; workers declare the queues they consume), set up a result
+            # the result backend never keeps, and look for a parent task.
+            declare=[],
+            ignore_result=True,
+            add_to_parent=False,
         )
         logger.debug("published job %s to %s", job_id, queue)
 
