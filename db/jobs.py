@@ -355,8 +355,8 @@ _CLAIM_COLUMNS = (Job.kind, Job.spec, Job.attempts, Job.model, Job.max_runtime_s
 
 def _claim_transition(capped: bool) -> PreparedTransition:
     """queued -> running for the worker `worker` with a lease of `ttl_s` (unless cancelled,
-    not yet due or past its expires_at; with `capped`, unless the tenant `tenant_id` has
-    `cap` running jobs), all by the database's clock."""
+    not yet due or past its expires_at; with `capped`, unless the tenant `capped_tenant`
+    has `cap` running jobs), all by the database's clock."""
     now = db_now()
     where = [
         JOBS.c.cancel_requested.is_(False),

@@ -26,7 +26,8 @@ _active_lock = threading.Lock()
 
 class _LeaseWatchdog:
     """One thread per process that runs every active heartbeat's checks (`Heartbeat.check`)
-    several times per heartbeat interval. The renewing threads block for as long as the
+    several times per heartbeat interval; the first check after an attempt has run for a
+    check period starts its renewing threads. The renewing threads block for as long as the
     database or Redis takes to answer (up to a connect timeout when a host is cut off), so
     a check that waited for them could come after the lease ran out and another worker
     took the job; this thread never waits on the network."""
@@ -117,6 +118,10 @@ class Heartbeat:
         self._broker_thread = threading.Thread(
             target=self._broker_loop, name=f"broker-lease-{ctx.job_id}", daemon=True
         )
+        self._threads_lock = threading.Lock()
+        self._threads_started = False  # or never to be: stopped before they were due
+        self._started_at = leased_at
+        self._first_wait = settings.heartbeat_interval_s
 
     def start(self) -> None:
         """Start renewing; a heartbeat already renewing this job (the executor's, while a
@@ -128,15 +133,30 @@ class Heartbeat:
         if previous is not None and previous is not self:
             previous._done.set()
         track(self._ctx)
-        # The broker lease is first taken one interval in, by its thread: until then the
-        # claim's database lease (a full TTL) covers the attempt, and a job that ends
-        # sooner costs Redis nothing.
-        self._thread.start()
-        self._broker_thread.start()
+        # The renewing threads are started by the lease watchdog once the attempt has run
+        # for `check_every_s` (see `_start_renewing`): a job that ends sooner starts none.
+        # Both leases are first renewed one interval in: until then the claim's database
+        # lease (a full TTL) covers the attempt, and a job that ends sooner costs Redis
+        # nothing.
+        self._started_at = time.monotonic()
         _watchdog.watch()
+
+    def _start_renewing(self, now: float) -> None:
+        """Start the two renewing threads, each first renewing one heartbeat interval after
+        `start`; nothing once stopped (or started)."""
+        with self._threads_lock:
+            if self._threads_started or self._done.is_set():
+                return
+            self._threads_started = True
+            elapsed = now - self._started_at
+            self._first_wait = max(0.0, self._settings.heartbeat_interval_s - elapsed)
+            self._thread.start()
+            self._broker_thread.start()
 
     def stop(self) -> None:
         self._done.set()
+        with self._threads_lock:
+            self._threads_started = True  # the watchdog starts none after this
         for thread in (self._thread, self._broker_thread):
             if thread.is_alive():
                 thread.join(timeout=self._settings.heartbeat_interval_s + 5)
@@ -205,7 +225,9 @@ class Heartbeat:
             self._stop_asked = time.monotonic()
 
     def _broker_loop(self) -> None:
-        while not self._done.wait(self._settings.heartbeat_interval_s):
+        wait = self._first_wait
+        while not self._done.wait(wait):
+            wait = self._settings.heartbeat_interval_s
             if self._ctx.lease_lost:
                 return
             self._renew_broker_lease()
@@ -282,6 +304,8 @@ class Heartbeat:
         ctx = self._ctx
         if self._done.is_set():
             return
+        if not self._threads_started and now - self._started_at >= self.check_every_s:
+            self._start_renewing(now)
         silent = now - max(self._db_renewed, self._broker_renewed)
         if silent >= self.silence_limit_s and not ctx.lease_lost:
             logger.error(
@@ -316,7 +340,9 @@ class Heartbeat:
         self._on_overdue(self._ctx)
 
     def _loop(self) -> None:
-        while not self._done.wait(self._settings.heartbeat_interval_s):
+        wait = self._first_wait
+        while not self._done.wait(wait):
+            wait = self._settings.heartbeat_interval_s
             try:
                 self.beat()
             except Exception:

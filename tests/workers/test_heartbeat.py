@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from core.settings import Settings
+from db.jobs import LeaseState
 from db.session import migrate
 from tests.support.services import redis_db_index
 from workers import heartbeat as heartbeat_module
@@ -72,3 +73,61 @@ def test_a_worker_whose_renewals_hang_stops_its_job_before_the_lease_can_run_out
     finally:
         unblock.set()
         beat.stop()
+
+
+class _RecordingLeases:
+    """Broker leases that note when they were renewed."""
+
+    def __init__(self) -> None:
+        self.renewed: list[float] = []
+
+    def renew(self, *args: Any) -> bool:
+        self.renewed.append(time.monotonic())
+        return True
+
+    def release(self, *args: Any) -> bool:
+        return True
+
+
+def test_an_attempt_shorter_than_a_check_period_starts_no_renewing_thread(
+    settings: Settings,
+) -> None:
+    quiet = settings.model_copy(update={"heartbeat_interval_s": 60.0, "lease_ttl_s": 300.0})
+    ctx = RunContext(job_id="job_short", attempt=1, device="cpu", leased_at=time.monotonic())
+    leases = _RecordingLeases()
+    beat = Heartbeat(quiet, ctx, "host-a:1", leases)  # type: ignore[arg-type]
+    beat.start()
+    beat.stop()
+    time.sleep(quiet.heartbeat_interval_s / 4 + 0.2)  # past the watchdog's next check
+    assert beat._thread.ident is None and beat._broker_thread.ident is None
+    assert leases.renewed == [] and not ctx.stop_event.is_set()
+
+
+def test_a_longer_attempt_renews_one_interval_after_it_began(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    renewed: list[float] = []
+
+    def recording_renewal(*args: Any, **kwargs: Any) -> Any:
+        renewed.append(time.monotonic())
+        return LeaseState(held=True, cancel_requested=False)
+
+    monkeypatch.setattr(heartbeat_module, "renew_lease", recording_renewal)
+    # no job row behind this attempt: its progress event and webhook are not written
+    monkeypatch.setattr(heartbeat_module, "append_event", lambda *a, **k: None)
+    monkeypatch.setattr(heartbeat_module, "queue_delivery", lambda *a, **k: None)
+    ctx = RunContext(job_id="job_long", attempt=1, device="cpu", leased_at=time.monotonic())
+    leases = _RecordingLeases()
+    beat = Heartbeat(settings, ctx, "host-a:1", leases)  # type: ignore[arg-type]
+    began = time.monotonic()
+    beat.start()
+    try:
+        time.sleep(settings.heartbeat_interval_s * 2.5)
+    finally:
+        beat.stop()
+    interval = settings.heartbeat_interval_s
+    for times in (renewed, leases.renewed):  # the database lease and the broker's
+        assert len(times) >= 2
+        assert times[0] - began >= interval * 0.95  # not sooner than one interval in
+        assert times[1] - times[0] >= interval * 0.95
+    assert not ctx.stop_event.is_set() and beat.broker_lease_taken
