@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,10 +38,24 @@ def _stats_ratio(stats: Any) -> str:
     return f"{stats.median:.2f} [{stats.min:.2f}-{stats.max:.2f}]"
 
 
+def _job_path_cpu(jobs: int) -> dict[str, Any]:
+    """bench.job_path_cpu in a process of its own (it sets its settings through the
+    environment, which this process's other rows must not see)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "parts.json"
+        subprocess.run(
+            [sys.executable, "-m", "bench.job_path_cpu", "--jobs", str(jobs), "--json", str(out)],
+            check=True,
+        )
+        result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
 def p1_rows(quick: bool) -> list[Row]:
     from bench import overhead
 
     r = overhead.main(["--jobs", "100" if quick else "300", "--repeats", "1" if quick else "2"])
+    parts = _job_path_cpu(100 if quick else 500)
     return [
         Row(
             "P1",
@@ -57,6 +74,14 @@ def p1_rows(quick: bool) -> list[Row]:
                 f"{r['raw_cpu_ms_per_task'][k].median:.2f}" for k in ("publish", "worker", "redis")
             )
             + ")",
+            "",
+            None,
+        ),
+        Row(
+            "P1",
+            "CPU ms per no-op job in one process (no HTTP, no Celery): API create path / "
+            "worker lifecycle",
+            f"{parts['api_create_cpu_ms']:.2f} / {parts['worker_lifecycle_cpu_ms']:.2f}",
             "",
             None,
         ),
