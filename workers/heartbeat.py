@@ -61,7 +61,10 @@ class _LeaseWatchdog:
                     beat.check(now)
                 except Exception:
                     logger.exception("job %s: lease check failed", beat.job_id)
-            time.sleep(min(beat.check_every_s for beat in beats))
+            # An event's wait, not time.sleep: a new heartbeat wakes it at once, and its
+            # timed wait is the one the renewing threads use (Python's sleep is an absolute
+            # clock_nanosleep, which a faked wall clock, as libfaketime's, can stretch).
+            self._wake.wait(min(beat.check_every_s for beat in beats))
 
 
 _watchdog = _LeaseWatchdog()
