@@ -319,7 +319,8 @@ class ClaimedRow:
 
 
 def not_expired(now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]:
-    return or_(Job.expires_at.is_(None), Job.expires_at > now)
+    """On the table's column, so a statement built on the table stays free of the ORM."""
+    return or_(JOBS.c.expires_at.is_(None), JOBS.c.expires_at > now)
 
 
 _TENANT_CAP = (
@@ -361,7 +362,7 @@ def _claim_transition(capped: bool) -> PreparedTransition:
     where = [
         JOBS.c.cancel_requested.is_(False),
         JOBS.c.available_at <= now,
-        or_(JOBS.c.expires_at.is_(None), JOBS.c.expires_at > now),
+        not_expired(now),
     ]
     if capped:
         other = JOBS.alias("other")
