@@ -5,7 +5,9 @@ Stop cancels the job, and a refusal shows in the pane."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -223,9 +225,16 @@ def test_stop_aborts_the_stream_and_the_job_is_cancelled(chat_stack: Stack, brow
         )
     )
     assert browser.find_element(By.ID, "playground-send").get_attribute("disabled") is not None
-    browser.find_element(By.ID, "playground-stop").click()
-
-    stopped = finished_answer(browser, 0, 1)
+    # The worker is held while Stop is clicked: the tiny model writes 4000 tokens in a few
+    # seconds, and a busy machine could otherwise deliver the whole answer first.
+    for worker in stack.workers:
+        os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        browser.find_element(By.ID, "playground-stop").click()
+        stopped = finished_answer(browser, 0, 1)
+    finally:
+        for worker in stack.workers:
+            os.kill(worker.pid, signal.SIGCONT)
     assert stopped["state"] == "stopped", stopped
     assert stopped["text"]
     assert browser.find_element(By.ID, "playground-stop").get_attribute("disabled") is not None

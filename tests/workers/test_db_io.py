@@ -5,6 +5,7 @@ fence) when it answers again."""
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 from core.enums import FailureType, JobKind, JobStatus
 from core.errors import TransientJobError
 from core.settings import Settings
+from core.storage import ArtifactStore
 from db.attempts import retry_attempt
 from db.events import list_events
 from db.fencing import current_attempt
@@ -241,6 +243,33 @@ def test_records_buffered_in_an_outage_are_refused_when_the_job_moved_on(
     assert metric_steps(settings, job_id) == [] and checkpoint_rows(settings, job_id) == []
     assert not unrecorded.path.exists()
     assert not (store / relative).exists()
+
+
+def test_a_checkpoint_the_store_has_no_room_for_ends_the_attempt_disk_full(
+    shared_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint saved whole but not copied whole to the shared store is no good one:
+    no row names it, both copies go, and the error names the last recorded checkpoint."""
+    settings = shared_settings
+    job_id = new_job(settings)
+    io = DbTrainingIO(settings, claimed(settings, job_id))
+    assert io.record_checkpoint(save_checkpoint(io, 1))
+    real_publish = ArtifactStore.publish
+
+    def full(store: ArtifactStore, local: Path) -> None:
+        real_publish(store, local)  # what was copied before the disk filled up stays behind
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(ArtifactStore, "publish", full)
+    second = save_checkpoint(io, 2)
+    with pytest.raises(TransientJobError) as failed:
+        io.record_checkpoint(second)
+    assert failed.value.failure is FailureType.DISK_FULL
+    assert "the last good checkpoint is step 1" in str(failed.value)
+    relative = second.path.relative_to(settings.data_dir.resolve())
+    store = Path(settings.storage_url.removeprefix("file://"))
+    assert not second.path.exists() and not (store / relative).exists()
+    assert [step for step, _ in checkpoint_rows(settings, job_id)] == [1]
 
 
 def test_close_gives_up_after_db_retry_s_with_a_transient_error(

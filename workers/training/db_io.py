@@ -24,6 +24,7 @@ from db.session import DATABASE_UNAVAILABLE, session_scope
 from db.training import add_checkpoint, add_metrics, discard_metrics_after, list_checkpoints
 from workers.context import RunContext
 from workers.model_refs import ResolvedModel, inside, resolve_model
+from workers.training.checkpoints import complete_checkpoints, out_of_space
 from workers.training.io import CheckpointInfo, DatasetRows, MetricPoint
 from workers.training.layout import attempt_dir, job_dir, steps_reached_before
 
@@ -196,13 +197,38 @@ class DbTrainingIO:
         step, path, metrics = checkpoint.step, self._relative(checkpoint.path), checkpoint.metrics
         # Published under the attempt's own path before its row is written: a resume on
         # another host can fetch it, and no other attempt's files are replaced.
-        artifact_store(self._settings).publish(checkpoint.path)
+        self._publish_checkpoint(checkpoint)
         self._unrecorded[step] = checkpoint.path
 
         def write(session: Session) -> None:
             add_checkpoint(session, job_id, step, path, dict(metrics))
 
         return self._write(write)
+
+    def _publish_checkpoint(self, checkpoint: CheckpointInfo) -> None:
+        """Copy a checkpoint to the shared store. One that does not fit there is no good
+        checkpoint (no other host could resume from it, and no row will name it): both
+        copies are removed and the attempt ends with a transient `disk_full` error naming
+        the last good one, as a local save that does not fit does."""
+        try:
+            artifact_store(self._settings).publish(checkpoint.path)
+        except Exception as exc:
+            if not out_of_space(exc):
+                raise
+            self._remove_checkpoint(checkpoint.path)
+            kept = complete_checkpoints(checkpoint.path.parent)
+            last = f"step {kept[0][0]}" if kept else "none"
+            logger.warning(
+                "job %s: copying %s to shared storage failed for lack of space: %s",
+                self._ctx.job_id,
+                checkpoint.path.name,
+                exc,
+            )
+            raise TransientJobError(
+                f"no space left copying {checkpoint.path.name} to shared storage ({exc}); "
+                f"the last good checkpoint is {last}",
+                FailureType.DISK_FULL,
+            ) from exc
 
     def remove_pruned(self, paths: Sequence[Path]) -> None:
         store = artifact_store(self._settings)
