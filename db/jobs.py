@@ -354,16 +354,23 @@ def tenant_running_cap(
 _CLAIM_COLUMNS = (Job.kind, Job.spec, Job.attempts, Job.model, Job.max_runtime_s, Job.tenant_id)
 
 
-def _claim_transition(capped: bool) -> PreparedTransition:
+def _claim_transition(capped: bool, only_uncapped: bool = False) -> PreparedTransition:
     """queued -> running for the worker `worker` with a lease of `ttl_s` (unless cancelled,
     not yet due or past its expires_at; with `capped`, unless the tenant `capped_tenant`
-    has `cap` running jobs), all by the database's clock."""
+    has `cap` running jobs; with `only_uncapped`, unless its tenant has a cap of its own),
+    all by the database's clock."""
     now = db_now()
     where = [
         JOBS.c.cancel_requested.is_(False),
         JOBS.c.available_at <= now,
         not_expired(now),
     ]
+    if only_uncapped:
+        where.append(
+            ~select(TENANTS.c.id)
+            .where(TENANTS.c.id == JOBS.c.tenant_id, TENANTS.c.max_running_jobs.is_not(None))
+            .exists()
+        )
     if capped:
         other = JOBS.alias("other")
         running = (
@@ -391,6 +398,10 @@ def _claim_transition(capped: bool) -> PreparedTransition:
 
 
 _CLAIM = _claim_transition(capped=False)
+# The claim when the workers set no default cap: one statement for a tenant without a cap
+# of its own (the usual case); it claims nothing for a capped tenant's job, which then
+# takes the locked path.
+_CLAIM_UNCAPPED = _claim_transition(capped=False, only_uncapped=True)
 _CLAIM_CAPPED = _claim_transition(capped=True)
 
 
@@ -403,13 +414,17 @@ def claim(
 ) -> ClaimedRow | None:
     """queued -> running for `worker` (unless cancelled, not yet due, past its expires_at
     or its tenant is at its running-jobs cap), returning what a worker needs to run it."""
-    cap = tenant_running_cap(session, job_id, default_running_cap)
     params: dict[str, Any] = {"worker": worker, "ttl_s": lease_ttl.total_seconds()}
+    message, data = f"claimed by {worker}", {"worker": worker}
+    if default_running_cap is None:
+        row = _CLAIM_UNCAPPED(session, job_id, params, message, data)
+        if row is not None:
+            return _claimed_row(row)
+        # not claimable, or its tenant has a cap: the capped path tells which
+    cap = tenant_running_cap(session, job_id, default_running_cap)
     if cap is not None:
         params["capped_tenant"], params["cap"] = cap
-    row = (_CLAIM if cap is None else _CLAIM_CAPPED)(
-        session, job_id, params, f"claimed by {worker}", {"worker": worker}
-    )
+    row = (_CLAIM if cap is None else _CLAIM_CAPPED)(session, job_id, params, message, data)
     return None if row is None else _claimed_row(row)
 
 

@@ -36,23 +36,33 @@ class _LeaseWatchdog:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        # how long its current wait lasts: None when it found no heartbeat on its last
+        # look and waits to be woken (set under `_active_lock`)
+        self._waiting_s: float | None = None
 
-    def watch(self) -> None:
-        """Make sure the thread runs (called after a heartbeat joined `_active`)."""
+    def watch(self, check_every_s: float) -> None:
+        """Make sure the thread runs (called after a heartbeat that is checked every
+        `check_every_s` joined `_active`). It is woken only when it would look too late:
+        from its untimed wait, or a timed one longer than the new heartbeat's period (a
+        wake per attempt cost a thread switch per short job)."""
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="lease-watchdog", daemon=True
                 )
                 self._thread.start()
-        self._wake.set()
+        with _active_lock:
+            waiting_s = self._waiting_s
+        if waiting_s is None or waiting_s > check_every_s:
+            self._wake.set()
 
     def _run(self) -> None:
         while True:
             self._wake.clear()
             with _active_lock:
                 beats = list(_active.values())
-            if not beats:
+                self._waiting_s = min((b.check_every_s for b in beats), default=None)
+            if self._waiting_s is None:
                 self._wake.wait()
                 continue
             now = time.monotonic()
@@ -61,10 +71,10 @@ class _LeaseWatchdog:
                     beat.check(now)
                 except Exception:
                     logger.exception("job %s: lease check failed", beat.job_id)
-            # An event's wait, not time.sleep: a new heartbeat wakes it at once, and its
+            # An event's wait, not time.sleep: a new heartbeat wakes it when it must, and its
             # timed wait is the one the renewing threads use (Python's sleep is an absolute
             # clock_nanosleep, which a faked wall clock, as libfaketime's, can stretch).
-            self._wake.wait(min(beat.check_every_s for beat in beats))
+            self._wake.wait(self._waiting_s)
 
 
 _watchdog = _LeaseWatchdog()
@@ -142,7 +152,7 @@ class Heartbeat:
         # lease (a full TTL) covers the attempt, and a job that ends sooner costs Redis
         # nothing.
         self._started_at = time.monotonic()
-        _watchdog.watch()
+        _watchdog.watch(self.check_every_s)
 
     def _start_renewing(self, now: float) -> None:
         """Start the two renewing threads, each first renewing one heartbeat interval after

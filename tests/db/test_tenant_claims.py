@@ -56,6 +56,21 @@ def test_capped_tenant_keeps_extra_jobs_queued_until_one_ends(url: str) -> None:
     assert row is not None and row.tenant_id == capped
 
 
+def test_a_claim_records_one_claimed_event_whichever_path_it_took(url: str) -> None:
+    """Without a default cap the claim tries the one-statement path for uncapped tenants
+    first; a capped tenant's job falls through to the locked path, and each claim leaves
+    one status event."""
+    capped, free = tenant(url, max_running_jobs=2), tenant(url)
+    jobs = [insert_job(url, tenant_id=capped), insert_job(url, tenant_id=free)]
+    for job_id in jobs:
+        with session_scope(url) as s:
+            row = claim(s, job_id, "w1", TTL)
+        assert row is not None and row.attempts == 1
+        with session_scope(url) as s:
+            claimed = [e for e in list_events(s, job_id) if e.message == "claimed by w1"]
+        assert len(claimed) == 1 and claimed[0].data["status"] == JobStatus.RUNNING.value
+
+
 def test_the_settings_default_cap_applies_to_tenants_without_their_own(url: str) -> None:
     t = tenant(url)
     jobs = [insert_job(url, tenant_id=t) for _ in range(3)]

@@ -131,3 +131,51 @@ def test_a_longer_attempt_renews_one_interval_after_it_began(
         assert times[0] - began >= interval * 0.95  # not sooner than one interval in
         assert times[1] - times[0] >= interval * 0.95
     assert not ctx.stop_event.is_set() and beat.broker_lease_taken
+
+
+def test_an_attempt_begun_while_others_run_is_watched_without_a_wake(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog is woken for a new attempt only from its untimed wait: while it already
+    checks others, it reaches the new one within a check period, and starts its renewing
+    threads once it has run for one."""
+    monkeypatch.setattr(
+        heartbeat_module, "renew_lease", lambda *a, **k: LeaseState(True, cancel_requested=False)
+    )
+    monkeypatch.setattr(heartbeat_module, "append_event", lambda *a, **k: None)
+    monkeypatch.setattr(heartbeat_module, "queue_delivery", lambda *a, **k: None)
+    watchdog = heartbeat_module._watchdog
+    sets: list[float] = []
+    real_set = watchdog._wake.set
+
+    def counted_set() -> None:
+        sets.append(time.monotonic())
+        real_set()
+
+    monkeypatch.setattr(watchdog._wake, "set", counted_set)
+
+    def beat_for(job_id: str) -> Heartbeat:
+        ctx = RunContext(job_id=job_id, attempt=1, device="cpu", leased_at=time.monotonic())
+        return Heartbeat(settings, ctx, "host-a:1", _RecordingLeases())  # type: ignore[arg-type]
+
+    first, second = beat_for("job_first"), beat_for("job_second")
+    period = first.check_every_s
+    first.start()
+    try:
+        deadline = time.monotonic() + 10
+        while watchdog._waiting_s is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the watchdog checks the first one on a timer
+        assert watchdog._waiting_s == period
+        woken = len(sets)
+        began = time.monotonic()
+        second.start()
+        assert len(sets) == woken  # no wake: its timed wait ends within a period anyway
+        deadline = began + 10
+        while second._thread.ident is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        started = time.monotonic()
+        assert second._thread.ident is not None and second._broker_thread.ident is not None
+        assert period <= started - began <= 2 * period + 0.5
+    finally:
+        second.stop()
+        first.stop()
