@@ -81,11 +81,26 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
-async def refuse_nul_characters(request: Request) -> None:
+async def check_request_shape(request: Request) -> None:
+    """Every route's checks before its own: one dependency for both, as each dependency
+    FastAPI solves costs every request."""
+    refuse_nul_characters(request)
+    await limit_json_shape(request)
+
+
+def refuse_nul_characters(request: Request) -> None:
     """422 for a NUL character in the path or the query: PostgreSQL cannot store or
     compare one, so it would otherwise surface as a server error."""
-    if "\x00" in request.url.path or any(
-        "\x00" in key or "\x00" in value for key, value in request.query_params.multi_items()
+    scope = request.scope
+    query: bytes = scope.get("query_string", b"")
+    in_path = "\x00" in scope.get("root_path", "") or "\x00" in scope["path"]
+    # the query is parsed only when its raw bytes could hold one (a URL built per request
+    # and a parsed query cost every request otherwise)
+    if in_path or (
+        (b"\x00" in query or b"%00" in query)
+        and any(
+            "\x00" in key or "\x00" in value for key, value in request.query_params.multi_items()
+        )
     ):
         raise InvalidRequestError("NUL characters are not allowed in the URL")
 

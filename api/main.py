@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import KeyCache, RateLimiter
 from api.errors import COMMON_RESPONSES, install_error_handlers
-from api.limits import BodySizeLimit, limit_json_shape, refuse_nul_characters
+from api.limits import BodySizeLimit, check_request_shape
 from api.prometheus import ModelyardCollector
 from api.routes import (
     admin,
@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         responses=COMMON_RESPONSES,
-        dependencies=[Depends(refuse_nul_characters), Depends(limit_json_shape)],
+        dependencies=[Depends(check_request_shape)],
     )
     app.state.settings = settings
     app.state.rate_limiter = RateLimiter(settings.broker_url)

@@ -6,7 +6,7 @@ import logging
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -114,14 +114,16 @@ def _parse_metadata_filters(values: list[str]) -> dict[str, str]:
 )
 async def create_job(
     req: JobRequest,
+    request: Request,
     response: Response,
-    settings: SettingsDep,
-    publisher: PublisherDep,
     who: JobsWrite,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     # The hot path: one thread-pool hop for the whole database + broker work, instead
-    # of one for the session dependency's setup, one for the route, one for teardown.
+    # of one for the session dependency's setup, one for the route, one for teardown;
+    # the settings and the publisher from the app's state, not two more dependencies.
+    settings: Settings = request.app.state.settings
+    publisher: JobPublisher = request.app.state.publisher
     out = await run_in_threadpool(
         _create_job, req, response, settings, publisher, who, idempotency_key
     )

@@ -237,7 +237,12 @@ def test_health(client: TestClient) -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["/v1/jobs?metadata=a:%00", "/v1/jobs/job_%00x", "/v1/jobs/job_1/metrics?name=%00"],
+    [
+        "/v1/jobs?metadata=a:%00",
+        "/v1/jobs/job_%00x",
+        "/v1/jobs/job_1/metrics?name=%00",
+        "/v1/jobs?%00=a",  # in a key
+    ],
 )
 def test_nul_characters_in_the_url_are_refused(client: TestClient, url: str) -> None:
     # Found by schemathesis: PostgreSQL cannot take NUL, which answered 500.
