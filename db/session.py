@@ -49,7 +49,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def _begin_on_driver(conn: Any, statement: str) -> None:
     """Run BEGIN on the sqlite3 connection itself: through SQLAlchemy's statement path it
-    cost about a quarter of a short transaction's overhead, once per transaction. A
+    cost about a fifth of a short transaction's begin and commit, once per transaction. A
     failure is raised as SQLAlchemy would have wrapped it (a locked file is an
     OperationalError, as DATABASE_UNAVAILABLE expects)."""
     dbapi_conn = conn.connection.dbapi_connection
