@@ -165,7 +165,7 @@ def test_an_attempt_begun_while_others_run_is_watched_without_a_wake(
         deadline = time.monotonic() + 10
         while watchdog._waiting_s is None and time.monotonic() < deadline:
             time.sleep(0.01)  # until the watchdog checks the first one on a timer
-        assert watchdog._waiting_s == period
+        assert watchdog._waiting_s is not None and watchdog._waiting_s <= period
         woken = len(sets)
         began = time.monotonic()
         second.start()
@@ -174,8 +174,13 @@ def test_an_attempt_begun_while_others_run_is_watched_without_a_wake(
         while second._thread.ident is None and time.monotonic() < deadline:
             time.sleep(0.005)
         started = time.monotonic()
-        assert second._thread.ident is not None and second._broker_thread.ident is not None
-        assert period <= started - began <= 2 * period + 0.5
+        assert second._thread.ident is not None
+        assert period <= started - began <= 2 * period + 1.0  # slack for a loaded machine
+        # the broker lease's thread is started right after, by the same call
+        deadline = time.monotonic() + 10
+        while second._broker_thread.ident is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert second._broker_thread.ident is not None
     finally:
         second.stop()
         first.stop()
