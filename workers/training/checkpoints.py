@@ -64,6 +64,13 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def last_good_checkpoint(run_dir: Path) -> str:
+    """How a `disk_full` error names what a retry resumes from: `step N` of the newest
+    complete checkpoint in `run_dir`, or `none`."""
+    kept = complete_checkpoints(run_dir)
+    return f"step {kept[0][0]}" if kept else "none"
+
+
 def rotate_checkpoints_of_attempt(
     run_dir: Path, save_total_limit: int | None, best_model_checkpoint: str | None
 ) -> list[Path]:
@@ -155,8 +162,7 @@ class AtomicCheckpointTrainer(Trainer):
             shutil.rmtree(staging, ignore_errors=True)
             if not out_of_space(exc):
                 raise
-            kept = complete_checkpoints(run_dir)
-            last = f"step {kept[0][0]}" if kept else "none"
+            last = last_good_checkpoint(run_dir)
             logger.warning("writing %s failed for lack of space: %s", name, exc)
             raise TransientJobError(
                 f"no space left writing {name} ({exc}); the last good checkpoint is {last}",

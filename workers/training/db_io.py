@@ -24,7 +24,7 @@ from db.session import DATABASE_UNAVAILABLE, session_scope
 from db.training import add_checkpoint, add_metrics, discard_metrics_after, list_checkpoints
 from workers.context import RunContext
 from workers.model_refs import ResolvedModel, inside, resolve_model
-from workers.training.checkpoints import complete_checkpoints, out_of_space
+from workers.training.checkpoints import last_good_checkpoint, out_of_space
 from workers.training.io import CheckpointInfo, DatasetRows, MetricPoint
 from workers.training.layout import attempt_dir, job_dir, steps_reached_before
 
@@ -216,8 +216,7 @@ class DbTrainingIO:
             if not out_of_space(exc):
                 raise
             self._remove_checkpoint(checkpoint.path)
-            kept = complete_checkpoints(checkpoint.path.parent)
-            last = f"step {kept[0][0]}" if kept else "none"
+            last = last_good_checkpoint(checkpoint.path.parent)
             logger.warning(
                 "job %s: copying %s to shared storage failed for lack of space: %s",
                 self._ctx.job_id,
