@@ -8,12 +8,15 @@ on the `default` tenant also every tenant). `admin` implies all the others.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from fastapi import Depends, Request
@@ -87,6 +90,7 @@ class RateLimiter:
         self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         self._lock = threading.Lock()
         self._held: dict[str, tuple[int, int]] = {}  # key -> (window, counted, not yet passed)
+        self._counting: dict[str, asyncio.Future[int | None]] = {}  # key -> its count under way
 
     def take_held(self, key: str, now: float | None = None) -> bool:
         """Pass one request on a block this process counted earlier in this minute (no
@@ -98,6 +102,28 @@ class RateLimiter:
                 return False
             self._held[key] = (window, held[1] - 1)
             return True
+
+    async def count(self, key: str, limit: int) -> int | None:
+        """`retry_after` from the event loop, for a request `take_held` did not pass. While
+        one request of `key` is counted in the thread pool (its round trip may take a
+        block), the others of a burst wait for it and pass on that block, instead of each
+        taking a thread and a round trip of its own."""
+        pending = self._counting.get(key)
+        if pending is not None and not pending.done():
+            await asyncio.wait({pending})
+            if self.take_held(key):
+                return None
+            return await run_in_threadpool(self.retry_after, key, limit)
+        pending = asyncio.ensure_future(run_in_threadpool(self.retry_after, key, limit))
+        self._counting[key] = pending
+        pending.add_done_callback(lambda done: self._counted(key, done))
+        # shielded: a request that goes away does not cancel the count the others wait on
+        return await asyncio.shield(pending)
+
+    def _counted(self, key: str, done: asyncio.Future[int | None]) -> None:
+        if self._counting.get(key) is done:
+            del self._counting[key]
+        _retrieved(done)
 
     def retry_after(self, key: str, limit: int, now: float | None = None) -> int | None:
         """Count a request; None when it is within `limit`, else seconds to wait (and the
@@ -188,6 +214,7 @@ class KeyCache:
         self._ttl_s = ttl_s
         self._entries: dict[str, tuple[Principal, float]] = {}
         self._lock = threading.Lock()
+        self._loading: dict[str, asyncio.Future[Principal]] = {}  # digest -> its lookup
         # Bumped by `forget`: a lookup that read the key before a revoke committed does not
         # put it back afterwards.
         self.generation = 0
@@ -221,16 +248,45 @@ class KeyCache:
             for digest in [d for d, (p, _) in self._entries.items() if p.key_id == key_id]:
                 del self._entries[digest]
 
+    async def fetch(self, digest: str, load: Callable[[str], Principal]) -> Principal:
+        """The key's principal: remembered, else `load(digest)` in the thread pool, once
+        for all the requests that ask for the same key meanwhile (a burst after the period
+        would otherwise read it once per request). Called on the event loop only."""
+        if self._ttl_s <= 0:
+            return await run_in_threadpool(load, digest)  # every request looks its key up
+        principal = self.get(digest)
+        if principal is not None:
+            return principal
+        pending = self._loading.get(digest)
+        if pending is None or pending.done():
+            pending = asyncio.ensure_future(self._load(digest, load))
+            self._loading[digest] = pending
+            pending.add_done_callback(lambda done: self._loaded(digest, done))
+        # shielded: a request that goes away does not cancel the others' lookup
+        return await asyncio.shield(pending)
+
+    async def _load(self, digest: str, load: Callable[[str], Principal]) -> Principal:
+        generation = self.generation
+        principal = await run_in_threadpool(load, digest)
+        self.put(digest, principal, generation)
+        return principal
+
+    def _loaded(self, digest: str, done: asyncio.Future[Principal]) -> None:
+        if self._loading.get(digest) is done:
+            del self._loading[digest]
+        _retrieved(done)
+
+
+def _retrieved(done: asyncio.Future[Any]) -> None:
+    """Mark a shared future's error as seen: its waiters may all have gone away."""
+    if not done.cancelled():
+        done.exception()
+
 
 async def _lookup(settings: Settings, secret: str, cache: KeyCache) -> Principal:
     """The key's principal: from the cache without leaving the event loop, else read in
     the thread pool (as is the touch of its last_used_at, at most once a minute)."""
-    digest = hash_key(secret)
-    principal = cache.get(digest)
-    if principal is None:
-        generation = cache.generation
-        principal = await run_in_threadpool(_lookup_key, settings, digest)
-        cache.put(digest, principal, generation)
+    principal = await cache.fetch(hash_key(secret), functools.partial(_lookup_key, settings))
     if principal.key_id is not None and _due_for_touch(principal.key_id):
         await run_in_threadpool(_touch, settings, principal.key_id)
     return principal
@@ -290,7 +346,7 @@ async def authenticate(
     limiter: RateLimiter = request.app.state.rate_limiter
     key = principal.key_id or "dev"
     if not limiter.take_held(key):
-        wait = await run_in_threadpool(limiter.retry_after, key, principal.requests_per_minute)
+        wait = await limiter.count(key, principal.requests_per_minute)
         if wait is not None:
             raise RateLimitedError(
                 f"more than {principal.requests_per_minute} requests per minute; retry in {wait}s",

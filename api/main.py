@@ -33,6 +33,7 @@ from api.routes import (
 )
 from api.routes.metrics import ScrapeCache
 from core.dispatch import JobPublisher
+from core.heap import freeze_startup_objects
 from core.settings import Settings, get_settings
 from core.token_stream import TokenStreamReader
 from db.session import migrate
@@ -40,7 +41,14 @@ from db.session import migrate
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_server_app() -> FastAPI:
+    """The app an API server process runs (api/serve.py): its startup ends by freezing
+    what it allocated out of garbage collection (core.heap). Tests build theirs with
+    `create_app`, which leaves the collector alone: a test process makes hundreds of apps."""
+    return create_app(freeze_heap=True)
+
+
+def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -54,6 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "AUTH IS DISABLED (MODELYARD_AUTH_DISABLED): every request acts as the "
                 "default tenant with all scopes; never expose this API"
             )
+        if freeze_heap:
+            freeze_startup_objects("api")
         logger.info("api ready")
         yield
         app.state.rate_limiter.close()

@@ -30,7 +30,7 @@ def api(
         run_migrations(settings.database_url)
         os.environ["MODELYARD_AUTO_MIGRATE"] = "false"
     uvicorn.run(
-        "api.main:create_app",
+        "api.main:create_server_app",
         factory=True,
         host=host or settings.api_host,
         port=port or settings.api_port,

@@ -9,6 +9,7 @@ from celery import signals
 
 from core.dispatch import check_broker_timeouts, make_celery
 from core.errors import ConfigurationError
+from core.heap import freeze_startup_objects
 from core.logs import configure_logging
 from core.settings import get_settings
 
@@ -54,6 +55,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
         runtime.run_reconcile()
     except Exception:
         logger.exception("reconcile at worker start failed")
+    freeze_startup_objects("worker")  # torch and the rest, out of every full collection
     if settings.recovery_in_workers:
         _start_recovery()
 

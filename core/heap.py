@@ -1,0 +1,36 @@
+"""The garbage collector in our long-running servers (the API, the workers).
+
+What a server allocates before it serves (imported modules: FastAPI, SQLAlchemy, torch,
+transformers) stays alive until it exits, yet each full collection walks all of it: 170,000
+objects and about 100 ms in an API process, 320,000 and about 190 ms in a worker that has
+imported torch (measured on this project's 2-core machine). A burst of requests allocates
+enough to start such collections, so each one stopped the API's event loop and its threads,
+or a worker's decoding loop, in the middle of the burst. Once a server is ready it moves
+what it has so far out of the collector's sight (`gc.freeze`); later full collections walk
+only what was allocated since. Reference counting still frees those objects as usual; only
+reference cycles among them are never collected, and they were meant to live anyway.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+logger = logging.getLogger(__name__)
+
+
+def freeze_startup_objects(what: str) -> int:
+    """Collect once, then freeze every object still alive (call when `what` is ready to
+    serve); returns how many objects the collector now leaves alone."""
+    started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    logger.info(
+        "%s: %d startup objects frozen out of garbage collection (%.0f ms)",
+        what,
+        frozen,
+        (time.perf_counter() - started) * 1000,
+    )
+    return frozen
