@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -32,7 +33,7 @@ from core.errors import (
     QuotaExceededError,
     UnsupportedParameterError,
 )
-from core.model_files import custom_code_reason
+from core.model_files import CODE_CONFIGS, custom_code_reason
 from core.model_sources import hub_allowed, into_tenant_files, not_installed
 from core.prompts import PromptError, encode_prompts
 from core.ranking import rank_label
@@ -110,17 +111,34 @@ def check_model(
         if not settings.storage_url and not Path(ref).is_dir() and not hub_allowed(settings, ref):
             raise ModelNotInstalledError(not_installed(settings, ref), param=param)
         return
-    if not any(Path(local).glob("*.safetensors")):
-        raise InvalidRequestError(
-            f"model directory {ref!r} has no safetensors weights (only safetensors are loaded)",
-            param=param,
-        )
+    refusal = _directory_refusal(str(local), _directory_stamp(local))
+    if refusal is not None:
+        raise InvalidRequestError(f"model directory {ref!r} {refusal}", param=param)
+
+
+def _directory_stamp(local: Path) -> tuple[int, ...]:
+    """Changes when a file is added to, removed from or renamed into the directory (its
+    own mtime), or a config that could map custom code is rewritten in place."""
+    stamp = []
+    for path in (local, *(local / name for name in CODE_CONFIGS)):
+        try:
+            stamp.append(path.stat().st_mtime_ns)
+        except OSError:
+            stamp.append(-1)
+    return tuple(stamp)
+
+
+@lru_cache(maxsize=64)
+def _directory_refusal(directory: str, stamp: tuple[int, ...]) -> str | None:
+    """Why a local model directory is refused (no safetensors weights, custom code), read
+    once per `stamp`: a burst of requests on one model lists and parses it once."""
+    local = Path(directory)
+    if not any(local.glob("*.safetensors")):
+        return "has no safetensors weights (only safetensors are loaded)"
     reason = custom_code_reason(local)
     if reason is not None:
-        raise InvalidRequestError(
-            f"model directory {ref!r} is refused: {reason} (trust_remote_code stays off)",
-            param=param,
-        )
+        return f"is refused: {reason} (trust_remote_code stays off)"
+    return None
 
 
 def _fitting_dataset(

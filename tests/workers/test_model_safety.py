@@ -125,6 +125,36 @@ def test_the_api_refuses_both_with_422(
     assert not marker.exists()
 
 
+def test_the_api_sees_a_directory_change_after_it_accepted_the_directory(
+    tiny_model_dir: Path, models_dir: Path, tmp_path: Path
+) -> None:
+    """The API reads a model directory once while it is unchanged (a burst of requests on
+    one model); code put next to the weights, or an auto_map written into its config in
+    place, is refused from the next request on."""
+    target = models_dir / "changing"
+    shutil.copytree(tiny_model_dir, target)
+    db = f"sqlite:///{tmp_path / 'm.db'}"
+    settings = Settings(data_dir=tmp_path / "data", database_url=db)
+    job = {"kind": "generate", "spec": {"model": "changing", "prompts": ["hi"]}}
+    with redis_db_index() as broker_url:
+        app = create_app(settings.model_copy(update={"broker_url": broker_url}))
+        with TestClient(app) as client:
+            client.headers.update(bearer(make_key(db)))
+            assert client.post("/v1/jobs", json=job).status_code == 202
+            (target / "modeling_extra.py").write_text("class Extra: pass\n")
+            resp = client.post("/v1/jobs", json=job)
+            assert resp.status_code == 422 and "modeling_extra.py" in resp.text, resp.text
+            (target / "modeling_extra.py").unlink()
+            assert client.post("/v1/jobs", json=job).status_code == 202
+            config = json.loads((target / "config.json").read_text())
+            config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+            with (target / "config.json").open("r+") as f:  # in place: the same file
+                f.write(json.dumps(config))
+                f.truncate()
+            resp = client.post("/v1/jobs", json=job)
+            assert resp.status_code == 422 and "auto_map" in resp.text, resp.text
+
+
 def test_symlinks_out_of_the_data_dir_are_not_followed(
     tiny_model_dir: Path, models_dir: Path, tmp_path: Path
 ) -> None:
