@@ -5,7 +5,8 @@ SmolLM2-135M-Instruct (or the tiny GPT-2 with --quick), 32 different short quest
 64 new tokens each, greedy, measured side by side in one run, alternating `--rounds`
 times:
 
-  A  32 concurrent `POST /v1/chat/completions` with `stream: true` on a private stack
+  A  32 concurrent `POST /v1/chat/completions` with `stream: true` (sent by aiohttp, or
+     httpx with `--client httpx`) on a private stack
      (SQLite, Redis, the API, one worker with MODELYARD_GENERATION_MAX_SEQUENCES=32):
      each request a job that joins the worker's decode group; time to first token is
      from sending the request to its first content chunk;
@@ -16,7 +17,7 @@ times:
 Throughput is completion tokens per second of wall time (A: the usage chunks; B: the
 engine's outputs).
 
-    python -m bench.serving [--rounds 2] [--quick] [--json PATH]
+    python -m bench.serving [--rounds 2] [--quick] [--client aiohttp|httpx] [--json PATH]
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 from api.serving_requests import chat_request
 from bench.common import auth_headers, percentile, private_stack
 from bench.generation import DEFAULT_CACHE, SMOL, TINY, install_model, prepare_smol
+from core.heap import freeze_startup_objects
 from core.settings import Settings
 from tests.support.tiny_model import build_tiny_gpt2, with_chat_template
 from workers.generation.engine import base_of, open_engine
@@ -101,34 +104,68 @@ class Run:
         return self.tokens / self.seconds
 
 
-async def _one(http: httpx.AsyncClient, payload: dict[str, Any]) -> tuple[float, int, float]:
+class _Stream:
+    """Reads one streamed answer: (time to first content chunk, completion tokens)."""
+
+    def __init__(self, sent: float) -> None:
+        self.sent = sent
+        self.first = 0.0
+        self.tokens = 0
+
+    def line(self, line: str) -> None:
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            return
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            raise RuntimeError(chunk["error"])
+        if not self.first and any(c["delta"].get("content") for c in chunk["choices"]):
+            self.first = time.perf_counter() - self.sent
+        if chunk.get("usage"):
+            self.tokens = chunk["usage"]["completion_tokens"]
+
+
+async def _one_aiohttp(
+    http: aiohttp.ClientSession, payload: dict[str, Any]
+) -> tuple[float, int, float]:
     """(time to first content chunk, completion tokens, end) of one streamed request."""
-    sent = time.perf_counter()
-    first = 0.0
-    tokens = 0
+    stream = _Stream(time.perf_counter())
+    async with http.post("/v1/chat/completions", json=payload) as resp:
+        resp.raise_for_status()
+        async for raw in resp.content:  # one line at a time
+            stream.line(raw.decode().rstrip("\r\n"))
+    return stream.first, stream.tokens, time.perf_counter()
+
+
+async def _one_httpx(http: httpx.AsyncClient, payload: dict[str, Any]) -> tuple[float, int, float]:
+    stream = _Stream(time.perf_counter())
     async with http.stream("POST", "/v1/chat/completions", json=payload) as resp:
         resp.raise_for_status()
         async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"])
-            if not first and any(c["delta"].get("content") for c in chunk["choices"]):
-                first = time.perf_counter() - sent
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return first, tokens, time.perf_counter()
+            stream.line(line)
+    return stream.first, stream.tokens, time.perf_counter()
 
 
-async def through_api(base: str, model: str) -> Run:
-    """A: every question as its own streamed chat completion, all sent at once."""
-    limits = httpx.Limits(max_connections=REQUESTS + 4)
-    async with httpx.AsyncClient(
-        base_url=base, headers=auth_headers(), timeout=600, limits=limits
-    ) as http:
-        start = time.perf_counter()
-        results = await asyncio.gather(*(_one(http, body(model, q)) for q in QUESTIONS))
+async def through_api(base: str, model: str, client: str = "aiohttp") -> Run:
+    """A: every question as its own streamed chat completion, all sent at once, by
+    aiohttp (as vLLM's serving benchmark sends its load) or httpx (the openai SDK's
+    client, which costs this process about 10x the CPU per request: see bench/README.md)."""
+    payloads = [body(model, q) for q in QUESTIONS]
+    if client == "httpx":
+        limits = httpx.Limits(max_connections=REQUESTS + 4)
+        async with httpx.AsyncClient(
+            base_url=base, headers=auth_headers(), timeout=600, limits=limits
+        ) as http:
+            start = time.perf_counter()
+            results = await asyncio.gather(*(_one_httpx(http, p) for p in payloads))
+    else:
+        async with aiohttp.ClientSession(
+            base,
+            headers=auth_headers(),
+            timeout=aiohttp.ClientTimeout(total=600),
+            connector=aiohttp.TCPConnector(limit=REQUESTS + 4),
+        ) as session:
+            start = time.perf_counter()
+            results = await asyncio.gather(*(_one_aiohttp(session, p) for p in payloads))
     end = max(r[2] for r in results)
     return Run(end - start, sum(r[1] for r in results), [r[0] for r in results])
 
@@ -172,6 +209,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="1 round on the tiny GPT-2")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--client", choices=["aiohttp", "httpx"], default="aiohttp", help="A's HTTP client"
+    )
     args = parser.parse_args(argv)
     rounds = 1 if args.quick else args.rounds
     started = time.perf_counter()
@@ -188,11 +228,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stack.start_worker()
         local = InProcess(stack.settings, model)
         local.run()  # warm-up: the worker's model is warmed by the first request below
-        asyncio.run(through_api(base, model))
+        asyncio.run(through_api(base, model, args.client))
+        # as the API and the worker do once ready: the in-process engine and the client
+        # of A, both in this process, are then not paused by full collections either
+        freeze_startup_objects("bench")
         for _ in range(rounds):
-            a.append(asyncio.run(through_api(base, model)))
+            a.append(asyncio.run(through_api(base, model, args.client)))
             b.append(local.run())
     result = summarize(a, b, model, time.perf_counter() - started)
+    result["client"] = args.client
     print_table(result)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
