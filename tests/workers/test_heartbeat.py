@@ -92,13 +92,14 @@ class _RecordingLeases:
 def test_an_attempt_shorter_than_a_check_period_starts_no_renewing_thread(
     settings: Settings,
 ) -> None:
-    quiet = settings.model_copy(update={"heartbeat_interval_s": 60.0, "lease_ttl_s": 300.0})
+    # a check period (a quarter of the interval) of 2 s: long beside start-then-stop
+    quiet = settings.model_copy(update={"heartbeat_interval_s": 8.0, "lease_ttl_s": 300.0})
     ctx = RunContext(job_id="job_short", attempt=1, device="cpu", leased_at=time.monotonic())
     leases = _RecordingLeases()
     beat = Heartbeat(quiet, ctx, "host-a:1", leases)  # type: ignore[arg-type]
     beat.start()
     beat.stop()
-    time.sleep(quiet.heartbeat_interval_s / 4 + 0.2)  # past the watchdog's next check
+    time.sleep(quiet.heartbeat_interval_s / 4 + 0.5)  # past the watchdog's next check
     assert beat._thread.ident is None and beat._broker_thread.ident is None
     assert leases.renewed == [] and not ctx.stop_event.is_set()
 
