@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from api.auth import RateLimiter
 from api.main import create_app
 from core.settings import Settings
 from tests.support.auth import TEST_RPM, bearer, make_key
@@ -52,3 +53,12 @@ def small_upload_client(small_upload_settings: Settings) -> Iterator[TestClient]
     with TestClient(create_app(small_upload_settings)) as c:
         c.headers.update(bearer(make_key(small_upload_settings.database_url)))
         yield c
+
+
+@pytest.fixture
+def limiter() -> Iterator[RateLimiter]:
+    """A rate limiter on a Redis db index of its own."""
+    with redis_db_index() as url:
+        rate = RateLimiter(url)
+        yield rate
+        rate.close()

@@ -7,13 +7,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from api.auth import WINDOW_S, KeyCache, Principal, RateLimiter
 from core.errors import AuthenticationError
-from tests.support.services import redis_db_index
 
 PRINCIPAL = Principal(
     tenant_id="default", key_id="k1", scopes=frozenset({"jobs:read"}), requests_per_minute=60
@@ -91,14 +87,6 @@ def test_a_revoke_during_the_lookup_keeps_its_result_out_of_the_cache() -> None:
 
     asyncio.run(scenario())
     assert cache.get("d") is None
-
-
-@pytest.fixture
-def limiter() -> Iterator[RateLimiter]:
-    with redis_db_index() as url:
-        rate = RateLimiter(url)
-        yield rate
-        rate.close()
 
 
 class CountedRoundTrips:

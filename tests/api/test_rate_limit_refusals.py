@@ -2,20 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
 from api.auth import WINDOW_S, RateLimiter
-from tests.support.services import redis_db_index
-
-
-@pytest.fixture
-def limiter() -> Iterator[RateLimiter]:
-    with redis_db_index() as url:
-        rate = RateLimiter(url)
-        yield rate
-        rate.close()
 
 
 def test_refused_requests_do_not_count(limiter: RateLimiter) -> None:
