@@ -214,7 +214,8 @@ class KeyCache:
         self._ttl_s = ttl_s
         self._entries: dict[str, tuple[Principal, float]] = {}
         self._lock = threading.Lock()
-        self._loading: dict[str, asyncio.Future[Principal]] = {}  # digest -> its lookup
+        # digest -> its lookup under way, and the generation it began in
+        self._loading: dict[str, tuple[asyncio.Future[Principal], int]] = {}
         # Bumped by `forget`: a lookup that read the key before a revoke committed does not
         # put it back afterwards.
         self.generation = 0
@@ -257,22 +258,30 @@ class KeyCache:
         principal = self.get(digest)
         if principal is not None:
             return principal
-        pending = self._loading.get(digest)
-        if pending is None or pending.done():
-            pending = asyncio.ensure_future(self._load(digest, load))
-            self._loading[digest] = pending
+        # A lookup begun before a revoke (`forget`) is not shared with requests after it:
+        # those look the key up again, so a revoke here still works at once.
+        generation = self.generation
+        loading = self._loading.get(digest)
+        pending: asyncio.Future[Principal]
+        if loading is None or loading[0].done() or loading[1] != generation:
+            pending = asyncio.ensure_future(self._load(digest, load, generation))
+            self._loading[digest] = (pending, generation)
             pending.add_done_callback(lambda done: self._loaded(digest, done))
+        else:
+            pending = loading[0]
         # shielded: a request that goes away does not cancel the others' lookup
         return await asyncio.shield(pending)
 
-    async def _load(self, digest: str, load: Callable[[str], Principal]) -> Principal:
-        generation = self.generation
+    async def _load(
+        self, digest: str, load: Callable[[str], Principal], generation: int
+    ) -> Principal:
         principal = await run_in_threadpool(load, digest)
         self.put(digest, principal, generation)
         return principal
 
     def _loaded(self, digest: str, done: asyncio.Future[Principal]) -> None:
-        if self._loading.get(digest) is done:
+        loading = self._loading.get(digest)
+        if loading is not None and loading[0] is done:
             del self._loading[digest]
         _retrieved(done)
 

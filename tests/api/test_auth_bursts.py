@@ -89,6 +89,20 @@ def test_a_revoke_during_the_lookup_keeps_its_result_out_of_the_cache() -> None:
     assert cache.get("d") is None
 
 
+def test_a_request_after_a_revoke_does_not_share_a_lookup_begun_before_it() -> None:
+    cache, load = KeyCache(5.0), Lookups()
+
+    async def scenario() -> None:
+        before = asyncio.ensure_future(cache.fetch("d", load))
+        await asyncio.sleep(0.01)
+        cache.forget("k1")  # revoked through this process while `before` reads the key
+        after = asyncio.ensure_future(cache.fetch("d", load))
+        await asyncio.gather(before, after)
+
+    asyncio.run(scenario())
+    assert load.calls == 2  # the request after the revoke read the key itself
+
+
 class CountedRoundTrips:
     def __init__(self, limiter: RateLimiter) -> None:
         self.calls = 0
