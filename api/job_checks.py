@@ -33,7 +33,7 @@ from core.errors import (
     QuotaExceededError,
     UnsupportedParameterError,
 )
-from core.model_files import CODE_CONFIGS, custom_code_reason
+from core.model_files import CODE_CONFIGS, custom_code_reason, files_stamp
 from core.model_sources import hub_allowed, into_tenant_files, not_installed
 from core.prompts import PromptError, encode_prompts
 from core.ranking import rank_label
@@ -111,21 +111,12 @@ def check_model(
         if not settings.storage_url and not Path(ref).is_dir() and not hub_allowed(settings, ref):
             raise ModelNotInstalledError(not_installed(settings, ref), param=param)
         return
-    refusal = _directory_refusal(str(local), _directory_stamp(local))
+    # the directory's own mtime: weights or code files added or removed; the configs':
+    # an auto_map written into one in place
+    stamp = files_stamp((local, *(local / name for name in CODE_CONFIGS)))
+    refusal = _directory_refusal(str(local), stamp)
     if refusal is not None:
         raise InvalidRequestError(f"model directory {ref!r} {refusal}", param=param)
-
-
-def _directory_stamp(local: Path) -> tuple[int, ...]:
-    """Changes when a file is added to, removed from or renamed into the directory (its
-    own mtime), or a config that could map custom code is rewritten in place."""
-    stamp = []
-    for path in (local, *(local / name for name in CODE_CONFIGS)):
-        try:
-            stamp.append(path.stat().st_mtime_ns)
-        except OSError:
-            stamp.append(-1)
-    return tuple(stamp)
 
 
 @lru_cache(maxsize=64)

@@ -27,6 +27,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer
 
+from core.model_files import files_stamp
 from core.prompts import context_length
 
 logger = logging.getLogger(__name__)
@@ -179,13 +180,12 @@ def _special_tokens(directory: Path, tokenizer_config: Mapping[str, Any]) -> dic
     return found
 
 
-def _stamp(directory: Path) -> int:
-    files = [directory / name for name in TOKENIZER_FILES]
-    return max((f.stat().st_mtime_ns for f in files if f.exists()), default=0)
+def _stamp(directory: Path) -> tuple[int, ...]:
+    return files_stamp(directory / name for name in TOKENIZER_FILES)
 
 
 @lru_cache(maxsize=16)
-def _load(directory_name: str, stamp: int) -> tuple[LocalTokenizer, int | None]:
+def _load(directory_name: str, stamp: tuple[int, ...]) -> tuple[LocalTokenizer, int | None]:
     directory = Path(directory_name)
     logger.info("loading the tokenizer of %s to check prompts", directory)
     tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))

@@ -4,9 +4,23 @@ Checked by the API when a job names a local model and by workers before they loa
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json")
+
+
+def files_stamp(paths: Iterable[Path]) -> tuple[int, ...]:
+    """The mtime of each of `paths` (-1 for one that is missing): a cache key for what
+    was read from them, which changes when any is written, created, removed or replaced
+    (a directory's own mtime changes when a file in it is added, removed or renamed)."""
+    stamp = []
+    for path in paths:
+        try:
+            stamp.append(path.stat().st_mtime_ns)
+        except OSError:
+            stamp.append(-1)
+    return tuple(stamp)
 
 
 def custom_code_reason(directory: Path) -> str | None:
