@@ -7,6 +7,12 @@ expressions are evaluated by the database server, so every host agrees on "now".
 Values follow the UTCDateTime convention (naive UTC): on PostgreSQL
 `timezone('UTC', statement_timestamp())`, on SQLite the same text layout SQLAlchemy
 writes (`YYYY-MM-DD HH:MM:SS.ffffff`), so columns and these compare correctly.
+
+SQLite's clock counts whole milliseconds while this host writes microseconds, so on
+SQLite "now" is the last microsecond of the current millisecond: a time this host wrote
+before the statement (a job's `available_at`) is never after it. Rounded down, a job
+claimed in the millisecond it was queued was "not yet due". Within one statement "now"
+does not move, as PostgreSQL's `statement_timestamp()` does not.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from db.base import UTCDateTime
 
-_SQLITE_NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now'{modifier}) || '000'"
+_SQLITE_NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now'{modifier}) || '999'"
 
 
 class _DbNow(FunctionElement[datetime]):

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select, update
 
 from db.clock import database_now, db_now, db_time_after
-from db.jobs import get_job
+from db.jobs import claim_job, get_job
 from db.models import Job
 from db.session import migrate, session_scope
 from tests.support.jobs import insert_job
@@ -55,3 +55,21 @@ def test_written_values_compare_with_the_clock_in_sql(url: str) -> None:
             select(Job.id).where(Job.id == job_id, Job.lease_expires_at < db_time_after(120))
         ).all()
         assert past == [job_id]
+
+
+def test_a_time_taken_here_just_before_is_never_after_the_database_now(url: str) -> None:
+    # SQLite's 'now' has millisecond precision while this host writes microseconds; a
+    # clock rounded down put "now" before a time written in the same millisecond.
+    with session_scope(url) as s:
+        for _ in range(50):
+            before = datetime.now(UTC)
+            assert database_now(s) >= before
+
+
+def test_a_job_is_claimable_in_the_millisecond_it_was_queued(url: str) -> None:
+    # Its available_at is written by this host; the claim compares it with the
+    # database's clock, so a claim right after the insert must not find it "not yet due".
+    for _ in range(20):
+        job_id = insert_job(url)
+        with session_scope(url) as s:
+            assert claim_job(s, job_id, "w", timedelta(seconds=30))
