@@ -625,7 +625,11 @@ def postgres_down_during_finetune(lab: Lab, down_s: float = 8.0) -> Outcome:
 def out_of_memory(lab: Lab, limit_extra_mb: int = 1024) -> Outcome:
     """A fine-tune whose first step needs more memory than the worker may allocate (its
     address space capped at its size + `limit_extra_mb`): the job fails with
-    `out_of_memory`; the same worker then runs the next job."""
+    `out_of_memory`; the same worker then runs the next job. The worker is a fresh one: one
+    that ran earlier scenarios keeps their freed memory mapped, and the training process it
+    forks (which inherits the cap) could serve the step from that without growing past it,
+    as it did once in a whole fault run."""
+    lab.fleet(0)
     (worker,) = lab.fleet(1)
     long_text = " ".join(["the blue mug keeps coffee warm"] * 400)
     path = lab.workdir / "long.jsonl"
