@@ -15,7 +15,9 @@ times:
      token is from the start to the request's first text delta.
 
 Throughput is completion tokens per second of wall time (A: the usage chunks; B: the
-engine's outputs).
+engine's outputs). For A it also prints when the requests' jobs were created (by the API)
+and claimed (by the worker), as p50 after sending, read from the stack's database: where the
+API's time to first token goes, before the engine's first step.
 
     python -m bench.serving [--rounds 2] [--quick] [--client aiohttp|httpx] [--json PATH]
 """
@@ -27,18 +29,22 @@ import asyncio
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import httpx
+from sqlalchemy import select
 
 from api.serving_requests import chat_request
 from bench.common import auth_headers, percentile, private_stack
 from bench.generation import DEFAULT_CACHE, SMOL, TINY, install_model, prepare_smol
 from core.heap import freeze_startup_objects
 from core.settings import Settings
+from db.models import Job
+from db.session import session_scope
 from tests.support.tiny_model import build_tiny_gpt2, with_chat_template
 from workers.generation.engine import base_of, open_engine
 from workers.generation.requests import GenerationRequest
@@ -98,6 +104,8 @@ class Run:
     seconds: float
     tokens: int
     ttft_s: list[float]
+    created_s: list[float] = field(default_factory=list)  # A: each job's created_at - sent
+    claimed_s: list[float] = field(default_factory=list)  # A: each job's started_at - sent
 
     @property
     def tokens_per_s(self) -> float:
@@ -145,11 +153,27 @@ async def _one_httpx(http: httpx.AsyncClient, payload: dict[str, Any]) -> tuple[
     return stream.first, stream.tokens, time.perf_counter()
 
 
-async def through_api(base: str, model: str, client: str = "aiohttp") -> Run:
+def job_times(database_url: str, sent: datetime) -> tuple[list[float], list[float]]:
+    """Seconds from `sent` to the created_at and to the started_at (claim) of every job
+    created since."""
+    with session_scope(database_url, readonly=True) as session:
+        rows = session.execute(
+            select(Job.created_at, Job.started_at).where(Job.created_at >= sent)
+        ).all()
+    created = [(row.created_at - sent).total_seconds() for row in rows]
+    claimed = [(row.started_at - sent).total_seconds() for row in rows if row.started_at]
+    return created, claimed
+
+
+async def through_api(
+    base: str, model: str, client: str = "aiohttp", database_url: str | None = None
+) -> Run:
     """A: every question as its own streamed chat completion, all sent at once, by
     aiohttp (as vLLM's serving benchmark sends its load) or httpx (the openai SDK's
-    client, which costs this process about 10x the CPU per request: see bench/README.md)."""
+    client, which costs this process about 10x the CPU per request: see bench/README.md).
+    With `database_url`, the run also has its jobs' creation and claim times."""
     payloads = [body(model, q) for q in QUESTIONS]
+    sent = datetime.now(UTC)
     if client == "httpx":
         limits = httpx.Limits(max_connections=REQUESTS + 4)
         async with httpx.AsyncClient(
@@ -167,7 +191,8 @@ async def through_api(base: str, model: str, client: str = "aiohttp") -> Run:
             start = time.perf_counter()
             results = await asyncio.gather(*(_one_aiohttp(session, p) for p in payloads))
     end = max(r[2] for r in results)
-    return Run(end - start, sum(r[1] for r in results), [r[0] for r in results])
+    created, claimed = job_times(database_url, sent) if database_url else ([], [])
+    return Run(end - start, sum(r[1] for r in results), [r[0] for r in results], created, claimed)
 
 
 class InProcess:
@@ -233,7 +258,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # of A, both in this process, are then not paused by full collections either
         freeze_startup_objects("bench")
         for _ in range(rounds):
-            a.append(asyncio.run(through_api(base, model, args.client)))
+            a.append(
+                asyncio.run(through_api(base, model, args.client, stack.settings.database_url))
+            )
             b.append(local.run())
     result = summarize(a, b, model, time.perf_counter() - started)
     result["client"] = args.client
@@ -260,10 +287,16 @@ def summarize(a: list[Run], b: list[Run], model: str, seconds: float) -> dict[st
         "engine_ttft_p50_ms": round(percentile(ttft_b, 50) * 1000, 1),
         "ttft_overhead_p50_ms": round((percentile(ttft_a, 50) - percentile(ttft_b, 50)) * 1000, 1),
         "api_ttft_p99_ms": round(percentile(ttft_a, 99) * 1000, 1),
+        "api_created_p50_ms": _p50_ms([t for r in a for t in r.created_s]),
+        "api_claimed_p50_ms": _p50_ms([t for r in a for t in r.claimed_s]),
         "api_ttft_p50_ms_by_round": [round(percentile(r.ttft_s, 50) * 1000, 1) for r in a],
         "engine_ttft_p50_ms_by_round": [round(percentile(r.ttft_s, 50) * 1000, 1) for r in b],
         "seconds": round(seconds, 1),
     }
+
+
+def _p50_ms(values: list[float]) -> float | None:
+    return round(percentile(values, 50) * 1000, 1) if values else None
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -275,6 +308,10 @@ def print_table(r: dict[str, Any]) -> None:
     print(
         f"  time to first token p50: API {r['api_ttft_p50_ms']} ms, engine "
         f"{r['engine_ttft_p50_ms']} ms, overhead {r['ttft_overhead_p50_ms']} ms"
+    )
+    print(
+        f"  the API's jobs, p50 after sending: created {r['api_created_p50_ms']} ms, claimed "
+        f"by the worker {r['api_claimed_p50_ms']} ms"
     )
 
 
