@@ -39,8 +39,9 @@ import httpx
 from sqlalchemy import select
 
 from api.serving_requests import chat_request
-from bench.common import auth_headers, percentile, private_stack
+from bench.common import auth_headers, percentile, private_stack, process_tree_cpu_s
 from bench.generation import DEFAULT_CACHE, SMOL, TINY, install_model, prepare_smol
+from bench.overhead import stack_pids
 from core.heap import freeze_startup_objects
 from core.settings import Settings
 from db.models import Job
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     a: list[Run] = []
     b: list[Run] = []
+    cpu_ms: dict[str, list[float]] = {}  # A: CPU ms per request of each process of the stack
     with private_stack(generation_max_sequences=str(REQUESTS)) as (stack, base):
         models = stack.settings.models_dir
         if args.quick:
@@ -257,12 +259,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # as the API and the worker do once ready: the in-process engine and the client
         # of A, both in this process, are then not paused by full collections either
         freeze_startup_objects("bench")
+        sides = {name: stack_pids(stack, name) for name in ("api", "worker", "redis")}
         for _ in range(rounds):
+            before = {name: process_tree_cpu_s(pids) for name, pids in sides.items()}
             a.append(
                 asyncio.run(through_api(base, model, args.client, stack.settings.database_url))
             )
+            for name, pids in sides.items():
+                spent = process_tree_cpu_s(pids) - before[name]
+                cpu_ms.setdefault(name, []).append(spent * 1000 / REQUESTS)
             b.append(local.run())
     result = summarize(a, b, model, time.perf_counter() - started)
+    result["api_cpu_ms_per_request"] = {
+        name: round(statistics.median(values), 2) for name, values in cpu_ms.items()
+    }
     result["client"] = args.client
     print_table(result)
     if args.json is not None:
@@ -313,6 +323,12 @@ def print_table(r: dict[str, Any]) -> None:
         f"  the API's jobs, p50 after sending: created {r['api_created_p50_ms']} ms, claimed "
         f"by the worker {r['api_claimed_p50_ms']} ms"
     )
+    cpu = r.get("api_cpu_ms_per_request")
+    if cpu:
+        print(
+            "  CPU ms per request (median of rounds): "
+            + ", ".join(f"{name} {value}" for name, value in cpu.items())
+        )
 
 
 def table_rows(r: dict[str, Any], row: Any) -> list[Any]:
