@@ -301,11 +301,16 @@ def test_keepalive_and_disconnect(
     writer.begin(job_id, 1)
     writer.publish([TokenDelta(job_id, 1, 0, 0, "x")])
 
+    db = str(broker.connection_pool.connection_kwargs.get("db", 0))
+
     def blocked_readers() -> int:
+        # this test's Redis database only: tests running alongside block readers of their own
         return sum(
             1
             for c in broker.client_list()
-            if c.get("name") == "modelyard-token-stream" and "b" in c.get("flags", "")
+            if c.get("name") == "modelyard-token-stream"
+            and c.get("db") == db
+            and "b" in c.get("flags", "")
         )
 
     with client.stream("GET", f"/v1/jobs/{job_id}/stream") as resp:
