@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,14 @@ from starlette.concurrency import run_in_threadpool
 
 from core.enums import JobStatus
 from core.states import TERMINAL
-from core.token_stream import StreamDelta, StreamEnd, StreamEntry, StreamStart, TokenStreamReader
+from core.token_stream import (
+    StreamDelta,
+    StreamEnd,
+    StreamEntry,
+    StreamStart,
+    StreamSubscription,
+    TokenStreamReader,
+)
 from db import jobs as jobs_repo
 from db.session import session_scope
 
@@ -128,8 +136,20 @@ class Follower:
         self.attempt = attempt  # the newest attempt known; older ones' entries are skipped
         self.redis_ok = True
         self._requeued_told = 0  # the attempt a Requeued was last given for
+        self._subscription: StreamSubscription | None = None
 
     async def run(self) -> AsyncIterator[FollowEvent]:
+        # the blocking reads go through the reader's shared XREAD (core.token_stream)
+        self._subscription = self.reader.subscribe(self.job_id, self.last_id)
+        try:
+            async with aclosing(self._follow()) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self._subscription.close()
+            self._subscription = None
+
+    async def _follow(self) -> AsyncGenerator[FollowEvent, None]:
         next_check = time.monotonic() + DB_CHECK_S
         last_sent = time.monotonic()
         while True:
@@ -217,7 +237,10 @@ class Follower:
 
     async def _read(self, block_ms: int | None) -> list[StreamEntry]:
         try:
-            entries = await self.reader.read(self.job_id, self.last_id, block_ms=block_ms)
+            if block_ms is None or self._subscription is None:
+                entries = await self.reader.read(self.job_id, self.last_id, block_ms=block_ms)
+            else:
+                entries = await self._subscription.read(self.last_id, block_ms)
         except RedisError as exc:
             if self.redis_ok:
                 logger.warning(

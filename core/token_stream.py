@@ -11,13 +11,21 @@ attempt's deltas written after a newer attempt started are never shown. Redis is
 transport: the database keeps the job's status and outputs, so the writer is best
 effort (it logs and carries on when Redis is away) and the reader re-checks the
 database while it waits.
+
+The API follows many jobs at once. A follower's blocking reads go through a subscription
+(`TokenStreamReader.subscribe`): one XREAD per reader serves every subscribed stream, so a
+decoding step of 32 followed jobs costs one round trip rather than 32. A subscription made
+while that XREAD waits wakes it through the reader's own wake stream.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +47,12 @@ PAUSE_AFTER_ERROR_S = 5.0
 SOCKET_TIMEOUT_S = 2.0
 
 START, DELTA, END = "start", "delta", "end"
+
+WAKE_PREFIX = "modelyard:tokens-wake:"
+# Module constants rather than settings: tests change them.
+SHARED_BLOCK_MS = 1000  # how long the shared XREAD waits before it reads again
+SHARED_RETRY_S = 1.0  # pause of the shared XREAD after a Redis error
+READ_COUNT = 500  # entries per stream per XREAD
 
 
 def stream_key(job_id: str) -> str:
@@ -225,6 +239,76 @@ def parse_entry(entry_id: str, fields: dict[str, str]) -> StreamEntry | None:
     return None
 
 
+def _id_key(entry_id: str) -> tuple[int, int]:
+    """A stream entry id ("<ms>-<seq>", or "0") in the order Redis gives them."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _stream_replies(reply: Any) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
+    """An XREAD reply as (stream key, entries) pairs: RESP2 answers [[key, entries]],
+    RESP3 {key: [entries]}."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return [(key, value[0]) for key, value in reply.items()]
+    return [(key, entries) for key, entries in reply]
+
+
+class StreamSubscription:
+    """One follower of one job's token stream, fed by its reader's shared XREAD."""
+
+    def __init__(self, reader: TokenStreamReader, job_id: str, after: str) -> None:
+        self.key = stream_key(job_id)
+        self.fed_through = after  # the newest entry id handed to this subscription
+        self._reader = reader
+        self._entries: list[StreamEntry] = []
+        self._error: redis.RedisError | None = None
+        self._ready = asyncio.Event()
+
+    async def read(self, after: str, block_ms: int) -> list[StreamEntry]:
+        """Entries after `after`, waiting up to `block_ms` for some; a Redis error of the
+        shared read is raised once, to each subscription."""
+        self._skip_through(after)
+        if not self._entries and self._error is None:
+            self._ready.clear()
+            await self._reader._include(self)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(block_ms / 1000):  # no task per wait, as wait_for makes
+                    await self._ready.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        entries, self._entries = self._entries, []
+        return entries
+
+    def close(self) -> None:
+        self._reader._unsubscribe(self)
+
+    def _skip_through(self, after: str) -> None:
+        """The follower holds everything through `after` (it may have read on its own)."""
+        if _id_key(after) > _id_key(self.fed_through):
+            self.fed_through = after
+        if self._entries and _id_key(self._entries[0].entry_id) <= _id_key(after):
+            self._entries = [e for e in self._entries if _id_key(e.entry_id) > _id_key(after)]
+
+    def _feed(self, raw: list[tuple[str, dict[str, str]]]) -> None:
+        newest = _id_key(self.fed_through)
+        for entry_id, fields in raw:
+            if _id_key(entry_id) <= newest:
+                continue  # read from an older position for another subscription
+            self.fed_through = entry_id
+            entry = parse_entry(entry_id, fields)
+            if entry is not None:
+                self._entries.append(entry)
+        if self._entries:
+            self._ready.set()
+
+    def _fail(self, error: redis.RedisError) -> None:
+        self._error = error
+        self._ready.set()
+
+
 class TokenStreamReader:
     """Reads job token streams for the API (asyncio); Redis errors reach the caller."""
 
@@ -237,6 +321,13 @@ class TokenStreamReader:
             socket_timeout=30.0,
             client_name="modelyard-token-stream",
         )
+        self._subscriptions: dict[str, list[StreamSubscription]] = {}
+        self._shared: asyncio.Task[None] | None = None
+        self._wake_key = f"{WAKE_PREFIX}{uuid.uuid4().hex}"
+        self._wake_id = "0"
+        self._waiting_on: dict[str, str] = {}  # the streams and positions of the XREAD in flight
+        self._woken = False  # a wake was sent for the XREAD in flight
+        self._closed = False
 
     async def read(
         self, job_id: str, after: str = "0", *, block_ms: int | None = None, count: int = 500
@@ -244,12 +335,95 @@ class TokenStreamReader:
         """Entries after `after` (an entry id, "0" for the start), waiting up to `block_ms`."""
         key = stream_key(job_id)
         reply: Any = await self._redis.xread({key: after}, count=count, block=block_ms)
-        if not reply:
-            return []
-        # RESP2 answers [[key, entries]], RESP3 {key: [entries]}
-        raw = reply.get(key, [[]])[0] if isinstance(reply, dict) else reply[0][1]
-        entries = (parse_entry(entry_id, fields) for entry_id, fields in raw)
+        entries = (
+            parse_entry(entry_id, fields)
+            for _, raw in _stream_replies(reply)
+            for entry_id, fields in raw
+        )
         return [e for e in entries if e is not None]
 
+    def subscribe(self, job_id: str, after: str = "0") -> StreamSubscription:
+        """A subscription to a job's stream from after `after`; close it when done."""
+        subscription = StreamSubscription(self, job_id, after)
+        self._subscriptions.setdefault(subscription.key, []).append(subscription)
+        return subscription
+
+    def _unsubscribe(self, subscription: StreamSubscription) -> None:
+        subscriptions = self._subscriptions.get(subscription.key, [])
+        if subscription in subscriptions:
+            subscriptions.remove(subscription)
+        if not subscriptions:
+            self._subscriptions.pop(subscription.key, None)
+
+    async def _include(self, subscription: StreamSubscription) -> None:
+        """Make sure the shared XREAD reads this subscription's stream: start it, or wake
+        it when it waits on the streams it read before this one came."""
+        if self._shared is None:
+            self._shared = asyncio.get_running_loop().create_task(self._read_shared())
+            return
+        position = self._waiting_on.get(subscription.key)
+        if not self._waiting_on or self._woken:
+            return  # its next XREAD takes every subscription as it stands
+        if position is not None and _id_key(position) <= _id_key(subscription.fed_through):
+            return  # the XREAD in flight reads this stream from early enough
+        self._woken = True
+        await self._wake()
+
+    async def _wake(self) -> None:
+        """End the XREAD in flight: an entry on this reader's wake stream, which it reads."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xadd(self._wake_key, {"wake": 1}, maxlen=16)
+        pipe.pexpire(self._wake_key, 60_000)
+        await pipe.execute()
+
+    async def _read_shared(self) -> None:
+        """One XREAD at a time over every subscribed stream (and the wake stream), handing
+        each subscription its entries, until no subscription is left."""
+        try:
+            while self._subscriptions and not self._closed:
+                streams = {self._wake_key: self._wake_id}
+                for key, subscriptions in self._subscriptions.items():
+                    streams[key] = min((s.fed_through for s in subscriptions), key=_id_key)
+                self._waiting_on, self._woken = streams, False
+                try:
+                    reply: Any = await self._redis.xread(
+                        {key: position for key, position in streams.items()},
+                        count=READ_COUNT,
+                        block=SHARED_BLOCK_MS,
+                    )
+                except redis.RedisError as exc:
+                    if self._closed:
+                        return
+                    self._fail_all(exc)
+                    await asyncio.sleep(SHARED_RETRY_S)
+                    continue
+                finally:
+                    self._waiting_on = {}
+                for key, raw in _stream_replies(reply):
+                    if key == self._wake_key:
+                        self._wake_id = raw[-1][0] if raw else self._wake_id
+                        continue
+                    for subscription in self._subscriptions.get(key, []):
+                        subscription._feed(raw)
+        except Exception as exc:
+            logger.exception("the shared token stream read failed")
+            self._fail_all(redis.RedisError(f"the shared token stream read failed: {exc}"))
+        finally:
+            self._shared = None
+
+    def _fail_all(self, error: redis.RedisError) -> None:
+        for subscriptions in self._subscriptions.values():
+            for subscription in subscriptions:
+                subscription._fail(error)
+
     async def aclose(self) -> None:
+        self._closed = True
+        shared = self._shared
+        if shared is not None:
+            # Woken, the shared XREAD returns and its loop ends on `_closed`. A cancel alone
+            # can wait out the XREAD's block: redis-py does not always give it up at once.
+            with contextlib.suppress(redis.RedisError):
+                await self._wake()
+            await asyncio.wait({shared}, timeout=SOCKET_TIMEOUT_S)
+            shared.cancel()
         await self._redis.aclose()

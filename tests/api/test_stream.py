@@ -318,5 +318,6 @@ def test_keepalive_and_disconnect(
         assert next(events).event == "token"
         assert next(events).comment == "keepalive"
         wait_for(lambda: blocked_readers() == 1, 5.0, "the stream to block on XREAD")
-    # The client left: the blocked read is abandoned and its connection closed.
+    # The client left: its subscription ends, and with no other the reader's shared
+    # XREAD stops after its block (core.token_stream.SHARED_BLOCK_MS).
     wait_for(lambda: blocked_readers() == 0, 5.0, "the stream's blocking XREAD to go away")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import pytest
@@ -163,3 +164,99 @@ def test_a_stale_attempt_cannot_start_over_a_newer_one(
         (1, "stale"),  # written, but readers skip it (tests/api/test_stream.py)
     ]
     assert writer.begin(job_id, 2)  # the same attempt may begin again
+
+
+def _counting_xreads(reader: TokenStreamReader, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A one-element list that counts the reader's XREAD calls."""
+    calls = [0]
+    xread = reader._redis.xread
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return await xread(*args, **kwargs)
+
+    monkeypatch.setattr(reader._redis, "xread", counted)
+    return calls
+
+
+def test_one_shared_read_serves_every_subscription(
+    writer: TokenStreamWriter, broker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = [new_job_id() for _ in range(8)]
+    for job_id in jobs:
+        assert writer.begin(job_id, 1)
+
+    async def main() -> tuple[list[list[StreamEntry]], list[list[StreamEntry]], int]:
+        reader = TokenStreamReader(broker_url)
+        calls = _counting_xreads(reader, monkeypatch)
+        subscriptions = [reader.subscribe(job_id) for job_id in jobs]
+        try:
+            starts = [await s.read("0", 5000) for s in subscriptions]
+            before = calls[0]
+            writer.publish([TokenDelta(job_id, 1, 0, 0, f"t{i}") for i, job_id in enumerate(jobs)])
+            deltas = [
+                await s.read(start[-1].entry_id, 5000)
+                for s, start in zip(subscriptions, starts, strict=True)
+            ]
+            return starts, deltas, calls[0] - before
+        finally:
+            for s in subscriptions:
+                s.close()
+            await reader.aclose()
+
+    starts, deltas, reads = anyio.run(main)
+    assert all([type(e) for e in start] == [StreamStart] for start in starts)
+    assert [[e.text for e in d if isinstance(e, StreamDelta)] for d in deltas] == [
+        [f"t{i}"] for i in range(len(jobs))
+    ]
+    assert reads < len(jobs)  # one XREAD per follower would be one per job
+
+
+def test_a_subscription_made_while_the_shared_read_waits_is_read_at_once(
+    writer: TokenStreamWriter, broker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the shared XREAD would wait a minute; each read below gives up after 20 s, so an
+    # entry comes back only if the new subscription woke the shared read
+    monkeypatch.setattr("core.token_stream.SHARED_BLOCK_MS", 60_000)
+    first, second = new_job_id(), new_job_id()
+    assert writer.begin(first, 1)
+    assert writer.begin(second, 1)
+
+    async def main() -> tuple[list[StreamEntry], list[StreamEntry], list[StreamEntry]]:
+        reader = TokenStreamReader(broker_url)
+        early = reader.subscribe(first)
+        try:
+            seen = await early.read("0", 20_000)
+            assert await early.read(seen[-1].entry_id, 100) == []  # the shared read waits
+            other = reader.subscribe(second)  # another job
+            late = reader.subscribe(first)  # the same job, from its start
+            return seen, await other.read("0", 20_000), await late.read("0", 20_000)
+        finally:
+            await reader.aclose()
+
+    seen, other, late = anyio.run(main)
+    assert [type(e) for e in seen] == [StreamStart]
+    assert [type(e) for e in other] == [StreamStart]
+    assert late == seen
+
+
+def test_a_redis_error_of_the_shared_read_reaches_every_subscription(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("core.token_stream.SHARED_RETRY_S", 0.05)
+
+    async def main() -> list[str]:
+        reader = TokenStreamReader(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens
+        subscriptions = [reader.subscribe(new_job_id()) for _ in range(2)]
+        failures = []
+        try:
+            for s in subscriptions:
+                try:
+                    await s.read("0", 5000)
+                except redis.RedisError as exc:
+                    failures.append(type(exc).__name__)
+        finally:
+            await reader.aclose()
+        return failures
+
+    assert anyio.run(main) == ["ConnectionError", "ConnectionError"]
