@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -23,7 +24,7 @@ from core.token_stream import (
     parse_entry,
     stream_key,
 )
-from tests.support.services import free_port, redis_db_index
+from tests.support.services import RedisServer, free_port, redis_db_index
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +261,45 @@ def test_a_redis_error_of_the_shared_read_reaches_every_subscription(
         return failures
 
     assert anyio.run(main) == ["ConnectionError", "ConnectionError"]
+
+
+def test_a_subscription_reads_again_after_redis_restarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("core.token_stream.SHARED_RETRY_S", 0.05)
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    job_id = new_job_id()
+    writer = TokenStreamWriter(server.url, ttl_s=600)
+
+    async def main() -> tuple[list[StreamEntry], list[str], list[StreamEntry]]:
+        reader = TokenStreamReader(server.url)
+        subscription = reader.subscribe(job_id)
+        errors: list[str] = []
+        try:
+            assert writer.begin(job_id, 1)
+            before = await subscription.read("0", 5000)
+            server.kill9()  # the shared XREAD waits on it
+            server.start()  # empty: no persistence
+            assert writer.begin(job_id, 2)
+            after: list[StreamEntry] = []
+            for _ in range(50):  # each read waits at most 0.2 s
+                try:
+                    after = await subscription.read(before[-1].entry_id, 200)
+                except redis.RedisError as exc:
+                    errors.append(type(exc).__name__)
+                if after:
+                    break
+            return before, errors, after
+        finally:
+            subscription.close()
+            await reader.aclose()
+
+    try:
+        before, errors, after = anyio.run(main)
+    finally:
+        writer.close()
+        server.stop()
+    assert [(type(e), e.attempt) for e in before] == [(StreamStart, 1)]
+    assert errors  # the outage reached the follower, which then watches the database
+    assert [(type(e), e.attempt) for e in after] == [(StreamStart, 2)]
