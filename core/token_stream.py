@@ -287,10 +287,11 @@ class StreamSubscription:
 
     def _skip_through(self, after: str) -> None:
         """The follower holds everything through `after` (it may have read on its own)."""
-        if _id_key(after) > _id_key(self.fed_through):
+        held = _id_key(after)
+        if held > _id_key(self.fed_through):
             self.fed_through = after
-        if self._entries and _id_key(self._entries[0].entry_id) <= _id_key(after):
-            self._entries = [e for e in self._entries if _id_key(e.entry_id) > _id_key(after)]
+        if self._entries and _id_key(self._entries[0].entry_id) <= held:
+            self._entries = [e for e in self._entries if _id_key(e.entry_id) > held]
 
     def _feed(self, raw: list[tuple[str, dict[str, str]]]) -> None:
         newest = _id_key(self.fed_through)
@@ -361,9 +362,9 @@ class TokenStreamReader:
         if self._shared is None:
             self._shared = asyncio.get_running_loop().create_task(self._read_shared())
             return
-        position = self._waiting_on.get(subscription.key)
         if not self._waiting_on or self._woken:
             return  # its next XREAD takes every subscription as it stands
+        position = self._waiting_on.get(subscription.key)
         if position is not None and _id_key(position) <= _id_key(subscription.fed_through):
             return  # the XREAD in flight reads this stream from early enough
         self._woken = True
