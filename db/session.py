@@ -265,6 +265,31 @@ def session_scope(url: str, *, readonly: bool = False) -> Iterator[Session]:
         session.close()
 
 
+@lru_cache(maxsize=16)
+def _autocommit_sessionmaker(url: str) -> sessionmaker[Session]:
+    engine = get_engine(url).execution_options(isolation_level="AUTOCOMMIT")
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+@contextmanager
+def autocommit_scope(url: str) -> Iterator[Session]:
+    """A session whose every statement commits on its own as the server runs it, on a server
+    database: a connection cut after a statement leaves no transaction open on the server,
+    so the rows it updated are not locked until the server notices the session is gone
+    (idle_in_transaction_session_timeout, 30 s by default here). For single-statement
+    compare-and-sets that other hosts wait on (a leader lease). SQLite, local to its
+    host, cannot be cut off and gets an ordinary transaction (`session_scope`)."""
+    if make_url(url).get_backend_name() == "sqlite":
+        with session_scope(url) as session:
+            yield session
+        return
+    session = _autocommit_sessionmaker(url)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
 def alembic_config(url: str) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(_MIGRATIONS))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from core.settings import Settings
 from db.leader import hold_lease, read_lease, release_lease
-from db.session import session_scope
+from db.session import autocommit_scope, session_scope
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,10 @@ class LeaderElection:
                 view = read_lease(session, self.name)
             if view is not None and not view.expired and view.holder != self.holder:
                 return False
-        with session_scope(self._url) as session:
+        # each statement commits as it runs: a holder cut off mid-renewal must not keep
+        # the lease row locked (its successor's UPDATE would wait for the server to end the
+        # cut session, far past the lease)
+        with autocommit_scope(self._url) as session:
             term = hold_lease(session, self.name, self.holder, self._ttl)
         if term is None:
             self._lose("another process holds it")

@@ -9,8 +9,13 @@ import uuid
 from collections import Counter
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
-from db.session import migrate
+import workers.leader
+from db.models import LeaderLease
+from db.session import migrate, session_scope
 from tests.support.harness import wait_for
 from workers.leader import Duty, LeaderDuties, LeaderElection
 
@@ -55,3 +60,40 @@ def test_one_candidate_leads_and_another_takes_over_when_it_stops(url: str) -> N
     finally:
         for c in candidates.values():
             c.stop()
+
+
+def test_a_renewal_leaves_no_lock_on_the_lease_row_once_its_statement_ran(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A holder cut off after its renewal's UPDATE ran but before it committed would keep the
+    lease row locked until the server ends its session: every other candidate's UPDATE
+    would wait that long (idle_in_transaction_session_timeout, far past the lease). So the
+    renewal commits as the statement runs: right after it, before the election's session is
+    even closed, another connection can lock the row without waiting."""
+    if url.startswith("sqlite"):
+        pytest.skip("SQLite is local to its host: no connection to cut")
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    locked_after: list[bool] = []
+    real_hold = workers.leader.hold_lease
+
+    def hold_then_look(session: Session, *args: object, **kwargs: object) -> int | None:
+        term = real_hold(session, *args, **kwargs)  # type: ignore[arg-type]
+        with session_scope(url) as other:
+            try:
+                other.execute(
+                    select(LeaderLease.holder)
+                    .where(LeaderLease.name == name)
+                    .with_for_update(nowait=True)
+                ).first()
+            except OperationalError:  # LockNotAvailable: the renewal's transaction is open
+                locked_after.append(True)
+            else:
+                locked_after.append(False)
+        return term
+
+    monkeypatch.setattr(workers.leader, "hold_lease", hold_then_look)
+    election = LeaderElection(url, name, "a", ttl_s=5.0)
+    assert election.try_once()  # takes it
+    assert election.try_once()  # renews it
+    assert election.term == 1
+    assert locked_after == [False, False]
