@@ -4,7 +4,8 @@ Shared by the API (refusing at submit) and the workers (refusing before any down
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+from functools import lru_cache
 
 from core.settings import Settings
 
@@ -33,16 +34,24 @@ def not_installed(settings: Settings, ref: str) -> str:
 def into_tenant_files(settings: Settings, ref: str) -> bool:
     """Whether `ref`, read as a path (as it is, or under models/), leads into the data dir
     outside models/: tenants' datasets, job files and registered models. Those are reached
-    by registry name, within the caller's tenant, never by path."""
-    data = settings.data_dir.resolve()
-    models = settings.models_dir.resolve()
-    for candidate in (Path(ref), settings.models_dir / ref):
-        try:
-            if not candidate.exists():  # a hub id is not a path, wherever the process runs
-                continue
-            resolved = candidate.resolve()
-        except (OSError, RuntimeError):
+    by registry name, within the caller's tenant, never by path. Every submitted job that
+    names a model asks this, so it works on strings (os.path) and resolves the two roots
+    once per process."""
+    data = _real_root(str(settings.data_dir))
+    models = _real_root(str(settings.models_dir))
+    for candidate in (ref, os.path.join(settings.models_dir, ref)):
+        if not os.path.exists(candidate):  # a hub id is not a path, wherever the process runs
             continue
-        if resolved.is_relative_to(data) and not resolved.is_relative_to(models):
+        resolved = os.path.realpath(candidate)
+        if _within(resolved, data) and not _within(resolved, models):
             return True
     return False
+
+
+@lru_cache(maxsize=16)
+def _real_root(directory: str) -> str:
+    return os.path.realpath(directory)
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
