@@ -19,16 +19,43 @@ import time
 
 logger = logging.getLogger(__name__)
 
+_froze_startup = False  # this process manages its heap by freezing (a server, once ready)
+
 
 def freeze_startup_objects(what: str) -> int:
     """Collect once, then freeze every object still alive (call when `what` is ready to
     serve); returns how many objects the collector now leaves alone."""
+    global _froze_startup
     started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    _froze_startup = True
+    frozen = gc.get_freeze_count()
+    logger.info(
+        "%s: %d startup objects frozen out of garbage collection (%.0f ms)",
+        what,
+        frozen,
+        (time.perf_counter() - started) * 1000,
+    )
+    return frozen
+
+
+def freeze_loaded_objects(what: str, *, released: bool = False) -> int:
+    """After a server loaded something long-lived (`what`: a model): collect, then freeze
+    every object still alive, as at startup. `released`: something loaded before was let go
+    since (an evicted model), so everything is unfrozen first and one full collection finds
+    its reference cycles. Returns how many objects are frozen now; nothing is done (0) in a
+    process that never froze its startup objects (tests, scripts, the CLI)."""
+    if not _froze_startup:
+        return 0
+    started = time.perf_counter()
+    if released:
+        gc.unfreeze()
     gc.collect()
     gc.freeze()
     frozen = gc.get_freeze_count()
     logger.info(
-        "%s: %d startup objects frozen out of garbage collection (%.0f ms)",
+        "%s: %d objects frozen out of garbage collection after loading it (%.0f ms)",
         what,
         frozen,
         (time.perf_counter() - started) * 1000,

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.enums import FailureType
 from core.errors import PermanentJobError
+from core.heap import freeze_loaded_objects
 from core.prompts import context_length
 from workers.generation.grammar import Grammars
 
@@ -162,6 +163,8 @@ class ModelCache:
             entry.size_bytes // 2**20,
             list(evicted) or "nothing",
         )
+        # the model and the modules its loading imported, out of every full collection
+        freeze_loaded_objects(f"model {ref}", released=bool(evicted))
         return entry, CacheOutcome(hit=False, load_s=load_s, evicted=evicted)
 
     def _evict_over_budget(self, keep: tuple[str, str, str]) -> tuple[str, ...]:
@@ -202,8 +205,11 @@ class ModelCache:
             entry.model.eval()
             entry.adapters[path] = name
             idle = [p for p, n in entry.adapters.items() if n not in in_use and n != name]
+            unloaded = False
             while len(entry.adapters) > self._max_adapters and idle:
                 old = entry.adapters.pop(idle.pop(0))
                 entry.model.delete_adapter(old)
+                unloaded = True
             logger.info("model cache: adapter %s loaded on %s as %s", path, entry.ref, name)
-            return name
+        freeze_loaded_objects(f"adapter {path}", released=unloaded)
+        return name
