@@ -293,14 +293,14 @@ def summarize(a: list[Run], b: list[Run], model: str, seconds: float) -> dict[st
         "engine_tokens_per_s": [round(r.tokens_per_s, 1) for r in b],
         "ratio": round(statistics.median(ratios), 3),
         "ratios": [round(r, 3) for r in ratios],
-        "api_ttft_p50_ms": round(percentile(ttft_a, 50) * 1000, 1),
-        "engine_ttft_p50_ms": round(percentile(ttft_b, 50) * 1000, 1),
+        "api_ttft_p50_ms": _p50_ms(ttft_a),
+        "engine_ttft_p50_ms": _p50_ms(ttft_b),
         "ttft_overhead_p50_ms": round((percentile(ttft_a, 50) - percentile(ttft_b, 50)) * 1000, 1),
         "api_ttft_p99_ms": round(percentile(ttft_a, 99) * 1000, 1),
         "api_created_p50_ms": _p50_ms([t for r in a for t in r.created_s]),
         "api_claimed_p50_ms": _p50_ms([t for r in a for t in r.claimed_s]),
-        "api_ttft_p50_ms_by_round": [round(percentile(r.ttft_s, 50) * 1000, 1) for r in a],
-        "engine_ttft_p50_ms_by_round": [round(percentile(r.ttft_s, 50) * 1000, 1) for r in b],
+        "api_ttft_p50_ms_by_round": [_p50_ms(r.ttft_s) for r in a],
+        "engine_ttft_p50_ms_by_round": [_p50_ms(r.ttft_s) for r in b],
         "seconds": round(seconds, 1),
     }
 
