@@ -26,18 +26,8 @@ def freeze_startup_objects(what: str) -> int:
     """Collect once, then freeze every object still alive (call when `what` is ready to
     serve); returns how many objects the collector now leaves alone."""
     global _froze_startup
-    started = time.perf_counter()
-    gc.collect()
-    gc.freeze()
     _froze_startup = True
-    frozen = gc.get_freeze_count()
-    logger.info(
-        "%s: %d startup objects frozen out of garbage collection (%.0f ms)",
-        what,
-        frozen,
-        (time.perf_counter() - started) * 1000,
-    )
-    return frozen
+    return _collect_and_freeze(what, "startup objects frozen", unfreeze_first=False)
 
 
 def freeze_loaded_objects(what: str, *, released: bool = False) -> int:
@@ -48,16 +38,21 @@ def freeze_loaded_objects(what: str, *, released: bool = False) -> int:
     process that never froze its startup objects (tests, scripts, the CLI)."""
     if not _froze_startup:
         return 0
+    return _collect_and_freeze(what, "objects frozen after loading it", unfreeze_first=released)
+
+
+def _collect_and_freeze(what: str, frozen_what: str, *, unfreeze_first: bool) -> int:
     started = time.perf_counter()
-    if released:
+    if unfreeze_first:
         gc.unfreeze()
     gc.collect()
     gc.freeze()
     frozen = gc.get_freeze_count()
     logger.info(
-        "%s: %d objects frozen out of garbage collection after loading it (%.0f ms)",
+        "%s: %d %s out of garbage collection (%.0f ms)",
         what,
         frozen,
+        frozen_what,
         (time.perf_counter() - started) * 1000,
     )
     return frozen
