@@ -10,15 +10,18 @@ are repeated alternately. Also measures API submit latency at 32 clients.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import redis
 from sqlalchemy import func, select
@@ -79,14 +82,38 @@ def raw_celery_rate(
         counter.close()
 
 
-def submit_many(base: str, n: int, clients: int, failures: list[str] | None = None) -> list[float]:
-    """Submit n no-op jobs from `clients` threads; returns per-request latencies (s).
+def submit_many(
+    base: str, n: int, clients: int, failures: list[str] | None = None, client: str = "aiohttp"
+) -> list[float]:
+    """Submit n no-op jobs from `clients` concurrent clients; returns per-request latencies
+    (s). `client`: aiohttp (one event loop, as bench.serving and vLLM's serving benchmark
+    send load) or httpx (a thread per client; about ten times the CPU per request in this
+    process, which shares the machine's two cores with the stack: bench/README.md, P1).
 
     A refused submit raises, unless `failures` is given: then it is counted there.
     """
     latencies: list[float] = []
-    lock = threading.Lock()
     per_client = [n // clients + (1 if i < n % clients else 0) for i in range(clients)]
+
+    def record(status: int, text: str, seconds: float) -> None:
+        if status == 202:
+            latencies.append(seconds)
+        elif failures is None:
+            raise RuntimeError(f"submit failed: {status} {text}")
+        else:
+            failures.append(f"{status} {text[:200]}")
+
+    if client == "httpx":
+        _submit_httpx(base, per_client, record)
+    else:
+        asyncio.run(_submit_aiohttp(base, per_client, record))
+    return latencies
+
+
+def _submit_httpx(
+    base: str, per_client: list[int], record: Callable[[int, str, float], None]
+) -> None:
+    lock = threading.Lock()
 
     def client(count: int) -> None:
         with httpx.Client(base_url=base, timeout=30, headers=auth_headers()) as http:
@@ -95,16 +122,30 @@ def submit_many(base: str, n: int, clients: int, failures: list[str] | None = No
                 r = http.post("/v1/jobs", json={"kind": "noop"})
                 dt = time.perf_counter() - t0
                 with lock:
-                    if r.status_code != 202:
-                        if failures is None:
-                            raise RuntimeError(f"submit failed: {r.status_code} {r.text}")
-                        failures.append(f"{r.status_code} {r.text[:200]}")
-                        continue
-                    latencies.append(dt)
+                    record(r.status_code, r.text, dt)
 
-    with ThreadPoolExecutor(clients) as pool:
+    with ThreadPoolExecutor(len(per_client)) as pool:
         list(pool.map(client, per_client))
-    return latencies
+
+
+async def _submit_aiohttp(
+    base: str, per_client: list[int], record: Callable[[int, str, float], None]
+) -> None:
+    async with aiohttp.ClientSession(
+        base,
+        headers=auth_headers(),
+        timeout=aiohttp.ClientTimeout(total=30),
+        connector=aiohttp.TCPConnector(limit=len(per_client)),
+    ) as http:
+
+        async def client(count: int) -> None:
+            for _ in range(count):
+                t0 = time.perf_counter()
+                async with http.post("/v1/jobs", json={"kind": "noop"}) as r:
+                    text = await r.text()
+                record(r.status, text, time.perf_counter() - t0)
+
+        await asyncio.gather(*(client(count) for count in per_client))
 
 
 def succeeded(database_url: str) -> int:
@@ -113,15 +154,18 @@ def succeeded(database_url: str) -> int:
 
 
 def modelyard_rate(
-    stack: Stack, base: str, database_url: str, n: int
+    stack: Stack, base: str, database_url: str, n: int, client: str = "aiohttp"
 ) -> tuple[float, dict[str, float]]:
     """Jobs/s, and CPU ms per job of the API process(es) (with uvicorn's server
-    children), the two worker processes and Redis."""
+    children), the two worker processes, Redis and the submitting client (this process's
+    CPU while it submits: on the same two cores as the rest)."""
     groups = {name: stack_pids(stack, name) for name in ("api", "worker", "redis")}
     before = succeeded(database_url)
     cpu_before = {name: process_tree_cpu_s(pids) for name, pids in groups.items()}
     start = time.perf_counter()
-    submit_many(base, n, clients=8)
+    client_cpu = time.process_time()
+    submit_many(base, n, clients=8, client=client)
+    client_cpu = time.process_time() - client_cpu
     wait_until(lambda: succeeded(database_url) - before >= n, 300, 0.05)
     rate = n / (time.perf_counter() - start)
     # The workers' heartbeat and consumer threads keep using CPU while idle; reading right
@@ -130,6 +174,7 @@ def modelyard_rate(
         name: (process_tree_cpu_s(pids) - cpu_before[name]) * 1000 / n
         for name, pids in groups.items()
     }
+    cpu["client"] = client_cpu * 1000 / n
     return rate, cpu
 
 
@@ -139,6 +184,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--database-url", default="", help="default: SQLite in a temp dir")
     parser.add_argument("--api-workers", type=int, default=1, help="API server processes")
+    parser.add_argument(
+        "--client",
+        choices=["aiohttp", "httpx"],
+        default="aiohttp",
+        help="the submitting HTTP client (httpx: a thread per client, ~10x its CPU)",
+    )
     args = parser.parse_args(argv)
 
     with private_stack(
@@ -155,10 +206,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         wait_until(lambda: succeeded(database_url) >= 1, 120)
         raw: list[float] = []
         ours: list[float] = []
-        ours_cpu: dict[str, list[float]] = {"api": [], "worker": [], "redis": []}
+        ours_cpu: dict[str, list[float]] = {"api": [], "worker": [], "redis": [], "client": []}
         raw_cpu: dict[str, list[float]] = {"publish": [], "worker": [], "redis": []}
         for _ in range(args.repeats):
-            rate, cpu = modelyard_rate(stack, base, database_url, args.jobs)
+            rate, cpu = modelyard_rate(stack, base, database_url, args.jobs, args.client)
             ours.append(rate)
             for name, value in cpu.items():
                 ours_cpu[name].append(value)
@@ -169,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name, value in cpu.items():
                 raw_cpu[name].append(value)
         failures: list[str] = []
-        latencies = submit_many(base, 32 * 20, clients=32, failures=failures)
+        latencies = submit_many(base, 32 * 20, clients=32, failures=failures, client=args.client)
         accepted = 1 + args.jobs * args.repeats + len(latencies)
         wait_until(lambda: succeeded(database_url) >= accepted, 300)
         locked = sum(
@@ -179,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "backend": "postgresql" if "postgresql" in (args.database_url or "") else "sqlite",
         "api_workers": args.api_workers,
+        "client": args.client,
         "raw_tasks_per_s": Stats(raw),
         "jobs_per_s": Stats(ours),
         "ratio": Stats([o / r for o, r in zip(ours, raw, strict=True)]),
@@ -196,8 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def print_table(r: dict[str, Any]) -> None:
     print(
-        f"P1 no-op overhead ({r['backend']}, {r['api_workers']} API process(es)), "
-        "median [min-max] over repeats"
+        f"P1 no-op overhead ({r['backend']}, {r['api_workers']} API process(es), "
+        f"{r['client']} client), median [min-max] over repeats"
     )
     print(f"  raw Celery no-op tasks/s      {r['raw_tasks_per_s'].fmt()}")
     print(f"  Modelyard no-op jobs/s        {r['jobs_per_s'].fmt()}")
@@ -205,7 +257,8 @@ def print_table(r: dict[str, Any]) -> None:
     ours, raw = r["cpu_ms_per_job"], r["raw_cpu_ms_per_task"]
     print(
         f"  CPU ms per job, Modelyard     API {ours['api'].fmt(digits=2)}, "
-        f"workers {ours['worker'].fmt(digits=2)}, Redis {ours['redis'].fmt(digits=2)}"
+        f"workers {ours['worker'].fmt(digits=2)}, Redis {ours['redis'].fmt(digits=2)}; "
+        f"the submitting client {ours['client'].fmt(digits=2)}"
     )
     print(
         f"  CPU ms per task, raw Celery   publish {raw['publish'].fmt(digits=2)}, "
