@@ -87,7 +87,7 @@ def submit_many(
 ) -> list[float]:
     """Submit n no-op jobs from `clients` concurrent clients; returns per-request latencies
     (s). `client`: aiohttp (one event loop, as bench.serving and vLLM's serving benchmark
-    send load) or httpx (a thread per client; about ten times the CPU per request in this
+    send load) or httpx (a thread per client; about four times the CPU per request in this
     process, which shares the machine's two cores with the stack: bench/README.md, P1).
 
     A refused submit raises, unless `failures` is given: then it is counted there.
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--client",
         choices=["aiohttp", "httpx"],
         default="aiohttp",
-        help="the submitting HTTP client (httpx: a thread per client, ~10x its CPU)",
+        help="the submitting HTTP client (httpx: a thread per client, ~4x its CPU)",
     )
     args = parser.parse_args(argv)
 
