@@ -36,15 +36,17 @@ class _LeaseWatchdog:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        # how long its current wait lasts: None when it found no heartbeat on its last
-        # look and waits to be woken (set under `_active_lock`)
+        # how long its current wait lasts (set under `_active_lock`): the shortest check
+        # period of the heartbeats it found, or with none the period it last used, so that
+        # between short jobs it keeps looking on a timer and the next one needs no wake;
+        # None (an untimed wait) only before the process's first heartbeat
         self._waiting_s: float | None = None
 
     def watch(self, check_every_s: float) -> None:
         """Make sure the thread runs (called after a heartbeat that is checked every
         `check_every_s` joined `_active`). It is woken only when it would look too late:
-        from its untimed wait, or a timed one longer than the new heartbeat's period (a
-        wake per attempt cost a thread switch per short job)."""
+        from its untimed wait (before the first heartbeat), or a timed one longer than the
+        new heartbeat's period (a wake per attempt cost a thread switch per short job)."""
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
@@ -61,7 +63,7 @@ class _LeaseWatchdog:
             self._wake.clear()
             with _active_lock:
                 beats = list(_active.values())
-                self._waiting_s = min((b.check_every_s for b in beats), default=None)
+                self._waiting_s = min((b.check_every_s for b in beats), default=self._waiting_s)
             if self._waiting_s is None:
                 self._wake.wait()
                 continue
