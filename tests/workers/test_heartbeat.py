@@ -134,49 +134,65 @@ def test_a_longer_attempt_renews_one_interval_after_it_began(
     assert not ctx.stop_event.is_set() and beat.broker_lease_taken
 
 
-def test_an_attempt_begun_after_the_last_one_ended_is_watched_without_a_wake(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Between short jobs the watchdog keeps looking on a timer (the last check period it
-    used) instead of an untimed wait, so the next attempt needs no wake: a wake per
-    attempt cost a thread switch per short job. The next attempt's renewing threads still
-    start once it has run for a check period."""
+@pytest.fixture
+def watchdog_wakes(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """When the process's lease watchdog is woken (`_wake.set`), with renewals that always
+    hold and record nothing."""
     monkeypatch.setattr(
         heartbeat_module, "renew_lease", lambda *a, **k: LeaseState(True, cancel_requested=False)
     )
     monkeypatch.setattr(heartbeat_module, "append_event", lambda *a, **k: None)
     monkeypatch.setattr(heartbeat_module, "queue_delivery", lambda *a, **k: None)
-    watchdog = heartbeat_module._watchdog
-    sets: list[float] = []
-    real_set = watchdog._wake.set
+    wakes: list[float] = []
+    real_set = heartbeat_module._watchdog._wake.set
 
     def counted_set() -> None:
-        sets.append(time.monotonic())
+        wakes.append(time.monotonic())
         real_set()
 
-    monkeypatch.setattr(watchdog._wake, "set", counted_set)
+    monkeypatch.setattr(heartbeat_module._watchdog._wake, "set", counted_set)
+    return wakes
 
-    def beat_for(job_id: str) -> Heartbeat:
-        ctx = RunContext(job_id=job_id, attempt=1, device="cpu", leased_at=time.monotonic())
-        return Heartbeat(settings, ctx, "host-a:1", _RecordingLeases())  # type: ignore[arg-type]
 
-    first, second = beat_for("job_before"), beat_for("job_after")
+def _beat_for(settings: Settings, job_id: str) -> Heartbeat:
+    ctx = RunContext(job_id=job_id, attempt=1, device="cpu", leased_at=time.monotonic())
+    return Heartbeat(settings, ctx, "host-a:1", _RecordingLeases())  # type: ignore[arg-type]
+
+
+def _wait_for_timed_look() -> None:
+    """Until the watchdog looks on a timer (it has checked a heartbeat)."""
+    deadline = time.monotonic() + 10
+    while heartbeat_module._watchdog._waiting_s is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _wait_until_started(thread: threading.Thread) -> None:
+    deadline = time.monotonic() + 10
+    while thread.ident is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def test_an_attempt_begun_after_the_last_one_ended_is_watched_without_a_wake(
+    settings: Settings, watchdog_wakes: list[float]
+) -> None:
+    """Between short jobs the watchdog keeps looking on a timer (the last check period it
+    used) instead of an untimed wait, so the next attempt needs no wake: a wake per
+    attempt cost a thread switch per short job. The next attempt's renewing threads still
+    start once it has run for a check period."""
+    watchdog = heartbeat_module._watchdog
+    first, second = _beat_for(settings, "job_before"), _beat_for(settings, "job_after")
     period = first.check_every_s
     first.start()
-    deadline = time.monotonic() + 10
-    while watchdog._waiting_s is None and time.monotonic() < deadline:
-        time.sleep(0.01)  # until the watchdog checks the first one on a timer
+    _wait_for_timed_look()
     first.stop()
     time.sleep(2 * period + 0.1)  # the watchdog looks at least once with no heartbeat
     assert watchdog._waiting_s is not None and watchdog._waiting_s <= period
-    woken = len(sets)
+    woken = len(watchdog_wakes)
     began = time.monotonic()
     second.start()
     try:
-        assert len(sets) == woken  # no wake: its timed wait ends within a period anyway
-        deadline = began + 10
-        while second._thread.ident is None and time.monotonic() < deadline:
-            time.sleep(0.005)
+        assert len(watchdog_wakes) == woken  # no wake: its timed wait ends within a period
+        _wait_until_started(second._thread)
         assert second._thread.ident is not None
         assert period <= time.monotonic() - began <= 2 * period + 1.0  # loaded machine
     finally:
@@ -184,52 +200,28 @@ def test_an_attempt_begun_after_the_last_one_ended_is_watched_without_a_wake(
 
 
 def test_an_attempt_begun_while_others_run_is_watched_without_a_wake(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, watchdog_wakes: list[float]
 ) -> None:
     """The watchdog is woken for a new attempt only from its untimed wait: while it already
     checks others, it reaches the new one within a check period, and starts its renewing
     threads once it has run for one."""
-    monkeypatch.setattr(
-        heartbeat_module, "renew_lease", lambda *a, **k: LeaseState(True, cancel_requested=False)
-    )
-    monkeypatch.setattr(heartbeat_module, "append_event", lambda *a, **k: None)
-    monkeypatch.setattr(heartbeat_module, "queue_delivery", lambda *a, **k: None)
     watchdog = heartbeat_module._watchdog
-    sets: list[float] = []
-    real_set = watchdog._wake.set
-
-    def counted_set() -> None:
-        sets.append(time.monotonic())
-        real_set()
-
-    monkeypatch.setattr(watchdog._wake, "set", counted_set)
-
-    def beat_for(job_id: str) -> Heartbeat:
-        ctx = RunContext(job_id=job_id, attempt=1, device="cpu", leased_at=time.monotonic())
-        return Heartbeat(settings, ctx, "host-a:1", _RecordingLeases())  # type: ignore[arg-type]
-
-    first, second = beat_for("job_first"), beat_for("job_second")
+    first, second = _beat_for(settings, "job_first"), _beat_for(settings, "job_second")
     period = first.check_every_s
     first.start()
     try:
-        deadline = time.monotonic() + 10
-        while watchdog._waiting_s is None and time.monotonic() < deadline:
-            time.sleep(0.01)  # until the watchdog checks the first one on a timer
+        _wait_for_timed_look()
         assert watchdog._waiting_s is not None and watchdog._waiting_s <= period
-        woken = len(sets)
+        woken = len(watchdog_wakes)
         began = time.monotonic()
         second.start()
-        assert len(sets) == woken  # no wake: its timed wait ends within a period anyway
-        deadline = began + 10
-        while second._thread.ident is None and time.monotonic() < deadline:
-            time.sleep(0.005)
+        assert len(watchdog_wakes) == woken  # no wake: its timed wait ends within a period
+        _wait_until_started(second._thread)
         started = time.monotonic()
         assert second._thread.ident is not None
         assert period <= started - began <= 2 * period + 1.0  # slack for a loaded machine
         # the broker lease's thread is started right after, by the same call
-        deadline = time.monotonic() + 10
-        while second._broker_thread.ident is None and time.monotonic() < deadline:
-            time.sleep(0.005)
+        _wait_until_started(second._broker_thread)
         assert second._broker_thread.ident is not None
     finally:
         second.stop()
