@@ -32,6 +32,7 @@ from core.response_format import grammar_schema
 from core.settings import Settings
 from core.specs import GenerateSpec
 from db.outputs import OutputRecord
+from db.registry import is_registry_name
 from workers.generation.cache import CachedModel, CacheOutcome, ModelCache
 from workers.generation.decode_group import BASE_ADAPTER, DecodeGroup, Row
 from workers.generation.grammar import GrammarError, RowMatcher
@@ -102,6 +103,15 @@ def base_of(settings: Settings, model: str) -> tuple[str, str | None]:
     if resolved.adapter_of is not None:
         return resolved.adapter_of, resolved.ref
     return resolved.ref, None
+
+
+def adapter_of(settings: Settings, model: str) -> str | None:
+    """The adapter directory a request's model names on its engine's base, None for the base
+    itself. Only a registry name can name an adapter; any other model is resolved once, by
+    whoever opens the engine on it (resolving again per request was half of `add`)."""
+    if not is_registry_name(model):
+        return None
+    return base_of(settings, model)[1]
 
 
 def encode_prompts(entry: CachedModel, spec: GenerateSpec) -> list[list[int]]:
@@ -211,7 +221,7 @@ class TransformersEngine(GenerationEngine):
 
     def _prepare(self, req: GenerationRequest) -> _Slot:
         spec = req.spec
-        _, adapter_dir = base_of(self._settings, spec.model)
+        adapter_dir = adapter_of(self._settings, spec.model)
         adapter = BASE_ADAPTER
         if adapter_dir is not None:
             in_use = frozenset(r.adapter for r in self._group.rows)
