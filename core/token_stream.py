@@ -111,23 +111,36 @@ class TokenStreamWriter:
     def begin(self, job_id: str, attempt: int) -> bool:
         """A new attempt starts: write its start entry, then drop everything before it.
         False when a newer attempt had started the stream (nothing is written then)."""
-        key = stream_key(job_id)
+        return self.begin_many([(job_id, attempt)])[0]
+
+    def begin_many(self, attempts: Sequence[tuple[str, int]]) -> list[bool]:
+        """`begin` for several (job id, attempt) pairs in one round trip (the jobs that join
+        a decode group together): one True or False per pair, in order."""
+        if not attempts:
+            return []
         try:
-            # Trimming by id (not DEL) keeps the stream's ids increasing, so a reader
-            # blocked after an old entry still sees the new start entry.
-            started = self._begin(keys=[key], args=[attempt, MAX_ENTRIES, self._ttl_ms])
+            pipe = self._redis.pipeline(transaction=False)
+            for job_id, attempt in attempts:
+                # Trimming by id (not DEL) keeps the stream's ids increasing, so a reader
+                # blocked after an old entry still sees the new start entry.
+                self._begin(
+                    keys=[stream_key(job_id)],
+                    args=[attempt, MAX_ENTRIES, self._ttl_ms],
+                    client=pipe,
+                )
+            results = pipe.execute()
         except Exception as exc:
-            self._failed("begin", job_id, exc)
-            return False
+            self._failed("begin", attempts[0][0], exc)
+            return [False] * len(attempts)
         self._paused_until = 0.0
-        if not started:
-            logger.warning(
-                "token stream of job %s: attempt %d is stale, a newer attempt streams it",
-                job_id,
-                attempt,
-            )
-            return False
-        return True
+        for (job_id, attempt), started in zip(attempts, results, strict=True):
+            if not started:
+                logger.warning(
+                    "token stream of job %s: attempt %d is stale, a newer attempt streams it",
+                    job_id,
+                    attempt,
+                )
+        return [bool(started) for started in results]
 
     def publish(self, deltas: Sequence[TokenDelta]) -> None:
         """Append the deltas of one decoding step (any number of jobs) in one round trip."""

@@ -167,6 +167,22 @@ def test_a_stale_attempt_cannot_start_over_a_newer_one(
     assert writer.begin(job_id, 2)  # the same attempt may begin again
 
 
+def test_joining_jobs_begin_together_each_as_alone(
+    writer: TokenStreamWriter, broker_url: str, raw: redis.Redis
+) -> None:
+    fresh, taken_over, retried = new_job_id(), new_job_id(), new_job_id()
+    assert writer.begin(taken_over, 3)  # a newer attempt of this job streams elsewhere
+    assert writer.begin(retried, 1)
+    writer.publish([TokenDelta(retried, 1, 0, 0, "old text")])
+    assert writer.begin_many([(fresh, 1), (taken_over, 2), (retried, 2)]) == [True, False, True]
+    assert [(type(e), e.attempt) for e in read_all(broker_url, fresh)] == [(StreamStart, 1)]
+    assert [(type(e), e.attempt) for e in read_all(broker_url, taken_over)] == [(StreamStart, 3)]
+    # the retried job's stream starts over: the old attempt's text is gone
+    assert [(type(e), e.attempt) for e in read_all(broker_url, retried)] == [(StreamStart, 2)]
+    assert 0 < raw.pttl(stream_key(fresh)) <= 600_000
+    assert writer.begin_many([]) == []
+
+
 def _counting_xreads(reader: TokenStreamReader, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A one-element list that counts the reader's XREAD calls."""
     calls = [0]

@@ -143,6 +143,7 @@ class DecodeGroupRun:
             self._finish_alone(first, failing(exc))
             return None
         self._note_cache(job_id, base, outcome)
+        self._writer.begin(job_id, first.claimed.ctx.attempt)
         if not self._start(engine, first, spec):
             return None
         if self._settings.generation_group_wait_s > 0:
@@ -239,10 +240,10 @@ class DecodeGroupRun:
             self._writer.end(ctx.job_id, ctx.attempt, status.value)
 
     def _start(self, engine: GenerationEngine, attempt: Attempt, spec: GenerateSpec) -> bool:
-        """Add a claimed job's request to the engine; False when it failed (and was ended)."""
+        """Add a claimed job's request to the engine (its token stream begun); False when it
+        failed (and was ended)."""
         ctx = attempt.claimed.ctx
         note = dict(self._cache_note) if not self._members else {"model_cache": "hit"}
-        self._writer.begin(ctx.job_id, ctx.attempt)
         try:
             engine.add(GenerationRequest(key=ctx.job_id, spec=spec, stream=True))
         except Exception as exc:
@@ -268,12 +269,14 @@ class DecodeGroupRun:
         except SQLAlchemyError as exc:
             logger.warning("could not claim jobs to join the decode group on %s: %s", model, exc)
             return
+        joining: list[tuple[Attempt, GenerateSpec]] = []
         for attempt in attempts:
             try:
-                spec = self._prepared(attempt)
+                joining.append((attempt, self._prepared(attempt)))
             except Exception as exc:
                 self._finish_alone(attempt, failing(exc))
-                continue
+        self._writer.begin_many([(a.claimed.ctx.job_id, a.claimed.ctx.attempt) for a, _ in joining])
+        for attempt, spec in joining:
             self._start(engine, attempt, spec)
 
     def _prepared(self, attempt: Attempt) -> GenerateSpec:
