@@ -59,25 +59,32 @@ def stream_key(job_id: str) -> str:
     return f"{STREAM_PREFIX}{job_id}"
 
 
-# Starts an attempt's stream unless a newer attempt already did: every entry carries its
-# attempt, and the oldest entry left belongs to the current attempt (each start trims what
-# came before it). KEYS[1] the stream; ARGV attempt, max entries, ttl ms. Returns the new
-# entry's id, or false (nothing written) when a newer attempt holds the stream.
+# Starts attempts' streams, each unless a newer attempt already did: every entry carries
+# its attempt, and the oldest entry left belongs to the current attempt (each start trims
+# what came before it). KEYS the streams; ARGV max entries, ttl ms, then one attempt per
+# key. Returns one 1 (started) or 0 (nothing written: a newer attempt holds it) per key.
 _BEGIN = """
-local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
-if first then
-  local f = first[2]
-  for i = 1, #f, 2 do
-    if f[i] == 'attempt' and tonumber(f[i + 1]) > tonumber(ARGV[1]) then
-      return false
+local started = {}
+for k = 1, #KEYS do
+  local attempt = ARGV[k + 2]
+  started[k] = 1
+  local first = redis.call('XRANGE', KEYS[k], '-', '+', 'COUNT', 1)[1]
+  if first then
+    local f = first[2]
+    for i = 1, #f, 2 do
+      if f[i] == 'attempt' and tonumber(f[i + 1]) > tonumber(attempt) then
+        started[k] = 0
+      end
     end
   end
+  if started[k] == 1 then
+    local id = redis.call('XADD', KEYS[k], 'MAXLEN', '~', ARGV[1], '*', 'kind', 'start',
+                          'attempt', attempt)
+    redis.call('XTRIM', KEYS[k], 'MINID', id)
+    redis.call('PEXPIRE', KEYS[k], ARGV[2])
+  end
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'kind', 'start',
-                      'attempt', ARGV[1])
-redis.call('XTRIM', KEYS[1], 'MINID', id)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return id
+return started
 """
 
 
@@ -119,16 +126,14 @@ class TokenStreamWriter:
         if not attempts:
             return []
         try:
-            pipe = self._redis.pipeline(transaction=False)
-            for job_id, attempt in attempts:
-                # Trimming by id (not DEL) keeps the stream's ids increasing, so a reader
-                # blocked after an old entry still sees the new start entry.
-                self._begin(
-                    keys=[stream_key(job_id)],
-                    args=[attempt, MAX_ENTRIES, self._ttl_ms],
-                    client=pipe,
-                )
-            results = pipe.execute()
+            # Trimming by id (not DEL) keeps the stream's ids increasing, so a reader
+            # blocked after an old entry still sees the new start entry. One script for all
+            # the streams: one round trip (a script in a pipeline would cost a second, the
+            # pipeline's SCRIPT EXISTS).
+            results = self._begin(
+                keys=[stream_key(job_id) for job_id, _ in attempts],
+                args=[MAX_ENTRIES, self._ttl_ms, *(attempt for _, attempt in attempts)],
+            )
         except Exception as exc:
             self._failed("begin", attempts[0][0], exc)
             return [False] * len(attempts)
