@@ -118,8 +118,7 @@ class EmbeddingBatchRun:
         except SQLAlchemyError as exc:
             logger.warning("could not claim embedding jobs on %s: %s", model, exc)
             return []
-        for attempt in taken:
-            self._writer.begin(attempt.claimed.ctx.job_id, attempt.claimed.ctx.attempt)
+        self._writer.begin_many([(a.claimed.ctx.job_id, a.claimed.ctx.attempt) for a in taken])
         return taken
 
     def _round(self, encoder: Encoder, attempts: list[Attempt], cache: dict[str, Any]) -> None:
