@@ -1,9 +1,11 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
+import anyio
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
@@ -29,6 +31,17 @@ async def get_publisher(request: Request) -> JobPublisher:
 async def get_token_reader(request: Request) -> TokenStreamReader:
     reader: TokenStreamReader = request.app.state.token_reader
     return reader
+
+
+T = TypeVar("T")
+
+
+async def in_create_slot(request: Request, create: Callable[..., T], *args: Any) -> T:
+    """Run a job's creation in the thread pool, at most `create_concurrency` at once in this
+    process (the app's `create_limiter`). A burst's creations then end a few at a time, in
+    arrival order, instead of all of them taking turns on the database's write lock."""
+    limiter: anyio.CapacityLimiter = request.app.state.create_limiter
+    return await anyio.to_thread.run_sync(functools.partial(create, *args), limiter=limiter)
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]

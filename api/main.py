@@ -4,6 +4,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
@@ -56,6 +57,8 @@ def create_app(settings: Settings | None = None, *, freeze_heap: bool = False) -
         if settings.auto_migrate:
             await run_in_threadpool(migrate, settings.database_url)
         app.state.publisher = JobPublisher(settings)
+        # made here: a limiter belongs to the running event loop's library
+        app.state.create_limiter = anyio.CapacityLimiter(settings.create_concurrency)
         app.state.token_reader = TokenStreamReader(settings.broker_url)
         if settings.auth_disabled:
             logger.warning(

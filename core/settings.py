@@ -260,14 +260,15 @@ class Settings(BaseSettings):
         "answer reaches the client from the token stream only, and an Idempotency-Key retry "
         "cannot replay it.",
     )
-    serving_create_concurrency: int = Field(
+    create_concurrency: int = Field(
         default=4,
         ge=1,
         le=64,
-        description="How many /v1/chat/completions and /v1/completions jobs one API process "
-        "creates at once. A burst's jobs are then created a few at a time, the first ready for "
-        "a worker within milliseconds, instead of all finishing together at the end of the "
-        "burst, interleaved in the thread pool (bench/README.md, P6).",
+        description="How many jobs one API process creates at once (/v1/jobs, chat and text "
+        "completions, embeddings). A burst's jobs are then created a few at a time, the first "
+        "ready for a worker within milliseconds, instead of all finishing together at the end "
+        "of the burst, interleaved in the thread pool and queued on the database's write lock "
+        "(bench/README.md, P1 and P6).",
     )
     chat_default_max_tokens: int = Field(
         default=1024,

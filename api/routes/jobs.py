@@ -9,7 +9,6 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal
 from api.cursors import MAX_ROW_ID, decode_cursor, encode_cursor, split_page
@@ -20,6 +19,7 @@ from api.deps import (
     ReadSessionDep,
     SessionDep,
     SettingsDep,
+    in_create_slot,
     request_session,
 )
 from api.job_checks import check_job_request, check_queued_quota
@@ -124,8 +124,8 @@ async def create_job(
     # the settings and the publisher from the app's state, not two more dependencies.
     settings: Settings = request.app.state.settings
     publisher: JobPublisher = request.app.state.publisher
-    out = await run_in_threadpool(
-        _create_job, req, response, settings, publisher, who, idempotency_key
+    out = await in_create_slot(
+        request, _create_job, req, response, settings, publisher, who, idempotency_key
     )
     # The body straight from the model it was built as (response_model still documents
     # it): FastAPI would validate the returned JobOut again and encode it in two passes.

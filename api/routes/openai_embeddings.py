@@ -21,7 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal
-from api.deps import JobsWrite, PublisherDep, SettingsDep, TokenReaderDep, request_session
+from api.deps import (
+    JobsWrite,
+    PublisherDep,
+    SettingsDep,
+    TokenReaderDep,
+    in_create_slot,
+    request_session,
+)
 from api.job_follow import ClientDisconnected, Follower, JobState, follow_to_end, job_state
 from api.openai_jobs import create_openai_job, openai_request
 from api.routes.jobs import IdempotencyKey, cancel_in
@@ -141,8 +148,8 @@ async def create_embeddings(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     body = validated_body(CreateEmbeddings, await json_body(request), "embeddings")
-    created = await run_in_threadpool(
-        _create, body, response, settings, publisher, who, idempotency_key
+    created = await in_create_slot(
+        request, _create, body, response, settings, publisher, who, idempotency_key
     )
     state: JobState | None = created.state
     if not created.state.terminal:

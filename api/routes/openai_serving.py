@@ -23,7 +23,6 @@ same Idempotency-Key gets the finished answer.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -38,7 +37,14 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import Principal
-from api.deps import JobsWrite, PublisherDep, SettingsDep, TokenReaderDep, request_session
+from api.deps import (
+    JobsWrite,
+    PublisherDep,
+    SettingsDep,
+    TokenReaderDep,
+    in_create_slot,
+    request_session,
+)
 from api.errors import error_body
 from api.job_follow import (
     ClientDisconnected,
@@ -161,18 +167,6 @@ async def create_completion(
     return await _serve(request, serving, settings, publisher, reader, who, idempotency_key)
 
 
-_CREATING: dict[int, anyio.CapacityLimiter] = {}
-
-
-def _creating(settings: Settings) -> anyio.CapacityLimiter:
-    """At most serving_create_concurrency job creations at once in this process (made on
-    first use: a limiter belongs to the running event loop's library)."""
-    limit = settings.serving_create_concurrency
-    if limit not in _CREATING:
-        _CREATING[limit] = anyio.CapacityLimiter(limit)
-    return _CREATING[limit]
-
-
 async def _serve(
     request: Request,
     serving: ServingRequest,
@@ -182,9 +176,8 @@ async def _serve(
     who: Principal,
     idempotency_key: str | None,
 ) -> Response:
-    created = await anyio.to_thread.run_sync(
-        functools.partial(_create, serving, settings, publisher, who, idempotency_key),
-        limiter=_creating(settings),
+    created = await in_create_slot(
+        request, _create, serving, settings, publisher, who, idempotency_key
     )
     completion_id = f"{'chatcmpl' if serving.chat else 'cmpl'}-{created.job_id}"
     headers = {JOB_ID_HEADER: created.job_id}
