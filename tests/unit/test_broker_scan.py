@@ -3,6 +3,7 @@ which jobs have a message on a queue, which are delivered and unacknowledged, wh
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery.utils.saferepr import saferepr
 
 from core.broker_scan import BrokerScanner, Delivery, Presence, job_id_of
 from core.dispatch import TASK_RUN_JOB, JobPublisher, make_celery
@@ -148,3 +150,19 @@ def test_task_protocol_one_bodies_are_read_too() -> None:
     assert job_id_of({**envelope, "content-type": "application/x-python-serialize"}, "x") is None
     assert job_id_of({**envelope, "body": json.dumps([[], {}, {}])}, TASK_RUN_JOB) is None
     assert Delivery("t", 100.0).older_than(10, 110.0)
+
+
+def test_a_published_message_reads_as_celery_would_have_written_it(
+    settings: Settings, publisher: JobPublisher
+) -> None:
+    job_id = new_id()
+    publisher.publish(job_id, JobKind.NOOP, 9)
+    raw = redis.Redis.from_url(settings.broker_url).lpop(QUEUE_FOR_KIND[JobKind.NOOP])
+    assert raw is not None
+    message = json.loads(raw)
+    headers = message["headers"]
+    assert headers["task"] == TASK_RUN_JOB
+    assert json.loads(base64.b64decode(message["body"]))[0] == [job_id]
+    # the readable args Flower and `celery inspect` show: given, not computed, and the same
+    assert headers["argsrepr"] == saferepr([job_id]) == f"['{job_id}']"
+    assert headers["kwargsrepr"] == saferepr({})
