@@ -158,7 +158,7 @@ def test_a_published_message_reads_as_celery_would_have_written_it(
     job_id = new_id()
     publisher.publish(job_id, JobKind.NOOP, 9)
     raw = redis.Redis.from_url(settings.broker_url).lpop(QUEUE_FOR_KIND[JobKind.NOOP])
-    assert raw is not None
+    assert isinstance(raw, bytes)
     message = json.loads(raw)
     headers = message["headers"]
     assert headers["task"] == TASK_RUN_JOB
