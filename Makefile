@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-faults bench bench-procs lint fmt up clean
+.PHONY: install demo test test-suite test-faults bench bench-procs lint fmt up clean
 
 install: $(STAMP)
 
@@ -19,14 +19,18 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/modelyard demo
 
-# Two test processes: the suite mostly waits on real workers and services, so two
-# share 2 cores well (14 min -> 9 min); a module's tests stay in one process.
-test: install
-	$(BIN)/python -m pytest -n 2 --dist loadscope --durations=20
+# Everything, as two pytest runs one after the other: the suite without the fault
+# scenarios (under 15 minutes on 2 cores), then the fault scenarios (about 8 minutes).
+test: test-suite test-faults
 
-# Only the fault-injection scenarios (kills, restarts, outages); `make test` runs them too.
+# Two test processes each: the tests mostly wait on real workers and services, so two
+# share 2 cores well (14 min -> 9 min); a module's tests stay in one process.
+test-suite: install
+	$(BIN)/python -m pytest -n 2 --dist loadscope --durations=20 -m "not faults"
+
+# Only the fault-injection scenarios (kills, restarts, outages).
 test-faults: install
-	$(BIN)/python -m pytest -m faults
+	$(BIN)/python -m pytest -n 2 --dist loadscope --durations=10 -m faults
 
 bench: install
 	$(BIN)/python -m bench.all --json bench/latest.json
