@@ -20,7 +20,7 @@ demo: install
 	$(BIN)/modelyard demo
 
 # Everything, as two pytest runs one after the other: the suite without the fault
-# scenarios (under 15 minutes on 2 cores), then the fault scenarios (about 8 minutes).
+# scenarios (under 15 minutes on 2 cores), then the fault scenarios (9-10 minutes).
 test: test-suite test-faults
 
 # Two test processes each: the tests mostly wait on real workers and services, so two

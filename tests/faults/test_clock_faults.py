@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.faults.clock_scenarios import skewed_workers
 from tests.faults.scenarios import Lab
+
+pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_skewed_worker_clocks_neither_lose_live_jobs_nor_keep_dead_ones(lab: Lab) -> None:

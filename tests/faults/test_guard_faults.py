@@ -3,9 +3,13 @@ webhook destination that rebinds after its check."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.faults import guard_scenarios
 from tests.faults.scenarios import Lab
 from tests.faults.test_broker_faults import assert_clean
+
+pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_fifty_concurrent_posts_against_a_queued_quota_of_ten(lab: Lab) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.faults.leader_scenarios import kill_recovery_leader
 from tests.faults.scenarios import Lab
 from tests.support.harness import TERMINAL
+
+pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_killing_the_recovery_leader_leaves_recovery_to_the_others(lab: Lab) -> None:
