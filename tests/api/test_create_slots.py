@@ -60,7 +60,7 @@ def slotted_client(settings: Settings) -> Iterator[TestClient]:
         yield c
 
 
-def _queued(settings: Settings) -> int:
+def _jobs(settings: Settings) -> int:
     with session_scope(settings.database_url, readonly=True) as s:
         return s.scalar(select(func.count()).select_from(Job)) or 0
 
@@ -68,7 +68,7 @@ def _queued(settings: Settings) -> int:
 def test_a_burst_of_submits_is_created_a_few_at_a_time(
     slotted_client: TestClient, settings: Settings, overlap: Overlap
 ) -> None:
-    before = _queued(settings)
+    before = _jobs(settings)
 
     def submit(_: int) -> int:
         return slotted_client.post("/v1/jobs", json={"kind": "noop"}).status_code
@@ -77,4 +77,4 @@ def test_a_burst_of_submits_is_created_a_few_at_a_time(
         codes = list(pool.map(submit, range(BURST)))
     assert codes == [202] * BURST
     assert overlap.most == SLOTS  # the burst filled the slots and never went past them
-    assert _queued(settings) == before + BURST
+    assert _jobs(settings) == before + BURST
