@@ -70,7 +70,7 @@ Role = Literal["system", "developer", "user", "assistant"]
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["text"]
     text: Annotated[str, StringConstraints(max_length=32_000)]
@@ -79,7 +79,7 @@ class TextPart(BaseModel):
 class RequestMessage(BaseModel):
     """A chat message; `content` may be text parts (joined), never images or audio."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Role
     content: Annotated[str, StringConstraints(max_length=32_000)] | list[TextPart]
@@ -93,7 +93,7 @@ class RequestMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool | None = None
 
@@ -106,9 +106,10 @@ Stop = (
 
 class _SamplingBody(BaseModel):
     """What both endpoints take. Fields this server does not implement are declared loosely
-    (`Any`) so that their use is refused by name, not as a type error."""
+    (`Any`) so that their use is refused by name, not as a type error. Strict, as OpenAI
+    checks JSON types: `"stream": "yes"` or `"n": "2"` is a 400, not coerced."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     honoured: ClassVar[frozenset[str]] = frozenset()  # _WHY_NOT names this body implements
 
     model: Annotated[str, StringConstraints(pattern=MODEL_REF_PATTERN)]

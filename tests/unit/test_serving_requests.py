@@ -211,6 +211,33 @@ def test_invalid_values_are_400s_naming_the_field(body: dict[str, Any], param: s
     assert refused.value.param == param
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "body", "param"),
+    [
+        ("chat", {"stream": "yes"}, "stream"),
+        ("chat", {"n": "2"}, "n"),
+        ("chat", {"max_tokens": "5"}, "max_tokens"),
+        ("chat", {"max_completion_tokens": True}, "max_completion_tokens"),
+        ("chat", {"temperature": "0.5"}, "temperature"),
+        ("chat", {"seed": "7"}, "seed"),
+        ("chat", {"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
+        ("completion", {"max_tokens": "5"}, "max_tokens"),
+        ("completion", {"stream": 1}, "stream"),
+    ],
+)
+def test_values_of_the_wrong_json_type_are_400s_not_coerced(
+    endpoint: str, body: dict[str, Any], param: str
+) -> None:
+    """OpenAI checks JSON types: `"stream": "yes"` is a 400, not a stream."""
+    with pytest.raises(BadRequestError) as refused:
+        if endpoint == "chat":
+            chat(**body)
+        else:
+            completion_request({"model": "m", "prompt": "p", **body})
+    assert refused.value.type == "invalid_request_error"
+    assert refused.value.param is not None and refused.value.param.startswith(param)
+
+
 def test_a_body_that_is_not_an_object_is_refused() -> None:
     with pytest.raises(BadRequestError):
         chat_request(["model"], default_max_tokens=1)
