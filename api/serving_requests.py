@@ -202,7 +202,10 @@ class ServingRequest:
 
 
 def _param(loc: tuple[int | str, ...]) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    """A pydantic error location as a body path (messages[0].content), without the names
+    pydantic gives the branches of a union (`constrained-str`, `list[TextPart]`)."""
+    parts = [p for p in loc if isinstance(p, int) or p.isidentifier()]
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
 
 
 def _validated(model: type[_SamplingBody], body: Any) -> _SamplingBody:

@@ -238,6 +238,28 @@ def test_values_of_the_wrong_json_type_are_400s_not_coerced(
     assert refused.value.param is not None and refused.value.param.startswith(param)
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "body", "param"),
+    [
+        ("chat", {"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+        ("chat", {"stop": "x" * 201}, "stop"),
+        ("chat", {"stop": ["a", 1]}, "stop"),
+        ("completion", {"prompt": [1, 2]}, "prompt"),
+    ],
+)
+def test_a_bad_value_of_a_union_field_names_the_field(
+    endpoint: str, body: dict[str, Any], param: str
+) -> None:
+    """`param` is the body's field, never pydantic's name for a branch of its type."""
+    with pytest.raises(BadRequestError) as refused:
+        if endpoint == "chat":
+            chat(**body)
+        else:
+            completion_request({"model": "m", **body})
+    assert refused.value.param == param
+    assert "constrained-str" not in refused.value.message
+
+
 def test_a_body_that_is_not_an_object_is_refused() -> None:
     with pytest.raises(BadRequestError):
         chat_request(["model"], default_max_tokens=1)
