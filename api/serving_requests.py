@@ -346,6 +346,8 @@ def chat_request(body: Any, default_max_tokens: int, store_text: bool = True) ->
     max_tokens = parsed.max_completion_tokens or parsed.max_tokens
     if max_tokens is not None:
         fields["max_new_tokens"] = max_tokens
+    else:  # OpenAI's chat default: what the context leaves, here up to default_max_tokens
+        fields["fit_max_new_tokens"] = True
     if parsed.response_format is not None:
         fields["response_format"] = parsed.response_format
     fields["messages"] = [

@@ -57,11 +57,21 @@ def encode_prompts(tokenizer: Any, spec: GenerateSpec, limit: int | None) -> lis
     for index, ids in enumerate(encoded):
         if not ids:
             raise PromptError(f"prompt {index} encodes to no tokens", f"spec.{field}[{index}]")
-        if limit is not None and len(ids) + spec.max_new_tokens > limit:
+        new_tokens = max_new_tokens(spec, len(ids), limit)
+        if limit is not None and len(ids) + new_tokens > limit:
             raise PromptError(
                 f"prompt {index} is {len(ids)} tokens; with max_new_tokens "
-                f"{spec.max_new_tokens} it exceeds the model's context of {limit} tokens",
+                f"{new_tokens} it exceeds the model's context of {limit} tokens",
                 f"spec.{field}[{index}]",
                 too_long=True,
             )
     return encoded
+
+
+def max_new_tokens(spec: GenerateSpec, prompt_tokens: int, limit: int | None) -> int:
+    """The most new tokens a prompt of `prompt_tokens` gets: the spec's max_new_tokens, or
+    with fit_max_new_tokens what the context leaves after the prompt (at least one: a prompt
+    that fills the context is refused)."""
+    if limit is None or not spec.fit_max_new_tokens:
+        return spec.max_new_tokens
+    return max(1, min(spec.max_new_tokens, limit - prompt_tokens))

@@ -100,6 +100,12 @@ class GenerateSpec(BaseModel):
         "job's token stream, so it is not durable (a reader that misses it cannot get it back).",
     )
     max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    fit_max_new_tokens: bool = Field(
+        default=False,
+        description="Shorten max_new_tokens, prompt by prompt, to what the model's context "
+        "leaves after the prompt, instead of refusing a prompt with which it does not fit "
+        "(OpenAI's chat default when a request sets no max tokens).",
+    )
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=1000, description="0 disables top-k filtering.")

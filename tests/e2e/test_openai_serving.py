@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from tests.conftest import TINY_CHAT_MODEL, TINY_MODEL, install_tiny_chat_model
 from tests.support.harness import Stack
+from tests.support.tiny_model import build_tiny_gpt2, with_chat_template
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -107,6 +108,30 @@ def test_seed_reproduces_and_n_gives_that_many_choices(serving: Stack, client: O
     assert ask(7) == first
     assert ask(8) != first
     assert first[0] != first[1]
+
+
+def test_a_chat_without_max_tokens_ends_where_the_context_does(
+    serving: Stack, client: OpenAI, tmp_path: Path
+) -> None:
+    """OpenAI's chat default is whatever the context leaves: a prompt that fits is answered
+    (up to CHAT_DEFAULT_MAX_TOKENS), never refused for a max_tokens the client did not set."""
+    short = "tiny-gpt2-chat-48"
+    built = build_tiny_gpt2(tmp_path / "short", n_positions=48)
+    with_chat_template(built, serving.workdir / "data" / "models" / short)
+    out = client.chat.completions.create(model=short, messages=QUESTION, temperature=0)
+    [choice] = out.choices
+    assert choice.finish_reason == "length"
+    assert out.usage is not None
+    assert 0 < out.usage.prompt_tokens < 48
+    assert out.usage.prompt_tokens + out.usage.completion_tokens == 48
+    streamed = client.chat.completions.create(
+        model=short, messages=QUESTION, temperature=0, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == choice.message.content
+    with pytest.raises(openai.BadRequestError) as refused:  # one the client did set
+        client.chat.completions.create(model=short, messages=QUESTION, max_tokens=48)
+    assert refused.value.code == "context_length_exceeded"
 
 
 def test_stop_ends_the_text_before_the_stop_string(serving: Stack, client: OpenAI) -> None:

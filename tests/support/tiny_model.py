@@ -14,7 +14,7 @@ CORPUS = [
 ] * 20
 
 
-def build_tiny_gpt2(out_dir: Path) -> Path:
+def build_tiny_gpt2(out_dir: Path, n_positions: int = 4096) -> Path:
     """Save a randomly initialised 2-layer GPT-2 with a trained tokenizer to `out_dir`."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -32,7 +32,7 @@ def build_tiny_gpt2(out_dir: Path) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
     config = GPT2Config(
         vocab_size=tok.get_vocab_size(),
-        n_positions=4096,
+        n_positions=n_positions,
         n_embd=32,
         n_layer=2,
         n_head=2,

@@ -106,6 +106,10 @@ def test_defaults_are_openais() -> None:
     req = completion_request({"model": "m", "prompt": ["a", "b"]})
     assert req.job.spec.max_new_tokens == COMPLETIONS_DEFAULT_MAX_TOKENS
     assert (req.prompts, req.choices_per_prompt, req.chat) == (2, 1, False)
+    # chat's default is what the context leaves (up to the server's default), completions' 16
+    assert chat().job.spec.fit_max_new_tokens
+    assert not chat(max_tokens=5).job.spec.fit_max_new_tokens
+    assert not req.job.spec.fit_max_new_tokens
 
 
 @pytest.mark.parametrize(

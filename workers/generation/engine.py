@@ -257,7 +257,9 @@ class TransformersEngine(GenerationEngine):
                         sequence_index=s_index,
                         prompt_ids=ids,
                         sampling=sampling,
-                        max_new_tokens=spec.max_new_tokens,
+                        max_new_tokens=prompts.max_new_tokens(
+                            spec, len(ids), self._entry.context_length
+                        ),
                         text=text,
                         adapter=adapter,
                         constraint=self._matcher(schema) if schema is not None else None,
@@ -265,7 +267,7 @@ class TransformersEngine(GenerationEngine):
                     )
                 )
         slot.live = len(slot.rows)
-        slot.total_tokens = len(slot.rows) * spec.max_new_tokens
+        slot.total_tokens = sum(r.max_new_tokens for r in slot.rows)
         return slot
 
     def _matcher(self, schema: dict[str, object]) -> RowMatcher:
