@@ -298,8 +298,9 @@ _SPEC_PARAMS = {
 }
 
 
-def openai_param(ours: str | None, chat: bool) -> str | None:
-    """The OpenAI body field a job-request field path (spec.messages[0][1].content) came from."""
+def openai_param(ours: str | None, chat: bool, max_tokens: str | None = None) -> str | None:
+    """The OpenAI body field a job-request field path (spec.messages[0][1].content) came from;
+    `max_tokens` names the chat field that set max_new_tokens, when the request set one."""
     if ours in (None, "spec"):
         return None
     if ours.startswith("spec.messages"):  # one conversation per request
@@ -309,7 +310,7 @@ def openai_param(ours: str | None, chat: bool) -> str | None:
     for prefix, theirs in _SPEC_PARAMS.items():
         if ours == prefix or ours.startswith(prefix + ".") or ours.startswith(prefix + "["):
             if theirs == "max_tokens" and chat:
-                return "max_completion_tokens"
+                return max_tokens or "max_completion_tokens"
             # a union's tag (response_format's json_schema) is not a field of the body
             rest = ours.removeprefix(prefix).replace(".json_schema.json_schema", ".json_schema")
             return theirs + rest
@@ -317,7 +318,7 @@ def openai_param(ours: str | None, chat: bool) -> str | None:
 
 
 def _job_request(
-    fields: dict[str, Any], metadata: dict[str, Any], chat: bool
+    fields: dict[str, Any], metadata: dict[str, Any], chat: bool, max_tokens: str | None = None
 ) -> GenerateJobRequest:
     payload = {"kind": "generate", "spec": fields, "metadata": metadata}
     try:
@@ -326,7 +327,7 @@ def _job_request(
         first = exc.errors()[0]
         loc = tuple(first["loc"])
         ours = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc).replace(".[", "[")
-        param = openai_param(ours, chat)
+        param = openai_param(ours, chat, max_tokens)
         message = str(first["msg"]).removeprefix("Value error, ")
         for spec_name, theirs in (("num_return_sequences", "n"), ("max_new_tokens", "max_tokens")):
             message = message.replace(spec_name, theirs)
@@ -356,7 +357,9 @@ def chat_request(body: Any, default_max_tokens: int, store_text: bool = True) ->
             for m in parsed.messages
         ]
     ]
-    return _serving(parsed, _job_request(fields, _metadata(parsed), chat=True), chat=True)
+    given = "max_completion_tokens" if parsed.max_completion_tokens else "max_tokens"
+    job = _job_request(fields, _metadata(parsed), chat=True, max_tokens=given)
+    return _serving(parsed, job, chat=True)
 
 
 def completion_request(body: Any, store_text: bool = True) -> ServingRequest:

@@ -264,6 +264,14 @@ def test_a_bad_value_of_a_union_field_names_the_field(
     assert "constrained-str" not in refused.value.message
 
 
+def test_a_max_tokens_over_the_limit_is_named_as_the_client_sent_it() -> None:
+    for name in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(BadRequestError) as refused:
+            chat(**{name: 5000})
+        assert refused.value.param == name
+        assert refused.value.message.startswith(f"{name}: ")
+
+
 def test_a_body_that_is_not_an_object_is_refused() -> None:
     with pytest.raises(BadRequestError):
         chat_request(["model"], default_max_tokens=1)
