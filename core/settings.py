@@ -274,8 +274,10 @@ class Settings(BaseSettings):
         default=1024,
         ge=1,
         le=4096,
-        description="Most new tokens of a /v1/chat/completions answer that sets neither "
-        "max_completion_tokens nor max_tokens (it may end sooner, at the model's end of text).",
+        description="Most new tokens of a /v1/chat/completions answer (or a batch's chat "
+        "line) that sets neither max_completion_tokens nor max_tokens, cut to what the "
+        "model's context leaves after the prompt (it may end sooner, at the model's end of "
+        "text).",
     )
     model_cache_mb: int = Field(
         default=8192, ge=1, description="Memory budget of each worker's loaded-model cache (MiB)."

@@ -27,6 +27,7 @@ from workers.batch.lines import (
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
+DEFAULT_MAX = 1024  # the settings' chat_default_max_tokens
 
 
 def completion(custom_id: str = "r1", **body: Any) -> dict[str, Any]:
@@ -153,7 +154,8 @@ def test_text_rows_with_a_url_key_are_still_text() -> None:
 
 def test_completion_line_maps_openai_names() -> None:
     spec = generate_spec_for(
-        completion(max_tokens=7, n=2, temperature=0.5, top_p=0.9, seed=3, stop="\n", top_k=-1)
+        completion(max_tokens=7, n=2, temperature=0.5, top_p=0.9, seed=3, stop="\n", top_k=-1),
+        DEFAULT_MAX,
     )
     assert spec.prompts == ["The blue mug"]
     assert spec.messages is None
@@ -163,13 +165,22 @@ def test_completion_line_maps_openai_names() -> None:
 
 
 def test_completion_default_max_tokens_is_openais() -> None:
-    assert generate_spec_for(completion()).max_new_tokens == 16
+    assert generate_spec_for(completion(), DEFAULT_MAX).max_new_tokens == 16
+
+
+def test_a_chat_line_without_max_tokens_gets_what_the_context_leaves() -> None:
+    """As /v1/chat/completions: the default, cut to the context; a line's own limit stays."""
+    spec = generate_spec_for(chat(), DEFAULT_MAX)
+    assert (spec.max_new_tokens, spec.fit_max_new_tokens) == (DEFAULT_MAX, True)
+    spec = generate_spec_for(chat(max_tokens=5), DEFAULT_MAX)
+    assert (spec.max_new_tokens, spec.fit_max_new_tokens) == (5, False)
+    assert not generate_spec_for(completion(), DEFAULT_MAX).fit_max_new_tokens
 
 
 def test_chat_line_becomes_one_conversation() -> None:
     line = chat(max_tokens=5, max_completion_tokens=9, stop=["a", "b"])
     line["body"]["messages"][0]["role"] = "developer"
-    spec = generate_spec_for(line)
+    spec = generate_spec_for(line, DEFAULT_MAX)
     assert spec.prompts is None
     assert spec.messages is not None and len(spec.messages) == 1
     assert [(m.role, m.content) for m in spec.messages[0]] == [
@@ -201,17 +212,17 @@ def test_values_this_server_cannot_run_are_the_lines_error(
     line: dict[str, Any], expected: str
 ) -> None:
     with pytest.raises(BatchLineError) as info:
-        generate_spec_for(line)
+        generate_spec_for(line, DEFAULT_MAX)
     assert expected in info.value.message
     assert info.value.type == "invalid_request"
 
 
 def test_logprobs_map_onto_the_spec() -> None:
-    spec = generate_spec_for(chat(logprobs=True, top_logprobs=4))
+    spec = generate_spec_for(chat(logprobs=True, top_logprobs=4), DEFAULT_MAX)
     assert (spec.logprobs, spec.top_logprobs) == (True, 4)
-    spec = generate_spec_for(completion(logprobs=0))
+    spec = generate_spec_for(completion(logprobs=0), DEFAULT_MAX)
     assert (spec.logprobs, spec.top_logprobs) == (True, 0)
-    assert not generate_spec_for(chat()).logprobs
+    assert not generate_spec_for(chat(), DEFAULT_MAX).logprobs
 
 
 @pytest.mark.parametrize(
@@ -334,7 +345,7 @@ def test_spec_defaults_and_refusals() -> None:
 
 
 def test_frequency_and_presence_penalties_are_mapped() -> None:
-    spec = generate_spec_for(completion(frequency_penalty=0.5, presence_penalty=-1.25))
+    spec = generate_spec_for(completion(frequency_penalty=0.5, presence_penalty=-1.25), DEFAULT_MAX)
     assert (spec.frequency_penalty, spec.presence_penalty) == (0.5, -1.25)
     assert "body.presence_penalty is 2.5" in refused(jsonl(completion(presence_penalty=2.5)))
 
@@ -342,12 +353,14 @@ def test_frequency_and_presence_penalties_are_mapped() -> None:
 def test_response_format_is_mapped_and_an_unenforceable_schema_is_the_lines_error() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     rf = {"type": "json_schema", "json_schema": {"name": "out", "schema": schema, "strict": True}}
-    spec = generate_spec_for(chat(response_format=rf))
+    spec = generate_spec_for(chat(response_format=rf), DEFAULT_MAX)
     assert spec.response_format is not None
     assert spec.response_format.model_dump(mode="json")["json_schema"]["schema"] == schema
-    assert generate_spec_for(chat(response_format={"type": "json_object"})).response_format
+    assert generate_spec_for(
+        chat(response_format={"type": "json_object"}), DEFAULT_MAX
+    ).response_format
     parsed = parse_dataset(jsonl(chat("a", response_format=rf)), "x.jsonl")
     assert parsed.report["warnings"] == []
     bad = {"type": "json_schema", "json_schema": {"name": "o", "schema": {"not": {}}}}
     with pytest.raises(BatchLineError, match="'not' is not supported"):
-        generate_spec_for(chat(response_format=bad))
+        generate_spec_for(chat(response_format=bad), DEFAULT_MAX)

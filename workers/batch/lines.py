@@ -67,8 +67,10 @@ def _validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def generate_spec_for(request: dict[str, Any]) -> GenerateSpec:
-    """The GenerateSpec that runs one request line; BatchLineError if it cannot run here."""
+def generate_spec_for(request: dict[str, Any], chat_default_max_tokens: int) -> GenerateSpec:
+    """The GenerateSpec that runs one request line; BatchLineError if it cannot run here. A
+    chat line that sets no max tokens gets what `/v1/chat/completions` gives such a request:
+    up to `chat_default_max_tokens`, or what the model's context leaves after the prompt."""
     body: dict[str, Any] = request["body"]
     unsupported = _unsupported(body)
     if unsupported:
@@ -85,7 +87,10 @@ def generate_spec_for(request: dict[str, Any]) -> GenerateSpec:
     max_tokens = max_tokens if max_tokens is not None else body.get("max_tokens")
     if max_tokens is not None:
         fields["max_new_tokens"] = max_tokens
-    elif not chat:
+    elif chat:
+        fields["max_new_tokens"] = chat_default_max_tokens
+        fields["fit_max_new_tokens"] = True
+    else:
         fields["max_new_tokens"] = COMPLETIONS_DEFAULT_MAX_TOKENS
     fields.update(sampling_fields(body.get))
     if body.get("response_format") is not None:

@@ -184,7 +184,7 @@ class _BatchRun:
             request = self._requests[index]
             custom_id = request["custom_id"]
             try:
-                spec = generate_spec_for(request)
+                spec = generate_spec_for(request, self._settings.chat_default_max_tokens)
             except BatchLineError as exc:
                 refused.append(stored_error(index, custom_id, exc.type, exc.message))
                 continue
