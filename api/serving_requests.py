@@ -330,6 +330,8 @@ def _job_request(
         param = openai_param(ours, chat, max_tokens)
         message = str(first["msg"]).removeprefix("Value error, ")
         for spec_name, theirs in (("num_return_sequences", "n"), ("max_new_tokens", "max_tokens")):
+            if param is None and spec_name in message:  # a rule across fields names this one
+                param = theirs
             message = message.replace(spec_name, theirs)
         raise BadRequestError(f"{param or 'body'}: {message}", param=param) from None
 

@@ -205,7 +205,7 @@ def test_logprobs_out_of_range_are_400s_naming_the_param(
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
-        ({"n": 2, "temperature": 0}, None),
+        ({"n": 2, "temperature": 0}, "n"),  # a rule across fields names the one to change
     ],
 )
 def test_invalid_values_are_400s_naming_the_field(body: dict[str, Any], param: str | None) -> None:
