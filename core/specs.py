@@ -123,7 +123,12 @@ class GenerateSpec(BaseModel):
         description="OpenAI's: subtracted from a token's logit once it was generated at all.",
     )
     num_return_sequences: int = Field(default=1, ge=1, le=16)
-    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    seed: int | None = Field(
+        default=None,
+        ge=-(2**63),
+        le=2**63 - 1,
+        description="Any 64-bit integer, as OpenAI's: the same seed gives the same texts.",
+    )
     stop: list[StopSequence] = Field(default_factory=list, max_length=8)
     retrieval: RetrievalSpec | None = Field(
         default=None,

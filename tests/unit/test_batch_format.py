@@ -199,7 +199,7 @@ def test_chat_line_becomes_one_conversation() -> None:
         (completion(n=17), "body.n: Input should be less than or equal to 16"),
         (completion(max_tokens=5000), "body.max_tokens: Input should be less than or equal"),
         (completion(top_p=0), "body.top_p: Input should be greater than 0"),
-        (completion(seed=-1), "body.seed: Input should be greater than or equal to 0"),
+        (completion(seed=2**63), "body.seed: Input should be less than or equal to"),
         (completion(stop=["x"] * 9), "body.stop: List should have at most 8 items"),
         (completion(prompt="   "), "prompt 0 is blank"),
         (completion(model="../etc"), "body.model:"),

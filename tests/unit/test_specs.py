@@ -41,7 +41,8 @@ def test_defaults() -> None:
         {"top_k": -1},
         {"repetition_penalty": 0},
         {"num_return_sequences": 17},
-        {"seed": -1},
+        {"seed": 2**63},
+        {"seed": -(2**63) - 1},
         {"stop": ["x"] * 9},
         {"stop": [""]},
         {"model": ""},
@@ -56,6 +57,20 @@ def test_defaults() -> None:
 def test_rejected(change: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         GenerateSpec.model_validate({**GOOD, **change})
+
+
+@pytest.mark.parametrize("seed", [-(2**63), -1, 0, 2**32, 2**63 - 1])
+def test_any_64_bit_seed_is_taken_and_gives_a_generator_seed(seed: int) -> None:
+    """OpenAI's seed is any 64-bit integer; each sequence's generator takes what it makes."""
+    import torch
+
+    from workers.generation.engine import row_seed
+
+    assert GenerateSpec.model_validate({**GOOD, "seed": seed}).seed == seed
+    seeds = {row_seed(seed, p, s) for p in range(2) for s in range(2)}
+    assert len(seeds) == 4
+    for value in seeds:
+        torch.Generator().manual_seed(value)
 
 
 def test_request_refuses_unknown_kind_and_bad_priority() -> None:
