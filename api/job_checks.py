@@ -338,15 +338,27 @@ def _check_rank(session: Session, settings: Settings, tenant_id: str, spec: Pred
         raise InvalidRequestError(str(exc), param="spec.label") from exc
 
 
+CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel")  # GPT2LMHeadModel, LlamaForCausalLM, ...
+
+
 def _check_embed(session: Session, settings: Settings, tenant_id: str, spec: EmbedSpec) -> None:
-    """An embedding job's inputs must fit a local encoder: texts within its context (counted
-    as the worker counts them), token ids within its vocabulary, `dimensions` its own width.
-    A hub model is checked by the worker once it has the files."""
+    """An embedding job's model must be a local encoder, not a decoder-only language model,
+    and its inputs must fit it: texts within its context (counted as the worker counts them),
+    token ids within its vocabulary, `dimensions` its own width. A hub model is checked by
+    the worker once it has the files."""
     check_model(session, settings, tenant_id, spec.model, "spec.model", None)
     directory = local_model_dir(session, settings, tenant_id, spec.model)
     config = _local_config(directory) if directory is not None else None
     if directory is None or config is None:
         return
+    listed = config.get("architectures")
+    architectures = [str(a) for a in listed] if isinstance(listed, list) else []
+    if architectures and all(a.endswith(CAUSAL_LM_HEADS) for a in architectures):
+        raise InvalidRequestError(
+            f"model {spec.model!r} is a decoder-only language model ({', '.join(architectures)}), "
+            "not an encoder: its mean-pooled hidden states are no sentence embedding",
+            param="spec.model",
+        )
     width = config.get("hidden_size")
     if spec.dimensions is not None and spec.dimensions != width:
         raise UnsupportedParameterError(

@@ -5,6 +5,7 @@ answers of running jobs are tested end to end (tests/e2e/test_openai_embeddings.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from core.enums import JobKind
 from core.settings import Settings
 from db.jobs import JobFilter, get_job, list_jobs
 from db.session import session_scope
+from tests.conftest import TINY_MODEL, install_tiny_model
 from tests.support.auth import bearer, make_key
 from tests.support.tiny_encoder import TINY_ENCODER, build_tiny_encoder
 
@@ -22,9 +24,10 @@ BACKENDS = ["sqlite"]  # refusals before any insert; the job paths run on both i
 
 
 @pytest.fixture(scope="module")
-def client(settings: Settings) -> Iterator[TestClient]:
-    """The API with a tiny encoder installed and hub downloads off."""
+def client(settings: Settings, tiny_model_dir: Path) -> Iterator[TestClient]:
+    """The API with a tiny encoder and a tiny GPT-2 installed, and hub downloads off."""
     build_tiny_encoder(settings.models_dir / TINY_ENCODER)
+    install_tiny_model(tiny_model_dir, settings.data_dir)
     local = settings.model_copy(update={"hub_downloads": False, "hub_allowed_models": []})
     with TestClient(create_app(local)) as c:
         c.headers.update(bearer(make_key(local.database_url)))
@@ -56,6 +59,20 @@ def test_an_unknown_model_is_404_model_not_found(client: TestClient, settings: S
         404,
         "model_not_found",
     )
+    assert embed_jobs(settings) == before
+
+
+def test_a_decoder_only_model_is_400_naming_model(client: TestClient, settings: Settings) -> None:
+    """Its hidden states mean-pooled are no sentence embedding; refused before any job (a
+    job would otherwise answer vectors, and this one would wait here for a worker)."""
+    before = embed_jobs(settings)
+    job = client.post(
+        "/v1/jobs", json={"kind": "embed", "spec": {"model": TINY_MODEL, "input": "x"}}
+    )
+    assert error(job) == (422, "invalid_request", "spec.model")
+    response = embed(client, model=TINY_MODEL, input="hello")
+    assert error(response) == (400, "invalid_request_error", "model")
+    assert "GPT2LMHeadModel" in response.json()["error"]["message"]
     assert embed_jobs(settings) == before
 
 
