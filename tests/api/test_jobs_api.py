@@ -200,6 +200,17 @@ def test_unknown_ids_and_routes_are_typed_404(client: TestClient) -> None:
     assert_error(client.get("/v2/nothing"), 404, "not_found")
 
 
+def test_a_method_a_route_does_not_answer_is_405_with_the_ones_it_does(client: TestClient) -> None:
+    for method, path, allowed in (
+        ("PUT", "/v1/jobs", "GET, POST"),
+        ("GET", "/v1/embeddings", "POST"),
+        ("DELETE", "/v1/chat/completions", "POST"),
+    ):
+        resp = client.request(method, path)
+        assert_error(resp, 405, "method_not_allowed")
+        assert resp.headers["Allow"] == allowed, (method, path)
+
+
 def test_cancel_queued_then_again_then_finished(client: TestClient, settings: Settings) -> None:
     job = client.post("/v1/jobs", json=body()).json()
     resp = client.post(f"/v1/jobs/{job['id']}/cancel")
