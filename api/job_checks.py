@@ -342,11 +342,17 @@ CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel")  # GPT2LMHeadModel, LlamaForCau
 
 
 def _check_embed(session: Session, settings: Settings, tenant_id: str, spec: EmbedSpec) -> None:
-    """An embedding job's model must be a local encoder, not a decoder-only language model,
-    and its inputs must fit it: texts within its context (counted as the worker counts them),
-    token ids within its vocabulary, `dimensions` its own width. A hub model is checked by
-    the worker once it has the files."""
+    """An embedding job's model must be a full encoder, not an adapter nor a decoder-only
+    language model, and its inputs must fit it: texts within its context (counted as the
+    worker counts them), token ids within its vocabulary, `dimensions` its own width. A hub
+    model is checked by the worker once it has the files."""
     check_model(session, settings, tenant_id, spec.model, "spec.model", None)
+    registered = get_model(session, spec.model, tenant_id) if is_registry_name(spec.model) else None
+    if registered is not None and registered.adapter:
+        raise InvalidRequestError(
+            f"model {spec.model!r} is an adapter; embeddings need a full encoder",
+            param="spec.model",
+        )
     directory = local_model_dir(session, settings, tenant_id, spec.model)
     config = _local_config(directory) if directory is not None else None
     if directory is None or config is None:

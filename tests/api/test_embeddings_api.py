@@ -15,6 +15,7 @@ from api.main import create_app
 from core.enums import JobKind
 from core.settings import Settings
 from db.jobs import JobFilter, get_job, list_jobs
+from db.registry import register_model
 from db.session import session_scope
 from tests.conftest import TINY_MODEL, install_tiny_model
 from tests.support.auth import bearer, make_key
@@ -73,6 +74,34 @@ def test_a_decoder_only_model_is_400_naming_model(client: TestClient, settings: 
     response = embed(client, model=TINY_MODEL, input="hello")
     assert error(response) == (400, "invalid_request_error", "model")
     assert "GPT2LMHeadModel" in response.json()["error"]["message"]
+    assert embed_jobs(settings) == before
+
+
+def test_an_adapter_is_400_naming_model(client: TestClient, settings: Settings) -> None:
+    """A worker cannot load an adapter as an encoder; refused before any job, not failed by
+    the worker (whose invalid_spec the route answers naming `input`)."""
+    job_id = client.post("/v1/jobs", json={"kind": "noop"}).json()["id"]
+    name = f"ft:{TINY_ENCODER}:lora:{job_id.removeprefix('job_')}"
+    with session_scope(settings.database_url) as s:
+        register_model(
+            s,
+            name=name,
+            base_model=TINY_ENCODER,
+            task="sequence_classification",
+            method="lora",
+            adapter=True,
+            job_id=job_id,
+            path=f"tenants/default/jobs/{job_id}/model",
+            labels=["neg", "pos"],
+            metrics={},
+        )
+    client.post(f"/v1/jobs/{job_id}/cancel")
+    before = embed_jobs(settings)
+    job = client.post("/v1/jobs", json={"kind": "embed", "spec": {"model": name, "input": "x"}})
+    assert error(job) == (422, "invalid_request", "spec.model")
+    response = embed(client, model=name, input="hello")
+    assert error(response) == (400, "invalid_request_error", "model")
+    assert "adapter" in response.json()["error"]["message"]
     assert embed_jobs(settings) == before
 
 
