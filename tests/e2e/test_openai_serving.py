@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
+from openai.types.shared_params import ResponseFormatJSONSchema
 from pydantic import BaseModel
 
 from tests.conftest import TINY_CHAT_MODEL, TINY_MODEL, install_tiny_chat_model
@@ -348,6 +349,33 @@ def test_sdk_parse_returns_the_pydantic_model_the_schema_names(client: OpenAI) -
         assert choice.finish_reason == "stop"
         assert isinstance(choice.message.parsed, Verdict)
         assert Verdict.model_validate_json(choice.message.content or "") == choice.message.parsed
+
+
+def test_a_stop_string_still_ends_a_json_answer_where_it_matches(client: OpenAI) -> None:
+    """Documented: `stop` applies inside a response format's JSON too, so a `stop` answer
+    parses unless the request's own stop strings cut it."""
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}, "b": {"type": "boolean"}},
+        "required": ["n", "b"],
+        "additionalProperties": False,
+    }
+    pair: ResponseFormatJSONSchema = {
+        "type": "json_schema",
+        "json_schema": {"name": "pair", "schema": schema},
+    }
+    answer = client.chat.completions.create(
+        model=TINY_CHAT_MODEL,
+        messages=[{"role": "user", "content": "Where is my parcel?"}],
+        response_format=pair,
+        stop=[","],  # the grammar writes ", " between the two members
+        max_completion_tokens=40,
+        temperature=0,
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "stop"
+    assert (choice.message.content or "").startswith('{"n": ')
+    assert "," not in (choice.message.content or "")
 
 
 def test_json_object_streams_a_json_object(client: OpenAI) -> None:
