@@ -74,6 +74,24 @@ def test_token_ids_give_the_vector_of_the_text_they_encode(client: OpenAI, model
     assert many.usage.prompt_tokens == sum(len(i) for i in ids)
 
 
+def test_langchain_openai_embeddings_without_its_tiktoken_step(stack: Stack, models: Path) -> None:
+    """As the README says: LangChain's default first turns texts into tiktoken's ids, which
+    this server would read as the model's own; `check_embedding_ctx_length=False` sends
+    the texts."""
+    from langchain_openai import OpenAIEmbeddings
+
+    embeddings = OpenAIEmbeddings(
+        model=TINY_ENCODER,
+        base_url=f"{stack.base_url}/v1",
+        api_key=stack.api_key,  # type: ignore[arg-type]
+        check_embedding_ctx_length=False,
+        max_retries=0,
+    )
+    want = reference_embeddings(models / TINY_ENCODER, TEXTS)
+    np.testing.assert_allclose(embeddings.embed_documents(TEXTS), want, atol=1e-5)
+    np.testing.assert_allclose(embeddings.embed_query(TEXTS[1]), want[1], atol=1e-5)
+
+
 def test_the_packaged_minilm_matches_its_direct_mean_pool(client: OpenAI, models: Path) -> None:
     texts = ["A fresh loaf of rye bread.", "Which oven is hot?", "Bread baked this morning."]
     got = client.embeddings.create(model=MINILM, input=texts, encoding_format="float")
