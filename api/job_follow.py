@@ -27,7 +27,14 @@ import anyio
 from redis import RedisError
 from starlette.concurrency import run_in_threadpool
 
-from core.enums import JobStatus
+from core.enums import FailureType, JobStatus
+from core.errors import (
+    BadRequestError,
+    JobCancelledError,
+    JobFailedError,
+    ModelNotFoundError,
+    ModelyardError,
+)
 from core.states import TERMINAL
 from core.token_stream import (
     StreamDelta,
@@ -100,6 +107,23 @@ class Done:
 
 
 FollowEvent = Token | Restart | Requeued | Quiet | Done
+
+
+def ending_error(job_id: str, state: JobState | None, input_param: str | None) -> ModelyardError:
+    """The error an OpenAI-shaped request answers for its job's end other than success: a
+    model the worker could not find is a 404 naming `model`, a spec the worker refused a
+    400 naming `input_param` (the body field the job's input came from), a cancelled or
+    expired job a cancellation, anything else the job's failure."""
+    if state is None:
+        return JobFailedError(f"job {job_id} disappeared before it answered")
+    if state.status in (JobStatus.CANCELLED, JobStatus.EXPIRED):
+        return JobCancelledError(f"job {job_id} ended {state.status.value} before it answered")
+    message = state.error_message or "the job failed"
+    if state.error_type == FailureType.MODEL_NOT_FOUND.value:
+        return ModelNotFoundError(message, param="model")
+    if state.error_type == FailureType.INVALID_SPEC.value:
+        return BadRequestError(message, param=input_param)
+    return JobFailedError(f"job {job_id} {state.status.value} ({state.error_type}): {message}")
 
 
 def job_state(database_url: str, job_id: str) -> JobState | None:

@@ -29,17 +29,23 @@ from api.deps import (
     in_create_slot,
     request_session,
 )
-from api.job_follow import ClientDisconnected, Follower, JobState, follow_to_end, job_state
+from api.job_follow import (
+    ClientDisconnected,
+    Follower,
+    JobState,
+    ending_error,
+    follow_to_end,
+    job_state,
+)
 from api.openai_jobs import create_openai_job, openai_request
 from api.routes.jobs import IdempotencyKey, cancel_in
 from api.serving_requests import json_body, request_body_doc, validated_body
 from core.dispatch import JobPublisher
 from core.embeddings import EMBEDDING_KEY, base64_to_vector
-from core.enums import FailureType, JobKind, JobStatus
+from core.enums import JobKind, JobStatus
 from core.errors import (
     BadRequestError,
     InvalidRequestError,
-    JobCancelledError,
     JobFailedError,
     ModelNotFoundError,
     ModelNotInstalledError,
@@ -211,30 +217,16 @@ def _cancel(settings: Settings, publisher: JobPublisher, who: Principal, job_id:
     logger.info("job %s: its client went away; cancel requested (now %s)", job_id, job.status)
 
 
-def _failure(job_id: str, state: JobState | None) -> ModelyardError:
-    """The error a request answers for its job's end other than success."""
-    if state is None:
-        return JobFailedError(f"job {job_id} disappeared while it ran")
-    if state.status in (JobStatus.CANCELLED, JobStatus.EXPIRED):
-        return JobCancelledError(f"job {job_id} ended {state.status.value} before it answered")
-    message = state.error_message or "the job failed"
-    if state.error_type == FailureType.MODEL_NOT_FOUND.value:
-        return ModelNotFoundError(message, param="model")
-    if state.error_type == FailureType.INVALID_SPEC.value:
-        return BadRequestError(message, param="input")
-    return JobFailedError(f"job {job_id} failed ({state.error_type}): {message}")
-
-
 def _answer(
     settings: Settings, job_id: str, state: JobState | None, body: CreateEmbeddings
 ) -> dict[str, Any]:
     if state is None or state.status is not JobStatus.SUCCEEDED:
-        raise _failure(job_id, state)
+        raise ending_error(job_id, state, "input")
     with request_session(settings) as session:
         job = jobs_repo.get_job(session, job_id)
         outputs = outputs_repo.list_outputs(session, job_id)
         if job is None:
-            raise _failure(job_id, None)
+            raise ending_error(job_id, None, "input")
         result = dict(job.result or {})
         model = str(job.spec["model"])
         vectors = [(o.prompt_index, str((o.data or {})[EMBEDDING_KEY])) for o in outputs]

@@ -56,6 +56,7 @@ from api.job_follow import (
     Requeued,
     Restart,
     Token,
+    ending_error,
     follow_to_end,
 )
 from api.routes.jobs import IdempotencyKey, cancel_in, create_job_in
@@ -78,12 +79,11 @@ from core.completions import (
     usage_chunk,
 )
 from core.dispatch import JobPublisher
-from core.enums import FailureType, JobStatus
+from core.enums import JobStatus
 from core.errors import (
     BadRequestError,
     ContextLengthExceededError,
     InvalidRequestError,
-    JobCancelledError,
     JobFailedError,
     ModelNotFoundError,
     ModelNotInstalledError,
@@ -329,18 +329,9 @@ class _Answer:
 
     def _final(self, state: JobState | None) -> list[OutputRecord]:
         """The job's texts when it succeeded; the error its end means otherwise."""
-        if state is None:
-            raise JobFailedError(f"job {self.job_id} disappeared before it answered")
-        if state.status is JobStatus.SUCCEEDED:
-            return self._outputs()
-        if state.status is JobStatus.CANCELLED:
-            raise JobCancelledError(f"job {self.job_id} was cancelled before it answered")
-        message = f"job {self.job_id} {state.status.value}"
-        if state.error_type:
-            message += f" ({state.error_type}: {state.error_message or ''})"
-        if state.error_type == FailureType.INVALID_SPEC.value:
-            raise BadRequestError(message)
-        raise JobFailedError(message)
+        if state is None or state.status is not JobStatus.SUCCEEDED:
+            raise ending_error(self.job_id, state, None)
+        return self._outputs()
 
     def completion(self, state: JobState | None) -> dict[str, Any]:
         texts = [self._whole(t) for t in self._final(state)]
