@@ -60,6 +60,7 @@ from db.webhooks import events_column
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+REPLAYED_HEADER = "Idempotent-Replayed"  # on an answer given again for its Idempotency-Key
 
 IdempotencyKey = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
@@ -224,7 +225,7 @@ def _replay(existing: Job, digest: str, response: Response) -> JobOut:
             param="Idempotency-Key",
         )
     response.status_code = status.HTTP_200_OK
-    response.headers["Idempotent-Replayed"] = "true"
+    response.headers[REPLAYED_HEADER] = "true"
     return JobOut.of(existing)
 
 

@@ -22,6 +22,7 @@ from api.cursors import decode_cursor, encode_cursor, split_page
 from api.deps import JobsRead, JobsWrite, PublisherDep, ReadSessionDep, SessionDep, SettingsDep
 from api.job_checks import check_queued_quota
 from api.monitor_checks import check_monitor
+from api.routes.jobs import REPLAYED_HEADER
 from core.enums import JobKind
 from core.errors import IdempotencyConflictError, InvalidRequestError
 from core.monitors import AlertRule, MonitorCreate, MonitorItems, MonitorWindow
@@ -232,7 +233,7 @@ def _replayed(job: Job, monitor_id: str, digest: str, response: Response) -> Bat
             "Idempotency-Key was already used with a different batch", param="Idempotency-Key"
         )
     response.status_code = status.HTTP_200_OK
-    response.headers["Idempotent-Replayed"] = "true"
+    response.headers[REPLAYED_HEADER] = "true"
     return BatchAccepted(monitor_id=monitor_id, job_id=job.id, items=len(job.spec["texts"]))
 
 

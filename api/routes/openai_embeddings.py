@@ -38,7 +38,7 @@ from api.job_follow import (
     job_state,
 )
 from api.openai_jobs import create_openai_job, openai_request
-from api.routes.jobs import IdempotencyKey, cancel_in
+from api.routes.jobs import REPLAYED_HEADER, IdempotencyKey, cancel_in
 from api.serving_requests import json_body, request_body_doc, validated_body
 from core.dispatch import JobPublisher
 from core.embeddings import EMBEDDING_KEY, base64_to_vector
@@ -171,7 +171,7 @@ async def create_embeddings(
     content = await run_in_threadpool(_answer, settings, created.job_id, state, body)
     headers = {"Modelyard-Job-Id": created.job_id}
     if created.replayed:
-        headers["Idempotent-Replayed"] = "true"
+        headers[REPLAYED_HEADER] = "true"
     return JSONResponse(content, headers=headers)
 
 
@@ -208,7 +208,7 @@ def _create(
     state = job_state(settings.database_url, job_id)
     if state is None:  # deleted in between: nothing sensible left to wait for
         raise JobFailedError(f"job {job_id} disappeared before it ran")
-    return _Created(job_id, state, response.headers.get("Idempotent-Replayed") == "true")
+    return _Created(job_id, state, response.headers.get(REPLAYED_HEADER) == "true")
 
 
 def _cancel(settings: Settings, publisher: JobPublisher, who: Principal, job_id: str) -> None:

@@ -59,7 +59,7 @@ from api.job_follow import (
     ending_error,
     follow_to_end,
 )
-from api.routes.jobs import IdempotencyKey, cancel_in, create_job_in
+from api.routes.jobs import REPLAYED_HEADER, IdempotencyKey, cancel_in, create_job_in
 from api.serving_requests import (
     ChatCompletionBody,
     CompletionBody,
@@ -127,6 +127,7 @@ class Created:
     state: JobState
     created: int  # unix seconds
     idempotent: bool  # the request carried an Idempotency-Key
+    replayed: bool  # and an earlier request with it created the job
 
 
 @router.post(
@@ -181,6 +182,8 @@ async def _serve(
     )
     completion_id = f"{'chatcmpl' if serving.chat else 'cmpl'}-{created.job_id}"
     headers = {JOB_ID_HEADER: created.job_id}
+    if created.replayed:
+        headers[REPLAYED_HEADER] = "true"
     answer = _Answer(serving, settings, publisher, who, created, completion_id)
     if serving.stream:
         headers["Cache-Control"] = "no-cache"
@@ -223,7 +226,9 @@ def _create(
         out.error.type if out.error else None,
         out.error.message if out.error else None,
     )
-    return Created(out.id, state, int(out.created_at.timestamp()), idempotency_key is not None)
+    created_at = int(out.created_at.timestamp())
+    replayed = response.headers.get(REPLAYED_HEADER) == "true"
+    return Created(out.id, state, created_at, idempotency_key is not None, replayed)
 
 
 def _as_serving_error(exc: InvalidRequestError, chat: bool) -> ModelyardError:

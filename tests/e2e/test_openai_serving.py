@@ -268,6 +268,7 @@ def test_a_client_with_an_idempotency_key_gets_the_answer_on_retry(
     resp = post(serving, {**body, "stream": False}, key)
     assert resp.status_code == 200, resp.text
     assert resp.headers["Modelyard-Job-Id"] == job_id
+    assert resp.headers["Idempotent-Replayed"] == "true"
     [stored] = serving.outputs(job_id)
     assert resp.json()["choices"][0]["message"]["content"] == stored["text"]
     assert serving.job(job_id)["status"] == "succeeded"
