@@ -164,7 +164,7 @@ class Method(BaseModel):
 
 
 class CreateFineTuningJob(BaseModel):
-    """OpenAI's body; `integrations` are not offered."""
+    """OpenAI's body; `integrations` are not offered (null or `[]`, asking for none, pass)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -175,6 +175,7 @@ class CreateFineTuningJob(BaseModel):
     method: Method | None = None
     suffix: str | None = None
     seed: int | None = None
+    integrations: list[dict[str, Any]] | None = None
     metadata: dict[Annotated[str, StringConstraints(max_length=64)], str] | None = Field(
         default=None, max_length=16
     )
@@ -210,6 +211,11 @@ def _reinforcement(method: ReinforcementMethod, hp: dict[str, Any]) -> dict[str,
 
 
 def _request(session: Session, body: CreateFineTuningJob, tenant_id: str) -> FineTuneJobRequest:
+    if body.integrations:
+        raise InvalidRequestError(
+            "integrations are not offered (POST /v1/jobs takes a fine-tune's `tracking`)",
+            param="integrations",
+        )
     method = body.method.checked() if body.method is not None else None
     train = datasets_repo.get_dataset(session, body.training_file, tenant_id)
     task = TASK_FOR_SCHEMA.get(train.schema if train else "", FineTuneTask.CAUSAL_LM)

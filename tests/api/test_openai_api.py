@@ -178,6 +178,17 @@ def test_fine_tuning_refusals_name_openai_fields(
     assert client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"] == before
 
 
+@pytest.mark.parametrize("integrations", [None, []])
+def test_fine_tuning_takes_integrations_that_ask_for_nothing(
+    client: TestClient, chat_file: str, integrations: list[Any] | None
+) -> None:
+    """`integrations=None` (sent as null by the SDK) or `[]` asks for no integration, as
+    OpenAI reads it; only an integration to run is refused."""
+    resp = fine_tune(client, chat_file, integrations=integrations)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["integrations"] is None
+
+
 PREFERENCE = (
     json.dumps(
         {
