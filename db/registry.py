@@ -79,8 +79,13 @@ def require_model(session: Session, name: str, *, tenant_id: str | None) -> Regi
 
 
 def list_models(
-    session: Session, *, tenant_id: str, limit: int, before: tuple[datetime, str] | None = None
+    session: Session,
+    *,
+    tenant_id: str,
+    limit: int | None,
+    before: tuple[datetime, str] | None = None,
 ) -> Sequence[RegisteredModel]:
+    """Newest first; `limit` None: all of them."""
     stmt = select(RegisteredModel).where(
         RegisteredModel.tenant_id == tenant_id,
         *newer_first_before(RegisteredModel.created_at, RegisteredModel.name, before),

@@ -21,16 +21,27 @@ from db import registry
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/models", tags=["models"])
+DEFAULT_PAGE = 20
 
 
 @router.get("", response_model=ModelList)
 def list_models(
     session: ReadSessionDep,
     who: JobsRead,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    limit: Annotated[
+        int | None, Query(ge=1, le=100, description="Page size; without it (and a cursor), all.")
+    ] = None,
     cursor: str | None = None,
 ) -> ModelList:
+    """Newest first. Without `limit` or `cursor` every model in one page, as OpenAI's list
+    (which its SDKs read as one page, never asking for the next)."""
     before = decode_cursor(cursor) if cursor else None
+    if limit is None and before is None:
+        everything = registry.list_models(session, tenant_id=who.tenant_id, limit=None)
+        return ModelList(
+            data=[ModelOut.of(m) for m in everything], has_more=False, next_cursor=None
+        )
+    limit = limit or DEFAULT_PAGE
     rows, has_more = split_page(
         registry.list_models(session, tenant_id=who.tenant_id, limit=limit + 1, before=before),
         limit,

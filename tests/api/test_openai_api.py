@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from openai import OpenAI
 
 from core.enums import FineTuneTask, JobStatus
 from core.settings import Settings
@@ -485,6 +486,23 @@ def test_models_answer_openai_and_modelyard_fields(client: TestClient, settings:
     deleted = client.delete(f"/v1/models/{name}")
     assert deleted.status_code == 200
     assert deleted.json() == {"id": name, "object": "model", "deleted": True}
+
+
+def test_openai_sdk_lists_every_model_in_one_page(client: TestClient, settings: Settings) -> None:
+    """The SDK's `models.list()` sends no `limit` and reads one page (OpenAI's list is not
+    paged): it sees every model, past our default page of 20."""
+    names = {_register(settings, client, "causal_lm") for _ in range(21)}
+    sdk = OpenAI(
+        base_url=f"{client.base_url}/v1",
+        api_key=client.headers["Authorization"].removeprefix("Bearer "),
+        http_client=client,
+        max_retries=0,
+    )
+    listed = [m.id for m in sdk.models.list()]
+    assert names <= set(listed)
+    assert len(listed) == len(set(listed))
+    page = client.get("/v1/models", params={"limit": 20}).json()  # ours stays paged
+    assert len(page["data"]) == 20 and page["has_more"] and page["next_cursor"]
 
 
 def test_pause_and_resume_rules(client: TestClient, settings: Settings, chat_file: str) -> None:
