@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from core.enums import DatasetSchema, FineTuneObjective, FineTuneTask, JobStatus
+from core.enums import DatasetSchema, EventType, FineTuneObjective, FineTuneTask, JobStatus
 from core.specs import (
     DpoSpec,
     Hyperparameters,
@@ -35,6 +35,8 @@ FINE_TUNING_STATUS: dict[JobStatus, str] = {
     JobStatus.CANCELLED: "cancelled",
     JobStatus.EXPIRED: "failed",
 }
+
+FAILED_STATUSES = frozenset(s.value for s, shown in FINE_TUNING_STATUS.items() if shown == "failed")
 
 BATCH_STATUS: dict[JobStatus, str] = {
     JobStatus.QUEUED: "validating",
@@ -163,6 +165,13 @@ def fine_tuning_job(job: Job) -> dict[str, Any]:
     }
 
 
+def _event_level(event: JobEvent, data: dict[str, Any]) -> str:
+    """`error` for an error event and for the status event that failed the job (it carries
+    the error's message), as OpenAI's events say a failure; else `info`."""
+    failed = event.type == EventType.STATUS.value and data.get("status") in FAILED_STATUSES
+    return "error" if failed or event.type == EventType.ERROR.value else "info"
+
+
 def fine_tuning_event(event: JobEvent) -> dict[str, Any]:
     data = event.data or {}
     metrics = event.type == "progress"
@@ -174,7 +183,7 @@ def fine_tuning_event(event: JobEvent) -> dict[str, Any]:
         "id": f"{EVENT_ID_PREFIX}{event.id}",
         "object": "fine_tuning.job.event",
         "created_at": unix(event.created_at),
-        "level": "error" if event.type == "error" else "info",
+        "level": _event_level(event, data),
         "message": message,
         "data": data,
         "type": "metrics" if metrics else "message",

@@ -15,7 +15,7 @@ from openai import OpenAI
 from core.enums import FineTuneTask, JobStatus
 from core.settings import Settings
 from core.specs import default_hyperparameters
-from db.attempts import pause_attempt
+from db.attempts import finish_job, pause_attempt
 from db.jobs import claim_job, due_queued, get_job
 from db.registry import register_model
 from db.session import session_scope
@@ -503,6 +503,29 @@ def test_openai_sdk_lists_every_model_in_one_page(client: TestClient, settings: 
     assert len(listed) == len(set(listed))
     page = client.get("/v1/models", params={"limit": 20}).json()  # ours stays paged
     assert len(page["data"]) == 20 and page["has_more"] and page["next_cursor"]
+
+
+def test_a_failed_fine_tuning_job_says_so_in_an_error_event(
+    client: TestClient, settings: Settings, chat_file: str
+) -> None:
+    job_id = fine_tune(client, chat_file).json()["id"]
+    with session_scope(settings.database_url) as s:
+        assert claim_job(s, job_id, "w1", timedelta(seconds=30))
+        assert finish_job(
+            s,
+            job_id,
+            JobStatus.FAILED,
+            attempt=1,
+            error_type="out_of_memory",
+            error_message="CUDA out of memory",
+        )
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "failed"
+    assert job["error"] == {"code": "out_of_memory", "message": "CUDA out of memory", "param": None}
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+    assert [(e["level"], e["message"]) for e in events if e["level"] != "info"] == [
+        ("error", "CUDA out of memory")
+    ]
 
 
 def test_pause_and_resume_rules(client: TestClient, settings: Settings, chat_file: str) -> None:
