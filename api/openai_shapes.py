@@ -179,6 +179,8 @@ def fine_tuning_event(event: JobEvent) -> dict[str, Any]:
     if not message and metrics:
         step, total = data.get("step"), data.get("total_steps")
         message = f"step {step}/{total}" if step is not None else "progress"
+    if metrics and isinstance(data.get("loss"), int | float):
+        data = {**data, "train_loss": data["loss"]}  # OpenAI's (and our metrics') name
     return {
         "id": f"{EVENT_ID_PREFIX}{event.id}",
         "object": "fine_tuning.job.event",

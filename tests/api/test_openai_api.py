@@ -12,10 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 from openai import OpenAI
 
-from core.enums import FineTuneTask, JobStatus
+from core.enums import EventType, FineTuneTask, JobStatus
 from core.settings import Settings
 from core.specs import default_hyperparameters
 from db.attempts import finish_job, pause_attempt
+from db.events import append_event
 from db.jobs import claim_job, due_queued, get_job
 from db.registry import register_model
 from db.session import session_scope
@@ -526,6 +527,22 @@ def test_a_failed_fine_tuning_job_says_so_in_an_error_event(
     assert [(e["level"], e["message"]) for e in events if e["level"] != "info"] == [
         ("error", "CUDA out of memory")
     ]
+
+
+def test_metrics_events_carry_openai_train_loss(
+    client: TestClient, settings: Settings, chat_file: str
+) -> None:
+    """OpenAI's metrics events name the step's loss `train_loss` (as our metrics do); the
+    heartbeat's progress data calls it `loss`."""
+    job_id = fine_tune(client, chat_file).json()["id"]
+    with session_scope(settings.database_url) as s:
+        data = {"progress": 0.375, "step": 3, "total_steps": 8, "loss": 1.5}
+        append_event(s, job_id, EventType.PROGRESS, "", data)
+        append_event(s, job_id, EventType.PROGRESS, "", {**data, "step": 4, "loss": None})
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+    metrics = [e["data"] for e in events if e["type"] == "metrics"]
+    assert [(m["step"], m.get("train_loss")) for m in metrics] == [(4, None), (3, 1.5)]
+    assert metrics[1]["total_steps"] == 8
 
 
 def test_pause_and_resume_rules(client: TestClient, settings: Settings, chat_file: str) -> None:
