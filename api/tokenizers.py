@@ -84,7 +84,8 @@ def _template_environment() -> ImmutableSandboxedEnvironment:
 
 class LocalTokenizer:
     """The part of a transformers tokenizer that core.prompts.encode_prompts and
-    core.example_tokens call: `tokenizer(text, text_pair, add_special_tokens=...)["input_ids"]`,
+    core.example_tokens call: `tokenizer(text, text_pair, add_special_tokens=...,
+    return_offsets_mapping=...)` (its `input_ids` and `offset_mapping`),
     `tokenizer(words, is_split_into_words=True)`, `eos_token_id`, `chat_template` and
     `apply_chat_template(conversation, tokenize=False, add_generation_prompt=...)`."""
 
@@ -98,20 +99,26 @@ class LocalTokenizer:
             _template_environment().from_string(chat_template) if chat_template else None
         )
 
+    is_fast = True  # it gives offsets, as a transformers fast tokenizer does
+
     def __call__(
         self,
         text: str | list[str],
         text_pair: str | None = None,
         add_special_tokens: bool = True,
         is_split_into_words: bool = False,
-    ) -> dict[str, list[int]]:
+        return_offsets_mapping: bool = False,
+    ) -> dict[str, list[Any]]:
         encoding = self._tokenizer.encode(
             text,
             text_pair,
             is_pretokenized=is_split_into_words,
             add_special_tokens=add_special_tokens,
         )
-        return {"input_ids": list(encoding.ids)}
+        encoded: dict[str, list[Any]] = {"input_ids": list(encoding.ids)}
+        if return_offsets_mapping:
+            encoded["offset_mapping"] = list(encoding.offsets)
+        return encoded
 
     @property
     def eos_token_id(self) -> int | None:

@@ -42,6 +42,7 @@ from typing import Any
 from core.batch import BatchRequestChecker, looks_like_batch_request
 from core.enums import LABELLED_SCHEMAS, DatasetSchema
 from core.errors import DatasetFormatError
+from core.example_tokens import learned
 from core.json_types import json_type
 
 
@@ -456,10 +457,23 @@ def _message_list(
     return messages
 
 
-def _messages(value: Any, line: int, warnings: _Warnings) -> list[dict[str, str]]:
-    messages = _message_list(value, "messages", line)
-    if not any(m["role"] == "assistant" for m in messages):
-        warnings.add(line, "no_assistant", "no assistant message: nothing to learn from this row")
+def _messages(value: Any, line: int, warnings: _Warnings) -> list[dict[str, Any]]:
+    """A chat row's messages; an assistant message may carry OpenAI's `weight`, 0 (not
+    learned) or 1 (learned, as without it). Training learns the assistant's messages only."""
+    messages: list[dict[str, Any]] = list(_message_list(value, "messages", line))
+    for i, given in enumerate(value):
+        if "weight" not in given:
+            continue
+        weight = given["weight"]
+        if messages[i]["role"] != "assistant":
+            raise DatasetFormatError(
+                line, f"messages[{i}] has a weight; only assistant messages take one"
+            )
+        if isinstance(weight, bool) or weight not in (0, 1):
+            raise DatasetFormatError(line, f"messages[{i}].weight is {weight!r}; expected 0 or 1")
+        messages[i] = {**messages[i], "weight": int(weight)}
+    if not any(learned(m) for m in messages):
+        warnings.add(line, "no_assistant", "no assistant message to learn: nothing to learn from")
     return messages
 
 

@@ -71,11 +71,90 @@ def render_generation_prompt(
     return render_chat(tokenizer, messages)[0] + ASSISTANT_TURN, False
 
 
+def learned(message: dict[str, Any]) -> bool:
+    """Whether training learns a message: an assistant's, unless its `weight` is 0."""
+    return bool(message["role"] == "assistant" and message.get("weight", 1) != 0)
+
+
+def assistant_spans(
+    tokenizer: Any, messages: Sequence[dict[str, Any]]
+) -> list[tuple[int, int]] | None:
+    """Where the learned assistant messages (see `learned`) stand in the rendered
+    conversation, as character spans of `render_chat`'s text: from the end of the
+    generation prompt before the message to the end of the conversation up to it (so the
+    template's end-of-turn marker is learned too). None when the rendering is not made of
+    those prefixes (a template that renders earlier turns differently once later ones follow)."""
+    text, _ = render_chat(tokenizer, messages)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if not learned(message):
+            continue
+        start = render_generation_prompt(tokenizer, messages[:i])[0] if i else _opening(tokenizer)
+        end = render_chat(tokenizer, messages[: i + 1])[0]
+        if not i and not (start and text.startswith(start)):  # it opens the conversation
+            start = end[: max(end.rfind(str(message["content"])), 0)]
+        if not (text.startswith(end) and end.startswith(start)):
+            return None
+        spans.append((len(start), len(end)))
+    return spans
+
+
+def _opening(tokenizer: Any) -> str:
+    """The generation prompt of an empty conversation ("" when the template cannot render one)."""
+    try:
+        return render_generation_prompt(tokenizer, [])[0]
+    except Exception:  # a template's own error on no messages (jinja2's, or one it raises)
+        return ""
+
+
 def chat_ids(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
     """The rendered template, whose text holds its own special tokens; without a template,
     `role: content` lines encoded as a text."""
     text, templated = render_chat(tokenizer, messages)
     return token_ids(tokenizer, text, False) if templated else text_ids(tokenizer, text)
+
+
+def learned_tokens(
+    tokenizer: Any, messages: Sequence[dict[str, Any]], ids: Sequence[int]
+) -> list[bool] | None:
+    """Which of a conversation's `chat_ids` training learns: those that start inside a
+    learned message's span (`assistant_spans`); the eos a conversation without a template
+    ends with goes with its last message. None where the tokens cannot be placed (a
+    tokenizer without offsets, a template not made of prefixes): training then learns
+    the whole conversation."""
+    spans = assistant_spans(tokenizer, messages)
+    if spans is None or not getattr(tokenizer, "is_fast", False):
+        return None
+    text, templated = render_chat(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=not templated, return_offsets_mapping=True)
+    offsets = [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
+    if not templated:
+        offsets += [(len(text), len(text))] * len(eos_ids(tokenizer))
+    given = list(encoded["input_ids"])
+    if len(offsets) != len(ids) or given != list(ids[: len(given)]):
+        return None  # not the encoding chat_ids made
+    closing = not templated and learned(messages[-1])
+    return [
+        (end > start and any(s <= start < e for s, e in spans))
+        or (closing and start == end == len(text))
+        for start, end in offsets
+    ]
+
+
+def _keeps_a_learned_token(
+    tokenizer: Any, schema: DatasetSchema, row: dict[str, Any], ids: Sequence[int], cut: int
+) -> bool:
+    """Whether training keeps a row cut to `cut` tokens: a chat row needs a learned token
+    left (the other language-model rows always keep one: a prompt/completion row keeps its
+    completion, a text row learns every token)."""
+    if schema is not DatasetSchema.CHAT:
+        return True
+    if not any(learned(m) for m in row["messages"]):
+        return False
+    if len(ids) <= cut:
+        return True
+    mask = learned_tokens(tokenizer, row["messages"], ids)
+    return mask is None or any(mask[:cut])
 
 
 def example_ids(tokenizer: Any, schema: DatasetSchema, row: dict[str, Any]) -> list[int]:
@@ -107,17 +186,23 @@ class TokenCounts:
     max_tokens: int
     max_length: int
     truncated: int  # examples longer than max_length: training cuts them
-    tokens_kept: int  # what one epoch over every example trains on, after the cuts
+    tokens_kept: int  # what one epoch trains on: the examples training keeps, after the cuts
 
 
 def count_tokens(
     tokenizer: Any, schema: DatasetSchema, rows: Sequence[dict[str, Any]], max_length: int
 ) -> TokenCounts:
     """Token counts of `rows` (at least one) encoded as training encodes them."""
-    lengths = [len(example_ids(tokenizer, schema, row)) for row in rows]
+    encoded = [example_ids(tokenizer, schema, row) for row in rows]
+    lengths = [len(ids) for ids in encoded]
     if not lengths:
         raise ValueError("no rows to count")
     total = sum(lengths)
+    kept = [
+        min(len(ids), max_length)
+        for row, ids in zip(rows, encoded, strict=True)
+        if _keeps_a_learned_token(tokenizer, schema, row, ids, max_length)
+    ]
     return TokenCounts(
         examples=len(lengths),
         tokens=total,
@@ -126,5 +211,5 @@ def count_tokens(
         max_tokens=max(lengths),
         max_length=max_length,
         truncated=sum(1 for n in lengths if n > max_length),
-        tokens_kept=sum(min(n, max_length) for n in lengths),
+        tokens_kept=sum(kept),
     )

@@ -76,6 +76,36 @@ def test_jsonl_chat_normalizes_messages() -> None:
     assert kinds(parsed) == [(2, "no_assistant")]
 
 
+def test_jsonl_chat_keeps_an_assistant_messages_weight() -> None:
+    """OpenAI's `weight` (0: not learned) is kept on assistant messages; a row whose answers
+    all weigh 0 teaches nothing and says so."""
+    answers = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello.", "weight": 0},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Bye.", "weight": 1},
+    ]
+    silent = [{**answers[0]}, {**answers[1]}]
+    parsed = parse_dataset(jsonl({"messages": answers}, {"messages": silent}), "c.jsonl")
+    assert [m.get("weight") for m in parsed.rows[0]["messages"]] == [None, 0, None, 1]
+    assert kinds(parsed) == [(2, "no_assistant")]
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        ({"role": "user", "content": "Hi", "weight": 0}, "only assistant messages take one"),
+        ({"role": "assistant", "content": "Hi", "weight": 2}, "expected 0 or 1"),
+        ({"role": "assistant", "content": "Hi", "weight": True}, "expected 0 or 1"),
+        ({"role": "assistant", "content": "Hi", "weight": "1"}, "expected 0 or 1"),
+    ],
+)
+def test_jsonl_chat_refuses_a_weight_it_cannot_honour(message: dict[str, Any], error: str) -> None:
+    with pytest.raises(DatasetFormatError, match=error):
+        answer = {"role": "assistant", "content": "Yes."}
+        parse_dataset(jsonl({"messages": [message, answer]}), "c.jsonl")
+
+
 def test_jsonl_preference_in_trl_and_openai_layouts() -> None:
     texts = {"prompt": "Fresh bread", "chosen": " every morning", "rejected": " never"}
     user = [{"role": "user", "content": "Fresh bread?"}]

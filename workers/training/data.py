@@ -28,7 +28,7 @@ from core.enums import (
     training_schemas,
 )
 from core.errors import PermanentJobError
-from core.example_tokens import chat_ids, prompt_completion_ids, text_ids
+from core.example_tokens import chat_ids, learned_tokens, prompt_completion_ids, text_ids
 from core.specs import FineTuneSpec
 from workers.training.io import DatasetRows, TrainingIO
 
@@ -179,8 +179,32 @@ def encode_prompt_completion(
 
 
 def encode_chat(tokenizer: Any, messages: list[dict[str, Any]], max_length: int) -> Feature:
-    ids = chat_ids(tokenizer, messages)[:max_length]
-    return _lm_feature(ids, list(ids))
+    """Loss on the assistant's messages only (each with its end-of-turn marker; none on one
+    with `weight` 0), as OpenAI's fine-tuning trains chat rows. Where the tokens cannot be
+    placed in the messages (a slow tokenizer without offsets, a template that renders
+    earlier turns differently once later ones follow), on the whole conversation."""
+    ids = chat_ids(tokenizer, messages)
+    mask = learned_tokens(tokenizer, messages, ids)
+    if mask is None:
+        _warn_whole_conversation(tokenizer)
+        labels = list(ids)
+    else:
+        labels = [i if learn else IGNORE_INDEX for i, learn in zip(ids, mask, strict=True)]
+    return _lm_feature(ids[:max_length], labels[:max_length])
+
+
+_whole_warned: set[str] = set()
+
+
+def _warn_whole_conversation(tokenizer: Any) -> None:
+    name = str(getattr(tokenizer, "name_or_path", "")) or type(tokenizer).__name__
+    if name not in _whole_warned:
+        _whole_warned.add(name)
+        logger.warning(
+            "the chat rows' assistant messages cannot be placed in %s's encoding; "
+            "training learns their whole conversations",
+            name,
+        )
 
 
 def encode_classification(
