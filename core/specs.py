@@ -242,6 +242,15 @@ class Hyperparameters(BaseModel):
         "max_length tokens (positions restart per example; no example attends to another); "
         "batch_size then counts packed sequences. Validation stays one example per row.",
     )
+    train_on_inputs: bool = Field(
+        default=False,
+        description="causal_lm: also learn what the model is given, not only what it answers: "
+        "a chat row's system and user turns (and its assistant messages of weight 0), a "
+        "prompt/completion row's prompt. Off by default, as OpenAI's fine-tuning trains.",
+    )
+
+
+_SUPERVISED_LM_ONLY = ("packing", "train_on_inputs")  # hyperparameters of causal_lm supervised
 
 
 class LoraSpec(BaseModel):
@@ -580,16 +589,20 @@ class FineTuneSpec(BaseModel):
     @classmethod
     def _packing_needs_causal_lm(cls, hp: Hyperparameters, info: ValidationInfo) -> Hyperparameters:
         task = info.data.get("task")
-        if hp.packing and task is not None and task is not FineTuneTask.CAUSAL_LM:
-            raise ValueError(f"packing applies to task causal_lm only, not {task.value}")
+        for name in _SUPERVISED_LM_ONLY:
+            if getattr(hp, name) and task is not None and task is not FineTuneTask.CAUSAL_LM:
+                raise ValueError(f"{name} applies to task causal_lm only, not {task.value}")
         return hp
 
     @model_validator(mode="after")
     def _packing_is_supervised(self) -> FineTuneSpec:
-        if self.hyperparameters.packing and self.objective is not FineTuneObjective.SUPERVISED:
-            raise ValueError(
-                f"packing applies to objective supervised only, not {self.objective.value}"
-            )
+        for name in _SUPERVISED_LM_ONLY:
+            if getattr(self.hyperparameters, name) and (
+                self.objective is not FineTuneObjective.SUPERVISED
+            ):
+                raise ValueError(
+                    f"{name} applies to objective supervised only, not {self.objective.value}"
+                )
         return self
 
     @field_validator("base_model")

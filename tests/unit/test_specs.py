@@ -198,17 +198,19 @@ def test_reinforcement_refusals(change: dict[str, Any], loc: tuple[str, ...], me
     assert error["loc"] == loc and message in error["msg"]
 
 
-def test_packing_is_off_by_default_and_for_causal_lm_only() -> None:
+@pytest.mark.parametrize("name", ["packing", "train_on_inputs"])
+def test_off_by_default_and_for_causal_lm_supervised_only(name: str) -> None:
     base = {"base_model": "m", "training_dataset": "ds_" + "0" * 32}
-    assert not FineTuneSpec.model_validate({**base, "task": "causal_lm"}).hyperparameters.packing
-    packing = {"hyperparameters": {"packing": True}}
-    spec = FineTuneSpec.model_validate({**base, "task": "causal_lm", **packing})
-    assert spec.hyperparameters.packing
+    default = FineTuneSpec.model_validate({**base, "task": "causal_lm"}).hyperparameters
+    assert not getattr(default, name)
+    on = {"hyperparameters": {name: True}}
+    spec = FineTuneSpec.model_validate({**base, "task": "causal_lm", **on})
+    assert getattr(spec.hyperparameters, name)
     for task in ("sequence_classification", "token_classification"):
-        with pytest.raises(ValidationError, match=f"causal_lm only, not {task}"):
-            FineTuneSpec.model_validate({**base, "task": task, **packing})
+        with pytest.raises(ValidationError, match=f"{name} applies to task causal_lm only"):
+            FineTuneSpec.model_validate({**base, "task": task, **on})
     with pytest.raises(ValidationError, match="objective supervised only, not dpo"):
-        FineTuneSpec.model_validate({**base, "task": "causal_lm", "objective": "dpo", **packing})
+        FineTuneSpec.model_validate({**base, "task": "causal_lm", "objective": "dpo", **on})
 
 
 def test_token_classification_takes_its_task_defaults_where_the_request_is_silent() -> None:

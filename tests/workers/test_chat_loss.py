@@ -97,3 +97,15 @@ def test_a_row_whose_answers_all_weigh_nothing_is_not_trained_on(tokenizer: Any)
     features = encode_rows(tokenizer, DatasetSchema.CHAT, rows, [], 256)
     assert len(features) == 1
     assert learned_text(tokenizer, features[0]) == "hello mug\nwarm bread\n"
+
+
+def test_train_on_inputs_learns_the_whole_conversation_and_the_prompt(tokenizer: Any) -> None:
+    tokenizer.chat_template = CHAT_TEMPLATE
+    chat = encode_chat(tokenizer, CONVERSATION, 256, train_on_inputs=True)
+    assert chat["labels"] == chat["input_ids"]
+    silent = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in CONVERSATION]
+    rows = [{"prompt": "Q: mug?", "completion": " blue"}]
+    [pair] = encode_rows(tokenizer, DatasetSchema.PROMPT_COMPLETION, rows, [], 64, True)
+    assert pair["labels"] == pair["input_ids"]
+    kept = encode_rows(tokenizer, DatasetSchema.CHAT, [{"messages": silent}], [], 256, True)
+    assert len(kept) == 1  # nothing weighs anything, yet the inputs are learned

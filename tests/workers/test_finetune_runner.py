@@ -402,7 +402,8 @@ def test_chat_rows_use_the_template_or_a_role_join(tiny_model_dir: Path) -> None
     tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
     templated = encode_chat(tok, messages, max_length=64)
     assert tok.decode(templated["input_ids"]) == "<user>hi<assistant>hello"
-    learned = [i for i, label in zip(templated["input_ids"], templated["labels"]) if label != -100]
+    pairs = zip(templated["input_ids"], templated["labels"], strict=True)
+    learned = [i for i, label in pairs if label != IGNORE_INDEX]
     # a template without a generation prompt: the assistant's turn from its role marker on
     assert tok.decode(learned) == "<assistant>hello"
 

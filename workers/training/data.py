@@ -164,26 +164,30 @@ def encode_text(tokenizer: Any, text: str, max_length: int) -> Feature:
 
 
 def encode_prompt_completion(
-    tokenizer: Any, prompt: str, completion: str, max_length: int
+    tokenizer: Any, prompt: str, completion: str, max_length: int, train_on_inputs: bool = False
 ) -> Feature:
-    """Loss on the completion (and eos) only. Too long: the prompt loses its start first,
-    but the completion keeps at least half of `max_length`."""
+    """Loss on the completion (and eos) only, unless `train_on_inputs`. Too long: the prompt
+    loses its start first, but the completion keeps at least half of `max_length`."""
     prompt_ids, completion_ids = prompt_completion_ids(tokenizer, prompt, completion)
     keep_completion = min(len(completion_ids), max(max_length - len(prompt_ids), max_length // 2))
     keep_prompt = min(len(prompt_ids), max_length - keep_completion)
     prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :]
     completion_ids = completion_ids[:keep_completion]
-    return _lm_feature(
-        prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
-    )
+    prompt_labels = list(prompt_ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)
+    return _lm_feature(prompt_ids + completion_ids, prompt_labels + completion_ids)
 
 
-def encode_chat(tokenizer: Any, messages: list[dict[str, Any]], max_length: int) -> Feature:
+def encode_chat(
+    tokenizer: Any, messages: list[dict[str, Any]], max_length: int, train_on_inputs: bool = False
+) -> Feature:
     """Loss on the assistant's messages only (each with its end-of-turn marker; none on one
     with `weight` 0), as OpenAI's fine-tuning trains chat rows. Where the tokens cannot be
     placed in the messages (a slow tokenizer without offsets, a template that renders
-    earlier turns differently once later ones follow), on the whole conversation."""
+    earlier turns differently once later ones follow), and with `train_on_inputs`, on the
+    whole conversation."""
     ids = chat_ids(tokenizer, messages)
+    if train_on_inputs:
+        return _lm_feature(ids[:max_length], ids[:max_length])
     mask = learned_tokens(tokenizer, messages, ids)
     if mask is None:
         _warn_whole_conversation(tokenizer)
@@ -239,8 +243,10 @@ def encode_rows(
     rows: Sequence[dict[str, Any]],
     labels: Sequence[str],
     max_length: int,
+    train_on_inputs: bool = False,
 ) -> list[Feature]:
-    """Features for `rows`; language-model rows left with no loss token are dropped."""
+    """Features for `rows`; language-model rows left with no loss token are dropped.
+    `train_on_inputs`: chat and prompt/completion rows learn their inputs too."""
     label_ids = {name: i for i, name in enumerate(labels)}
     if schema is DatasetSchema.TOKEN_CLASSIFICATION and not getattr(tokenizer, "is_fast", False):
         raise PermanentJobError(
@@ -253,10 +259,10 @@ def encode_rows(
             feature = encode_text(tokenizer, row["text"], max_length)
         elif schema is DatasetSchema.PROMPT_COMPLETION:
             feature = encode_prompt_completion(
-                tokenizer, row["prompt"], row["completion"], max_length
+                tokenizer, row["prompt"], row["completion"], max_length, train_on_inputs
             )
         elif schema is DatasetSchema.CHAT:
-            feature = encode_chat(tokenizer, row["messages"], max_length)
+            feature = encode_chat(tokenizer, row["messages"], max_length, train_on_inputs)
         elif schema in LABELLED_SCHEMAS:
             feature = encode_classification(
                 tokenizer,

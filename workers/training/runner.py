@@ -331,9 +331,21 @@ class FineTuneRunner:
                 spec.validation_dataset or spec.training_dataset,
             )
         else:
-            train = encode_rows(tokenizer, split.schema, split.train, split.labels, hp.max_length)
+            train = encode_rows(
+                tokenizer,
+                split.schema,
+                split.train,
+                split.labels,
+                hp.max_length,
+                hp.train_on_inputs,
+            )
             validation = encode_rows(
-                tokenizer, split.schema, split.validation, split.labels, hp.max_length
+                tokenizer,
+                split.schema,
+                split.validation,
+                split.labels,
+                hp.max_length,
+                hp.train_on_inputs,
             )
         if not train or not validation:
             which = "training" if not train else "validation"
