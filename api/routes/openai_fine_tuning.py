@@ -183,7 +183,13 @@ class CreateFineTuningJob(BaseModel):
 
 def _hyperparameters(body: CreateFineTuningJob, task: FineTuneTask) -> dict[str, Any]:
     given = body.hyperparameters
-    if given is None and body.method is not None:
+    if body.method is not None and body.method.hyperparameters is not None:
+        if given is not None:  # OpenAI's old place and its new one: which would win is a guess
+            raise InvalidRequestError(
+                "give hyperparameters once: in method (hyperparameters at the top level is "
+                "OpenAI's older place for them)",
+                param="hyperparameters",
+            )
         given = body.method.hyperparameters
     given = given or OpenAIHyperparameters()
     hp: dict[str, Any] = {}

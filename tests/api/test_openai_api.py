@@ -286,6 +286,21 @@ def test_dpo_refusals_name_openai_fields(
     assert client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"] == before
 
 
+def test_hyperparameters_given_twice_are_refused(client: TestClient, chat_file: str) -> None:
+    """Top-level hyperparameters (OpenAI's older place) and method's together: a 422 naming
+    them, not one silently winning."""
+    before = client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]
+    twice = {
+        "hyperparameters": {"n_epochs": 1},
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+    }
+    err = error(fine_tune(client, chat_file, **twice), 422)
+    assert err["param"] == "hyperparameters"
+    assert client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"] == before
+    once = {"method": twice["method"]}
+    assert fine_tune(client, chat_file, **once).status_code == 200
+
+
 PROMPTS = b"".join(
     json.dumps({"messages": [{"role": "user", "content": q}], "answer": a}).encode() + b"\n"
     for q, a in (("Fresh bread?", "every morning"), ("Open on Sunday?", "yes"))
