@@ -172,6 +172,16 @@ def test_completions_logprobs_n_asks_for_the_chosen_token_and_n_more() -> None:
     assert not completion_request({"model": "m", "prompt": "p"}).job.spec.logprobs
 
 
+def refusal(endpoint: str, body: dict[str, Any]) -> BadRequestError:
+    """The 400 that a chat (`endpoint` "chat") or text completion with `body` is refused with."""
+    with pytest.raises(BadRequestError) as refused:
+        if endpoint == "chat":
+            chat(**body)
+        else:
+            completion_request({"model": "m", "prompt": "p", **body})
+    return refused.value
+
+
 @pytest.mark.parametrize(
     ("endpoint", "body", "param"),
     [
@@ -187,13 +197,9 @@ def test_completions_logprobs_n_asks_for_the_chosen_token_and_n_more() -> None:
 def test_logprobs_out_of_range_are_400s_naming_the_param(
     endpoint: str, body: dict[str, Any], param: str
 ) -> None:
-    with pytest.raises(BadRequestError) as refused:
-        if endpoint == "chat":
-            chat(**body)
-        else:
-            completion_request({"model": "m", "prompt": "p", **body})
-    assert refused.value.param == param
-    assert refused.value.type == "invalid_request_error"
+    refused = refusal(endpoint, body)
+    assert refused.param == param
+    assert refused.type == "invalid_request_error"
 
 
 @pytest.mark.parametrize(
@@ -233,13 +239,9 @@ def test_values_of_the_wrong_json_type_are_400s_not_coerced(
     endpoint: str, body: dict[str, Any], param: str
 ) -> None:
     """OpenAI checks JSON types: `"stream": "yes"` is a 400, not a stream."""
-    with pytest.raises(BadRequestError) as refused:
-        if endpoint == "chat":
-            chat(**body)
-        else:
-            completion_request({"model": "m", "prompt": "p", **body})
-    assert refused.value.type == "invalid_request_error"
-    assert refused.value.param is not None and refused.value.param.startswith(param)
+    refused = refusal(endpoint, body)
+    assert refused.type == "invalid_request_error"
+    assert refused.param is not None and refused.param.startswith(param)
 
 
 @pytest.mark.parametrize(
