@@ -6,6 +6,7 @@ The body is also OpenAI's error envelope, so OpenAI SDKs pointed at /v1 read it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match, Route
 
 from core.enums import JobKind
 from core.errors import (
@@ -165,22 +166,31 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+def _leaf_routes(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
+    """The app's routes one by one: FastAPI (0.165) keeps an included router as one route
+    (its `original_router` holds the routes, with their whole paths)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _leaf_routes(inner.routes)
+        else:
+            yield route
 
 
 def _allowed_methods(request: Request) -> str:
-    """Every method some route of this path answers (Starlette's 405 names only the first
-    route that matched the path). Each method is matched in full rather than read from the
-    routes' `methods`: FastAPI keeps an included router as one route that has none."""
-    routes = request.app.router.routes
-    allowed = [
-        method
-        for method in HTTP_METHODS
-        if any(
-            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
-        )
-    ]
-    return ", ".join(sorted(allowed))
+    """The methods of the resource the request's path names: every route of the first path
+    template that matches it (Starlette's 405 names only the first route's methods). The
+    first, as routing picks: `/v1/models/installed` is its own resource, not a `{name}`."""
+    scope = {**request.scope, "method": "\x00"}  # a method no route answers: path only
+    routes = list(_leaf_routes(request.app.router.routes))
+    path = next(
+        (getattr(r, "path", None) for r in routes if r.matches(scope)[0] != Match.NONE), None
+    )
+    methods: set[str] = set()
+    for route in routes:
+        if isinstance(route, Route) and route.path == path:
+            methods.update(route.methods or ())
+    return ", ".join(sorted(methods))
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -205,6 +205,9 @@ def test_a_method_a_route_does_not_answer_is_405_with_the_ones_it_does(client: T
         ("PUT", "/v1/jobs", "GET, POST"),
         ("GET", "/v1/embeddings", "POST"),
         ("DELETE", "/v1/chat/completions", "POST"),
+        # its own resource, though DELETE /v1/models/{name} would take the path too
+        ("OPTIONS", "/v1/models/installed", "GET"),
+        ("PUT", "/v1/models/ft:x", "DELETE, GET"),
     ):
         resp = client.request(method, path)
         assert_error(resp, 405, "method_not_allowed")
