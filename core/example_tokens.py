@@ -77,14 +77,13 @@ def learned(message: dict[str, Any]) -> bool:
 
 
 def assistant_spans(
-    tokenizer: Any, messages: Sequence[dict[str, Any]]
+    tokenizer: Any, messages: Sequence[dict[str, Any]], text: str
 ) -> list[tuple[int, int]] | None:
-    """Where the learned assistant messages (see `learned`) stand in the rendered
-    conversation, as character spans of `render_chat`'s text: from the end of the
+    """Where the learned assistant messages (see `learned`) stand in `text`, the
+    conversation as `render_chat` renders it, as character spans: from the end of the
     generation prompt before the message to the end of the conversation up to it (so the
     template's end-of-turn marker is learned too). None when the rendering is not made of
     those prefixes (a template that renders earlier turns differently once later ones follow)."""
-    text, _ = render_chat(tokenizer, messages)
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
         if not learned(message):
@@ -122,10 +121,12 @@ def learned_tokens(
     ends with goes with its last message. None where the tokens cannot be placed (a
     tokenizer without offsets, a template not made of prefixes): training then learns
     the whole conversation."""
-    spans = assistant_spans(tokenizer, messages)
-    if spans is None or not getattr(tokenizer, "is_fast", False):
+    if not getattr(tokenizer, "is_fast", False):
         return None
     text, templated = render_chat(tokenizer, messages)
+    spans = assistant_spans(tokenizer, messages, text)
+    if spans is None:
+        return None
     encoded = tokenizer(text, add_special_tokens=not templated, return_offsets_mapping=True)
     offsets = [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
     if not templated:

@@ -587,7 +587,7 @@ class FineTuneSpec(BaseModel):
 
     @field_validator("hyperparameters")
     @classmethod
-    def _packing_needs_causal_lm(cls, hp: Hyperparameters, info: ValidationInfo) -> Hyperparameters:
+    def _lm_only_needs_causal_lm(cls, hp: Hyperparameters, info: ValidationInfo) -> Hyperparameters:
         task = info.data.get("task")
         for name in _SUPERVISED_LM_ONLY:
             if getattr(hp, name) and task is not None and task is not FineTuneTask.CAUSAL_LM:
@@ -595,7 +595,7 @@ class FineTuneSpec(BaseModel):
         return hp
 
     @model_validator(mode="after")
-    def _packing_is_supervised(self) -> FineTuneSpec:
+    def _lm_only_is_supervised(self) -> FineTuneSpec:
         for name in _SUPERVISED_LM_ONLY:
             if getattr(self.hyperparameters, name) and (
                 self.objective is not FineTuneObjective.SUPERVISED
