@@ -281,14 +281,22 @@ def _check_grammar(spec: GenerateSpec) -> None:
         )
 
 
-def _check_prompts(
+def _check_generation(
     session: Session, settings: Settings, tenant_id: str, spec: GenerateSpec
 ) -> None:
-    """Prompts the model cannot take (too long for its context, no chat template): 422."""
+    """A local model without a language-model head, and prompts the model cannot take (too
+    long for its context, no chat template): 422. A hub model is checked by the worker once
+    it has the files."""
     directory = local_model_dir(session, settings, tenant_id, spec.model)
-    loaded = local_tokenizer(directory) if directory is not None else None
+    if directory is None:
+        return
+    config = directory / "config.json"
+    refusal = _generation_head_refusal(str(config), files_stamp((config,)))
+    if refusal is not None:
+        raise InvalidRequestError(f"model {spec.model!r} {refusal}", param="spec.model")
+    loaded = local_tokenizer(directory)
     if loaded is None:
-        return  # a hub id: the worker checks when it has the tokenizer
+        return  # no tokenizer.json: the worker checks the prompts
     tokenizer, limit = loaded
     try:
         encode_prompts(tokenizer, spec, limit)
@@ -339,6 +347,30 @@ def _check_rank(session: Session, settings: Settings, tenant_id: str, spec: Pred
 
 
 CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel")  # GPT2LMHeadModel, LlamaForCausalLM, ...
+# what may generate text besides those: a multimodal model whose text head the causal-LM
+# loader takes (Gemma3ForConditionalGeneration); the worker refuses a checkpoint whose
+# language-model head it does not find
+TEXT_GENERATION_HEADS = (*CAUSAL_LM_HEADS, "ForConditionalGeneration")
+
+
+def _architectures(config: dict[str, Any]) -> list[str]:
+    listed = config.get("architectures")
+    return [str(a) for a in listed] if isinstance(listed, list) else []
+
+
+@lru_cache(maxsize=64)
+def _generation_head_refusal(config_path: str, stamp: tuple[int, ...]) -> str | None:
+    """Why a local model cannot generate text (no language-model head: an encoder such as
+    BertModel or a sentence embedder would load with a head of untrained weights and answer
+    noise), read once per `stamp` of its config.json."""
+    config = _local_config(Path(config_path).parent)
+    architectures = _architectures(config) if config is not None else []
+    if architectures and not any(a.endswith(TEXT_GENERATION_HEADS) for a in architectures):
+        return (
+            f"has no language-model head ({', '.join(architectures)}): text generation "
+            "needs a causal language model (...ForCausalLM, ...LMHeadModel)"
+        )
+    return None
 
 
 def _check_embed(session: Session, settings: Settings, tenant_id: str, spec: EmbedSpec) -> None:
@@ -357,8 +389,7 @@ def _check_embed(session: Session, settings: Settings, tenant_id: str, spec: Emb
     config = _local_config(directory) if directory is not None else None
     if directory is None or config is None:
         return
-    listed = config.get("architectures")
-    architectures = [str(a) for a in listed] if isinstance(listed, list) else []
+    architectures = _architectures(config)
     if architectures and all(a.endswith(CAUSAL_LM_HEADS) for a in architectures):
         raise InvalidRequestError(
             f"model {spec.model!r} is a decoder-only language model ({', '.join(architectures)}), "
@@ -451,7 +482,7 @@ def check_job_request(
     if isinstance(req, GenerateJobRequest):
         tasks = frozenset({FineTuneTask.CAUSAL_LM.value})
         check_model(session, settings, tenant_id, req.spec.model, "spec.model", tasks)
-        _check_prompts(session, settings, tenant_id, req.spec)
+        _check_generation(session, settings, tenant_id, req.spec)
         _check_grammar(req.spec)
         if req.spec.retrieval is not None:
             _check_retrieval(session, settings, tenant_id, req.spec.retrieval)

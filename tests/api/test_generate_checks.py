@@ -14,11 +14,13 @@ from core.settings import Settings
 from db.models import Job
 from db.session import session_scope
 from tests.conftest import TINY_MODEL, install_tiny_model
+from tests.support.tiny_encoder import TINY_ENCODER, build_tiny_encoder
 
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_installed(settings: Settings, tiny_model_dir: Path) -> None:
     install_tiny_model(tiny_model_dir, settings.data_dir)
+    build_tiny_encoder(settings.models_dir / TINY_ENCODER)  # a BertModel: no language-model head
 
 
 def body(**spec: Any) -> dict[str, Any]:
@@ -56,6 +58,7 @@ REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
         "sequences per job",
     ),
     ("unknown registered model", {"model": "ft:nothing:here:12345678"}, "spec.model", "registry"),
+    ("encoder without a language-model head", {"model": TINY_ENCODER}, "spec.model", "BertModel"),
 ]
 
 
@@ -77,3 +80,22 @@ def test_a_prompt_that_fits_is_accepted(client: TestClient, settings: Settings) 
     resp = client.post("/v1/jobs", json=body(max_new_tokens=4000))
     assert resp.status_code == 202, resp.text
     assert resp.json()["spec"]["max_new_tokens"] == 4000
+
+
+def test_an_encoder_is_refused_by_the_openai_routes_naming_model(
+    client: TestClient, settings: Settings
+) -> None:
+    """Loaded as a causal LM, a BertModel gets a head of untrained weights and answers noise:
+    chat and text completions refuse it before any job, naming `model`."""
+    before = jobs_and_messages(settings)
+    chat = client.post(
+        "/v1/chat/completions",
+        json={"model": TINY_ENCODER, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    text = client.post("/v1/completions", json={"model": TINY_ENCODER, "prompt": "Hello"})
+    for resp in (chat, text):
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert (error["type"], error["param"]) == ("invalid_request_error", "model")
+        assert "language-model head" in error["message"]
+    assert jobs_and_messages(settings) == before

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,17 +104,38 @@ class CacheOutcome:
     evicted: tuple[str, ...] = ()
 
 
+def _missing_head(model: Any, missing: Iterable[str]) -> list[str]:
+    """The weights outside the base transformer that the checkpoint did not have: the head
+    the causal-LM class added with untrained weights (an encoder's checkpoint loaded as
+    BertLMHeadModel lacks `cls.predictions.*`). A head tied to the input embeddings is not
+    missing."""
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    return sorted(key for key in missing if prefix == "." or not key.startswith(prefix))[:3]
+
+
 def _load(ref: str, device: str) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
         dtype: Any = torch.float32 if device == "cpu" else "auto"
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            ref, use_safetensors=True, trust_remote_code=False, dtype=dtype
+        model: Any
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            ref,
+            use_safetensors=True,
+            trust_remote_code=False,
+            dtype=dtype,
+            output_loading_info=True,
         )
     except (OSError, ValueError) as exc:
         raise PermanentJobError(
             f"cannot load model {ref!r}: {exc}", FailureType.MODEL_NOT_FOUND
         ) from exc
+    head = _missing_head(model, loading.get("missing_keys", ()))
+    if head:
+        raise PermanentJobError(
+            f"model {ref!r} has no language-model head (its checkpoint lacks {', '.join(head)}): "
+            "text generation needs a causal language model, not an encoder",
+            FailureType.INVALID_SPEC,
+        )
     model.to(device)
     model.eval()
     return model, tokenizer
