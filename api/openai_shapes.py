@@ -4,7 +4,11 @@ and nowhere else."""
 
 from __future__ import annotations
 
+import base64
+import csv
+import io
 import re
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal
 
@@ -18,7 +22,7 @@ from core.specs import (
     completion_window,
     default_hyperparameters,
 )
-from db.models import Checkpoint, Dataset, Job, JobEvent
+from db.models import Checkpoint, Dataset, Job, JobEvent, Metric
 
 
 def base_learning_rate(task: FineTuneTask) -> float:
@@ -49,6 +53,15 @@ BATCH_STATUS: dict[JobStatus, str] = {
 }
 
 BATCH_FILE_ID = re.compile(r"^(job_[0-9a-f]{32})-(output|error)$")
+RESULTS_FILE_ID = re.compile(r"^(job_[0-9a-f]{32})-results$")
+RESULTS_FILENAME = "step_metrics.csv"
+# OpenAI's columns, each filled from the metric of the same quantity where a job records it
+RESULTS_COLUMNS: dict[str, str] = {
+    "train_loss": "train_loss",
+    "train_accuracy": "train_mean_token_accuracy",
+    "valid_loss": "eval_loss",
+    "valid_mean_token_accuracy": "eval_mean_token_accuracy",
+}
 EVENT_ID_PREFIX = "ftevent-"
 CHECKPOINT_ID = re.compile(r"^ftckpt-(\d+)-(job_[0-9a-f]{32})$")
 
@@ -63,6 +76,56 @@ def purpose_of(dataset: Dataset) -> str:
 
 def batch_file_id(job_id: str, name: Literal["output", "error"]) -> str:
     return f"{job_id}-{name}"
+
+
+def results_file_id(job_id: str) -> str:
+    return f"{job_id}-results"
+
+
+def results_csv(metrics: Iterable[Metric]) -> str:
+    """A fine-tuning job's step metrics as OpenAI's results file: a row per step, `step`
+    and OpenAI's four columns first (a cell empty where the step has no such figure), then
+    `epoch` and every other metric the job recorded, its `eval_` prefix written `valid_`."""
+    by_step: dict[int, dict[str, float]] = {}
+    names: set[str] = set()
+    for metric in metrics:
+        row = by_step.setdefault(metric.step, {})
+        row[metric.name] = metric.value
+        if metric.epoch is not None:
+            row["epoch"] = metric.epoch
+        names.add(metric.name)
+    mapped = set(RESULTS_COLUMNS.values())
+    extra = sorted(names - mapped - {"epoch"})
+    header = ["step", *RESULTS_COLUMNS, "epoch"]
+    header += [f"valid_{n.removeprefix('eval_')}" if n.startswith("eval_") else n for n in extra]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    for step in sorted(by_step):
+        row = by_step[step]
+        sources = [*RESULTS_COLUMNS.values(), "epoch", *extra]
+        writer.writerow([step, *("" if row.get(n) is None else repr(row[n]) for n in sources)])
+    return out.getvalue()
+
+
+def results_content(metrics: Iterable[Metric]) -> bytes:
+    """The results file's content: its CSV base64-encoded, as OpenAI serves it (clients
+    written for OpenAI decode it with `base64.b64decode`)."""
+    return base64.b64encode(results_csv(metrics).encode())
+
+
+def file_of_results(job: Job, size: int) -> dict[str, Any]:
+    return {
+        "id": results_file_id(job.id),
+        "object": "file",
+        "bytes": size,
+        "created_at": unix(job.finished_at or job.created_at),
+        "filename": RESULTS_FILENAME,
+        "purpose": "fine-tune-results",
+        "status": "processed",
+        "status_details": None,
+        "expires_at": None,
+    }
 
 
 class OpenAIList(BaseModel):
@@ -151,7 +214,7 @@ def fine_tuning_job(job: Job) -> dict[str, Any]:
         "hyperparameters": hyperparameters,
         "model": spec["base_model"],
         "organization_id": job.tenant_id,
-        "result_files": [],
+        "result_files": [results_file_id(job.id)] if succeeded else [],
         "seed": hp.seed,
         "status": FINE_TUNING_STATUS[JobStatus(job.status)],
         "trained_tokens": result.get("trained_tokens") if succeeded else None,

@@ -57,6 +57,12 @@ def list_metrics(
     return session.scalars(stmt.order_by(Metric.id).limit(limit)).all()
 
 
+def step_metrics(session: Session, job_id: str) -> Sequence[Metric]:
+    """Every metric row of the job, by step (in the order recorded within a step)."""
+    stmt = select(Metric).where(Metric.job_id == job_id).order_by(Metric.step, Metric.id)
+    return session.scalars(stmt).all()
+
+
 def add_checkpoint(
     session: Session, job_id: str, step: int, path: str, metrics: dict[str, Any]
 ) -> Checkpoint:

@@ -1,5 +1,6 @@
-"""OpenAI's `/v1/files`: uploads are our datasets; a batch's output and error files are
-read through here too (ids `<job id>-output`, `<job id>-error`)."""
+"""OpenAI's `/v1/files`: uploads are our datasets; a batch's output and error files (ids
+`<job id>-output`, `<job id>-error`) and a succeeded fine-tuning job's results file (id
+`<job id>-results`) are read through here too."""
 
 from __future__ import annotations
 
@@ -7,24 +8,28 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session
 
 from api.cursors import split_page
 from api.deps import JobsRead, JobsWrite, ReadSessionDep, SessionDep, SettingsDep
 from api.openai_shapes import (
     BATCH_FILE_ID,
+    RESULTS_FILE_ID,
     OpenAIList,
     file_of_batch,
     file_of_dataset,
+    file_of_results,
+    results_content,
 )
 from api.routes.batch_files import JSONL_MEDIA_TYPE, batch_lines
 from api.routes.datasets import remove_dataset, store_dataset
 from core.datasets import ParsedDataset
-from core.enums import DatasetSchema, JobKind
+from core.enums import DatasetSchema, JobKind, JobStatus
 from core.errors import InvalidRequestError, InvalidStateError, NotFoundError
 from db import datasets as datasets_repo
 from db import jobs as jobs_repo
+from db import training as training_repo
 from db.models import Job
 
 router = APIRouter(prefix="/v1/files", tags=["openai"])
@@ -47,15 +52,27 @@ def _fits(purpose: Purpose) -> Callable[[ParsedDataset], None]:
     return check
 
 
-def _batch_job(
-    session: Session, file_id: str, tenant_id: str
-) -> tuple[Job, Literal["output", "error"]]:
-    match = BATCH_FILE_ID.match(file_id)
-    job = jobs_repo.get_job(session, match.group(1), tenant_id) if match else None
-    if match is None or job is None or job.kind != JobKind.BATCH.value:
-        raise NotFoundError(f"no file {file_id!r}", param="file_id")
-    name: Literal["output", "error"] = "output" if match.group(2) == "output" else "error"
-    return job, name
+JobFile = Literal["output", "error", "results"]
+
+
+def _job_file(session: Session, file_id: str, tenant_id: str) -> tuple[Job, JobFile]:
+    """The job a result file belongs to, and which of its files it is: a batch's `output`
+    or `error`, a succeeded fine-tuning job's `results`; 404 for any other id."""
+    batch = BATCH_FILE_ID.match(file_id)
+    if batch is not None:
+        job = jobs_repo.get_job(session, batch.group(1), tenant_id)
+        if job is not None and job.kind == JobKind.BATCH.value:
+            return job, "output" if batch.group(2) == "output" else "error"
+    results = RESULTS_FILE_ID.match(file_id)
+    if results is not None:
+        job = jobs_repo.get_job(session, results.group(1), tenant_id)
+        if (
+            job is not None
+            and job.kind == JobKind.FINETUNE.value
+            and job.status == JobStatus.SUCCEEDED.value
+        ):
+            return job, "results"
+    raise NotFoundError(f"no file {file_id!r}", param="file_id")
 
 
 @router.post("")
@@ -105,7 +122,10 @@ def retrieve_file(
     dataset = datasets_repo.get_dataset(session, file_id, who.tenant_id)
     if dataset is not None:
         return file_of_dataset(dataset)
-    job, name = _batch_job(session, file_id, who.tenant_id)
+    job, name = _job_file(session, file_id, who.tenant_id)
+    if name == "results":
+        content = results_content(training_repo.step_metrics(session, job.id))
+        return file_of_results(job, len(content))
     size = sum(len(line) for line in batch_lines(settings, job.id, errors=name == "error"))
     return file_of_batch(job, name, size)
 
@@ -117,7 +137,7 @@ def retrieve_file(
 )
 def file_content(
     file_id: str, session: ReadSessionDep, settings: SettingsDep, who: JobsRead
-) -> FileResponse | StreamingResponse:
+) -> FileResponse | StreamingResponse | Response:
     dataset = datasets_repo.get_dataset(session, file_id, who.tenant_id)
     if dataset is not None:
         root = settings.data_dir.resolve()
@@ -125,7 +145,10 @@ def file_content(
         if not path.is_relative_to(root) or not path.is_file():
             raise NotFoundError(f"the content of file {file_id!r} is gone", param="file_id")
         return FileResponse(path, media_type="application/octet-stream", filename=dataset.filename)
-    job, name = _batch_job(session, file_id, who.tenant_id)
+    job, name = _job_file(session, file_id, who.tenant_id)
+    if name == "results":
+        content = results_content(training_repo.step_metrics(session, job.id))
+        return Response(content, media_type="application/octet-stream")
     return StreamingResponse(
         batch_lines(settings, job.id, errors=name == "error"), media_type=JSONL_MEDIA_TYPE
     )
@@ -136,9 +159,9 @@ def delete_file(
     file_id: str, session: SessionDep, settings: SettingsDep, who: JobsWrite
 ) -> dict[str, Any]:
     if datasets_repo.get_dataset(session, file_id, who.tenant_id) is None:
-        _batch_job(session, file_id, who.tenant_id)  # 404 unless it is a batch's file
+        _job_file(session, file_id, who.tenant_id)  # 404 unless it is a job's result file
         raise InvalidStateError(
-            f"file {file_id!r} is a batch's result; it stays as long as its batch",
+            f"file {file_id!r} is a job's result; it stays as long as its job",
             param="file_id",
         )
     remove_dataset(session, settings, who, file_id)

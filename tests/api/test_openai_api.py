@@ -3,6 +3,9 @@ the error envelope, and pausing/resuming fine-tune jobs on our own API."""
 
 from __future__ import annotations
 
+import base64
+import csv
+import io
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -19,6 +22,7 @@ from db.attempts import finish_job, pause_attempt
 from db.events import append_event
 from db.jobs import claim_job, due_queued, get_job
 from db.registry import register_model
+from db.training import add_metrics
 from db.session import session_scope
 from tests.support.auth import bearer, make_key
 
@@ -508,13 +512,7 @@ def test_openai_sdk_lists_every_model_in_one_page(client: TestClient, settings: 
     """The SDK's `models.list()` sends no `limit` and reads one page (OpenAI's list is not
     paged): it sees every model, past our default page of 20."""
     names = {_register(settings, client, "causal_lm") for _ in range(21)}
-    sdk = OpenAI(
-        base_url=f"{client.base_url}/v1",
-        api_key=client.headers["Authorization"].removeprefix("Bearer "),
-        http_client=client,
-        max_retries=0,
-    )
-    listed = [m.id for m in sdk.models.list()]
+    listed = [m.id for m in _sdk(client).models.list()]
     assert names <= set(listed)
     assert len(listed) == len(set(listed))
     page = client.get("/v1/models", params={"limit": 20}).json()  # ours stays paged
@@ -558,6 +556,61 @@ def test_metrics_events_carry_openai_train_loss(
     metrics = [e["data"] for e in events if e["type"] == "metrics"]
     assert [(m["step"], m.get("train_loss")) for m in metrics] == [(4, None), (3, 1.5)]
     assert metrics[1]["total_steps"] == 8
+
+
+def _sdk(client: TestClient) -> OpenAI:
+    return OpenAI(
+        base_url=f"{client.base_url}/v1",
+        api_key=client.headers["Authorization"].removeprefix("Bearer "),
+        http_client=client,
+        max_retries=0,
+    )
+
+
+def test_a_succeeded_fine_tuning_job_has_a_results_file_of_its_step_metrics(
+    client: TestClient, settings: Settings, chat_file: str
+) -> None:
+    """As OpenAI's: `result_files` names one file, purpose fine-tune-results, whose content
+    is a CSV (base64-encoded) with a row per step; a cell is empty where that step has no
+    such figure; our other metrics follow OpenAI's columns."""
+    job_id = fine_tune(client, chat_file).json()["id"]
+    results_id = f"{job_id}-results"
+    running = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert running["result_files"] == []
+    assert error(client.get(f"/v1/files/{results_id}"), 404)["param"] == "file_id"
+    with session_scope(settings.database_url) as s:
+        assert claim_job(s, job_id, "w1", timedelta(seconds=30))
+        points = [(1, "train_loss", 2.5, 0.5), (1, "learning_rate", 1e-4, 0.5)]
+        points += [(2, "train_loss", 1.25, 1.0), (2, "eval_loss", 1.5, 1.0)]
+        points += [(2, "eval_accuracy", 0.75, 1.0)]
+        add_metrics(s, job_id, points)
+        assert finish_job(s, job_id, JobStatus.SUCCEEDED, attempt=1, result={"model": "ft:x"})
+
+    sdk = _sdk(client)
+    job = sdk.fine_tuning.jobs.retrieve(job_id)
+    assert job.result_files == [results_id]
+    meta = sdk.files.retrieve(results_id)
+    assert (meta.purpose, meta.filename) == ("fine-tune-results", "step_metrics.csv")
+    content = sdk.files.content(results_id).read()
+    assert meta.bytes == len(content)
+    rows = list(csv.reader(io.StringIO(base64.b64decode(content).decode())))
+    assert rows == [
+        [
+            "step",
+            "train_loss",
+            "train_accuracy",
+            "valid_loss",
+            "valid_mean_token_accuracy",
+            "epoch",
+            "valid_accuracy",
+            "learning_rate",
+        ],
+        ["1", "2.5", "", "", "", "0.5", "", "0.0001"],
+        ["2", "1.25", "", "1.5", "", "1.0", "0.75", ""],
+    ]
+    refused = error(client.delete(f"/v1/files/{results_id}"), 409)
+    assert "stays as long as its job" in refused["message"]
+    assert client.get(f"/v1/files/{results_id}/content").status_code == 200
 
 
 def test_pause_and_resume_rules(client: TestClient, settings: Settings, chat_file: str) -> None:

@@ -117,14 +117,14 @@ def _load(ref: str, device: str) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
         dtype: Any = torch.float32 if device == "cpu" else "auto"
-        model: Any
-        model, loading = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             ref,
             use_safetensors=True,
             trust_remote_code=False,
             dtype=dtype,
             output_loading_info=True,
         )
+        model, loading = loaded
     except (OSError, ValueError) as exc:
         raise PermanentJobError(
             f"cannot load model {ref!r}: {exc}", FailureType.MODEL_NOT_FOUND
