@@ -355,7 +355,11 @@ def chat_request(body: Any, default_max_tokens: int, store_text: bool = True) ->
         fields["response_format"] = parsed.response_format
     fields["messages"] = [
         [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text}
+            {
+                "role": "system" if m.role == "developer" else m.role,
+                "content": m.text,
+                **({"name": m.name} if m.name else {}),
+            }
             for m in parsed.messages
         ]
     ]

@@ -177,6 +177,9 @@ def _check_messages(value: Any, line: int) -> None:
             raise DatasetFormatError(
                 line, f"{what}.content must be a string, got {json_type(message['content'])}"
             )
+        name = message.get("name")
+        if name is not None and not (isinstance(name, str) and len(name) <= 64):
+            raise DatasetFormatError(line, f"{what}.name must be a string of at most 64 characters")
 
 
 class BatchRequestChecker:

@@ -48,6 +48,13 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant"]
     content: Annotated[str, StringConstraints(max_length=32_000)]
+    # left out of the dump when unset: a chat template that tests `'name' in message` sees
+    # no name, and stored specs and idempotency fingerprints are those of before it existed
+    name: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="Who wrote the message, given to the chat template (many ignore it).",
+    )
 
 
 class RetrievalSpec(BaseModel):

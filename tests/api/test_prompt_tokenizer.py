@@ -121,6 +121,39 @@ def test_chat_prompts_and_conversations_render_as_transformers_renders_them(
     assert api_ids(chat_model_dir, messages) == transformers_ids(chat_model_dir, messages)
 
 
+def test_a_template_that_shows_names_gets_them(chat_model_dir: Path, tmp_path: Path) -> None:
+    """A message's `name` is given to the template (in the API's count as in the worker's
+    rendering); a message without one has no `name` key."""
+    from transformers import AutoTokenizer
+
+    directory = tmp_path / "tiny-named-chat"
+    shutil.copytree(chat_model_dir, directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = (
+        "{% for message in messages %}<|{{ message['role'] }}|>"
+        "{% if 'name' in message %}[{{ message['name'] }}] {% endif %}"
+        "{{ message['content'] }}\n{% endfor %}"
+    )
+    tokenizer.save_pretrained(directory)
+    spec = GenerateSpec.model_validate(
+        {
+            "model": "tiny-named-chat",
+            "prompts": None,
+            "messages": [
+                [
+                    {"role": "user", "content": "hi", "name": "ada"},
+                    {"role": "user", "content": "yo"},
+                ]
+            ],
+        }
+    )
+    ids = api_ids(directory, spec)
+    assert ids == transformers_ids(directory, spec)
+    text = tokenizer.decode(ids[0])
+    assert "<|user|>[ada] hi" in text
+    assert "<|user|>yo" in text
+
+
 def test_a_template_that_raises_refuses_the_conversation(chat_model_dir: Path) -> None:
     import jinja2
 

@@ -115,6 +115,10 @@ def test_a_batch_file_cannot_train_anything() -> None:
         ([chat(messages=[{"role": "user"}])], "line 1: body.messages[0] has no 'content'"),
         ([chat(messages=[{"role": "bot", "content": "x"}])], "body.messages[0].role is 'bot'"),
         ([chat(messages=[{"role": "user", "content": 1}])], "messages[0].content must be a string"),
+        (
+            [chat(messages=[{"role": "user", "content": "x", "name": 1}])],
+            "body.messages[0].name must be a string of at most 64 characters",
+        ),
         ([completion(temperature=2.5)], "line 1: body.temperature is 2.5; it must be at most 2"),
         ([completion(top_p=-0.1)], "line 1: body.top_p is -0.1; it must be at least 0"),
         ([completion(max_tokens=0)], "line 1: body.max_tokens is 0; it must be at least 1"),
@@ -190,6 +194,14 @@ def test_chat_line_becomes_one_conversation() -> None:
     assert spec.max_new_tokens == 9
     assert spec.stop == ["a", "b"]
     assert spec.uses_chat_template
+
+
+def test_a_chat_lines_message_names_reach_the_spec() -> None:
+    line = chat()
+    line["body"]["messages"][1]["name"] = "ada"
+    spec = generate_spec_for(line, DEFAULT_MAX)
+    assert spec.messages is not None
+    assert [m.name for m in spec.messages[0]] == [None, "ada"]
 
 
 @pytest.mark.parametrize(

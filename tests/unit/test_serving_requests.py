@@ -68,6 +68,27 @@ def test_chat_body_maps_onto_the_spec() -> None:
     )
 
 
+def test_a_messages_name_reaches_the_spec_and_an_unset_one_is_not_stored() -> None:
+    """OpenAI's `name` tells participants of one role apart; it goes to the chat template
+    (a message without one has no `name` key there, nor in the stored spec)."""
+    req = chat(
+        messages=[
+            {"role": "user", "content": "Hi", "name": "ada"},
+            {"role": "user", "content": "Hello", "name": ""},
+            {"role": "assistant", "content": "Hey"},
+        ]
+    )
+    spec = req.job.spec
+    assert spec.messages is not None
+    assert [m.name for m in spec.messages[0]] == ["ada", None, None]
+    stored = spec.model_dump(mode="json")["messages"][0]
+    assert stored == [
+        {"role": "user", "content": "Hi", "name": "ada"},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hey"},
+    ]
+
+
 def test_store_decides_whether_the_text_is_kept() -> None:
     assert chat().job.spec.store_text is True
     assert chat(store=False).job.spec.store_text is False

@@ -79,7 +79,14 @@ def generate_spec_for(request: dict[str, Any], chat_default_max_tokens: int) -> 
     fields: dict[str, Any] = {"model": body["model"]}
     if chat:
         fields["messages"] = [
-            [{"role": _role(m["role"]), "content": m["content"]} for m in body["messages"]]
+            [
+                {
+                    "role": _role(m["role"]),
+                    "content": m["content"],
+                    **({"name": m["name"]} if m.get("name") else {}),
+                }
+                for m in body["messages"]
+            ]
         ]
     else:
         fields["prompts"] = [body["prompt"]]
