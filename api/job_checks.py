@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -284,16 +285,24 @@ def _check_grammar(spec: GenerateSpec) -> None:
 def _check_generation(
     session: Session, settings: Settings, tenant_id: str, spec: GenerateSpec
 ) -> None:
-    """A local model without a language-model head, and prompts the model cannot take (too
-    long for its context, no chat template): 422. A hub model is checked by the worker once
-    it has the files."""
+    """A local model without a language-model head, logit biases of token ids it does not
+    have, and prompts it cannot take (too long for its context, no chat template): 422. A
+    hub model is checked by the worker once it has the files."""
     directory = local_model_dir(session, settings, tenant_id, spec.model)
     if directory is None:
         return
     config = directory / "config.json"
-    refusal = _generation_head_refusal(str(config), files_stamp((config,)))
-    if refusal is not None:
-        raise InvalidRequestError(f"model {spec.model!r} {refusal}", param="spec.model")
+    model = _generation_model(str(config), files_stamp((config,)))
+    if model.refusal is not None:
+        raise InvalidRequestError(f"model {spec.model!r} {model.refusal}", param="spec.model")
+    vocab = model.vocab_size
+    outside = [t for t in spec.logit_bias if vocab is not None and t >= vocab]
+    if outside and vocab is not None:
+        raise InvalidRequestError(
+            f"logit_bias: token id {outside[0]} is not in the vocabulary of model "
+            f"{spec.model!r} (ids 0 to {vocab - 1})",
+            param="spec.logit_bias",
+        )
     loaded = local_tokenizer(directory)
     if loaded is None:
         return  # no tokenizer.json: the worker checks the prompts
@@ -358,19 +367,29 @@ def _architectures(config: dict[str, Any]) -> list[str]:
     return [str(a) for a in listed] if isinstance(listed, list) else []
 
 
+@dataclass(frozen=True)
+class _GenerationModel:
+    """What a local model's config.json says about generating text with it."""
+
+    refusal: str | None  # why it cannot generate text; None when it can
+    vocab_size: int | None  # token ids it scores (its logits' width), where recorded
+
+
 @lru_cache(maxsize=64)
-def _generation_head_refusal(config_path: str, stamp: tuple[int, ...]) -> str | None:
-    """Why a local model cannot generate text (no language-model head: an encoder such as
-    BertModel or a sentence embedder would load with a head of untrained weights and answer
-    noise), read once per `stamp` of its config.json."""
-    config = _local_config(Path(config_path).parent)
-    architectures = _architectures(config) if config is not None else []
+def _generation_model(config_path: str, stamp: tuple[int, ...]) -> _GenerationModel:
+    """Read once per `stamp` of the config. A model without a language-model head (an
+    encoder such as BertModel or a sentence embedder) would load with a head of untrained
+    weights and answer noise."""
+    config = _local_config(Path(config_path).parent) or {}
+    architectures = _architectures(config)
+    refusal = None
     if architectures and not any(a.endswith(TEXT_GENERATION_HEADS) for a in architectures):
-        return (
+        refusal = (
             f"has no language-model head ({', '.join(architectures)}): text generation "
             "needs a causal language model (...ForCausalLM, ...LMHeadModel)"
         )
-    return None
+    vocab = config.get("vocab_size")
+    return _GenerationModel(refusal, vocab if isinstance(vocab, int) and vocab > 0 else None)
 
 
 def _check_embed(session: Session, settings: Settings, tenant_id: str, spec: EmbedSpec) -> None:

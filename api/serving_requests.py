@@ -40,7 +40,6 @@ MAX_METADATA_KEYS = 16
 
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "echo": (False,),
-    "logit_bias": ({},),
     "tools": ([],),
     "functions": ([],),
     "tool_choice": ("none",),
@@ -55,7 +54,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 
 _WHY_NOT: dict[str, str] = {
     "echo": "echoing the prompt is not supported",
-    "logit_bias": "logit biases are not supported",
     "tools": "tool calling is not supported",
     "functions": "function calling is not supported",
     "tool_choice": "tool calling is not supported",
@@ -118,7 +116,7 @@ class _SamplingBody(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int | None = Field(default=None, ge=1, le=16)
     stop: Stop | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: Annotated[str, StringConstraints(max_length=512)] | None = None
@@ -133,7 +131,11 @@ class _SamplingBody(BaseModel):
     repetition_penalty: float | None = Field(default=None, ge=0.5, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: Any = None
+    logit_bias: dict[str, float] | None = Field(
+        default=None,
+        description="Token id (as a string) -> a bias from -100 to 100 added to that "
+        "token's logit before sampling, as OpenAI's.",
+    )
     store: bool | None = Field(
         default=None,
         description="Keep the generated text in the database (default: the server's "
@@ -307,6 +309,8 @@ def openai_param(ours: str | None, chat: bool, max_tokens: str | None = None) ->
         return "messages" + ours.removeprefix("spec.messages").removeprefix("[0]")
     if ours.startswith("spec.prompts"):
         return "prompt" + ours.removeprefix("spec.prompts")
+    if ours.startswith("spec.logit_bias"):  # a key or its value: the map is the field
+        return "logit_bias"
     for prefix, theirs in _SPEC_PARAMS.items():
         if ours == prefix or ours.startswith(prefix + ".") or ours.startswith(prefix + "["):
             if theirs == "max_tokens" and chat:

@@ -45,6 +45,7 @@ SUPPORTED_BODY_KEYS = frozenset(
         "repetition_penalty",
         "frequency_penalty",
         "presence_penalty",
+        "logit_bias",
         "response_format",
         "logprobs",
         "top_logprobs",
@@ -84,6 +85,7 @@ PARAM_RANGES: dict[str, _Range] = {
     "presence_penalty": _Range(low=-2, high=2),
 }
 
+LOGIT_BIAS = _Range(low=-100, high=100)
 CHAT_TOP_LOGPROBS = _Range(low=0, high=20, integer=True)
 COMPLETION_LOGPROBS = _Range(low=0, high=5, integer=True)  # the legacy endpoint's logprobs: N
 
@@ -131,6 +133,15 @@ def _check_stop(value: Any, line: int) -> None:
         )
     for i, item in enumerate(value):
         _text(item, f"body.stop[{i}]", line, blank_ok=True)
+
+
+def _check_logit_bias(value: Any, line: int) -> None:
+    if not isinstance(value, dict):
+        raise DatasetFormatError(line, f"body.logit_bias must be an object, got {json_type(value)}")
+    for token, bias in value.items():
+        if not token.isdigit():
+            raise DatasetFormatError(line, f"body.logit_bias key {token!r} is not a token id")
+        _check_number(f"logit_bias[{token!r}]", bias, LOGIT_BIAS, line)
 
 
 def _check_logprobs(body: dict[str, Any], endpoint: BatchEndpoint, line: int) -> None:
@@ -264,6 +275,8 @@ class BatchRequestChecker:
                 _check_number(name, body[name], rule, line)
         if body.get("stop") is not None:
             _check_stop(body["stop"], line)
+        if body.get("logit_bias") is not None:
+            _check_logit_bias(body["logit_bias"], line)
         _check_logprobs(body, endpoint, line)
         if body.get("stream") is True:
             raise DatasetFormatError(line, "body.stream is true; batch requests do not stream")

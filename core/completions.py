@@ -25,6 +25,7 @@ _SAMPLING_FIELDS = (
     ("repetition_penalty", "repetition_penalty"),
     ("frequency_penalty", "frequency_penalty"),
     ("presence_penalty", "presence_penalty"),
+    ("logit_bias", "logit_bias"),
 )
 
 

@@ -32,6 +32,7 @@ from core.response_format import ResponseFormat
 
 MAX_SEQUENCES_PER_JOB = 1024
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat completions
+MAX_LOGIT_BIASES = 1024  # token ids one request may bias
 MODEL_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-/:]{0,254}$"
 _BLANK = re.compile(r"^\s*$")
 
@@ -129,6 +130,17 @@ class GenerateSpec(BaseModel):
         le=2.0,
         description="OpenAI's: subtracted from a token's logit once it was generated at all.",
     )
+    logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100.0, le=100.0)]] = (
+        Field(
+            default_factory=dict,
+            max_length=MAX_LOGIT_BIASES,
+            # left out of the dump when empty: stored specs and idempotency fingerprints of
+            # requests without biases are those of before it existed
+            exclude_if=lambda value: not value,
+            description="OpenAI's: token id -> a bias from -100 to 100 added to that token's logit "
+            "before sampling (-100 bans it, 100 all but forces it).",
+        )
+    )
     num_return_sequences: int = Field(default=1, ge=1, le=16)
     seed: int | None = Field(
         default=None,
@@ -148,8 +160,8 @@ class GenerateSpec(BaseModel):
     logprobs: bool = Field(
         default=False,
         description="Return each generated token's log probability under the model's own "
-        "distribution (log_softmax of its logits, before temperature, top-p/k, penalties and "
-        "any response format's mask).",
+        "distribution (log_softmax of its logits, before temperature, top-p/k, penalties, "
+        "logit biases and any response format's mask).",
     )
     top_logprobs: int = Field(
         default=0,

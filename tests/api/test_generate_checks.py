@@ -59,6 +59,12 @@ REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
     ),
     ("unknown registered model", {"model": "ft:nothing:here:12345678"}, "spec.model", "registry"),
     ("encoder without a language-model head", {"model": TINY_ENCODER}, "spec.model", "BertModel"),
+    (
+        "logit bias of a token id past the vocabulary",
+        {"logit_bias": {"1": 2, "100000": -100}},
+        "spec.logit_bias",
+        "token id 100000 is not in the vocabulary",
+    ),
 ]
 
 
@@ -98,4 +104,17 @@ def test_an_encoder_is_refused_by_the_openai_routes_naming_model(
         error = resp.json()["error"]
         assert (error["type"], error["param"]) == ("invalid_request_error", "model")
         assert "language-model head" in error["message"]
+    assert jobs_and_messages(settings) == before
+
+
+def test_a_logit_bias_past_the_vocabulary_is_a_400_naming_logit_bias(
+    client: TestClient, settings: Settings
+) -> None:
+    before = jobs_and_messages(settings)
+    resp = client.post(
+        "/v1/completions",
+        json={"model": TINY_MODEL, "prompt": "Hello", "logit_bias": {"100000": 5}},
+    )
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == "logit_bias"
     assert jobs_and_messages(settings) == before

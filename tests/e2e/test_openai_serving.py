@@ -197,6 +197,27 @@ def test_async_client_streams_completions(serving: Stack) -> None:
     assert streamed == whole
 
 
+def test_logit_bias_forces_a_token(serving: Stack, client: OpenAI) -> None:
+    """OpenAI's logit_bias through the SDK: +100 on one token makes a greedy answer that
+    token over and over (a ban of -100 is tested in the decode group)."""
+    from transformers import AutoTokenizer
+
+    directory = serving.workdir / "data" / "models" / TINY_CHAT_MODEL
+    token = AutoTokenizer.from_pretrained(directory).decode([17])
+    plain = client.completions.create(
+        model=TINY_CHAT_MODEL, prompt="Fresh bread", max_tokens=6, temperature=0
+    )
+    forced = client.completions.create(
+        model=TINY_CHAT_MODEL,
+        prompt="Fresh bread",
+        max_tokens=6,
+        temperature=0,
+        logit_bias={"17": 100},
+    )
+    assert forced.choices[0].text == token * 6
+    assert plain.choices[0].text != forced.choices[0].text
+
+
 def test_errors_come_in_openai_shapes_and_create_nothing(serving: Stack, client: OpenAI) -> None:
     before = job_count(serving)
     with pytest.raises(openai.NotFoundError) as missing:
@@ -204,10 +225,12 @@ def test_errors_come_in_openai_shapes_and_create_nothing(serving: Stack, client:
     assert missing.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as unsupported:
         client.chat.completions.create(
-            model=TINY_CHAT_MODEL, messages=QUESTION, logit_bias={"5": 10}
+            model=TINY_CHAT_MODEL,
+            messages=QUESTION,
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
         )
     assert unsupported.value.code == "unsupported_parameter"
-    assert unsupported.value.param == "logit_bias"
+    assert unsupported.value.param == "tools"
     with pytest.raises(openai.BadRequestError) as unknown:
         client.chat.completions.create(
             model=TINY_CHAT_MODEL, messages=QUESTION, extra_body={"beam_width": 4}

@@ -82,7 +82,7 @@ def test_request_lines_are_a_batch_dataset_with_a_summary(tmp_path: Any) -> None
 def test_chat_lines_and_warnings_for_fields_this_server_ignores_or_lacks() -> None:
     raw = jsonl(
         {**chat("a", user="u-1", frequency_penalty=0), "extra": 1},
-        chat("b", logprobs=True, echo=False, logit_bias={"1": 2}, stream=False),
+        chat("b", logprobs=True, echo=False, tools=[{"type": "function"}], stream=False),
     )
     parsed = parse_dataset(raw, "x.jsonl")
     assert parsed.schema is DatasetSchema.BATCH_REQUESTS
@@ -115,6 +115,12 @@ def test_a_batch_file_cannot_train_anything() -> None:
         ([chat(messages=[{"role": "user"}])], "line 1: body.messages[0] has no 'content'"),
         ([chat(messages=[{"role": "bot", "content": "x"}])], "body.messages[0].role is 'bot'"),
         ([chat(messages=[{"role": "user", "content": 1}])], "messages[0].content must be a string"),
+        ([completion(logit_bias=[1])], "line 1: body.logit_bias must be an object, got an array"),
+        ([completion(logit_bias={"a": 1})], "line 1: body.logit_bias key 'a' is not a token id"),
+        (
+            [completion(logit_bias={"5": 101})],
+            "body.logit_bias['5'] is 101; it must be at most 100",
+        ),
         (
             [chat(messages=[{"role": "user", "content": "x", "name": 1}])],
             "body.messages[0].name must be a string of at most 64 characters",
@@ -194,6 +200,11 @@ def test_chat_line_becomes_one_conversation() -> None:
     assert spec.max_new_tokens == 9
     assert spec.stop == ["a", "b"]
     assert spec.uses_chat_template
+
+
+def test_a_lines_logit_bias_reaches_the_spec() -> None:
+    spec = generate_spec_for(completion(logit_bias={"5": -100, "9": 1.5}), DEFAULT_MAX)
+    assert spec.logit_bias == {5: -100.0, 9: 1.5}
 
 
 def test_a_chat_lines_message_names_reach_the_spec() -> None:

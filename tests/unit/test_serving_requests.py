@@ -89,6 +89,15 @@ def test_a_messages_name_reaches_the_spec_and_an_unset_one_is_not_stored() -> No
     ]
 
 
+def test_logit_bias_and_any_64_bit_seed_reach_the_spec() -> None:
+    spec = chat(logit_bias={"50": -100, "7": 2.5}, seed=-1).job.spec
+    assert spec.logit_bias == {50: -100.0, 7: 2.5}
+    assert spec.seed == -1
+    text = completion_request({"model": "m", "prompt": "p", "logit_bias": {"3": 1}}).job.spec
+    assert text.logit_bias == {3: 1.0}
+    assert "logit_bias" not in chat().job.spec.model_dump(mode="json")  # none: not stored
+
+
 def test_store_decides_whether_the_text_is_kept() -> None:
     assert chat().job.spec.store_text is True
     assert chat(store=False).job.spec.store_text is False
@@ -137,7 +146,6 @@ def test_defaults_are_openais() -> None:
     "body",
     [
         {"logprobs": False},
-        {"logit_bias": {}},
         {"tools": []},
         {"parallel_tool_calls": True},
         {"service_tier": "auto"},
@@ -150,7 +158,6 @@ def test_no_op_values_of_unsupported_parameters_are_accepted(body: dict[str, Any
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"logit_bias": {"1": 3}}, "logit_bias"),
         ({"tools": [{"type": "function"}]}, "tools"),
         ({"beam_width": 2}, "beam_width"),
     ],
@@ -233,6 +240,11 @@ def test_logprobs_out_of_range_are_400s_naming_the_param(
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"n": 2, "temperature": 0}, "n"),  # a rule across fields names the one to change
+        ({"logit_bias": {"12": 101}}, "logit_bias"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"-3": 1}}, "logit_bias"),
+        ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
+        ({"seed": 2**63}, "seed"),
     ],
 )
 def test_invalid_values_are_400s_naming_the_field(body: dict[str, Any], param: str | None) -> None:

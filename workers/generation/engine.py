@@ -45,7 +45,7 @@ from workers.generation.requests import (
     StepOutput,
     TextDelta,
 )
-from workers.generation.sampling import RowSampling, row_generator
+from workers.generation.sampling import RowSampling, row_bias, row_generator
 from workers.generation.text import SequenceText
 from workers.model_refs import resolve_model
 
@@ -231,6 +231,14 @@ class TransformersEngine(GenerationEngine):
         schema = grammar_schema(spec.response_format)
         slot = _Slot(request=req)
         base_seed = spec.seed if spec.seed is not None else int.from_bytes(os.urandom(6), "big")
+        outside = [t for t in spec.logit_bias if t >= self._entry.vocab_size]
+        if outside:
+            raise PermanentJobError(
+                f"logit_bias: token id {outside[0]} is not in the model's vocabulary "
+                f"(ids 0 to {self._entry.vocab_size - 1})",
+                FailureType.INVALID_SPEC,
+            )
+        bias_ids, bias_values = row_bias(spec.logit_bias)
         for p_index, ids in enumerate(encoded):
             for s_index in range(spec.num_return_sequences):
                 sampling = RowSampling(
@@ -241,6 +249,8 @@ class TransformersEngine(GenerationEngine):
                     repetition_penalty=spec.repetition_penalty,
                     frequency_penalty=spec.frequency_penalty,
                     presence_penalty=spec.presence_penalty,
+                    bias_ids=bias_ids,
+                    bias_values=bias_values,
                     generator=(
                         row_generator(row_seed(base_seed, p_index, s_index))
                         if spec.do_sample

@@ -4,12 +4,13 @@ Every operation here is row-wise, so a row's choice depends only on its own
 logits, parameters and random generator, never on the other rows decoded with it.
 The order follows transformers' `generate`: repetition penalty, then OpenAI's
 frequency and presence penalties (on the tokens the row generated, not its prompt),
-then the grammar's allowed set for rows with a response format, temperature, top-k,
-top-p, and a draw (or argmax when greedy).
+then OpenAI's logit biases, then the grammar's allowed set for rows with a response
+format, temperature, top-k, top-p, and a draw (or argmax when greedy).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -25,11 +26,35 @@ class RowSampling:
     generator: torch.Generator | None  # None for greedy rows
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # OpenAI's logit_bias: token ids [K] long and what is added to their logits [K] float
+    bias_ids: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
 
     @property
     def counts_tokens(self) -> bool:
         """Whether this row's choice depends on how often it generated each token."""
         return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+def row_bias(bias: Mapping[int, float]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A spec's logit_bias as RowSampling's (bias_ids, bias_values); (None, None) for none."""
+    if not bias:
+        return None, None
+    ids = torch.tensor(list(bias), dtype=torch.long)
+    return ids, torch.tensor(list(bias.values()), dtype=torch.float32)
+
+
+def add_biases(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+    """OpenAI's logit_bias: each row's biases added to its tokens' logits [B, V] float."""
+    biased = [(i, r) for i, r in enumerate(rows) if r.bias_ids is not None]
+    if not biased:
+        return logits
+    logits = logits.clone()
+    for i, r in biased:
+        assert r.bias_ids is not None and r.bias_values is not None
+        ids = r.bias_ids.to(logits.device)
+        logits[i].index_add_(0, ids, r.bias_values.to(logits.device, logits.dtype))
+    return logits
 
 
 def row_generator(seed: int) -> torch.Generator:
@@ -101,6 +126,7 @@ def choose_tokens(
         frequency = torch.tensor([r.frequency_penalty for r in rows], device=logits.device)
         presence = torch.tensor([r.presence_penalty for r in rows], device=logits.device)
         logits = penalize_counts(logits, counts, frequency, presence)
+    logits = add_biases(logits, rows)
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     chosen = torch.argmax(logits, dim=-1)

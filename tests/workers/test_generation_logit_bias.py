@@ -1,0 +1,102 @@
+"""OpenAI's logit_bias in the decode group and the engine, on the tiny GPT-2: each row's
+biases are added to its own logits before the choice, never to its neighbours', and the
+log probabilities it reports stay the model's own."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.enums import FailureType
+from core.errors import PermanentJobError
+from core.settings import Settings
+from core.specs import GenerateSpec
+from tests.conftest import TINY_MODEL
+from tests.support.generation import tiny_row
+from workers.generation.cache import CachedModel, ModelCache
+from workers.generation.decode_group import DecodeGroup, Row
+from workers.generation.engine import base_of, open_engine
+from workers.generation.requests import GenerationRequest
+from workers.generation.sampling import RowSampling, add_biases, row_bias
+
+
+@pytest.fixture(scope="module")
+def entry(tiny_model_dir: Path) -> CachedModel:
+    model, _ = ModelCache(2**30).get(str(tiny_model_dir), "cpu")
+    return model
+
+
+def biased(entry: CachedModel, prompt: str, bias: dict[int, float], **kw: object) -> Row:
+    ids, values = row_bias(bias)
+    return tiny_row(entry, prompt, bias_ids=ids, bias_values=values, **kw)
+
+
+def decode_together(entry: CachedModel, rows: list[Row]) -> None:
+    group = DecodeGroup(entry.model, "cpu", entry.pad_id, entry.vocab_size)
+    with torch.inference_mode():
+        group.drop(group.admit(rows))
+        while len(group):
+            group.drop(group.step())
+
+
+def test_biases_are_added_to_their_rows_logits_on_a_copy() -> None:
+    logits = torch.zeros((2, 5))
+    ids, values = row_bias({1: 2.5, 4: -100.0})
+    rows = [
+        RowSampling(True, 1.0, 1.0, 0, 1.0, None),
+        RowSampling(True, 1.0, 1.0, 0, 1.0, None, bias_ids=ids, bias_values=values),
+    ]
+    out = add_biases(logits, rows)
+    assert out[0].tolist() == [0.0] * 5
+    assert out[1].tolist() == [0.0, 2.5, 0.0, 0.0, -100.0]
+    assert bool((logits == 0).all())  # the model's logits (for logprobs) are left alone
+    assert row_bias({}) == (None, None)
+
+
+def test_a_ban_and_a_forced_token_each_hold_for_their_own_row_alone(entry: CachedModel) -> None:
+    plain = tiny_row(entry, "The blue mug")
+    alone = tiny_row(entry, "Fresh bread every")
+    decode_together(entry, [plain])
+    decode_together(entry, [alone])
+    chosen = sorted(set(plain.text.ids))
+    banned = biased(entry, "The blue mug", {t: -100.0 for t in chosen})
+    forced_token = sorted(set(alone.text.ids))[0]
+    forced = biased(entry, "Our support team answers", {forced_token: 100.0}, top_logprobs=1)
+    neighbour = tiny_row(entry, "Fresh bread every")
+    decode_together(entry, [banned, forced, neighbour])
+
+    assert len(banned.text.ids) == 30 and not set(banned.text.ids) & set(chosen)
+    assert forced.text.ids == [forced_token] * 30
+    assert neighbour.text.ids == alone.text.ids  # the others' biases do not reach it
+    # the reported log probability is the model's own, not the biased one (about 0)
+    assert all(lp.logprob < -1.0 for lp in forced.text.logprobs)
+
+
+def test_a_sampled_row_never_draws_a_banned_token(entry: CachedModel) -> None:
+    free = tiny_row(entry, "The blue mug", seed=5, temperature=1.5)
+    decode_together(entry, [free])
+    banned_ids = sorted(set(free.text.ids))
+    banned = biased(entry, "The blue mug", {t: -100.0 for t in banned_ids}, seed=5, temperature=1.5)
+    decode_together(entry, [banned])
+    assert not set(banned.text.ids) & set(banned_ids)
+
+
+def test_a_token_id_outside_the_vocabulary_fails_the_request_alone(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / TINY_MODEL)
+    settings = Settings(data_dir=tmp_path, generation_max_sequences=16)
+    engine, _ = open_engine(
+        settings, "cpu", base_of(settings, TINY_MODEL)[0], cache=ModelCache(2**30)
+    )
+    vocab = ModelCache(2**30).get(str(tiny_model_dir), "cpu")[0].vocab_size
+    spec = GenerateSpec.model_validate(
+        {"model": TINY_MODEL, "prompts": ["Hi"], "logit_bias": {str(vocab): 5}}
+    )
+    with pytest.raises(PermanentJobError, match=f"token id {vocab} is not in") as info:
+        engine.add(GenerationRequest("bad", spec))
+    assert info.value.failure is FailureType.INVALID_SPEC
+    assert not engine.has_work
