@@ -22,8 +22,8 @@ from db.attempts import finish_job, pause_attempt
 from db.events import append_event
 from db.jobs import claim_job, due_queued, get_job
 from db.registry import register_model
-from db.training import add_metrics
 from db.session import session_scope
+from db.training import add_metrics
 from tests.support.auth import bearer, make_key
 
 CHAT = (
