@@ -36,7 +36,7 @@ from core.errors import (
 )
 from core.model_files import CODE_CONFIGS, custom_code_reason, files_stamp
 from core.model_sources import hub_allowed, into_tenant_files, not_installed
-from core.prompts import PromptError, encode_prompts
+from core.prompts import PromptError, encode_prompts, vocabulary_error
 from core.ranking import rank_label
 from core.response_format import JSON_GRAMMAR_OPTIONS, grammar_schema
 from core.settings import Settings
@@ -285,9 +285,9 @@ def _check_grammar(spec: GenerateSpec) -> None:
 def _check_generation(
     session: Session, settings: Settings, tenant_id: str, spec: GenerateSpec
 ) -> None:
-    """A local model without a language-model head, logit biases of token ids it does not
-    have, and prompts it cannot take (too long for its context, no chat template): 422. A
-    hub model is checked by the worker once it has the files."""
+    """A local model without a language-model head, token ids it does not have (in a prompt
+    or a logit bias), and prompts it cannot take (too long for its context, no chat
+    template): 422. A hub model is checked by the worker once it has the files."""
     directory = local_model_dir(session, settings, tenant_id, spec.model)
     if directory is None:
         return
@@ -295,14 +295,9 @@ def _check_generation(
     model = _generation_model(str(config), files_stamp((config,)))
     if model.refusal is not None:
         raise InvalidRequestError(f"model {spec.model!r} {model.refusal}", param="spec.model")
-    vocab = model.vocab_size
-    outside = [t for t in spec.logit_bias if vocab is not None and t >= vocab]
-    if outside and vocab is not None:
-        raise InvalidRequestError(
-            f"logit_bias: token id {outside[0]} is not in the vocabulary of model "
-            f"{spec.model!r} (ids 0 to {vocab - 1})",
-            param="spec.logit_bias",
-        )
+    outside = vocabulary_error(spec, model.vocab_size) if model.vocab_size is not None else None
+    if outside is not None:
+        raise InvalidRequestError(outside.message, param=outside.param)
     loaded = local_tokenizer(directory)
     if loaded is None:
         return  # no tokenizer.json: the worker checks the prompts

@@ -176,6 +176,11 @@ class CompletionBody(_SamplingBody):
     prompt: (
         Annotated[str, StringConstraints(max_length=32_000)]
         | list[Annotated[str, StringConstraints(max_length=32_000)]]
+        | list[int]
+        | list[list[int]]
+    ) = Field(
+        description="A string, a list of strings, or token ids: one list of them, or a list "
+        "of such lists (the model's own ids, fed as given)."
     )
     logprobs: StrictInt | None = Field(
         default=None,
@@ -309,6 +314,8 @@ def openai_param(ours: str | None, chat: bool, max_tokens: str | None = None) ->
         return "messages" + ours.removeprefix("spec.messages").removeprefix("[0]")
     if ours.startswith("spec.prompts"):
         return "prompt" + ours.removeprefix("spec.prompts")
+    if ours.startswith("spec.prompt_token_ids"):
+        return "prompt" + ours.removeprefix("spec.prompt_token_ids")
     if ours.startswith("spec.logit_bias"):  # a key or its value: the map is the field
         return "logit_bias"
     for prefix, theirs in _SPEC_PARAMS.items():
@@ -382,10 +389,17 @@ def completion_request(body: Any, store_text: bool = True) -> ServingRequest:
         fields["top_logprobs"] = parsed.logprobs
     if parsed.max_tokens is not None:
         fields["max_new_tokens"] = parsed.max_tokens
-    prompts = [parsed.prompt] if isinstance(parsed.prompt, str) else parsed.prompt
-    if not prompts:
+    prompt = parsed.prompt
+    if not prompt:
         raise BadRequestError("prompt is empty", param="prompt")
-    fields["prompts"] = prompts
+    if isinstance(prompt, str):
+        fields["prompts"] = [prompt]
+    elif all(isinstance(p, int) for p in prompt):
+        fields["prompt_token_ids"] = [prompt]
+    elif all(isinstance(p, list) for p in prompt):
+        fields["prompt_token_ids"] = prompt
+    else:
+        fields["prompts"] = prompt
     return _serving(parsed, _job_request(fields, _metadata(parsed), chat=False), chat=False)
 
 

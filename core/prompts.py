@@ -51,6 +51,9 @@ def encode_prompts(tokenizer: Any, spec: GenerateSpec, limit: int | None) -> lis
         encoded = [
             _chat_ids(tokenizer, [{"role": "user", "content": p}]) for p in spec.prompts or []
         ]
+    elif spec.prompt_token_ids is not None:
+        field = "prompt_token_ids"
+        encoded = [list(ids) for ids in spec.prompt_token_ids]
     else:
         field = "prompts"
         encoded = [list(tokenizer(p)["input_ids"]) for p in spec.prompts or []]
@@ -75,3 +78,24 @@ def max_new_tokens(spec: GenerateSpec, prompt_tokens: int, limit: int | None) ->
     if limit is None or not spec.fit_max_new_tokens:
         return spec.max_new_tokens
     return max(1, min(spec.max_new_tokens, limit - prompt_tokens))
+
+
+def vocabulary_error(spec: GenerateSpec, vocab_size: int) -> PromptError | None:
+    """A token id the spec names (a prompt's, a logit bias's) that the model does not have:
+    it scores ids 0 to vocab_size - 1."""
+    for index, ids in enumerate(spec.prompt_token_ids or []):
+        outside = [t for t in ids if t >= vocab_size]
+        if outside:
+            return PromptError(
+                f"prompt {index}: token id {outside[0]} is not in the model's vocabulary "
+                f"(ids 0 to {vocab_size - 1})",
+                f"spec.prompt_token_ids[{index}]",
+            )
+    outside = [t for t in spec.logit_bias if t >= vocab_size]
+    if outside:
+        return PromptError(
+            f"logit_bias: token id {outside[0]} is not in the model's vocabulary "
+            f"(ids 0 to {vocab_size - 1})",
+            "spec.logit_bias",
+        )
+    return None

@@ -98,6 +98,17 @@ class GenerateSpec(BaseModel):
         max_length=256,
         description="Conversations to continue with the chat template (instead of prompts).",
     )
+    prompt_token_ids: (
+        list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=32_768)]]
+        | None
+    ) = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        exclude_if=lambda value: value is None,
+        description="Prompts given as the model's own token ids, fed as given (no special "
+        "tokens added; instead of prompts), as OpenAI's completions take them.",
+    )
     chat: bool = Field(
         default=False, description="Wrap each prompt as a user message with the chat template."
     )
@@ -194,8 +205,11 @@ class GenerateSpec(BaseModel):
 
     @model_validator(mode="after")
     def _sampling_consistent(self) -> GenerateSpec:
-        if (self.prompts is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompts or messages")
+        given = [self.prompts, self.messages, self.prompt_token_ids]
+        if sum(g is not None for g in given) != 1:
+            raise ValueError("give exactly one of prompts, messages or prompt_token_ids")
+        if self.prompt_token_ids is not None and self.chat:
+            raise ValueError("prompt_token_ids are fed as given; chat needs text prompts")
         if self.prompt_count * self.num_return_sequences > MAX_SEQUENCES_PER_JOB:
             raise ValueError(
                 f"{self.prompt_count} prompts x num_return_sequences {self.num_return_sequences} "
@@ -213,7 +227,7 @@ class GenerateSpec(BaseModel):
 
     @property
     def prompt_count(self) -> int:
-        return len(self.prompts or self.messages or [])
+        return len(self.prompts or self.messages or self.prompt_token_ids or [])
 
     @property
     def uses_chat_template(self) -> bool:

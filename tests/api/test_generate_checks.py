@@ -63,7 +63,7 @@ REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
         "logit bias of a token id past the vocabulary",
         {"logit_bias": {"1": 2, "100000": -100}},
         "spec.logit_bias",
-        "token id 100000 is not in the vocabulary",
+        "token id 100000 is not in the model's vocabulary",
     ),
 ]
 
@@ -105,6 +105,22 @@ def test_an_encoder_is_refused_by_the_openai_routes_naming_model(
         assert (error["type"], error["param"]) == ("invalid_request_error", "model")
         assert "language-model head" in error["message"]
     assert jobs_and_messages(settings) == before
+
+
+def test_a_prompt_token_id_past_the_vocabulary_is_a_400_naming_the_prompt(
+    client: TestClient, settings: Settings
+) -> None:
+    before = jobs_and_messages(settings)
+    resp = client.post(
+        "/v1/completions", json={"model": TINY_MODEL, "prompt": [[5, 6], [7, 100000]]}
+    )
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "prompt[1]"
+    assert "token id 100000 is not in the model's vocabulary" in error["message"]
+    assert jobs_and_messages(settings) == before
+    fits = client.post("/v1/jobs", json=body(prompts=None, prompt_token_ids=[[5, 6]]))
+    assert fits.status_code == 202, fits.text
 
 
 def test_a_logit_bias_past_the_vocabulary_is_a_400_naming_logit_bias(

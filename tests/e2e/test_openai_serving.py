@@ -218,6 +218,24 @@ def test_logit_bias_forces_a_token(serving: Stack, client: OpenAI) -> None:
     assert plain.choices[0].text != forced.choices[0].text
 
 
+def test_a_prompt_of_token_ids_answers_as_its_text(serving: Stack, client: OpenAI) -> None:
+    """OpenAI's completions take token ids as the prompt (evaluation harnesses send them):
+    the ids the text encodes to get the text's answer."""
+    from transformers import AutoTokenizer
+
+    directory = serving.workdir / "data" / "models" / TINY_CHAT_MODEL
+    ids = AutoTokenizer.from_pretrained(directory)("Fresh bread")["input_ids"]
+    as_text = client.completions.create(
+        model=TINY_CHAT_MODEL, prompt="Fresh bread", max_tokens=6, temperature=0
+    )
+    as_ids = client.completions.create(
+        model=TINY_CHAT_MODEL, prompt=[ids, ids], max_tokens=6, temperature=0
+    )
+    assert [c.text for c in as_ids.choices] == [as_text.choices[0].text] * 2
+    assert as_ids.usage is not None and as_text.usage is not None
+    assert as_ids.usage.prompt_tokens == 2 * as_text.usage.prompt_tokens == 2 * len(ids)
+
+
 def test_errors_come_in_openai_shapes_and_create_nothing(serving: Stack, client: OpenAI) -> None:
     before = job_count(serving)
     with pytest.raises(openai.NotFoundError) as missing:

@@ -98,6 +98,22 @@ def test_logit_bias_and_any_64_bit_seed_reach_the_spec() -> None:
     assert "logit_bias" not in chat().job.spec.model_dump(mode="json")  # none: not stored
 
 
+def test_completion_prompts_may_be_token_ids() -> None:
+    """As OpenAI's: one list of token ids, or a list of such lists (fed as given)."""
+    one = completion_request({"model": "m", "prompt": [5, 6, 7]})
+    assert (one.job.spec.prompt_token_ids, one.job.spec.prompts, one.prompts) == (
+        [[5, 6, 7]],
+        None,
+        1,
+    )
+    two = completion_request({"model": "m", "prompt": [[5], [6, 7]], "n": 2, "temperature": 1})
+    assert (two.job.spec.prompt_token_ids, two.prompts) == ([[5], [6, 7]], 2)
+    for prompt, param in (([[5], []], "prompt[1]"), ([5, "x"], "prompt"), ([[-1]], "prompt[0][0]")):
+        with pytest.raises(BadRequestError) as refused:
+            completion_request({"model": "m", "prompt": prompt})
+        assert refused.value.param == param
+
+
 def test_store_decides_whether_the_text_is_kept() -> None:
     assert chat().job.spec.store_text is True
     assert chat(store=False).job.spec.store_text is False
@@ -283,7 +299,8 @@ def test_values_of_the_wrong_json_type_are_400s_not_coerced(
         ("chat", {"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
         ("chat", {"stop": "x" * 201}, "stop"),
         ("chat", {"stop": ["a", 1]}, "stop"),
-        ("completion", {"prompt": [1, 2]}, "prompt"),
+        ("completion", {"prompt": [1, "a"]}, "prompt"),
+        ("completion", {"prompt": {"text": "a"}}, "prompt"),
     ],
 )
 def test_a_bad_value_of_a_union_field_names_the_field(

@@ -245,3 +245,25 @@ def test_a_hyperparameter_the_request_names_beats_the_task_default() -> None:
 def test_tasks_without_their_own_defaults_keep_the_general_ones(task: str) -> None:
     spec = FineTuneSpec.model_validate({**FINETUNE, "task": task})
     assert spec.hyperparameters == Hyperparameters()
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ({"prompts": None}, "give exactly one of prompts, messages or prompt_token_ids"),
+        ({"prompt_token_ids": [[1, 2]]}, "give exactly one of"),
+        ({"prompts": None, "prompt_token_ids": [[1]], "chat": True}, "chat needs text prompts"),
+        ({"prompts": None, "prompt_token_ids": [[]]}, "at least 1 item"),
+        ({"prompts": None, "prompt_token_ids": [[-1]]}, "greater than or equal to 0"),
+    ],
+)
+def test_prompt_token_ids_are_one_of_three_prompt_forms(spec: dict[str, Any], says: str) -> None:
+    with pytest.raises(ValidationError, match=says):
+        GenerateSpec.model_validate({**GOOD, **spec})
+
+
+def test_prompt_token_ids_count_as_prompts_and_are_stored_only_when_given() -> None:
+    spec = GenerateSpec.model_validate({**GOOD, "prompts": None, "prompt_token_ids": [[1], [2]]})
+    assert spec.prompt_count == 2
+    assert spec.model_dump(mode="json")["prompt_token_ids"] == [[1], [2]]
+    assert "prompt_token_ids" not in GenerateSpec.model_validate(GOOD).model_dump(mode="json")

@@ -231,13 +231,9 @@ class TransformersEngine(GenerationEngine):
         schema = grammar_schema(spec.response_format)
         slot = _Slot(request=req)
         base_seed = spec.seed if spec.seed is not None else int.from_bytes(os.urandom(6), "big")
-        outside = [t for t in spec.logit_bias if t >= self._entry.vocab_size]
-        if outside:
-            raise PermanentJobError(
-                f"logit_bias: token id {outside[0]} is not in the model's vocabulary "
-                f"(ids 0 to {self._entry.vocab_size - 1})",
-                FailureType.INVALID_SPEC,
-            )
+        outside = prompts.vocabulary_error(spec, self._entry.vocab_size)
+        if outside is not None:
+            raise PermanentJobError(outside.message, FailureType.INVALID_SPEC)
         bias_ids, bias_values = row_bias(spec.logit_bias)
         for p_index, ids in enumerate(encoded):
             for s_index in range(spec.num_return_sequences):

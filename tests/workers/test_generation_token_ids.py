@@ -1,6 +1,8 @@
-"""OpenAI's logit_bias in the decode group and the engine, on the tiny GPT-2: each row's
-biases are added to its own logits before the choice, never to its neighbours', and the
-log probabilities it reports stay the model's own."""
+"""Token ids a request names itself, in the decode group and the engine, on the tiny GPT-2:
+OpenAI's logit_bias (each row's biases added to its own logits before the choice, never
+to its neighbours', and the log probabilities it reports stay the model's own) and
+prompts given as token ids (fed as given); an id outside the vocabulary fails that
+request alone."""
 
 from __future__ import annotations
 
@@ -100,3 +102,33 @@ def test_a_token_id_outside_the_vocabulary_fails_the_request_alone(
         engine.add(GenerationRequest("bad", spec))
     assert info.value.failure is FailureType.INVALID_SPEC
     assert not engine.has_work
+
+
+def test_prompt_token_ids_decode_as_the_same_text_prompt_and_must_be_in_the_vocabulary(
+    tiny_model_dir: Path, tmp_path: Path, entry: CachedModel
+) -> None:
+    """A prompt given as token ids is fed as given: the ids the text encodes to answer the
+    same; an id the model does not have fails that request alone."""
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / TINY_MODEL)
+    settings = Settings(data_dir=tmp_path, generation_max_sequences=16)
+    engine, _ = open_engine(
+        settings, "cpu", base_of(settings, TINY_MODEL)[0], cache=ModelCache(2**30)
+    )
+    ids = list(entry.tokenizer("The blue mug")["input_ids"])
+    base = {"model": TINY_MODEL, "temperature": 0, "max_new_tokens": 8}
+    as_text = GenerateSpec.model_validate({**base, "prompts": ["The blue mug"]})
+    as_ids = GenerateSpec.model_validate({**base, "prompt_token_ids": [ids]})
+    engine.add(GenerationRequest("text", as_text))
+    engine.add(GenerationRequest("ids", as_ids))
+    texts: dict[str, list[str]] = {}
+    while engine.has_work:
+        out = engine.step()
+        assert not out.failed
+        for f in out.finished:
+            texts[f.key] = [t.text for t in f.texts]
+    assert texts["ids"] == texts["text"] and texts["text"][0]
+    vocab = entry.vocab_size
+    outside = GenerateSpec.model_validate({**base, "prompt_token_ids": [ids, [vocab]]})
+    with pytest.raises(PermanentJobError, match=f"prompt 1: token id {vocab} is not in") as info:
+        engine.add(GenerationRequest("bad", outside))
+    assert info.value.failure is FailureType.INVALID_SPEC
