@@ -369,7 +369,7 @@ class CheckpointRef(BaseModel):
     step: int | None = Field(default=None, ge=1, description="Default: the latest checkpoint.")
 
 
-SUFFIX_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
+SUFFIX_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"  # as OpenAI's: up to 64, `custom_suffix`
 
 EVAL_METRICS: dict[FineTuneTask, tuple[str, ...]] = {
     FineTuneTask.CAUSAL_LM: ("eval_loss", "eval_perplexity"),
@@ -473,7 +473,12 @@ class FineTuneSpec(BaseModel):
         description="Stop once `patience` evaluations in a row did not improve "
         "metric_for_best_model by more than `threshold`.",
     )
-    suffix: str | None = Field(default=None, pattern=SUFFIX_PATTERN)
+    suffix: str | None = Field(
+        default=None,
+        pattern=SUFFIX_PATTERN,
+        description="Up to 64 lowercase letters, digits, '-' and '_', put into the registered "
+        "model's name (ft:<base>:<suffix>:<job id>).",
+    )
     merge_adapter: bool = Field(
         default=False,
         description="With lora/adalora: register the base with the adapter merged in.",

@@ -267,3 +267,23 @@ def test_prompt_token_ids_count_as_prompts_and_are_stored_only_when_given() -> N
     assert spec.prompt_count == 2
     assert spec.model_dump(mode="json")["prompt_token_ids"] == [[1], [2]]
     assert "prompt_token_ids" not in GenerateSpec.model_validate(GOOD).model_dump(mode="json")
+
+
+@pytest.mark.parametrize(
+    ("suffix", "ok"),
+    [
+        ("custom_suffix", True),  # OpenAI's own example
+        ("a" * 64, True),
+        ("a" * 65, False),
+        ("_leading", False),
+        ("Upper", False),
+        ("with space", False),
+    ],
+)
+def test_a_fine_tune_suffix_is_openais_up_to_64_characters(suffix: str, ok: bool) -> None:
+    base = {"task": "causal_lm", "base_model": "tiny-gpt2", "training_dataset": "ds_" + "0" * 32}
+    if ok:
+        assert FineTuneSpec.model_validate({**base, "suffix": suffix}).suffix == suffix
+    else:
+        with pytest.raises(ValidationError, match="suffix"):
+            FineTuneSpec.model_validate({**base, "suffix": suffix})
