@@ -94,9 +94,9 @@ def _documented(description: str) -> dict[str, Any]:
 # What any operation may answer besides its success; documented on every route.
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: _documented(
-        "The body is not valid JSON (or not a form where one is expected), or an "
-        "OpenAI-compatible serving request is invalid, or an OpenAI-compatible request "
-        "sets a parameter this server does not honour."
+        "The body is not valid JSON (or not a form where one is expected), or a request "
+        "to an OpenAI-compatible route (serving, files, fine-tuning jobs, batches) is "
+        "invalid or sets a parameter this server does not honour."
     ),
     401: _documented("No API key, or one that is unknown or revoked (/v1 routes)."),
     403: _documented("The API key lacks the scope this route needs."),
@@ -120,6 +120,20 @@ def status_for(exc: ModelyardError) -> int:
     return 500
 
 
+# OpenAI's own resources: an invalid request there is a 400 `invalid_request_error`, as
+# OpenAI answers it (its SDKs raise BadRequestError), where our routes answer 422
+OPENAI_RESOURCE_PATHS = ("/v1/files", "/v1/fine_tuning/", "/v1/batches")
+
+
+def _as_openai(request: Request, status: int, type_: str) -> tuple[int, str]:
+    """An invalid request to one of OpenAI's resources is its 400 (a specific type, such as
+    `invalid_dataset`, stays); anything else as it is."""
+    path = request.scope.get("path", "")
+    if status != 422 or not path.startswith(OPENAI_RESOURCE_PATHS):
+        return status, type_
+    return 400, BadRequestError.type if type_ == InvalidRequestError.type else type_
+
+
 def _param(loc: tuple[Any, ...]) -> str | None:
     if len(loc) > 1 and loc[0] == "body" and loc[1] in _KIND_TAGS:
         loc = loc[:1] + loc[2:]  # the discriminated union's tag is not a field
@@ -127,7 +141,7 @@ def _param(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
-async def _modelyard_error(_: Request, exc: Exception) -> JSONResponse:
+async def _modelyard_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ModelyardError)
     headers: dict[str, str] = {}
     if isinstance(exc, AuthenticationError):
@@ -139,14 +153,13 @@ async def _modelyard_error(_: Request, exc: Exception) -> JSONResponse:
     elif isinstance(exc, InvalidStateError | IdempotencyConflictError | JobCancelledError):
         # OpenAI's SDKs retry a 409 (a lock timeout there) unless told this: ours are final.
         headers["x-should-retry"] = "false"
+    status, type_ = _as_openai(request, status_for(exc), exc.type)
     return JSONResponse(
-        error_body(exc.type, exc.message, exc.param),
-        status_code=status_for(exc),
-        headers=headers or None,
+        error_body(type_, exc.message, exc.param), status_code=status, headers=headers or None
     )
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
@@ -160,9 +173,9 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     message = "; ".join(
         f"{_param(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg', '')}" for e in errors[:5]
     )
+    status, type_ = _as_openai(request, 422, InvalidRequestError.type)
     return JSONResponse(
-        error_body(InvalidRequestError.type, message, _param(tuple(first.get("loc", ())))),
-        status_code=422,
+        error_body(type_, message, _param(tuple(first.get("loc", ())))), status_code=status
     )
 
 

@@ -84,17 +84,20 @@ def test_files_are_datasets_with_a_purpose(client: TestClient, chat_file: str) -
     assert client.get(f"/v1/files/{chat_file}/content").content == CHAT
 
     before = len(client.get("/v1/files", params={"limit": 1000}).json()["data"])
-    err = error(upload(client, BATCH, "fine-tune"), 422)
+    err = error(upload(client, BATCH, "fine-tune"), 400)
     assert err["param"] == "purpose"
-    assert error(upload(client, CHAT, "batch"), 422)["param"] == "purpose"
-    assert error(upload(client, CHAT, "assistants"), 422)["param"] == "purpose"
+    assert error(upload(client, CHAT, "batch"), 400)["param"] == "purpose"
+    assert error(upload(client, CHAT, "assistants"), 400)["param"] == "purpose"
     assert len(client.get("/v1/files", params={"limit": 1000}).json()["data"]) == before
 
     batch_id = upload(client, BATCH, "batch").json()["id"]
     batches = client.get("/v1/files", params={"purpose": "batch"}).json()["data"]
     assert [f["id"] for f in batches if f["id"] in (batch_id, chat_file)] == [batch_id]
 
-    assert error(client.get("/v1/files", params={"order": "asc"}), 422)["param"] == "order"
+    order = error(client.get("/v1/files", params={"order": "asc"}), 400)
+    assert (order["type"], order["param"]) == ("invalid_request_error", "order")
+    ours = client.get("/v1/jobs", params={"limit": 0})  # our own routes keep their 422
+    assert (ours.status_code, ours.json()["error"]["type"]) == (422, "invalid_request")
     first = client.get("/v1/files", params={"limit": 1}).json()
     assert first["object"] == "list" and first["has_more"] is True
     assert first["first_id"] == first["last_id"] == batch_id  # newest first
@@ -179,8 +182,8 @@ def test_fine_tuning_refusals_name_openai_fields(
     client: TestClient, chat_file: str, body: dict[str, Any], param: str
 ) -> None:
     before = client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]
-    err = error(fine_tune(client, **{"training_file": chat_file, **body}), 422)
-    assert err["param"] == param
+    err = error(fine_tune(client, **{"training_file": chat_file, **body}), 400)
+    assert (err["type"], err["param"]) == ("invalid_request_error", param)
     assert client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"] == before
 
 
@@ -256,26 +259,26 @@ def test_dpo_method_is_our_dpo_objective(
 
     # chaining: a causal LM a supervised job registered is a DPO job's base; a classifier is not
     chained = fine_tune(client, pairs["id"], model=_register(settings, client, "causal_lm"))
-    assert chained.status_code == 422  # a supervised job cannot train on preference pairs
-    assert error(chained, 422)["param"] == "training_file"
+    assert chained.status_code == 400  # a supervised job cannot train on preference pairs
+    assert error(chained, 400)["param"] == "training_file"
     name = _register(settings, client, "causal_lm")
     assert fine_tune(client, pairs["id"], model=name, method=method).status_code == 200
     classifier = _register(settings, client, "sequence_classification")
     refused = fine_tune(client, pairs["id"], model=classifier, method=method)
-    assert error(refused, 422)["param"] == "model"
+    assert error(refused, 400)["param"] == "model"
 
 
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
-        ({"method": {"type": "reinforcement"}}, 422, "method.reinforcement"),
-        ({"method": {"type": "dpo", "supervised": {}}}, 422, "method.supervised"),
+        ({"method": {"type": "reinforcement"}}, 400, "method.reinforcement"),
+        ({"method": {"type": "dpo", "supervised": {}}}, 400, "method.supervised"),
         (
             {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}},
-            422,
+            400,
             "method.dpo.hyperparameters.beta",
         ),
-        ({"method": {"type": "dpo"}, "training_file": "chat"}, 422, "training_file"),
+        ({"method": {"type": "dpo"}, "training_file": "chat"}, 400, "training_file"),
     ],
 )
 def test_dpo_refusals_name_openai_fields(
@@ -291,14 +294,14 @@ def test_dpo_refusals_name_openai_fields(
 
 
 def test_hyperparameters_given_twice_are_refused(client: TestClient, chat_file: str) -> None:
-    """Top-level hyperparameters (OpenAI's older place) and method's together: a 422 naming
+    """Top-level hyperparameters (OpenAI's older place) and method's together: a 400 naming
     them, not one silently winning."""
     before = client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]
     twice = {
         "hyperparameters": {"n_epochs": 1},
         "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
     }
-    err = error(fine_tune(client, chat_file, **twice), 422)
+    err = error(fine_tune(client, chat_file, **twice), 400)
     assert err["param"] == "hyperparameters"
     assert client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"] == before
     once = {"method": twice["method"]}
@@ -371,7 +374,7 @@ def _reinforcement(grader: dict[str, Any] = GRADER, **hyperparameters: Any) -> d
     [
         (
             _reinforcement({**GRADER, "type": "python"}),
-            422,
+            400,
             "method.reinforcement.grader.type",
             "sandbox",
         ),
@@ -382,7 +385,7 @@ def _reinforcement(grader: dict[str, Any] = GRADER, **hyperparameters: Any) -> d
                     "graders": {"exact": {**GRADER["graders"]["exact"], "type": "score_model"}},
                 }
             ),
-            422,
+            400,
             "method.reinforcement.grader.graders.exact.type",
             "not built",
         ),
@@ -396,19 +399,19 @@ def _reinforcement(grader: dict[str, Any] = GRADER, **hyperparameters: Any) -> d
                     "calculate_output": "close",
                 }
             ),
-            422,
+            400,
             "method.reinforcement.grader.graders.close.evaluation_metric",
             "embeddings",
         ),
         (
             _reinforcement({**GRADER, "calculate_output": "exact + open(1)"}),
-            422,
+            400,
             "method.reinforcement.grader.calculate_output",
             "unknown function 'open'",
         ),
         (
             _reinforcement({**GRADER["graders"]["exact"], "reference": "{{item.city}}"}),
-            422,
+            400,
             "method.reinforcement.grader",
             "{{item.city}}",
         ),
@@ -426,7 +429,7 @@ def _reinforcement(grader: dict[str, Any] = GRADER, **hyperparameters: Any) -> d
         ),
         (
             _reinforcement(generations=1),
-            422,
+            400,
             "method.reinforcement.hyperparameters.generations",
             "2",
         ),
@@ -443,7 +446,7 @@ def test_reinforcement_refusals_name_openai_fields(
 
 
 def test_a_chat_file_cannot_train_reinforcement(client: TestClient, chat_file: str) -> None:
-    err = error(fine_tune(client, chat_file, method=_reinforcement()), 422)
+    err = error(fine_tune(client, chat_file, method=_reinforcement()), 400)
     assert err["param"] == "training_file" and "needs reinforcement" in err["message"]
 
 
@@ -453,7 +456,7 @@ def test_batches_are_batch_jobs(client: TestClient, chat_file: str) -> None:
             "/v1/batches",
             json={"input_file_id": chat_file, "endpoint": "/v1/completions"},
         ),
-        422,
+        400,
     )
     assert err["param"] == "input_file_id"
     file_id = upload(client, BATCH, "batch").json()["id"]
@@ -678,7 +681,7 @@ def test_another_tenant_sees_none_of_it(
         json={"model": "tiny-gpt2", "training_file": chat_file},
         headers=other,
     )
-    assert error(refused, 422)["param"] == "training_file"
+    assert error(refused, 400)["param"] == "training_file"
     assert client.get("/v1/files", headers=other).json()["data"] == []
 
 

@@ -181,10 +181,11 @@ def test_fine_tune_then_batch_on_the_fine_tuned_model(client: OpenAI, stack: Sta
         client.with_options(max_retries=2).fine_tuning.jobs.cancel(job.id)
     with pytest.raises(openai.ConflictError):
         client.batches.cancel(batch.id)
-    with pytest.raises(openai.UnprocessableEntityError) as refused:
+    with pytest.raises(openai.BadRequestError) as refused:  # a 400, as OpenAI answers it
         client.fine_tuning.jobs.create(model=TINY_MODEL, training_file=requests.id)
     assert refused.value.body["param"] == "training_file"  # type: ignore[index]
-    with pytest.raises(openai.UnprocessableEntityError):
+    assert refused.value.code == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError):
         client.files.create(file=("r.jsonl", io.BytesIO(batch_jsonl(name))), purpose="fine-tune")
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.retrieve("job_" + "0" * 32)
