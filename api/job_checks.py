@@ -59,8 +59,8 @@ from core.storage import artifact_store
 from core.webhooks import check_destination
 from db.datasets import get_dataset
 from db.jobs import count_queued, get_job
-from db.models import Dataset
-from db.registry import get_model, is_registry_name, serving_base
+from db.models import MODEL_NAME_LENGTH, Dataset, new_job_id
+from db.registry import get_model, is_registry_name, model_name, serving_base
 from db.tenants import lock_queued_quota
 from db.training import list_checkpoints
 from db.webhooks import signing_secrets
@@ -205,6 +205,7 @@ def _check_finetune(
         else CLASSIFIER_TASKS
     )
     check_model(session, settings, tenant_id, spec.base_model, "spec.base_model", base_tasks)
+    _check_registered_name(spec)
     if spec.from_checkpoint is not None:
         ref = spec.from_checkpoint
         if get_job(session, ref.job_id, tenant_id) is None:
@@ -218,6 +219,19 @@ def _check_finetune(
                 + ("" if ref.step is None else f" at step {ref.step}"),
                 param="spec.from_checkpoint",
             )
+
+
+def _check_registered_name(spec: FineTuneSpec) -> None:
+    """The name the job will register (`ft:<base>:<suffix>:<job id>`) must fit the registry's
+    column: found too long only when the trained model is stored, it would fail the job
+    after all its training."""
+    name = model_name(spec.base_model, spec.task, spec.suffix, new_job_id())
+    if len(name) > MODEL_NAME_LENGTH:
+        raise InvalidRequestError(
+            f"the model this job registers would be named {name[:40]}... ({len(name)} "
+            f"characters, at most {MODEL_NAME_LENGTH}): use a shorter suffix or base model name",
+            param="spec.suffix" if spec.suffix else "spec.base_model",
+        )
 
 
 def _check_batch(session: Session, settings: Settings, tenant_id: str, spec: BatchSpec) -> None:

@@ -230,13 +230,16 @@ class Checkpoint(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+MODEL_NAME_LENGTH = 255  # a registered model's name, at most
+
+
 class RegisteredModel(Base):
     """A fine-tuned model (`ft:<base>:<suffix>:<job id>`) usable by later jobs."""
 
     __tablename__ = "models"
     __table_args__ = (Index("ix_models_created_at_name", "created_at", "name"),)
 
-    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    name: Mapped[str] = mapped_column(String(MODEL_NAME_LENGTH), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     base_model: Mapped[str] = mapped_column(String(255))
     task: Mapped[str] = mapped_column(String(32))

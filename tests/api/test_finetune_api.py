@@ -163,6 +163,21 @@ def test_hyperparameters_out_of_range_and_remote_code(
     assert "loss, perplexity" in unreported.json()["error"]["message"]
 
 
+def test_a_registered_name_too_long_for_the_registry_is_refused_at_submit(
+    client: TestClient, settings: Settings, data: dict[str, str]
+) -> None:
+    """`ft:<base>:<suffix>:<job id>` over the registry's 255 characters would fail the job
+    only once its model is stored, after all its training: refused before, naming the part
+    to shorten."""
+    base = {"task": "causal_lm", "training_dataset": data["text"]}
+    long_base = "org/" + "b" * 220
+    refused(client, settings, finetune(**base, base_model=long_base), "spec.base_model", "266")
+    body = finetune(**base, base_model="org/" + "b" * 160, suffix="s" * 64)
+    refused(client, settings, body, "spec.suffix", "at most 255")
+    fits = client.post("/v1/jobs", json=finetune(**base, base_model="b" * 150, suffix="s" * 64))
+    assert fits.status_code == 202, fits.text
+
+
 PROMPTS = b'{"messages": [{"role": "user", "content": "Capital?"}], "answer": "Paris"}\n'
 GRADER = {
     "type": "string_check",
