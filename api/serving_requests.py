@@ -3,7 +3,7 @@
 `POST /v1/chat/completions` and `POST /v1/completions` take OpenAI's bodies. Every field
 is either honoured (mapped onto a GenerateSpec or the job), accepted because it changes
 nothing here (`user`, `metadata`), accepted only with its no-op value
-(`echo: false`, ...), or refused with a 400 that names it: a client is
+(`tools: []`, ...), or refused with a 400 that names it: a client is
 never answered as if a parameter it set had been applied.
 
 Log probabilities are honoured: chat's `logprobs: true` with `top_logprobs` 0..20, the
@@ -14,7 +14,7 @@ change it (GenerateSpec.logprobs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from fastapi import Request
@@ -39,7 +39,6 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions' logpro
 MAX_METADATA_KEYS = 16
 
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "echo": (False,),
     "tools": ([],),
     "functions": ([],),
     "tool_choice": ("none",),
@@ -53,7 +52,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 """Parameters not implemented here, accepted only with a value that asks for nothing."""
 
 _WHY_NOT: dict[str, str] = {
-    "echo": "echoing the prompt is not supported",
     "tools": "tool calling is not supported",
     "functions": "function calling is not supported",
     "tool_choice": "tool calling is not supported",
@@ -173,6 +171,8 @@ class ChatCompletionBody(_SamplingBody):
 class CompletionBody(_SamplingBody):
     """`POST /v1/completions`."""
 
+    honoured: ClassVar[frozenset[str]] = frozenset({"echo"})
+
     prompt: (
         Annotated[str, StringConstraints(max_length=32_000)]
         | list[Annotated[str, StringConstraints(max_length=32_000)]]
@@ -189,7 +189,11 @@ class CompletionBody(_SamplingBody):
         description="Return each output token's log probability and this many most "
         "likely tokens at each place.",
     )
-    echo: Any = None
+    echo: StrictBool | None = Field(
+        default=None,
+        description="Put the prompt before each completion; with logprobs, its tokens' "
+        "log probabilities too (the first null). Not with stream, nor with store: false.",
+    )
     suffix: Any = None
     best_of: Any = None
     top_logprobs: Any = None  # chat's; here logprobs: N asks for them
@@ -206,6 +210,7 @@ class ServingRequest:
     include_usage: bool
     prompts: int
     choices_per_prompt: int
+    echo: bool = False  # put each prompt before its completions (legacy completions)
 
 
 def _param(loc: tuple[int | str, ...]) -> str:
@@ -400,7 +405,20 @@ def completion_request(body: Any, store_text: bool = True) -> ServingRequest:
         fields["prompt_token_ids"] = prompt
     else:
         fields["prompts"] = prompt
-    return _serving(parsed, _job_request(fields, _metadata(parsed), chat=False), chat=False)
+    if parsed.echo:
+        if parsed.stream:
+            raise BadRequestError("echo is not supported with stream: true", param="echo")
+        if not fields["store_text"]:
+            raise BadRequestError(
+                "echo needs the answer stored (store: true): it is assembled from the "
+                "stored outputs",
+                param="echo",
+            )
+        if parsed.logprobs is not None or "prompt_token_ids" in fields:
+            # the prompt's entries: its log probabilities, or the text of its token ids
+            fields["prompt_logprobs"] = parsed.logprobs or 0
+    job = _job_request(fields, _metadata(parsed), chat=False)
+    return replace(_serving(parsed, job, chat=False), echo=bool(parsed.echo))
 
 
 def _serving(parsed: _SamplingBody, job: GenerateJobRequest, chat: bool) -> ServingRequest:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 LOGPROBS = "logprobs"  # in a generated text's `data`: its tokens' log probability entries
+PROMPT_LOGPROBS = "prompt_logprobs"  # and its prompt's, the first with a null logprob
 
 # An OpenAI request's sampling parameters and the GenerateSpec fields they set, as given
 _SAMPLING_FIELDS = (
@@ -97,15 +98,19 @@ def choice_logprobs(
         return None
     if chat:
         return {"content": entries, "refusal": None}
-    tokens, values, tops, offsets = [], [], [], []
+    tokens, values, offsets = [], [], []
+    tops: list[dict[str, float] | None] = []
     for e in entries:
         tokens.append(e["token"])
         values.append(e["logprob"])
-        top: dict[str, float] = {}
-        for t in e["top_logprobs"]:  # two tokens may read the same (partial characters)
-            top.setdefault(t["token"], t["logprob"])  # the more likely one stays
-        top.setdefault(e["token"], e["logprob"])
-        tops.append(top)
+        if e["logprob"] is None:  # an echoed prompt's first token: nothing before it
+            tops.append(None)
+        else:
+            top: dict[str, float] = {}
+            for t in e["top_logprobs"]:  # two tokens may read the same (partial characters)
+                top.setdefault(t["token"], t["logprob"])  # the more likely one stays
+            top.setdefault(e["token"], e["logprob"])
+            tops.append(top)
         offsets.append(text_offset)
         text_offset += len(e["token"])
     return {
@@ -114,6 +119,19 @@ def choice_logprobs(
         "top_logprobs": tops,
         "text_offset": offsets,
     }
+
+
+def echoed(
+    text: str, data: dict[str, Any] | None, prompt: str | None
+) -> tuple[str, dict[str, Any] | None]:
+    """A completion's text and data with its prompt put before it, as OpenAI's `echo`: the
+    prompt's text (`prompt`, or its tokens' strings when it came as token ids) and, where
+    the completion has log probability entries, the prompt's before them."""
+    prompt_entries: list[dict[str, Any]] = (data or {}).get(PROMPT_LOGPROBS) or []
+    prefix = prompt if prompt is not None else "".join(e["token"] for e in prompt_entries)
+    if data is None or LOGPROBS not in data:
+        return prefix + text, data
+    return prefix + text, {**data, LOGPROBS: [*prompt_entries, *data[LOGPROBS]]}
 
 
 def _choice(chat: bool, index: int, text: GeneratedText) -> dict[str, Any]:

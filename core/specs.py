@@ -180,6 +180,15 @@ class GenerateSpec(BaseModel):
         le=MAX_TOP_LOGPROBS,
         description="Also return this many most likely tokens at each position (needs logprobs).",
     )
+    prompt_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        exclude_if=lambda value: value is None,
+        description="Also return each prompt token's log probability under the model (the "
+        "first token has none) with this many most likely tokens at each position, in each "
+        "output's data.prompt_logprobs (OpenAI's completions with echo).",
+    )
 
     @field_validator("model")
     @classmethod

@@ -75,6 +75,7 @@ from core.completions import (
     choice_index,
     chunk_object,
     completion_object,
+    echoed,
     logprob_entries,
     usage_chunk,
 )
@@ -338,8 +339,17 @@ class _Answer:
             raise ending_error(self.job_id, state, None)
         return self._outputs()
 
+    def _echoed(self, text: OutputRecord) -> OutputRecord:
+        """`echo`: the prompt (and its tokens' entries) put before the completion."""
+        prompts = self.serving.job.spec.prompts
+        prompt = prompts[text.prompt_index] if prompts is not None else None
+        echo_text, data = echoed(text.text, text.data, prompt)
+        return replace(text, text=echo_text, data=data)
+
     def completion(self, state: JobState | None) -> dict[str, Any]:
         texts = [self._whole(t) for t in self._final(state)]
+        if self.serving.echo:
+            texts = [self._echoed(t) for t in texts]
         return completion_object(
             chat=self.serving.chat,
             completion_id=self.completion_id,

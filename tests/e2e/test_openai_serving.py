@@ -236,6 +236,43 @@ def test_a_prompt_of_token_ids_answers_as_its_text(serving: Stack, client: OpenA
     assert as_ids.usage.prompt_tokens == 2 * as_text.usage.prompt_tokens == 2 * len(ids)
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_read_it(
+    serving: Stack, client: OpenAI
+) -> None:
+    """lm-eval's loglikelihood request: echo, logprobs 1, max_tokens 1, token ids. Its
+    prompt's tokens come first in the legacy logprobs (the first null), then the one
+    completion token; the text is the prompt's followed by the completion's."""
+    from transformers import AutoTokenizer
+
+    directory = serving.workdir / "data" / "models" / TINY_CHAT_MODEL
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    context, continuation = "Fresh bread", " every day"
+    ids = tokenizer(context + continuation)["input_ids"]
+    context_length = len(tokenizer(context)["input_ids"])
+    scored = client.completions.create(
+        model=TINY_CHAT_MODEL, prompt=[ids], echo=True, logprobs=1, max_tokens=1, temperature=0
+    )
+    [choice] = scored.choices
+    assert choice.logprobs is not None
+    tokens = choice.logprobs.tokens or []
+    values = choice.logprobs.token_logprobs or []
+    tops = choice.logprobs.top_logprobs or []
+    assert len(tokens) == len(values) == len(tops) == len(ids) + 1
+    assert values[0] is None and tops[0] is None
+    assert choice.text.startswith(context + continuation)
+    assert "".join(tokens) == choice.text
+    assert (choice.logprobs.text_offset or [])[-1] == len(context + continuation)
+    continuation_values = values[context_length:-1]
+    assert continuation_values and all(v is not None and v < 0 for v in continuation_values)
+    as_text = client.completions.create(
+        model=TINY_CHAT_MODEL, prompt=context, echo=True, max_tokens=3, temperature=0
+    )
+    plain = client.completions.create(
+        model=TINY_CHAT_MODEL, prompt=context, max_tokens=3, temperature=0
+    )
+    assert as_text.choices[0].text == context + plain.choices[0].text
+
+
 def test_errors_come_in_openai_shapes_and_create_nothing(serving: Stack, client: OpenAI) -> None:
     before = job_count(serving)
     with pytest.raises(openai.NotFoundError) as missing:

@@ -18,7 +18,7 @@ from api.serving_requests import (
     completion_request,
     openai_param,
 )
-from core.completions import chunk_object, completion_object, usage
+from core.completions import choice_logprobs, chunk_object, completion_object, echoed, usage
 from core.errors import BadRequestError, UnsupportedParameterError
 from db.outputs import OutputRecord
 
@@ -114,6 +114,52 @@ def test_completion_prompts_may_be_token_ids() -> None:
         assert refused.value.param == param
 
 
+def test_echo_asks_for_the_prompts_entries_where_the_answer_needs_them() -> None:
+    """With logprobs the prompt's entries are answered; a prompt of token ids needs them
+    for its text; a text prompt without logprobs is echoed from the request alone."""
+    with_logprobs = completion_request({"model": "m", "prompt": "p", "echo": True, "logprobs": 2})
+    assert with_logprobs.echo and with_logprobs.job.spec.prompt_logprobs == 2
+    ids = completion_request({"model": "m", "prompt": [5, 6], "echo": True})
+    assert ids.job.spec.prompt_logprobs == 0
+    text = completion_request({"model": "m", "prompt": "p", "echo": True})
+    assert text.echo and text.job.spec.prompt_logprobs is None
+    assert not completion_request({"model": "m", "prompt": "p", "echo": False}).echo
+    for body in ({"stream": True}, {"store": False}):
+        with pytest.raises(BadRequestError) as refused:
+            completion_request({"model": "m", "prompt": "p", "echo": True, **body})
+        assert refused.value.param == "echo"
+    with pytest.raises(UnsupportedParameterError) as unknown:
+        chat(echo=True)  # chat has no echo
+    assert unknown.value.param == "echo"
+
+
+def test_an_echoed_completion_has_its_prompt_first_with_null_first_logprob() -> None:
+    def entry(token: str, logprob: float | None) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": None, "top_logprobs": []}
+
+    data = {
+        "prompt_logprobs": [entry("Hi", None), entry(" there", -1.5)],
+        "logprobs": [entry("!", -0.25)],
+    }
+    text, echoed_data = echoed("!", data, "Hi there")
+    assert text == "Hi there!"
+    legacy = choice_logprobs(False, logprob_entries_of(echoed_data))
+    assert legacy == {
+        "tokens": ["Hi", " there", "!"],
+        "token_logprobs": [None, -1.5, -0.25],
+        "top_logprobs": [None, {" there": -1.5}, {"!": -0.25}],
+        "text_offset": [0, 2, 8],
+    }
+    assert echoed("!", {"prompt_logprobs": data["prompt_logprobs"]}, None)[0] == "Hi there!"
+    assert echoed("!", None, "Hi")[0] == "Hi!"
+
+
+def logprob_entries_of(data: dict[str, Any] | None) -> list[dict[str, Any]]:
+    assert data is not None
+    found: list[dict[str, Any]] = data["logprobs"]
+    return found
+
+
 def test_store_decides_whether_the_text_is_kept() -> None:
     assert chat().job.spec.store_text is True
     assert chat(store=False).job.spec.store_text is False
@@ -188,7 +234,6 @@ def test_parameters_that_would_be_ignored_are_refused_by_name(
 
 def test_completions_refuse_their_own_unsupported_parameters() -> None:
     for body, param in (
-        ({"echo": True}, "echo"),
         ({"suffix": "x"}, "suffix"),
         ({"best_of": 3}, "best_of"),
     ):

@@ -132,3 +132,49 @@ def test_prompt_token_ids_decode_as_the_same_text_prompt_and_must_be_in_the_voca
     with pytest.raises(PermanentJobError, match=f"prompt 1: token id {vocab} is not in") as info:
         engine.add(GenerationRequest("bad", outside))
     assert info.value.failure is FailureType.INVALID_SPEC
+
+
+def test_prompt_logprobs_are_the_models_own_for_each_prompt_token(
+    tiny_model_dir: Path, tmp_path: Path, entry: CachedModel
+) -> None:
+    """`prompt_logprobs` (OpenAI's echo): each prompt token after the first has log_softmax
+    of one plain forward pass at the position before it, with its top alternatives; the
+    first has none. Every choice of the prompt carries them."""
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / TINY_MODEL)
+    settings = Settings(data_dir=tmp_path, generation_max_sequences=16)
+    engine, _ = open_engine(
+        settings, "cpu", base_of(settings, TINY_MODEL)[0], cache=ModelCache(2**30)
+    )
+    spec = GenerateSpec.model_validate(
+        {
+            "model": TINY_MODEL,
+            "prompts": ["The blue mug keeps coffee warm"],
+            "prompt_logprobs": 3,
+            "max_new_tokens": 2,
+            "num_return_sequences": 2,
+            "seed": 1,
+        }
+    )
+    engine.add(GenerationRequest("p", spec))
+    texts = []
+    while engine.has_work:
+        out = engine.step()
+        assert not out.failed
+        texts += [t for f in out.finished for t in f.texts]
+    ids = list(entry.tokenizer("The blue mug keeps coffee warm")["input_ids"])
+    with torch.inference_mode():
+        logp = torch.log_softmax(entry.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    assert len(texts) == 2
+    for text in texts:
+        assert text.data is not None
+        entries = text.data["prompt_logprobs"]
+        assert len(entries) == len(ids) == text.prompt_tokens
+        assert entries[0]["logprob"] is None and entries[0]["top_logprobs"] == []
+        assert "".join(e["token"] for e in entries) == "The blue mug keeps coffee warm"
+        for i, e in enumerate(entries[1:], start=1):
+            assert e["logprob"] == pytest.approx(float(logp[i - 1, ids[i]]), abs=1e-4)
+            best = torch.topk(logp[i - 1], 3)
+            assert [t["logprob"] for t in e["top_logprobs"]] == pytest.approx(
+                best.values.tolist(), abs=1e-4
+            )
+        assert "logprobs" not in text.data  # the completion's were not asked for

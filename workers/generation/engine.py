@@ -25,7 +25,7 @@ from functools import lru_cache
 import torch
 
 from core import prompts
-from core.completions import LOGPROBS
+from core.completions import LOGPROBS, PROMPT_LOGPROBS
 from core.enums import FailureType
 from core.errors import PermanentJobError
 from core.response_format import grammar_schema
@@ -36,7 +36,7 @@ from db.registry import is_registry_name
 from workers.generation.cache import CachedModel, CacheOutcome, ModelCache
 from workers.generation.decode_group import BASE_ADAPTER, DecodeGroup, Row
 from workers.generation.grammar import GrammarError, RowMatcher
-from workers.generation.logprobs import TokenStrings
+from workers.generation.logprobs import TokenLogprob, TokenStrings, prompt_logprobs
 from workers.generation.requests import (
     FailedRequest,
     FinishedRequest,
@@ -144,6 +144,7 @@ class _Slot:
     live: int = 0  # rows admitted or waiting that have not finished
     total_tokens: int = 0
     admitted_at: int = -1  # order in which requests first got a row into the group
+    prompt_entries: dict[int, list[dict[str, object]]] = field(default_factory=dict)
 
 
 class TransformersEngine(GenerationEngine):
@@ -236,6 +237,10 @@ class TransformersEngine(GenerationEngine):
             raise PermanentJobError(outside.message, FailureType.INVALID_SPEC)
         bias_ids, bias_values = row_bias(spec.logit_bias)
         for p_index, ids in enumerate(encoded):
+            if spec.prompt_logprobs is not None:
+                slot.prompt_entries[p_index] = self._prompt_entries(
+                    ids, adapter, spec.prompt_logprobs
+                )
             for s_index in range(spec.num_return_sequences):
                 sampling = RowSampling(
                     do_sample=spec.do_sample,
@@ -275,6 +280,18 @@ class TransformersEngine(GenerationEngine):
         slot.live = len(slot.rows)
         slot.total_tokens = sum(r.max_new_tokens for r in slot.rows)
         return slot
+
+    def _prompt_entries(self, ids: list[int], adapter: str, top: int) -> list[dict[str, object]]:
+        """The prompt's tokens as log probability entries: each one's under the model given
+        the tokens before it, with `top` alternatives; the first has none (null)."""
+        model = self._entry.model
+        extra = {"adapter_names": [adapter]} if hasattr(model, "peft_config") else {}
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids], device=self._device), **extra).logits
+        first = self._strings.entry(TokenLogprob(ids[0], 0.0))
+        entries: list[dict[str, object]] = [{**first, "logprob": None, "top_logprobs": []}]
+        entries += [self._strings.entry(lp) for lp in prompt_logprobs(logits[0], ids, top)]
+        return entries
 
     def _matcher(self, schema: dict[str, object]) -> RowMatcher:
         try:
@@ -361,9 +378,11 @@ class TransformersEngine(GenerationEngine):
             slot.live -= 1
             reason = r.text.finish_reason
             assert reason is not None
-            data = None
+            data: dict[str, object] | None = None
             if r.top_logprobs is not None:
                 data = {LOGPROBS: [self._strings.entry(lp) for lp in r.text.logprobs]}
+            if r.prompt_index in slot.prompt_entries:
+                data = {**(data or {}), PROMPT_LOGPROBS: slot.prompt_entries[r.prompt_index]}
             slot.texts.append(
                 OutputRecord(
                     prompt_index=r.prompt_index,
