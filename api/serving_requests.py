@@ -172,6 +172,9 @@ class CompletionBody(_SamplingBody):
     """`POST /v1/completions`."""
 
     honoured: ClassVar[frozenset[str]] = frozenset({"echo"})
+    max_tokens: int | None = Field(
+        default=None, ge=0, description="0 (with echo) scores the prompt only."
+    )
 
     prompt: (
         Annotated[str, StringConstraints(max_length=32_000)]
@@ -405,6 +408,11 @@ def completion_request(body: Any, store_text: bool = True) -> ServingRequest:
         fields["prompt_token_ids"] = prompt
     else:
         fields["prompts"] = prompt
+    if parsed.max_tokens == 0 and not parsed.echo:
+        raise BadRequestError(
+            "max_tokens 0 generates nothing: it needs echo: true (to score the prompt)",
+            param="max_tokens",
+        )
     if parsed.echo:
         if parsed.stream:
             raise BadRequestError("echo is not supported with stream: true", param="echo")
@@ -414,8 +422,9 @@ def completion_request(body: Any, store_text: bool = True) -> ServingRequest:
                 "stored outputs",
                 param="echo",
             )
-        if parsed.logprobs is not None or "prompt_token_ids" in fields:
-            # the prompt's entries: its log probabilities, or the text of its token ids
+        if parsed.logprobs is not None or "prompt_token_ids" in fields or parsed.max_tokens == 0:
+            # the prompt's entries: its log probabilities, the text of its token ids, or
+            # all a request that generates nothing (max_tokens 0) gets from the worker
             fields["prompt_logprobs"] = parsed.logprobs or 0
     job = _job_request(fields, _metadata(parsed), chat=False)
     return replace(_serving(parsed, job, chat=False), echo=bool(parsed.echo))

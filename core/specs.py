@@ -118,7 +118,13 @@ class GenerateSpec(BaseModel):
         "counts, lengths and finish reasons are kept; the text reaches readers only over the "
         "job's token stream, so it is not durable (a reader that misses it cannot get it back).",
     )
-    max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    max_new_tokens: int = Field(
+        default=64,
+        ge=0,
+        le=4096,
+        description="At most this many tokens per sequence; 0 (with prompt_logprobs) scores "
+        "the prompts only.",
+    )
     fit_max_new_tokens: bool = Field(
         default=False,
         description="Shorten max_new_tokens, prompt by prompt, to what the model's context "
@@ -226,6 +232,8 @@ class GenerateSpec(BaseModel):
             )
         if self.retrieval is not None and not self.uses_chat_template:
             raise ValueError("retrieval needs messages or chat=true (it adds a system message)")
+        if self.max_new_tokens == 0 and self.prompt_logprobs is None:
+            raise ValueError("max_new_tokens 0 scores the prompts only: it needs prompt_logprobs")
         if self.temperature == 0 and self.num_return_sequences > 1:
             raise ValueError("num_return_sequences > 1 needs temperature > 0 (greedy is unique)")
         return self

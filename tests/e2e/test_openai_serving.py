@@ -264,6 +264,16 @@ def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_read_it(
     assert (choice.logprobs.text_offset or [])[-1] == len(context + continuation)
     continuation_values = values[context_length:-1]
     assert continuation_values and all(v is not None and v < 0 for v in continuation_values)
+    only_scored = client.completions.create(
+        model=TINY_CHAT_MODEL, prompt=context, echo=True, max_tokens=0, logprobs=0
+    )
+    [alone] = only_scored.choices
+    assert (alone.text, alone.finish_reason) == (context, "length")
+    assert alone.logprobs is not None and alone.logprobs.token_logprobs is not None
+    assert len(alone.logprobs.token_logprobs) == context_length
+    assert only_scored.usage is not None and only_scored.usage.completion_tokens == 0
+    same = values[1:context_length]  # the context's scores, as within the longer prompt
+    assert alone.logprobs.token_logprobs[1:] == pytest.approx(same, abs=1e-4)
     as_text = client.completions.create(
         model=TINY_CHAT_MODEL, prompt=context, echo=True, max_tokens=3, temperature=0
     )

@@ -128,6 +128,14 @@ def test_echo_asks_for_the_prompts_entries_where_the_answer_needs_them() -> None
         with pytest.raises(BadRequestError) as refused:
             completion_request({"model": "m", "prompt": "p", "echo": True, **body})
         assert refused.value.param == "echo"
+    scored = completion_request({"model": "m", "prompt": "p", "echo": True, "max_tokens": 0})
+    assert (scored.job.spec.max_new_tokens, scored.job.spec.prompt_logprobs) == (0, 0)
+    with pytest.raises(BadRequestError) as nothing:
+        completion_request({"model": "m", "prompt": "p", "max_tokens": 0})
+    assert nothing.value.param == "max_tokens"
+    with pytest.raises(BadRequestError) as chat_zero:
+        chat(max_tokens=0)
+    assert chat_zero.value.param == "max_tokens"
     with pytest.raises(UnsupportedParameterError) as unknown:
         chat(echo=True)  # chat has no echo
     assert unknown.value.param == "echo"

@@ -287,3 +287,10 @@ def test_a_fine_tune_suffix_is_openais_up_to_64_characters(suffix: str, ok: bool
     else:
         with pytest.raises(ValidationError, match="suffix"):
             FineTuneSpec.model_validate({**base, "suffix": suffix})
+
+
+def test_max_new_tokens_0_scores_the_prompts_and_needs_prompt_logprobs() -> None:
+    with pytest.raises(ValidationError, match="needs prompt_logprobs"):
+        GenerateSpec.model_validate({**GOOD, "max_new_tokens": 0})
+    spec = GenerateSpec.model_validate({**GOOD, "max_new_tokens": 0, "prompt_logprobs": 2})
+    assert (spec.max_new_tokens, spec.prompt_logprobs) == (0, 2)

@@ -178,3 +178,40 @@ def test_prompt_logprobs_are_the_models_own_for_each_prompt_token(
                 best.values.tolist(), abs=1e-4
             )
         assert "logprobs" not in text.data  # the completion's were not asked for
+
+
+def test_max_new_tokens_0_answers_the_prompts_entries_alone_at_the_next_step(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A request that only scores its prompts (OpenAI's echo with max_tokens 0) decodes
+    nothing: it is finished at the next step, beside a request that decodes."""
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / TINY_MODEL)
+    settings = Settings(data_dir=tmp_path, generation_max_sequences=16)
+    engine, _ = open_engine(
+        settings, "cpu", base_of(settings, TINY_MODEL)[0], cache=ModelCache(2**30)
+    )
+    base = {"model": TINY_MODEL, "temperature": 0}
+    scored = GenerateSpec.model_validate(
+        {
+            **base,
+            "prompts": ["Fresh bread", "The blue mug"],
+            "max_new_tokens": 0,
+            "prompt_logprobs": 1,
+            "logprobs": True,
+        }
+    )
+    decoded = GenerateSpec.model_validate({**base, "prompts": ["Hi"], "max_new_tokens": 3})
+    engine.add(GenerationRequest("decoded", decoded))
+    engine.add(GenerationRequest("scored", scored))
+    first = engine.step()
+    [done] = [f for f in first.finished if f.key == "scored"]
+    assert [(t.prompt_index, t.text, t.finish_reason, t.completion_tokens) for t in done.texts] == [
+        (0, "", "length", 0),
+        (1, "", "length", 0),
+    ]
+    for t in done.texts:
+        assert t.data is not None and t.data["logprobs"] == []
+        assert len(t.data["prompt_logprobs"]) == t.prompt_tokens > 1
+    assert engine.has_work  # the other request decodes on
+    while engine.has_work:
+        engine.step()

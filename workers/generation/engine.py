@@ -168,6 +168,7 @@ class TransformersEngine(GenerationEngine):
         self._group = DecodeGroup(entry.model, device, entry.pad_id, entry.vocab_size)
         self._waiting: deque[Row] = deque()
         self._slots: dict[str, _Slot] = {}
+        self._scored: list[_Slot] = []  # requests with no token to generate: done at once
         self._admissions = 0
         self._strings = TokenStrings(entry.tokenizer)
         self.stats = EngineStats()
@@ -190,6 +191,8 @@ class TransformersEngine(GenerationEngine):
         slot = self._prepare(request)
         self._slots[request.key] = slot
         self._waiting.extend(slot.rows)
+        if not slot.rows:  # max_new_tokens 0: its prompts were scored in _prepare
+            self._scored.append(slot)
         if len(self._group):
             self.stats.joined_mid_group += 1
 
@@ -206,6 +209,10 @@ class TransformersEngine(GenerationEngine):
 
     def step(self) -> StepOutput:
         out = StepOutput()
+        for slot in self._scored:
+            if self._slots.pop(slot.request.key, None) is slot:  # not cancelled meanwhile
+                out.finished.append(FinishedRequest(slot.request.key, slot.texts))
+        self._scored.clear()
         with torch.inference_mode():
             admitted = self._admit(out)
             touched = self._end_rows(admitted, out)
@@ -241,6 +248,12 @@ class TransformersEngine(GenerationEngine):
                 slot.prompt_entries[p_index] = self._prompt_entries(
                     ids, adapter, spec.prompt_logprobs
                 )
+            if spec.max_new_tokens == 0:  # the prompt scored, nothing generated
+                slot.texts += [
+                    self._scored_only(spec, slot, p_index, len(ids), s_index)
+                    for s_index in range(spec.num_return_sequences)
+                ]
+                continue
             for s_index in range(spec.num_return_sequences):
                 sampling = RowSampling(
                     do_sample=spec.do_sample,
@@ -280,6 +293,25 @@ class TransformersEngine(GenerationEngine):
         slot.live = len(slot.rows)
         slot.total_tokens = sum(r.max_new_tokens for r in slot.rows)
         return slot
+
+    @staticmethod
+    def _scored_only(
+        spec: GenerateSpec, slot: _Slot, p_index: int, prompt_tokens: int, s_index: int
+    ) -> OutputRecord:
+        """The output of a prompt with no token to generate (max_new_tokens 0): its
+        entries only, as OpenAI's echo with max_tokens 0 answers."""
+        data: dict[str, object] = {PROMPT_LOGPROBS: slot.prompt_entries[p_index]}
+        if spec.logprobs:
+            data[LOGPROBS] = []
+        return OutputRecord(
+            prompt_index=p_index,
+            sequence_index=s_index,
+            text="",
+            finish_reason="length",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=0,
+            data=data,
+        )
 
     def _prompt_entries(self, ids: list[int], adapter: str, top: int) -> list[dict[str, object]]:
         """The prompt's tokens as log probability entries: each one's under the model given
