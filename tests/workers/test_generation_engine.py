@@ -367,3 +367,52 @@ def test_two_adapters_and_the_base_in_one_decode_group(settings: Settings) -> No
     )
     assert got["base"] == alone(new_engine(settings, str(base_dir)), reqs[1].spec)[0][2]
     assert len(set(got.values())) == 3  # each adapter really changed the text
+
+
+def test_an_adapters_prompt_logprobs_are_the_adapters_own(settings: Settings) -> None:
+    """Echo's prompt entries of a request on an adapter come from the adapter's forward
+    (not the base's), while a base request's come from the base in the same engine."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = settings.models_dir / TINY_MODEL
+    rel = "models/adapter-echo"
+    make_adapter(base_dir, settings.data_dir / rel, 3)
+    name = f"ft:{TINY_MODEL}:echo:00000003"
+    with session_scope(settings.database_url) as session:
+        register_model(
+            session,
+            name=name,
+            base_model=TINY_MODEL,
+            task="causal_lm",
+            method="lora",
+            adapter=True,
+            job_id=insert_job(settings.database_url),
+            path=rel,
+            labels=[],
+            metrics={},
+        )
+    prompt = "The blue mug keeps coffee warm"
+    scored = {"prompts": [prompt], "prompt_logprobs": 0, "max_new_tokens": 0}
+    results = run(
+        new_engine(settings, str(base_dir)),
+        [
+            GenerationRequest("adapter", spec(model=name, **scored)),
+            GenerationRequest("base", spec(**scored)),
+        ],
+    )
+    ids = AutoTokenizer.from_pretrained(base_dir)(prompt)["input_ids"]
+    plain = AutoModelForCausalLM.from_pretrained(base_dir)
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir), settings.data_dir / rel
+    )
+    for key, model in (("adapter", tuned), ("base", plain)):
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        result = results[key]
+        assert isinstance(result, FinishedRequest), result
+        [text] = result.texts
+        assert text.data is not None
+        got = [e["logprob"] for e in text.data["prompt_logprobs"][1:]]
+        expected = [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))]
+        assert got == pytest.approx(expected, abs=1e-4), key
