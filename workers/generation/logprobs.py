@@ -61,24 +61,17 @@ def row_logprobs(
 
 def prompt_logprobs(logits: torch.Tensor, ids: list[int], top: int) -> list[TokenLogprob]:
     """The entries of a prompt's tokens after its first, from the logits [L, V] of one
-    forward pass over it: token i's log probability at position i - 1, with `top`
-    alternatives; normalised a chunk of positions at a time (a long prompt's [L, V] floats
-    are not doubled at once)."""
+    forward pass over it: token i's at position i - 1 (`row_logprobs` with each position a
+    row), with `top` alternatives; a chunk of positions at a time (a long prompt's [L, V]
+    floats are not doubled at once)."""
     out: list[TokenLogprob] = []
     chunk = 256
     for start in range(0, len(ids) - 1, chunk):
         stop = min(start + chunk, len(ids) - 1)
-        logp = torch.log_softmax(logits[start:stop].float(), dim=-1)
-        nxt = torch.tensor(ids[start + 1 : stop + 1], device=logp.device)
-        chosen = logp.gather(1, nxt.unsqueeze(1)).squeeze(1).tolist()
-        top_ids: list[list[int]] = []
-        top_values: list[list[float]] = []
-        if top > 0:
-            values, indices = torch.topk(logp, min(top, logp.shape[1]), dim=-1)
-            top_values, top_ids = values.tolist(), indices.tolist()
-        for j, value in enumerate(chosen):
-            alts = tuple(zip(top_ids[j], top_values[j], strict=True)) if top > 0 else ()
-            out.append(TokenLogprob(ids[start + 1 + j], float(value), alts))
+        tokens = torch.tensor(ids[start + 1 : stop + 1], device=logits.device)
+        positions = list(range(stop - start))
+        found = row_logprobs(logits[start:stop], tokens, positions, [top] * len(positions))
+        out += [found[p] for p in positions]
     return out
 
 
