@@ -28,7 +28,7 @@ from pydantic import (
     ValidationError,
 )
 
-from core.completions import sampling_fields
+from core.completions import sampling_fields, spec_message
 from core.errors import BadRequestError, MalformedBodyError, UnsupportedParameterError
 from core.specs import MAX_TOP_LOGPROBS, MODEL_REF_PATTERN, GenerateJobRequest
 
@@ -372,16 +372,7 @@ def chat_request(body: Any, default_max_tokens: int, store_text: bool = True) ->
         fields["fit_max_new_tokens"] = True
     if parsed.response_format is not None:
         fields["response_format"] = parsed.response_format
-    fields["messages"] = [
-        [
-            {
-                "role": "system" if m.role == "developer" else m.role,
-                "content": m.text,
-                **({"name": m.name} if m.name else {}),
-            }
-            for m in parsed.messages
-        ]
-    ]
+    fields["messages"] = [[spec_message(m.role, m.text, m.name) for m in parsed.messages]]
     given = "max_completion_tokens" if parsed.max_completion_tokens else "max_tokens"
     job = _job_request(fields, _metadata(parsed), chat=True, max_tokens=given)
     return _serving(parsed, job, chat=True)

@@ -42,6 +42,16 @@ def sampling_fields(given: Callable[[str], Any]) -> dict[str, Any]:
     return fields
 
 
+def spec_message(role: str, content: str, name: str | None) -> dict[str, str]:
+    """An OpenAI request's chat message as a GenerateSpec message, for the live serving
+    routes and batch lines alike: `developer` is read as `system`; a name is kept when
+    given (it reaches the chat template), an empty one is none."""
+    message = {"role": "system" if role == "developer" else role, "content": content}
+    if name:
+        message["name"] = name
+    return message
+
+
 class GeneratedText(Protocol):
     """One generated sequence: an outputs row or the engine's record of it."""
 

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from core.batch import IGNORED_BODY_KEYS, NEUTRAL_BODY_VALUES, SUPPORTED_BODY_KEYS
-from core.completions import completion_object, sampling_fields
+from core.completions import completion_object, sampling_fields, spec_message
 from core.enums import BatchEndpoint, FailureType
 from core.errors import BatchLineError
 from core.specs import GenerateSpec
@@ -43,10 +43,6 @@ def _unsupported(body: dict[str, Any]) -> list[str]:
         and value is not None
         and (key not in NEUTRAL_BODY_VALUES or value != NEUTRAL_BODY_VALUES[key])
     )
-
-
-def _role(role: str) -> str:
-    return "system" if role == "developer" else role
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
@@ -79,14 +75,7 @@ def generate_spec_for(request: dict[str, Any], chat_default_max_tokens: int) -> 
     fields: dict[str, Any] = {"model": body["model"]}
     if chat:
         fields["messages"] = [
-            [
-                {
-                    "role": _role(m["role"]),
-                    "content": m["content"],
-                    **({"name": m["name"]} if m.get("name") else {}),
-                }
-                for m in body["messages"]
-            ]
+            [spec_message(m["role"], m["content"], m.get("name")) for m in body["messages"]]
         ]
     else:
         fields["prompts"] = [body["prompt"]]
