@@ -75,6 +75,11 @@ def _job_file(session: Session, file_id: str, tenant_id: str) -> tuple[Job, JobF
     raise NotFoundError(f"no file {file_id!r}", param="file_id")
 
 
+def _results(session: Session, job: Job) -> bytes:
+    """A succeeded fine-tuning job's results file, from its metrics as they are now."""
+    return results_content(training_repo.step_metrics(session, job.id))
+
+
 @router.post("")
 def upload_file(
     session: SessionDep,
@@ -124,8 +129,7 @@ def retrieve_file(
         return file_of_dataset(dataset)
     job, name = _job_file(session, file_id, who.tenant_id)
     if name == "results":
-        content = results_content(training_repo.step_metrics(session, job.id))
-        return file_of_results(job, len(content))
+        return file_of_results(job, len(_results(session, job)))
     size = sum(len(line) for line in batch_lines(settings, job.id, errors=name == "error"))
     return file_of_batch(job, name, size)
 
@@ -147,8 +151,7 @@ def file_content(
         return FileResponse(path, media_type="application/octet-stream", filename=dataset.filename)
     job, name = _job_file(session, file_id, who.tenant_id)
     if name == "results":
-        content = results_content(training_repo.step_metrics(session, job.id))
-        return Response(content, media_type="application/octet-stream")
+        return Response(_results(session, job), media_type="application/octet-stream")
     return StreamingResponse(
         batch_lines(settings, job.id, errors=name == "error"), media_type=JSONL_MEDIA_TYPE
     )
