@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import Settings
-from db.session import migrate
+from db.registry import register_model
+from db.session import migrate, session_scope
 from tests.conftest import TINY_MODEL
+from tests.support.jobs import insert_job
 from workers.generation.cache import CachedModel
 from workers.generation.decode_group import Row
 from workers.generation.sampling import RowSampling, row_generator
@@ -22,6 +24,24 @@ def engine_settings(tiny_model_dir: Path, data: Path) -> Settings:
     settings = Settings(data_dir=data, generation_max_sequences=16)
     migrate(settings.database_url)
     return settings
+
+
+def register_adapter(settings: Settings, name: str, path: str) -> None:
+    """Register the LoRA adapter at `path` (relative to the data dir) on the tiny GPT-2 as
+    `name`, as a finished fine-tune would."""
+    with session_scope(settings.database_url) as session:
+        register_model(
+            session,
+            name=name,
+            base_model=TINY_MODEL,
+            task="causal_lm",
+            method="lora",
+            adapter=True,
+            job_id=insert_job(settings.database_url),
+            path=path,
+            labels=[],
+            metrics={},
+        )
 
 
 def tiny_row(

@@ -20,11 +20,8 @@ from core.enums import FailureType
 from core.errors import PermanentJobError
 from core.settings import Settings
 from core.specs import GenerateSpec
-from db.registry import register_model
-from db.session import session_scope
 from tests.conftest import TINY_MODEL
-from tests.support.generation import engine_settings
-from tests.support.jobs import insert_job
+from tests.support.generation import engine_settings, register_adapter
 from workers.generation.cache import ModelCache
 from workers.generation.engine import TransformersEngine, base_of, open_engine
 from workers.generation.requests import FailedRequest, FinishedRequest, GenerationRequest
@@ -337,19 +334,7 @@ def test_two_adapters_and_the_base_in_one_decode_group(settings: Settings) -> No
         rel = f"models/adapter-{seed}"
         make_adapter(base_dir, settings.data_dir / rel, seed)
         name = f"ft:{TINY_MODEL}:a{seed}:0000000{seed}"
-        with session_scope(settings.database_url) as session:
-            register_model(
-                session,
-                name=name,
-                base_model=TINY_MODEL,
-                task="causal_lm",
-                method="lora",
-                adapter=True,
-                job_id=insert_job(settings.database_url),
-                path=rel,
-                labels=[],
-                metrics={},
-            )
+        register_adapter(settings, name, rel)
         names.append(name)
     engine = new_engine(settings, str(base_dir))
     prompt, n = "The blue mug", 15
@@ -379,19 +364,7 @@ def test_an_adapters_prompt_logprobs_are_the_adapters_own(settings: Settings) ->
     rel = "models/adapter-echo"
     make_adapter(base_dir, settings.data_dir / rel, 3)
     name = f"ft:{TINY_MODEL}:echo:00000003"
-    with session_scope(settings.database_url) as session:
-        register_model(
-            session,
-            name=name,
-            base_model=TINY_MODEL,
-            task="causal_lm",
-            method="lora",
-            adapter=True,
-            job_id=insert_job(settings.database_url),
-            path=rel,
-            labels=[],
-            metrics={},
-        )
+    register_adapter(settings, name, rel)
     prompt = "The blue mug keeps coffee warm"
     scored = {"prompts": [prompt], "prompt_logprobs": 0, "max_new_tokens": 0}
     results = run(

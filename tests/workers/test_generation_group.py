@@ -25,11 +25,11 @@ from core.token_stream import StreamDelta, parse_entry, stream_key
 from db.events import list_events
 from db.jobs import create_job, request_cancel
 from db.outputs import list_outputs
-from db.registry import register_model
 from db.session import migrate, session_scope
 from tests.conftest import TINY_MODEL
+from tests.support.generation import register_adapter
 from tests.support.harness import wait_for
-from tests.support.jobs import insert_job, load_job
+from tests.support.jobs import load_job
 from tests.support.services import redis_db_index
 from workers import lifecycle as lifecycle_module
 from workers.generation import decode_group
@@ -174,19 +174,7 @@ def test_a_bad_adapter_fails_its_job_alone(settings: Settings, lifecycle: JobLif
     broken.mkdir(parents=True, exist_ok=True)
     (broken / "adapter_config.json").write_text("{not json")
     name = f"ft:{TINY_MODEL}:broken:00000001"
-    with session_scope(settings.database_url) as s:
-        register_model(
-            s,
-            name=name,
-            base_model=TINY_MODEL,
-            task="causal_lm",
-            method="lora",
-            adapter=True,
-            job_id=insert_job(settings.database_url),
-            path="models/broken-adapter",
-            labels=[],
-            metrics={},
-        )
+    register_adapter(settings, name, "models/broken-adapter")
     good = submit(settings, temperature=0, max_new_tokens=20)
     bad = submit(settings, model=name, temperature=0, max_new_tokens=20)
     other = submit(settings, temperature=0, max_new_tokens=20, prompts=["Fresh bread"])
