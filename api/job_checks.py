@@ -38,7 +38,7 @@ from core.model_files import CODE_CONFIGS, custom_code_reason, files_stamp
 from core.model_sources import hub_allowed, into_tenant_files, not_installed
 from core.prompts import PromptError, encode_prompts, vocabulary_error
 from core.ranking import rank_label
-from core.response_format import JSON_GRAMMAR_OPTIONS, grammar_schema
+from core.response_format import JSON_GRAMMAR_OPTIONS
 from core.settings import Settings
 from core.specs import (
     MODEL_REF_PATTERN,
@@ -277,10 +277,10 @@ def local_model_dir(session: Session, settings: Settings, tenant_id: str, ref: s
 
 
 def _check_grammar(spec: GenerateSpec) -> None:
-    """A response format's schema must compile into the grammar the workers enforce (what
-    the library refuses, such as a oneOf whose branches overlap, is a 422 naming its
-    reason, not a job that fails at the worker)."""
-    schema = grammar_schema(spec.response_format)
+    """The schema decoding enforces (a response format's, a forced tool call's) must compile
+    into the grammar the workers use (what the library refuses, such as a oneOf whose
+    branches overlap, is a 422 naming its reason, not a job that fails at the worker)."""
+    schema = spec.output_schema
     if schema is None:
         return
     try:
@@ -291,9 +291,8 @@ def _check_grammar(spec: GenerateSpec) -> None:
     except ValueError as exc:
         error = str(exc)
     if error:
-        raise InvalidRequestError(
-            f"response_format cannot be enforced: {error}", param="spec.response_format"
-        )
+        field = "tools" if spec.calls_tools else "response_format"
+        raise InvalidRequestError(f"{field} cannot be enforced: {error}", param=f"spec.{field}")
 
 
 def _check_generation(

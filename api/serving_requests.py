@@ -3,8 +3,9 @@
 `POST /v1/chat/completions` and `POST /v1/completions` take OpenAI's bodies. Every field
 is either honoured (mapped onto a GenerateSpec or the job), accepted because it changes
 nothing here (`user`, `metadata`), accepted only with its no-op value
-(`tools: []`, ...), or refused with a 400 that names it: a client is
-never answered as if a parameter it set had been applied.
+(`best_of: 1`, ...), or refused with a 400 that names it: a client is
+never answered as if a parameter it set had been applied. Function tools are honoured
+when `tool_choice` forces a call (core/tools.py); `auto` is refused by name.
 
 Log probabilities are honoured: chat's `logprobs: true` with `top_logprobs` 0..20, the
 legacy completions' `logprobs: N` (0..5: the chosen token and the N most likely). They are
@@ -39,10 +40,7 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions' logpro
 MAX_METADATA_KEYS = 16
 
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "tools": ([],),
     "functions": ([],),
-    "tool_choice": ("none",),
-    "parallel_tool_calls": (False, True),
     "best_of": (1,),
     "suffix": ("",),
     "modalities": (["text"],),
@@ -52,9 +50,8 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 """Parameters not implemented here, accepted only with a value that asks for nothing."""
 
 _WHY_NOT: dict[str, str] = {
-    "tools": "tool calling is not supported",
-    "functions": "function calling is not supported",
-    "tool_choice": "tool calling is not supported",
+    "functions": "functions are deprecated; use tools",
+    "function_call": "function_call is deprecated; use tool_choice",
     "best_of": "best_of is not supported; use n",
     "suffix": "suffixes (fill in the middle) are not supported",
     "modalities": "only text is generated",
@@ -62,7 +59,7 @@ _WHY_NOT: dict[str, str] = {
     "top_logprobs": "/v1/completions takes logprobs: N for the N most likely tokens",
 }
 
-Role = Literal["system", "developer", "user", "assistant"]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
 class TextPart(BaseModel):
@@ -73,16 +70,23 @@ class TextPart(BaseModel):
 
 
 class RequestMessage(BaseModel):
-    """A chat message; `content` may be text parts (joined), never images or audio."""
+    """A chat message; `content` may be text parts (joined), never images or audio. An
+    assistant message that made tool calls may have no content; a tool message answers
+    one call (`tool_call_id`)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Role
-    content: Annotated[str, StringConstraints(max_length=32_000)] | list[TextPart]
+    content: Annotated[str, StringConstraints(max_length=32_000)] | list[TextPart] | None
     name: Annotated[str, StringConstraints(max_length=64)] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # checked as the spec's (core.tools)
+    tool_call_id: str | None = None
+    refusal: str | None = None  # an assistant message given back as the SDK returned it
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
@@ -161,10 +165,19 @@ class ChatCompletionBody(_SamplingBody):
         default=None,
         description="OpenAI's text, json_object or json_schema, enforced while decoding.",
     )
-    tools: Any = None
-    tool_choice: Any = None
+    tools: list[Any] | None = Field(
+        default=None,
+        description="Function tools; a call is answered when tool_choice forces it "
+        "(required, or a named function), decoded under the function's parameters.",
+    )
+    tool_choice: Any = Field(
+        default=None,
+        description="none, required or {type: function, function: {name}}; auto (the "
+        "default with tools) is refused: this server does not let the model choose.",
+    )
+    parallel_tool_calls: StrictBool | None = None
     functions: Any = None
-    parallel_tool_calls: Any = None
+    function_call: Any = None
     modalities: Any = None
 
 
@@ -310,6 +323,9 @@ _SPEC_PARAMS = {
     "spec.response_format": "response_format",
     "spec.logprobs": "logprobs",
     "spec.top_logprobs": "top_logprobs",
+    "spec.tools": "tools",
+    "spec.tool_choice": "tool_choice",
+    "spec.parallel_tool_calls": "parallel_tool_calls",
 }
 
 
@@ -348,7 +364,13 @@ def _job_request(
         ours = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in loc).replace(".[", "[")
         param = openai_param(ours, chat, max_tokens)
         message = str(first["msg"]).removeprefix("Value error, ")
-        for spec_name, theirs in (("num_return_sequences", "n"), ("max_new_tokens", "max_tokens")):
+        for spec_name, theirs in (
+            ("num_return_sequences", "n"),
+            ("max_new_tokens", "max_tokens"),
+            ("tool_choice", "tool_choice"),
+            ("tools", "tools"),
+            ("response_format", "response_format"),
+        ):
             if param is None and spec_name in message:  # a rule across fields names this one
                 param = theirs
             message = message.replace(spec_name, theirs)
@@ -372,10 +394,47 @@ def chat_request(body: Any, default_max_tokens: int, store_text: bool = True) ->
         fields["fit_max_new_tokens"] = True
     if parsed.response_format is not None:
         fields["response_format"] = parsed.response_format
-    fields["messages"] = [[spec_message(m.role, m.text, m.name) for m in parsed.messages]]
+    fields.update(_tool_fields(parsed))
+    fields["messages"] = [[_spec_message(m, i) for i, m in enumerate(parsed.messages)]]
     given = "max_completion_tokens" if parsed.max_completion_tokens else "max_tokens"
     job = _job_request(fields, _metadata(parsed), chat=True, max_tokens=given)
     return _serving(parsed, job, chat=True)
+
+
+def _tool_fields(parsed: ChatCompletionBody) -> dict[str, Any]:
+    """The spec's tools: OpenAI's default choice with tools is auto, which is refused."""
+    if not parsed.tools:
+        if parsed.tool_choice not in (None, "none"):
+            raise BadRequestError("tool_choice needs tools", param="tool_choice")
+        return {}
+    choice = parsed.tool_choice
+    if choice is None or choice == "auto":
+        raise UnsupportedParameterError(
+            "tool_choice: auto (the default with tools) is not supported: the model cannot "
+            "choose between text and a call here. Send tool_choice required, a named "
+            'function ({"type": "function", "function": {"name": ...}}), or none',
+            param="tool_choice",
+        )
+    fields: dict[str, Any] = {"tools": parsed.tools, "tool_choice": choice}
+    if parsed.parallel_tool_calls is not None:
+        fields["parallel_tool_calls"] = parsed.parallel_tool_calls
+    return fields
+
+
+def _spec_message(message: RequestMessage, index: int) -> dict[str, Any]:
+    if message.content is None and not (message.role == "assistant" and message.tool_calls):
+        raise BadRequestError(
+            f"messages[{index}].content: only an assistant message with tool_calls may "
+            "have no content",
+            param=f"messages[{index}].content",
+        )
+    return spec_message(
+        message.role,
+        message.text,
+        message.name,
+        tool_calls=message.tool_calls,
+        tool_call_id=message.tool_call_id,
+    )
 
 
 def completion_request(body: Any, store_text: bool = True) -> ServingRequest:

@@ -87,7 +87,7 @@ class LocalTokenizer:
     core.example_tokens call: `tokenizer(text, text_pair, add_special_tokens=...,
     return_offsets_mapping=...)` (its `input_ids` and `offset_mapping`),
     `tokenizer(words, is_split_into_words=True)`, `eos_token_id`, `chat_template` and
-    `apply_chat_template(conversation, tokenize=False, add_generation_prompt=...)`."""
+    `apply_chat_template(conversation, tokenize=False, add_generation_prompt=..., tools=...)`."""
 
     def __init__(
         self, tokenizer: Tokenizer, chat_template: str | None, special_tokens: Mapping[str, str]
@@ -130,6 +130,7 @@ class LocalTokenizer:
         conversation: Sequence[Mapping[str, Any]],
         tokenize: bool = False,
         add_generation_prompt: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
         if self._template is None:
             raise ValueError("this tokenizer has no chat template")
@@ -138,7 +139,7 @@ class LocalTokenizer:
         messages = [{k: v for k, v in m.items() if v is not None} for m in conversation]
         return self._template.render(
             messages=messages,
-            tools=None,
+            tools=tools,
             documents=None,
             add_generation_prompt=add_generation_prompt,
             **self._special_tokens,

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
+from core.tools import TOOL_CALLS
+
 LOGPROBS = "logprobs"  # in a generated text's `data`: its tokens' log probability entries
 PROMPT_LOGPROBS = "prompt_logprobs"  # and its prompt's, the first with a null logprob
 
@@ -42,13 +44,28 @@ def sampling_fields(given: Callable[[str], Any]) -> dict[str, Any]:
     return fields
 
 
-def spec_message(role: str, content: str, name: str | None) -> dict[str, str]:
+def spec_message(
+    role: str,
+    content: str,
+    name: str | None,
+    *,
+    tool_calls: list[dict[str, Any]] | None = None,
+    tool_call_id: str | None = None,
+) -> dict[str, Any]:
     """An OpenAI request's chat message as a GenerateSpec message, for the live serving
     routes and batch lines alike: `developer` is read as `system`; a name is kept when
-    given (it reaches the chat template), an empty one is none."""
-    message = {"role": "system" if role == "developer" else role, "content": content}
+    given (it reaches the chat template), an empty one is none; an assistant's tool calls
+    and a tool message's call id are kept."""
+    message: dict[str, Any] = {
+        "role": "system" if role == "developer" else role,
+        "content": content,
+    }
     if name:
         message["name"] = name
+    if tool_calls is not None:
+        message["tool_calls"] = tool_calls
+    if tool_call_id is not None:
+        message["tool_call_id"] = tool_call_id
     return message
 
 
@@ -147,9 +164,17 @@ def echoed(
 def _choice(chat: bool, index: int, text: GeneratedText) -> dict[str, Any]:
     logprobs = choice_logprobs(chat, logprob_entries(text))
     if chat:
+        calls = (text.data or {}).get(TOOL_CALLS)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": None if calls else text.text,
+            "refusal": None,
+        }
+        if calls:
+            message[TOOL_CALLS] = calls
         return {
             "index": index,
-            "message": {"role": "assistant", "content": text.text, "refusal": None},
+            "message": message,
             "logprobs": logprobs,
             "finish_reason": text.finish_reason,
         }
@@ -198,9 +223,11 @@ def chunk_object(
     finish_reason: str | None = None,
     logprobs: list[dict[str, Any]] | None = None,
     text_offset: int = 0,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One streamed chunk of one choice: its role (chat, first), text (with the log
-    probability entries of the tokens it completes, where asked), or finish reason."""
+    probability entries of the tokens it completes, where asked), tool calls (chat), or
+    finish reason."""
     if chat:
         delta: dict[str, Any] = {}
         if role:
@@ -208,6 +235,8 @@ def chunk_object(
             delta["content"] = ""
         if text is not None:
             delta["content"] = text
+        if tool_calls is not None:
+            delta[TOOL_CALLS] = [{"index": k, **call} for k, call in enumerate(tool_calls)]
         choice: dict[str, Any] = {
             "index": index,
             "delta": delta,

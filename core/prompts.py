@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from core.specs import GenerateSpec
+from core.tools import Tool, template_conversation
 
 
 class PromptError(ValueError):
@@ -31,8 +32,13 @@ def context_length(config: Any) -> int | None:
     return None
 
 
-def _chat_ids(tokenizer: Any, conversation: list[dict[str, str]]) -> list[int]:
-    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+def _chat_ids(
+    tokenizer: Any, conversation: list[dict[str, Any]], tools: list[Tool] | None = None
+) -> list[int]:
+    messages, definitions = template_conversation(conversation, tools, tokenizer.chat_template)
+    text = tokenizer.apply_chat_template(
+        messages, tools=definitions, tokenize=False, add_generation_prompt=True
+    )
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -45,7 +51,9 @@ def encode_prompts(tokenizer: Any, spec: GenerateSpec, limit: int | None) -> lis
         )
     if spec.messages is not None:
         field = "messages"
-        encoded = [_chat_ids(tokenizer, [m.model_dump() for m in c]) for c in spec.messages]
+        encoded = [
+            _chat_ids(tokenizer, [m.model_dump() for m in c], spec.tools) for c in spec.messages
+        ]
     elif spec.chat:
         field = "prompts"
         encoded = [

@@ -141,26 +141,30 @@ def grammar_schema(response_format: Any) -> dict[str, Any] | None:
     return None
 
 
+RESPONSE_SCHEMA_FIELD = "response_format.json_schema.schema"
+
+
 class _Refused(ValueError):
     def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"response_format.json_schema.schema{path}: {message}")
+        super().__init__(f"{path}: {message}")
 
 
-def check_schema(schema: dict[str, Any]) -> None:
-    """Refuse (ValueError naming the keyword and its path) what decoding cannot enforce."""
+def check_schema(schema: dict[str, Any], field: str = RESPONSE_SCHEMA_FIELD) -> None:
+    """Refuse (ValueError naming the keyword and its path, starting at `field`) what decoding
+    cannot enforce."""
     try:
         size = len(json.dumps(schema, allow_nan=False).encode())
     except (TypeError, ValueError) as exc:
-        raise _Refused("", f"not JSON: {exc}") from None
+        raise _Refused(field, f"not JSON: {exc}") from None
     if size > MAX_SCHEMA_BYTES:
-        raise _Refused("", f"{size} bytes of JSON; at most {MAX_SCHEMA_BYTES} are allowed")
+        raise _Refused(field, f"{size} bytes of JSON; at most {MAX_SCHEMA_BYTES} are allowed")
     defs = {
         f"#/{group}/{name}"
         for group in ("$defs", "definitions")
         for name in (schema.get(group) or {})
         if isinstance(schema.get(group), dict)
     }
-    _check(schema, "", 0, defs | {"#"})
+    _check(schema, field, 0, defs | {"#"})
 
 
 def _check(schema: Any, path: str, depth: int, refs: set[str]) -> None:

@@ -28,7 +28,16 @@ from core.enums import (
     WebhookEvent,
 )
 from core.graders import Grader
-from core.response_format import ResponseFormat
+from core.response_format import ResponseFormat, grammar_schema
+from core.tools import (
+    MAX_TOOLS,
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    call_schema,
+    forced_function,
+)
 
 MAX_SEQUENCES_PER_JOB = 1024
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat completions
@@ -47,7 +56,7 @@ MetadataValue = Annotated[str, StringConstraints(max_length=512)] | int | float 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: Annotated[str, StringConstraints(max_length=32_000)]
     # left out of the dump when unset: a chat template that tests `'name' in message` sees
     # no name, and stored specs and idempotency fingerprints are those of before it existed
@@ -56,6 +65,26 @@ class ChatMessage(BaseModel):
         exclude_if=lambda value: value is None,
         description="Who wrote the message, given to the chat template (many ignore it).",
     )
+    tool_calls: list[ToolCall] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_TOOLS,
+        exclude_if=lambda value: value is None,
+        description="An assistant message's calls to tools, given back in the conversation.",
+    )
+    tool_call_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="A tool message's: the id of the call it answers.",
+    )
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self) -> Self:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message makes tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message (and only a tool message) needs a tool_call_id")
+        return self
 
 
 class RetrievalSpec(BaseModel):
@@ -174,6 +203,26 @@ class GenerateSpec(BaseModel):
         default=None,
         description="OpenAI's: json_object or json_schema output, enforced while decoding.",
     )
+    tools: list[Tool] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_TOOLS,
+        exclude_if=lambda value: value is None,
+        description="OpenAI's function tools, shown to the model through its chat template "
+        "(or its system message, where the template shows none); needs tool_choice.",
+    )
+    tool_choice: ToolChoice | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="none: answer in text; required: call one or more of the tools; "
+        "{type: function, function: {name}}: call that one. A call is decoded under its "
+        "arguments' schema, so it always parses and validates.",
+    )
+    parallel_tool_calls: bool | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="With tool_choice required: false allows one call only (default true).",
+    )
     logprobs: bool = Field(
         default=False,
         description="Return each generated token's log probability under the model's own "
@@ -236,7 +285,43 @@ class GenerateSpec(BaseModel):
             raise ValueError("max_new_tokens 0 scores the prompts only: it needs prompt_logprobs")
         if self.temperature == 0 and self.num_return_sequences > 1:
             raise ValueError("num_return_sequences > 1 needs temperature > 0 (greedy is unique)")
+        self._check_tools()
         return self
+
+    def _check_tools(self) -> None:
+        if self.tools is None:
+            if self.tool_choice is not None or self.parallel_tool_calls is not None:
+                raise ValueError("tool_choice and parallel_tool_calls need tools")
+            return
+        if not self.uses_chat_template:
+            raise ValueError("tools need messages (they reach the model through its chat template)")
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: two functions have the same name")
+        if self.tool_choice is None:
+            raise ValueError("tools need a tool_choice: none, required or a named function")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and forced_function(self.tools, choice) is None:
+            raise ValueError(
+                f"tool_choice names {choice.function.name!r}, which is not one of the tools"
+            )
+        if self.calls_tools and grammar_schema(self.response_format) is not None:
+            raise ValueError(
+                "a forced tool call and a JSON response_format cannot both shape the answer"
+            )
+
+    @property
+    def calls_tools(self) -> bool:
+        """The answer is a call (tool_choice required or named), decoded under its schema."""
+        return self.tools is not None and self.tool_choice not in (None, "none")
+
+    @property
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON Schema decoding enforces: a forced call's, or the response format's."""
+        if self.calls_tools:
+            assert self.tools is not None
+            return call_schema(self.tools, self.tool_choice, self.parallel_tool_calls is not False)
+        return grammar_schema(self.response_format)
 
     @property
     def do_sample(self) -> bool:

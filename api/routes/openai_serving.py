@@ -93,6 +93,7 @@ from core.errors import (
 from core.prompts import PromptError
 from core.settings import Settings
 from core.token_stream import TokenStreamReader
+from core.tools import TOOL_CALLS, called
 from db import outputs as outputs_repo
 from db.outputs import TEXT_CHARS, OutputRecord
 
@@ -346,8 +347,23 @@ class _Answer:
         echo_text, data = echoed(text.text, text.data, prompt)
         return replace(text, text=echo_text, data=data)
 
+    def _called(self, text: OutputRecord) -> OutputRecord:
+        """A forced tool call's text as the calls it makes (`data.tool_calls`), finished
+        as OpenAI finishes them: `tool_calls` for required, `stop` for a named function.
+        A text that stopped before its call was whole stays text."""
+        spec = self.serving.job.spec
+        if not spec.calls_tools or text.finish_reason != "stop":
+            return text
+        assert spec.tools is not None
+        index = self._index(text.prompt_index, text.sequence_index)
+        calls = called(text.text, spec.tools, spec.tool_choice, self.completion_id, index)
+        if calls is None:
+            return text
+        finish = "tool_calls" if spec.tool_choice == "required" else "stop"
+        return replace(text, finish_reason=finish, data={**(text.data or {}), TOOL_CALLS: calls})
+
     def completion(self, state: JobState | None) -> dict[str, Any]:
-        texts = [self._whole(t) for t in self._final(state)]
+        texts = [self._called(self._whole(t)) for t in self._final(state)]
         if self.serving.echo:
             texts = [self._echoed(t) for t in texts]
         return completion_object(
@@ -394,16 +410,22 @@ class _Answer:
             for index in range(choices):
                 yield self._chunk(index, role=True)
         sent = self.streamed
+        calls_tools = self.serving.job.spec.calls_tools
         state: JobState | None = self.created.state
         if state is not None and not state.terminal:
             follower = Follower(reader, self.settings.database_url, self.job_id, state.attempts)
             async for event in follower.run():
                 if isinstance(event, Token):
                     self.take(event)
+                    if calls_tools:  # a call is given whole, once it parses
+                        continue
                     index = self._index(event.prompt_index, event.sequence_index)
                     yield self._logprob_chunk(index, event.text, event.logprobs)
                 elif isinstance(event, Restart | Requeued):
-                    if sent:
+                    if calls_tools:  # nothing sent yet: the next attempt's text is taken anew
+                        self.streamed.clear()
+                        self.streamed_logprobs.clear()
+                    elif sent:
                         yield self._error(_worker_lost(self.job_id))
                         return
                 elif isinstance(event, Quiet):
@@ -426,6 +448,16 @@ class _Answer:
             if not whole.text.startswith(given):
                 yield self._error(_worker_lost(self.job_id))
                 return
+            if calls_tools:
+                whole = self._called(whole)
+                calls = (whole.data or {}).get(TOOL_CALLS)
+                entries = logprob_entries(whole)
+                if calls:
+                    yield self._chunk(index, tool_calls=calls, logprobs=entries)
+                else:
+                    yield self._chunk(index, text=whole.text, logprobs=entries)
+                yield self._chunk(index, finish_reason=whole.finish_reason)
+                continue
             entries = logprob_entries(whole)
             left = entries[len(self.streamed_logprobs.get(index, [])) :] if entries else None
             if len(whole.text) > len(given) or left:

@@ -295,7 +295,7 @@ def test_errors_come_in_openai_shapes_and_create_nothing(serving: Stack, client:
             tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
         )
     assert unsupported.value.code == "unsupported_parameter"
-    assert unsupported.value.param == "tools"
+    assert unsupported.value.param == "tool_choice"  # OpenAI's default with tools: auto
     with pytest.raises(openai.BadRequestError) as unknown:
         client.chat.completions.create(
             model=TINY_CHAT_MODEL, messages=QUESTION, extra_body={"beam_width": 4}

@@ -228,7 +228,8 @@ def test_a_chat_lines_message_names_reach_the_spec() -> None:
         (completion(model="../etc"), "body.model:"),
         (completion(top_logprobs=2), "unsupported parameter: top_logprobs"),
         (chat(logprobs=True, top_logprobs=21), "body.top_logprobs: Input should be less than"),
-        (chat(messages=[{"role": "tool", "content": "x"}]), "body.messages[0].role:"),
+        (chat(messages=[{"role": "robot", "content": "x"}]), "body.messages[0].role:"),
+        (chat(messages=[{"role": "tool", "content": "x"}]), "needs a tool_call_id"),
     ],
 )
 def test_values_this_server_cannot_run_are_the_lines_error(

@@ -228,7 +228,13 @@ def test_no_op_values_of_unsupported_parameters_are_accepted(body: dict[str, Any
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"tools": [{"type": "function"}]}, "tools"),
+        # with tools, OpenAI's default choice is auto: the model may not choose here
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"},
+            "tool_choice",
+        ),
+        ({"functions": [{"name": "f"}]}, "functions"),
         ({"beam_width": 2}, "beam_width"),
     ],
 )
@@ -305,7 +311,7 @@ def test_logprobs_out_of_range_are_400s_naming_the_param(
         ({"temperature": 2.5}, "temperature"),
         ({"n": 0}, "n"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"n": 2, "temperature": 0}, "n"),  # a rule across fields names the one to change

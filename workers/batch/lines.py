@@ -75,7 +75,16 @@ def generate_spec_for(request: dict[str, Any], chat_default_max_tokens: int) -> 
     fields: dict[str, Any] = {"model": body["model"]}
     if chat:
         fields["messages"] = [
-            [spec_message(m["role"], m["content"], m.get("name")) for m in body["messages"]]
+            [
+                spec_message(
+                    m["role"],
+                    m["content"],
+                    m.get("name"),
+                    tool_calls=m.get("tool_calls"),
+                    tool_call_id=m.get("tool_call_id"),
+                )
+                for m in body["messages"]
+            ]
         ]
     else:
         fields["prompts"] = [body["prompt"]]

@@ -28,7 +28,6 @@ from core import prompts
 from core.completions import LOGPROBS, PROMPT_LOGPROBS
 from core.enums import FailureType
 from core.errors import PermanentJobError
-from core.response_format import grammar_schema
 from core.settings import Settings
 from core.specs import GenerateSpec
 from db.outputs import OutputRecord
@@ -236,7 +235,7 @@ class TransformersEngine(GenerationEngine):
             adapter = self._cache.adapter(self._entry, adapter_dir, in_use)
             self._group.refresh_model(self._entry.model)
         encoded = encode_prompts(self._entry, spec)
-        schema = grammar_schema(spec.response_format)
+        schema = spec.output_schema
         slot = _Slot(request=req)
         base_seed = spec.seed if spec.seed is not None else int.from_bytes(os.urandom(6), "big")
         outside = prompts.vocabulary_error(spec, self._entry.vocab_size)

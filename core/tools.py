@@ -1,0 +1,289 @@
+"""OpenAI's function tools on chat completions: the definitions a request gives, the call
+it forces (`tool_choice` `required`, or one named function), the JSON Schema the workers
+enforce while decoding that call, and the calls read back from the decoded text.
+
+A forced call is decoded under a grammar (as a `response_format` is), so it always parses
+and its arguments validate against the function's `parameters`:
+
+- a named function (`{"type": "function", "function": {"name": ...}}`): the text is its
+  arguments, one JSON object;
+- `required`: the text is a JSON array of calls, `[{"name": ..., "arguments": {...}}]`,
+  one or more (one when `parallel_tool_calls` is false), each naming one of the tools.
+
+`tool_choice: "none"` shows the tools to the model and answers in text. `auto` (the
+model decides whether to call) is not offered: telling a call from text needs each model
+family's own call format; a request for it is refused by name.
+
+Pure Python, like core/response_format.py: the grammar library stays in the workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from core.response_format import check_schema
+
+MAX_TOOLS = 128  # OpenAI's limit
+FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+"""What a function without `parameters` takes: nothing (OpenAI's reading)."""
+
+TOOL_CALLS = "tool_calls"  # an answer's calls, in a generated text's `data`
+
+FunctionName = Annotated[str, StringConstraints(pattern=FUNCTION_NAME_PATTERN)]
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: FunctionName
+    description: Annotated[str, StringConstraints(max_length=8_000)] | None = Field(
+        default=None, exclude_if=lambda value: value is None
+    )
+    parameters: dict[str, Any] | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="A JSON Schema of the arguments object (the subset response_format "
+        "takes); none: the function takes no arguments.",
+    )
+    strict: bool | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="Accepted either way: a forced call's arguments always follow the schema.",
+    )
+
+    @field_validator("parameters")
+    @classmethod
+    def _enforceable(cls, parameters: dict[str, Any] | None) -> dict[str, Any] | None:
+        if parameters is not None:
+            check_schema(parameters, field="parameters")
+        return parameters
+
+    @property
+    def arguments_schema(self) -> dict[str, Any]:
+        return self.parameters if self.parameters is not None else NO_PARAMETERS
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: ToolName
+
+
+ToolChoice = Literal["none", "required"] | NamedToolChoice
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: FunctionName
+    arguments: Annotated[str, StringConstraints(max_length=32_000)] = Field(
+        description="The arguments as JSON text: one object."
+    )
+
+    @field_validator("arguments")
+    @classmethod
+    def _an_object(cls, arguments: str) -> str:
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            raise ValueError("arguments must be JSON text") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("arguments must be a JSON object")
+        return arguments
+
+
+class ToolCall(BaseModel):
+    """A call an earlier assistant message made, given back in a conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    type: Literal["function"]
+    function: CalledFunction
+
+
+def forced_function(tools: Sequence[Tool], choice: ToolChoice | None) -> Tool | None:
+    """The one tool a named tool_choice calls; None for any other choice."""
+    if not isinstance(choice, NamedToolChoice):
+        return None
+    return next((t for t in tools if t.function.name == choice.function.name), None)
+
+
+def call_schema(
+    tools: Sequence[Tool], choice: ToolChoice | None, parallel: bool
+) -> dict[str, Any] | None:
+    """The JSON Schema a forced call's text follows; None when no call is forced."""
+    named = forced_function(tools, choice)
+    if named is not None:
+        return named.function.arguments_schema
+    if choice != "required":
+        return None
+    defs: dict[str, Any] = {}
+    branches = []
+    for index, tool in enumerate(tools):
+        arguments = _hoisted(tool.function.arguments_schema, f"tool{index}", defs)
+        branches.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": tool.function.name}, "arguments": arguments},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    schema: dict[str, Any] = {"type": "array", "items": {"anyOf": branches}, "minItems": 1}
+    if not parallel:
+        schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
+def _hoisted(schema: dict[str, Any], prefix: str, defs: dict[str, Any]) -> dict[str, Any]:
+    """A function's parameters placed inside another schema: its definitions moved to the
+    root's `$defs` under `prefix`, and its references (to them, or to its own root) pointed
+    there, so that they resolve from the new root."""
+    root_ref = f"#/$defs/{prefix}"
+    own = {
+        f"#/{group}/{name}": f"#/$defs/{prefix}_{name}"
+        for group in ("$defs", "definitions")
+        if isinstance(schema.get(group), dict)
+        for name in schema[group]
+    }
+    refers_to_root = False
+
+    def moved(node: Any) -> Any:
+        nonlocal refers_to_root
+        if isinstance(node, list):
+            return [moved(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str):
+                refers_to_root |= value == "#"
+                out[key] = root_ref if value == "#" else own.get(value, value)
+            elif key in ("$defs", "definitions") and node is schema:
+                continue
+            else:
+                out[key] = moved(value)
+        return out
+
+    body: dict[str, Any] = moved(schema)
+    for group in ("$defs", "definitions"):
+        for name, sub in (schema.get(group) or {}).items():
+            defs[f"{prefix}_{name}"] = moved(sub)
+    if refers_to_root:
+        defs[prefix] = body
+        return {"$ref": root_ref}
+    return body
+
+
+def call_id(completion_id: str, choice: int, call: int) -> str:
+    """A call's id: the same each time the answer is read (a retry with the same
+    Idempotency-Key gets the same ids)."""
+    digest = hashlib.sha256(f"{completion_id}:{choice}:{call}".encode()).hexdigest()
+    return f"call_{digest[:24]}"
+
+
+def called(
+    text: str, tools: Sequence[Tool], choice: ToolChoice | None, completion_id: str, index: int
+) -> list[dict[str, Any]] | None:
+    """The tool calls (OpenAI's `tool_calls`) a forced call's decoded text makes; None when
+    it cannot be read as calls (decoding stopped early, at max_tokens or a stop string)."""
+    named = forced_function(tools, choice)
+    pairs: list[tuple[str, str]]
+    if named is not None:
+        pairs = [(named.function.name, text)]
+    else:
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(parsed, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) for c in parsed
+        ):
+            return None
+        pairs = [(c["name"], json.dumps(c.get("arguments"), ensure_ascii=False)) for c in parsed]
+    return [
+        {
+            "id": call_id(completion_id, index, k),
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }
+        for k, (name, arguments) in enumerate(pairs)
+    ]
+
+
+def template_conversation(
+    conversation: Sequence[Mapping[str, Any]], tools: Sequence[Tool] | None, template: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """A conversation (GenerateSpec messages, dumped) and its tools as a chat template
+    takes them (`apply_chat_template(messages, tools=...)`): calls with their arguments as
+    objects, as transformers' templates expect. A template that does not render tools gets
+    them in the system message; one that does not render calls, an assistant's calls as
+    the JSON text a `required` call is decoded as."""
+    shows_tools = "tools" in template
+    shows_calls = "tool_calls" in template
+    messages: list[dict[str, Any]] = []
+    for message in conversation:
+        out = dict(message)
+        calls = out.pop(TOOL_CALLS, None)
+        if calls:
+            if shows_calls:
+                out[TOOL_CALLS] = [
+                    {
+                        "id": c["id"],
+                        "type": "function",
+                        "function": {
+                            "name": c["function"]["name"],
+                            "arguments": json.loads(c["function"]["arguments"]),
+                        },
+                    }
+                    for c in calls
+                ]
+            else:
+                text = json.dumps(
+                    [
+                        {
+                            "name": c["function"]["name"],
+                            "arguments": json.loads(c["function"]["arguments"]),
+                        }
+                        for c in calls
+                    ],
+                    ensure_ascii=False,
+                )
+                out["content"] = f"{out['content']}\n{text}" if out.get("content") else text
+        messages.append(out)
+    if not tools:
+        return messages, None
+    definitions = [tool.model_dump() for tool in tools]
+    if shows_tools:
+        return messages, definitions
+    listing = "You can call these functions (JSON Schema of each one's arguments):\n" + "\n".join(
+        json.dumps(d["function"], ensure_ascii=False) for d in definitions
+    )
+    if messages and messages[0].get("role") == "system":
+        messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{listing}"}
+    else:
+        messages.insert(0, {"role": "system", "content": listing})
+    return messages, None

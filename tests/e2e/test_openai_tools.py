@@ -1,0 +1,236 @@
+"""Function tools through `/v1/chat/completions` of a real stack, with OpenAI's SDK and
+LangChain: a forced call (required, or a named function) is decoded under its schema by a
+real worker and answered as `tool_calls`, whole or streamed; a conversation that gives a
+call's result back is answered in text."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import jsonschema
+import openai
+import pytest
+from openai import OpenAI
+from openai.types.chat import (
+    ChatCompletionMessageParam,
+    ChatCompletionNamedToolChoiceParam,
+    ChatCompletionToolParam,
+)
+from pydantic import BaseModel
+
+from tests.conftest import TINY_CHAT_MODEL, install_tiny_chat_model
+from tests.support.harness import Stack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+QUESTION: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the weather in Oslo?"}
+]
+CALL_WEATHER: ChatCompletionNamedToolChoiceParam = {
+    "type": "function",
+    "function": {"name": "get_weather"},
+}
+# bounded arguments: a random-weight model completes them within a few tokens
+WEATHER_ARGS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "enum": ["Oslo", "Bergen"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+WEATHER: ChatCompletionToolParam = {
+    "type": "function",
+    "function": {"name": "get_weather", "description": "The forecast", "parameters": WEATHER_ARGS},
+}
+TIME: ChatCompletionToolParam = {"type": "function", "function": {"name": "get_time"}}
+
+
+@pytest.fixture(scope="module")
+def serving(stack: Stack, tiny_model_dir: Path) -> Stack:
+    install_tiny_chat_model(tiny_model_dir, stack.workdir / "data")
+    return stack
+
+
+@pytest.fixture(scope="module")
+def client(serving: Stack) -> Iterator[OpenAI]:
+    with OpenAI(base_url=f"{serving.base_url}/v1", api_key=serving.api_key, max_retries=0) as c:
+        yield c
+
+
+def test_a_named_function_is_called_with_arguments_its_schema_accepts(
+    serving: Stack, client: OpenAI
+) -> None:
+    for seed in range(3):
+        raw = client.chat.completions.with_raw_response.create(
+            model=TINY_CHAT_MODEL,
+            messages=QUESTION,
+            tools=[WEATHER, TIME],
+            tool_choice=CALL_WEATHER,
+            max_completion_tokens=40,
+            seed=seed,
+        )
+        answer = raw.parse()
+        [choice] = answer.choices
+        assert choice.finish_reason == "stop"  # OpenAI's for a named function
+        assert choice.message.content is None
+        [call] = choice.message.tool_calls or []
+        assert call.type == "function" and call.id.startswith("call_")
+        assert call.function.name == "get_weather"  # type: ignore[union-attr]
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER_ARGS)  # type: ignore[union-attr]
+        # the job holds the call as its text; reading the answer again gives the same id
+        job_id = raw.headers["Modelyard-Job-Id"]
+        [stored] = serving.outputs(job_id)
+        assert stored["text"] == call.function.arguments  # type: ignore[union-attr]
+
+
+def test_required_calls_stream_as_the_whole_answer_gives_them(client: OpenAI) -> None:
+    common: dict[str, Any] = {
+        "model": TINY_CHAT_MODEL,
+        "messages": QUESTION,
+        "tools": [WEATHER, TIME],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "max_completion_tokens": 60,
+        "seed": 7,
+    }
+    whole = client.chat.completions.create(**common)
+    [choice] = whole.choices
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls or []
+    assert call.function.name in ("get_weather", "get_time")  # type: ignore[union-attr]
+    arguments = json.loads(call.function.arguments)  # type: ignore[union-attr]
+    if call.function.name == "get_weather":  # type: ignore[union-attr]
+        jsonschema.validate(arguments, WEATHER_ARGS)
+    else:
+        assert arguments == {}
+    streamed: dict[int, dict[str, str]] = {}
+    reasons = []
+    for chunk in client.chat.completions.create(**common, stream=True):
+        for part in chunk.choices[0].delta.tool_calls or []:
+            entry = streamed.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
+            entry["id"] += part.id or ""
+            entry["name"] += (part.function.name if part.function else None) or ""
+            entry["arguments"] += (part.function.arguments if part.function else None) or ""
+        reasons.append(chunk.choices[0].finish_reason)
+    assert reasons[-1] == "tool_calls"
+    assert streamed == {
+        0: {
+            "id": streamed[0]["id"],
+            "name": call.function.name,  # type: ignore[union-attr]
+            "arguments": call.function.arguments,  # type: ignore[union-attr]
+        }
+    }
+
+
+class Item(BaseModel):
+    sku: Literal["A1", "B2"]
+    qty: Literal[1, 2, 3]
+
+
+class PlaceOrder(BaseModel):
+    """Nested models: the tool's parameters carry $defs."""
+
+    item: Item
+    gift: bool
+
+
+def test_sdk_parse_gives_the_pydantic_arguments_of_a_function_tool(client: OpenAI) -> None:
+    parsed = client.chat.completions.parse(
+        model=TINY_CHAT_MODEL,
+        messages=[{"role": "user", "content": "Order two A1, please."}],
+        tools=[openai.pydantic_function_tool(PlaceOrder)],
+        tool_choice={"type": "function", "function": {"name": "PlaceOrder"}},
+        max_completion_tokens=60,
+        seed=1,
+    )
+    [call] = parsed.choices[0].message.tool_calls or []
+    assert isinstance(call.function.parsed_arguments, PlaceOrder)
+
+
+def test_a_conversation_with_a_calls_result_is_answered_in_text(client: OpenAI) -> None:
+    first = client.chat.completions.create(
+        model=TINY_CHAT_MODEL,
+        messages=QUESTION,
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_completion_tokens=60,
+        seed=3,
+    )
+    message = first.choices[0].message
+    [call] = message.tool_calls or []
+    answer = client.chat.completions.create(
+        model=TINY_CHAT_MODEL,
+        messages=[
+            *QUESTION,
+            message,  # the assistant's message as the SDK returned it
+            {"role": "tool", "tool_call_id": call.id, "content": "12 C and sunny"},
+        ],
+        tools=[WEATHER],
+        tool_choice="none",
+        max_completion_tokens=8,
+        temperature=0,
+    )
+    [choice] = answer.choices
+    assert choice.message.tool_calls is None
+    assert isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+
+
+def test_auto_and_bad_tools_are_400s_that_create_no_job(serving: Stack, client: OpenAI) -> None:
+    with serving.client() as http:
+        before = len(http.get("/v1/jobs", params={"limit": 100}).json()["data"])
+    with pytest.raises(openai.BadRequestError) as auto:
+        client.chat.completions.create(
+            model=TINY_CHAT_MODEL,
+            messages=QUESTION,
+            tools=[WEATHER],
+        )
+    assert auto.value.body["param"] == "tool_choice"  # type: ignore[index]
+    unenforceable: ChatCompletionToolParam = {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"type": "object", "not": {"required": ["a"]}}},
+    }
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(
+            model=TINY_CHAT_MODEL,
+            messages=QUESTION,
+            tools=[unenforceable],
+            tool_choice="required",
+        )
+    assert bad.value.body["param"].startswith("tools")  # type: ignore[index]
+    with serving.client() as http:
+        assert len(http.get("/v1/jobs", params={"limit": 100}).json()["data"]) == before
+
+
+class Forecast(BaseModel):
+    city: Literal["Oslo", "Bergen"]
+    days: Literal[1, 2, 3]
+
+
+def test_langchain_structured_output_by_function_calling(serving: Stack) -> None:
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(
+        model=TINY_CHAT_MODEL,
+        base_url=f"{serving.base_url}/v1",
+        api_key=serving.api_key,
+        max_completion_tokens=100,
+        temperature=0,
+        max_retries=0,
+    )
+    forecast = chat.with_structured_output(Forecast, method="function_calling").invoke(
+        "Weather in Oslo for two days?"
+    )
+    assert isinstance(forecast, Forecast)
+    called = chat.bind_tools([Forecast], tool_choice="required", parallel_tool_calls=False).invoke(
+        "Weather in Bergen?"
+    )
+    [tool_call] = called.tool_calls
+    assert tool_call["name"] == "Forecast"
+    assert Forecast.model_validate(tool_call["args"])
