@@ -49,6 +49,9 @@ SUPPORTED_BODY_KEYS = frozenset(
         "response_format",
         "logprobs",
         "top_logprobs",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
     }
 )
 """Body fields that change what is generated here (top_k and repetition_penalty as in vLLM)."""
@@ -184,7 +187,12 @@ def _check_messages(value: Any, line: int) -> None:
                 line,
                 f"{what}.role is {role!r}; expected one of {', '.join(sorted(REQUEST_ROLES))}",
             )
-        if not isinstance(message["content"], str):
+        calls = message.get("tool_calls")
+        if calls is not None and not (role == "assistant" and isinstance(calls, list)):
+            raise DatasetFormatError(line, f"{what}.tool_calls: an assistant message's array")
+        if message["content"] is None and calls:
+            pass  # an assistant message that only called tools
+        elif not isinstance(message["content"], str):
             raise DatasetFormatError(
                 line, f"{what}.content must be a string, got {json_type(message['content'])}"
             )
@@ -280,6 +288,18 @@ class BatchRequestChecker:
         _check_logprobs(body, endpoint, line)
         if body.get("stream") is True:
             raise DatasetFormatError(line, "body.stream is true; batch requests do not stream")
+        if body.get("tools") is not None:
+            if not isinstance(body["tools"], list):
+                raise DatasetFormatError(
+                    line, f"body.tools must be an array, got {json_type(body['tools'])}"
+                )
+            if body["tools"] and body.get("tool_choice") in (None, "auto"):
+                self._warn_once(
+                    line,
+                    "tool_choice_auto",
+                    "lines with tools and tool_choice auto (OpenAI's default) will fail: "
+                    "send tool_choice required or a named function",
+                )
         unsupported = sorted(
             k
             for k, v in body.items()

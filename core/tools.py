@@ -234,6 +234,26 @@ def called(
     ]
 
 
+def answered_calls(
+    text: str,
+    finish_reason: str,
+    tools: Sequence[Tool],
+    choice: ToolChoice | None,
+    completion_id: str,
+    index: int,
+) -> tuple[str, list[dict[str, Any]]] | None:
+    """A forced call's finished text as the finish reason and calls OpenAI answers (for
+    the live routes and batch lines alike): `tool_calls` for required, `stop` for a named
+    function. None when no call was forced, or the text stopped before its call was whole
+    (it is answered as text, with its own finish reason)."""
+    if choice in (None, "none") or finish_reason != "stop":
+        return None
+    calls = called(text, tools, choice, completion_id, index)
+    if calls is None:
+        return None
+    return ("tool_calls" if choice == "required" else "stop"), calls
+
+
 def template_conversation(
     conversation: Sequence[Mapping[str, Any]], tools: Sequence[Tool] | None, template: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:

@@ -93,7 +93,7 @@ from core.errors import (
 from core.prompts import PromptError
 from core.settings import Settings
 from core.token_stream import TokenStreamReader
-from core.tools import TOOL_CALLS, called
+from core.tools import TOOL_CALLS, answered_calls
 from db import outputs as outputs_repo
 from db.outputs import TEXT_CHARS, OutputRecord
 
@@ -348,18 +348,17 @@ class _Answer:
         return replace(text, text=echo_text, data=data)
 
     def _called(self, text: OutputRecord) -> OutputRecord:
-        """A forced tool call's text as the calls it makes (`data.tool_calls`), finished
-        as OpenAI finishes them: `tool_calls` for required, `stop` for a named function.
-        A text that stopped before its call was whole stays text."""
+        """A forced tool call's text as the calls it makes (`data.tool_calls`)."""
         spec = self.serving.job.spec
-        if not spec.calls_tools or text.finish_reason != "stop":
+        if spec.tools is None:
             return text
-        assert spec.tools is not None
         index = self._index(text.prompt_index, text.sequence_index)
-        calls = called(text.text, spec.tools, spec.tool_choice, self.completion_id, index)
-        if calls is None:
+        answer = answered_calls(
+            text.text, text.finish_reason, spec.tools, spec.tool_choice, self.completion_id, index
+        )
+        if answer is None:
             return text
-        finish = "tool_calls" if spec.tool_choice == "required" else "stop"
+        finish, calls = answer
         return replace(text, finish_reason=finish, data={**(text.data or {}), TOOL_CALLS: calls})
 
     def completion(self, state: JobState | None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import openai
 import pytest
 from openai import OpenAI
 from openai.types.chat import (
+    ChatCompletion,
     ChatCompletionMessageParam,
     ChatCompletionNamedToolChoiceParam,
     ChatCompletionToolParam,
@@ -22,7 +23,7 @@ from openai.types.chat import (
 from pydantic import BaseModel
 
 from tests.conftest import TINY_CHAT_MODEL, install_tiny_chat_model
-from tests.support.harness import Stack
+from tests.support.harness import Stack, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -234,3 +235,42 @@ def test_langchain_structured_output_by_function_calling(serving: Stack) -> None
     [tool_call] = called.tool_calls
     assert tool_call["name"] == "Forecast"
     assert Forecast.model_validate(tool_call["args"])
+
+
+def test_a_batch_of_forced_calls_answers_tool_calls_in_its_output_file(client: OpenAI) -> None:
+    lines = [
+        {
+            "custom_id": f"call-{seed}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": TINY_CHAT_MODEL,
+                "messages": QUESTION,
+                "tools": [WEATHER, TIME],
+                "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+                "max_completion_tokens": 40,
+                "seed": seed,
+            },
+        }
+        for seed in range(2)
+    ]
+    raw = ("\n".join(json.dumps(line) for line in lines) + "\n").encode()
+    requests = client.files.create(file=("calls.jsonl", raw), purpose="batch")
+    created = client.batches.create(
+        input_file_id=requests.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+    def finished() -> Any:
+        b = client.batches.retrieve(created.id)
+        return b if b.status in ("completed", "failed", "expired", "cancelled") else None
+
+    batch = wait_for(finished, 120, "batch done", 0.3)
+    assert batch.status == "completed" and batch.output_file_id is not None, batch.errors
+    out = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(x["custom_id"] for x in out) == ["call-0", "call-1"]
+    for line in out:
+        [choice] = ChatCompletion.model_validate(line["response"]["body"]).choices
+        assert choice.finish_reason == "stop" and choice.message.content is None
+        [call] = choice.message.tool_calls or []
+        assert call.function.name == "get_weather"  # type: ignore[union-attr]
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER_ARGS)  # type: ignore[union-attr]

@@ -82,7 +82,7 @@ def test_request_lines_are_a_batch_dataset_with_a_summary(tmp_path: Any) -> None
 def test_chat_lines_and_warnings_for_fields_this_server_ignores_or_lacks() -> None:
     raw = jsonl(
         {**chat("a", user="u-1", frequency_penalty=0), "extra": 1},
-        chat("b", logprobs=True, echo=False, tools=[{"type": "function"}], stream=False),
+        chat("b", logprobs=True, echo=False, functions=[{"name": "f"}], stream=False),
     )
     parsed = parse_dataset(raw, "x.jsonl")
     assert parsed.schema is DatasetSchema.BATCH_REQUESTS
@@ -388,3 +388,55 @@ def test_response_format_is_mapped_and_an_unenforceable_schema_is_the_lines_erro
     bad = {"type": "json_schema", "json_schema": {"name": "o", "schema": {"not": {}}}}
     with pytest.raises(BatchLineError, match="'not' is not supported"):
         generate_spec_for(chat(response_format=bad), DEFAULT_MAX)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def test_a_chat_line_forces_a_tool_call_and_answers_it_as_tool_calls() -> None:
+    line = chat("t", tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
+    spec = generate_spec_for(line, DEFAULT_MAX)
+    assert spec.calls_tools and spec.parallel_tool_calls is False
+    text = '[{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    record = OutputRecord(0, 0, text, "stop", 5, 9, None)
+    [choice] = output_line(line, [record])["response"]["body"]["choices"]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    # a call cut short is answered as its text
+    cut = OutputRecord(0, 0, text[:20], "length", 5, 9, None)
+    [choice] = output_line(line, [cut])["response"]["body"]["choices"]
+    assert (choice["message"]["content"], choice["finish_reason"]) == (text[:20], "length")
+    # the calls given back in a later line's conversation reach its spec
+    given_back = chat(
+        "u",
+        messages=[
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", **call}]},
+            {"role": "tool", "content": "12 C", "tool_call_id": "call_1"},
+        ],
+    )
+    assert parse_dataset(jsonl(given_back), "x.jsonl").schema is DatasetSchema.BATCH_REQUESTS
+    [conversation] = generate_spec_for(given_back, DEFAULT_MAX).messages or []
+    assert conversation[2].tool_call_id == "call_1"
+
+
+def test_a_chat_line_with_tools_and_auto_is_warned_at_upload_and_fails_alone() -> None:
+    line = chat("a", tools=[WEATHER])
+    parsed = parse_dataset(jsonl(line), "x.jsonl")
+    assert [w["kind"] for w in parsed.report["warnings"]] == ["tool_choice_auto"]
+    with pytest.raises(BatchLineError, match="tool_choice auto"):
+        generate_spec_for(line, DEFAULT_MAX)
+    with pytest.raises(DatasetFormatError, match=r"body\.tools must be an array"):
+        parse_dataset(jsonl(chat("b", tools={"x": 1})), "x.jsonl")

@@ -13,19 +13,22 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from core.batch import IGNORED_BODY_KEYS, NEUTRAL_BODY_VALUES, SUPPORTED_BODY_KEYS
-from core.completions import completion_object, sampling_fields, spec_message
+from core.completions import choice_index, completion_object, sampling_fields, spec_message
 from core.enums import BatchEndpoint, FailureType
 from core.errors import BatchLineError
 from core.specs import GenerateSpec
+from core.tools import TOOL_CALLS, Tool, ToolChoice, answered_calls
 from db.batch import ERROR_FINISH_REASON
 from db.outputs import OutputRecord, storable_text
 
 EXPIRED_CODE = FailureType.BATCH_EXPIRED.value
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+_TOOLS: TypeAdapter[list[Tool]] = TypeAdapter(list[Tool])
+_TOOL_CHOICE: TypeAdapter[ToolChoice] = TypeAdapter(ToolChoice)
 
 _SPEC_NAMES = {
     "max_new_tokens": "max_tokens",
@@ -78,7 +81,7 @@ def generate_spec_for(request: dict[str, Any], chat_default_max_tokens: int) -> 
             [
                 spec_message(
                     m["role"],
-                    m["content"],
+                    m["content"] or "",  # null: an assistant message that only called tools
                     m.get("name"),
                     tool_calls=m.get("tool_calls"),
                     tool_call_id=m.get("tool_call_id"),
@@ -100,6 +103,8 @@ def generate_spec_for(request: dict[str, Any], chat_default_max_tokens: int) -> 
     fields.update(sampling_fields(body.get))
     if body.get("response_format") is not None:
         fields["response_format"] = body["response_format"]
+    if chat and body.get("tools"):
+        fields.update(_tool_fields(body))
     if chat:
         if body.get("logprobs") is not None:
             fields["logprobs"] = body["logprobs"]
@@ -123,6 +128,40 @@ def generate_spec_for(request: dict[str, Any], chat_default_max_tokens: int) -> 
         raise BatchLineError(_validation_message(exc)) from None
 
 
+def _tool_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """A chat line's tools, as the live route takes them: a call is forced or none is."""
+    choice = body.get("tool_choice")
+    if choice is None or choice == "auto":
+        raise BatchLineError(
+            "unsupported parameter: tool_choice auto (the default with tools); send "
+            "tool_choice required or a named function"
+        )
+    fields = {"tools": body["tools"], "tool_choice": choice}
+    if body.get("parallel_tool_calls") is not None:
+        fields["parallel_tool_calls"] = body["parallel_tool_calls"]
+    return fields
+
+
+def _with_calls(
+    body: dict[str, Any], texts: list[OutputRecord], completion_id: str
+) -> list[OutputRecord]:
+    """A forced call's texts as the calls they make (`data.tool_calls`), as the live route
+    answers them."""
+    if not body.get("tools"):
+        return texts
+    tools = _TOOLS.validate_python(body["tools"])  # the line ran: they are valid
+    choice = _TOOL_CHOICE.validate_python(body["tool_choice"])
+    out = []
+    for t in texts:
+        index = choice_index(t.prompt_index, t.sequence_index, len(texts))
+        answer = answered_calls(t.text, t.finish_reason, tools, choice, completion_id, index)
+        if answer is not None:
+            finish, calls = answer
+            t = replace(t, finish_reason=finish, data={**(t.data or {}), TOOL_CALLS: calls})
+        out.append(t)
+    return out
+
+
 def _hex() -> str:
     return uuid.uuid4().hex
 
@@ -134,9 +173,12 @@ def output_line(
     the same character swap as stored texts (a NUL a model emitted reads U+FFFD in both)."""
     chat = BatchEndpoint(request["url"]) is BatchEndpoint.CHAT_COMPLETIONS
     texts = [replace(t, text=storable_text(t.text)) for t in texts]
+    completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{_hex()}"
+    if chat:
+        texts = _with_calls(request["body"], texts, completion_id)
     body = completion_object(
         chat=chat,
-        completion_id=f"{'chatcmpl' if chat else 'cmpl'}-{_hex()}",
+        completion_id=completion_id,
         model=request["body"]["model"],
         created=int(time.time()) if created is None else created,
         texts=texts,
