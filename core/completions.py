@@ -226,8 +226,8 @@ def chunk_object(
     tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One streamed chunk of one choice: its role (chat, first), text (with the log
-    probability entries of the tokens it completes, where asked), tool calls (chat), or
-    finish reason."""
+    probability entries of the tokens it completes, where asked), tool call deltas (chat,
+    each with its `index`), or finish reason."""
     if chat:
         delta: dict[str, Any] = {}
         if role:
@@ -236,7 +236,7 @@ def chunk_object(
         if text is not None:
             delta["content"] = text
         if tool_calls is not None:
-            delta[TOOL_CALLS] = [{"index": k, **call} for k, call in enumerate(tool_calls)]
+            delta[TOOL_CALLS] = tool_calls
         choice: dict[str, Any] = {
             "index": index,
             "delta": delta,

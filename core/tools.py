@@ -243,15 +243,19 @@ def answered_calls(
     index: int,
 ) -> tuple[str, list[dict[str, Any]]] | None:
     """A forced call's finished text as the finish reason and calls OpenAI answers (for
-    the live routes and batch lines alike): `tool_calls` for required, `stop` for a named
-    function. None when no call was forced, or the text stopped before its call was whole
-    (it is answered as text, with its own finish reason)."""
-    if choice in (None, "none") or finish_reason != "stop":
+    the live routes and batch lines alike). A named function's call is its text, cut
+    short or not (`stop`, or the reason it was cut: `length`); `required`'s calls are
+    answered (`tool_calls`) when their text is whole. None when no call was forced, or a
+    `required` text was cut before its calls were whole (it is answered as text)."""
+    if choice in (None, "none"):
+        return None
+    if forced_function(tools, choice) is not None:
+        calls = called(text, tools, choice, completion_id, index)
+        return finish_reason, calls or []
+    if finish_reason != "stop":
         return None
     calls = called(text, tools, choice, completion_id, index)
-    if calls is None:
-        return None
-    return ("tool_calls" if choice == "required" else "stop"), calls
+    return None if calls is None else ("tool_calls", calls)
 
 
 def template_conversation(

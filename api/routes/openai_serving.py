@@ -93,7 +93,7 @@ from core.errors import (
 from core.prompts import PromptError
 from core.settings import Settings
 from core.token_stream import TokenStreamReader
-from core.tools import TOOL_CALLS, answered_calls
+from core.tools import TOOL_CALLS, Tool, answered_calls, call_id, forced_function
 from db import outputs as outputs_repo
 from db.outputs import TEXT_CHARS, OutputRecord
 
@@ -268,6 +268,7 @@ class _Answer:
         self.streamed: dict[int, str] = {}  # choice index -> text the token stream gave
         self.streamed_logprobs: dict[int, list[dict[str, Any]]] = {}  # and its entries
         self.offsets: dict[int, int] = {}  # choice index -> legacy text_offset of its next entry
+        self.opened: set[int] = set()  # choices whose named call's first chunk was sent
 
     def take(self, event: FollowEvent) -> None:
         """Assemble the text (and log probabilities) of a job that does not store it from
@@ -314,6 +315,22 @@ class _Answer:
         if entries:
             self.offsets[index] = offset + sum(len(e["token"]) for e in entries)
         return self._chunk(index, text=text, logprobs=entries, text_offset=offset)
+
+    def _arguments_chunk(
+        self, index: int, function: Tool, text: str, entries: list[dict[str, Any]] | None
+    ) -> bytes:
+        """A named function's call, streamed as its arguments are decoded: the first chunk
+        of a choice opens the call (its id and name), the others add to its arguments."""
+        part: dict[str, Any] = {"index": 0, "function": {"arguments": text}}
+        if index not in self.opened:
+            self.opened.add(index)
+            part = {
+                "index": 0,
+                "id": call_id(self.completion_id, index, 0),
+                "type": "function",
+                "function": {"name": function.function.name, "arguments": text},
+            }
+        return self._chunk(index, tool_calls=[part], logprobs=entries)
 
     @property
     def job_id(self) -> str:
@@ -409,19 +426,24 @@ class _Answer:
             for index in range(choices):
                 yield self._chunk(index, role=True)
         sent = self.streamed
-        calls_tools = self.serving.job.spec.calls_tools
+        spec = self.serving.job.spec
+        named = forced_function(spec.tools or [], spec.tool_choice)
+        whole_calls = spec.calls_tools and named is None  # required: given once they parse
         state: JobState | None = self.created.state
         if state is not None and not state.terminal:
             follower = Follower(reader, self.settings.database_url, self.job_id, state.attempts)
             async for event in follower.run():
                 if isinstance(event, Token):
                     self.take(event)
-                    if calls_tools:  # a call is given whole, once it parses
+                    if whole_calls:
                         continue
                     index = self._index(event.prompt_index, event.sequence_index)
-                    yield self._logprob_chunk(index, event.text, event.logprobs)
+                    if named is not None:
+                        yield self._arguments_chunk(index, named, event.text, event.logprobs)
+                    else:
+                        yield self._logprob_chunk(index, event.text, event.logprobs)
                 elif isinstance(event, Restart | Requeued):
-                    if calls_tools:  # nothing sent yet: the next attempt's text is taken anew
+                    if whole_calls:  # nothing sent yet: the next attempt's text is taken anew
                         self.streamed.clear()
                         self.streamed_logprobs.clear()
                     elif sent:
@@ -447,21 +469,25 @@ class _Answer:
             if not whole.text.startswith(given):
                 yield self._error(_worker_lost(self.job_id))
                 return
-            if calls_tools:
-                whole = self._called(whole)
-                calls = (whole.data or {}).get(TOOL_CALLS)
-                entries = logprob_entries(whole)
+            entries = logprob_entries(whole)
+            if whole_calls:
+                answered = self._called(whole)
+                calls = (answered.data or {}).get(TOOL_CALLS)
                 if calls:
-                    yield self._chunk(index, tool_calls=calls, logprobs=entries)
+                    deltas = [{"index": k, **call} for k, call in enumerate(calls)]
+                    yield self._chunk(index, tool_calls=deltas, logprobs=entries)
                 else:
                     yield self._chunk(index, text=whole.text, logprobs=entries)
-                yield self._chunk(index, finish_reason=whole.finish_reason)
+                yield self._chunk(index, finish_reason=answered.finish_reason)
                 continue
-            entries = logprob_entries(whole)
             left = entries[len(self.streamed_logprobs.get(index, [])) :] if entries else None
-            if len(whole.text) > len(given) or left:
-                yield self._logprob_chunk(index, whole.text[len(given) :], left or None)
-            yield self._chunk(index, finish_reason=text.finish_reason)
+            rest = whole.text[len(given) :]
+            if named is not None:
+                if rest or left or index not in self.opened:
+                    yield self._arguments_chunk(index, named, rest, left or None)
+            elif rest or left:
+                yield self._logprob_chunk(index, rest, left or None)
+            yield self._chunk(index, finish_reason=self._called(whole).finish_reason)
         if self.serving.include_usage:
             data = usage_chunk(
                 chat=self.serving.chat,

@@ -128,6 +128,49 @@ def test_required_calls_stream_as_the_whole_answer_gives_them(client: OpenAI) ->
     }
 
 
+def test_a_named_call_streams_its_arguments_as_they_are_decoded(client: OpenAI) -> None:
+    common: dict[str, Any] = {
+        "model": TINY_CHAT_MODEL,
+        "messages": QUESTION,
+        "tools": [WEATHER],
+        "tool_choice": CALL_WEATHER,
+        "max_completion_tokens": 40,
+        "seed": 11,
+    }
+    [whole] = client.chat.completions.create(**common).choices[0].message.tool_calls or []
+    parts = [
+        part
+        for chunk in client.chat.completions.create(**common, stream=True)
+        for part in chunk.choices[0].delta.tool_calls or []
+    ]
+    assert len(parts) > 1  # the arguments came piece by piece, not at the end
+    first, *rest = parts
+    assert first.type == "function" and (first.id or "").startswith("call_")
+    assert first.function is not None and first.function.name == "get_weather"
+    assert all(p.index == 0 and p.id is None for p in rest)
+    arguments = "".join((p.function.arguments if p.function else None) or "" for p in parts)
+    assert arguments == whole.function.arguments  # type: ignore[union-attr]
+
+
+def test_a_named_call_cut_short_is_still_the_call_with_finish_reason_length(
+    client: OpenAI,
+) -> None:
+    answer = client.chat.completions.create(
+        model=TINY_CHAT_MODEL,
+        messages=QUESTION,
+        tools=[WEATHER],
+        tool_choice=CALL_WEATHER,
+        max_completion_tokens=3,
+        seed=1,
+    )
+    [choice] = answer.choices
+    assert choice.finish_reason == "length"
+    [call] = choice.message.tool_calls or []
+    assert call.function.arguments.startswith("{")  # type: ignore[union-attr]
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(call.function.arguments)  # type: ignore[union-attr]
+
+
 class Item(BaseModel):
     sku: Literal["A1", "B2"]
     qty: Literal[1, 2, 3]

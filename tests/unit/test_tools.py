@@ -20,6 +20,7 @@ from core.tools import (
     NO_PARAMETERS,
     TOOL_CALLS,
     Tool,
+    answered_calls,
     call_id,
     call_schema,
     called,
@@ -343,7 +344,27 @@ def test_calls_answer_in_openais_message_and_chunk_shapes() -> None:
     assert message.tool_calls is not None
     assert message.tool_calls[0].function.name == "get_weather"  # type: ignore[union-attr]
     chunk = chunk_object(
-        chat=True, completion_id="c", model="m", created=1, index=0, tool_calls=calls
+        chat=True,
+        completion_id="c",
+        model="m",
+        created=1,
+        index=0,
+        tool_calls=[{"index": 0, **calls[0]}],
     )
     [delta_call] = ChatCompletionChunk.model_validate(chunk).choices[0].delta.tool_calls or []
     assert (delta_call.index, delta_call.id) == (0, "call_x")
+
+
+def test_a_named_call_cut_short_is_still_the_call_a_required_one_is_text() -> None:
+    weather = tools(WEATHER, TIME)
+    choice = spec(tools=[WEATHER, TIME], tool_choice=named("get_weather")).tool_choice
+    finish, [call] = answered_calls('{"city": "Os', "length", weather, choice, "c", 0) or ("", [])
+    assert finish == "length" and call["function"]["arguments"] == '{"city": "Os'
+    assert answered_calls('{"city": "Oslo"}', "stop", weather, choice, "c", 0) is not None
+    assert (
+        answered_calls('[{"name": "get_time", "arg', "length", weather, "required", "c", 0) is None
+    )
+    assert answered_calls("[]", "stop", weather, "none", "c", 0) is None
+    text = '[{"name": "get_time", "arguments": {}}]'
+    finish, calls = answered_calls(text, "stop", weather, "required", "c", 0) or ("", [])
+    assert finish == "tool_calls" and len(calls) == 1
