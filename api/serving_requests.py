@@ -4,8 +4,7 @@
 is either honoured (mapped onto a GenerateSpec or the job), accepted because it changes
 nothing here (`user`, `metadata`), accepted only with its no-op value
 (`best_of: 1`, ...), or refused with a 400 that names it: a client is
-never answered as if a parameter it set had been applied. Function tools are honoured
-when `tool_choice` forces a call (core/tools.py); `auto` is refused by name.
+never answered as if a parameter it set had been applied. Function tools: core/tools.py.
 
 Log probabilities are honoured: chat's `logprobs: true` with `top_logprobs` 0..20, the
 legacy completions' `logprobs: N` (0..5: the chosen token and the N most likely). They are
@@ -172,8 +171,8 @@ class ChatCompletionBody(_SamplingBody):
     )
     tool_choice: Any = Field(
         default=None,
-        description="none, required or {type: function, function: {name}}; auto (the "
-        "default with tools) is refused: this server does not let the model choose.",
+        description="none, auto (the default with tools: for a model whose chat template "
+        "shows Hermes' <tool_call> format), required or {type: function, function: {name}}.",
     )
     parallel_tool_calls: StrictBool | None = None
     functions: Any = None
@@ -402,19 +401,12 @@ def chat_request(body: Any, default_max_tokens: int, store_text: bool = True) ->
 
 
 def _tool_fields(parsed: ChatCompletionBody) -> dict[str, Any]:
-    """The spec's tools: OpenAI's default choice with tools is auto, which is refused."""
+    """The spec's tools; OpenAI's default choice with tools is auto."""
     if not parsed.tools:
         if parsed.tool_choice not in (None, "none"):
             raise BadRequestError("tool_choice needs tools", param="tool_choice")
         return {}
-    choice = parsed.tool_choice
-    if choice is None or choice == "auto":
-        raise UnsupportedParameterError(
-            "tool_choice: auto (the default with tools) is not supported: the model cannot "
-            "choose between text and a call here. Send tool_choice required, a named "
-            'function ({"type": "function", "function": {"name": ...}}), or none',
-            param="tool_choice",
-        )
+    choice = "auto" if parsed.tool_choice is None else parsed.tool_choice
     fields: dict[str, Any] = {"tools": parsed.tools, "tool_choice": choice}
     if parsed.parallel_tool_calls is not None:
         fields["parallel_tool_calls"] = parsed.parallel_tool_calls

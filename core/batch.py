@@ -288,18 +288,11 @@ class BatchRequestChecker:
         _check_logprobs(body, endpoint, line)
         if body.get("stream") is True:
             raise DatasetFormatError(line, "body.stream is true; batch requests do not stream")
-        if body.get("tools") is not None:
-            if not isinstance(body["tools"], list):
-                raise DatasetFormatError(
-                    line, f"body.tools must be an array, got {json_type(body['tools'])}"
-                )
-            if body["tools"] and body.get("tool_choice") in (None, "auto"):
-                self._warn_once(
-                    line,
-                    "tool_choice_auto",
-                    "lines with tools and tool_choice auto (OpenAI's default) will fail: "
-                    "send tool_choice required or a named function",
-                )
+        if body.get("tools") is not None and not isinstance(body["tools"], list):
+            raise DatasetFormatError(
+                line, f"body.tools must be an array, got {json_type(body['tools'])}"
+            )
+
         unsupported = sorted(
             k
             for k, v in body.items()

@@ -167,7 +167,7 @@ def _choice(chat: bool, index: int, text: GeneratedText) -> dict[str, Any]:
         calls = (text.data or {}).get(TOOL_CALLS)
         message: dict[str, Any] = {
             "role": "assistant",
-            "content": None if calls else text.text,
+            "content": None if calls and not text.text else text.text,
             "refusal": None,
         }
         if calls:

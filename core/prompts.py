@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from core.specs import GenerateSpec
-from core.tools import Tool, template_conversation
+from core.tools import CALL_CLOSE, CALL_OPEN, Tool, template_conversation, writes_calls
 
 
 class PromptError(ValueError):
@@ -48,6 +48,13 @@ def encode_prompts(tokenizer: Any, spec: GenerateSpec, limit: int | None) -> lis
         raise PromptError(
             f"model {spec.model!r} has no chat template; send plain prompts with chat=false",
             "spec.messages" if spec.messages is not None else "spec.chat",
+        )
+    if spec.tool_choice == "auto" and not writes_calls(getattr(tokenizer, "chat_template", None)):
+        raise PromptError(
+            f"tool_choice auto needs a model whose chat template shows the tools and the "
+            f"{CALL_OPEN}...{CALL_CLOSE} call format (as Qwen's, SmolLM3's or Hermes' do); "
+            f"{spec.model!r}'s does not: send tool_choice required or a named function",
+            "spec.tool_choice",
         )
     if spec.messages is not None:
         field = "messages"

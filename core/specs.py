@@ -215,8 +215,9 @@ class GenerateSpec(BaseModel):
         default=None,
         exclude_if=lambda value: value is None,
         description="none: answer in text; required: call one or more of the tools; "
-        "{type: function, function: {name}}: call that one. A call is decoded under its "
-        "arguments' schema, so it always parses and validates.",
+        "{type: function, function: {name}}: call that one (a forced call is decoded under "
+        "its arguments' schema, so it always parses and validates); auto: the model "
+        "decides, for a model whose chat template shows Hermes' <tool_call> format.",
     )
     parallel_tool_calls: bool | None = Field(
         default=None,
@@ -299,21 +300,19 @@ class GenerateSpec(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError("tools: two functions have the same name")
         if self.tool_choice is None:
-            raise ValueError("tools need a tool_choice: none, required or a named function")
+            raise ValueError("tools need a tool_choice: none, auto, required or a named function")
         choice = self.tool_choice
         if isinstance(choice, NamedToolChoice) and forced_function(self.tools, choice) is None:
             raise ValueError(
                 f"tool_choice names {choice.function.name!r}, which is not one of the tools"
             )
-        if self.calls_tools and grammar_schema(self.response_format) is not None:
-            raise ValueError(
-                "a forced tool call and a JSON response_format cannot both shape the answer"
-            )
+        if self.tool_choice != "none" and grammar_schema(self.response_format) is not None:
+            raise ValueError("tool calls and a JSON response_format cannot both shape the answer")
 
     @property
     def calls_tools(self) -> bool:
         """The answer is a call (tool_choice required or named), decoded under its schema."""
-        return self.tools is not None and self.tool_choice not in (None, "none")
+        return self.tools is not None and self.tool_choice not in (None, "none", "auto")
 
     @property
     def output_schema(self) -> dict[str, Any] | None:

@@ -10,9 +10,12 @@ and its arguments validate against the function's `parameters`:
 - `required`: the text is a JSON array of calls, `[{"name": ..., "arguments": {...}}]`,
   one or more (one when `parallel_tool_calls` is false), each naming one of the tools.
 
-`tool_choice: "none"` shows the tools to the model and answers in text. `auto` (the
-model decides whether to call) is not offered: telling a call from text needs each model
-family's own call format; a request for it is refused by name.
+`tool_choice: "none"` shows the tools to the model and answers in text. With `auto` (the
+model decides whether to call) nothing constrains decoding; the model's own call format is
+read from its text instead. One format is read: Hermes' (`<tool_call>{"name": ...,
+"arguments": {...}}</tool_call>`, written by Qwen2.5 and 3, SmolLM3, Hermes and the
+models tuned from them), and `auto` is taken only for a model whose chat template shows
+that format; for any other it is refused by name (send required or a named function).
 
 Pure Python, like core/response_format.py: the grammar library stays in the workers.
 """
@@ -21,8 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass, replace
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
@@ -89,7 +94,15 @@ class NamedToolChoice(BaseModel):
     function: ToolName
 
 
-ToolChoice = Literal["none", "required"] | NamedToolChoice
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+_CALL_BLOCK = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(CALL_CLOSE), re.S)
+
+
+def writes_calls(template: str | None) -> bool:
+    """A chat template that shows the model tools and the Hermes call format (`auto`)."""
+    return bool(template) and "tools" in str(template) and CALL_OPEN in str(template)
 
 
 class CalledFunction(BaseModel):
@@ -224,14 +237,25 @@ def called(
         ):
             return None
         pairs = [(c["name"], json.dumps(c.get("arguments"), ensure_ascii=False)) for c in parsed]
-    return [
-        {
-            "id": call_id(completion_id, index, k),
-            "type": "function",
-            "function": {"name": name, "arguments": arguments},
-        }
-        for k, (name, arguments) in enumerate(pairs)
-    ]
+    return [_call(completion_id, index, k, name, args) for k, (name, args) in enumerate(pairs)]
+
+
+def _call(completion_id: str, index: int, k: int, name: str, arguments: str) -> dict[str, Any]:
+    return {
+        "id": call_id(completion_id, index, k),
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A choice that made tool calls: its text before them (None when it has none), the
+    calls (OpenAI's `tool_calls`) and its finish reason."""
+
+    content: str | None
+    calls: list[dict[str, Any]]
+    finish_reason: str
 
 
 def answered_calls(
@@ -241,21 +265,83 @@ def answered_calls(
     choice: ToolChoice | None,
     completion_id: str,
     index: int,
-) -> tuple[str, list[dict[str, Any]]] | None:
-    """A forced call's finished text as the finish reason and calls OpenAI answers (for
-    the live routes and batch lines alike). A named function's call is its text, cut
-    short or not (`stop`, or the reason it was cut: `length`); `required`'s calls are
-    answered (`tool_calls`) when their text is whole. None when no call was forced, or a
-    `required` text was cut before its calls were whole (it is answered as text)."""
-    if choice in (None, "none"):
+) -> Answered | None:
+    """A finished text as the calls OpenAI answers (for the live routes and batch lines
+    alike); None when it made none (it is answered as text).
+
+    - a named function's call is its text, cut short or not (`stop`, or the reason it was
+      cut, such as `length`);
+    - `required`'s calls, when their text is whole (`tool_calls`);
+    - `auto`'s, when the model wrote whole calls in the Hermes format naming the tools:
+      its text before them is the content (`tool_calls` if it stopped)."""
+    if choice is None or choice == "none":
         return None
+    if choice == "auto":
+        return _hermes_answer(text, finish_reason, tools, completion_id, index)
     if forced_function(tools, choice) is not None:
-        calls = called(text, tools, choice, completion_id, index)
-        return finish_reason, calls or []
-    if finish_reason != "stop":
+        calls = called(text, tools, choice, completion_id, index) or []
+        return Answered(None, calls, finish_reason)
+    made = called(text, tools, choice, completion_id, index) if finish_reason == "stop" else None
+    return None if made is None else Answered(None, made, "tool_calls")
+
+
+def _hermes_answer(
+    text: str, finish_reason: str, tools: Sequence[Tool], completion_id: str, index: int
+) -> Answered | None:
+    start = text.find(CALL_OPEN)
+    if start < 0:
         return None
-    calls = called(text, tools, choice, completion_id, index)
-    return None if calls is None else ("tool_calls", calls)
+    names = {t.function.name for t in tools}
+    pairs = []
+    for block in _CALL_BLOCK.finditer(text, start):
+        try:
+            call = json.loads(block.group(1))
+        except ValueError:
+            continue
+        if not isinstance(call, dict) or call.get("name") not in names:
+            continue
+        arguments = call.get("arguments", {})
+        if isinstance(arguments, str):  # some models write the arguments as JSON text
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                continue
+        if isinstance(arguments, dict):
+            pairs.append((call["name"], json.dumps(arguments, ensure_ascii=False)))
+    if not pairs:
+        return None
+    calls = [_call(completion_id, index, k, name, args) for k, (name, args) in enumerate(pairs)]
+    finish = "tool_calls" if finish_reason == "stop" else finish_reason
+    return Answered(text[:start].strip() or None, calls, finish)
+
+
+RecordT = TypeVar("RecordT")
+
+
+def answered_record(record: RecordT, answer: Answered) -> RecordT:
+    """A generated text (a dataclass with `text`, `finish_reason` and `data`, such as an
+    outputs row) answered as calls: its text the content before them, the calls in its
+    `data`."""
+    data = getattr(record, "data", None) or {}
+    changed: RecordT = replace(
+        cast("Any", record),
+        text=answer.content or "",
+        finish_reason=answer.finish_reason,
+        data={**data, TOOL_CALLS: answer.calls},
+    )
+    return changed
+
+
+def sendable_content(text: str) -> int:
+    """How much of an `auto` answer's text so far may be streamed as content: up to its
+    first call, and short of an end that may be the start of one (held until it is not)."""
+    start = text.find(CALL_OPEN)
+    if start >= 0:
+        return start
+    for held in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1):
+        if CALL_OPEN.startswith(text[-held:]):
+            return len(text) - held
+    return len(text)
 
 
 def template_conversation(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -93,7 +93,15 @@ from core.errors import (
 from core.prompts import PromptError
 from core.settings import Settings
 from core.token_stream import TokenStreamReader
-from core.tools import TOOL_CALLS, Tool, answered_calls, call_id, forced_function
+from core.tools import (
+    TOOL_CALLS,
+    Tool,
+    answered_calls,
+    answered_record,
+    call_id,
+    forced_function,
+    sendable_content,
+)
 from db import outputs as outputs_repo
 from db.outputs import TEXT_CHARS, OutputRecord
 
@@ -269,6 +277,7 @@ class _Answer:
         self.streamed_logprobs: dict[int, list[dict[str, Any]]] = {}  # and its entries
         self.offsets: dict[int, int] = {}  # choice index -> legacy text_offset of its next entry
         self.opened: set[int] = set()  # choices whose named call's first chunk was sent
+        self.content_sent: dict[int, int] = {}  # choice -> characters of an auto answer sent
 
     def take(self, event: FollowEvent) -> None:
         """Assemble the text (and log probabilities) of a job that does not store it from
@@ -315,6 +324,54 @@ class _Answer:
         if entries:
             self.offsets[index] = offset + sum(len(e["token"]) for e in entries)
         return self._chunk(index, text=text, logprobs=entries, text_offset=offset)
+
+    def _ending(
+        self,
+        index: int,
+        whole: OutputRecord,
+        given: str,
+        named: Tool | None,
+        whole_calls: bool,
+        auto: bool,
+    ) -> Iterator[bytes]:
+        """A choice's last chunks, once its text is whole: what the stream has not given
+        yet (text, a named call's last arguments, the calls of required or auto) and its
+        finish reason."""
+        entries = logprob_entries(whole)
+        answered = self._called(whole)
+        calls = (answered.data or {}).get(TOOL_CALLS)
+        if whole_calls or auto:
+            if auto:  # the content the stream held back, up to the calls (or all of it)
+                piece = self._content_piece(
+                    index, sendable_content(whole.text) if calls else len(whole.text)
+                )
+                if piece:
+                    yield self._chunk(index, text=piece)
+            if calls:
+                deltas = [{"index": k, **call} for k, call in enumerate(calls)]
+                yield self._chunk(index, tool_calls=deltas, logprobs=entries)
+            elif whole_calls:
+                yield self._chunk(index, text=whole.text, logprobs=entries)
+            elif entries:
+                yield self._chunk(index, logprobs=entries)
+            yield self._chunk(index, finish_reason=answered.finish_reason)
+            return
+        left = entries[len(self.streamed_logprobs.get(index, [])) :] if entries else None
+        rest = whole.text[len(given) :]
+        if named is not None:
+            if rest or left or index not in self.opened:
+                yield self._arguments_chunk(index, named, rest, left or None)
+        elif rest or left:
+            yield self._logprob_chunk(index, rest, left or None)
+        yield self._chunk(index, finish_reason=answered.finish_reason)
+
+    def _content_piece(self, index: int, upto: int) -> str:
+        """An auto answer's text from where its content stream stands to `upto`."""
+        done = self.content_sent.get(index, 0)
+        if upto <= done:
+            return ""
+        self.content_sent[index] = upto
+        return self.streamed.get(index, "")[done:upto]
 
     def _arguments_chunk(
         self, index: int, function: Tool, text: str, entries: list[dict[str, Any]] | None
@@ -365,7 +422,7 @@ class _Answer:
         return replace(text, text=echo_text, data=data)
 
     def _called(self, text: OutputRecord) -> OutputRecord:
-        """A forced tool call's text as the calls it makes (`data.tool_calls`)."""
+        """A text that made tool calls as its content and calls (`data.tool_calls`)."""
         spec = self.serving.job.spec
         if spec.tools is None:
             return text
@@ -373,10 +430,7 @@ class _Answer:
         answer = answered_calls(
             text.text, text.finish_reason, spec.tools, spec.tool_choice, self.completion_id, index
         )
-        if answer is None:
-            return text
-        finish, calls = answer
-        return replace(text, finish_reason=finish, data={**(text.data or {}), TOOL_CALLS: calls})
+        return text if answer is None else answered_record(text, answer)
 
     def completion(self, state: JobState | None) -> dict[str, Any]:
         texts = [self._called(self._whole(t)) for t in self._final(state)]
@@ -429,21 +483,27 @@ class _Answer:
         spec = self.serving.job.spec
         named = forced_function(spec.tools or [], spec.tool_choice)
         whole_calls = spec.calls_tools and named is None  # required: given once they parse
+        auto = spec.tools is not None and spec.tool_choice == "auto"
         state: JobState | None = self.created.state
         if state is not None and not state.terminal:
             follower = Follower(reader, self.settings.database_url, self.job_id, state.attempts)
             async for event in follower.run():
                 if isinstance(event, Token):
                     self.take(event)
+                    index = self._index(event.prompt_index, event.sequence_index)
                     if whole_calls:
                         continue
-                    index = self._index(event.prompt_index, event.sequence_index)
                     if named is not None:
                         yield self._arguments_chunk(index, named, event.text, event.logprobs)
+                    elif auto:
+                        piece = self._content_piece(index, sendable_content(sent[index]))
+                        if piece:
+                            yield self._chunk(index, text=piece)
                     else:
                         yield self._logprob_chunk(index, event.text, event.logprobs)
                 elif isinstance(event, Restart | Requeued):
-                    if whole_calls:  # nothing sent yet: the next attempt's text is taken anew
+                    if whole_calls or (auto and not self.content_sent):
+                        # nothing sent yet: the next attempt's text is taken anew
                         self.streamed.clear()
                         self.streamed_logprobs.clear()
                     elif sent:
@@ -469,25 +529,8 @@ class _Answer:
             if not whole.text.startswith(given):
                 yield self._error(_worker_lost(self.job_id))
                 return
-            entries = logprob_entries(whole)
-            if whole_calls:
-                answered = self._called(whole)
-                calls = (answered.data or {}).get(TOOL_CALLS)
-                if calls:
-                    deltas = [{"index": k, **call} for k, call in enumerate(calls)]
-                    yield self._chunk(index, tool_calls=deltas, logprobs=entries)
-                else:
-                    yield self._chunk(index, text=whole.text, logprobs=entries)
-                yield self._chunk(index, finish_reason=answered.finish_reason)
-                continue
-            left = entries[len(self.streamed_logprobs.get(index, [])) :] if entries else None
-            rest = whole.text[len(given) :]
-            if named is not None:
-                if rest or left or index not in self.opened:
-                    yield self._arguments_chunk(index, named, rest, left or None)
-            elif rest or left:
-                yield self._logprob_chunk(index, rest, left or None)
-            yield self._chunk(index, finish_reason=self._called(whole).finish_reason)
+            for chunk in self._ending(index, whole, given, named, whole_calls, auto):
+                yield chunk
         if self.serving.include_usage:
             data = usage_chunk(
                 chat=self.serving.chat,

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from tests.conftest import TINY_CHAT_MODEL, install_tiny_chat_model
 from tests.support.harness import Stack, wait_for
+from tests.support.tiny_model import with_chat_template
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -51,9 +52,22 @@ WEATHER: ChatCompletionToolParam = {
 TIME: ChatCompletionToolParam = {"type": "function", "function": {"name": "get_time"}}
 
 
+HERMES_MODEL = "tiny-gpt2-hermes"
+# shows the tools and Hermes' call format, as Qwen's and SmolLM3's templates do
+HERMES_TEMPLATE = (
+    "{% if tools %}<|system|>You may call: {{ tools | tojson }}. To call one, write "
+    '<tool_call>{"name": ..., "arguments": ...}</tool_call>\n{% endif %}'
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 @pytest.fixture(scope="module")
 def serving(stack: Stack, tiny_model_dir: Path) -> Stack:
     install_tiny_chat_model(tiny_model_dir, stack.workdir / "data")
+    with_chat_template(
+        tiny_model_dir, stack.workdir / "data" / "models" / HERMES_MODEL, HERMES_TEMPLATE
+    )
     return stack
 
 
@@ -317,3 +331,25 @@ def test_a_batch_of_forced_calls_answers_tool_calls_in_its_output_file(client: O
         [call] = choice.message.tool_calls or []
         assert call.function.name == "get_weather"  # type: ignore[union-attr]
         jsonschema.validate(json.loads(call.function.arguments), WEATHER_ARGS)  # type: ignore[union-attr]
+
+
+def test_auto_on_a_model_that_writes_hermes_calls_answers_its_text_or_calls(
+    client: OpenAI,
+) -> None:
+    """The random model writes no call: its answer is text, streamed as the whole answer
+    gives it (what might open a call held back, then let through). Reading calls from a
+    model's text: tests/unit/test_tools.py and test_tool_stream.py."""
+    common: dict[str, Any] = {
+        "model": HERMES_MODEL,
+        "messages": QUESTION,
+        "tools": [WEATHER, TIME],  # no tool_choice: OpenAI's default, auto
+        "max_completion_tokens": 24,
+        "temperature": 0,
+    }
+    [choice] = client.chat.completions.create(**common).choices
+    assert choice.message.tool_calls is None
+    assert isinstance(choice.message.content, str) and choice.message.content
+    chunks = list(client.chat.completions.create(**common, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == choice.message.content
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason

@@ -57,14 +57,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def with_chat_template(model_dir: Path, out_dir: Path) -> Path:
-    """A copy of `model_dir` at `out_dir` whose tokenizer has a simple chat template."""
+def with_chat_template(model_dir: Path, out_dir: Path, template: str = CHAT_TEMPLATE) -> Path:
+    """A copy of `model_dir` at `out_dir` whose tokenizer has a chat template (a simple
+    one unless `template` is given)."""
     import shutil
 
     from transformers import AutoTokenizer
 
     shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = template
     tokenizer.save_pretrained(out_dir)
     return out_dir

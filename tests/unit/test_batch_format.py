@@ -432,11 +432,9 @@ def test_a_chat_line_forces_a_tool_call_and_answers_it_as_tool_calls() -> None:
     assert conversation[2].tool_call_id == "call_1"
 
 
-def test_a_chat_line_with_tools_and_auto_is_warned_at_upload_and_fails_alone() -> None:
+def test_a_chat_line_with_tools_and_no_choice_is_auto() -> None:
     line = chat("a", tools=[WEATHER])
-    parsed = parse_dataset(jsonl(line), "x.jsonl")
-    assert [w["kind"] for w in parsed.report["warnings"]] == ["tool_choice_auto"]
-    with pytest.raises(BatchLineError, match="tool_choice auto"):
-        generate_spec_for(line, DEFAULT_MAX)
+    assert parse_dataset(jsonl(line), "x.jsonl").report["warnings"] == []
+    assert generate_spec_for(line, DEFAULT_MAX).tool_choice == "auto"
     with pytest.raises(DatasetFormatError, match=r"body\.tools must be an array"):
         parse_dataset(jsonl(chat("b", tools={"x": 1})), "x.jsonl")

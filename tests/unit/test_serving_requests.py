@@ -228,12 +228,6 @@ def test_no_op_values_of_unsupported_parameters_are_accepted(body: dict[str, Any
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        # with tools, OpenAI's default choice is auto: the model may not choose here
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
-        (
-            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"},
-            "tool_choice",
-        ),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"beam_width": 2}, "beam_width"),
     ],

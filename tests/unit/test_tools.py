@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 from api.serving_requests import chat_request
 from core.completions import chunk_object, completion_object
-from core.errors import BadRequestError, UnsupportedParameterError
+from core.errors import BadRequestError
+from core.prompts import PromptError, encode_prompts
 from core.specs import GenerateSpec
 from core.tools import (
     NO_PARAMETERS,
@@ -24,7 +25,9 @@ from core.tools import (
     call_id,
     call_schema,
     called,
+    sendable_content,
     template_conversation,
+    writes_calls,
 )
 from db.outputs import OutputRecord
 
@@ -164,7 +167,6 @@ def test_calls_are_read_back_with_ids_that_stay_the_same() -> None:
         ({"tool_choice": "required"}, "need tools"),
         ({"tools": [WEATHER], "tool_choice": named("get_time")}, "not one of the tools"),
         ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "same name"),
-        ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice"),
         (
             {
                 "tools": [WEATHER],
@@ -308,11 +310,9 @@ def test_bad_tool_requests_are_400s_naming_the_field(fields: dict[str, Any], par
     assert refused.value.param.startswith(param)
 
 
-def test_auto_is_refused_by_name() -> None:
-    with pytest.raises(UnsupportedParameterError) as refused:
-        chat_request(body(tools=[WEATHER]), 100)
-    assert refused.value.param == "tool_choice"
-    assert "required" in refused.value.message
+def test_tools_without_a_choice_are_auto_as_openais_default() -> None:
+    assert chat_request(body(tools=[WEATHER]), 100).job.spec.tool_choice == "auto"
+    assert not chat_request(body(tools=[WEATHER], tool_choice="auto"), 100).job.spec.calls_tools
 
 
 def record(text: str, data: dict[str, Any] | None, finish: str = "stop") -> OutputRecord:
@@ -336,7 +336,7 @@ def test_calls_answer_in_openais_message_and_chunk_shapes() -> None:
         completion_id="chatcmpl-1",
         model="m",
         created=1,
-        texts=[record("{}", {TOOL_CALLS: calls}, "tool_calls")],
+        texts=[record("", {TOOL_CALLS: calls}, "tool_calls")],  # no text before the calls
         per_prompt=1,
     )
     message = ChatCompletion.model_validate(answer).choices[0].message
@@ -358,13 +358,99 @@ def test_calls_answer_in_openais_message_and_chunk_shapes() -> None:
 def test_a_named_call_cut_short_is_still_the_call_a_required_one_is_text() -> None:
     weather = tools(WEATHER, TIME)
     choice = spec(tools=[WEATHER, TIME], tool_choice=named("get_weather")).tool_choice
-    finish, [call] = answered_calls('{"city": "Os', "length", weather, choice, "c", 0) or ("", [])
-    assert finish == "length" and call["function"]["arguments"] == '{"city": "Os'
+    cut = answered_calls('{"city": "Os', "length", weather, choice, "c", 0)
+    assert cut is not None and cut.finish_reason == "length" and cut.content is None
+    assert cut.calls[0]["function"]["arguments"] == '{"city": "Os'
     assert answered_calls('{"city": "Oslo"}', "stop", weather, choice, "c", 0) is not None
     assert (
         answered_calls('[{"name": "get_time", "arg', "length", weather, "required", "c", 0) is None
     )
     assert answered_calls("[]", "stop", weather, "none", "c", 0) is None
     text = '[{"name": "get_time", "arguments": {}}]'
-    finish, calls = answered_calls(text, "stop", weather, "required", "c", 0) or ("", [])
-    assert finish == "tool_calls" and len(calls) == 1
+    whole = answered_calls(text, "stop", weather, "required", "c", 0)
+    assert whole is not None and whole.finish_reason == "tool_calls" and len(whole.calls) == 1
+
+
+HERMES = (
+    'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
+    '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": "{}"}\n</tool_call>'
+)
+
+
+def test_auto_reads_calls_in_hermes_format_and_the_text_before_them() -> None:
+    weather = tools(WEATHER, TIME)
+    answer = answered_calls(HERMES, "stop", weather, "auto", "chatcmpl-1", 0)
+    assert answer is not None
+    assert (answer.content, answer.finish_reason) == ("Let me check.", "tool_calls")
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in answer.calls] == [
+        ("get_weather", '{"city": "Oslo"}'),
+        ("get_time", "{}"),  # arguments written as JSON text are read too
+    ]
+    only_call = answered_calls(
+        HERMES[HERMES.index("<tool_call>") :], "stop", weather, "auto", "c", 0
+    )
+    assert only_call is not None and only_call.content is None
+    # text without a call, a call to no tool, a block that is not JSON: text
+    for text in (
+        "It is sunny.",
+        '<tool_call>{"name": "send_mail", "arguments": {}}</tool_call>',
+        "<tool_call>{not json}</tool_call>",
+        '<tool_call>{"name": "get_time", "arguments": {}}',  # never closed
+    ):
+        assert answered_calls(text, "stop", weather, "auto", "c", 0) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "sendable"),
+    [
+        ("Hello", 5),
+        ("Hello <", 6),  # "<" may open a call: held
+        ("Hello <tool", 6),
+        ("Hello <b>", 9),  # it did not
+        ("Hi <tool_call>{", 3),
+        ("", 0),
+    ],
+)
+def test_auto_streams_content_short_of_what_may_be_a_call(text: str, sendable: int) -> None:
+    assert sendable_content(text) == sendable
+
+
+def test_auto_needs_a_template_that_shows_the_call_format() -> None:
+    assert writes_calls("{{ tools }} <tool_call>{{ call }}</tool_call>")
+    assert not writes_calls("{{ tools }}")  # tools shown, but no format to read
+    assert not writes_calls(None)
+
+
+class TemplateTokenizer:
+    """What core.prompts.encode_prompts calls: a template and a character per token."""
+
+    def __init__(self, chat_template: str) -> None:
+        self.chat_template = chat_template
+        self.rendered: list[tuple[list[dict[str, Any]], Any]] = []
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        tools: Any,
+        tokenize: bool,
+        add_generation_prompt: bool,
+    ) -> str:
+        self.rendered.append((messages, tools))
+        return json.dumps(messages)
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_auto_is_refused_for_a_model_whose_template_shows_no_call_format() -> None:
+    auto = spec(tools=[WEATHER], tool_choice="auto")
+    with pytest.raises(PromptError) as refused:
+        encode_prompts(TemplateTokenizer("{{ messages }}{{ tools }}"), auto, None)
+    assert refused.value.param == "spec.tool_choice"
+    hermes = TemplateTokenizer("{{ messages }}{{ tools }}<tool_call>")
+    [ids] = encode_prompts(hermes, auto, None)
+    assert ids and hermes.rendered[0][1] == [WEATHER]  # the template got the tools
+    # forced calls need no format of the model's own
+    encode_prompts(
+        TemplateTokenizer("{{ messages }}"), spec(tools=[WEATHER], tool_choice="required"), None
+    )

@@ -20,7 +20,7 @@ from core.completions import choice_index, completion_object, sampling_fields, s
 from core.enums import BatchEndpoint, FailureType
 from core.errors import BatchLineError
 from core.specs import GenerateSpec
-from core.tools import TOOL_CALLS, Tool, ToolChoice, answered_calls
+from core.tools import Tool, ToolChoice, answered_calls, answered_record
 from db.batch import ERROR_FINISH_REASON
 from db.outputs import OutputRecord, storable_text
 
@@ -129,14 +129,9 @@ def generate_spec_for(request: dict[str, Any], chat_default_max_tokens: int) -> 
 
 
 def _tool_fields(body: dict[str, Any]) -> dict[str, Any]:
-    """A chat line's tools, as the live route takes them: a call is forced or none is."""
+    """A chat line's tools, as the live route takes them (auto when no choice is given)."""
     choice = body.get("tool_choice")
-    if choice is None or choice == "auto":
-        raise BatchLineError(
-            "unsupported parameter: tool_choice auto (the default with tools); send "
-            "tool_choice required or a named function"
-        )
-    fields = {"tools": body["tools"], "tool_choice": choice}
+    fields = {"tools": body["tools"], "tool_choice": "auto" if choice is None else choice}
     if body.get("parallel_tool_calls") is not None:
         fields["parallel_tool_calls"] = body["parallel_tool_calls"]
     return fields
@@ -150,15 +145,12 @@ def _with_calls(
     if not body.get("tools"):
         return texts
     tools = _TOOLS.validate_python(body["tools"])  # the line ran: they are valid
-    choice = _TOOL_CHOICE.validate_python(body["tool_choice"])
+    choice = _TOOL_CHOICE.validate_python(_tool_fields(body)["tool_choice"])
     out = []
     for t in texts:
         index = choice_index(t.prompt_index, t.sequence_index, len(texts))
         answer = answered_calls(t.text, t.finish_reason, tools, choice, completion_id, index)
-        if answer is not None:
-            finish, calls = answer
-            t = replace(t, finish_reason=finish, data={**(t.data or {}), TOOL_CALLS: calls})
-        out.append(t)
+        out.append(t if answer is None else answered_record(t, answer))
     return out
 
 
