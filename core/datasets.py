@@ -39,11 +39,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from core.batch import BatchRequestChecker, looks_like_batch_request
 from core.enums import LABELLED_SCHEMAS, DatasetSchema
 from core.errors import DatasetFormatError
 from core.example_tokens import learned
 from core.json_types import json_type
+from core.tools import TOOL_CALL_LIST, TOOL_LIST
 
 
 class DatasetFormat(StrEnum):
@@ -77,6 +80,11 @@ KEYS_FOR_SCHEMA: dict[DatasetSchema, frozenset[str]] = {
     DatasetSchema.TOKEN_CLASSIFICATION: frozenset({"tokens", "tags"}),
     DatasetSchema.PREFERENCE: frozenset({"prompt", "chosen", "rejected"}),
 }
+OPTIONAL_KEYS: dict[DatasetSchema, frozenset[str]] = {
+    DatasetSchema.CHAT: frozenset({"tools", "parallel_tool_calls"}),
+}
+"""Keys a row of a schema may add: a chat row's function tools, as OpenAI's fine-tuning
+takes them (`parallel_tool_calls` is accepted; the text trained on does not depend on it)."""
 OPENAI_PREFERENCE_KEYS = frozenset({"input", "preferred_output", "non_preferred_output"})
 """OpenAI's preference rows, read as the preference schema."""
 ROW_LAYOUTS: tuple[tuple[DatasetSchema, frozenset[str]], ...] = (
@@ -352,7 +360,7 @@ def _parse_jsonl(
                 raise DatasetFormatError(
                     line_no, f"unexpected key {', '.join(sorted(extra))}; {shape}"
                 )
-        ignored = keys - _SCHEMA_KEYS
+        ignored = keys - _SCHEMA_KEYS - OPTIONAL_KEYS.get(schema, frozenset())
         if ignored and not warned_ignored:
             warned_ignored = True
             warnings.add(
@@ -427,12 +435,14 @@ def _normalize(schema: DatasetSchema, obj: dict[str, Any], line: int, warnings: 
         return {"tokens": tokens, "tags": tags}
     if schema is DatasetSchema.PREFERENCE:
         return _preference(obj, line, warnings)
-    return {"messages": _messages(obj["messages"], line, warnings)}
+    return _chat_row(obj, line, warnings)
 
 
 def _message_list(
-    value: Any, what: str, line: int, roles: frozenset[str] = CHAT_ROLES
-) -> list[dict[str, str]]:
+    value: Any, what: str, line: int, roles: frozenset[str] = CHAT_ROLES, calls: bool = False
+) -> list[dict[str, Any]]:
+    """Messages of `roles`, each with text content; with `calls`, an assistant's may make
+    tool calls instead (its content then may be null) and a tool message's call id is kept."""
     if not isinstance(value, list):
         raise DatasetFormatError(line, f"'{what}' must be an array, got {json_type(value)}")
     if not value:
@@ -443,24 +453,68 @@ def _message_list(
             raise DatasetFormatError(
                 line, f"{what}[{i}] must be an object, got {json_type(message)}"
             )
-        for key in ("role", "content"):
-            if key not in message:
-                raise DatasetFormatError(line, f"{what}[{i}] has no '{key}'")
+        if "role" not in message:
+            raise DatasetFormatError(line, f"{what}[{i}] has no 'role'")
         role = _string(message["role"], f"{what}[{i}].role", line)
         if role not in roles:
             raise DatasetFormatError(
                 line,
                 f"{what}[{i}].role is {role!r}; expected {' or '.join(sorted(roles))}",
             )
-        content = _string(message["content"], f"{what}[{i}].content", line)
-        messages.append({"role": role, "content": content})
+        tool_fields = _tool_fields(message, f"{what}[{i}]", line) if calls else {}
+        if message.get("content") is None and "tool_calls" in tool_fields:
+            content = ""  # an assistant message that only calls tools
+        elif "content" not in message:
+            raise DatasetFormatError(line, f"{what}[{i}] has no 'content'")
+        else:
+            content = _string(message["content"], f"{what}[{i}].content", line)
+        messages.append({"role": role, "content": content, **tool_fields})
     return messages
+
+
+def _chat_row(obj: dict[str, Any], line: int, warnings: _Warnings) -> Row:
+    """A chat row: its messages, and its function tools when it has some (an assistant
+    message may then make `tool_calls`, and `tool` messages give their results back)."""
+    row: Row = {"messages": _messages(obj["messages"], line, warnings)}
+    if obj.get("tools") is not None:
+        try:
+            tools = TOOL_LIST.validate_python(obj["tools"])
+        except ValidationError as exc:
+            raise DatasetFormatError(line, f"tools: {_first_error(exc)}") from None
+        row["tools"] = [t.model_dump(mode="json") for t in tools]
+    parallel = obj.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise DatasetFormatError(line, "parallel_tool_calls must be true or false")
+    return row
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+    return f"{where.lstrip('.')}: {str(error['msg']).removeprefix('Value error, ')}"
+
+
+def _tool_fields(message: dict[str, Any], what: str, line: int) -> dict[str, Any]:
+    """An assistant message's tool calls, a tool message's call id (OpenAI's fine-tuning
+    rows with tools)."""
+    fields: dict[str, Any] = {}
+    if message.get("tool_calls") is not None:
+        if message["role"] != "assistant":
+            raise DatasetFormatError(line, f"{what}.tool_calls: only an assistant message calls")
+        try:
+            calls = TOOL_CALL_LIST.validate_python(message["tool_calls"])
+        except ValidationError as exc:
+            raise DatasetFormatError(line, f"{what}.tool_calls{_first_error(exc)}") from None
+        fields["tool_calls"] = [c.model_dump(mode="json") for c in calls]
+    if message.get("tool_call_id") is not None:
+        fields["tool_call_id"] = _string(message["tool_call_id"], f"{what}.tool_call_id", line)
+    return fields
 
 
 def _messages(value: Any, line: int, warnings: _Warnings) -> list[dict[str, Any]]:
     """A chat row's messages; an assistant message may carry OpenAI's `weight`, 0 (not
     learned) or 1 (learned, as without it). Training learns the assistant's messages only."""
-    messages: list[dict[str, Any]] = list(_message_list(value, "messages", line))
+    messages: list[dict[str, Any]] = list(_message_list(value, "messages", line, calls=True))
     for i, given in enumerate(value):
         if "weight" not in given:
             continue

@@ -5,7 +5,7 @@ api.tokenizers' tokenizer, which never imports transformers) and the workers (tr
 transformers tokenizer, workers/training/data.py) encode a row the same way. `tokenizer` is
 either of them: it answers `tokenizer(text, text_pair, add_special_tokens=...)["input_ids"]`,
 `tokenizer(words, is_split_into_words=True)["input_ids"]`, `eos_token_id`, `chat_template` and
-`apply_chat_template(messages, tokenize=False)`.
+`apply_chat_template(messages, tools=..., tokenize=False)`.
 
 The ids here are an example's whole encoding; training cuts them to `max_length`
 (workers/training/data.py says how each schema is cut).
@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.enums import LABELLED_SCHEMAS, SCHEMAS_FOR_TASK, DatasetSchema
+from core.tools import TOOL_LIST, template_conversation
+
+Tools = list[dict[str, Any]] | None  # function tools as a chat template takes them
 
 TRAINING_SCHEMAS: frozenset[DatasetSchema] = frozenset().union(*SCHEMAS_FOR_TASK.values())
 """Schemas whose rows are training examples (a batch request file's are not)."""
@@ -46,10 +49,25 @@ def prompt_completion_ids(
     )
 
 
-def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple[str, bool]:
+def chat_conversation(
+    tokenizer: Any, messages: Sequence[dict[str, Any]], tools: Tools = None
+) -> tuple[list[dict[str, Any]], Tools]:
+    """A chat row's messages and function tools (its `tools`, OpenAI's shape) as the
+    tokenizer's chat template takes them (core.tools.template_conversation: the tools shown
+    by the template, or in the system message; an assistant's calls as the template renders
+    them, or as JSON text)."""
+    defined = TOOL_LIST.validate_python(tools) if tools else None
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return template_conversation(messages, defined, template)
+
+
+def render_chat(
+    tokenizer: Any, messages: Sequence[dict[str, Any]], tools: Tools = None
+) -> tuple[str, bool]:
     """The conversation as text, and whether it came from the tokenizer's chat template."""
     if getattr(tokenizer, "chat_template", None):
-        return str(tokenizer.apply_chat_template(list(messages), tokenize=False)), True
+        text = tokenizer.apply_chat_template(list(messages), tools=tools, tokenize=False)
+        return str(text), True
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages), False
 
 
@@ -58,14 +76,14 @@ ASSISTANT_TURN = "\nassistant:"
 
 
 def render_generation_prompt(
-    tokenizer: Any, messages: Sequence[dict[str, Any]]
+    tokenizer: Any, messages: Sequence[dict[str, Any]], tools: Tools = None
 ) -> tuple[str, bool]:
     """The conversation as text ending where the assistant's answer starts (the template's
     generation prompt, or `role: content` lines then `assistant:`), and whether it came from
     the tokenizer's chat template."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=True
+            list(messages), tools=tools, tokenize=False, add_generation_prompt=True
         )
         return str(text), True
     return render_chat(tokenizer, messages)[0] + ASSISTANT_TURN, False
@@ -77,7 +95,7 @@ def learned(message: dict[str, Any]) -> bool:
 
 
 def assistant_spans(
-    tokenizer: Any, messages: Sequence[dict[str, Any]], text: str
+    tokenizer: Any, messages: Sequence[dict[str, Any]], text: str, tools: Tools = None
 ) -> list[tuple[int, int]] | None:
     """Where the learned assistant messages (see `learned`) stand in `text`, the
     conversation as `render_chat` renders it, as character spans: from the end of the
@@ -88,8 +106,12 @@ def assistant_spans(
     for i, message in enumerate(messages):
         if not learned(message):
             continue
-        start = render_generation_prompt(tokenizer, messages[:i])[0] if i else _opening(tokenizer)
-        end = render_chat(tokenizer, messages[: i + 1])[0]
+        start = (
+            render_generation_prompt(tokenizer, messages[:i], tools)[0]
+            if i
+            else _opening(tokenizer, tools)
+        )
+        end = render_chat(tokenizer, messages[: i + 1], tools)[0]
         if not i and not (start and text.startswith(start)):  # it opens the conversation
             start = end[: max(end.rfind(str(message["content"])), 0)]
         if not (text.startswith(end) and end.startswith(start)):
@@ -98,23 +120,23 @@ def assistant_spans(
     return spans
 
 
-def _opening(tokenizer: Any) -> str:
+def _opening(tokenizer: Any, tools: Tools = None) -> str:
     """The generation prompt of an empty conversation ("" when the template cannot render one)."""
     try:
-        return render_generation_prompt(tokenizer, [])[0]
+        return render_generation_prompt(tokenizer, [], tools)[0]
     except Exception:  # a template's own error on no messages (jinja2's, or one it raises)
         return ""
 
 
-def chat_ids(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
+def chat_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], tools: Tools = None) -> list[int]:
     """The rendered template, whose text holds its own special tokens; without a template,
     `role: content` lines encoded as a text."""
-    text, templated = render_chat(tokenizer, messages)
+    text, templated = render_chat(tokenizer, messages, tools)
     return token_ids(tokenizer, text, False) if templated else text_ids(tokenizer, text)
 
 
 def learned_tokens(
-    tokenizer: Any, messages: Sequence[dict[str, Any]], ids: Sequence[int]
+    tokenizer: Any, messages: Sequence[dict[str, Any]], ids: Sequence[int], tools: Tools = None
 ) -> list[bool] | None:
     """Which of a conversation's `chat_ids` training learns: those that start inside a
     learned message's span (`assistant_spans`); the eos a conversation without a template
@@ -123,8 +145,8 @@ def learned_tokens(
     the whole conversation."""
     if not getattr(tokenizer, "is_fast", False):
         return None
-    text, templated = render_chat(tokenizer, messages)
-    spans = assistant_spans(tokenizer, messages, text)
+    text, templated = render_chat(tokenizer, messages, tools)
+    spans = assistant_spans(tokenizer, messages, text, tools)
     if spans is None:
         return None
     encoded = tokenizer(text, add_special_tokens=not templated, return_offsets_mapping=True)
@@ -154,7 +176,8 @@ def _keeps_a_learned_token(
         return False
     if len(ids) <= cut:
         return True
-    mask = learned_tokens(tokenizer, row["messages"], ids)
+    messages, tools = chat_conversation(tokenizer, row["messages"], row.get("tools"))
+    mask = learned_tokens(tokenizer, messages, ids, tools)
     return mask is None or any(mask[:cut])
 
 
@@ -168,7 +191,7 @@ def example_ids(tokenizer: Any, schema: DatasetSchema, row: dict[str, Any]) -> l
         prompt, completion = prompt_completion_ids(tokenizer, row["prompt"], row["completion"])
         return prompt + completion
     if schema is DatasetSchema.CHAT:
-        return chat_ids(tokenizer, row["messages"])
+        return chat_ids(tokenizer, *chat_conversation(tokenizer, row["messages"], row.get("tools")))
     if schema in LABELLED_SCHEMAS:
         return list(tokenizer(row["text"], row.get("text_pair"))["input_ids"])
     if schema is DatasetSchema.TOKEN_CLASSIFICATION:

@@ -29,7 +29,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    field_validator,
+)
 
 from core.response_format import check_schema
 
@@ -133,6 +140,11 @@ class ToolCall(BaseModel):
     id: Annotated[str, StringConstraints(min_length=1, max_length=128)]
     type: Literal["function"]
     function: CalledFunction
+
+
+TOOL_LIST: TypeAdapter[list[Tool]] = TypeAdapter(list[Tool])
+TOOL_CALL_LIST: TypeAdapter[list[ToolCall]] = TypeAdapter(list[ToolCall])
+TOOL_CHOICE: TypeAdapter[ToolChoice] = TypeAdapter(ToolChoice)
 
 
 def forced_function(tools: Sequence[Tool], choice: ToolChoice | None) -> Tool | None:

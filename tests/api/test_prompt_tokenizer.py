@@ -228,3 +228,33 @@ def test_chat_rows_without_a_template_count_as_role_lines(tiny_model_dir: Path) 
     assert_counts_match_training_features(
         tiny_model_dir, {DatasetSchema.CHAT: LM_ROWS[DatasetSchema.CHAT]}, cut=8
     )
+
+
+def test_rows_and_requests_with_tools_render_as_transformers_renders_them(
+    chat_model_dir: Path, tmp_path: Path
+) -> None:
+    """A template that shows tools and calls gets them in the API's count as in the
+    worker's rendering: a training row's tools and calls, a request's tools."""
+    from transformers import AutoTokenizer
+
+    from tests.workers.test_chat_loss import TOOL_ROW, TOOLS_TEMPLATE, rows_of
+
+    directory = tmp_path / "tiny-tools-chat"
+    shutil.copytree(chat_model_dir, directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    [row] = rows_of(TOOL_ROW)
+    longer = {**row, "messages": [*row["messages"], {"role": "user", "content": "thanks " * 9}]}
+    assert_counts_match_training_features(directory, {DatasetSchema.CHAT: [row, longer]}, cut=24)
+    spec = GenerateSpec.model_validate(
+        {
+            "model": "tiny-tools-chat",
+            "messages": [row["messages"][:3]],
+            "tools": row["tools"],
+            "tool_choice": "required",
+        }
+    )
+    ids = api_ids(directory, spec)
+    assert ids == transformers_ids(directory, spec)
+    assert '<tool_call>{"name": "get_weather"' in tokenizer.decode(ids[0])

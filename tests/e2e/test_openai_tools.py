@@ -23,7 +23,7 @@ from openai.types.chat import (
 from pydantic import BaseModel
 
 from tests.conftest import TINY_CHAT_MODEL, install_tiny_chat_model
-from tests.support.harness import Stack, wait_for
+from tests.support.harness import TERMINAL, Stack, wait_for
 from tests.support.tiny_model import with_chat_template
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -353,3 +353,59 @@ def test_auto_on_a_model_that_writes_hermes_calls_answers_its_text_or_calls(
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == choice.message.content
     assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+
+
+def tool_rows(count: int) -> bytes:
+    """OpenAI's fine-tuning rows with tools: a call, its result, the answer."""
+    rows = []
+    for i in range(count):
+        city = ("Oslo", "Bergen")[i % 2]
+        call = {
+            "id": f"call_{i}",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": city, "days": 1})},
+        }
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Weather in {city}?"},
+                    {"role": "assistant", "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": f"call_{i}", "content": "sunny"},
+                    {"role": "assistant", "content": f"It is sunny in {city}."},
+                ],
+                "tools": [WEATHER],
+                "parallel_tool_calls": False,
+            }
+        )
+    return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+
+
+def test_a_model_fine_tuned_on_tool_rows_is_called_with_tools(
+    serving: Stack, client: OpenAI
+) -> None:
+    """Rows with tools train (the tools in the system message of a template that shows
+    none: longer than OpenAI's route's default 128 tokens, so the job sets max_length)."""
+    uploaded = client.files.create(file=("tools.jsonl", tool_rows(8)), purpose="fine-tune")
+    spec = {
+        "base_model": TINY_CHAT_MODEL,
+        "task": "causal_lm",
+        "training_dataset": uploaded.id,
+        "suffix": "tools",
+        "hyperparameters": {"epochs": 1, "batch_size": 4, "max_length": 512},
+    }
+    with serving.client() as http:
+        report = http.get(f"/v1/datasets/{uploaded.id}").json()["report"]
+        assert report["warnings"] == []  # tools and parallel_tool_calls are not ignored keys
+        job = http.post("/v1/jobs", json={"kind": "finetune", "spec": spec}).json()
+    done = serving.wait_status(job["id"], TERMINAL, timeout=180)
+    assert done["status"] == "succeeded", f"{done}\n{serving.logs()}"
+    answer = client.chat.completions.create(
+        model=done["result"]["model"],
+        messages=QUESTION,
+        tools=[WEATHER],
+        tool_choice=CALL_WEATHER,
+        max_completion_tokens=40,
+        seed=2,
+    )
+    [call] = answer.choices[0].message.tool_calls or []
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_ARGS)  # type: ignore[union-attr]

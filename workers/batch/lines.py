@@ -13,22 +13,20 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from core.batch import IGNORED_BODY_KEYS, NEUTRAL_BODY_VALUES, SUPPORTED_BODY_KEYS
 from core.completions import choice_index, completion_object, sampling_fields, spec_message
 from core.enums import BatchEndpoint, FailureType
 from core.errors import BatchLineError
 from core.specs import GenerateSpec
-from core.tools import Tool, ToolChoice, answered_calls, answered_record
+from core.tools import TOOL_CHOICE, TOOL_LIST, answered_calls, answered_record
 from db.batch import ERROR_FINISH_REASON
 from db.outputs import OutputRecord, storable_text
 
 EXPIRED_CODE = FailureType.BATCH_EXPIRED.value
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-_TOOLS: TypeAdapter[list[Tool]] = TypeAdapter(list[Tool])
-_TOOL_CHOICE: TypeAdapter[ToolChoice] = TypeAdapter(ToolChoice)
 
 _SPEC_NAMES = {
     "max_new_tokens": "max_tokens",
@@ -144,8 +142,8 @@ def _with_calls(
     answers them."""
     if not body.get("tools"):
         return texts
-    tools = _TOOLS.validate_python(body["tools"])  # the line ran: they are valid
-    choice = _TOOL_CHOICE.validate_python(_tool_fields(body)["tool_choice"])
+    tools = TOOL_LIST.validate_python(body["tools"])  # the line ran: they are valid
+    choice = TOOL_CHOICE.validate_python(_tool_fields(body)["tool_choice"])
     out = []
     for t in texts:
         index = choice_index(t.prompt_index, t.sequence_index, len(texts))

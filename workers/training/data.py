@@ -28,7 +28,13 @@ from core.enums import (
     training_schemas,
 )
 from core.errors import PermanentJobError
-from core.example_tokens import chat_ids, learned_tokens, prompt_completion_ids, text_ids
+from core.example_tokens import (
+    chat_conversation,
+    chat_ids,
+    learned_tokens,
+    prompt_completion_ids,
+    text_ids,
+)
 from core.specs import FineTuneSpec
 from workers.training.io import DatasetRows, TrainingIO
 
@@ -178,17 +184,22 @@ def encode_prompt_completion(
 
 
 def encode_chat(
-    tokenizer: Any, messages: list[dict[str, Any]], max_length: int, train_on_inputs: bool = False
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    max_length: int,
+    train_on_inputs: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Feature:
     """Loss on the assistant's messages only (each with its end-of-turn marker; none on one
     with `weight` 0), as OpenAI's fine-tuning trains chat rows. Where the tokens cannot be
     placed in the messages (a slow tokenizer without offsets, a template that renders
     earlier turns differently once later ones follow), and with `train_on_inputs`, on the
     whole conversation."""
-    ids = chat_ids(tokenizer, messages)
+    conversation, shown = chat_conversation(tokenizer, messages, tools)
+    ids = chat_ids(tokenizer, conversation, shown)
     if train_on_inputs:
         return _lm_feature(ids[:max_length], ids[:max_length])
-    mask = learned_tokens(tokenizer, messages, ids)
+    mask = learned_tokens(tokenizer, conversation, ids, shown)
     if mask is None:
         _warn_whole_conversation(tokenizer)
         labels = list(ids)
@@ -262,7 +273,9 @@ def encode_rows(
                 tokenizer, row["prompt"], row["completion"], max_length, train_on_inputs
             )
         elif schema is DatasetSchema.CHAT:
-            feature = encode_chat(tokenizer, row["messages"], max_length, train_on_inputs)
+            feature = encode_chat(
+                tokenizer, row["messages"], max_length, train_on_inputs, row.get("tools")
+            )
         elif schema in LABELLED_SCHEMAS:
             feature = encode_classification(
                 tokenizer,
