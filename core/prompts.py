@@ -64,7 +64,8 @@ def encode_prompts(tokenizer: Any, spec: GenerateSpec, limit: int | None) -> lis
     elif spec.chat:
         field = "prompts"
         encoded = [
-            _chat_ids(tokenizer, [{"role": "user", "content": p}]) for p in spec.prompts or []
+            _chat_ids(tokenizer, [{"role": "user", "content": p}], spec.tools)
+            for p in spec.prompts or []
         ]
     elif spec.prompt_token_ids is not None:
         field = "prompt_token_ids"
