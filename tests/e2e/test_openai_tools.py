@@ -27,6 +27,9 @@ from tests.support.harness import TERMINAL, Stack, wait_for
 from tests.support.tiny_model import with_chat_template
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# What tools change is the request, the decoding and the answer, none of it the database's:
+# test_openai_serving.py runs the same job and output path on SQLite and PostgreSQL.
+BACKENDS = ["sqlite"]
 
 QUESTION: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "What is the weather in Oslo?"}
