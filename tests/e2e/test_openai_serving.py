@@ -393,17 +393,22 @@ def test_a_worker_lost_mid_stream_ends_it_with_an_error_and_the_retry_gets_the_a
     assert resp2.json()["choices"][0]["message"]["content"] == stored["text"]
 
 
-def test_langchain_chat_openai_invokes_and_streams(serving: Stack) -> None:
+def langchain_chat(stack: Stack, max_completion_tokens: int) -> Any:
+    """LangChain's ChatOpenAI on the tiny chat model of `stack`, greedy."""
     from langchain_openai import ChatOpenAI
 
-    chat = ChatOpenAI(
+    return ChatOpenAI(
         model=TINY_CHAT_MODEL,
-        base_url=f"{serving.base_url}/v1",
-        api_key=serving.api_key,  # type: ignore[arg-type]
-        max_completion_tokens=12,
+        base_url=f"{stack.base_url}/v1",
+        api_key=stack.api_key,  # type: ignore[arg-type]
+        max_completion_tokens=max_completion_tokens,
         temperature=0,
         max_retries=0,
     )
+
+
+def test_langchain_chat_openai_invokes_and_streams(serving: Stack) -> None:
+    chat = langchain_chat(serving, 12)
     whole = chat.invoke("Where is my parcel?")
     assert isinstance(whole.content, str) and whole.content
     job_ids = {job["id"] for job in list_jobs(serving)}
@@ -488,16 +493,7 @@ def test_json_object_streams_a_json_object(client: OpenAI) -> None:
 
 
 def test_langchain_with_structured_output_gives_the_model(serving: Stack) -> None:
-    from langchain_openai import ChatOpenAI
-
-    chat = ChatOpenAI(
-        model=TINY_CHAT_MODEL,
-        base_url=f"{serving.base_url}/v1",
-        api_key=serving.api_key,  # type: ignore[arg-type]
-        max_completion_tokens=40,
-        temperature=0,
-        max_retries=0,
-    )
+    chat = langchain_chat(serving, 40)
     verdict = chat.with_structured_output(Verdict, method="json_schema").invoke(
         "Is my parcel late?"
     )

@@ -23,6 +23,7 @@ from openai.types.chat import (
 from pydantic import BaseModel
 
 from tests.conftest import TINY_CHAT_MODEL, install_tiny_chat_model
+from tests.e2e.test_openai_serving import langchain_chat
 from tests.support.harness import TERMINAL, Stack, wait_for
 from tests.support.tiny_model import with_chat_template
 
@@ -275,16 +276,7 @@ class Forecast(BaseModel):
 
 
 def test_langchain_structured_output_by_function_calling(serving: Stack) -> None:
-    from langchain_openai import ChatOpenAI
-
-    chat = ChatOpenAI(
-        model=TINY_CHAT_MODEL,
-        base_url=f"{serving.base_url}/v1",
-        api_key=serving.api_key,
-        max_completion_tokens=100,
-        temperature=0,
-        max_retries=0,
-    )
+    chat = langchain_chat(serving, 100)
     forecast = chat.with_structured_output(Forecast, method="function_calling").invoke(
         "Weather in Oslo for two days?"
     )

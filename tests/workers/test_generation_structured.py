@@ -57,13 +57,16 @@ def settings(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return Settings(data_dir=data, generation_max_sequences=16)
 
 
+def cpu_engine(settings: Settings, model: str) -> TransformersEngine:
+    """An engine (and its own model cache) on the CPU for `model`'s base."""
+    engine, _ = open_engine(settings, "cpu", base_of(settings, model)[0], cache=ModelCache(2**30))
+    return engine
+
+
 @pytest.fixture(scope="module")
 def engine(settings: Settings) -> Iterator[TransformersEngine]:
     """One engine (and model cache) for the module: its grammars are compiled once."""
-    engine, _ = open_engine(
-        settings, "cpu", base_of(settings, TINY_MODEL)[0], cache=ModelCache(2**30)
-    )
-    yield engine
+    yield cpu_engine(settings, TINY_MODEL)
 
 
 def spec(**fields: Any) -> GenerateSpec:

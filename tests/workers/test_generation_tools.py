@@ -22,9 +22,8 @@ from core.specs import GenerateSpec
 from core.tools import called
 from tests.conftest import TINY_CHAT_MODEL
 from tests.support.tiny_model import with_chat_template
-from tests.workers.test_generation_structured import object_schemas, run
-from workers.generation.cache import ModelCache
-from workers.generation.engine import TransformersEngine, base_of, open_engine
+from tests.workers.test_generation_structured import cpu_engine, object_schemas, run
+from workers.generation.engine import TransformersEngine
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +35,7 @@ def settings(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def engine(settings: Settings) -> Iterator[TransformersEngine]:
-    engine, _ = open_engine(
-        settings, "cpu", base_of(settings, TINY_CHAT_MODEL)[0], cache=ModelCache(2**30)
-    )
-    yield engine
+    yield cpu_engine(settings, TINY_CHAT_MODEL)
     shutil.rmtree(settings.data_dir, ignore_errors=True)
 
 
