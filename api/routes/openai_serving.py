@@ -342,9 +342,8 @@ class _Answer:
         calls = (answered.data or {}).get(TOOL_CALLS)
         if whole_calls or auto:
             if auto:  # the content the stream held back, up to the calls (or all of it)
-                piece = self._content_piece(
-                    index, sendable_content(whole.text) if calls else len(whole.text)
-                )
+                upto = sendable_content(whole.text) if calls else len(whole.text)
+                piece = self._content_piece(index, whole.text, upto)
                 if piece:
                     yield self._chunk(index, text=piece)
             if calls:
@@ -365,13 +364,14 @@ class _Answer:
             yield self._logprob_chunk(index, rest, left or None)
         yield self._chunk(index, finish_reason=answered.finish_reason)
 
-    def _content_piece(self, index: int, upto: int) -> str:
-        """An auto answer's text from where its content stream stands to `upto`."""
+    def _content_piece(self, index: int, text: str, upto: int) -> str:
+        """An auto answer's `text` (as streamed so far, or whole) from where its content
+        stream stands to `upto`."""
         done = self.content_sent.get(index, 0)
         if upto <= done:
             return ""
         self.content_sent[index] = upto
-        return self.streamed.get(index, "")[done:upto]
+        return text[done:upto]
 
     def _arguments_chunk(
         self, index: int, function: Tool, text: str, entries: list[dict[str, Any]] | None
@@ -496,7 +496,8 @@ class _Answer:
                     if named is not None:
                         yield self._arguments_chunk(index, named, event.text, event.logprobs)
                     elif auto:
-                        piece = self._content_piece(index, sendable_content(sent[index]))
+                        so_far = sent[index]
+                        piece = self._content_piece(index, so_far, sendable_content(so_far))
                         if piece:
                             yield self._chunk(index, text=piece)
                     else:

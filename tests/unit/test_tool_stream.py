@@ -42,7 +42,8 @@ def feed(answer: _Answer, text: str, size: int) -> list[str]:
     pieces = []
     for start in range(0, len(text), size):
         answer.take(Token(0, 0, text[start : start + size], "1-0"))
-        piece = answer._content_piece(0, sendable_content(answer.streamed[0]))
+        so_far = answer.streamed[0]
+        piece = answer._content_piece(0, so_far, sendable_content(so_far))
         if piece:
             pieces.append(piece)
     return pieces
@@ -71,6 +72,16 @@ def test_auto_text_without_a_call_ends_with_what_was_held_back() -> None:
     ending = events(list(answer._ending(0, record(text), text, None, False, True)))
     assert ending[0]["choices"][0]["delta"]["content"] == "<tool"
     assert ending[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_an_answer_read_whole_gives_its_content_and_calls() -> None:
+    """A job that ended before its stream was read (an Idempotency-Key replay): nothing
+    was streamed, and the ending gives all of it."""
+    answer = answer_for(tools=[WEATHER])
+    ending = events(list(answer._ending(0, record(TEXT), "", None, False, True)))
+    assert ending[0]["choices"][0]["delta"]["content"] == TEXT[: TEXT.index("<tool_call>")]
+    assert ending[1]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert ending[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
 def test_a_named_call_opens_with_its_id_and_name_then_adds_arguments() -> None:
