@@ -28,7 +28,7 @@ from pydantic import (
     ValidationError,
 )
 
-from core.completions import sampling_fields, spec_message
+from core.completions import sampling_fields, spec_message, tool_fields
 from core.errors import BadRequestError, MalformedBodyError, UnsupportedParameterError
 from core.specs import MAX_TOP_LOGPROBS, MODEL_REF_PATTERN, GenerateJobRequest
 
@@ -393,24 +393,13 @@ def chat_request(body: Any, default_max_tokens: int, store_text: bool = True) ->
         fields["fit_max_new_tokens"] = True
     if parsed.response_format is not None:
         fields["response_format"] = parsed.response_format
-    fields.update(_tool_fields(parsed))
+    if not parsed.tools and parsed.tool_choice not in (None, "none"):
+        raise BadRequestError("tool_choice needs tools", param="tool_choice")
+    fields.update(tool_fields(parsed.tools, parsed.tool_choice, parsed.parallel_tool_calls))
     fields["messages"] = [[_spec_message(m, i) for i, m in enumerate(parsed.messages)]]
     given = "max_completion_tokens" if parsed.max_completion_tokens else "max_tokens"
     job = _job_request(fields, _metadata(parsed), chat=True, max_tokens=given)
     return _serving(parsed, job, chat=True)
-
-
-def _tool_fields(parsed: ChatCompletionBody) -> dict[str, Any]:
-    """The spec's tools; OpenAI's default choice with tools is auto."""
-    if not parsed.tools:
-        if parsed.tool_choice not in (None, "none"):
-            raise BadRequestError("tool_choice needs tools", param="tool_choice")
-        return {}
-    choice = "auto" if parsed.tool_choice is None else parsed.tool_choice
-    fields: dict[str, Any] = {"tools": parsed.tools, "tool_choice": choice}
-    if parsed.parallel_tool_calls is not None:
-        fields["parallel_tool_calls"] = parsed.parallel_tool_calls
-    return fields
 
 
 def _spec_message(message: RequestMessage, index: int) -> dict[str, Any]:

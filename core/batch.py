@@ -190,9 +190,8 @@ def _check_messages(value: Any, line: int) -> None:
         calls = message.get("tool_calls")
         if calls is not None and not (role == "assistant" and isinstance(calls, list)):
             raise DatasetFormatError(line, f"{what}.tool_calls: an assistant message's array")
-        if message["content"] is None and calls:
-            pass  # an assistant message that only called tools
-        elif not isinstance(message["content"], str):
+        only_calls = message["content"] is None and calls  # an assistant message's calls
+        if not only_calls and not isinstance(message["content"], str):
             raise DatasetFormatError(
                 line, f"{what}.content must be a string, got {json_type(message['content'])}"
             )

@@ -44,6 +44,18 @@ def sampling_fields(given: Callable[[str], Any]) -> dict[str, Any]:
     return fields
 
 
+def tool_fields(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> dict[str, Any]:
+    """The GenerateSpec fields an OpenAI chat request's function tools set, for the live
+    serving route and batch lines alike: none without tools; with them, OpenAI's default
+    choice is `auto`."""
+    if not tools:
+        return {}
+    fields = {"tools": tools, "tool_choice": "auto" if tool_choice is None else tool_choice}
+    if parallel_tool_calls is not None:
+        fields["parallel_tool_calls"] = parallel_tool_calls
+    return fields
+
+
 def spec_message(
     role: str,
     content: str,

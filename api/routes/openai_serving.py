@@ -483,7 +483,7 @@ class _Answer:
         spec = self.serving.job.spec
         named = forced_function(spec.tools or [], spec.tool_choice)
         whole_calls = spec.calls_tools and named is None  # required: given once they parse
-        auto = spec.tools is not None and spec.tool_choice == "auto"
+        auto = spec.tool_choice == "auto"  # with tools: the spec needs them for a choice
         state: JobState | None = self.created.state
         if state is not None and not state.terminal:
             follower = Follower(reader, self.settings.database_url, self.job_id, state.attempts)

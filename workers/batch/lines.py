@@ -16,7 +16,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from core.batch import IGNORED_BODY_KEYS, NEUTRAL_BODY_VALUES, SUPPORTED_BODY_KEYS
-from core.completions import choice_index, completion_object, sampling_fields, spec_message
+from core.completions import (
+    choice_index,
+    completion_object,
+    sampling_fields,
+    spec_message,
+    tool_fields,
+)
 from core.enums import BatchEndpoint, FailureType
 from core.errors import BatchLineError
 from core.specs import GenerateSpec
@@ -101,8 +107,10 @@ def generate_spec_for(request: dict[str, Any], chat_default_max_tokens: int) -> 
     fields.update(sampling_fields(body.get))
     if body.get("response_format") is not None:
         fields["response_format"] = body["response_format"]
-    if chat and body.get("tools"):
-        fields.update(_tool_fields(body))
+    if chat:
+        fields.update(
+            tool_fields(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+        )
     if chat:
         if body.get("logprobs") is not None:
             fields["logprobs"] = body["logprobs"]
@@ -126,15 +134,6 @@ def generate_spec_for(request: dict[str, Any], chat_default_max_tokens: int) -> 
         raise BatchLineError(_validation_message(exc)) from None
 
 
-def _tool_fields(body: dict[str, Any]) -> dict[str, Any]:
-    """A chat line's tools, as the live route takes them (auto when no choice is given)."""
-    choice = body.get("tool_choice")
-    fields = {"tools": body["tools"], "tool_choice": "auto" if choice is None else choice}
-    if body.get("parallel_tool_calls") is not None:
-        fields["parallel_tool_calls"] = body["parallel_tool_calls"]
-    return fields
-
-
 def _with_calls(
     body: dict[str, Any], texts: list[OutputRecord], completion_id: str
 ) -> list[OutputRecord]:
@@ -143,7 +142,8 @@ def _with_calls(
     if not body.get("tools"):
         return texts
     tools = TOOL_LIST.validate_python(body["tools"])  # the line ran: they are valid
-    choice = TOOL_CHOICE.validate_python(_tool_fields(body)["tool_choice"])
+    given = tool_fields(body["tools"], body.get("tool_choice"), None)
+    choice = TOOL_CHOICE.validate_python(given["tool_choice"])
     out = []
     for t in texts:
         index = choice_index(t.prompt_index, t.sequence_index, len(texts))
