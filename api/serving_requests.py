@@ -30,6 +30,7 @@ from pydantic import (
 
 from core.completions import sampling_fields, spec_message, tool_fields
 from core.errors import BadRequestError, MalformedBodyError, UnsupportedParameterError
+from core.json_types import json_path
 from core.specs import MAX_TOP_LOGPROBS, MODEL_REF_PATTERN, GenerateJobRequest
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
@@ -228,13 +229,6 @@ class ServingRequest:
     echo: bool = False  # put each prompt before its completions (legacy completions)
 
 
-def _param(loc: tuple[int | str, ...]) -> str:
-    """A pydantic error location as a body path (messages[0].content), without the names
-    pydantic gives the branches of a union (`constrained-str`, `list[TextPart]`)."""
-    parts = [p for p in loc if isinstance(p, int) or p.isidentifier()]
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
-
-
 def _validated(model: type[_SamplingBody], body: Any) -> _SamplingBody:
     kind = "chat completion" if model is ChatCompletionBody else "completion"
     return validated_body(model, body, kind)
@@ -249,7 +243,7 @@ def validated_body(model: type[BodyT], body: Any, kind: str) -> BodyT:
         return model.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = _param(tuple(first["loc"])) or None
+        param = json_path(first["loc"]) or None
         if first["type"] == "extra_forbidden" and param is not None:
             raise UnsupportedParameterError(f"unknown parameter {param!r}", param=param) from None
         message = str(first["msg"]).removeprefix("Value error, ")

@@ -45,7 +45,7 @@ from core.batch import BatchRequestChecker, looks_like_batch_request
 from core.enums import LABELLED_SCHEMAS, DatasetSchema
 from core.errors import DatasetFormatError
 from core.example_tokens import learned
-from core.json_types import json_type
+from core.json_types import json_path, json_type
 from core.tools import TOOL_CALL_LIST, TOOL_LIST
 
 
@@ -490,8 +490,7 @@ def _chat_row(obj: dict[str, Any], line: int, warnings: _Warnings) -> Row:
 
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
-    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
-    return f"{where.lstrip('.')}: {str(error['msg']).removeprefix('Value error, ')}"
+    return f"{json_path(error['loc'])}: {str(error['msg']).removeprefix('Value error, ')}"
 
 
 def _tool_fields(message: dict[str, Any], what: str, line: int) -> dict[str, Any]:
