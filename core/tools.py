@@ -369,32 +369,18 @@ def template_conversation(
     messages: list[dict[str, Any]] = []
     for message in conversation:
         out = dict(message)
-        calls = out.pop(TOOL_CALLS, None)
-        if calls:
-            if shows_calls:
-                out[TOOL_CALLS] = [
-                    {
-                        "id": c["id"],
-                        "type": "function",
-                        "function": {
-                            "name": c["function"]["name"],
-                            "arguments": json.loads(c["function"]["arguments"]),
-                        },
-                    }
-                    for c in calls
-                ]
-            else:
-                text = json.dumps(
-                    [
-                        {
-                            "name": c["function"]["name"],
-                            "arguments": json.loads(c["function"]["arguments"]),
-                        }
-                        for c in calls
-                    ],
-                    ensure_ascii=False,
-                )
-                out["content"] = f"{out['content']}\n{text}" if out.get("content") else text
+        calls = [
+            {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}
+            for c in out.pop(TOOL_CALLS, None) or []
+        ]
+        if calls and shows_calls:
+            out[TOOL_CALLS] = [
+                {"id": c["id"], "type": "function", "function": call}
+                for c, call in zip(message[TOOL_CALLS], calls, strict=True)
+            ]
+        elif calls:
+            text = json.dumps(calls, ensure_ascii=False)
+            out["content"] = f"{out['content']}\n{text}" if out.get("content") else text
         messages.append(out)
     if not tools:
         return messages, None
